@@ -1,0 +1,1 @@
+"""lora-composer: compose many LoRA adapters inside diffusers text-to-image pipelines."""

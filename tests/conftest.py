@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny pipelines built once per session and copied per test, LoRA files on demand."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from composer import tiny
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def _sd15_template():
+    return tiny.build_tiny_sd15_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def _sdxl_template():
+    return tiny.build_tiny_sdxl_pipeline(seed=0)
+
+
+@pytest.fixture
+def sd15_pipe(_sd15_template):
+    """A fresh tiny SD1.5-shaped pipeline (a deep copy: tests may patch it freely)."""
+    return copy.deepcopy(_sd15_template)
+
+
+@pytest.fixture
+def sdxl_pipe(_sdxl_template):
+    return copy.deepcopy(_sdxl_template)
+
+
+@pytest.fixture
+def make_lora(tmp_path):
+    """``make_lora(pipe, name, fmt="diffusers"|"kohya", rank=4, alpha=None, seed=0, conv=False, text_encoder=True)``
+    writes a random LoRA for ``pipe`` with the reference writers and returns its path."""
+
+    def _make(pipe, name, fmt="diffusers", rank=4, alpha=None, seed=0, conv=False, text_encoder=True, metadata=None):
+        layers = tiny.random_lora_layers(pipe, rank=rank, seed=seed, conv=conv, text_encoder=text_encoder)
+        path = tmp_path / f"{name}.safetensors"
+        if fmt == "diffusers":
+            return tiny.save_diffusers_lora(pipe, layers, path, rank=rank, alpha=alpha)
+        if fmt == "kohya":
+            return tiny.save_kohya_lora(layers, path, alpha=alpha, metadata=metadata)
+        raise ValueError(fmt)
+
+    return _make
