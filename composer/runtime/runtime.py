@@ -1,0 +1,219 @@
+"""Attach any number of adapters to a diffusers pipeline and drive them through mixing tensors.
+
+``LoraRuntime`` patches each targeted module once (a ``PatchedLayer``), gives every adapter a slot
+in two mixing tensors (denoiser and text encoders, A1111's unet/te multipliers), and keeps the
+pipeline intact: detaching or disabling gives back the base model exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from composer.adapters.types import Adapter
+from composer.errors import AdapterMismatchError
+from composer.runtime.layer import PatchedLayer
+from composer.runtime.mixing import MixingState
+
+DENOISERS = ("unet", "transformer")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def pipeline_family(pipe) -> str:
+    """Base family of a diffusers pipeline, from its class and denoiser config."""
+    name = type(pipe).__name__
+    if "Flux" in name:
+        return "flux"
+    if "XL" in name:
+        return "sdxl"
+    unet = getattr(pipe, "unet", None)
+    if "StableDiffusion" in name and unet is not None:
+        return "sd2" if unet.config.cross_attention_dim == 1024 else "sd15"
+    return "unknown"
+
+
+def _resolve(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    """``root.get_submodule(path)``, also across transformers' optional ``text_model.`` level."""
+    for candidate in (path, "text_model." + path, path.removeprefix("text_model.")):
+        try:
+            return root.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+def _check_fit(module: torch.nn.Module, delta) -> str | None:
+    """Why ``delta`` cannot patch ``module``, or None if it fits."""
+    down, up = delta.down, delta.up
+    if isinstance(module, torch.nn.Linear):
+        if down.dim() != 2 or up.dim() != 2:
+            return f"Linear layer but {down.dim()}-D factors"
+        want = (module.in_features, module.out_features)
+        got = (down.shape[1], up.shape[0])
+    elif isinstance(module, torch.nn.Conv2d):
+        if down.dim() != 4 or up.dim() != 4:
+            return f"Conv2d layer but {down.dim()}-D factors"
+        if tuple(down.shape[2:]) != tuple(module.kernel_size) or tuple(up.shape[2:]) != (1, 1):
+            return f"kernel {tuple(down.shape[2:])} does not fit {tuple(module.kernel_size)}"
+        want = (module.in_channels, module.out_channels)
+        got = (down.shape[1], up.shape[0])
+    else:
+        return f"is a {type(module).__name__}, not a Linear or Conv2d"
+    if want != got:
+        return f"delta maps {got[0]} -> {got[1]} features, layer has {want[0]} -> {want[1]}"
+    return None
+
+
+class LoraRuntime:
+    """Stacked multi-adapter state of one pipeline.
+
+    - ``add(adapter)`` validates everything first, then patches: a bad adapter leaves nothing behind.
+    - ``set_weights`` writes the mixing tensors (cheap: call it every step if you like).
+    - ``fuse``/``unfuse`` fold the weighted deltas into the base weights, with a backup restored
+      bit-identically; ``disable`` makes every patched layer return exactly its base output.
+    """
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.family = pipeline_family(pipe)
+        self.denoiser_mix = MixingState()
+        self.text_mix = MixingState()
+        self.adapters: dict[str, Adapter] = {}
+        self.slots: dict[str, int] = {}
+        self.layers: dict[str, PatchedLayer] = {}
+        self.fused = False
+
+    # -- adapters --------------------------------------------------------------------------------
+    def _components(self) -> dict[str, torch.nn.Module]:
+        return {
+            name: getattr(self.pipe, name)
+            for name in DENOISERS + TEXT_ENCODERS
+            if isinstance(getattr(self.pipe, name, None), torch.nn.Module)
+        }
+
+    def _plan(self, adapter: Adapter) -> list[tuple[str, torch.nn.Module]]:
+        """Match every delta to a module, or raise naming the first that does not fit."""
+        where = adapter.path or adapter.name
+        if adapter.family not in ("unknown", self.family) and self.family != "unknown":
+            raise AdapterMismatchError(where, f"LoRA for {adapter.family}, but the pipeline is {self.family}")
+        components = self._components()
+        plan = []
+        for key, delta in adapter.deltas.items():
+            comp, _, path = key.partition(".")
+            if comp not in components:
+                raise AdapterMismatchError(where, f"targets '{comp}', which this pipeline does not have")
+            module = _resolve(components[comp], path)
+            if module is None:
+                raise AdapterMismatchError(where, f"layer {key} does not exist in the pipeline")
+            why = _check_fit(module, delta)
+            if why:
+                raise AdapterMismatchError(where, f"layer {key}: {why}")
+            if not (torch.isfinite(delta.down).all() and torch.isfinite(delta.up).all()):
+                raise AdapterMismatchError(where, f"layer {key} holds NaN or inf values")
+            plan.append((key, module))
+        return plan
+
+    def add(self, adapter: Adapter) -> None:
+        """Attach ``adapter`` with weight 0 in both mixing tensors (set weights to make it act)."""
+        if adapter.name in self.adapters:
+            raise ValueError(f"an adapter named '{adapter.name}' is already attached")
+        plan = self._plan(adapter)
+        refuse = self.fused
+        if refuse:
+            self.unfuse()
+        slot = next(i for i in range(len(self.slots) + 1) if i not in self.slots.values())
+        for mix in (self.denoiser_mix, self.text_mix):
+            if slot >= mix.slots:
+                mix.resize(slot + 1)
+        for key, module in plan:
+            layer = self.layers.get(key)
+            if layer is None:
+                comp = key.split(".", 1)[0]
+                mixer = self.denoiser_mix if comp in DENOISERS else self.text_mix
+                layer = self.layers[key] = PatchedLayer(module, mixer)
+            delta = adapter.deltas[key]
+            layer.add(slot, delta.down, delta.up, delta.scale)
+        self.adapters[adapter.name] = adapter
+        self.slots[adapter.name] = slot
+        if refuse:
+            self.fuse()
+
+    def remove(self, name: str) -> None:
+        """Detach one adapter; layers no other adapter uses are unpatched."""
+        slot = self.slots.pop(name)
+        del self.adapters[name]
+        refuse = self.fused
+        if refuse:
+            self.unfuse()
+        for key in list(self.layers):
+            layer = self.layers[key]
+            if any(b.slot == slot for b in layer.blocks):
+                layer.remove(slot)
+                if layer.empty:
+                    layer.detach()
+                    del self.layers[key]
+        for mix in (self.denoiser_mix, self.text_mix):
+            mix.set_slot(slot, 0.0)
+        if refuse:
+            self.fuse()
+
+    def clear(self) -> None:
+        """Detach every adapter: the pipeline is exactly as before."""
+        self.unfuse()
+        for layer in self.layers.values():
+            layer.detach()
+        self.layers.clear()
+        self.adapters.clear()
+        self.slots.clear()
+        self.denoiser_mix = MixingState()
+        self.text_mix = MixingState()
+
+    # -- weights ---------------------------------------------------------------------------------
+    def _vector(self, weights: dict[str, float]) -> torch.Tensor:
+        unknown = set(weights) - set(self.slots)
+        if unknown:
+            raise KeyError(f"no attached adapter named {sorted(unknown)}; attached: {sorted(self.slots)}")
+        vec = torch.zeros(self.denoiser_mix.slots)
+        for name, w in weights.items():
+            vec[self.slots[name]] = float(w)
+        return vec
+
+    def set_weights(self, unet: dict[str, float] | None = None, text: dict[str, float] | None = None) -> None:
+        """Set per-adapter strengths; adapters not named get 0 (attached but inactive, and free)."""
+        if unet is not None:
+            self.denoiser_mix.set(self._vector(unet))
+        if text is not None:
+            self.text_mix.set(self._vector(text))
+        if self.fused:
+            self.fuse()
+
+    def set_denoiser_rows(self, rows: torch.Tensor) -> None:
+        """Per-batch-row denoiser weights ``[rows, slots]`` (strategies call this per step)."""
+        self.denoiser_mix.set(rows)
+
+    def slot_vector(self, weights_by_name: dict[str, float]) -> torch.Tensor:
+        return self._vector(weights_by_name)
+
+    def disable(self) -> None:
+        """Every patched layer returns exactly its base output (fused weights are restored)."""
+        self.unfuse()
+        self.denoiser_mix.set_enabled(False)
+        self.text_mix.set_enabled(False)
+
+    def enable(self) -> None:
+        self.denoiser_mix.set_enabled(True)
+        self.text_mix.set_enabled(True)
+
+    # -- fused mode ------------------------------------------------------------------------------
+    def fuse(self) -> None:
+        """Fold current weights into the base weights (zero per-call overhead until unfused)."""
+        if not (self.denoiser_mix.is_uniform and self.text_mix.is_uniform):
+            raise ValueError("per-row mixing weights cannot be fused; set one weight per adapter first")
+        for layer in self.layers.values():
+            layer.fuse()
+        self.fused = bool(self.layers)
+
+    def unfuse(self) -> None:
+        """Restore the backed-up base weights bit-identically."""
+        for layer in self.layers.values():
+            layer.unfuse()
+        self.fused = False
