@@ -1,0 +1,240 @@
+"""``ComposerPipeline``: a diffusers text-to-image pipeline that composes LoRAs.
+
+It owns a :class:`~composer.runtime.LoraRuntime` on the wrapped pipeline. Adapters stay attached
+between calls (an adapter not asked for gets weight 0, which costs nothing), so switching is a
+tensor write; ``unload_lora``/``unload_all`` give the base pipeline back exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from composer.adapters import load_adapter
+from composer.adapters.types import Adapter
+from composer.driver import DenoiserDriver
+from composer.errors import ComposerError
+from composer.library import resolve_lora
+from composer.pnginfo import GenerationRecord, sampler_name
+from composer.prompt_syntax import LoraRef, parse_prompt
+from composer.runtime import LoraRuntime
+from fusion import get_strategy
+
+
+
+def _as_ref(item) -> LoraRef:
+    """``"name"``, ``(name, w)``, ``(name, te, unet)`` or a :class:`LoraRef` -> ``LoraRef``."""
+    if isinstance(item, LoraRef):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        return LoraRef(os.fspath(item))
+    if isinstance(item, dict):
+        te = float(item.get("te_weight", item.get("weight", 1.0)))
+        return LoraRef(os.fspath(item.get("path") or item["name"]), te, float(item.get("unet_weight", te)))
+    ref, *weights = item
+    if len(weights) == 1:
+        return LoraRef(os.fspath(ref), float(weights[0]), float(weights[0]))
+    if len(weights) == 2:
+        return LoraRef(os.fspath(ref), float(weights[0]), float(weights[1]))
+    raise ComposerError(f"cannot read LoRA spec {item!r}: use (path_or_name, weight) or (path_or_name, te, unet)")
+
+
+class ComposerPipeline:
+    """Compose LoRAs inside a diffusers pipeline (SD1.5 and SDXL families today).
+
+    >>> pipe = ComposerPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", library="~/loras")
+    >>> image = pipe("a castle <lora:ink-style:0.8>", loras=[("pixel-art", 0.5)], seed=1)[0]
+    """
+
+    def __init__(self, pipe, library: str | os.PathLike | None = None, model: str = ""):
+        self.pipe = pipe
+        self.library = Path(library).expanduser() if library else None
+        self.model = model or getattr(getattr(pipe, "config", None), "_name_or_path", "") or ""
+        self.runtime = LoraRuntime(pipe)
+        self._files: dict[str, tuple] = {}  # adapter name -> (resolved path, size, mtime)
+        self.last_record: GenerationRecord | None = None
+        self.last_driver: DenoiserDriver | None = None
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, library=None, torch_dtype=None, device=None, **kwargs):
+        """Load a diffusers model folder or Hub id (``AutoPipelineForText2Image``) and wrap it."""
+        from diffusers import AutoPipelineForText2Image
+
+        model = os.fspath(model)
+        local = Path(model).expanduser()
+        if local.exists() and not (local / "model_index.json").is_file():
+            raise ComposerError(f"{local}: not a diffusers model folder (no model_index.json)")
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(
+                str(local) if local.exists() else model, torch_dtype=torch_dtype, **kwargs
+            )
+        except OSError as exc:
+            raise ComposerError(f"{model}: cannot load model ({str(exc).splitlines()[0]})") from None
+        if device is not None:
+            pipe.to(device)
+        return cls(pipe, library=library, model=model)
+
+    # -- adapters --------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        return dict(self.runtime.adapters)
+
+    def load_lora(self, ref: str | os.PathLike, name: str | None = None, allow_pickle: bool = False) -> Adapter:
+        """Attach the LoRA file or library name ``ref`` (once: a file already attached is reused)."""
+        path = resolve_lora(ref, self.library).resolve()
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        for attached, known in self._files.items():
+            if known == key and (name is None or name == attached):
+                return self.runtime.adapters[attached]
+            if known[0] == key[0] and (name is None or name == attached):
+                self.unload_lora(attached)  # the file changed on disk: load it again
+                break
+        adapter = load_adapter(path, name=name or self._free_name(path.stem), allow_pickle=allow_pickle)
+        self.runtime.add(adapter)
+        self._files[adapter.name] = key
+        return adapter
+
+    def _free_name(self, stem: str) -> str:
+        name, n = stem, 1
+        while name in self.runtime.adapters:
+            n += 1
+            name = f"{stem}-{n}"
+        return name
+
+    def unload_lora(self, name: str) -> None:
+        self.runtime.remove(name)
+        self._files.pop(name, None)
+
+    def unload_all(self) -> None:
+        """Detach every adapter: the wrapped pipeline is exactly the base model again."""
+        self.runtime.clear()
+        self._files.clear()
+
+    # -- generation ------------------------------------------------------------------------------
+    def _attach(self, refs: list[LoraRef], allow_pickle: bool) -> list[tuple[Adapter, LoraRef]]:
+        """Attach every requested adapter or none: on failure, those attached here are detached."""
+        before = set(self.runtime.adapters)
+        chosen = []
+        try:
+            for ref in refs:
+                chosen.append((self.load_lora(ref.name, allow_pickle=allow_pickle), ref))
+        except BaseException:
+            for name in set(self.runtime.adapters) - before:
+                self.unload_lora(name)
+            raise
+        return chosen
+
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        loras=(),
+        strategy="merge",
+        strategy_args: dict | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        append_trigger_words: bool = False,
+        fuse: bool = False,
+        progress: bool = True,
+        allow_pickle: bool = False,
+        callback=None,
+        **pipe_kwargs,
+    ):
+        """Render ``prompt`` with ``loras`` composed by ``strategy``; returns a list of PIL images.
+
+        ``loras`` items: ``path_or_name``, ``(path_or_name, weight)`` or ``(path_or_name, te, unet)``;
+        ``<lora:name:w>`` tags in the prompt are added to them and removed from the text. Each image's
+        ``info`` holds its generation parameters (A1111 ``parameters`` and a ``lora-composer`` JSON).
+        ``fuse=True`` folds static weights into the base weights for the call (restored exactly after).
+        """
+        start = time.perf_counter()
+        clean_prompt, tag_refs = parse_prompt(prompt)
+        refs = [_as_ref(item) for item in loras] + tag_refs
+        strat = get_strategy(strategy, **(strategy_args or {}))
+        chosen = self._attach(refs, allow_pickle)
+
+        # Several requests for one file: the last one wins (as in A1111, one network per name).
+        by_name: dict[str, tuple[Adapter, LoraRef]] = {a.name: (a, r) for a, r in chosen}
+        names = list(by_name)
+        self.runtime.set_weights(
+            unet={n: r.unet_weight for n, (a, r) in by_name.items()},
+            text={n: r.te_weight for n, (a, r) in by_name.items()},
+        )
+        if append_trigger_words:
+            words = [w for a, _ in by_name.values() for w in a.metadata.trigger_words]
+            words = [w for w in dict.fromkeys(words) if w.lower() not in clean_prompt.lower()]
+            if words:
+                clean_prompt = ", ".join([p for p in [clean_prompt, *words] if p])
+
+        seed = random.randrange(2**32) if seed is None else int(seed)
+        device = getattr(self.pipe, "_execution_device", None) or torch.device("cpu")
+        generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
+        strat.begin(names, [by_name[n][1].unet_weight for n in names], num_inference_steps)
+
+        denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer")
+        self.pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)
+        fused = fuse and strat.static and bool(names)
+        try:
+            if fused:
+                self.runtime.fuse()
+            with DenoiserDriver(self.runtime, denoiser, strat, names) as driver:
+                out = self.pipe(
+                    prompt=clean_prompt,
+                    negative_prompt=negative_prompt,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=height,
+                    width=width,
+                    num_images_per_prompt=num_images_per_prompt,
+                    generator=generator,
+                    **pipe_kwargs,
+                )
+        finally:
+            if fused:
+                self.runtime.unfuse()
+        self.last_driver = driver
+        images = out.images
+        if hasattr(images, "shape"):  # output_type="np" or "pt": [batch, h, w, c] / [batch, c, h, w]
+            size = images.shape[1:3] if images.shape[-1] in (1, 3, 4) else images.shape[2:4]
+        else:
+            size = (images[0].height, images[0].width) if len(images) else (height, width)
+        record = GenerationRecord(
+            prompt=clean_prompt,
+            negative_prompt=negative_prompt or "",
+            steps=num_inference_steps,
+            guidance_scale=float(guidance_scale),
+            seed=seed,
+            width=int(size[1]) if size[1] else None,
+            height=int(size[0]) if size[0] else None,
+            strategy=strat.name,
+            strategy_args={**(strategy_args or {}), **strat.describe()},
+            model=self.model,
+            loras=[
+                {
+                    "name": a.name,
+                    "path": a.path,
+                    "te_weight": r.te_weight,
+                    "unet_weight": r.unet_weight,
+                    "hash": a.metadata.short_hash,
+                }
+                for a, r in by_name.values()
+            ],
+            sampler=sampler_name(type(self.pipe.scheduler).__name__),
+            scheduler=type(self.pipe.scheduler).__name__,
+            elapsed_s=round(time.perf_counter() - start, 3),
+        )
+        self.last_record = record
+        for image in images:
+            if hasattr(image, "info"):
+                image.info["parameters"] = record.to_a1111()
+                image.info["lora-composer"] = record.to_json()
+        return images
