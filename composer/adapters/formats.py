@@ -1,0 +1,409 @@
+"""LoRA state-dict formats -> canonical ``{module path: LayerDelta}``.
+
+Key renaming is delegated to diffusers' own converters (``lora_conversion_utils`` and
+``state_dict_utils``) so that a file means here exactly what it means to ``load_lora_weights``.
+What this module adds: grouping keys per layer, alphas (``.alpha`` tensors, the
+``lora_adapter_metadata`` header diffusers writes, or ``alpha = rank``), validation, and clear
+refusals for formats we do not handle yet (LyCORIS LoHa/LoKr, DoRA).
+
+Canonical keys: ``<component>.<module path>`` with components ``unet``, ``text_encoder``,
+``text_encoder_2`` and ``transformer``. Text-encoder keys never carry CLIP's ``text_model.``
+level (transformers 5's ``CLIPTextModel`` has none; ``CLIPTextModelWithProjection`` still has
+it): use :func:`resolve_module` to find the module in a pipeline.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .types import LayerDelta
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+# Key fragments of formats we recognise but do not load yet: (fragment, what it is).
+_UNSUPPORTED = (
+    ("hada_w", "LyCORIS LoHa (hada_w1_a...)"),
+    ("lokr_w", "LyCORIS LoKr (lokr_w1...)"),
+    ("dora_scale", "DoRA (dora_scale)"),
+    ("lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
+    ("lora_mid", "LoCon with Tucker decomposition (lora_mid)"),
+)
+
+_KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+_DIFFUSERS_SUFFIXES = (
+    ".lora_A.weight", ".lora_B.weight",  # PEFT
+    ".lora.down.weight", ".lora.up.weight",  # older diffusers (LoCon, generic layers)
+    "_lora.down.weight", "_lora.up.weight",  # older diffusers attention processors (to_q_lora...)
+    ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight",  # older diffusers text encoders
+    ".alpha",
+)
+
+
+class FormatError(ValueError):
+    """The state dict is not a LoRA we can load; the message is the one-line cause."""
+
+
+@dataclass
+class _UNetConfig:
+    """What ``_maybe_map_sgm_blocks_to_diffusers`` reads from a UNet config (SD1.5/SD2/SDXL all use 2)."""
+
+    layers_per_block: int = 2
+
+
+def strip_text_model(key: str) -> str:
+    """``text_encoder.text_model.encoder...`` -> ``text_encoder.encoder...`` (other keys unchanged)."""
+    comp, _, rest = key.partition(".")
+    if comp in TEXT_COMPONENTS and rest.startswith("text_model."):
+        return f"{comp}.{rest[len('text_model.'):]}"
+    return key
+
+
+def resolve_module(root: torch.nn.Module, key: str) -> torch.nn.Module:
+    """The module a canonical key names inside ``root`` (a pipeline or anything with the components as
+    attributes), adding CLIP's ``text_model.`` level where the text encoder has one."""
+    comp, _, rest = key.partition(".")
+    component = getattr(root, comp, None)
+    if component is None:
+        raise KeyError(f"{key}: no component {comp!r}")
+    if comp in TEXT_COMPONENTS and hasattr(component, "text_model") and not rest.startswith("text_model."):
+        rest = "text_model." + rest
+    return component.get_submodule(rest)
+
+
+# ----------------------------------------------------------------------------------------------- detection
+
+
+def _example(keys) -> str:
+    keys = list(keys)
+    return keys[0] if keys else "<none>"
+
+
+def detect_format(keys) -> str:
+    """``"kohya"``, ``"kohya-flux"`` or ``"diffusers"``; raises :class:`FormatError` otherwise."""
+    keys = list(keys)
+    if not keys:
+        raise FormatError("no tensors in file")
+    for fragment, what in _UNSUPPORTED:
+        hit = [k for k in keys if fragment in k]
+        if hit:
+            raise FormatError(f"{what} adapters are not supported yet (key {hit[0]!r})")
+    if all(k.startswith(KOHYA_PREFIXES) for k in keys):
+        odd = [k for k in keys if not k.split(".", 1)[-1] in _KOHYA_SUFFIXES or "." not in k]
+        if odd:
+            raise FormatError(f"unknown key format (key {odd[0]!r})")
+        if any("double_blocks" in k or "single_blocks" in k for k in keys):
+            return "kohya-flux"
+        return "kohya"
+    diffusers_like = [k for k in keys if k.split(".", 1)[0] in COMPONENTS and k.endswith(_DIFFUSERS_SUFFIXES)]
+    if len(diffusers_like) == len(keys):
+        return "diffusers"
+    odd = [k for k in keys if k not in set(diffusers_like)]
+    raise FormatError(f"unknown key format (key {odd[0]!r})")
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+def parse_state_dict(state_dict: dict[str, torch.Tensor], header: dict[str, str] | None = None):
+    """Canonical deltas and source format (``"diffusers"`` or ``"kohya"``) of a LoRA state dict.
+
+    Pure: ``state_dict`` is not modified. Raises :class:`FormatError` with a one-line cause.
+    """
+    header = header or {}
+    fmt = detect_format(state_dict.keys())
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise FormatError(f"value of {k!r} is not a tensor")
+    if fmt == "kohya":
+        return _parse_kohya(state_dict), "kohya"
+    if fmt == "kohya-flux":
+        return _parse_kohya_flux(state_dict), "kohya"
+    return _parse_diffusers(state_dict, header), "diffusers"
+
+
+def _pair(name: str, down, up, alpha) -> LayerDelta:
+    """Validate one layer's factors and build its delta."""
+    if down is None or up is None:
+        missing = "up" if up is None else "down"
+        raise FormatError(f"layer {name} has no {missing} weight")
+    if down.dim() not in (2, 4) or up.dim() not in (2, 4):
+        raise FormatError(f"layer {name}: unexpected shapes down {tuple(down.shape)}, up {tuple(up.shape)}")
+    if down.shape[0] != up.shape[1]:
+        raise FormatError(
+            f"layer {name}: rank mismatch, down has rank {down.shape[0]} but up expects {up.shape[1]}"
+        )
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        raise FormatError(f"layer {name}: up weight {tuple(up.shape)} is not a 1x1 convolution")
+    rank = int(down.shape[0])
+    if rank == 0:
+        raise FormatError(f"layer {name} has rank 0")
+    return LayerDelta(down=down, up=up, alpha=float(rank if alpha is None else alpha))
+
+
+def _alpha_value(name: str, t: torch.Tensor) -> float:
+    if t.numel() != 1:
+        raise FormatError(f"layer {name}: alpha is not a scalar (shape {tuple(t.shape)})")
+    value = float(t.float().item())
+    if not math.isfinite(value):
+        raise FormatError(f"layer {name}: alpha is {value}")
+    return value
+
+
+def _to_peft_keys(component: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename component-relative keys to PEFT's ``<module>.lora_A.weight``/``lora_B.weight`` with diffusers'
+    converters (the same calls ``load_lora_weights`` makes for that component)."""
+    from diffusers.utils.state_dict_utils import (
+        StateDictType,
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    if component in TEXT_COMPONENTS:
+        sd = convert_state_dict_to_diffusers(sd, original_type=StateDictType.DIFFUSERS_OLD)
+        sd = convert_state_dict_to_peft(sd, original_type=StateDictType.DIFFUSERS)
+    else:
+        sd = convert_unet_state_dict_to_peft(sd)
+    out = {}
+    for k, v in sd.items():
+        # Generic old-diffusers LoCon spelling that the text-encoder mappings leave alone.
+        k = k.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight")
+        out[k] = v
+    return out
+
+
+def _collect(component: str, peft_sd: dict[str, torch.Tensor], origin: dict[str, str]):
+    """``{canonical module: (down, up)}`` from PEFT keys of one component."""
+    layers: dict[str, list] = {}
+    for k, v in peft_sd.items():
+        if k.endswith(".lora_A.weight"):
+            module, slot = k[: -len(".lora_A.weight")], 0
+        elif k.endswith(".lora_B.weight"):
+            module, slot = k[: -len(".lora_B.weight")], 1
+        else:
+            raise FormatError(f"unknown key format (key {origin.get(k, k)!r})")
+        canonical = strip_text_model(f"{component}.{module}")
+        layers.setdefault(canonical, [None, None])[slot] = v
+    return layers
+
+
+def _parse_kohya(state_dict):
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+
+    sd = dict(state_dict)
+    if any(p in k for k in sd for p in ("input_blocks", "middle_block", "output_blocks")):
+        # SDXL kohya files name UNet blocks the sgm/LDM way (input_blocks_4_1_...).
+        try:
+            sd = _maybe_map_sgm_blocks_to_diffusers(sd, _UNetConfig())
+        except (ValueError, IndexError, KeyError) as e:
+            raise FormatError(f"cannot map sgm UNet block names: {e}") from None
+
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        name, _, suffix = k.partition(".")
+        groups.setdefault(name, {})[suffix] = v
+
+    deltas: dict[str, LayerDelta] = {}
+    for lora_name, parts in groups.items():
+        down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+        if down is None or up is None:
+            _pair(lora_name, down, up, None)  # raises with the missing half
+        alpha = _alpha_value(lora_name, parts["alpha"]) if "alpha" in parts else None
+        one = {f"{lora_name}.lora_down.weight": down, f"{lora_name}.lora_up.weight": up}
+        try:
+            converted, _ = _convert_non_diffusers_lora_to_diffusers(one)
+        except (ValueError, KeyError) as e:
+            raise FormatError(f"unknown key format (key {lora_name!r}): {e}") from None
+        for component in COMPONENTS:
+            sub = {k[len(component) + 1 :]: v for k, v in converted.items() if k.split(".", 1)[0] == component}
+            if not sub:
+                continue
+            layers = _collect(component, _to_peft_keys(component, sub), {})
+            for module, (d, u) in layers.items():
+                if module in deltas:
+                    raise FormatError(f"layer {module} appears twice (key {lora_name!r})")
+                deltas[module] = _pair(module, d, u, alpha)
+    return deltas
+
+
+def _parse_kohya_flux(state_dict):
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    # Check pairs first: the converter drops what it does not understand with a log message.
+    groups: dict[str, set] = collections.defaultdict(set)
+    for k in state_dict:
+        name, _, suffix = k.partition(".")
+        groups[name].add(suffix)
+    for name, suffixes in groups.items():
+        if "lora_down.weight" not in suffixes or "lora_up.weight" not in suffixes:
+            _pair(name, state_dict.get(f"{name}.lora_down.weight"), state_dict.get(f"{name}.lora_up.weight"), None)
+        d, u = state_dict[f"{name}.lora_down.weight"], state_dict[f"{name}.lora_up.weight"]
+        _pair(name, d, u, None)
+    try:
+        converted = _convert_kohya_flux_lora_to_diffusers(dict(state_dict))
+    except Exception as e:  # noqa: BLE001 - the converter raises bare asserts and KeyErrors
+        raise FormatError(f"cannot convert kohya FLUX LoRA: {type(e).__name__}: {e}") from None
+    if not converted:
+        raise FormatError(f"unknown key format (key {_example(state_dict)!r})")
+    deltas: dict[str, LayerDelta] = {}
+    for component in COMPONENTS:
+        sub = {k[len(component) + 1 :]: v for k, v in converted.items() if k.split(".", 1)[0] == component}
+        if not sub:
+            continue
+        for module, (d, u) in _collect(component, _to_peft_keys(component, sub), {}).items():
+            # The converter bakes alpha / rank into the factors: alpha = rank from here on.
+            deltas[module] = _pair(module, d, u, None)
+    return deltas
+
+
+def _adapter_config(header: dict[str, str]) -> dict[str, dict]:
+    """Per-component LoraConfig kwargs from diffusers' ``lora_adapter_metadata`` header entry."""
+    raw = header.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{LORA_ADAPTER_METADATA_KEY} header is not valid JSON: {e}") from None
+    if not isinstance(flat, dict):
+        raise FormatError(f"{LORA_ADAPTER_METADATA_KEY} header is not a JSON object")
+    out: dict[str, dict] = {}
+    for k, v in flat.items():
+        comp, _, field = k.partition(".")
+        if comp in COMPONENTS and field:
+            out.setdefault(comp, {})[field] = v
+    return out
+
+
+def _config_alpha(config: dict, rel: str, rank: int) -> float | None:
+    """Alpha PEFT would use for module ``rel`` under ``config`` (None: the config does not say)."""
+    from peft.utils.other import get_pattern_key
+
+    if not config:
+        return None
+    alpha = config.get("lora_alpha")
+    pattern = config.get("alpha_pattern") or {}
+    for candidate in (rel, "text_model." + rel):
+        key = get_pattern_key(list(pattern), candidate)
+        if key in pattern:
+            alpha = pattern[key]
+            break
+    if alpha is None:
+        return None
+    alpha = float(alpha)
+    if config.get("use_rslora"):
+        alpha = alpha * math.sqrt(rank)  # PEFT scales rsLoRA by alpha / sqrt(r)
+    return alpha
+
+
+def _alpha_module(component: str, rel: str) -> str:
+    """Canonical module of a diffusers-format ``<component>.<rel>.alpha`` entry."""
+    rel = rel.replace(".processor.", ".")
+    for old, new in (("to_q_lora", "to_q"), ("to_k_lora", "to_k"), ("to_v_lora", "to_v"), ("to_out_lora", "to_out.0")):
+        if rel.endswith(old):
+            if component in TEXT_COMPONENTS:
+                new = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out.0": "out_proj"}[new]
+            rel = rel[: -len(old)] + new
+    for suffix in (".lora", ".lora_linear_layer"):
+        if rel.endswith(suffix):
+            rel = rel[: -len(suffix)]
+    return strip_text_model(f"{component}.{rel}")
+
+
+def _parse_diffusers(state_dict, header):
+    configs = _adapter_config(header)
+    for comp, config in configs.items():
+        if config.get("use_dora"):
+            raise FormatError(f"DoRA adapters are not supported yet ({comp}.use_dora in {LORA_ADAPTER_METADATA_KEY})")
+
+    per_comp: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    for k, v in state_dict.items():
+        comp, _, rel = k.partition(".")
+        if k.endswith(".alpha"):
+            alphas[_alpha_module(comp, rel[: -len(".alpha")])] = _alpha_value(k, v)
+        else:
+            per_comp.setdefault(comp, {})[rel] = v
+
+    deltas: dict[str, LayerDelta] = {}
+    for comp, sub in per_comp.items():
+        peft_sd = _to_peft_keys(comp, sub)
+        for module, (d, u) in _collect(comp, peft_sd, {}).items():
+            delta = _pair(module, d, u, None)
+            rel = module.split(".", 1)[1]
+            if module in alphas:
+                delta.alpha = alphas[module]
+            else:
+                alpha = _config_alpha(configs.get(comp, {}), rel, delta.rank)
+                if alpha is not None:
+                    delta.alpha = alpha
+            deltas[module] = delta
+    unused = sorted(set(alphas) - set(deltas))
+    if unused:
+        raise FormatError(f"alpha for {unused[0]} has no matching layer")
+    return deltas
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def adapter_config(deltas: dict[str, LayerDelta], component: str) -> dict:
+    """LoraConfig kwargs for one component, as diffusers' ``save_lora_weights`` stores them.
+
+    ``r``/``lora_alpha`` are the most common values; layers that differ go into
+    ``rank_pattern``/``alpha_pattern``. Module names are relative to the component and, for text
+    encoders, without ``text_model.`` so that PEFT's suffix matching finds them whether or not the
+    text encoder has that level.
+    """
+    rel = {k.split(".", 1)[1]: d for k, d in deltas.items() if k.split(".", 1)[0] == component}
+    ranks = collections.Counter(d.rank for d in rel.values())
+    alphas = collections.Counter(_clean_number(d.alpha) for d in rel.values())
+    r = ranks.most_common(1)[0][0]
+    lora_alpha = alphas.most_common(1)[0][0]
+    anchor = "" if component in TEXT_COMPONENTS else "^"
+    rank_pattern = {f"{anchor}{m}": d.rank for m, d in rel.items() if d.rank != r}
+    alpha_pattern = {f"{anchor}{m}": _clean_number(d.alpha) for m, d in rel.items() if _clean_number(d.alpha) != lora_alpha}
+    config = {"r": r, "lora_alpha": lora_alpha, "target_modules": sorted(rel)}
+    if rank_pattern:
+        config["rank_pattern"] = rank_pattern
+    if alpha_pattern:
+        config["alpha_pattern"] = alpha_pattern
+    return config
+
+
+def _clean_number(x: float):
+    x = float(x)
+    return int(x) if x.is_integer() else x
+
+
+def to_diffusers_state_dict(deltas: dict[str, LayerDelta]) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """PEFT-format tensors (``<component>.<module>.lora_A.weight``) and the flat ``lora_adapter_metadata``.
+
+    Text-encoder keys are written with CLIP's ``text_model.`` level: diffusers strips it for text
+    encoders that lack it and keeps it for those that have it (``CLIPTextModelWithProjection``).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for key, d in deltas.items():
+        comp, _, rel = key.partition(".")
+        if comp not in COMPONENTS:
+            raise ValueError(f"{key}: unknown component {comp!r} (expected one of {', '.join(COMPONENTS)})")
+        if comp in TEXT_COMPONENTS and not rel.startswith("text_model."):
+            rel = "text_model." + rel
+        tensors[f"{comp}.{rel}.lora_A.weight"] = d.down.contiguous()
+        tensors[f"{comp}.{rel}.lora_B.weight"] = d.up.contiguous()
+    flat: dict[str, object] = {}
+    for comp in sorted({k.split(".", 1)[0] for k in deltas}):
+        for field, value in adapter_config(deltas, comp).items():
+            flat[f"{comp}.{field}"] = value
+    return tensors, flat

@@ -1,0 +1,180 @@
+"""Reading and writing LoRA files.
+
+Only ``.safetensors`` is read by default: pickle-based checkpoints (``.pt``, ``.ckpt``, ``.bin``,
+``.pth``) can run arbitrary code when unpickled, so they are refused unless the caller passes
+``allow_pickle=True`` (and even then they go through ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import AdapterLoadError
+from .family import detect_family
+from .formats import LORA_ADAPTER_METADATA_KEY, FormatError, parse_state_dict, to_diffusers_state_dict
+from .metadata import PREFERRED_WEIGHT_KEY, build_metadata
+from .types import Adapter, AdapterMetadata
+
+PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
+
+# SAI model-spec architecture names, written on save so other tools can tell the base model.
+_MODELSPEC_ARCHITECTURE = {
+    "sd15": "stable-diffusion-v1/lora",
+    "sd2": "stable-diffusion-v2-768-v/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+    "flux": "flux-1-dev/lora",
+}
+
+
+def _fail(path, cause) -> AdapterLoadError:
+    """An :class:`AdapterLoadError` whose message is one line."""
+    return AdapterLoadError(path, re.sub(r"\s+", " ", str(cause)).strip())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_safetensors(path: Path, shown) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: truncated, corrupt, not safetensors
+        raise _fail(shown, f"not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return tensors, header
+
+
+def _read_pickle(path: Path, shown) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, EOFError, RuntimeError...
+        raise _fail(shown, f"cannot be read with torch.load(weights_only=True): {type(e).__name__}: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise _fail(shown, f"holds a {type(data).__name__}, not a state dict of tensors")
+    return data
+
+
+def read_state_dict(path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+    """Tensors, header metadata and resolved path of a LoRA file, or :class:`AdapterLoadError`."""
+    shown = path
+    p = Path(path)
+    if not p.exists():
+        raise _fail(shown, "no such file")
+    if p.is_dir():
+        raise _fail(shown, "is a directory, not a LoRA file")
+    p = p.resolve()
+    if p.stat().st_size == 0:
+        raise _fail(shown, "empty file")
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors":
+        tensors, header = _read_safetensors(p, shown)
+    elif allow_pickle:
+        tensors, header = _read_pickle(p, shown), {}
+    else:
+        kind = f"a {suffix} file" if suffix else "a file without extension"
+        pickle_note = " (pickle-based: unpickling can run code)" if suffix in PICKLE_SUFFIXES else ""
+        raise _fail(
+            shown,
+            f"refusing to read {kind}{pickle_note}; only .safetensors is loaded unless allow_pickle=True "
+            "is passed for a file you trust",
+        )
+    return tensors, header, p
+
+
+def load_adapter(path, name: str | None = None, allow_pickle: bool = False) -> Adapter:
+    """Load a LoRA file (diffusers/PEFT or kohya/A1111 keys) into the canonical :class:`Adapter`.
+
+    Raises :class:`composer.errors.AdapterLoadError` (``"PATH: cause"``, one line) for anything that is
+    not a loadable LoRA. Pure: reads the file (and its sidecars), changes nothing else.
+    """
+    tensors, header, resolved = read_state_dict(path, allow_pickle=allow_pickle)
+    try:
+        deltas, source_format = parse_state_dict(tensors, header)
+    except FormatError as e:
+        raise _fail(path, e) from None
+    if not deltas:
+        raise _fail(path, "no LoRA layers found")
+    for module, d in deltas.items():
+        for which, t in (("down", d.down), ("up", d.up)):
+            if not torch.isfinite(t).all():
+                raise _fail(path, f"layer {module} has NaN or inf values in its {which} weight")
+        if not torch.isfinite(torch.tensor(d.alpha)):
+            raise _fail(path, f"layer {module} has a non-finite alpha")
+    fields = build_metadata(resolved, header)
+    metadata = AdapterMetadata(source_format=source_format, sha256=sha256_file(resolved), **fields)
+    return Adapter(
+        name=name or resolved.stem,
+        family=detect_family(deltas, keys=tensors.keys()),
+        deltas=deltas,
+        metadata=metadata,
+        path=str(resolved),
+    )
+
+
+def _header_for(adapter: Adapter, lora_config: dict) -> dict[str, str]:
+    """safetensors header: what the adapter was loaded with, updated with what it is now."""
+    meta = adapter.metadata
+    header = {k: str(v) for k, v in (meta.file_metadata or {}).items()}
+    header.pop(LORA_ADAPTER_METADATA_KEY, None)
+    header["format"] = "pt"
+    header[LORA_ADAPTER_METADATA_KEY] = json.dumps(lora_config, indent=2, sort_keys=True)
+    header["modelspec.title"] = adapter.name
+    if adapter.family in _MODELSPEC_ARCHITECTURE:
+        header["modelspec.architecture"] = _MODELSPEC_ARCHITECTURE[adapter.family]
+    if meta.trigger_words:
+        header["modelspec.trigger_phrase"] = ", ".join(meta.trigger_words)
+    else:
+        header.pop("modelspec.trigger_phrase", None)
+    if meta.description:
+        header["modelspec.description"] = meta.description
+    if meta.preferred_weight is not None:
+        header[PREFERRED_WEIGHT_KEY] = repr(float(meta.preferred_weight))
+    return header
+
+
+def save_adapter(adapter: Adapter, path) -> Path:
+    """Write ``adapter`` as a diffusers/PEFT LoRA (``<component>.<module>.lora_A.weight``) that diffusers'
+    ``load_lora_weights`` loads with the same alphas. ``path`` may be a folder (then ``NAME.safetensors``
+    in it). Returns the written path. The file is written next to its destination and renamed into place,
+    so a failed save leaves no partial file."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / f"{adapter.name}.safetensors"
+    if p.suffix.lower() != ".safetensors":
+        raise ValueError(f"{p}: LoRA files are written as .safetensors")
+    if not adapter.deltas:
+        raise ValueError(f"{adapter.name}: nothing to save (no layers)")
+    tensors, lora_config = to_diffusers_state_dict(adapter.deltas)
+    header = _header_for(adapter, lora_config)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    # Factors shared between layers (kohya FLUX qkv) must be separate tensors for safetensors.
+    seen: set[int] = set()
+    for k, t in tensors.items():
+        if t.data_ptr() in seen:
+            tensors[k] = t.clone()
+        seen.add(tensors[k].data_ptr())
+    try:
+        save_file(tensors, str(tmp), metadata=header)
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return p
