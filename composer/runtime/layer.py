@@ -103,7 +103,7 @@ class PatchedLayer:
         alpha = torch.cat([torch.full((b.rank,), b.scale) for b in self.blocks])
         return self.mixer.weights[:, slots] * alpha
 
-    def _active(self):
+    def refresh(self):
         """(down, up, scale) restricted to adapters with a non-zero weight, cached per mixer version."""
         key = (self.mixer.version, self.module.weight.device, self.module.weight.dtype, len(self.blocks))
         if key != self._cache_key:
@@ -125,7 +125,7 @@ class PatchedLayer:
     def _hook(self, module, args, output):
         if self.backup is not None:
             return None  # fused: the delta is already in the weight
-        active = self._active()
+        active = self.refresh()
         if active is None:
             return None  # nothing acts: output is exactly the base layer's
         down, up, s = active

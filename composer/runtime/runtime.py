@@ -190,6 +190,11 @@ class LoraRuntime:
         """Per-batch-row denoiser weights ``[rows, slots]`` (strategies call this per step)."""
         self.denoiser_mix.set(rows)
 
+    def prepare(self) -> None:
+        """Refresh every layer's per-rank scales now instead of lazily on its next forward."""
+        for layer in self.layers.values():
+            layer.refresh()
+
     def slot_vector(self, weights_by_name: dict[str, float]) -> torch.Tensor:
         return self._vector(weights_by_name)
 
