@@ -1,0 +1,110 @@
+"""Every kind of bad LoRA input: one-line error naming the file, and the pipeline left exactly as it was."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from composer.errors import ComposerError
+from composer.pipeline import ComposerPipeline
+
+CALL = dict(num_inference_steps=2, height=64, width=64, output_type="np", progress=False)
+
+
+def _rewrite(src, dst, change):
+    sd = load_file(str(src))
+    change(sd)
+    save_file(sd, str(dst))
+    return dst
+
+
+def _last_unet_key(sd, suffix):
+    return sorted(k for k in sd if k.startswith("unet.") and k.endswith(suffix))[-1]
+
+
+def _bad_files(tmp_path, good, sd15_pipe, sdxl_pipe, make_lora):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    pickle_file = tmp_path / "pickled.ckpt"
+    torch.save({"x": torch.zeros(1)}, pickle_file)
+    not_st = tmp_path / "text.safetensors"
+    not_st.write_text("this is not a safetensors file")
+
+    def widen(sd):
+        k = _last_unet_key(sd, "lora_A.weight")
+        sd[k] = torch.randn(sd[k].shape[0], sd[k].shape[1] + 3)
+
+    def poison(sd):
+        k = _last_unet_key(sd, "lora_B.weight")
+        sd[k] = sd[k].clone()
+        sd[k][0, 0] = float("nan")
+
+    return {
+        "truncated": truncated,
+        "pickle": pickle_file,
+        "not-safetensors": not_st,
+        "other-family": make_lora(sdxl_pipe, "xl-lora", seed=5),
+        "shape": _rewrite(good, tmp_path / "wide.safetensors", widen),
+        "nan": _rewrite(good, tmp_path / "nan.safetensors", poison),
+        "unknown-keys": _rewrite(
+            good, tmp_path / "odd.safetensors", lambda sd: [sd.update({f"weird.{k}": sd.pop(k)}) for k in list(sd)]
+        ),
+        "missing": tmp_path / "nowhere.safetensors",
+    }
+
+
+KINDS = ["truncated", "pickle", "not-safetensors", "other-family", "shape", "nan", "unknown-keys", "missing"]
+
+
+@pytest.fixture
+def setup(tmp_path, sd15_pipe, sdxl_pipe, make_lora):
+    good = make_lora(sd15_pipe, "good", seed=1)
+    composer = ComposerPipeline(copy.deepcopy(sd15_pipe), library=tmp_path)
+    before = composer("a cat", loras=[(good, 0.8)], seed=0, **CALL)
+    return composer, good, before, _bad_files(tmp_path, good, sd15_pipe, sdxl_pipe, make_lora)
+
+
+def _snapshot(composer):
+    unet = composer.pipe.unet
+    return (
+        {k: v.clone() for k, v in unet.state_dict().items()},
+        sum(len(m._forward_hooks) for m in unet.modules()),
+        set(composer.adapters),
+    )
+
+
+def test_each_bad_input_is_refused_cleanly(setup):
+    composer, good, before, bad = setup
+    state = _snapshot(composer)
+    for kind in KINDS:
+        path = bad[kind]
+        with pytest.raises(ComposerError) as err:
+            composer("a cat", loras=[(good, 0.8), (path, 0.5)], seed=0, **CALL)
+        message = str(err.value)
+        assert "\n" not in message, kind
+        assert str(path.name) in message, (kind, message)
+        after = _snapshot(composer)
+        assert after[2] == state[2], kind  # nothing new attached
+        assert after[1] == state[1], kind  # no stray hooks
+        assert all(torch.equal(after[0][k], v) for k, v in state[0].items()), kind
+    assert np.array_equal(composer("a cat", loras=[(good, 0.8)], seed=0, **CALL), before)
+
+
+def test_unknown_prompt_tag(setup):
+    composer, good, before, _ = setup
+    with pytest.raises(ComposerError) as err:
+        composer("a cat <lora:no-such-lora:0.5>", loras=[(good, 0.8)], seed=0, **CALL)
+    assert "no-such-lora" in str(err.value) and "\n" not in str(err.value)
+    assert set(composer.adapters) == {"good"}
+
+
+def test_pickle_needs_explicit_opt_in(setup, monkeypatch):
+    composer, good, _, bad = setup
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    with pytest.raises(ComposerError):
+        composer("a cat", loras=[(bad["pickle"], 0.5)], seed=0, **CALL)
+    assert calls == []  # never unpickled without allow_pickle
