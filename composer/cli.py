@@ -1,0 +1,249 @@
+"""``compose``: render a prompt with LoRA adapters from the command line.
+
+    compose --prompt "a red circle" --lora demo-shapes:0.8 --out demo.png
+    compose --from-image demo.png --seed 7            # same settings, another seed
+
+The flag form needs no subcommand; later subcommands (``compose index``, ``compose search``...) are
+registered in :data:`SUBCOMMANDS` and dispatched on the first argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from composer.errors import ComposerError
+
+PROG = "compose"
+
+# name -> (help, function(argv) -> exit code). ``compose NAME ...`` runs it; anything else is the flag form.
+SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: exit 2 with one line, like ours
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    sub = "".join(f"\n  {PROG} {name} ...   {help_}" for name, (help_, _) in sorted(SUBCOMMANDS.items()))
+    p = _Parser(
+        prog=PROG,
+        description="Render a prompt with a diffusers text-to-image model and any number of LoRA adapters.",
+        epilog=(
+            "LoRAs can also be named in the prompt, A1111 style: <lora:NAME>, <lora:NAME:0.8>, "
+            "<lora:NAME:TE:UNET>. Without --model, a tiny offline demo model and its demo LoRA library "
+            "are used." + (f"\nsubcommands:{sub}" if sub else "")
+        ),
+    )
+    p.add_argument("--prompt", "-p", help="the prompt (may contain <lora:name:w> tags)")
+    p.add_argument("--negative-prompt", "-n", dest="negative_prompt", help="negative prompt")
+    p.add_argument(
+        "--lora", "-l", action="append", metavar="PATH_OR_NAME[:WEIGHT]",
+        help="a LoRA file or a name in the library; WEIGHT is W or TE:UNET (default 1). Repeat for more.",
+    )
+    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the demo model)")
+    p.add_argument("--library", metavar="DIR", help="folder of LoRA files to look names up in (default: $LORA_COMPOSER_LIBRARY)")
+    p.add_argument("--strategy", help="how adapters are combined (default: merge)")
+    p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default 20)")
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, metavar="G", help="guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed (default: random, recorded in the PNG)")
+    p.add_argument("--width", type=int, metavar="W", help="image width (default: the model's)")
+    p.add_argument("--height", type=int, metavar="H", help="image height (default: the model's)")
+    p.add_argument("--out", "-o", metavar="FILE", help="output PNG (default: compose-SEED.png)")
+    p.add_argument(
+        "--trigger-words", dest="trigger_words", action="store_true", default=None,
+        help="append each LoRA's trigger words to the prompt",
+    )
+    p.add_argument("--from-image", dest="from_image", metavar="PNG", help="re-render a PNG written by compose (other flags override)")
+    p.add_argument(
+        "--allow-pickle", dest="allow_pickle", action="store_true",
+        help="allow pickle-based LoRA files (.pt/.ckpt/.bin): they can run code, only use files you trust",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notices")
+    return p
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    return text
+
+
+def _note(args, message: str) -> None:
+    if not args.quiet:
+        print(f"{PROG}: {message}", file=sys.stderr)
+
+
+def _weights_text(te: float, unet: float) -> str:
+    from composer.prompt_syntax import format_weight
+
+    return format_weight(te) if te == unet else f"te {format_weight(te)}/unet {format_weight(unet)}"
+
+
+def _settings(args) -> dict:
+    """Merge ``--from-image`` settings with the flags given (flags win) and the defaults."""
+    from composer.prompt_syntax import parse_lora_spec, parse_prompt
+
+    s = {
+        "prompt": None, "negative_prompt": "", "loras": [], "model": None, "strategy": "merge", "steps": 20,
+        "guidance": 7.5, "seed": None, "width": None, "height": None, "trigger_words": False,
+        "strategy_args": {},
+    }
+    if args.from_image:
+        from composer.pnginfo import read_record
+
+        rec = read_record(args.from_image)
+        # The record lists every adapter applied; its prompt may still carry the tags: drop them so
+        # nothing is applied twice.
+        clean, _ = parse_prompt(rec.prompt)
+        s.update(
+            prompt=clean, negative_prompt=rec.negative_prompt or "", model=rec.model or None,
+            strategy=rec.strategy or "merge", strategy_args=dict(rec.strategy_args or {}), steps=rec.steps,
+            guidance=rec.guidance_scale, seed=rec.seed, width=rec.width, height=rec.height,
+            loras=[
+                (lo.get("path") if lo.get("path") and Path(lo["path"]).is_file() else lo["name"],
+                 float(lo.get("te_weight", 1.0)), float(lo.get("unet_weight", lo.get("te_weight", 1.0))))
+                for lo in rec.loras
+            ],
+        )
+    if args.strategy is not None and args.strategy != s["strategy"]:
+        s["strategy_args"] = {}  # recorded arguments belong to the recorded strategy
+    for key, value in (
+        ("prompt", args.prompt), ("negative_prompt", args.negative_prompt), ("model", args.model),
+        ("strategy", args.strategy), ("steps", args.steps), ("guidance", args.guidance), ("seed", args.seed),
+        ("width", args.width), ("height", args.height), ("trigger_words", args.trigger_words),
+    ):
+        if value is not None:
+            s[key] = value
+    if args.lora is not None:
+        refs = [parse_lora_spec(spec) for spec in args.lora]
+        s["loras"] = [(r.name, r.te_weight, r.unet_weight) for r in refs]
+    if s["prompt"] is None:
+        raise _UsageError("--prompt is required (or --from-image PNG)")
+    if s["steps"] < 1:
+        raise _UsageError("--steps must be at least 1")
+    for key in ("width", "height"):
+        if s[key] is not None and (s[key] < 8 or s[key] % 8):
+            raise _UsageError(f"--{key} must be a positive multiple of 8")
+    if s["seed"] is None:
+        s["seed"] = secrets.randbelow(2**32)
+    return s
+
+
+@contextlib.contextmanager
+def _no_loading_bars():
+    """Hide diffusers' and transformers' "Loading ..." bars: the denoising bar is the one that matters."""
+    from diffusers.utils import logging as d_logging
+    from transformers.utils import logging as t_logging
+
+    before = (d_logging.is_progress_bar_enabled(), t_logging.is_progress_bar_enabled())
+    d_logging.disable_progress_bar()
+    t_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before[0]:
+            d_logging.enable_progress_bar()
+        if before[1]:
+            t_logging.enable_progress_bar()
+
+
+def render(args) -> int:
+    from composer.library import resolve_lora
+    from composer.prompt_syntax import parse_prompt
+
+    s = _settings(args)
+    library = args.library or os.environ.get("LORA_COMPOSER_LIBRARY") or None
+    model = s["model"]
+    from composer.default_model import ensure_default_model, is_default_model
+
+    if model is None or is_default_model(model):  # built deterministically: any cache's copy is the same
+        model_dir, demo_library = ensure_default_model(quiet=args.quiet)
+        model = str(model_dir)
+        library = library or str(demo_library)
+        _note(args, f"using the tiny offline demo model {model_dir} (random weights) with its LoRA library {demo_library}")
+    elif (os.path.isabs(model) or model.startswith((".", "~"))) and not Path(model).expanduser().exists():
+        raise ComposerError(f"model {model} not found")
+
+    # Resolve every LoRA name (flags and prompt tags) before loading the model: a typo fails at once.
+    _, tag_refs = parse_prompt(s["prompt"])
+    for ref in tag_refs:
+        resolve_lora(ref.name, library)
+    loras = [(str(resolve_lora(name, library)), te, unet) for name, te, unet in s["loras"]]
+    out = Path(args.out) if args.out else Path.cwd() / f"compose-{s['seed']}.png"
+    if out.suffix.lower() != ".png":
+        raise _UsageError(f"--out {out}: the output is a PNG, name it .png")
+
+    from composer.pipeline import ComposerPipeline
+
+    try:
+        with _no_loading_bars():
+            pipe = ComposerPipeline.from_pretrained(model, library=library)
+    except ComposerError:
+        raise
+    except Exception as exc:  # diffusers/transformers/hub errors: multi-line, not the user's traceback
+        raise ComposerError(f"cannot load model {model}: {_one_line(exc)}") from None
+    for path, _, _ in loras:  # attached once here; the call below reuses them
+        pipe.load_lora(path, allow_pickle=args.allow_pickle)
+
+    started = time.perf_counter()
+    images = pipe(
+        s["prompt"], negative_prompt=s["negative_prompt"] or None, loras=loras, strategy=s["strategy"],
+        strategy_args=s["strategy_args"] or None, num_inference_steps=s["steps"], guidance_scale=s["guidance"],
+        seed=s["seed"], height=s["height"], width=s["width"], append_trigger_words=bool(s["trigger_words"]),
+        progress=not args.quiet, allow_pickle=args.allow_pickle,
+    )
+    elapsed = time.perf_counter() - started
+    record = getattr(pipe, "last_record", None)
+    image = images[0]
+    from composer.pnginfo import save_png
+
+    if record is not None:
+        save_png(image, out, record)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(out, format="PNG")
+
+    applied = ", ".join(
+        f"{lo['name']} {_weights_text(float(lo['te_weight']), float(lo['unet_weight']))}" for lo in (record.loras if record else [])
+    )
+    size = f"{image.width}x{image.height}"
+    print(f"wrote {out} in {elapsed:.1f} s (seed {s['seed']}, {s['steps']} steps, {size}); LoRAs: {applied or 'none'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return int(SUBCOMMANDS[argv[0]][1](argv[1:]) or 0)
+        args = build_parser().parse_args(argv)
+        return render(args)
+    except _UsageError as exc:
+        print(f"{PROG}: error: {_one_line(exc)} (see {PROG} --help)", file=sys.stderr)
+        return 2
+    except (ComposerError, OSError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

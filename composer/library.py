@@ -1,0 +1,99 @@
+"""A LoRA library is a folder of adapter files; names are file stems, matched case-insensitively."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+from composer.errors import ComposerError
+
+# Preferred first: a name matching both ``x.safetensors`` and ``x.pt`` resolves to the safetensors file.
+LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
+def _looks_like_path(ref: str) -> bool:
+    return "/" in ref or os.sep in ref or ref.lower().endswith(LORA_EXTENSIONS) or ref.startswith("~")
+
+
+def list_loras(library: str | os.PathLike | None) -> list[Path]:
+    """Every adapter file under ``library`` (recursively), sorted by name then path."""
+    if library is None:
+        return []
+    root = _check_library(library)
+    found = [
+        p for p in root.rglob("*")
+        if p.suffix.lower() in LORA_EXTENSIONS and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
+    return sorted(found, key=lambda p: (p.stem.lower(), str(p)))
+
+
+def _check_library(library: str | os.PathLike) -> Path:
+    root = Path(library).expanduser()
+    if not root.exists():
+        raise ComposerError(f"LoRA library {root} does not exist")
+    if not root.is_dir():
+        raise ComposerError(f"LoRA library {root} is not a folder")
+    return root
+
+
+def _stem(ref: str) -> str:
+    lower = ref.lower()
+    for ext in LORA_EXTENSIONS:
+        if lower.endswith(ext):
+            return ref[: -len(ext)]
+    return ref
+
+
+def resolve_lora(ref: str | os.PathLike, library: str | os.PathLike | None) -> Path:
+    """Turn what a user typed into an adapter file.
+
+    An existing file is used as is. Otherwise ``ref`` is a name (``ink-style``, ``ink-style.safetensors``
+    or ``styles/ink-style``) looked up in ``library``: a file under the library whose stem matches
+    case-insensitively. Raises :class:`ComposerError` with a one-line message (with suggestions) when
+    nothing matches.
+    """
+    text = os.fspath(ref).strip()
+    if not text:
+        raise ComposerError("empty LoRA name")
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ComposerError(f"{path} is a folder, not a LoRA file")
+    if library is None:
+        if _looks_like_path(text):
+            raise ComposerError(f"LoRA file {text} not found")
+        raise ComposerError(f"unknown LoRA {text!r}: no such file, and no LoRA library given (use --library DIR)")
+    root = _check_library(library)
+    inside = root / text
+    if inside.is_file():
+        return inside
+    files = list_loras(root)
+    want = _stem(text).replace("\\", "/").lower()
+    if "/" in want:  # a sub-path inside the library: match the relative path without extension
+        matches = [p for p in files if p.relative_to(root).with_suffix("").as_posix().lower() == want]
+    else:
+        matches = [p for p in files if p.stem.lower() == want]
+    if matches:
+        exact = [p for p in matches if p.stem == Path(_stem(text)).name]
+        matches = exact or matches
+        best_ext = min(LORA_EXTENSIONS.index(p.suffix.lower()) for p in matches)
+        matches = [p for p in matches if LORA_EXTENSIONS.index(p.suffix.lower()) == best_ext]
+        if len(matches) > 1:
+            listed = ", ".join(p.relative_to(root).as_posix() for p in matches)
+            raise ComposerError(f"LoRA name {text!r} is ambiguous in {root}: {listed}; give the path")
+        return matches[0]
+    names = sorted({p.stem for p in files}, key=str.lower)
+    raise ComposerError(f"unknown LoRA {text!r} in {root} ({_suggest(_stem(text), names)})")
+
+
+def _suggest(name: str, names: list[str]) -> str:
+    if not names:
+        return "the library has no LoRA files"
+    by_lower = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.5)
+    if close:
+        return "did you mean: " + ", ".join(by_lower[c] for c in close)
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    return "available: " + shown
