@@ -1,18 +1,18 @@
 """Drive the denoiser from a strategy without touching the diffusers pipeline's code.
 
 Instead of swapping ``pipe.unet`` for a proxy object (which breaks attribute access such as
-``pipe.unet.config``, ``save_pretrained`` and offloading), a forward pre-hook and a forward hook are
-installed on the denoiser for the length of one generation. Before each call the pre-hook asks the
-strategy for that step's weights; when the strategy wants several row groups it repeats the batch
-and routes each group through its own row of the mixing tensor; the post-hook averages the groups'
-predictions back to the pipeline's batch.
+``pipe.unet.config``, ``save_pretrained`` and offloading), the denoiser's ``forward`` is overridden on
+the instance for the length of one generation (the way accelerate's hooks do it) and restored after.
+For each call the driver asks the strategy for a :class:`~fusion.base.StepPlan`, writes the mixing
+tensor, runs the row groups that need computing (batched, in chunks under ``max_batch`` rows), reuses
+cached predictions for the others, and combines them into the prediction the pipeline expects.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fusion.base import Strategy
+from fusion.base import StepPlan, Strategy
 
 
 def _repeat(value, batch: int, groups: int):
@@ -33,22 +33,39 @@ def _timestep(args, kwargs) -> float | None:
     return None if t is None else float(t)
 
 
+def _sample_of(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def _with_sample(output, sample: torch.Tensor):
+    if isinstance(output, tuple):
+        return (sample, *output[1:])
+    output.sample = sample
+    return output
+
+
 class DenoiserDriver:
     """Context manager: while active, every denoiser call follows ``strategy``.
 
-    ``history`` keeps the weights applied at each call (``[groups, adapters]``), for explanations.
+    ``history`` keeps each call's plan (weights actually applied, per row group and layer group);
+    ``calls`` counts the denoiser passes actually run and ``rows`` the batch rows they carried.
     """
 
-    def __init__(self, runtime, denoiser: torch.nn.Module, strategy: Strategy, adapters: list[str]):
+    def __init__(
+        self, runtime, denoiser: torch.nn.Module, strategy: Strategy, adapters: list[str], max_batch: int | None = None
+    ):
         self.runtime = runtime
         self.denoiser = denoiser
         self.strategy = strategy
         self.adapters = list(adapters)
+        self.max_batch = max_batch
         self.step = 0
-        self.history: list[torch.Tensor] = []
-        self._groups = 1
-        self._batch = 0
-        self._handles = []
+        self.history: list[StepPlan] = []
+        self.calls = 0
+        self.rows = 0
+        self._cache: dict[int, torch.Tensor] = {}
+        self._saved = None
+        self._last_output = None
 
     def _slot_rows(self, weights: torch.Tensor) -> torch.Tensor:
         """``[groups, adapters]`` in strategy order -> ``[groups, slots]`` (other slots at 0)."""
@@ -57,41 +74,55 @@ class DenoiserDriver:
             rows[:, self.runtime.slots[name]] = weights[:, i]
         return rows
 
-    def _pre(self, module, args, kwargs):
+    def _run(self, plan: StepPlan, groups: list[int], args, kwargs, batch: int):
+        """One denoiser pass over ``groups`` (row groups of one batch); returns (output, per-group samples)."""
+        def rows_of(w):
+            return self._slot_rows(w[groups]).repeat_interleave(batch, dim=0)
+
+        layer_rows = {g: rows_of(w) for g, w in (plan.layer_weights or {}).items()}
+        self.runtime.set_denoiser_rows(rows_of(plan.weights), layer_rows or None)
+        if len(groups) > 1:
+            args, kwargs = _repeat(tuple(args), batch, len(groups)), _repeat(kwargs, batch, len(groups))
+        output = self._last_output = self._forward(*args, **kwargs)
+        self.calls += 1
+        self.rows += batch * len(groups)
+        return output, _sample_of(output).split(batch, dim=0)
+
+    def __call__(self, *args, **kwargs):
         plan = self.strategy.plan(self.step, _timestep(args, kwargs))
-        self.history.append(plan.weights.detach().clone())
-        rows = self._slot_rows(plan.weights)
-        self._groups = plan.groups
-        if plan.groups == 1:
-            self.runtime.set_denoiser_rows(rows)
-            return None
-        sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        self._batch = batch = sample.shape[0]
-        self.runtime.set_denoiser_rows(rows.repeat_interleave(batch, dim=0))
-        return _repeat(tuple(args), batch, plan.groups), _repeat(kwargs, batch, plan.groups)
-
-    def _post(self, module, args, kwargs, output):
+        self.history.append(plan)
         self.step += 1
-        if self._groups == 1:
-            return None
+        sample = kwargs["sample"] if "sample" in kwargs else args[0]
+        batch = sample.shape[0]
+        if plan.groups == 1 and plan.reuse is None:
+            return self._run(plan, [0], args, kwargs, batch)[0]
 
-        def mean(x: torch.Tensor) -> torch.Tensor:
-            return x.view(self._groups, self._batch, *x.shape[1:]).mean(dim=0)
-
-        if isinstance(output, tuple):
-            return (mean(output[0]), *output[1:])
-        output.sample = mean(output.sample)
-        return output
+        if len(self._cache) and max(self._cache) >= plan.groups:
+            self._cache.clear()
+        reuse = plan.reuse if plan.reuse is not None else torch.zeros(plan.groups, dtype=torch.bool)
+        todo = [g for g in range(plan.groups) if not (bool(reuse[g]) and g in self._cache)]
+        per_pass = max(1, (self.max_batch or batch * plan.groups) // batch)
+        output = None
+        for start in range(0, len(todo), per_pass):
+            chunk = todo[start : start + per_pass]
+            output, samples = self._run(plan, chunk, args, kwargs, batch)
+            self._cache.update(zip(chunk, samples))
+        if output is None:  # every group reused: no pass this step, same output type as the last one
+            output = self._last_output
+        combine = plan.combine if plan.combine is not None else torch.full((plan.groups,), 1.0 / plan.groups)
+        mixed = sum(float(combine[g]) * self._cache[g] for g in range(plan.groups))
+        return _with_sample(output, mixed.to(sample.dtype))
 
     def __enter__(self):
-        self._handles = [
-            self.denoiser.register_forward_pre_hook(self._pre, with_kwargs=True),
-            self.denoiser.register_forward_hook(self._post, with_kwargs=True),
-        ]
+        self._saved = self.denoiser.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's)
+        self._forward = self.denoiser.forward
+        self.denoiser.forward = self
         return self
 
     def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        if self._saved is not None:
+            self.denoiser.forward = self._saved
+        else:
+            del self.denoiser.forward
+        self._cache.clear()
         return False

@@ -213,4 +213,68 @@ def test_driver_row_groups_average_single_adapter_passes(sd15_pipe, two):
     assert grouped.shape == singles[0].shape
     torch.testing.assert_close(grouped, (singles[0] + singles[1]) / 2, atol=1e-5, rtol=1e-5)
     assert driver.step == 1 and len(driver.history) == 1
-    assert not sd15_pipe.unet._forward_pre_hooks  # hooks are gone after the generation
+    assert "forward" not in vars(sd15_pipe.unet)  # the denoiser is itself again after the generation
+
+
+class Plan(Strategy):
+    name = "fixed-plan"
+
+    def __init__(self, plan):
+        self.fixed = plan
+
+    def plan(self, step, timestep):
+        return self.fixed
+
+
+def _drive(pipe, rt, plan, **kw):
+    strategy = Plan(plan)
+    strategy.begin(["a", "b"], [1.0, 1.0], num_steps=1)
+    with DenoiserDriver(rt, pipe.unet, strategy, ["a", "b"], **kw) as driver:
+        out = unet_call(pipe)
+    return out, driver
+
+
+def test_driver_chunks_combines_and_reuses(sd15_pipe, two):
+    rt = LoraRuntime(sd15_pipe)
+    for ad in two:
+        rt.add(ad)
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    whole, d1 = _drive(sd15_pipe, rt, StepPlan(weights))
+    chunked, d2 = _drive(sd15_pipe, rt, StepPlan(weights), max_batch=2)  # batch 2: one group per pass
+    assert (d1.calls, d2.calls) == (1, 3) and d2.rows == d1.rows == 6
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+    singles = []
+    for w in weights:
+        rt.set_weights({"a": float(w[0]), "b": float(w[1])})
+        singles.append(unet_call(sd15_pipe))
+    combine = torch.tensor([0.5, 0.25, 0.25])
+    combined, _ = _drive(sd15_pipe, rt, StepPlan(weights, combine=combine))
+    torch.testing.assert_close(combined, sum(c * s for c, s in zip(combine, singles)), atol=1e-5, rtol=1e-5)
+
+    strategy = Plan(StepPlan(weights, reuse=torch.tensor([False, True, True])))
+    strategy.begin(["a", "b"], [1.0, 1.0], num_steps=2)
+    with DenoiserDriver(rt, sd15_pipe.unet, strategy, ["a", "b"]) as driver:
+        first = unet_call(sd15_pipe)
+        assert driver.rows == 6  # nothing cached yet: every group computed
+        second = unet_call(sd15_pipe)
+        assert driver.rows == 8  # then only group 0 is recomputed
+    torch.testing.assert_close(second, first, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_group_weights(sd15_pipe, two):
+    rt = LoraRuntime(sd15_pipe)
+    for ad in two:
+        rt.add(ad)
+    rt.set_weights({"a": 0.7, "b": 0.3})
+    merged = unet_call(sd15_pipe)
+    groups = rt.layer_groups()
+    assert "unet.down_blocks.0" in groups and "unet.mid_block" in groups
+    w = torch.tensor([[0.7, 0.3]])
+    same, _ = _drive(sd15_pipe, rt, StepPlan(w, layer_weights={g: w for g in groups}))
+    torch.testing.assert_close(same, merged, atol=1e-6, rtol=1e-6)
+    off = {g: torch.zeros(1, 2) for g in groups if g != "unet.mid_block"}
+    only_mid, _ = _drive(sd15_pipe, rt, StepPlan(w, layer_weights=off))
+    rt.set_weights({"a": 0.0, "b": 0.0})
+    base = unet_call(sd15_pipe)
+    assert not torch.allclose(only_mid, base) and not torch.allclose(only_mid, merged)

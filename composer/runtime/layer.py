@@ -29,11 +29,12 @@ class _Block:
 class PatchedLayer:
     """Owns the hook, the stacked factors and the fused-mode backup of one base module."""
 
-    def __init__(self, module: torch.nn.Module, mixer: MixingState):
+    def __init__(self, module: torch.nn.Module, mixer: MixingState, group: str | None = None):
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             raise TypeError(f"cannot patch {type(module).__name__}")
         self.module = module
         self.mixer = mixer
+        self.group = group  # layer group whose mixing weights this layer reads
         self.blocks: list[_Block] = []
         self.conv = (
             dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
@@ -101,7 +102,7 @@ class PatchedLayer:
         """``[rows, R]``: mixing weight of each rank column's adapter times its alpha / r."""
         slots = torch.cat([torch.full((b.rank,), b.slot, dtype=torch.long) for b in self.blocks])
         alpha = torch.cat([torch.full((b.rank,), b.scale) for b in self.blocks])
-        return self.mixer.weights[:, slots] * alpha
+        return self.mixer.weights_for(self.group)[:, slots] * alpha
 
     def refresh(self):
         """(down, up, scale) restricted to adapters with a non-zero weight, cached per mixer version."""

@@ -19,8 +19,13 @@ class MixingState:
 
     def __init__(self, slots: int = 0):
         self.weights = torch.zeros(1, slots)
+        self.layer_weights: dict[str, torch.Tensor] = {}  # per layer group overrides, same shape as weights
         self.enabled = True
         self.version = 0
+
+    def weights_for(self, group: str | None) -> torch.Tensor:
+        """The ``[rows, slots]`` weights a layer of ``group`` reads (its override, else the shared ones)."""
+        return self.layer_weights.get(group, self.weights) if group is not None else self.weights
 
     @property
     def slots(self) -> int:
@@ -32,22 +37,37 @@ class MixingState:
         keep = min(slots, self.slots)
         new[:, :keep] = self.weights[:, :keep]
         self.weights = new
+        self.layer_weights = {}
         self.version += 1
 
-    def set(self, weights: torch.Tensor) -> None:
-        """Replace the weights: ``[slots]`` (one row for every batch row) or ``[rows, slots]``."""
+    def _rows(self, weights) -> torch.Tensor:
         weights = torch.as_tensor(weights, dtype=torch.float32)
         if weights.dim() == 1:
             weights = weights.unsqueeze(0)
         if weights.shape[1] != self.slots:
             raise ValueError(f"expected weights for {self.slots} adapter slots, got {weights.shape[1]}")
-        if weights.shape == self.weights.shape and torch.equal(weights, self.weights):
+        return weights
+
+    def set(self, weights: torch.Tensor, layer_weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Replace the weights: ``[slots]`` (one row for every batch row) or ``[rows, slots]``.
+
+        ``layer_weights`` optionally gives some layer groups (see ``runtime.layer_group``) their own weights;
+        groups not named read ``weights``. Passing the same values again costs nothing.
+        """
+        weights = self._rows(weights)
+        layers = {g: self._rows(w) for g, w in (layer_weights or {}).items()}
+        same = weights.shape == self.weights.shape and torch.equal(weights, self.weights)
+        same = same and layers.keys() == self.layer_weights.keys()
+        if same and all(torch.equal(w, self.layer_weights[g]) for g, w in layers.items()):
             return
         self.weights = weights.clone()
+        self.layer_weights = {g: w.clone() for g, w in layers.items()}
         self.version += 1
 
     def set_slot(self, slot: int, value: float) -> None:
         self.weights[:, slot] = float(value)
+        for w in self.layer_weights.values():
+            w[:, slot] = float(value)
         self.version += 1
 
     def set_enabled(self, enabled: bool) -> None:
@@ -58,4 +78,4 @@ class MixingState:
     @property
     def is_uniform(self) -> bool:
         """True when every row carries the same weights (the only case that can be fused)."""
-        return bool((self.weights == self.weights[:1]).all())
+        return all(bool((w == w[:1]).all()) for w in [self.weights, *self.layer_weights.values()])

@@ -31,6 +31,17 @@ def pipeline_family(pipe) -> str:
     return "unknown"
 
 
+def layer_group(key: str) -> str:
+    """Coarse block a layer belongs to, for per-layer-group weights: ``unet.down_blocks.1``,
+    ``unet.mid_block``, ``unet.up_blocks.0``, ``text_encoder``, ``transformer.transformer_blocks.3``..."""
+    parts = key.split(".")
+    if len(parts) > 2 and parts[1] in ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks"):
+        return ".".join(parts[:3])
+    if len(parts) > 1 and parts[0] in DENOISERS:
+        return ".".join(parts[:2])
+    return parts[0]
+
+
 def _resolve(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
     """``root.get_submodule(path)``, also across transformers' optional ``text_model.`` level."""
     for candidate in (path, "text_model." + path, path.removeprefix("text_model.")):
@@ -129,7 +140,7 @@ class LoraRuntime:
             if layer is None:
                 comp = key.split(".", 1)[0]
                 mixer = self.denoiser_mix if comp in DENOISERS else self.text_mix
-                layer = self.layers[key] = PatchedLayer(module, mixer)
+                layer = self.layers[key] = PatchedLayer(module, mixer, layer_group(key))
             delta = adapter.deltas[key]
             layer.add(slot, delta.down, delta.up, delta.scale)
         self.adapters[adapter.name] = adapter
@@ -186,9 +197,14 @@ class LoraRuntime:
         if self.fused:
             self.fuse()
 
-    def set_denoiser_rows(self, rows: torch.Tensor) -> None:
-        """Per-batch-row denoiser weights ``[rows, slots]`` (strategies call this per step)."""
-        self.denoiser_mix.set(rows)
+    def set_denoiser_rows(self, rows: torch.Tensor, layer_rows: dict[str, torch.Tensor] | None = None) -> None:
+        """Per-batch-row denoiser weights ``[rows, slots]``, optionally per layer group (strategies call this per step)."""
+        self.denoiser_mix.set(rows, layer_rows)
+
+    def layer_groups(self) -> list[str]:
+        """The denoiser layer groups that hold adapters, in model order."""
+        seen = dict.fromkeys(layer.group for key, layer in self.layers.items() if key.split(".")[0] in DENOISERS)
+        return list(seen)
 
     def prepare(self) -> None:
         """Refresh every layer's per-rank scales now instead of lazily on its next forward."""
