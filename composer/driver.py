@@ -89,7 +89,11 @@ class DenoiserDriver:
         return output, _sample_of(output).split(batch, dim=0)
 
     def __call__(self, *args, **kwargs):
-        plan = self.strategy.plan(self.step, _timestep(args, kwargs))
+        timestep = _timestep(args, kwargs)
+        names = ("sample", "timestep", "encoder_hidden_states")
+        inputs = {**dict(zip(names, args)), **kwargs}
+        self.strategy.observe(self.step, timestep, inputs)
+        plan = self.strategy.plan(self.step, timestep)
         self.history.append(plan)
         self.step += 1
         sample = kwargs["sample"] if "sample" in kwargs else args[0]

@@ -144,6 +144,7 @@ class ComposerPipeline:
         num_images_per_prompt: int = 1,
         append_trigger_words: bool = False,
         fuse: bool = False,
+        max_batch: int | None = None,
         progress: bool = True,
         allow_pickle: bool = False,
         callback=None,
@@ -155,6 +156,7 @@ class ComposerPipeline:
         ``<lora:name:w>`` tags in the prompt are added to them and removed from the text. Each image's
         ``info`` holds its generation parameters (A1111 ``parameters`` and a ``lora-composer`` JSON).
         ``fuse=True`` folds static weights into the base weights for the call (restored exactly after).
+        ``max_batch`` caps the rows of one denoiser pass when a strategy runs several row groups.
         """
         start = time.perf_counter()
         clean_prompt, tag_refs = parse_prompt(prompt)
@@ -178,7 +180,8 @@ class ComposerPipeline:
         seed = random.randrange(2**32) if seed is None else int(seed)
         device = getattr(self.pipe, "_execution_device", None) or torch.device("cpu")
         generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
-        strat.begin(names, [by_name[n][1].unet_weight for n in names], num_inference_steps)
+        context = {"runtime": self.runtime, "pipe": self.pipe, "adapters": [by_name[n][0] for n in names]}
+        strat.begin(names, [by_name[n][1].unet_weight for n in names], num_inference_steps, context)
 
         denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer")
         self.pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)
@@ -186,7 +189,7 @@ class ComposerPipeline:
         try:
             if fused:
                 self.runtime.fuse()
-            with DenoiserDriver(self.runtime, denoiser, strat, names) as driver:
+            with DenoiserDriver(self.runtime, denoiser, strat, names, max_batch=max_batch) as driver:
                 out = self.pipe(
                     prompt=clean_prompt,
                     negative_prompt=negative_prompt,

@@ -56,6 +56,10 @@ class Strategy(ABC):
         self.num_steps = int(num_steps)
         self.context = context or {}
 
+    def observe(self, step: int, timestep: float | None, inputs: dict) -> None:
+        """Called before ``plan`` with the denoiser call's inputs (``sample``, ``encoder_hidden_states``...),
+        for strategies that react to them (e.g. gates from the prompt's embeddings). Default: nothing."""
+
     @property
     def static(self) -> bool:
         """True when every step gets the same single-group weights (so the deltas may be fused)."""

@@ -1,14 +1,33 @@
-"""Strategies by name, with one-line errors that list what is valid."""
+"""Strategies by name, with one-line errors that list what is valid.
+
+Each strategy lives in its own module of this package (``fusion/merge.py``, ``fusion/switch.py``...)
+and is found here by its ``name``.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 
 from composer.errors import ComposerError
 from fusion.base import Strategy
-from fusion.merge import MergeStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (MergeStrategy,)}
+MODULES = ("merge", "switch", "composite", "cmlora", "gated")
+
+
+def _discover() -> dict[str, type[Strategy]]:
+    found: dict[str, type[Strategy]] = {}
+    for module in MODULES:
+        if importlib.util.find_spec(f"fusion.{module}") is None:
+            continue
+        for obj in vars(importlib.import_module(f"fusion.{module}")).values():
+            if inspect.isclass(obj) and issubclass(obj, Strategy) and obj.name and obj.__module__ == f"fusion.{module}":
+                found[obj.name] = obj
+    return found
+
+
+STRATEGIES: dict[str, type[Strategy]] = _discover()
 
 
 def available() -> list[str]:
@@ -18,11 +37,15 @@ def available() -> list[str]:
 def strategy_params(name: str) -> dict[str, object]:
     """Parameter names of a strategy with their defaults."""
     sig = inspect.signature(STRATEGIES[name].__init__)
-    return {p.name: p.default for p in list(sig.parameters.values())[1:] if p.kind is p.KEYWORD_ONLY or p.default is not p.empty}
+    return {
+        p.name: p.default
+        for p in list(sig.parameters.values())[1:]
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
 
 
 def get_strategy(name: str | Strategy, **args) -> Strategy:
-    """``get_strategy("merge")``; a ready ``Strategy`` instance is returned as is."""
+    """``get_strategy("switch", every=5)``; a ready ``Strategy`` instance is returned as is."""
     if isinstance(name, Strategy):
         return name
     if name not in STRATEGIES:
@@ -30,6 +53,9 @@ def get_strategy(name: str | Strategy, **args) -> Strategy:
     valid = strategy_params(name)
     unknown = sorted(set(args) - set(valid))
     if unknown:
-        listing = ", ".join(valid) if valid else "none"
+        listing = ", ".join(f"{k}={v}" for k, v in valid.items()) if valid else "none"
         raise ComposerError(f"strategy '{name}' has no argument {', '.join(unknown)}; valid: {listing}")
-    return STRATEGIES[name](**args)
+    try:
+        return STRATEGIES[name](**args)
+    except (TypeError, ValueError) as exc:
+        raise ComposerError(f"strategy '{name}': {str(exc).splitlines()[0]}") from None
