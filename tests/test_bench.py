@@ -1,0 +1,44 @@
+"""Smoke run of the benchmarks on the tiny pipeline: they run, their tables have the expected columns,
+our fuse/unfuse is bit-exact and both runtimes did equal work. No timing assertions."""
+
+from bench import common, fuse_cycles, switch_weights
+
+
+def _check_table(result, columns):
+    assert result.columns == columns
+    for row in result.rows:
+        assert set(columns) <= set(row)
+    md = result.markdown()
+    assert "| " + " | ".join(columns) + " |" in md
+    assert "Command: `python -m bench." in md and "--no-write" in md
+    assert "torch threads" in md and "diffusers" in md
+
+
+def test_switch_weights_tiny(tmp_path):
+    docs = tmp_path / "BENCHMARKS.md"
+    result = switch_weights.main(["--tiny", "--no-write", "--ks", "1", "3", "--steps", "2"])
+    _check_table(result, switch_weights.COLUMNS)
+    assert [r["adapters loaded"] for r in result.rows] == [1, 3]
+    assert [r["active"] for r in result.rows] == [1, 2]
+    for row in result.rows:
+        assert row["equal work"] is True
+        assert row["max abs out diff"] <= 1e-4 < row["LoRA effect on out"]
+        assert row["ours set_weights (ms)"] > 0 and row["diffusers set_adapters (ms)"] > 0
+    # sections are replaced in place on rerun, other sections are kept
+    common.write_section("other", "keep me", docs)
+    common.write_section(switch_weights.NAME, result.markdown(), docs)
+    common.write_section(switch_weights.NAME, "second run", docs)
+    text = docs.read_text()
+    assert text.count("<!-- bench:switch_weights -->") == 1 and "second run" in text and "keep me" in text
+    assert "| adapters loaded" not in text
+
+
+def test_fuse_cycles_tiny():
+    result = fuse_cycles.main(["--tiny", "--no-write", "--cycles", "3"])
+    _check_table(result, fuse_cycles.COLUMNS)
+    assert [r["dtype"] for r in result.rows] == ["fp32", "bf16"]
+    for row in result.rows:
+        assert row["ours drift"] == 0
+        assert row["cycles"] == 4
+        assert row["diffusers drift"] >= 0
+    assert result.rows[0]["fused weights max diff"] <= 1e-5
