@@ -54,7 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the demo model)")
     p.add_argument("--library", metavar="DIR", help="folder of LoRA files to look names up in (default: $LORA_COMPOSER_LIBRARY)")
-    p.add_argument("--strategy", help="how adapters are combined (default: merge)")
+    p.add_argument("--strategy", help="how adapters are combined: " + ", ".join(_strategies()) + " (default: merge)")
+    p.add_argument(
+        "--strategy-arg", dest="strategy_arg", action="append", metavar="KEY=VALUE",
+        help="a strategy parameter, e.g. --strategy switch --strategy-arg every=3 (repeatable)",
+    )
+    p.add_argument(
+        "--explain", action="store_true",
+        help="also write OUT.explain.png: heatmaps of the adapter weights applied per step (and per layer group)",
+    )
     p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default 20)")
     p.add_argument("--guidance", "--cfg", dest="guidance", type=float, metavar="G", help="guidance scale (default 7.5)")
     p.add_argument("--seed", type=int, metavar="S", help="random seed (default: random, recorded in the PNG)")
@@ -93,6 +101,35 @@ def _weights_text(te: float, unet: float) -> str:
     return format_weight(te) if te == unet else f"te {format_weight(te)}/unet {format_weight(unet)}"
 
 
+def _strategies() -> list[str]:
+    from fusion import available
+
+    return available()
+
+
+def _value(text: str):
+    """``3`` -> 3, ``0.5`` -> 0.5, ``true`` -> True, anything else stays text."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false", "yes", "no"):
+        return lowered in ("true", "yes")
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _strategy_args(specs: list[str]) -> dict:
+    out = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        if not sep or not key.strip():
+            raise _UsageError(f"--strategy-arg {spec}: expected KEY=VALUE")
+        out[key.strip().replace("-", "_")] = _value(value)
+    return out
+
+
 def _settings(args) -> dict:
     """Merge ``--from-image`` settings with the flags given (flags win) and the defaults."""
     from composer.prompt_syntax import parse_lora_spec, parse_prompt
@@ -128,6 +165,8 @@ def _settings(args) -> dict:
     ):
         if value is not None:
             s[key] = value
+    if args.strategy_arg:
+        s["strategy_args"] = {**s["strategy_args"], **_strategy_args(args.strategy_arg)}
     if args.lora is not None:
         refs = [parse_lora_spec(spec) for spec in args.lora]
         s["loras"] = [(r.name, r.te_weight, r.unet_weight) for r in refs]
@@ -217,11 +256,18 @@ def render(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         image.save(out, format="PNG")
 
+    explained = ""
+    if args.explain and getattr(pipe, "last_driver", None) is not None:
+        from composer.explain import save_explanation
+
+        target = out.with_name(out.stem + ".explain.png")
+        save_explanation(pipe.last_driver.history, pipe.last_driver.adapters, target, record.strategy if record else "")
+        explained = f"; weights heatmap {target}"
     applied = ", ".join(
         f"{lo['name']} {_weights_text(float(lo['te_weight']), float(lo['unet_weight']))}" for lo in (record.loras if record else [])
     )
     size = f"{image.width}x{image.height}"
-    print(f"wrote {out} in {elapsed:.1f} s (seed {s['seed']}, {s['steps']} steps, {size}); LoRAs: {applied or 'none'}")
+    print(f"wrote {out} in {elapsed:.1f} s (seed {s['seed']}, {s['steps']} steps, {size}); LoRAs: {applied or 'none'}{explained}")
     return 0
 
 

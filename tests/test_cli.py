@@ -202,3 +202,18 @@ def test_from_image_without_record(tmp_path, capsys):
 def test_help(capsys):
     assert main(["--help"]) == 0
     assert "--lora" in capsys.readouterr().out
+
+
+def test_explain_writes_heatmap_and_strategy_args_are_checked(demo, pipeline_ready, tmp_path, capsys):
+    code, _ = _render(tmp_path, "--lora", "demo-shapes:0.8", "--lora", "demo-ink:0.5", "--explain")
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    heatmap = tmp_path / "out.explain.png"
+    with Image.open(heatmap) as im:
+        assert im.format == "PNG"
+    code, _ = _render(tmp_path, "--lora", "demo-shapes:0.8", "--strategy-arg", "no_such=1", "-q", name="bad.png")
+    _assert_one_line_error(capsys, code, "no_such", "valid:")
+    code, _ = _render(tmp_path, "--strategy", "nope", "-q", name="bad.png")
+    _assert_one_line_error(capsys, code, "unknown strategy 'nope'", "merge")
+    code, _ = _render(tmp_path, "--strategy-arg", "oops", "-q", name="bad.png")
+    _assert_one_line_error(capsys, code, "KEY=VALUE")

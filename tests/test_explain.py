@@ -1,0 +1,31 @@
+"""Weights heatmaps: the numbers plotted are the weights the driver applied."""
+
+import torch
+from PIL import Image
+
+from composer.explain import effective_weights, layer_group_weights, save_explanation
+from fusion.base import StepPlan
+
+
+def test_effective_weights_follow_groups_and_combine():
+    history = [
+        StepPlan(torch.tensor([[0.8, 0.5]])),
+        StepPlan(torch.tensor([[1.0, 0.0], [0.0, 1.0]])),  # two row groups, averaged
+        StepPlan(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), combine=torch.tensor([0.75, 0.25])),
+    ]
+    expected = torch.tensor([[0.8, 0.5], [0.5, 0.5], [0.75, 0.25]])
+    torch.testing.assert_close(effective_weights(history), expected)
+
+
+def test_layer_groups_are_averaged_over_steps(tmp_path):
+    w = torch.tensor([[1.0, 1.0]])
+    history = [
+        StepPlan(w, layer_weights={"unet.down_blocks.0": torch.tensor([[1.0, 0.0]])}),
+        StepPlan(w, layer_weights={"unet.down_blocks.0": torch.tensor([[0.0, 0.0]])}),
+    ]
+    groups, data = layer_group_weights(history)
+    assert groups == ["unet.down_blocks.0"]
+    torch.testing.assert_close(data, torch.tensor([[0.5, 0.0]]))
+    path = save_explanation(history, ["a", "b"], tmp_path / "x.explain.png", "gated")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 300
