@@ -44,6 +44,7 @@ class PatchedLayer:
         self.backup: torch.Tensor | None = None  # base weight before fusing, restored bit-exactly
         self._cache_key = None
         self._cache = None
+        self._subsets: dict[tuple[int, ...], tuple] = {}  # active slots -> (down, up, slot index, alpha)
         self._handle = module.register_forward_hook(self._hook)
 
     # -- stack management -------------------------------------------------------------------
@@ -65,7 +66,7 @@ class PatchedLayer:
         self.module.register_buffer(DOWN, down.contiguous(), persistent=False)
         self.module.register_buffer(UP, up.contiguous(), persistent=False)
         self.blocks.append(_Block(slot, down.shape[0] - sum(b.rank for b in self.blocks), scale))
-        self._cache_key = None
+        self._stack_changed()
 
     def remove(self, slot: int) -> None:
         keep, start, new_blocks = [], 0, []
@@ -82,7 +83,7 @@ class PatchedLayer:
             idx = torch.cat(keep).to(self.down.device)
             self.module.register_buffer(DOWN, self.down.index_select(0, idx).contiguous(), persistent=False)
             self.module.register_buffer(UP, self.up.index_select(1, idx).contiguous(), persistent=False)
-        self._cache_key = None
+        self._stack_changed()
 
     @property
     def empty(self) -> bool:
@@ -98,29 +99,54 @@ class PatchedLayer:
         self.blocks = []
 
     # -- scales --------------------------------------------------------------------------------
+    def _stack_changed(self) -> None:
+        self._cache_key = None
+        self._subsets.clear()
+
+    def _subset(self, active: tuple[int, ...]):
+        """Factors, slot index and alpha/r of the rank columns of ``active`` slots (cached per subset).
+
+        A run of consecutive blocks is a view of the stack (no copy): switching between single adapters
+        costs nothing after the first time.
+        """
+        hit = self._subsets.get(active)
+        if hit is not None:
+            return hit
+        starts, start = [], 0
+        for b in self.blocks:
+            starts.append(start)
+            start += b.rank
+        chosen = [(b, s) for b, s in zip(self.blocks, starts) if b.slot in active]
+        slots = torch.cat([torch.full((b.rank,), b.slot, dtype=torch.long) for b, _ in chosen])
+        alpha = torch.cat([torch.full((b.rank,), b.scale) for b, _ in chosen])
+        first, last = chosen[0][1], chosen[-1][1] + chosen[-1][0].rank
+        if last - first == slots.numel():  # contiguous: views
+            down, up = self.down[first:last], self.up[:, first:last]
+        else:
+            idx = torch.cat([torch.arange(s, s + b.rank) for b, s in chosen]).to(self.down.device)
+            down, up = self.down.index_select(0, idx), self.up.index_select(1, idx)
+        if len(self._subsets) >= 8:
+            self._subsets.pop(next(iter(self._subsets)))
+        self._subsets[active] = hit = (down, up, slots, alpha)
+        return hit
+
     def _rank_scale(self) -> torch.Tensor:
-        """``[rows, R]``: mixing weight of each rank column's adapter times its alpha / r."""
-        slots = torch.cat([torch.full((b.rank,), b.slot, dtype=torch.long) for b in self.blocks])
-        alpha = torch.cat([torch.full((b.rank,), b.scale) for b in self.blocks])
+        """``[rows, R]`` over the whole stack: each column's adapter weight times its alpha / r."""
+        _, _, slots, alpha = self._subset(tuple(b.slot for b in self.blocks))
         return self.mixer.weights_for(self.group)[:, slots] * alpha
 
     def refresh(self):
-        """(down, up, scale) restricted to adapters with a non-zero weight, cached per mixer version."""
-        key = (self.mixer.version, self.module.weight.device, self.module.weight.dtype, len(self.blocks))
+        """(down, up, scale) of the adapters with a non-zero weight, recomputed once per mixer version."""
+        key = (self.mixer.version, self.module.weight.device, self.module.weight.dtype)
         if key != self._cache_key:
             self._cache_key, self._cache = key, None
             if self.blocks and self.mixer.enabled:
-                s = self._rank_scale()
-                active = (s != 0).any(dim=0)
-                if bool(active.all()):
-                    self._cache = (self.down, self.up, s.to(self.down.device))
-                elif bool(active.any()):
-                    idx = active.nonzero().flatten().to(self.down.device)
-                    self._cache = (
-                        self.down.index_select(0, idx),
-                        self.up.index_select(1, idx),
-                        s[:, active.cpu()].to(self.down.device),
-                    )
+                live = self.mixer.active_slots
+                active = tuple(b.slot for b in self.blocks if b.slot in live)
+                if active:
+                    down, up, slots, alpha = self._subset(active)
+                    s = self.mixer.weights_for(self.group)[:, slots] * alpha
+                    self._cache = (down, up, s.to(down.device))
         return self._cache
 
     def _hook(self, module, args, output):

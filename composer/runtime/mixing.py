@@ -22,10 +22,21 @@ class MixingState:
         self.layer_weights: dict[str, torch.Tensor] = {}  # per layer group overrides, same shape as weights
         self.enabled = True
         self.version = 0
+        self._active: tuple[int, frozenset[int]] = (-1, frozenset())
 
     def weights_for(self, group: str | None) -> torch.Tensor:
         """The ``[rows, slots]`` weights a layer of ``group`` reads (its override, else the shared ones)."""
         return self.layer_weights.get(group, self.weights) if group is not None else self.weights
+
+    @property
+    def active_slots(self) -> frozenset[int]:
+        """Slots with a non-zero weight in any row or layer group (computed once per version)."""
+        if self._active[0] != self.version:
+            nonzero = torch.zeros(self.slots, dtype=torch.bool)
+            for w in [self.weights, *self.layer_weights.values()]:
+                nonzero |= (w != 0).any(dim=0)
+            self._active = (self.version, frozenset(nonzero.nonzero().flatten().tolist()))
+        return self._active[1]
 
     @property
     def slots(self) -> int:
