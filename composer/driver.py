@@ -94,6 +94,8 @@ class DenoiserDriver:
         inputs = {**dict(zip(names, args)), **kwargs}
         self.strategy.observe(self.step, timestep, inputs)
         plan = self.strategy.plan(self.step, timestep)
+        if plan.groups == 0:  # no adapters at all: the base model
+            plan = StepPlan(torch.zeros(1, len(self.adapters)))
         self.history.append(plan)
         self.step += 1
         sample = kwargs["sample"] if "sample" in kwargs else args[0]

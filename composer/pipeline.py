@@ -181,7 +181,15 @@ class ComposerPipeline:
         device = getattr(self.pipe, "_execution_device", None) or torch.device("cpu")
         generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
         context = {"runtime": self.runtime, "pipe": self.pipe, "adapters": [by_name[n][0] for n in names]}
-        strat.begin(names, [by_name[n][1].unet_weight for n in names], num_inference_steps, context)
+        try:
+            strat.begin(names, [by_name[n][1].unet_weight for n in names], num_inference_steps, context)
+        except ComposerError:
+            raise
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ComposerError(f"strategy '{strat.name}': {str(exc).splitlines()[0]}") from None
+        mask = strat.text_mask()
+        if mask is not None:
+            self.runtime.set_weights(text={n: by_name[n][1].te_weight * float(m) for n, m in zip(names, mask)})
 
         denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer")
         self.pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)

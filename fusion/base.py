@@ -60,6 +60,11 @@ class Strategy(ABC):
         """Called before ``plan`` with the denoiser call's inputs (``sample``, ``encoder_hidden_states``...),
         for strategies that react to them (e.g. gates from the prompt's embeddings). Default: nothing."""
 
+    def text_mask(self) -> torch.Tensor | None:
+        """Optional ``[adapters]`` factors on the text-encoder weights for this generation (the prompt is
+        encoded once, before the first step). ``None``: every adapter at its text-encoder weight."""
+        return None
+
     @property
     def static(self) -> bool:
         """True when every step gets the same single-group weights (so the deltas may be fused)."""

@@ -59,8 +59,8 @@ class SwitchStrategy(Strategy):
 
     The reference code switches in a ``callback_on_step_end`` when ``step_index % switch_step == 0`` for
     ``step_index > 0``, so its first adapter runs ``switch_step + 1`` steps; here every turn, the first
-    included, lasts exactly ``every`` steps (the schedule the paper describes). The strategy drives the
-    denoiser only: the text encoders keep the weights the pipeline gives every adapter.
+    included, lasts exactly ``every`` steps (the schedule the paper describes). As in the reference, the
+    prompt is encoded once with the first adapter of the rotation alone (``text_mask``).
     """
 
     name = "switch"
@@ -96,6 +96,14 @@ class SwitchStrategy(Strategy):
         if index is not None:
             weights[0, index] = self.user_weights[index]
         return StepPlan(weights)
+
+    def text_mask(self) -> torch.Tensor | None:
+        """The prompt is encoded with the first adapter of the rotation only, as in the reference pipeline
+        (its text-encoder LoRA is active when the prompt is encoded, before any switch)."""
+        mask = torch.zeros(len(self.adapters))
+        if self.rotation:
+            mask[self.rotation[0]] = 1.0
+        return mask
 
     def describe(self) -> dict:
         return {"every": self.every, "order": list(self.order) if self.order else None}

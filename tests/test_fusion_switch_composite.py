@@ -80,10 +80,10 @@ def composite_reference(pipe, files, weights):
 @pytest.mark.parametrize("every", [1, 2])
 def test_switch_matches_diffusers_callback_switching(request, make_lora, family, every):
     pipe = request.getfixturevalue(f"{family}_pipe")
-    # UNet-only LoRAs: switch drives the denoiser; the text encoders are not part of the rotation.
+    # Text-encoder layers included: the prompt is encoded with the first adapter alone, as in the reference.
     files = {
-        "a": make_lora(pipe, "a", rank=4, alpha=8, seed=1, text_encoder=False),
-        "b": make_lora(pipe, "b", rank=4, alpha=4, seed=2, text_encoder=False),
+        "a": make_lora(pipe, "a", rank=4, alpha=8, seed=1),
+        "b": make_lora(pipe, "b", rank=4, alpha=4, seed=2),
     }
     weights = [0.9, 0.6]
     expected = switch_reference(pipe, files, weights, every)
