@@ -34,13 +34,22 @@ def stacked_delta(
     up: torch.Tensor,
     scale: torch.Tensor,
     conv: dict | None = None,
+    runs: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Return ``((x A^T) * s) B^T`` for stacked factors ``down`` (A) and ``up`` (B).
 
     ``scale`` is ``[R]`` (same for every row) or ``[rows, R]`` (one row per batch element).
     ``conv`` holds Conv2d arguments (stride, padding, dilation) when the layer is a convolution
     (LoCon): ``down`` is then a ``[R, in, kh, kw]`` kernel and ``up`` a ``[out, R, 1, 1]`` one.
+    ``runs`` restricts the sum to column ranges ``[start, end)`` (the live adapters), read as views.
     """
+    if runs is not None and runs != [(0, down.shape[0])]:
+        scale2 = scale.reshape(-1, scale.shape[-1])
+        total = None
+        for a, b in runs:
+            part = stacked_delta(x, down[a:b], up[:, a:b], scale2[:, a:b], conv)
+            total = part if total is None else total + part
+        return total
     scale = scale.to(x.dtype)
     if conv is None:
         h = F.linear(x, down)

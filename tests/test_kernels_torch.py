@@ -50,3 +50,17 @@ def test_fold_is_sum_of_weighted_products():
     got = fold_delta(weight, torch.cat(downs), torch.cat(ups, dim=1), s)
     ref = 0.5 * ups[0] @ downs[0] + 2.0 * ups[1] @ downs[1]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_runs_equal_zero_scales_for_inactive_columns():
+    gen = torch.Generator().manual_seed(3)
+    ranks = [2, 3, 4, 1]
+    downs, ups = _factors(ranks, 6, 5, gen)
+    x = torch.randn(3, 6, generator=gen)
+    s = torch.rand(3, sum(ranks), generator=gen)
+    runs = [(0, 2), (5, 10)]  # adapters 0, 2 and 3 live; adapter 1 (columns 2..5) inactive
+    masked = s.clone()
+    masked[:, 2:5] = 0
+    full = stacked_delta(x, torch.cat(downs), torch.cat(ups, dim=1), masked)
+    got = stacked_delta(x, torch.cat(downs), torch.cat(ups, dim=1), s, runs=runs)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)

@@ -42,10 +42,14 @@ class PatchedLayer:
             else None
         )
         self.backup: torch.Tensor | None = None  # base weight before fusing, restored bit-exactly
+        self.slot_index = torch.zeros(0, dtype=torch.long)  # adapter slot of each rank column
+        self.alpha = torch.zeros(0)  # alpha / r of each rank column
+        self.offset = 0  # first column of this layer in the mixer's scale table
         self._cache_key = None
         self._cache = None
-        self._subsets: dict[tuple[int, ...], tuple] = {}  # active slots -> (down, up, slot index, alpha)
+        self._runs: dict[frozenset[int], list[tuple[int, int]]] = {}
         self._handle = module.register_forward_hook(self._hook)
+        mixer.attach(self)
 
     # -- stack management -------------------------------------------------------------------
     @property
@@ -97,56 +101,51 @@ class PatchedLayer:
             if hasattr(self.module, name):
                 delattr(self.module, name)
         self.blocks = []
+        self.mixer.detach(self)
 
     # -- scales --------------------------------------------------------------------------------
     def _stack_changed(self) -> None:
+        self.slot_index = torch.cat([torch.full((b.rank,), b.slot, dtype=torch.long) for b in self.blocks] or [self.slot_index[:0]])
+        self.alpha = torch.cat([torch.full((b.rank,), b.scale) for b in self.blocks] or [self.alpha[:0]])
         self._cache_key = None
-        self._subsets.clear()
+        self._runs.clear()
+        self.mixer.layout_changed()
 
-    def _subset(self, active: tuple[int, ...]):
-        """Factors, slot index and alpha/r of the rank columns of ``active`` slots (cached per subset).
+    def runs(self, live: frozenset[int]) -> list[tuple[int, int]]:
+        """Column ranges ``[start, end)`` of consecutive blocks whose adapter is live (cached per live set).
 
-        A run of consecutive blocks is a view of the stack (no copy): switching between single adapters
-        costs nothing after the first time.
+        The delta is computed on these views of the stack: no copy, and inactive adapters cost nothing.
         """
-        hit = self._subsets.get(active)
-        if hit is not None:
-            return hit
-        starts, start = [], 0
-        for b in self.blocks:
-            starts.append(start)
-            start += b.rank
-        chosen = [(b, s) for b, s in zip(self.blocks, starts) if b.slot in active]
-        slots = torch.cat([torch.full((b.rank,), b.slot, dtype=torch.long) for b, _ in chosen])
-        alpha = torch.cat([torch.full((b.rank,), b.scale) for b, _ in chosen])
-        first, last = chosen[0][1], chosen[-1][1] + chosen[-1][0].rank
-        if last - first == slots.numel():  # contiguous: views
-            down, up = self.down[first:last], self.up[:, first:last]
-        else:
-            idx = torch.cat([torch.arange(s, s + b.rank) for b, s in chosen]).to(self.down.device)
-            down, up = self.down.index_select(0, idx), self.up.index_select(1, idx)
-        if len(self._subsets) >= 8:
-            self._subsets.pop(next(iter(self._subsets)))
-        self._subsets[active] = hit = (down, up, slots, alpha)
+        hit = self._runs.get(live)
+        if hit is None:
+            hit, start = [], 0
+            for b in self.blocks:
+                if b.slot in live:
+                    if hit and hit[-1][1] == start:
+                        hit[-1] = (hit[-1][0], start + b.rank)
+                    else:
+                        hit.append((start, start + b.rank))
+                start += b.rank
+            if len(self._runs) >= 32:
+                self._runs.clear()
+            self._runs[live] = hit
         return hit
 
     def _rank_scale(self) -> torch.Tensor:
-        """``[rows, R]`` over the whole stack: each column's adapter weight times its alpha / r."""
-        _, _, slots, alpha = self._subset(tuple(b.slot for b in self.blocks))
-        return self.mixer.weights_for(self.group)[:, slots] * alpha
+        """``[rows, R]``: each column's adapter weight times its alpha / r (a view of the mixer's table)."""
+        table = self.mixer.scale_table(self.group, self.module.weight.device)
+        return table[:, self.offset : self.offset + self.slot_index.numel()]
 
     def refresh(self):
-        """(down, up, scale) of the adapters with a non-zero weight, recomputed once per mixer version."""
-        key = (self.mixer.version, self.module.weight.device, self.module.weight.dtype)
+        """(scale, runs) of the adapters with a non-zero weight, recomputed once per mixer version."""
+        mixer = self.mixer
+        key = (mixer.version, mixer.layout_version, self.module.weight.device)
         if key != self._cache_key:
             self._cache_key, self._cache = key, None
-            if self.blocks and self.mixer.enabled:
-                live = self.mixer.active_slots
-                active = tuple(b.slot for b in self.blocks if b.slot in live)
-                if active:
-                    down, up, slots, alpha = self._subset(active)
-                    s = self.mixer.weights_for(self.group)[:, slots] * alpha
-                    self._cache = (down, up, s.to(down.device))
+            if self.blocks and mixer.enabled:
+                runs = self.runs(mixer.active_slots)
+                if runs:
+                    self._cache = (self._rank_scale(), runs)
         return self._cache
 
     def _hook(self, module, args, output):
@@ -155,8 +154,8 @@ class PatchedLayer:
         active = self.refresh()
         if active is None:
             return None  # nothing acts: output is exactly the base layer's
-        down, up, s = active
-        return output + stacked_delta(args[0], down, up, s, self.conv)
+        s, runs = active
+        return output + stacked_delta(args[0], self.down, self.up, s, self.conv, runs)
 
     # -- fused mode -----------------------------------------------------------------------------
     def fuse(self) -> None:
@@ -168,7 +167,7 @@ class PatchedLayer:
             self.backup = weight.detach().clone()
         new = self.backup.float()
         if self.blocks and self.mixer.enabled:
-            s = self._rank_scale()[0].to(weight.device)
+            s = self._rank_scale()[0]
             new = new + fold_delta(new, self.down, self.up, s).float()
         with torch.no_grad():
             weight.copy_(new.to(weight.dtype) if new.dtype != weight.dtype else new)

@@ -1,8 +1,9 @@
 """The mixing tensor: how much of each adapter acts, per batch row.
 
 Every patched layer of one component group reads the same ``MixingState``. Changing weights between
-denoising steps is one small tensor write plus a version bump; layers refresh their per-rank scales
-lazily, once per version, on their next forward.
+denoising steps is one small tensor write plus a version bump. The per-rank scales of *all* layers are
+then one gather (``scale_table``): each layer reads its columns as a view, so a weight change costs the
+same whatever the number of layers and adapters loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,48 @@ class MixingState:
         self.enabled = True
         self.version = 0
         self._active: tuple[int, frozenset[int]] = (-1, frozenset())
+        self.layers: list = []  # PatchedLayers reading this state, in column-table order
+        self.layout_version = 0
+        self._columns: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layout version, slots, alpha)
+        self._tables: dict = {}
+
+    # -- column table: every layer's rank columns, concatenated --------------------------------------
+    def attach(self, layer) -> None:
+        self.layers.append(layer)
+        self.layout_changed()
+
+    def detach(self, layer) -> None:
+        self.layers.remove(layer)
+        self.layout_changed()
+
+    def layout_changed(self) -> None:
+        """A layer's stack changed: column offsets must be recomputed."""
+        self.layout_version += 1
+        self._tables.clear()
+
+    def _column_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._columns is None or self._columns[0] != self.layout_version:
+            offset, slots, alpha = 0, [], []
+            for layer in self.layers:
+                layer.offset = offset
+                offset += layer.slot_index.numel()
+                slots.append(layer.slot_index)
+                alpha.append(layer.alpha)
+            cat = (lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt))
+            self._columns = (self.layout_version, cat(slots, torch.long), cat(alpha, torch.float32))
+        return self._columns[1], self._columns[2]
+
+    def scale_table(self, group: str | None, device: torch.device) -> torch.Tensor:
+        """``[rows, total rank columns]``: weight times alpha / r for every column of every layer, for the
+        weights layers of ``group`` read; one gather per (version, group, device)."""
+        key = (self.version, self.layout_version, group if group in self.layer_weights else None, device)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) > 64:
+                self._tables.clear()
+            slots, alpha = self._column_index()
+            table = self._tables[key] = (self.weights_for(group)[:, slots] * alpha).to(device)
+        return table
 
     def weights_for(self, group: str | None) -> torch.Tensor:
         """The ``[rows, slots]`` weights a layer of ``group`` reads (its override, else the shared ones)."""
