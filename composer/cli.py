@@ -24,6 +24,17 @@ PROG = "compose"
 
 # name -> (help, function(argv) -> exit code). ``compose NAME ...`` runs it; anything else is the flag form.
 SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
+# Modules that add subcommands: each defines ``COMMANDS = {name: (help, main(argv) -> int)}``.
+COMMAND_MODULES = ("retriever.commands", "composer.convert")
+
+
+def _load_subcommands() -> None:
+    import importlib
+    import importlib.util
+
+    for module in COMMAND_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            SUBCOMMANDS.update(getattr(importlib.import_module(module), "COMMANDS", {}))
 
 
 class _UsageError(Exception):
@@ -274,6 +285,7 @@ def render(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _load_subcommands()
         if argv and argv[0] in SUBCOMMANDS:
             return int(SUBCOMMANDS[argv[0]][1](argv[1:]) or 0)
         args = build_parser().parse_args(argv)
