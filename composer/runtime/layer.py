@@ -48,6 +48,7 @@ class PatchedLayer:
         self._cache_key = None
         self._cache = None
         self._runs: dict[frozenset[int], list[tuple[int, int]]] = {}
+        self._spans: dict[int, tuple[int, int]] = {}  # slot -> its columns in the stack
         self._handle = module.register_forward_hook(self._hook)
         mixer.attach(self)
 
@@ -107,6 +108,10 @@ class PatchedLayer:
     def _stack_changed(self) -> None:
         self.slot_index = torch.cat([torch.full((b.rank,), b.slot, dtype=torch.long) for b in self.blocks] or [self.slot_index[:0]])
         self.alpha = torch.cat([torch.full((b.rank,), b.scale) for b in self.blocks] or [self.alpha[:0]])
+        self._spans, start = {}, 0
+        for b in self.blocks:
+            self._spans[b.slot] = (start, start + b.rank)
+            start += b.rank
         self._cache_key = None
         self._runs.clear()
         self.mixer.layout_changed()
@@ -115,17 +120,17 @@ class PatchedLayer:
         """Column ranges ``[start, end)`` of consecutive blocks whose adapter is live (cached per live set).
 
         The delta is computed on these views of the stack: no copy, and inactive adapters cost nothing.
+        Built from the live slots (usually few), not from every block attached.
         """
         hit = self._runs.get(live)
         if hit is None:
-            hit, start = [], 0
-            for b in self.blocks:
-                if b.slot in live:
-                    if hit and hit[-1][1] == start:
-                        hit[-1] = (hit[-1][0], start + b.rank)
-                    else:
-                        hit.append((start, start + b.rank))
-                start += b.rank
+            spans = sorted(self._spans[slot] for slot in live if slot in self._spans)
+            hit = []
+            for start, end in spans:
+                if hit and hit[-1][1] == start:
+                    hit[-1] = (hit[-1][0], end)
+                else:
+                    hit.append((start, end))
             if len(self._runs) >= 32:
                 self._runs.clear()
             self._runs[live] = hit
