@@ -1,5 +1,19 @@
-"""Multi-adapter delta math: one dispatching place for the runtime (torch now, Triton on CUDA later)."""
+"""Multi-adapter delta math: one dispatching place for the runtime (Triton on CUDA, torch elsewhere).
 
-from kernels.lora_ops import fold_delta, stacked_delta
+``kernels.triton_lora`` is imported only when the Triton path is first taken, so ``TRITON_INTERPRET``
+may still be set before that (the CPU test suite runs the kernels in Triton's interpreter).
+"""
 
-__all__ = ["fold_delta", "stacked_delta"]
+from kernels.lora_ops import BACKEND_ENV, fold_delta, pick_backend, stacked_delta, stacked_delta_torch
+from kernels.sparse_ops import sparse_delta, sparse_fold, sparse_restore
+
+__all__ = [
+    "BACKEND_ENV",
+    "fold_delta",
+    "pick_backend",
+    "sparse_delta",
+    "sparse_fold",
+    "sparse_restore",
+    "stacked_delta",
+    "stacked_delta_torch",
+]

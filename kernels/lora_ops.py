@@ -1,4 +1,4 @@
-"""Torch reference for the stacked multi-adapter LoRA delta.
+"""The stacked multi-adapter LoRA delta: one dispatching function (Triton on CUDA, torch elsewhere).
 
 All adapters of one layer are stacked along the rank axis (FLoRA's exact stacking):
 ``sum_i w_i B_i A_i = [w_1 B_1 ... w_n B_n] [A_1; ...; A_n]``. A per-rank-column scale ``s`` carries
@@ -8,8 +8,13 @@ of adapters and any per-row routing.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+BACKEND_ENV = "LORA_COMPOSER_KERNELS"  # "auto" (default), "torch" or "triton"
+BACKENDS = ("auto", "torch", "triton")
 
 
 def _row_scale(scale: torch.Tensor, h: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -28,6 +33,31 @@ def _row_scale(scale: torch.Tensor, h: torch.Tensor, channel_dim: int) -> torch.
     return scale.view(shape)
 
 
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pick_backend(x: torch.Tensor, conv: dict | None, backend: str | None = None) -> str:
+    """``"triton"`` or ``"torch"`` for this call: ``backend`` argument, else ``$LORA_COMPOSER_KERNELS``,
+    else auto (Triton for CUDA tensors of Linear layers; Conv2d/LoCon deltas always run on torch)."""
+    choice = backend or os.environ.get(BACKEND_ENV, "auto") or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {choice!r}; expected one of {', '.join(BACKENDS)}")
+    if conv is not None or choice == "torch":
+        return "torch"
+    if choice == "triton":
+        if x.device.type != "cuda" and not _triton_interpreting():
+            raise RuntimeError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+        return "triton"
+    if x.device.type != "cuda" or (torch.is_grad_enabled() and (x.requires_grad or x.grad_fn is not None)):
+        return "torch"  # the Triton kernels have no backward
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
 def stacked_delta(
     x: torch.Tensor,
     down: torch.Tensor,
@@ -35,8 +65,43 @@ def stacked_delta(
     scale: torch.Tensor,
     conv: dict | None = None,
     runs: list[tuple[int, int]] | None = None,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """Return ``((x A^T) * s) B^T`` for stacked factors ``down`` (A) and ``up`` (B).
+    """``((x A^T) * s) B^T`` for stacked factors ``down`` (A) and ``up`` (B); with ``out``, ``out`` plus it.
+
+    The one entry point the runtime calls. ``backend`` (or ``$LORA_COMPOSER_KERNELS``): ``"auto"``
+    (Triton shrink/expand kernels for CUDA tensors of Linear layers, torch otherwise), ``"torch"`` or
+    ``"triton"`` (forced; on CPU tensors only under ``TRITON_INTERPRET=1``). With ``out`` (the base
+    layer's output), the Triton path adds into it in place and returns it; the torch path returns
+    ``out + delta``. See :func:`stacked_delta_torch` for the arguments.
+    """
+    if pick_backend(x, conv, backend) == "torch":
+        delta = stacked_delta_torch(x, down, up, scale, conv, runs)
+        return delta if out is None else out + delta
+    from kernels import triton_lora
+
+    if runs is not None and runs:
+        # one column range from the first live column to the last: columns of inactive adapters in
+        # between have a zero scale, so no factor is copied
+        a, b = runs[0][0], runs[-1][1]
+        down, up, scale = down[a:b], up[:, a:b], scale.reshape(-1, scale.shape[-1])[:, a:b]
+    if out is None:
+        out = torch.zeros(*x.shape[:-1], up.shape[0], device=x.device, dtype=x.dtype)
+    elif not out.is_contiguous() or (torch.is_grad_enabled() and out.requires_grad):
+        out = out.contiguous().clone()
+    return triton_lora.lora_delta_triton(x, down, up, scale, out)
+
+
+def stacked_delta_torch(
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    scale: torch.Tensor,
+    conv: dict | None = None,
+    runs: list[tuple[int, int]] | None = None,
+) -> torch.Tensor:
+    """Torch reference: return ``((x A^T) * s) B^T`` for stacked factors ``down`` (A) and ``up`` (B).
 
     ``scale`` is ``[R]`` (same for every row) or ``[rows, R]`` (one row per batch element).
     ``conv`` holds Conv2d arguments (stride, padding, dilation) when the layer is a convolution
@@ -47,7 +112,7 @@ def stacked_delta(
         scale2 = scale.reshape(-1, scale.shape[-1])
         total = None
         for a, b in runs:
-            part = stacked_delta(x, down[a:b], up[:, a:b], scale2[:, a:b], conv)
+            part = stacked_delta_torch(x, down[a:b], up[:, a:b], scale2[:, a:b], conv)
             total = part if total is None else total + part
         return total
     scale = scale.to(x.dtype)

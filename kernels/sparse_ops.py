@@ -1,0 +1,76 @@
+"""Sparse (SHiRA) deltas: a scatter into the weight whose backup is only the overwritten values.
+
+A sparse delta is a set of flat positions ``idx`` (``row * in_features + col``, unique, sorted) and fp32
+values. Fusing reads the current values at ``idx`` (the backup), adds the delta in fp32 and writes the
+result back rounded once to the weight's dtype; restoring writes the backup back. Both are
+O(nonzeros) gathers/scatters (one ``index_select`` and one ``index_copy_``, a single kernel each on CUDA),
+and restoring is bit-exact in any dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _flat(weight: torch.Tensor) -> torch.Tensor:
+    if not weight.is_contiguous():
+        raise ValueError("sparse fusing needs a contiguous weight")
+    return weight.detach().view(-1)
+
+
+def sparse_fold(weight: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``weight.flat[idx] += values`` (fp32 sum, one rounding); returns the overwritten values (the backup).
+
+    ``idx`` must not repeat a position (merge several adapters with :func:`merge_sparse` first).
+    """
+    flat = _flat(weight)
+    backup = flat.index_select(0, idx)
+    new = (backup.float() + values.float()).to(weight.dtype)
+    flat.index_copy_(0, idx, new)
+    return backup
+
+
+def sparse_restore(weight: torch.Tensor, idx: torch.Tensor, backup: torch.Tensor) -> None:
+    """Write the values :func:`sparse_fold` returned back: the weight is bit-identical to before."""
+    _flat(weight).index_copy_(0, idx, backup)
+
+
+def merge_sparse(indices: list[torch.Tensor], values: list[torch.Tensor]):
+    """Union of several adapters' flat positions: ``(union, inverse)`` such that
+    ``zeros(len(union)).index_add_(0, inverse, cat(values))`` sums them (overlaps added)."""
+    if len(indices) == 1:
+        return indices[0], None
+    union, inverse = torch.unique(torch.cat(indices), sorted=True, return_inverse=True)
+    return union, inverse
+
+
+def merged_values(union: torch.Tensor, inverse: torch.Tensor | None, values: list[torch.Tensor]) -> torch.Tensor:
+    """fp32 summed values at ``union`` for the (already weighted) per-adapter ``values``."""
+    if inverse is None:
+        return values[0].float()
+    out = torch.zeros(union.numel(), device=union.device, dtype=torch.float32)
+    return out.index_add_(0, inverse, torch.cat([v.float() for v in values]))
+
+
+def sparse_delta(x: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Unfused forward of a sparse delta: ``x @ D^T`` with ``D.flat[idx] = values``.
+
+    ``values`` is ``[N]`` (every batch row) or ``[rows, N]`` (one row of values per batch row, for
+    per-row mixing weights). Computed as a sparse-dense product (O(nonzeros * tokens)); the base weight
+    is never cloned (PEFT's unmerged SHiRA forward clones it on every call).
+    """
+    in_features = x.shape[-1]
+    rows_i = torch.div(idx, in_features, rounding_mode="floor")
+    cols_i = idx - rows_i * in_features
+    ij = torch.stack([rows_i, cols_i])
+
+    def one(xb: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        x2 = xb.reshape(-1, in_features)
+        d = torch.sparse_coo_tensor(ij, v.to(x2.dtype), (out_features, in_features), is_coalesced=True)
+        return torch.sparse.mm(d, x2.t()).t().reshape(*xb.shape[:-1], out_features)
+
+    if values.dim() == 1 or values.shape[0] == 1:
+        return one(x, values.reshape(-1))
+    if values.shape[0] != x.shape[0]:
+        raise ValueError(f"mixing tensor has {values.shape[0]} rows but the batch has {x.shape[0]}")
+    return torch.stack([one(x[b], values[b]) for b in range(x.shape[0])])
