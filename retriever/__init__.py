@@ -1,1 +1,66 @@
-"""Catalog of a LoRA library and prompt -> ranked adapters (lexical, text, preview and weight signals)."""
+"""Catalog of a LoRA library and prompt -> ranked adapters (lexical, text, preview and weight signals).
+
+    from retriever import Catalog, retriever_for
+    Catalog.for_library("~/loras").index()                 # incremental; LIBRARY/.lora-composer/catalog.sqlite
+    r = retriever_for(pipe, "~/loras")                       # pipe: a diffusers pipeline (its text encoder)
+    for m in r.select("a castle in pixel art", top_k=3):    # [Match(row, score, signals, reasons)]
+        print(m.name, m.score, m.weight, m.reason)
+"""
+
+from __future__ import annotations
+
+from retriever.catalog import Catalog, IndexReport, default_catalog_path
+from retriever.search import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, Match, Retriever, select
+
+__all__ = [
+    "DEFAULT_MIN_SCORE",
+    "DEFAULT_TOP_K",
+    "Catalog",
+    "IndexReport",
+    "Match",
+    "Retriever",
+    "default_catalog_path",
+    "retriever_for",
+    "search",
+    "select",
+]
+
+_CACHE: dict = {}
+
+
+def retriever_for(
+    pipe, library, catalog=None, update: bool = True, progress: bool = False, family: str | None = None
+) -> Retriever:
+    """A :class:`Retriever` over ``library``'s catalog for ``pipe``'s text encoder and ``family`` (default:
+    the pipeline's), cached per pipeline and catalog. ``update`` first brings the catalog up to date (incremental, cheap when nothing
+    changed)."""
+    from pathlib import Path
+
+    from retriever.encoder import TextEncoder
+    from retriever.signals import learned as learned_mod
+    from retriever.signals import preview as preview_mod
+
+    path = Path(catalog) if catalog is not None else default_catalog_path(library)
+    key = (id(pipe), str(path.resolve()) if path.exists() else str(path), family)
+    hit = _CACHE.get(key)
+    if hit is None or hit[0] is not pipe:
+        cat = Catalog(path, root=library)
+        enc = TextEncoder(pipe)
+        cat.encoder_mean(enc)
+        learned = learned_mod.load_for(cat, library, enc)
+        preview = preview_mod.load_available()
+        hit = (pipe, Retriever(cat, enc, family=family, learned=learned, preview=preview))
+        _CACHE[key] = hit
+    retriever = hit[1]
+    if update and library is not None:
+        retriever.catalog.index(library, progress=progress)
+    return retriever
+
+
+def search(catalog: Catalog, prompt: str, k: int = 10, pipe=None, encoder=None) -> list[Match]:
+    """``[Match]`` for ``prompt`` in ``catalog``, best first (``pipe`` or ``encoder`` gives the text space)."""
+    from retriever.encoder import TextEncoder
+
+    enc = encoder or TextEncoder(pipe)
+    catalog.encoder_mean(enc)
+    return Retriever(catalog, enc).search(prompt, limit=k)

@@ -1,0 +1,166 @@
+"""``compose index DIR``, ``compose search "PROMPT"`` and ``compose train-retriever``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from composer.errors import ComposerError
+
+
+class _Usage(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _Usage(message)
+
+
+def _library(args) -> Path:
+    lib = getattr(args, "library", None) or os.environ.get("LORA_COMPOSER_LIBRARY")
+    if lib is None and not getattr(args, "model", None):
+        from composer.default_model import ensure_default_model
+
+        return Path(ensure_default_model(quiet=True)[1])
+    if lib is None:
+        raise ComposerError("no LoRA library: pass --library DIR (or set LORA_COMPOSER_LIBRARY)")
+    root = Path(lib).expanduser()
+    if not root.is_dir():
+        raise ComposerError(f"LoRA library {root} is not a folder")
+    return root
+
+
+def _load_pipe(model: str | None):
+    from composer.default_model import ensure_default_model, is_default_model
+    from composer.pipeline import ComposerPipeline
+
+    if model is None or is_default_model(model):
+        model = str(ensure_default_model(quiet=True)[0])
+    from composer.cli import _no_loading_bars
+
+    try:
+        with _no_loading_bars():
+            return ComposerPipeline.from_pretrained(model).pipe
+    except ComposerError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ComposerError(f"cannot load model {model}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _print_report(report, root: Path, quiet: bool) -> None:
+    from retriever.catalog import default_catalog_path
+
+    print(
+        f"indexed {report.indexed} file(s) ({len(report.added)} new, {len(report.updated)} changed), "
+        f"{report.unchanged} unchanged, {len(report.removed)} removed, {len(report.skipped)} skipped "
+        f"in {report.seconds:.1f} s"
+    )
+    for path, reason in report.skipped:
+        try:
+            shown = os.path.relpath(path, root)
+        except ValueError:
+            shown = path
+        print(f"  skipped {shown}: {reason}")
+
+
+def index_main(argv: list[str]) -> int:
+    p = _Parser(prog="compose index", description="Index (incrementally) the LoRA files of a folder into its catalog.")
+    p.add_argument("library", metavar="DIR", help="folder of LoRA files (searched recursively)")
+    p.add_argument("--catalog", metavar="FILE", help="catalog file (default: DIR/.lora-composer/catalog.sqlite)")
+    p.add_argument("--model", metavar="DIR_OR_ID", help="also embed descriptions with this model's text encoder now")
+    p.add_argument("--rebuild", action="store_true", help="delete the catalog first and index everything again")
+    p.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", help="also read .pt/.ckpt/.bin files (they can run code)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    from retriever.catalog import Catalog, default_catalog_path
+
+    root = Path(args.library).expanduser()
+    if not root.is_dir():
+        raise ComposerError(f"{root} is not a folder")
+    path = Path(args.catalog) if args.catalog else default_catalog_path(root)
+    if args.rebuild:
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+    with Catalog(path, root=root) as cat:
+        report = cat.index(root, progress=not args.quiet, allow_pickle=args.allow_pickle)
+        if args.model:
+            from retriever.encoder import TextEncoder
+
+            enc = TextEncoder(_load_pipe(args.model))
+            n = cat.ensure_text_embeddings(enc)
+            if not args.quiet:
+                print(f"embedded {n} description(s) with {args.model}'s text encoder", file=sys.stderr)
+        _print_report(report, root, args.quiet)
+        print(f"catalog: {path} ({cat.count()} adapters)")
+    return 0
+
+
+def search_main(argv: list[str]) -> int:
+    p = _Parser(prog="compose search", description="Rank the library's LoRAs for a prompt (no image is rendered).")
+    p.add_argument("prompt", help="the prompt")
+    p.add_argument("--library", metavar="DIR", help="folder of LoRA files (default: $LORA_COMPOSER_LIBRARY)")
+    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="base model: its family and text encoder (default: the demo model)")
+    p.add_argument("--catalog", metavar="FILE", help="catalog file (default: DIR/.lora-composer/catalog.sqlite)")
+    p.add_argument("--limit", "-k", type=int, default=10, help="rows to show (default 10)")
+    p.add_argument("--top-k", dest="top_k", type=int, default=None, help="mark the adapters --loras auto would choose with this K")
+    p.add_argument("--min-score", dest="min_score", type=float, default=None, help="minimum fused score for --loras auto's choice")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    from retriever import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, retriever_for, select
+    from retriever.search import format_table
+
+    root = _library(args)
+    pipe = _load_pipe(args.model)
+    r = retriever_for(pipe, root, catalog=args.catalog, progress=not args.quiet)
+    matches = r.search(args.prompt, limit=max(args.limit, 1))
+    print(f"{len(r.rows)} {r.family} adapter(s) in {r.catalog.path}")
+    print(format_table(matches, root) if matches else "no adapter matches this prompt")
+    chosen = select(matches, args.top_k or DEFAULT_TOP_K, DEFAULT_MIN_SCORE if args.min_score is None else args.min_score)
+    if chosen:
+        print("--loras auto would use: " + "; ".join(f"{m.name}:{m.weight:g} ({m.reason})" for m in chosen))
+    else:
+        print("--loras auto would use: none (nothing above the minimum score)")
+    skipped = r.catalog.skipped()
+    if skipped and not args.quiet:
+        print(f"({len(skipped)} file(s) could not be indexed; compose index {root} lists them)", file=sys.stderr)
+    return 0
+
+
+def train_main(argv: list[str]) -> int:
+    p = _Parser(prog="compose train-retriever", description="Train the learned weight encoder on the catalog's described adapters.")
+    p.add_argument("library", metavar="DIR", nargs="?", help="folder of LoRA files (default: $LORA_COMPOSER_LIBRARY)")
+    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="base model whose text encoder embeds the descriptions (default: demo)")
+    p.add_argument("--catalog", metavar="FILE", help="catalog file")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", "-q", action="store_true")
+    args = p.parse_args(argv)
+    from retriever.signals import learned
+
+    args.library = args.library or os.environ.get("LORA_COMPOSER_LIBRARY")
+    root = _library(args)
+    pipe = _load_pipe(args.model)
+    result = learned.train_for_library(pipe, root, catalog=args.catalog, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    print(result)
+    return 0
+
+
+def _wrap(fn):
+    def run(argv: list[str]) -> int:
+        try:
+            return fn(argv)
+        except _Usage as exc:
+            print(f"compose: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+COMMANDS = {
+    "index": ("index a LoRA folder into its catalog (incremental)", _wrap(index_main)),
+    "search": ("rank the library's LoRAs for a prompt", _wrap(search_main)),
+    "train-retriever": ("train the learned weight encoder of the retriever", _wrap(train_main)),
+}

@@ -1,0 +1,311 @@
+"""Prompt -> ranked adapters: every signal scored over the whole catalog, fused, selected.
+
+All dense signals of one base family live in **one matrix** ``[rows, D]`` held in memory, one column block
+per signal (text: ``d``; training-free weights: ``DIRECTIONS x d``; learned weights: ``d``; preview: the
+open_clip width). A query is one matrix product with ``[D, C]`` (one column for the text vector, one for
+the learned block, one per prompt token and weight direction, one for the preview), then per-signal
+reductions, the lexical scores from FTS5, fusion and an exact top-k. Above :data:`BF16_ROWS` rows the scan
+runs on a bfloat16 copy (half the memory traffic) and the best :data:`RESCORE` candidates are rescored
+exactly in float32 before the final top-k.
+
+Fusion (noisy-OR of calibrated scores)::
+
+    fused = 1 - prod_s (1 - w_s * c_s)        c_s in [0, 1]; w: lexical 1, weights 1, text 0.8, learned 0.8, preview 0.8
+
+One strong signal is enough (an undescribed file can be found by its weights alone), and agreeing signals
+add up; a signal a row lacks counts 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from retriever.signals import lexical
+from retriever.signals import text as tsig
+from retriever.signals import weights as wsig
+from retriever.signals.weights import DIRECTIONS
+
+SIGNAL_WEIGHTS = {"lexical": 1.0, "weights": 1.0, "text": 0.8, "learned": 0.8, "preview": 0.8}
+BF16_ROWS = 20_000
+RESCORE = 512
+DEFAULT_WEIGHT = 0.8
+DEFAULT_MIN_SCORE = 0.3
+DEFAULT_TOP_K = 3
+
+
+@dataclass
+class Match:
+    row: object  # catalog.Row
+    score: float
+    signals: dict[str, float] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.row.name
+
+    @property
+    def path(self) -> str:
+        return self.row.path
+
+    @property
+    def weight(self) -> float:
+        w = self.row.preferred_weight
+        return float(w) if w is not None else DEFAULT_WEIGHT
+
+    @property
+    def reason(self) -> str:
+        """The strongest signals, strongest first: ``trigger "x" in prompt; weights respond to "castle" (0.82)``."""
+        ranked = sorted(
+            (s for s in self.signals if self.signals[s] > 0), key=lambda s: -SIGNAL_WEIGHTS[s] * self.signals[s]
+        )
+        return "; ".join(self.reasons.get(s, s) for s in ranked[:2]) or "no signal"
+
+
+class Retriever:
+    """Search one catalog for one pipeline family, with that pipeline's text encoder."""
+
+    def __init__(self, catalog, encoder, family: str | None = None, learned=None, preview=None):
+        self.catalog = catalog
+        self.encoder = encoder
+        self.family = family or encoder.family
+        self.learned = learned
+        self.preview = preview
+        self._version = None
+        self.rows: list = []
+
+    # -- the matrix ------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        version = self.catalog.version()
+        if version == self._version:
+            return
+        self.catalog.ensure_text_embeddings(self.encoder, self.family)
+        rows = self.catalog.rows(self.family)
+        text = self.catalog.embeddings("text", self.encoder.id)
+        d = int(self.encoder.mean.shape[-1])
+        blocks: list[tuple[str, int]] = [("text", d), ("weights", DIRECTIONS * d)]
+        learned = None
+        if self.learned is not None:
+            learned = self.catalog.embeddings("learned", self.learned.id)
+            blocks.append(("learned", d))
+        preview = None
+        if self.preview is not None:
+            from retriever.signals import preview as preview_mod
+
+            preview_mod.ensure_embeddings(self.catalog, self.preview, self.family)
+            preview = self.catalog.embeddings("preview", self.preview.id)
+            blocks.append(("preview", self.preview.dim))
+        self.blocks, start = {}, 0
+        for name, width in blocks:
+            self.blocks[name] = (start, width)
+            start += width
+        n = len(rows)
+        m = np.zeros((n, start), np.float32)
+        present = {name: np.zeros(n, bool) for name, _ in blocks}
+
+        def put(name, i, vec):
+            a, w = self.blocks[name]
+            if vec is not None and vec.size == w:
+                m[i, a : a + w] = vec.reshape(-1)
+                present[name][i] = True
+
+        for i, r in enumerate(rows):
+            put("text", i, text.get(r.id))
+            if r.weight_dirs is not None and r.weight_dirs.shape[1] == d:
+                put("weights", i, r.weight_dirs[:DIRECTIONS])
+            if learned is not None:
+                put("learned", i, learned.get(r.id))
+            if preview is not None:
+                put("preview", i, preview.get(r.id))
+        self.set_matrix(rows, m, present, d)
+        self._version = version
+
+    def set_matrix(self, rows, matrix: np.ndarray, present: dict[str, np.ndarray], dim: int) -> None:
+        """Install rows and their matrix (the benchmark builds synthetic ones directly)."""
+        self.rows = rows
+        self.by_id = {r.id: i for i, r in enumerate(rows)}
+        self.rows_by_id = {r.id: r for r in rows}
+        self.matrix = matrix
+        self.present = present
+        self.dim = dim
+        self.dup_key = [_dup_key(r) for r in rows]
+        t = torch.from_numpy(matrix)
+        self.scan = t.to(torch.bfloat16) if len(rows) > BF16_ROWS else t
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def _query_matrix(self, enc, text_q, preview_q) -> tuple[np.ndarray, dict]:
+        d = self.dim
+        tokens = enc.tokens.numpy().astype(np.float32) if enc is not None else np.zeros((0, d), np.float32)
+        T = tokens.shape[0]
+        cols: dict[str, slice] = {}
+        parts = []
+        D = self.matrix.shape[1]
+
+        def add(name, block_rows: np.ndarray, offset: int):
+            q = np.zeros((D, block_rows.shape[1]), np.float32)
+            q[offset : offset + block_rows.shape[0]] = block_rows
+            cols[name] = slice(sum(p.shape[1] for p in parts), sum(p.shape[1] for p in parts) + block_rows.shape[1])
+            parts.append(q)
+
+        if text_q is not None:
+            add("text", text_q[:, None], self.blocks["text"][0])
+            if "learned" in self.blocks:
+                add("learned", text_q[:, None], self.blocks["learned"][0])
+        if T:
+            a = self.blocks["weights"][0]
+            for j in range(DIRECTIONS):
+                add(f"w{j}", tokens.T, a + j * d)
+        if preview_q is not None and "preview" in self.blocks:
+            add("preview", preview_q[:, None], self.blocks["preview"][0])
+        q = np.concatenate(parts, 1) if parts else np.zeros((D, 0), np.float32)
+        return q, cols
+
+    def _signals(self, s: np.ndarray, cols: dict, idx=None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Calibrated dense scores per signal (for rows ``idx`` or all) and the best token per row."""
+        out = {}
+        sel = slice(None) if idx is None else idx
+        if "text" in cols:
+            out["text"] = tsig.calibrate(s[:, cols["text"]][:, 0], self.dim) * self.present["text"][sel]
+        if "learned" in cols:
+            out["learned"] = tsig.calibrate(s[:, cols["learned"]][:, 0], self.dim) * self.present["learned"][sel]
+        best_tok = None
+        if "w0" in cols:
+            sq = sum(s[:, cols[f"w{j}"]] ** 2 for j in range(DIRECTIONS))  # [n, T]
+            cos = np.sqrt(sq)
+            best_tok = cos.argmax(1)
+            out["weights"] = wsig.calibrate(cos.max(1), self.dim) * self.present["weights"][sel]
+            out["_weights_raw"] = cos.max(1)
+        if "preview" in cols:
+            out["preview"] = np.clip(s[:, cols["preview"]][:, 0], 0, 1) * self.present["preview"][sel]
+        return out, best_tok
+
+    @staticmethod
+    def _fuse(signals: dict[str, np.ndarray], n: int) -> np.ndarray:
+        keep = np.ones(n, np.float32)
+        for name, c in signals.items():
+            if name.startswith("_"):
+                continue
+            keep *= 1.0 - SIGNAL_WEIGHTS[name] * c
+        return 1.0 - keep
+
+    def search(self, prompt: str, limit: int | None = 20, signals=None) -> list[Match]:
+        """Every row with a positive fused score, best first (at most ``limit``).
+
+        ``signals`` restricts fusion to some signals (the benchmark's per-signal recall)."""
+        self.refresh()
+        n = len(self.rows)
+        if n == 0:
+            return []
+        enc = self.encoder.encode_one(prompt)
+        text_q = enc.vector.numpy().astype(np.float32) if enc.vector is not None else None
+        preview_q = self.preview.encode_text(prompt) if self.preview is not None else None
+        return self.search_encoded(prompt, enc, text_q, preview_q, limit=limit, signals=signals)
+
+    def search_encoded(self, prompt, enc, text_q, preview_q=None, limit=20, signals=None) -> list[Match]:
+        n = len(self.rows)
+        q, cols = self._query_matrix(enc, text_q, preview_q)
+        lex = lexical.search(self.catalog, prompt, self.rows_by_id, family=self.family)
+        lex_all = np.zeros(n, np.float32)
+        for fid, (sc, _, bm) in lex.items():
+            lex_all[self.by_id[fid]] = sc + 1e-6 * min(bm, 100.0)
+        use = set(signals) if signals is not None else None
+
+        def pick(sig: dict) -> dict:
+            return {k: v for k, v in sig.items() if use is None or k.lstrip("_").replace("_raw", "") in use}
+
+        # full scan
+        qt = torch.from_numpy(q)
+        s_all = (self.scan @ qt.to(self.scan.dtype)).float().numpy() if q.shape[1] else np.zeros((n, 0), np.float32)
+        sig_all, _ = self._signals(s_all, cols)
+        sig_all["lexical"] = lex_all
+        fused = self._fuse(pick(sig_all), n)
+        k = n if limit is None else min(n, max(limit, 1))
+        if self.scan.dtype != torch.float32:
+            c = min(n, max(RESCORE, 4 * k))
+            cand = np.argpartition(-fused, c - 1)[:c] if c < n else np.arange(n)
+            s_c = self.matrix[cand] @ q
+            sig_c, best_tok = self._signals(s_c, cols, cand)
+            sig_c["lexical"] = lex_all[cand]
+            fused_c = self._fuse(pick(sig_c), len(cand))
+        else:
+            cand = np.arange(n)
+            sig_c, best_tok = self._signals(s_all, cols)
+            sig_c["lexical"] = lex_all
+            fused_c = fused
+        order = np.argsort(-fused_c, kind="stable")
+        out = []
+        for j in order:
+            if fused_c[j] <= 0 or len(out) >= k:
+                break
+            i = int(cand[j])
+            row = self.rows[i]
+            m = Match(row, float(fused_c[j]))
+            for name, arr in sig_c.items():
+                if name.startswith("_") or (use is not None and name not in use):
+                    continue
+                if arr[j] > 0:
+                    m.signals[name] = float(min(arr[j], 1.0))
+            if "lexical" in m.signals and row.id in lex:
+                m.reasons["lexical"] = lex[row.id][1]
+            if "text" in m.signals:
+                m.reasons["text"] = f"description/trigger words close to the prompt ({m.signals['text']:.2f})"
+            if "weights" in m.signals and best_tok is not None:
+                t = int(best_tok[j])
+                word = enc.words[t] if enc is not None and t < len(enc.words) else "?"
+                m.reasons["weights"] = f'weights respond to "{word}" ({m.signals["weights"]:.2f})'
+            if "learned" in m.signals:
+                m.reasons["learned"] = f"learned weight embedding close to the prompt ({m.signals['learned']:.2f})"
+            if "preview" in m.signals:
+                m.reasons["preview"] = f"preview image matches ({m.signals['preview']:.2f})"
+            out.append(m)
+        return out
+
+    def select(self, prompt: str, top_k: int = DEFAULT_TOP_K, min_score: float = DEFAULT_MIN_SCORE) -> list[Match]:
+        """At most ``top_k`` matches scoring at least ``min_score``, one per near-duplicate group."""
+        return select(self.search(prompt, limit=max(4 * top_k, 20)), top_k, min_score)
+
+
+def _dup_key(row) -> str:
+    words = sorted({w.strip().lower() for w in row.trigger_words if w.strip()})
+    return "trigger:" + "|".join(words) if words else "sha:" + row.sha256
+
+
+def select(matches: list[Match], top_k: int = DEFAULT_TOP_K, min_score: float = DEFAULT_MIN_SCORE) -> list[Match]:
+    """Top ``top_k`` of ranked ``matches`` with score >= ``min_score``; of adapters with the same trigger
+    words (or the same file content) only the best scoring one."""
+    chosen, groups = [], set()
+    for m in matches:
+        if len(chosen) >= top_k or m.score < min_score:
+            break
+        key = _dup_key(m.row)
+        if key in groups:
+            continue
+        groups.add(key)
+        chosen.append(m)
+    return chosen
+
+
+def format_table(matches: list[Match], root=None) -> str:
+    """The ``compose search`` table."""
+    import os
+
+    header = ("#", "name", "score", "signals", "trigger words", "path")
+    lines = []
+    for i, m in enumerate(matches, 1):
+        sig = " ".join(f"{k[:3]}={v:.2f}" for k, v in sorted(m.signals.items(), key=lambda kv: -kv[1]))
+        trig = ", ".join(m.row.trigger_words[:4]) + (" ..." if len(m.row.trigger_words) > 4 else "")
+        path = m.path
+        if root is not None:
+            try:
+                path = os.path.relpath(path, root)
+            except ValueError:
+                pass
+        lines.append((str(i), m.name, f"{m.score:.3f}", sig, trig, path))
+    widths = [max(len(h), *(len(r[c]) for r in lines)) if lines else len(h) for c, h in enumerate(header)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    out = [fmt.format(*header).rstrip()] + [fmt.format(*r).rstrip() for r in lines]
+    return "\n".join(out)
+

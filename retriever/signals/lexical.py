@@ -1,0 +1,77 @@
+"""Lexical signal: the prompt's words against names, trigger words, tags and descriptions (FTS5/BM25).
+
+FTS5 (``bm25`` with column weights name 2, trigger words 4, tags 1, description 0.5) finds and orders the
+candidates; the score in [0, 1] says what matched, so it means the same in any library size:
+
+- a trigger word (phrase) found whole in the prompt: 1; partly: 0.8 x the share of its words found;
+- the file name's words: 0.8 x the share found in the prompt;
+- tags and description: 0.5 x the share of the prompt's content words they contain.
+
+Ties are broken by BM25.
+"""
+
+from __future__ import annotations
+
+import re
+
+STOPWORDS = frozenset(
+    "a an the of and or in on at to with by for from as is are be this that it its into over under very "
+    "photo picture image style art".split()
+)
+_WORD = re.compile(r"[0-9A-Za-z\u00C0-\uFFFF]+")
+
+
+def words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text or "")]
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in dict.fromkeys(words(text)) if w not in STOPWORDS and len(w) > 1]
+
+
+def _contains(seq: list[str], sub: list[str]) -> bool:
+    n = len(sub)
+    return n > 0 and any(seq[i : i + n] == sub for i in range(len(seq) - n + 1))
+
+
+def score_row(prompt_words: list[str], prompt_content: set[str], row) -> tuple[float, str]:
+    """``(score, reason)`` for one catalog row."""
+    best, why = 0.0, ""
+    for trig in row.trigger_words:
+        tw = words(trig)
+        if not tw:
+            continue
+        if _contains(prompt_words, tw):
+            return 1.0, f'trigger "{trig}" in prompt'
+        found = [w for w in tw if w in prompt_content]
+        s = 0.8 * len(found) / len(tw)
+        if s > best:
+            best, why = s, f'trigger "{trig}" partly ({", ".join(found)})'
+    name_words = [w for w in words(re.sub(r"[_\-.]", " ", row.name)) if w not in STOPWORDS and not w.isdigit()]
+    if name_words:
+        found = [w for w in name_words if w in prompt_content]
+        s = 0.8 * len(found) / len(name_words)
+        if s > best:
+            best, why = s, f'name "{row.name}" ({", ".join(found)})'
+    if prompt_content:
+        other = set(words(" ".join(row.tags))) | set(words(row.description))
+        found = [w for w in prompt_content if w in other]
+        s = 0.5 * len(found) / len(prompt_content)
+        if s > best:
+            best, why = s, f'tags/description mention {", ".join(found)}'
+    return best, why
+
+
+def search(catalog, prompt: str, rows_by_id: dict, family: str | None = None, limit: int = 500):
+    """``{file id: (score, reason, bm25)}`` for the rows FTS5 finds for ``prompt``."""
+    pw = words(prompt)
+    pc = content_words(prompt)
+    out = {}
+    for fid, bm25 in catalog.fts_search(pc, family=family, limit=limit):
+        row = rows_by_id.get(fid)
+        if row is None:
+            continue
+        s, why = score_row(pw, set(pc), row)
+        if s > 0:
+            out[fid] = (s, why, bm25)
+    return out
