@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora", "-l", action="append", metavar="PATH_OR_NAME[:WEIGHT]",
         help="a LoRA file or a name in the library; WEIGHT is W or TE:UNET (default 1). Repeat for more.",
     )
+    p.add_argument(
+        "--loras", metavar="auto", choices=["auto"],
+        help="auto: let the retriever choose LoRAs from the library for the prompt (compose index DIR first, or it indexes on use)",
+    )
+    p.add_argument("--top-k", dest="top_k", type=int, metavar="K", help="with --loras auto: at most K adapters (default 3)")
+    p.add_argument("--min-score", dest="min_score", type=float, metavar="S", help="with --loras auto: minimum fused score (default 0.3)")
     p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the demo model)")
     p.add_argument("--library", metavar="DIR", help="folder of LoRA files to look names up in (default: $LORA_COMPOSER_LIBRARY)")
     p.add_argument("--strategy", help="how adapters are combined: " + ", ".join(_strategies()) + " (default: merge)")
@@ -233,6 +239,8 @@ def render(args) -> int:
     for ref in tag_refs:
         resolve_lora(ref.name, library)
     loras = [(str(resolve_lora(name, library)), te, unet) for name, te, unet in s["loras"]]
+    if args.loras == "auto" and loras:
+        raise _UsageError("--loras auto chooses the LoRAs itself: leave out --lora (prompt tags still apply)")
     out = Path(args.out) if args.out else Path.cwd() / f"compose-{s['seed']}.png"
     if out.suffix.lower() != ".png":
         raise _UsageError(f"--out {out}: the output is a PNG, name it .png")
@@ -251,10 +259,12 @@ def render(args) -> int:
 
     started = time.perf_counter()
     images = pipe(
-        s["prompt"], negative_prompt=s["negative_prompt"] or None, loras=loras, strategy=s["strategy"],
+        s["prompt"], negative_prompt=s["negative_prompt"] or None, loras="auto" if args.loras == "auto" else loras,
+        strategy=s["strategy"],
         strategy_args=s["strategy_args"] or None, num_inference_steps=s["steps"], guidance_scale=s["guidance"],
         seed=s["seed"], height=s["height"], width=s["width"], append_trigger_words=bool(s["trigger_words"]),
         progress=not args.quiet, allow_pickle=args.allow_pickle,
+        **({"top_k": args.top_k, "min_score": args.min_score} if args.loras == "auto" else {}),
     )
     elapsed = time.perf_counter() - started
     record = getattr(pipe, "last_record", None)
@@ -278,6 +288,9 @@ def render(args) -> int:
         f"{lo['name']} {_weights_text(float(lo['te_weight']), float(lo['unet_weight']))}" for lo in (record.loras if record else [])
     )
     size = f"{image.width}x{image.height}"
+    if args.loras == "auto":
+        picked = getattr(pipe, "last_retrieval", [])
+        print("auto LoRAs: " + ("; ".join(f"{m.name} {m.weight:g} (score {m.score:.2f}: {m.reason})" for m in picked) or "none matched"))
     print(f"wrote {out} in {elapsed:.1f} s (seed {s['seed']}, {s['steps']} steps, {size}); LoRAs: {applied or 'none'}{explained}")
     return 0
 

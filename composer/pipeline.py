@@ -58,6 +58,7 @@ class ComposerPipeline:
         self._files: dict[str, tuple] = {}  # adapter name -> (resolved path, size, mtime)
         self.last_record: GenerationRecord | None = None
         self.last_driver: DenoiserDriver | None = None
+        self.last_retrieval: list = []  # loras="auto": the retriever's matches (score, signals, reason)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, library=None, torch_dtype=None, device=None, **kwargs):
@@ -116,6 +117,24 @@ class ComposerPipeline:
         self._files.clear()
 
     # -- generation ------------------------------------------------------------------------------
+    def choose_loras(self, prompt: str, top_k: int | None = None, min_score: float | None = None) -> list:
+        """``loras="auto"``: the library's adapters of this pipeline's family that fit ``prompt``
+        (:mod:`retriever`), as ``[(path, weight)]``; the matches with their reasons are kept in
+        ``last_retrieval``."""
+        if self.library is None:
+            raise ComposerError('loras="auto" needs a LoRA library (library=DIR, --library DIR)')
+        from retriever import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, retriever_for
+
+        if self.runtime.adapters:  # encode the prompt with the base text encoder
+            self.runtime.set_weights(text={})
+        found = retriever_for(self.pipe, self.library, family=self.runtime.family).select(
+            prompt,
+            top_k=DEFAULT_TOP_K if top_k is None else int(top_k),
+            min_score=DEFAULT_MIN_SCORE if min_score is None else float(min_score),
+        )
+        self.last_retrieval = found
+        return [(m.path, m.weight) for m in found]
+
     def _attach(self, refs: list[LoraRef], allow_pickle: bool) -> list[tuple[Adapter, LoraRef]]:
         """Attach every requested adapter or none: on failure, those attached here are detached."""
         before = set(self.runtime.adapters)
@@ -148,6 +167,8 @@ class ComposerPipeline:
         progress: bool = True,
         allow_pickle: bool = False,
         callback=None,
+        top_k: int | None = None,
+        min_score: float | None = None,
         **pipe_kwargs,
     ):
         """Render ``prompt`` with ``loras`` composed by ``strategy``; returns a list of PIL images.
@@ -156,10 +177,15 @@ class ComposerPipeline:
         ``<lora:name:w>`` tags in the prompt are added to them and removed from the text. Each image's
         ``info`` holds its generation parameters (A1111 ``parameters`` and a ``lora-composer`` JSON).
         ``fuse=True`` folds static weights into the base weights for the call (restored exactly after).
+        ``loras="auto"`` lets the retriever choose up to ``top_k`` (3) adapters scoring at least ``min_score``
+        (0.3) for the prompt from the library's catalog; why is in ``last_retrieval``.
         ``max_batch`` caps the rows of one denoiser pass when a strategy runs several row groups.
         """
         start = time.perf_counter()
         clean_prompt, tag_refs = parse_prompt(prompt)
+        self.last_retrieval = []
+        if isinstance(loras, str) and loras == "auto":  # top_k/min_score: see choose_loras
+            loras = self.choose_loras(clean_prompt, top_k, min_score)
         refs = [_as_ref(item) for item in loras] + tag_refs
         strat = get_strategy(strategy, **(strategy_args or {}))
         chosen = self._attach(refs, allow_pickle)

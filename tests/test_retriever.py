@@ -8,6 +8,7 @@ files have no name, trigger word or description that says what they do.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -203,3 +204,46 @@ def test_bf16_scan_matches_exact_ranking(retriever, monkeypatch):
         retriever._version = None
     assert names(fast) == names(exact)
     assert [m.score for m in fast] == pytest.approx([m.score for m in exact], abs=1e-5)
+
+
+def test_pipeline_loras_auto_chooses_and_says_why(pipe, library, catalog):
+    from composer.pipeline import ComposerPipeline
+
+    cp = ComposerPipeline(copy.deepcopy(pipe), library=library)
+    images = cp("a dragon, monochrome ink sketch", loras="auto", top_k=2, num_inference_steps=1, seed=1,
+                height=32, width=32, progress=False)
+    got = {m.name for m in cp.last_retrieval}
+    assert images and "file-1" in got and len(got & {"ink", "ink-v2"}) == 1
+    assert len(cp.last_retrieval) == 2 and all(m.reason for m in cp.last_retrieval)
+    applied = {lo["name"]: lo["unet_weight"] for lo in cp.last_record.loras}
+    assert set(applied) == {m.name for m in cp.last_retrieval} and applied["file-1"] == 0.8
+    assert "xl-castle" not in applied
+    cp("a bowl of soup", loras="auto", num_inference_steps=1, seed=1, height=32, width=32, progress=False)
+    assert cp.last_record.loras == [] and cp.last_retrieval == []
+
+
+def test_cli_index_search_and_loras_auto(tmp_path, monkeypatch, capsys, pipe):
+    from composer.cli import main
+
+    monkeypatch.setenv("LORA_COMPOSER_HOME", str(tmp_path / "home"))
+    lib = tmp_path / "lib"
+    write_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=5, text_encoder=False), lib / "pix.safetensors",
+               sidecar={"trainedWords": ["pixel art"], "description": "8-bit pixel art"})
+    write_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=6, text_encoder=False), lib / "plain.safetensors")
+    (lib / "bad.safetensors").write_bytes(b"not a lora")
+    assert main(["index", str(lib), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "2 new" in out and "1 skipped" in out and "skipped bad.safetensors:" in out
+    assert (lib / ".lora-composer" / "catalog.sqlite").is_file()
+    assert main(["search", "a castle in pixel art", "--library", str(lib), "-q"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[1].split()[:3] == ["#", "name", "score"] and lines[2].split()[1] == "pix"
+    assert "pixel art" in lines[2] and "--loras auto would use: pix:0.8" in out
+    png = tmp_path / "auto.png"
+    code = main(["--prompt", "a castle in pixel art", "--loras", "auto", "--top-k", "1", "--library", str(lib),
+                 "--steps", "1", "--seed", "3", "--out", str(png), "-q"])
+    out = capsys.readouterr().out
+    assert code == 0 and png.is_file()
+    assert 'auto LoRAs: pix 0.8 (score 1.00: trigger "pixel art" in prompt' in out and "LoRAs: pix 0.8" in out
+    assert main(["--prompt", "x", "--loras", "auto", "--lora", "pix", "--library", str(lib), "-q"]) == 2
