@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from bench import fuse_cycles, switch_weights
+from bench import fuse_cycles, strategies, switch_weights
 
-BENCHMARKS = (switch_weights, fuse_cycles)
+BENCHMARKS = (switch_weights, fuse_cycles, strategies)
 
 
 def main(argv: list[str] | None = None) -> list:
