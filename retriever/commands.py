@@ -129,25 +129,6 @@ def search_main(argv: list[str]) -> int:
     return 0
 
 
-def train_main(argv: list[str]) -> int:
-    p = _Parser(prog="compose train-retriever", description="Train the learned weight encoder on the catalog's described adapters.")
-    p.add_argument("library", metavar="DIR", nargs="?", help="folder of LoRA files (default: $LORA_COMPOSER_LIBRARY)")
-    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="base model whose text encoder embeds the descriptions (default: demo)")
-    p.add_argument("--catalog", metavar="FILE", help="catalog file")
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", "-q", action="store_true")
-    args = p.parse_args(argv)
-    from retriever.signals import learned
-
-    args.library = args.library or os.environ.get("LORA_COMPOSER_LIBRARY")
-    root = _library(args)
-    pipe = _load_pipe(args.model)
-    result = learned.train_for_library(pipe, root, catalog=args.catalog, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
-    print(result)
-    return 0
-
-
 def _wrap(fn):
     def run(argv: list[str]) -> int:
         try:
@@ -162,5 +143,4 @@ def _wrap(fn):
 COMMANDS = {
     "index": ("index a LoRA folder into its catalog (incremental)", _wrap(index_main)),
     "search": ("rank the library's LoRAs for a prompt", _wrap(search_main)),
-    "train-retriever": ("train the learned weight encoder of the retriever", _wrap(train_main)),
 }

@@ -217,8 +217,12 @@ class Retriever:
             return {k: v for k, v in sig.items() if use is None or k.lstrip("_").replace("_raw", "") in use}
 
         # full scan
-        qt = torch.from_numpy(q)
-        s_all = (self.scan @ qt.to(self.scan.dtype)).float().numpy() if q.shape[1] else np.zeros((n, 0), np.float32)
+        if not q.shape[1]:
+            s_all = np.zeros((n, 0), np.float32)
+        elif self.scan.dtype == torch.float32:
+            s_all = self.matrix @ q
+        else:
+            s_all = (self.scan @ torch.from_numpy(q).to(self.scan.dtype)).float().numpy()
         sig_all, _ = self._signals(s_all, cols)
         sig_all["lexical"] = lex_all
         fused = self._fuse(pick(sig_all), n)

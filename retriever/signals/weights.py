@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 KV_SUFFIXES = (".attn2.to_k", ".attn2.to_v")
 DIRECTIONS = 2
@@ -50,19 +49,19 @@ def encode_adapter(adapter, directions: int = DIRECTIONS) -> tuple[np.ndarray, f
     width = max(by_width, key=lambda w: (len(by_width[w]), w))
     blocks = []
     for d in by_width[width]:
-        up = d.up.float()
-        _, r = torch.linalg.qr(up, mode="reduced")  # up = q r, so up^T up = r^T r
-        blocks.append(d.scale * (r @ d.down.float()))
-    z = torch.cat(blocks)
-    if not torch.isfinite(z).all():
+        up = d.up.detach().float().numpy()
+        r = np.linalg.qr(up, mode="r")  # up = q r, so up^T up = r^T r  (numpy: far cheaper than torch here)
+        blocks.append(d.scale * (r @ d.down.detach().float().numpy()))
+    z = np.concatenate(blocks).astype(np.float64)
+    if not np.isfinite(z).all():
         return None
-    s, vh = torch.linalg.svd(z, full_matrices=False)[1:]
-    energy = (s**2)
+    _, s, vh = np.linalg.svd(z, full_matrices=False)
+    energy = s**2
     total = float(energy.sum())
     if total <= 0:
         return None
     m = min(directions, vh.shape[0])
-    p = (vh[:m] * torch.sqrt(energy[:m] / total)[:, None]).numpy().astype(np.float32)
+    p = (vh[:m] * np.sqrt(energy[:m] / total)[:, None]).astype(np.float32)
     if p.shape[0] < directions:  # pad: zero rows contribute nothing
         p = np.concatenate([p, np.zeros((directions - p.shape[0], p.shape[1]), np.float32)])
     return p, float(energy[:m].sum() / total)
