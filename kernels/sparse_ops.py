@@ -35,7 +35,7 @@ def sparse_restore(weight: torch.Tensor, idx: torch.Tensor, backup: torch.Tensor
     _flat(weight).index_copy_(0, idx, backup)
 
 
-def merge_sparse(indices: list[torch.Tensor], values: list[torch.Tensor]):
+def merge_sparse(indices: list[torch.Tensor]):
     """Union of several adapters' flat positions: ``(union, inverse)`` such that
     ``zeros(len(union)).index_add_(0, inverse, cat(values))`` sums them (overlaps added)."""
     if len(indices) == 1:
@@ -66,7 +66,8 @@ def sparse_delta(x: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, out_f
 
     def one(xb: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         x2 = xb.reshape(-1, in_features)
-        d = torch.sparse_coo_tensor(ij, v.to(x2.dtype), (out_features, in_features), is_coalesced=True)
+        d = torch.sparse_coo_tensor(ij, v.to(x2.dtype), (out_features, in_features),
+                                    is_coalesced=True, check_invariants=False)
         return torch.sparse.mm(d, x2.t()).t().reshape(*xb.shape[:-1], out_features)
 
     if values.dim() == 1 or values.shape[0] == 1:

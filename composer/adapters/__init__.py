@@ -3,15 +3,19 @@
 from .family import detect_family
 from .formats import resolve_module
 from .io import load_adapter, save_adapter
-from .types import FAMILIES, Adapter, AdapterMetadata, LayerDelta
+from .shira import load_shira, save_shira
+from .types import FAMILIES, Adapter, AdapterMetadata, LayerDelta, SparseDelta
 
 __all__ = [
     "FAMILIES",
     "Adapter",
     "AdapterMetadata",
     "LayerDelta",
+    "SparseDelta",
     "detect_family",
     "load_adapter",
+    "load_shira",
     "resolve_module",
     "save_adapter",
+    "save_shira",
 ]

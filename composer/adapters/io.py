@@ -99,10 +99,19 @@ def read_state_dict(path, allow_pickle: bool = False) -> tuple[dict[str, torch.T
 def load_adapter(path, name: str | None = None, allow_pickle: bool = False) -> Adapter:
     """Load a LoRA file (diffusers/PEFT or kohya/A1111 keys) into the canonical :class:`Adapter`.
 
+    SHiRA adapters (a PEFT SHiRA folder or file, or our sparse format) load with :class:`SparseDelta`
+    deltas (see :mod:`composer.adapters.shira`).
+
     Raises :class:`composer.errors.AdapterLoadError` (``"PATH: cause"``, one line) for anything that is
     not a loadable LoRA. Pure: reads the file (and its sidecars), changes nothing else.
     """
+    from . import shira
+
+    if Path(path).is_dir() and shira.peft_shira_dir(Path(path)) is not None:
+        return shira.load_shira(path, name=name)
     tensors, header, resolved = read_state_dict(path, allow_pickle=allow_pickle)
+    if shira.is_shira_state_dict(tensors):  # sparse (SHiRA) adapter: PEFT's keys or ours
+        return shira.load_shira(path, name=name)
     try:
         deltas, source_format = parse_state_dict(tensors, header)
     except FormatError as e:

@@ -22,6 +22,8 @@ class LayerDelta:
     up: torch.Tensor
     alpha: float
 
+    is_sparse = False
+
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
@@ -33,6 +35,58 @@ class LayerDelta:
     @property
     def is_conv(self) -> bool:
         return self.down.dim() == 4
+
+
+@dataclass
+class SparseDelta:
+    """Sparse (SHiRA) delta ``alpha * D`` for one Linear module, ``D[indices[0, i], indices[1, i]] = values[i]``.
+
+    ``indices`` is ``[2, N]`` (row = output feature, column = input feature; PEFT's ``shira_indices``),
+    ``values`` ``[N]`` (PEFT's ``shira_weight``), ``shape`` the weight's ``(out, in)``. ``alpha`` is PEFT's
+    ``scaling`` (1 unless set). Fused by a scatter into the weight; the backup is only the overwritten values.
+    """
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, int]
+    alpha: float = 1.0
+
+    rank = 0  # not low-rank: no rank columns in the stack
+    is_conv = False
+    is_sparse = True
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / float(self.shape[0] * self.shape[1])
+
+    def flat_index(self) -> torch.Tensor:
+        """Sorted, unique positions ``row * in + col`` in the flattened weight (duplicates are summed)."""
+        return self.coalesced()[0]
+
+    def coalesced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(flat positions, values)`` sorted with repeated positions summed (fp32)."""
+        flat = self.indices[0].long() * int(self.shape[1]) + self.indices[1].long()
+        uniq, inv = torch.unique(flat, sorted=True, return_inverse=True)
+        if uniq.numel() == flat.numel():
+            order = torch.argsort(flat)
+            return flat[order], self.values.float()[order]
+        vals = torch.zeros(uniq.numel(), dtype=torch.float32).index_add_(0, inv, self.values.float())
+        return uniq, vals
+
+    def dense(self) -> torch.Tensor:
+        """The full ``alpha * D`` in fp32 (for conversion and tests)."""
+        out = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.float32)
+        flat, vals = self.coalesced()
+        out.index_add_(0, flat, vals * self.scale)
+        return out.view(*self.shape)
 
 
 @dataclass
@@ -69,7 +123,12 @@ class Adapter:
 
     @property
     def ranks(self) -> set[int]:
-        return {d.rank for d in self.deltas.values()}
+        return {d.rank for d in self.deltas.values() if not getattr(d, "is_sparse", False)}
+
+    @property
+    def is_sparse(self) -> bool:
+        """True for SHiRA adapters (every delta a :class:`SparseDelta`)."""
+        return bool(self.deltas) and all(getattr(d, "is_sparse", False) for d in self.deltas.values())
 
     def __repr__(self) -> str:
         ranks = sorted(self.ranks)

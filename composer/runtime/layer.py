@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from composer.runtime.mixing import MixingState
-from kernels import fold_delta, stacked_delta
+from kernels import fold_delta, sparse_delta, sparse_fold, sparse_restore, stacked_delta
+from kernels.sparse_ops import merge_sparse, merged_values
 
 DOWN, UP = "_lora_composer_down", "_lora_composer_up"
 
@@ -49,6 +50,12 @@ class PatchedLayer:
         self._cache = None
         self._runs: dict[frozenset[int], list[tuple[int, int]]] = {}
         self._spans: dict[int, tuple[int, int]] = {}  # slot -> its columns in the stack
+        # SHiRA adapters: slot -> (sorted unique flat positions, fp32 values times alpha), on the weight's device
+        self.sparse: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sparse_backup: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, overwritten values)
+        self._unions: dict[frozenset[int], tuple] = {}  # live sparse slots -> merge_sparse(...)
+        self._sparse_key = None
+        self._sparse_cache = None
         self._handle = module.register_forward_hook(self._hook)
         mixer.attach(self)
 
@@ -90,9 +97,30 @@ class PatchedLayer:
             self.module.register_buffer(UP, self.up.index_select(1, idx).contiguous(), persistent=False)
         self._stack_changed()
 
+    def add_sparse(self, slot: int, flat_index: torch.Tensor, values: torch.Tensor, scale: float) -> None:
+        """Attach a SHiRA delta: ``weight.flat[flat_index] += scale * values`` when it acts."""
+        dev = self.module.weight.device
+        self.sparse[slot] = (flat_index.to(dev, torch.long).contiguous(), (values.float() * scale).to(dev).contiguous())
+        self._sparse_changed()
+
+    def remove_sparse(self, slot: int) -> None:
+        self.sparse.pop(slot, None)
+        self._sparse_changed()
+
+    def _sparse_changed(self) -> None:
+        self._unions.clear()
+        self._sparse_key = None
+
+    def holds(self, slot: int) -> bool:
+        return slot in self.sparse or any(b.slot == slot for b in self.blocks)
+
     @property
     def empty(self) -> bool:
-        return not self.blocks
+        return not self.blocks and not self.sparse
+
+    @property
+    def fused(self) -> bool:
+        return self.backup is not None or self.sparse_backup is not None
 
     def detach(self) -> None:
         """Remove the hook and the buffers, restoring the base weights if fused."""
@@ -102,6 +130,7 @@ class PatchedLayer:
             if hasattr(self.module, name):
                 delattr(self.module, name)
         self.blocks = []
+        self.sparse = {}
         self.mixer.detach(self)
 
     # -- scales --------------------------------------------------------------------------------
@@ -153,31 +182,94 @@ class PatchedLayer:
                     self._cache = (self._rank_scale(), runs)
         return self._cache
 
+    def _sparse_live(self, weights: torch.Tensor) -> list[int]:
+        return [slot for slot in sorted(self.sparse) if bool((weights[:, slot] != 0).any())]
+
+    def _union(self, live: list[int]):
+        key = frozenset(live)
+        hit = self._unions.get(key)
+        if hit is None:
+            if len(self._unions) >= 32:
+                self._unions.clear()
+            hit = self._unions[key] = merge_sparse([self.sparse[s][0] for s in live])
+        return hit
+
+    def sparse_refresh(self):
+        """(positions, values ``[rows, N]``) of the live SHiRA adapters, weighted, once per mixer version."""
+        mixer = self.mixer
+        key = (mixer.version, self.module.weight.device)
+        if key != self._sparse_key:
+            self._sparse_key, self._sparse_cache = key, None
+            if self.sparse and mixer.enabled:
+                weights = mixer.weights_for(self.group)
+                live = self._sparse_live(weights)
+                if live:
+                    union, inverse = self._union(live)
+                    dev = self.module.weight.device
+                    rows = [
+                        merged_values(union, inverse, [self.sparse[s][1] * float(weights[r, s]) for s in live])
+                        for r in range(weights.shape[0])
+                    ]
+                    self._sparse_cache = (union, torch.stack(rows).to(dev))
+        return self._sparse_cache
+
     def _hook(self, module, args, output):
-        if self.backup is not None:
+        if self.fused:
             return None  # fused: the delta is already in the weight
-        active = self.refresh()
-        if active is None:
+        active = self.refresh() if self.blocks else None
+        sparse = self.sparse_refresh() if self.sparse else None
+        if active is None and sparse is None:
             return None  # nothing acts: output is exactly the base layer's
-        s, runs = active
-        return output + stacked_delta(args[0], self.down, self.up, s, self.conv, runs)
+        if active is not None:
+            s, runs = active
+            output = stacked_delta(args[0], self.down, self.up, s, self.conv, runs, out=output)
+        if sparse is not None:
+            idx, vals = sparse
+            output = output + sparse_delta(args[0], idx, vals, output.shape[-1])
+        return output
 
     # -- fused mode -----------------------------------------------------------------------------
     def fuse(self) -> None:
-        """Fold the current (uniform) weights into the base weight; refolds from the backup if fused."""
+        """Fold the current (uniform) weights into the base weight; refolds from the backup if fused.
+
+        Low-rank adapters: ``W = backup + B diag(s) A`` (one fp32 GEMM), ``backup`` a clone of the weight.
+        A layer holding only SHiRA adapters is fused by scatter instead: the backup is only the values at
+        the live adapters' positions, so a switch costs O(nonzeros) and restores bit-exactly.
+        """
         if not self.mixer.is_uniform:
             raise ValueError("per-row mixing weights cannot be fused")
         weight = self.module.weight
+        sparse = self.sparse_refresh() if self.sparse else None
+        dense_live = bool(self.blocks) and self.mixer.enabled and self.refresh() is not None
+        if not dense_live and self.backup is None:
+            self._restore_sparse()
+            if sparse is not None:
+                idx, vals = sparse
+                with torch.no_grad():
+                    self.sparse_backup = (idx, sparse_fold(weight, idx, vals[0]))
+            return
+        self._restore_sparse()
         if self.backup is None:
             self.backup = weight.detach().clone()
         new = self.backup.float()
         if self.blocks and self.mixer.enabled:
             s = self._rank_scale()[0]
             new = new + fold_delta(new, self.down, self.up, s).float()
+        if sparse is not None:
+            idx, vals = sparse
+            new = new.clone() if new.data_ptr() == self.backup.data_ptr() else new
+            new.view(-1).index_add_(0, idx, vals[0])
         with torch.no_grad():
             weight.copy_(new.to(weight.dtype) if new.dtype != weight.dtype else new)
 
+    def _restore_sparse(self) -> None:
+        if self.sparse_backup is not None:
+            with torch.no_grad():
+                sparse_restore(self.module.weight, *self.sparse_backup)
+            self.sparse_backup = None
+
     def unfuse(self) -> None:
+        self._restore_sparse()
         if self.backup is None:
             return
         with torch.no_grad():

@@ -52,8 +52,25 @@ def _resolve(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
     return None
 
 
+def _check_sparse_fit(module: torch.nn.Module, delta) -> str | None:
+    """Why a SHiRA ``delta`` cannot patch ``module`` (Linear only; indices inside the weight), or None."""
+    if not isinstance(module, torch.nn.Linear):
+        return f"is a {type(module).__name__}; sparse (SHiRA) deltas patch Linear layers"
+    out_f, in_f = module.out_features, module.in_features
+    idx = delta.indices
+    if idx.numel() and (int(idx[0].max()) >= out_f or int(idx[1].max()) >= in_f or int(idx.min()) < 0):
+        return f"sparse indices reach ({int(idx[0].max())}, {int(idx[1].max())}), layer weight is {out_f}x{in_f}"
+    if tuple(delta.shape) not in ((out_f, in_f),) and (delta.shape[0] > out_f or delta.shape[1] > in_f):
+        return f"sparse delta is {delta.shape[0]}x{delta.shape[1]}, layer weight is {out_f}x{in_f}"
+    if not torch.isfinite(delta.values).all():
+        return "holds NaN or inf values"
+    return None
+
+
 def _check_fit(module: torch.nn.Module, delta) -> str | None:
     """Why ``delta`` cannot patch ``module``, or None if it fits."""
+    if getattr(delta, "is_sparse", False):
+        return _check_sparse_fit(module, delta)
     down, up = delta.down, delta.up
     if isinstance(module, torch.nn.Linear):
         if down.dim() != 2 or up.dim() != 2:
@@ -118,7 +135,7 @@ class LoraRuntime:
             why = _check_fit(module, delta)
             if why:
                 raise AdapterMismatchError(where, f"layer {key}: {why}")
-            if not (torch.isfinite(delta.down).all() and torch.isfinite(delta.up).all()):
+            if not delta.is_sparse and not (torch.isfinite(delta.down).all() and torch.isfinite(delta.up).all()):
                 raise AdapterMismatchError(where, f"layer {key} holds NaN or inf values")
             plan.append((key, module))
         return plan
@@ -142,7 +159,17 @@ class LoraRuntime:
                 mixer = self.denoiser_mix if comp in DENOISERS else self.text_mix
                 layer = self.layers[key] = PatchedLayer(module, mixer, layer_group(key))
             delta = adapter.deltas[key]
-            layer.add(slot, delta.down, delta.up, delta.scale)
+            if delta.is_sparse:
+                # flat positions in this layer's weight (PEFT files carry no shape: use the module's)
+                flat = delta.indices[0].long() * module.in_features + delta.indices[1].long()
+                flat, order = torch.sort(flat)
+                values = delta.values.float()[order]
+                uniq, inv = torch.unique_consecutive(flat, return_inverse=True)
+                if uniq.numel() != flat.numel():  # repeated positions add up
+                    values = torch.zeros(uniq.numel()).index_add_(0, inv, values)
+                layer.add_sparse(slot, uniq, values, delta.scale)
+            else:
+                layer.add(slot, delta.down, delta.up, delta.scale)
         self.adapters[adapter.name] = adapter
         self.slots[adapter.name] = slot
         if refuse:
@@ -157,8 +184,11 @@ class LoraRuntime:
             self.unfuse()
         for key in list(self.layers):
             layer = self.layers[key]
-            if any(b.slot == slot for b in layer.blocks):
-                layer.remove(slot)
+            if layer.holds(slot):
+                if slot in layer.sparse:
+                    layer.remove_sparse(slot)
+                if any(b.slot == slot for b in layer.blocks):
+                    layer.remove(slot)
                 if layer.empty:
                     layer.detach()
                     del self.layers[key]

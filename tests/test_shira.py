@@ -1,0 +1,211 @@
+"""SHiRA sparse adapters: PEFT checkpoints, our format, scatter fusing with exact restore, conversions."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from composer import tiny
+from composer.adapters import load_adapter, save_shira
+from composer.adapters.shira import lora_to_shira, squeeze_lora
+from composer.adapters.types import Adapter, LayerDelta, SparseDelta
+from composer.runtime import LoraRuntime
+
+TARGETS = list(tiny.SD15_TARGETS)
+
+
+def unet_call(unet, batch=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 4, 8, 8, generator=gen)
+    ehs = torch.randn(batch, 7, unet.config.cross_attention_dim, generator=gen)
+    with torch.no_grad():
+        return unet(sample, torch.tensor(500), encoder_hidden_states=ehs).sample
+
+
+def _target_linears(unet):
+    return {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(tuple(TARGETS))}
+
+
+def _base_weights(unet):
+    return {n: m.weight.detach().clone() for n, m in _target_linears(unet).items()}
+
+
+def random_shira(unet, name, seed, density=0.02, family="sd15") -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for path, m in _target_linears(unet).items():
+        out_f, in_f = m.weight.shape
+        k = max(1, int(density * out_f * in_f))
+        flat = torch.randperm(out_f * in_f, generator=g)[:k]
+        deltas[f"unet.{path}"] = SparseDelta(torch.stack([flat // in_f, flat % in_f]), torch.randn(k, generator=g),
+                                             (out_f, in_f))
+    return Adapter(name, family, deltas)
+
+
+@pytest.fixture(scope="module")
+def peft_shira(_sd15_template, tmp_path_factory):
+    """A SHiRA adapter trained a few steps with PEFT on the tiny UNet, saved with ``save_pretrained``."""
+    from peft import ShiraConfig, get_peft_model
+
+    unet = copy.deepcopy(_sd15_template.unet)
+    model = get_peft_model(unet, ShiraConfig(r=2, target_modules=TARGETS, random_seed=3))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    gen = torch.Generator().manual_seed(1)
+    sample = torch.randn(1, 4, 8, 8, generator=gen)
+    ehs = torch.randn(1, 7, unet.config.cross_attention_dim, generator=gen)
+    target = torch.randn(1, 4, 8, 8, generator=gen)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = (model(sample, torch.tensor(500), encoder_hidden_states=ehs).sample - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+    folder = tmp_path_factory.mktemp("peft") / "shira_adapter"
+    model.save_pretrained(str(folder))
+    merged = model.merge_and_unload().eval()
+    return folder, merged
+
+
+def test_peft_shira_loads_and_matches_peft_merged(sd15_pipe, peft_shira):
+    folder, merged = peft_shira
+    adapter = load_adapter(folder)
+    assert adapter.is_sparse and adapter.metadata.source_format == "peft-shira"
+    assert all(k.startswith("unet.") for k in adapter.deltas)
+    base = _base_weights(sd15_pipe.unet)
+    want = unet_call(merged)
+    rt = LoraRuntime(sd15_pipe)
+    rt.add(adapter)
+    rt.set_weights(unet={adapter.name: 1.0})
+    unfused = unet_call(sd15_pipe.unet)
+    assert (want - unet_call(copy.deepcopy(sd15_pipe.unet).requires_grad_(False))).abs().max() < 1e-5
+    torch.testing.assert_close(unfused, want, atol=1e-5, rtol=0)
+    rt.fuse()
+    torch.testing.assert_close(unet_call(sd15_pipe.unet), want, atol=1e-5, rtol=0)
+    merged_w = {n: m.weight for n, m in _target_linears(merged).items()}
+    for n, m in _target_linears(sd15_pipe.unet).items():
+        torch.testing.assert_close(m.weight, merged_w[n], atol=1e-6, rtol=0)
+    rt.unfuse()
+    assert all(torch.equal(m.weight, base[n]) for n, m in _target_linears(sd15_pipe.unet).items())
+
+
+def test_our_format_roundtrip_and_load_dispatch(sd15_pipe, tmp_path):
+    a = random_shira(sd15_pipe.unet, "s", seed=0)
+    a.deltas[next(iter(a.deltas))].alpha = 0.5
+    path = save_shira(a, tmp_path / "s.safetensors")
+    b = load_adapter(path)
+    assert b.metadata.source_format == "shira" and b.family == "sd15" and b.is_sparse
+    for k, d in a.deltas.items():
+        e = b.deltas[k]
+        assert e.shape == d.shape and e.alpha == d.alpha
+        assert torch.equal(e.dense(), d.dense())
+
+
+def test_several_shira_fused_weighted_equal_dense_and_unfused(sd15_pipe):
+    unet = sd15_pipe.unet
+    adapters = [random_shira(unet, f"s{i}", seed=10 + i, density=0.05) for i in range(3)]
+    weights = {"s0": 0.7, "s1": -0.4, "s2": 1.3}
+    base = _base_weights(unet)
+    rt = LoraRuntime(sd15_pipe)
+    for a in adapters:
+        rt.add(a)
+    rt.set_weights(unet=weights)
+    unfused = unet_call(unet)
+    rt.fuse()
+    for path, m in _target_linears(unet).items():
+        want = base[path] + sum(w * adapters[i].deltas[f"unet.{path}"].dense() for i, w in enumerate(weights.values()))
+        torch.testing.assert_close(m.weight, want, atol=1e-6, rtol=0)
+    # random N(0, 1) sparse values at 5% density move the output far: fp32 rounding differs by a few 1e-5
+    torch.testing.assert_close(unet_call(unet), unfused, atol=1e-4, rtol=0)
+    # per-row weights, unfused: each row equals its own uniform run
+    rt.unfuse()
+    rt.set_denoiser_rows(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 1.0]]))
+    rows = unet_call(unet)
+    rt.set_weights(unet={"s0": 1.0})
+    torch.testing.assert_close(rows[0], unet_call(unet)[0], atol=1e-4, rtol=0)
+    rt.set_weights(unet={"s1": 0.5, "s2": 1.0})
+    torch.testing.assert_close(rows[1], unet_call(unet)[1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_1000_random_fused_switches_restore_exactly(sd15_pipe, dtype):
+    unet = sd15_pipe.unet.to(dtype)
+    base = _base_weights(unet)
+    rt = LoraRuntime(sd15_pipe)
+    names = [f"s{i}" for i in range(5)]
+    for i, n in enumerate(names):
+        rt.add(random_shira(unet, n, seed=100 + i))
+    rng = random.Random(0)
+    for step in range(1000):
+        chosen = rng.sample(names, rng.randint(1, 3))
+        rt.set_weights(unet={n: rng.choice([1.0, 0.5, -0.8, 1.7]) for n in chosen})
+        rt.fuse()
+        if step % 250 == 0:
+            assert any(not torch.equal(m.weight, base[p]) for p, m in _target_linears(unet).items())
+    rt.unfuse()
+    assert all(torch.equal(m.weight, base[p]) for p, m in _target_linears(unet).items())
+    assert all(layer.sparse_backup is None and layer.backup is None for layer in rt.layers.values())
+
+
+def test_shira_and_lora_on_same_layers_fuse_and_restore(sd15_pipe):
+    unet = sd15_pipe.unet
+    base = _base_weights(unet)
+    layers = tiny.random_lora_layers(sd15_pipe, seed=3, text_encoder=False)["unet"]
+    deltas = {f"unet.{k[:-len('.lora_A.weight')]}": LayerDelta(v, layers[k.replace("lora_A", "lora_B")], 4.0)
+              for k, v in layers.items() if k.endswith(".lora_A.weight")}
+    rt = LoraRuntime(sd15_pipe)
+    rt.add(Adapter("lora", "sd15", deltas))
+    rt.add(random_shira(unet, "s", seed=5))
+    rt.set_weights(unet={"lora": 0.6, "s": 0.9})
+    unfused = unet_call(unet)
+    rt.fuse()
+    torch.testing.assert_close(unet_call(unet), unfused, atol=1e-5, rtol=0)
+    rt.set_weights(unet={"s": 1.0})  # refuse: only the sparse one
+    rt.set_weights(unet={"lora": 1.0})
+    rt.unfuse()
+    assert all(torch.equal(m.weight, base[p]) for p, m in _target_linears(unet).items())
+    rt.remove("s")
+    rt.remove("lora")
+    assert not rt.layers
+
+
+def test_lora_to_shira_keeps_largest_entries_and_reports_error(sd15_pipe):
+    layers = tiny.random_lora_layers(sd15_pipe, rank=4, seed=7, text_encoder=False)["unet"]
+    deltas = {f"unet.{k[:-len('.lora_A.weight')]}": LayerDelta(v, layers[k.replace("lora_A", "lora_B")], 4.0)
+              for k, v in layers.items() if k.endswith(".lora_A.weight")}
+    lora = Adapter("l", "sd15", deltas)
+    shira, reports = lora_to_shira(lora, density=0.1)
+    for r in reports:
+        d, s = lora.deltas[r.key], shira.deltas[r.key]
+        dense = (d.up.float() * d.scale) @ d.down.float()
+        assert s.nnz == round(0.1 * dense.numel())
+        kept = s.dense()
+        smallest_kept = kept[kept != 0].abs().min()
+        assert dense[kept == 0].abs().max() <= smallest_kept + 1e-7
+        err = float((dense - kept).norm() / dense.norm())
+        assert abs(err - r.rel_error) < 1e-5 and 0 < r.rel_error < 1
+    full, _ = lora_to_shira(lora, density=1.0)
+    assert all(r.rel_error < 1e-6 for r in lora_to_shira(lora, density=1.0)[1]) and full.is_sparse
+
+
+def test_squeeze_rank_and_energy():
+    g = torch.Generator().manual_seed(0)
+    # rank-8 delta whose spectrum decays: 4 strong directions, 4 weak ones
+    u, _ = torch.linalg.qr(torch.randn(40, 8, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(24, 8, generator=g))
+    s = torch.tensor([10.0, 8, 6, 5, 0.1, 0.1, 0.05, 0.01])
+    d = LayerDelta((v * s.sqrt()).T.contiguous(), (u * s.sqrt()).contiguous(), 8.0)
+    conv = LayerDelta(torch.randn(6, 5, 3, 3, generator=g), torch.randn(7, 6, 1, 1, generator=g), 3.0)
+    lora = Adapter("l", "sd15", {"unet.a.to_q": d, "unet.b.conv": conv})
+    out, reports = squeeze_lora(lora, rank=4)
+    assert out.deltas["unet.a.to_q"].rank == 4 and out.deltas["unet.b.conv"].rank == 4
+    assert out.deltas["unet.b.conv"].down.shape == (4, 5, 3, 3) and out.deltas["unet.b.conv"].up.shape == (7, 4, 1, 1)
+    r = next(r for r in reports if r.key == "unet.a.to_q")
+    want = float((s[:4] ** 2).sum() / (s**2).sum())
+    assert abs(r.energy - want) < 1e-4 and r.rel_error < 0.02
+    auto, reports = squeeze_lora(lora, energy=0.99)
+    assert auto.deltas["unet.a.to_q"].rank == 4
+    assert all(r.energy >= 0.99 - 1e-6 for r in reports)
+    with pytest.raises(ValueError):
+        squeeze_lora(lora)
