@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from bench import fuse_cycles, strategies, switch_weights
+from bench import fuse_cycles, kernels, shira_switch, strategies, switch_weights
 
-BENCHMARKS = (switch_weights, fuse_cycles, strategies)
+BENCHMARKS = (switch_weights, fuse_cycles, strategies, shira_switch, kernels)
 
 
 def main(argv: list[str] | None = None) -> list:
