@@ -4,9 +4,17 @@ All dense signals of one base family live in **one matrix** ``[rows, D]`` held i
 per signal (text: ``d``; training-free weights: ``DIRECTIONS x d``; learned weights: ``d``; preview: the
 open_clip width). A query is one matrix product with ``[D, C]`` (one column for the text vector, one for
 the learned block, one per prompt token and weight direction, one for the preview), then per-signal
-reductions, the lexical scores from FTS5, fusion and an exact top-k. Above :data:`BF16_ROWS` rows the scan
-runs on a bfloat16 copy (half the memory traffic) and the best :data:`RESCORE` candidates are rescored
-exactly in float32 before the final top-k.
+reductions, the lexical scores from FTS5, fusion and an exact top-k.
+
+The scan is two-stage. Stage 1 (torch, over all rows): the product, the calibrated per-signal scores and
+the fused score computed on a compact copy of the matrix, then ``torch.topk`` keeps the best
+``max(RESCORE, 4 k)`` candidates. Stage 2 (numpy, candidates only): exact float32 rescoring and the final
+top-k. Up to :data:`BF16_ROWS` rows the compact copy is the float32 matrix itself (stage 1 is exact); above
+it, the copy is int8 with one scale per row and column block (a quarter of the float32 memory traffic,
+``torch._int_mm``; bfloat16 where int8 matmul is unavailable). Quantisation moves a cosine by about 1e-3,
+so a row outside the candidates would have to be within that of the k-th best fused score *and* behind
+:data:`RESCORE` others: the final ranking and scores are the exact ones
+(``tests/test_retriever.py::test_bf16_scan_matches_exact_ranking``).
 
 Fusion (noisy-OR of calibrated scores)::
 
@@ -29,7 +37,7 @@ from retriever.signals import weights as wsig
 from retriever.signals.weights import DIRECTIONS
 
 SIGNAL_WEIGHTS = {"lexical": 1.0, "weights": 1.0, "text": 0.8, "learned": 0.8, "preview": 0.8}
-BF16_ROWS = 20_000
+BF16_ROWS = 20_000  # above this many rows stage 1 scans the compact (int8) copy
 RESCORE = 512
 DEFAULT_WEIGHT = 0.8
 DEFAULT_MIN_SCORE = 0.3
@@ -132,8 +140,8 @@ class Retriever:
         self.present = present
         self.dim = dim
         self.dup_key = [_dup_key(r) for r in rows]
-        t = torch.from_numpy(matrix)
-        self.scan = t.to(torch.bfloat16) if len(rows) > BF16_ROWS else t
+        self._present_t = {k: torch.from_numpy(v.astype(np.float32)) for k, v in present.items()}
+        self.scan, self.row_scale = _compact(matrix, self.blocks, len(rows) > BF16_ROWS)
 
     # -- scoring ---------------------------------------------------------------------------------
     def _query_matrix(self, enc, text_q, preview_q) -> tuple[np.ndarray, dict]:
@@ -216,29 +224,18 @@ class Retriever:
         def pick(sig: dict) -> dict:
             return {k: v for k, v in sig.items() if use is None or k.lstrip("_").replace("_raw", "") in use}
 
-        # full scan
-        if not q.shape[1]:
-            s_all = np.zeros((n, 0), np.float32)
-        elif self.scan.dtype == torch.float32:
-            s_all = self.matrix @ q
-        else:
-            s_all = (self.scan @ torch.from_numpy(q).to(self.scan.dtype)).float().numpy()
-        sig_all, _ = self._signals(s_all, cols)
-        sig_all["lexical"] = lex_all
-        fused = self._fuse(pick(sig_all), n)
         k = n if limit is None else min(n, max(limit, 1))
-        if self.scan.dtype != torch.float32:
-            c = min(n, max(RESCORE, 4 * k))
-            cand = np.argpartition(-fused, c - 1)[:c] if c < n else np.arange(n)
-            s_c = self.matrix[cand] @ q
-            sig_c, best_tok = self._signals(s_c, cols, cand)
-            sig_c["lexical"] = lex_all[cand]
-            fused_c = self._fuse(pick(sig_c), len(cand))
+        c = min(n, max(RESCORE, 4 * k))
+        if c < n and q.shape[1]:
+            cand = self._candidates(q, cols, lex_all, use, c)
+        elif c < n:  # no dense column: the lexical hits are all there is
+            cand = np.argpartition(-lex_all, c - 1)[:c]
         else:
             cand = np.arange(n)
-            sig_c, best_tok = self._signals(s_all, cols)
-            sig_c["lexical"] = lex_all
-            fused_c = fused
+        s_c = self.matrix[cand] @ q if q.shape[1] else np.zeros((len(cand), 0), np.float32)
+        sig_c, best_tok = self._signals(s_c, cols, cand)
+        sig_c["lexical"] = lex_all[cand]
+        fused_c = self._fuse(pick(sig_c), len(cand))
         order = np.argsort(-fused_c, kind="stable")
         out = []
         for j in order:
@@ -267,9 +264,83 @@ class Retriever:
             out.append(m)
         return out
 
+    def _candidates(self, q: np.ndarray, cols: dict, lex_all: np.ndarray, use, c: int) -> np.ndarray:
+        """Stage 1: the ``c`` rows with the best fused score on the compact matrix (torch, no numpy
+        temporaries over all rows)."""
+        n = len(self.rows)
+        order = sorted(self.blocks, key=lambda b: self.blocks[b][0])
+        block_of = {name: order.index("weights" if name.startswith("w") else name) for name in cols}
+        post: dict[str, torch.Tensor | float] = {}  # per-block factor applied to the reduced [n] scores
+        if self.scan.dtype == torch.int8:
+            qs = np.zeros(len(order), np.float32)  # one query scale per block (its columns are unit vectors)
+            for name, sl in cols.items():
+                qs[block_of[name]] = max(qs[block_of[name]], float(np.abs(q[:, sl]).max()) / 127.0)
+            qs[qs == 0] = 1.0
+            width = -(-q.shape[1] // 8) * 8  # _int_mm wants a multiple of 8 columns
+            qi = np.zeros((q.shape[0], width), np.int8)
+            for name, sl in cols.items():
+                qi[:, sl] = np.rint(q[:, sl] / qs[block_of[name]])
+            s = torch._int_mm(self.scan, torch.from_numpy(qi)).float()
+            for name in cols:
+                key = "weights" if name.startswith("w") else name
+                post[key] = self.row_scale[:, block_of[name]] * float(qs[block_of[name]])
+        else:
+            s = torch.mm(self.scan, torch.from_numpy(q).to(self.scan.dtype)).float()
+
+        def scaled(name, raw):
+            f = post.get(name)
+            return raw if f is None else raw.mul_(f)
+
+        keep = torch.ones(n)
+
+        def fold(name, raw, chance):
+            if use is not None and name not in use:
+                return
+            cal = raw.sub_(chance).div_(1.0 - chance).clamp_(0.0, 1.0).mul_(self._present_t[name])
+            keep.mul_(cal.mul_(-SIGNAL_WEIGHTS[name]).add_(1.0))
+
+        for name in ("text", "learned"):
+            if name in cols:
+                fold(name, scaled(name, s[:, cols[name].start].clone()), tsig.chance(self.dim))
+        if "w0" in cols:
+            sq = sum(s[:, cols[f"w{j}"]].square() for j in range(DIRECTIONS))
+            fold("weights", scaled("weights", sq.amax(1).sqrt_()), wsig.chance(self.dim))
+        if "preview" in cols and (use is None or "preview" in use):
+            keep.mul_(scaled("preview", s[:, cols["preview"].start].clone()).clamp_(0, 1).mul_(self._present_t["preview"]).mul_(-SIGNAL_WEIGHTS["preview"]).add_(1.0))
+        if use is None or "lexical" in use:
+            hit = np.flatnonzero(lex_all)
+            if hit.size:
+                h = torch.from_numpy(hit)
+                keep[h] *= 1.0 - SIGNAL_WEIGHTS["lexical"] * torch.from_numpy(lex_all[hit])
+        return torch.topk(keep.neg_().add_(1.0), c, sorted=False).indices.numpy()
+
     def select(self, prompt: str, top_k: int = DEFAULT_TOP_K, min_score: float = DEFAULT_MIN_SCORE) -> list[Match]:
         """At most ``top_k`` matches scoring at least ``min_score``, one per near-duplicate group."""
         return select(self.search(prompt, limit=max(4 * top_k, 20)), top_k, min_score)
+
+
+def _compact(matrix: np.ndarray, blocks: dict, compact: bool):
+    """The stage-1 copy of ``matrix``: itself (float32), or int8 with a float32 scale per row and block
+    ``[n, blocks]``, blocks in column order (bfloat16 if this torch has no int8 matmul)."""
+    spans = sorted(blocks.values())
+    t = torch.from_numpy(matrix)
+    if not compact or not len(matrix):
+        return t, None
+    try:
+        n = matrix.shape[0]
+        q8 = np.empty(matrix.shape, np.int8)
+        scale = np.ones((n, len(spans)), np.float32)
+        for b, (a, w) in enumerate(spans):
+            blk = matrix[:, a : a + w]
+            sc = np.abs(blk).max(1) / 127.0
+            sc[sc == 0] = 1.0
+            scale[:, b] = sc
+            q8[:, a : a + w] = np.rint(blk / sc[:, None])
+        scan = torch.from_numpy(q8)
+        torch._int_mm(scan[:32], torch.zeros((matrix.shape[1], 8), dtype=torch.int8))  # supported here?
+        return scan, torch.from_numpy(scale)
+    except Exception:  # noqa: BLE001 - no int8 matmul on this build: bfloat16 copy
+        return t.to(torch.bfloat16), None
 
 
 def _dup_key(row) -> str:

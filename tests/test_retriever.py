@@ -247,3 +247,33 @@ def test_cli_index_search_and_loras_auto(tmp_path, monkeypatch, capsys, pipe):
     assert code == 0 and png.is_file()
     assert 'auto LoRAs: pix 0.8 (score 1.00: trigger "pixel art" in prompt' in out and "LoRAs: pix 0.8" in out
     assert main(["--prompt", "x", "--loras", "auto", "--lora", "pix", "--library", str(lib), "-q"]) == 2
+
+
+def test_int8_prefilter_keeps_the_exact_top_k(tmp_path, monkeypatch):
+    """Stage 1 on the int8 copy, stage 2 exact: same ranking and scores as the all-float32 scan, on a
+    synthetic catalog of random rows (many near ties)."""
+    import numpy as np
+
+    from bench.retrieval import _Encoded, _synthetic_catalog
+
+    rs = importlib.import_module("retriever.search")
+    d = 64
+    cat, rows, m, present = _synthetic_catalog(tmp_path, 3000, d)
+    results = {}
+    for compact in (False, True):
+        monkeypatch.setattr(rs, "BF16_ROWS", 0 if compact else 10**9)
+        r = Retriever(cat, encoder=None, family="sd15")
+        r.blocks = {"text": (0, d), "weights": (d, m.shape[1] - d)}
+        r.set_matrix(rows, m, present, d)
+        assert (r.scan.dtype == torch.int8) == compact
+        got = []
+        for q in range(5):
+            tokens = np.random.default_rng(q).standard_normal((6, d)).astype(np.float32)
+            tokens /= np.linalg.norm(tokens, axis=1, keepdims=True)
+            text_q = tokens.mean(0) / np.linalg.norm(tokens.mean(0))
+            enc = _Encoded(torch.from_numpy(tokens), ["t"] * 6)
+            found = r.search_encoded(f"neon glow w{q}", enc, text_q, limit=20)
+            got.append([(m_.name, round(m_.score, 5)) for m_ in found])
+        results[compact] = got
+    cat.close()
+    assert results[True] == results[False] and all(len(g) == 20 for g in results[True])

@@ -34,11 +34,22 @@ def _contains(seq: list[str], sub: list[str]) -> bool:
     return n > 0 and any(seq[i : i + n] == sub for i in range(len(seq) - n + 1))
 
 
+def _row_words(row):
+    """The row's trigger-word, name and tag/description words, tokenised once per row object."""
+    cached = row.__dict__.get("_lex_words")
+    if cached is None:
+        trig = [(t, words(t)) for t in row.trigger_words]
+        name = [w for w in words(re.sub(r"[_\-.]", " ", row.name)) if w not in STOPWORDS and not w.isdigit()]
+        other = set(words(" ".join(row.tags))) | set(words(row.description))
+        cached = row.__dict__["_lex_words"] = (trig, name, other)
+    return cached
+
+
 def score_row(prompt_words: list[str], prompt_content: set[str], row) -> tuple[float, str]:
     """``(score, reason)`` for one catalog row."""
     best, why = 0.0, ""
-    for trig in row.trigger_words:
-        tw = words(trig)
+    trigs, name_words, other = _row_words(row)
+    for trig, tw in trigs:
         if not tw:
             continue
         if _contains(prompt_words, tw):
@@ -47,14 +58,12 @@ def score_row(prompt_words: list[str], prompt_content: set[str], row) -> tuple[f
         s = 0.8 * len(found) / len(tw)
         if s > best:
             best, why = s, f'trigger "{trig}" partly ({", ".join(found)})'
-    name_words = [w for w in words(re.sub(r"[_\-.]", " ", row.name)) if w not in STOPWORDS and not w.isdigit()]
     if name_words:
         found = [w for w in name_words if w in prompt_content]
         s = 0.8 * len(found) / len(name_words)
         if s > best:
             best, why = s, f'name "{row.name}" ({", ".join(found)})'
     if prompt_content:
-        other = set(words(" ".join(row.tags))) | set(words(row.description))
         found = [w for w in prompt_content if w in other]
         s = 0.5 * len(found) / len(prompt_content)
         if s > best:
