@@ -129,6 +129,42 @@ def search_main(argv: list[str]) -> int:
     return 0
 
 
+def train_main(argv: list[str]) -> int:
+    p = _Parser(
+        prog="compose train-retriever",
+        description="Train the learned weight encoder on the library's described LoRAs (saved in DIR/.lora-composer/).",
+    )
+    p.add_argument("library", metavar="DIR", help="folder of LoRA files (indexed first, incrementally)")
+    p.add_argument("--epochs", type=int, default=200, help="training epochs (default 200)")
+    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="base model: its family and text encoder (default: the demo model)")
+    p.add_argument("--catalog", metavar="FILE", help="catalog file (default: DIR/.lora-composer/catalog.sqlite)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.epochs < 1:
+        raise _Usage("--epochs must be at least 1")
+    from retriever.catalog import Catalog, default_catalog_path
+    from retriever.encoder import TextEncoder
+    from retriever.signals import learned
+
+    root = Path(args.library).expanduser()
+    if not root.is_dir():
+        raise ComposerError(f"{root} is not a folder")
+    enc = TextEncoder(_load_pipe(args.model))
+    with Catalog(Path(args.catalog) if args.catalog else default_catalog_path(root), root=root) as cat:
+        report = cat.index(root, progress=not args.quiet)
+        if report.indexed or report.skipped:
+            _print_report(report, root, args.quiet)
+        cat.encoder_mean(enc)
+        path, info = learned.train_for_library(cat, root, enc, epochs=args.epochs)
+    print(
+        f"trained the learned weight encoder on {info['adapters']} described {enc.family} adapter(s), "
+        f"{info['epochs']} epochs, InfoNCE {info['loss_before']:.3f} -> {info['loss_after']:.3f} "
+        f"in {info['seconds']:.1f} s; embedded {info['embedded']} adapter(s)"
+    )
+    print(f"model: {path} (used by compose search and --loras auto from now on)")
+    return 0
+
+
 def _wrap(fn):
     def run(argv: list[str]) -> int:
         try:
@@ -143,4 +179,5 @@ def _wrap(fn):
 COMMANDS = {
     "index": ("index a LoRA folder into its catalog (incremental)", _wrap(index_main)),
     "search": ("rank the library's LoRAs for a prompt", _wrap(search_main)),
+    "train-retriever": ("train the learned weight encoder on the library's described LoRAs", _wrap(train_main)),
 }

@@ -97,6 +97,8 @@ class Retriever:
         blocks: list[tuple[str, int]] = [("text", d), ("weights", DIRECTIONS * d)]
         learned = None
         if self.learned is not None:
+            if hasattr(self.learned, "ensure_embeddings"):
+                self.learned.ensure_embeddings(self.catalog, self.family)
             learned = self.catalog.embeddings("learned", self.learned.id)
             blocks.append(("learned", d))
         preview = None
@@ -178,7 +180,7 @@ class Retriever:
         if "text" in cols:
             out["text"] = tsig.calibrate(s[:, cols["text"]][:, 0], self.dim) * self.present["text"][sel]
         if "learned" in cols:
-            out["learned"] = tsig.calibrate(s[:, cols["learned"]][:, 0], self.dim) * self.present["learned"][sel]
+            out["learned"] = tsig.calibrate(np.abs(s[:, cols["learned"]][:, 0]), self.dim) * self.present["learned"][sel]
         best_tok = None
         if "w0" in cols:
             sq = sum(s[:, cols[f"w{j}"]] ** 2 for j in range(DIRECTIONS))  # [n, T]
@@ -299,9 +301,10 @@ class Retriever:
             cal = raw.sub_(chance).div_(1.0 - chance).clamp_(0.0, 1.0).mul_(self._present_t[name])
             keep.mul_(cal.mul_(-SIGNAL_WEIGHTS[name]).add_(1.0))
 
-        for name in ("text", "learned"):
-            if name in cols:
-                fold(name, scaled(name, s[:, cols[name].start].clone()), tsig.chance(self.dim))
+        if "text" in cols:
+            fold("text", scaled("text", s[:, cols["text"].start].clone()), tsig.chance(self.dim))
+        if "learned" in cols:  # a delta has no sign: the learned embedding is an axis (|cos|)
+            fold("learned", scaled("learned", s[:, cols["learned"].start].abs()), tsig.chance(self.dim))
         if "w0" in cols:
             sq = sum(s[:, cols[f"w{j}"]].square() for j in range(DIRECTIONS))
             fold("weights", scaled("weights", sq.amax(1).sqrt_()), wsig.chance(self.dim))
