@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import shlex
+import gc
 import statistics
 import sys
 import time
@@ -171,10 +172,17 @@ def unet_out(unet, inputs) -> torch.Tensor:
 
 # -- timing ---------------------------------------------------------------------------------------
 def timed(fn) -> float:
-    """Seconds taken by ``fn()``."""
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    """Seconds taken by ``fn()``, with Python's garbage collector paused as ``timeit`` does (a full
+    collection over diffusers' and PEFT's many objects would otherwise land in random samples)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def median_ms(samples: list[float]) -> float:
