@@ -6,8 +6,8 @@ open_clip width). A query is one matrix product with ``[D, C]`` (one column for 
 the learned block, one per prompt token and weight direction, one for the preview), then per-signal
 reductions, the lexical scores from FTS5, fusion and an exact top-k.
 
-The scan is two-stage. Stage 1 (torch, over all rows): the product, the calibrated per-signal scores and
-the fused score computed on a compact copy of the matrix, then ``torch.topk`` keeps the best
+The scan is two-stage. Stage 1 (over all rows): the product (torch) on a compact copy of the matrix, the
+calibrated per-signal scores and the fused score (numpy, in place), then ``argpartition`` keeps the best
 ``max(RESCORE, 4 k)`` candidates. Stage 2 (numpy, candidates only): exact float32 rescoring and the final
 top-k. Up to :data:`BF16_ROWS` rows the compact copy is the float32 matrix itself (stage 1 is exact); above
 it, the copy is int8 with one scale per row and column block (a quarter of the float32 memory traffic,
@@ -142,8 +142,7 @@ class Retriever:
         self.present = present
         self.dim = dim
         self.dup_key = [_dup_key(r) for r in rows]
-        self._present_t = {k: torch.from_numpy(v.astype(np.float32)) for k, v in present.items()}
-        self.scan, self.row_scale = _compact(matrix, self.blocks, len(rows) > BF16_ROWS)
+        self.scan, self.row_scale = _compact(matrix, self.blocks, len(rows) > BF16_ROWS)  # row_scale: numpy
 
     # -- scoring ---------------------------------------------------------------------------------
     def _query_matrix(self, enc, text_q, preview_q) -> tuple[np.ndarray, dict]:
@@ -217,6 +216,9 @@ class Retriever:
     def search_encoded(self, prompt, enc, text_q, preview_q=None, limit=20, signals=None) -> list[Match]:
         n = len(self.rows)
         q, cols = self._query_matrix(enc, text_q, preview_q)
+        k = n if limit is None else min(n, max(limit, 1))
+        c = min(n, max(RESCORE, 4 * k))
+        product = self._product(q, cols) if c < n and q.shape[1] else None
         lex = lexical.search(self.catalog, prompt, self.rows_by_id, family=self.family)
         lex_all = np.zeros(n, np.float32)
         for fid, (sc, _, bm) in lex.items():
@@ -226,10 +228,8 @@ class Retriever:
         def pick(sig: dict) -> dict:
             return {k: v for k, v in sig.items() if use is None or k.lstrip("_").replace("_raw", "") in use}
 
-        k = n if limit is None else min(n, max(limit, 1))
-        c = min(n, max(RESCORE, 4 * k))
-        if c < n and q.shape[1]:
-            cand = self._candidates(q, cols, lex_all, use, c)
+        if product is not None:
+            cand = self._candidates(product, cols, lex_all, use, c)
         elif c < n:  # no dense column: the lexical hits are all there is
             cand = np.argpartition(-lex_all, c - 1)[:c]
         else:
@@ -266,13 +266,11 @@ class Retriever:
             out.append(m)
         return out
 
-    def _candidates(self, q: np.ndarray, cols: dict, lex_all: np.ndarray, use, c: int) -> np.ndarray:
-        """Stage 1: the ``c`` rows with the best fused score on the compact matrix (torch, no numpy
-        temporaries over all rows)."""
-        n = len(self.rows)
+    def _product(self, q: np.ndarray, cols: dict):
+        """Stage 1's product over all rows: ``(s [n, >= C], per-block factors for the reduced scores)``."""
         order = sorted(self.blocks, key=lambda b: self.blocks[b][0])
         block_of = {name: order.index("weights" if name.startswith("w") else name) for name in cols}
-        post: dict[str, torch.Tensor | float] = {}  # per-block factor applied to the reduced [n] scores
+        post: dict[str, np.ndarray] = {}
         if self.scan.dtype == torch.int8:
             qs = np.zeros(len(order), np.float32)  # one query scale per block (its columns are unit vectors)
             for name, sl in cols.items():
@@ -282,40 +280,63 @@ class Retriever:
             qi = np.zeros((q.shape[0], width), np.int8)
             for name, sl in cols.items():
                 qi[:, sl] = np.rint(q[:, sl] / qs[block_of[name]])
-            s = torch._int_mm(self.scan, torch.from_numpy(qi)).float()
+            s = torch._int_mm(self.scan, torch.from_numpy(qi)).numpy()  # int32 [n, width]
             for name in cols:
                 key = "weights" if name.startswith("w") else name
-                post[key] = self.row_scale[:, block_of[name]] * float(qs[block_of[name]])
+                post[key] = self.row_scale[:, block_of[name]] * qs[block_of[name]]
+        elif self.scan.dtype == torch.float32:
+            s = self.matrix @ q
         else:
-            s = torch.mm(self.scan, torch.from_numpy(q).to(self.scan.dtype)).float()
+            s = torch.mm(self.scan, torch.from_numpy(q).to(self.scan.dtype)).float().numpy()
+        return s, post
 
-        def scaled(name, raw):
-            f = post.get(name)
-            return raw if f is None else raw.mul_(f)
+    def _candidates(self, product, cols: dict, lex_all: np.ndarray, use, c: int) -> np.ndarray:
+        """Stage 1: the ``c`` rows with the best fused score on the compact matrix.
 
-        keep = torch.ones(n)
+        The product runs in torch (its thread setting); the reductions over the ``[n, C]`` result run in
+        numpy, single-threaded on purpose: on a small shared machine a multi-threaded elementwise op over
+        100K rows waits for a second core's time slice (milliseconds each), more than the op itself."""
+        n = len(self.rows)
+        s, post = product
+
+        def column(name, col):
+            raw = s[:, col].astype(np.float32)
+            if name in post:
+                raw *= post[name]
+            return raw
+
+        keep = np.ones(n, np.float32)
 
         def fold(name, raw, chance):
             if use is not None and name not in use:
                 return
-            cal = raw.sub_(chance).div_(1.0 - chance).clamp_(0.0, 1.0).mul_(self._present_t[name])
-            keep.mul_(cal.mul_(-SIGNAL_WEIGHTS[name]).add_(1.0))
+            raw -= chance
+            raw *= SIGNAL_WEIGHTS[name] / (1.0 - chance)
+            np.clip(raw, 0.0, SIGNAL_WEIGHTS[name], out=raw)
+            raw *= self.present[name]
+            keep[:] *= 1.0 - raw
 
         if "text" in cols:
-            fold("text", scaled("text", s[:, cols["text"].start].clone()), tsig.chance(self.dim))
+            fold("text", column("text", cols["text"].start), tsig.chance(self.dim))
         if "learned" in cols:  # a delta has no sign: the learned embedding is an axis (|cos|)
-            fold("learned", scaled("learned", s[:, cols["learned"].start].abs()), tsig.chance(self.dim))
+            fold("learned", np.abs(column("learned", cols["learned"].start)), tsig.chance(self.dim))
         if "w0" in cols:
-            sq = sum(s[:, cols[f"w{j}"]].square() for j in range(DIRECTIONS))
-            fold("weights", scaled("weights", sq.amax(1).sqrt_()), wsig.chance(self.dim))
+            sq = None
+            for j in range(DIRECTIONS):
+                part = np.ascontiguousarray(s[:, cols[f"w{j}"]].T, dtype=np.float32)  # [T, n]: reduce over T fast
+                part *= part
+                sq = part if sq is None else sq.__iadd__(part)
+            raw = np.sqrt(sq.max(0))
+            if "weights" in post:
+                raw *= post["weights"]
+            fold("weights", raw, wsig.chance(self.dim))
         if "preview" in cols and (use is None or "preview" in use):
-            keep.mul_(scaled("preview", s[:, cols["preview"].start].clone()).clamp_(0, 1).mul_(self._present_t["preview"]).mul_(-SIGNAL_WEIGHTS["preview"]).add_(1.0))
+            raw = np.clip(column("preview", cols["preview"].start), 0.0, 1.0) * self.present["preview"]
+            keep *= 1.0 - SIGNAL_WEIGHTS["preview"] * raw
         if use is None or "lexical" in use:
             hit = np.flatnonzero(lex_all)
-            if hit.size:
-                h = torch.from_numpy(hit)
-                keep[h] *= 1.0 - SIGNAL_WEIGHTS["lexical"] * torch.from_numpy(lex_all[hit])
-        return torch.topk(keep.neg_().add_(1.0), c, sorted=False).indices.numpy()
+            keep[hit] *= 1.0 - SIGNAL_WEIGHTS["lexical"] * lex_all[hit]
+        return np.argpartition(keep, c - 1)[:c]  # the c smallest "keep" = the c best fused scores
 
     def select(self, prompt: str, top_k: int = DEFAULT_TOP_K, min_score: float = DEFAULT_MIN_SCORE) -> list[Match]:
         """At most ``top_k`` matches scoring at least ``min_score``, one per near-duplicate group."""
@@ -341,7 +362,7 @@ def _compact(matrix: np.ndarray, blocks: dict, compact: bool):
             q8[:, a : a + w] = np.rint(blk / sc[:, None])
         scan = torch.from_numpy(q8)
         torch._int_mm(scan[:32], torch.zeros((matrix.shape[1], 8), dtype=torch.int8))  # supported here?
-        return scan, torch.from_numpy(scale)
+        return scan, scale
     except Exception:  # noqa: BLE001 - no int8 matmul on this build: bfloat16 copy
         return t.to(torch.bfloat16), None
 
