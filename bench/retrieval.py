@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None):
             f"Latency: synthetic catalogs, text width d = {d} (SD1.5's), matrix = text block + 2 weight directions; one "
             "query = FTS5 search + matrix scan + fusion + exact top-20 + selection, prompt already encoded "
             f"(8 tokens); median and p95 over the queries after 3 warm-up queries. Two-stage scan: the fused score "
-            "of every row in torch (float32 matrix up to 20,000 rows; above, an int8 copy with a scale per row and "
-            "block, `torch._int_mm`), `torch.topk` keeps 512 candidates, rescored exactly in float32 (same ranking "
+            "of every row (the float32 matrix up to 20,000 rows; above, an int8 copy with a scale per row and "
+            "block, `torch._int_mm`, reductions in numpy), `argpartition` keeps 512 candidates, rescored exactly in float32 (same ranking "
             "and scores as the all-float32 scan: `tests/test_retriever.py::test_int8_prefilter_keeps_the_exact_top_k`).",
         ],
     )
