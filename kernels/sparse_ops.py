@@ -3,7 +3,8 @@
 A sparse delta is a set of flat positions ``idx`` (``row * in_features + col``, unique, sorted) and fp32
 values. Fusing reads the current values at ``idx`` (the backup), adds the delta in fp32 and writes the
 result back rounded once to the weight's dtype; restoring writes the backup back. Both are
-O(nonzeros) gathers/scatters (one ``index_select`` and one ``index_copy_``, a single kernel each on CUDA),
+O(nonzeros) gathers/scatters (one ``index_select`` and one ``scatter_``, a single kernel each on CUDA;
+``scatter_`` is about twice as fast as ``index_copy_`` on the CPU),
 and restoring is bit-exact in any dtype.
 """
 
@@ -26,13 +27,13 @@ def sparse_fold(weight: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -
     flat = _flat(weight)
     backup = flat.index_select(0, idx)
     new = (backup.float() + values.float()).to(weight.dtype)
-    flat.index_copy_(0, idx, new)
+    flat.scatter_(0, idx, new)
     return backup
 
 
 def sparse_restore(weight: torch.Tensor, idx: torch.Tensor, backup: torch.Tensor) -> None:
     """Write the values :func:`sparse_fold` returned back: the weight is bit-identical to before."""
-    _flat(weight).index_copy_(0, idx, backup)
+    _flat(weight).scatter_(0, idx, backup)
 
 
 def merge_sparse(indices: list[torch.Tensor]):

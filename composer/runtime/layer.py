@@ -182,8 +182,9 @@ class PatchedLayer:
                     self._cache = (self._rank_scale(), runs)
         return self._cache
 
-    def _sparse_live(self, weights: torch.Tensor) -> list[int]:
-        return [slot for slot in sorted(self.sparse) if bool((weights[:, slot] != 0).any())]
+    def _sparse_live(self) -> list[int]:
+        live = self.mixer.active_slots  # computed once per weight change for all layers
+        return [slot for slot in sorted(self.sparse) if slot in live]
 
     def _union(self, live: list[int]):
         key = frozenset(live)
@@ -202,15 +203,18 @@ class PatchedLayer:
             self._sparse_key, self._sparse_cache = key, None
             if self.sparse and mixer.enabled:
                 weights = mixer.weights_for(self.group)
-                live = self._sparse_live(weights)
+                live = self._sparse_live()
                 if live:
                     union, inverse = self._union(live)
-                    dev = self.module.weight.device
-                    rows = [
-                        merged_values(union, inverse, [self.sparse[s][1] * float(weights[r, s]) for s in live])
-                        for r in range(weights.shape[0])
-                    ]
-                    self._sparse_cache = (union, torch.stack(rows).to(dev))
+                    rows = []
+                    for r in range(weights.shape[0]):
+                        scaled = []
+                        for s in live:
+                            w = float(weights[r, s])
+                            scaled.append(self.sparse[s][1] if w == 1.0 else self.sparse[s][1] * w)
+                        rows.append(merged_values(union, inverse, scaled))
+                    values = rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+                    self._sparse_cache = (union, values.to(self.module.weight.device))
         return self._sparse_cache
 
     def _hook(self, module, args, output):
