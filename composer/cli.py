@@ -25,7 +25,7 @@ PROG = "compose"
 # name -> (help, function(argv) -> exit code). ``compose NAME ...`` runs it; anything else is the flag form.
 SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
 # Modules that add subcommands: each defines ``COMMANDS = {name: (help, main(argv) -> int)}``.
-COMMAND_MODULES = ("retriever.commands", "composer.convert")
+COMMAND_MODULES = ("retriever.commands", "composer.convert", "composer.ui", "fusion.profile_command")
 
 
 def _load_subcommands() -> None:

@@ -1,0 +1,40 @@
+"""``compose profile`` caches frequency scores once; ``--strategy cmlora`` then orders by them."""
+
+from composer.cli import main
+from composer.pipeline import ComposerPipeline
+from composer.pnginfo import read_record
+
+
+def test_profile_then_cmlora_uses_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORA_COMPOSER_HOME", str(tmp_path / "home"))
+    renders = []
+    real_call = ComposerPipeline.__call__
+    monkeypatch.setattr(ComposerPipeline, "__call__", lambda self, *a, **k: renders.append(1) or real_call(self, *a, **k))
+
+    assert main(["profile", "--lora", "demo-shapes", "--lora", "demo-ink", "--steps", "2"]) == 0
+    first = capsys.readouterr().out
+    assert renders == [1, 1, 1]  # the base and each adapter alone
+    assert "cmlora order (high frequency first): " in first
+
+    assert main(["profile", "--lora", "demo-shapes", "--lora", "demo-ink", "--steps", "2"]) == 0
+    assert renders == [1, 1, 1]  # cached by file hash: nothing rendered again
+    assert capsys.readouterr().out == first
+
+    out = tmp_path / "c.png"
+    code = main(["--prompt", "x", "--lora", "demo-ink", "--lora", "demo-shapes", "--strategy", "cmlora",
+                 "--steps", "2", "-q", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    args = read_record(out).strategy_args
+    assert args["order_source"] == "profile cache"
+    expected = first.split("first): ")[1].strip().split(", ")
+    assert args["order"] == expected
+
+
+def test_profile_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORA_COMPOSER_HOME", str(tmp_path / "home"))
+    assert main(["profile", "--lora", "no-such-lora", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("compose profile: error:") and "no-such-lora" in err and "\n" not in err
+    capsys.readouterr()
+    assert main(["profile"]) == 2  # --lora is required
+    assert "--lora" in capsys.readouterr().err
