@@ -1,0 +1,163 @@
+"""The web UI (composer.ui) driven in-process through gradio_client: renders, concurrency, confinement."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+
+from composer import tiny  # noqa: E402
+from composer.errors import ComposerError  # noqa: E402
+from composer.ui import MAX_SLOTS, ComposerUI, launch, parse_strategy_args  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def outside(tmp_path_factory):
+    """A valid LoRA file outside the library."""
+    folder = tmp_path_factory.mktemp("outside")
+    pipe = tiny.build_tiny_sd15_pipeline(seed=0)
+    return tiny.save_diffusers_lora(pipe, tiny.random_lora_layers(pipe, rank=4, seed=9), folder / "evil.safetensors", rank=4)
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory, outside):
+    from composer.default_model import ensure_default_model
+
+    model_dir, demo_library = ensure_default_model(quiet=True)
+    library = tmp_path_factory.mktemp("library")
+    for f in demo_library.iterdir():
+        if f.is_file():
+            shutil.copy(f, library / f.name)
+    os.symlink(outside, library / "linked.safetensors")  # points outside: must not be listed nor read
+    return ComposerUI(model_dir, library, out_dir=tmp_path_factory.mktemp("out"), max_upload_mb=1)
+
+
+@pytest.fixture(scope="module")
+def client(ui):
+    demo = launch(ui, host="127.0.0.1", port=None, block=False)
+    try:
+        yield gradio_client.Client(demo.local_url, verbose=False)
+    finally:
+        demo.close()
+
+
+def generate(client, prompt="a red circle", loras=(), strategy="merge", args="", compare="", seed=5, steps=2):
+    slots = []
+    for i in range(MAX_SLOTS):
+        name, te, unet = loras[i] if i < len(loras) else ("", 0.8, 0.8)
+        slots += [name, te, unet]
+    return client.predict(prompt, "", strategy, args, compare, seed, steps, 7.5, 64, 64, 1, *slots, api_name="/generate")
+
+
+def pixels(item) -> np.ndarray:
+    path = item["image"] if isinstance(item, dict) else item
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_generate_returns_image_heatmap_and_png_with_metadata(client):
+    images, heatmaps, pngs, info = generate(
+        client, loras=[("demo-shapes.safetensors", 0.8, 0.8), ("demo-ink.safetensors", 0.5, 1.0)],
+        strategy="switch", args="every=1", compare="merge",
+    )
+    assert len(images) == 2 and len(heatmaps) == 2  # side by side: switch, then merge with the same seed
+    assert pixels(images[0]).shape == (64, 64, 3)
+    heat = Image.open(heatmaps[0]["image"])
+    assert heat.width > 100 and heat.height > 100
+    png = Image.open(pngs[0])
+    assert "lora-composer" in png.info and "demo-ink" in png.info["parameters"]
+    assert "switch" in info and "merge" in info and "demo-shapes" in info
+
+
+def test_two_concurrent_clients_get_their_own_adapters(client, ui):
+    a = [("demo-shapes.safetensors", 1.0, 1.0)]
+    b = [("demo-ink.safetensors", 0.3, 1.5)]
+    alone_a = pixels(generate(client, loras=a, seed=11)[0][0])
+    alone_b = pixels(generate(client, loras=b, seed=11)[0][0])
+    assert not np.array_equal(alone_a, alone_b)
+
+    c2 = gradio_client.Client(client.src, verbose=False)
+    results = {}
+
+    def run(key, c, loras):
+        results[key] = [pixels(generate(c, loras=loras, seed=11)[0][0]) for _ in range(2)]
+
+    threads = [threading.Thread(target=run, args=("a", client, a)), threading.Thread(target=run, args=("b", c2, b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for got in results["a"]:
+        np.testing.assert_array_equal(got, alone_a)
+    for got in results["b"]:
+        np.testing.assert_array_equal(got, alone_b)
+
+
+def test_paths_outside_the_library_are_refused(client, ui, outside):
+    assert ui.library_names() == ["demo-ink.safetensors", "demo-shapes.safetensors"]  # not the symlink
+    for bad in (str(outside), "../outside/evil.safetensors", "linked.safetensors", "linked", "/etc/passwd", "~/x"):
+        with pytest.raises(ComposerError, match="not in the library"):
+            ui.lora_path(bad)
+    with pytest.raises(gradio_client.exceptions.AppError, match="not in the library"):
+        generate(client, loras=[(str(outside), 1.0, 1.0)])
+    with pytest.raises(gradio_client.exceptions.AppError, match="not in the library"):
+        generate(client, prompt=f"a red circle <lora:{outside}:1>")
+    with pytest.raises(gradio_client.exceptions.AppError, match="not in the library"):
+        generate(client, prompt="a red circle <lora:../outside/evil:1>")
+
+
+def test_errors_show_in_the_page_and_the_server_keeps_serving(client):
+    with pytest.raises(gradio_client.exceptions.AppError, match="no argument nonsense"):
+        generate(client, loras=[("demo-ink.safetensors", 1, 1)], strategy="switch", args="nonsense=3")
+    with pytest.raises(gradio_client.exceptions.AppError, match="KEY=VALUE"):
+        generate(client, args="every")
+    images, *_ = generate(client, loras=[("demo-ink.safetensors", 1, 1)])
+    assert pixels(images[0]).shape == (64, 64, 3)
+
+
+def test_auto_fills_the_picker_with_the_retrievers_choice(client):
+    out = client.predict("an ink drawing, monochrome sketch", 2, api_name="/auto")
+    table, first = out[0], out[2]
+    assert "demo-ink" in table and "score" in table
+    assert first["value"] == "demo-ink.safetensors"
+
+
+def test_uploads_are_safetensors_only_and_capped(ui, tmp_path):
+    bad = tmp_path / "x.ckpt"
+    bad.write_bytes(b"\0" * 100)
+    with pytest.raises(ComposerError, match="only .safetensors"):
+        ui.add_upload(str(bad))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\xff" * 64)
+    with pytest.raises(ComposerError, match="not a"):
+        ui.add_upload(str(junk))
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(b"\0" * (2 * 2**20))
+    with pytest.raises(ComposerError, match="limit"):
+        ui.add_upload(str(big))
+    good = tmp_path / "my lora!.safetensors"
+    shutil.copy(ui.library / "demo-ink.safetensors", good)
+    name = ui.add_upload(str(good))
+    assert name == "uploads/my-lora.safetensors" and name in ui.library_names()
+    assert ui.lora_path(name).parent == ui.library / "uploads"
+    (ui.library / name).unlink()
+
+
+def test_parse_strategy_args():
+    assert parse_strategy_args("every=2 order=none") == {"every": 2, "order": None}
+    assert parse_strategy_args("cache_bounds=0.2,0.8\nschedule=late") == {"cache_bounds": (0.2, 0.8), "schedule": "late"}
+    assert parse_strategy_args("") == {}
+    with pytest.raises(ComposerError):
+        parse_strategy_args("every")
+
+
+def test_compose_ui_is_a_subcommand(capsys):
+    from composer.cli import main
+
+    assert main(["ui", "--help"]) == 0
+    assert "--host" in capsys.readouterr().out
