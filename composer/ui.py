@@ -359,7 +359,8 @@ def build_app(ui: ComposerUI):
                 slots = []
                 for i in range(MAX_SLOTS):
                     with gr.Row():
-                        name = gr.Dropdown([NONE, *names], value=NONE, label=f"LoRA {i + 1}", filterable=True, allow_custom_value=True,
+                        name = gr.Dropdown([NONE, *names], value=NONE, label=f"LoRA {i + 1}", filterable=True,
+                                           allow_custom_value=True,  # checked server-side (lora_path)
                                            elem_id=f"lora-{i}", scale=2)
                         unet_w = gr.Slider(-2, 2, value=0.8, step=0.05, label="denoiser", elem_id=f"unet-{i}")
                         te_w = gr.Slider(-2, 2, value=0.8, step=0.05, label="text encoder", elem_id=f"te-{i}")
@@ -378,9 +379,10 @@ def build_app(ui: ComposerUI):
                                          file_types=[".safetensors"], type="filepath")
                         upload_md = gr.Markdown()
         with gr.Row():
-            gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery", height=360)
+            gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery", height=420,
+                                 object_fit="contain")
             heatmap = gr.Gallery(label="Adapter weights per step", columns=1, format="png", elem_id="heatmap",
-                                 height=360)
+                                 height=420, object_fit="contain")
         with gr.Row():
             files = gr.File(label="PNG with metadata", file_count="multiple", elem_id="download")
             info = gr.Markdown(elem_id="info")
