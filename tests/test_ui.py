@@ -161,3 +161,21 @@ def test_compose_ui_is_a_subcommand(capsys):
 
     assert main(["ui", "--help"]) == 0
     assert "--host" in capsys.readouterr().out
+
+
+# -- notebooks -------------------------------------------------------------------------------------
+NOTEBOOKS = sorted((__import__("pathlib").Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_top_to_bottom(path, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel", reason="ipykernel not installed (pip install -e '.[test]')")
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:  # committed with their outputs cleared
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, f"{path.name}: clear the outputs before committing"
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))  # the plots
