@@ -71,8 +71,18 @@ class CMLoRAStrategy(Strategy):
         cache_bounds=(0.375, 0.875),
         frequency_cache: str | None = None,
     ):
-        intervals = tuple(int(c) for c in cache_intervals)
-        bounds = tuple(float(b) for b in cache_bounds)
+        if isinstance(cache_intervals, str):  # "2,3,2" from --strategy-arg
+            cache_intervals = [c for c in cache_intervals.replace(" ", "").split(",") if c]
+        if isinstance(cache_bounds, str):
+            cache_bounds = [b for b in cache_bounds.replace(" ", "").split(",") if b]
+        try:
+            intervals = tuple(int(c) for c in cache_intervals)
+            bounds = tuple(float(b) for b in cache_bounds)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"cache_intervals/cache_bounds must be numbers such as 2,3,2 and 0.375,0.875, "
+                f"got {cache_intervals!r} and {cache_bounds!r}"
+            ) from None
         if len(intervals) != 3 or min(intervals) < 1:
             raise ValueError(f"cache_intervals must be three steps >= 1, got {cache_intervals!r}")
         if len(bounds) != 2 or not 0.0 <= bounds[0] <= bounds[1] <= 1.0:
@@ -83,6 +93,12 @@ class CMLoRAStrategy(Strategy):
             raise ValueError(f"dom_weight must be >= 1, got {dom_weight}")
         if not 0.0 <= float(dom_decay) < 1.0:
             raise ValueError(f"dom_decay must be in [0, 1), got {dom_decay}")
+        if isinstance(frequency_scores, str):  # "ink:0.8,castle:0.2" from --strategy-arg
+            pairs = [item.rpartition(":") for item in frequency_scores.split(",") if item.strip()]
+            try:
+                frequency_scores = {name.strip(): float(score) for name, _, score in pairs}
+            except ValueError:
+                raise ValueError(f"frequency_scores must read name:score,name:score, got {frequency_scores!r}") from None
         self.frequency_scores = dict(frequency_scores) if frequency_scores else None
         self.switch_every_arg = None if switch_every is None else int(switch_every)
         self.dom_weight_arg = None if dom_weight is None else float(dom_weight)

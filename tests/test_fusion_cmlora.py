@@ -191,3 +191,14 @@ def test_profile_is_cached_by_file_hash(sd15_pipe, make_lora, tmp_path, monkeypa
              output_type="np", progress=False)
     assert composer.last_record.strategy_args["order"] == ["b", "a"]
     assert composer.last_record.strategy_args["order_source"] == "profile cache"
+
+
+def test_arguments_from_the_command_line_are_parsed():
+    from composer.errors import ComposerError
+    from fusion import get_strategy
+
+    s = get_strategy("cmlora", cache_intervals="2,2,4", cache_bounds="0.25, 0.75", frequency_scores="a:0.1,b:0.9")
+    assert s.cache_intervals == (2, 2, 4) and s.cache_bounds == (0.25, 0.75)
+    assert s.frequency_scores == {"a": 0.1, "b": 0.9}
+    with pytest.raises(ComposerError, match="cache_intervals"):
+        get_strategy("cmlora", cache_intervals="2,x,2")
