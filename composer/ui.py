@@ -63,6 +63,51 @@ def parse_strategy_args(text: str) -> dict:
     return out
 
 
+def _strategy_params(name: str) -> dict:
+    from fusion.registry import strategy_params
+
+    try:
+        return strategy_params(name)
+    except KeyError:
+        return {}
+
+
+def _shown(default) -> str:
+    if isinstance(default, (tuple, list)):
+        return ",".join(str(v) for v in default)
+    return "" if default is None else str(default)
+
+
+def _param_widget(strategy: str, key: str, default):
+    """One widget per strategy parameter, typed by its default; untouched widgets send nothing."""
+    import gradio as gr
+
+    elem = f"param-{strategy}-{key}"
+    if isinstance(default, bool):
+        return gr.Checkbox(value=default, label=key, elem_id=elem)
+    if isinstance(default, (int, float)):
+        return gr.Number(value=default, precision=0 if isinstance(default, int) else None, label=key, elem_id=elem)
+    return gr.Textbox(value=_shown(default), label=key, placeholder="default" if default is None else "",
+                      elem_id=elem)
+
+
+def _args_text(params: list[tuple[str, object]], values) -> str:
+    """``KEY=VALUE`` lines for the widgets whose value differs from the parameter's default."""
+    lines = []
+    for (key, default), value in zip(params, values):
+        if isinstance(default, bool) or isinstance(value, bool):
+            if bool(value) != bool(default):
+                lines.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            if value is not None and float(value) != float(default):
+                lines.append(f"{key}={int(value) if isinstance(default, int) else float(value)}")
+        else:
+            text = "" if value is None else str(value).strip()
+            if text and text != _shown(default):
+                lines.append(f"{key}={text}")
+    return "\n".join(lines)
+
+
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
@@ -343,8 +388,18 @@ def build_app(ui: ComposerUI):
                     compare = gr.Dropdown([NONE, *strategies], value=NONE, label="Side by side with (same seed)",
                                           elem_id="compare")
                 params_md = gr.Markdown(_params_text("merge"))
+                initial = "merge" if "merge" in strategies else strategies[0]
+                param_groups, param_widgets = {}, {}
+                for sname in strategies:
+                    params = _strategy_params(sname)
+                    if not params:
+                        continue
+                    with gr.Row(visible=sname == initial) as group:
+                        param_widgets[sname] = [(k, d, _param_widget(sname, k, d)) for k, d in params.items()]
+                    param_groups[sname] = group
                 strategy_args = gr.Textbox(label="Strategy parameters (KEY=VALUE, space or newline separated)",
-                                           placeholder="every=2", elem_id="strategy-args")
+                                           placeholder="set by the widgets above, or typed: every=2",
+                                           elem_id="strategy-args")
                 with gr.Row():
                     seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="seed")
                     steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
@@ -388,6 +443,18 @@ def build_app(ui: ComposerUI):
             info = gr.Markdown(elem_id="info")
 
         strategy.change(_params_text, strategy, params_md, api_name=False)
+        groups = list(param_groups.items())
+        if groups:
+            strategy.change(lambda name: [gr.update(visible=n == name) for n, _ in groups] + [""],
+                            strategy, [g for _, g in groups] + [strategy_args], api_name=False)
+        for sname, widgets in param_widgets.items():
+            comps = [c for _, _, c in widgets]
+
+            def to_text(*values, widgets=widgets):
+                return _args_text([(k, d) for k, d, _ in widgets], values)
+
+            for comp in comps:
+                comp.change(to_text, comps, strategy_args, api_name=False)
         search.change(ui.catalog_rows, search, table, api_name=False)
 
         def generate(prompt, negative, strategy, args_text, compare, seed, steps, guidance, width, height, batch,

@@ -156,6 +156,24 @@ def test_parse_strategy_args():
         parse_strategy_args("every")
 
 
+def test_strategy_parameter_widgets_write_only_changed_values(ui):
+    from composer.ui import _args_text, build_app, parse_strategy_args
+    from fusion.registry import available, strategy_params
+
+    params = [("every", 5), ("order", None), ("cache", True), ("cache_intervals", (2, 3, 2)), ("temperature", 1.0)]
+    untouched = [5, "", True, "2,3,2", 1.0]
+    assert _args_text(params, untouched) == ""
+    text = _args_text(params, [3, "b,a", False, "2,2,2", 0.5])
+    assert parse_strategy_args(text) == {
+        "every": 3, "order": ("b", "a"), "cache": False, "cache_intervals": (2, 2, 2), "temperature": 0.5,
+    }
+    demo = build_app(ui)  # one widget per parameter of every strategy that has any
+    ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    for name in available():
+        for key in strategy_params(name):
+            assert f"param-{name}-{key}" in ids, (name, key)
+
+
 def test_compose_ui_is_a_subcommand(capsys):
     from composer.cli import main
 

@@ -137,3 +137,23 @@ def test_two_browser_sessions_with_different_adapters(server, browser):
         page.locator("#download a").first.wait_for(timeout=30_000)
         np.testing.assert_array_equal(downloaded(page), alone[key])
         page.context.close()
+
+
+def test_strategy_parameters_are_widgets(server, browser):
+    page = browser.new_page()
+    try:
+        page.goto(server)
+        assert not page.locator("#param-switch-every").is_visible()
+        box = page.locator("#strategy input").first
+        box.click()
+        box.fill("switch")
+        page.get_by_role("option", name="switch", exact=True).first.click()
+        page.locator("#param-switch-every").wait_for(state="visible", timeout=10_000)
+        set_number(page, "param-switch-every", 2)
+        args = page.locator("#strategy-args textarea").first
+        page.wait_for_function(
+            "el => el.value.includes('every=2')", arg=args.element_handle(), timeout=10_000
+        )
+        assert args.input_value().strip() == "every=2"
+    finally:
+        page.close()
