@@ -124,29 +124,6 @@ def _strategies() -> list[str]:
     return available()
 
 
-def _value(text: str):
-    """``3`` -> 3, ``0.5`` -> 0.5, ``true`` -> True, anything else stays text."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false", "yes", "no"):
-        return lowered in ("true", "yes")
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _strategy_args(specs: list[str]) -> dict:
-    out = {}
-    for spec in specs:
-        key, sep, value = spec.partition("=")
-        if not sep or not key.strip():
-            raise _UsageError(f"--strategy-arg {spec}: expected KEY=VALUE")
-        out[key.strip().replace("-", "_")] = _value(value)
-    return out
-
-
 def _settings(args) -> dict:
     """Merge ``--from-image`` settings with the flags given (flags win) and the defaults."""
     from composer.prompt_syntax import parse_lora_spec, parse_prompt
@@ -183,7 +160,13 @@ def _settings(args) -> dict:
         if value is not None:
             s[key] = value
     if args.strategy_arg:
-        s["strategy_args"] = {**s["strategy_args"], **_strategy_args(args.strategy_arg)}
+        from fusion.registry import parse_strategy_args
+
+        try:
+            parsed = parse_strategy_args(list(args.strategy_arg))
+        except ComposerError as exc:
+            raise _UsageError(f"--strategy-arg: {exc}") from None
+        s["strategy_args"] = {**s["strategy_args"], **parsed}
     if args.lora is not None:
         refs = [parse_lora_spec(spec) for spec in args.lora]
         s["loras"] = [(r.name, r.te_weight, r.unet_weight) for r in refs]

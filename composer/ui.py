@@ -25,42 +25,11 @@ import contextvars
 from pathlib import Path
 
 from composer.errors import ComposerError
+from fusion.registry import parse_strategy_args
 
 MAX_SLOTS = 4  # LoRA rows in the picker
 DEFAULT_MAX_UPLOAD_MB = 512
 NONE = ""
-
-
-def _value(text: str):
-    """``3`` -> 3, ``0.5`` -> 0.5, ``true`` -> True, ``none`` -> None, ``2,3`` -> (2, 3); else text."""
-    text = text.strip()
-    lowered = text.lower()
-    if lowered in ("true", "false", "yes", "no"):
-        return lowered in ("true", "yes")
-    if lowered in ("none", "null"):
-        return None
-    if "," in text:
-        return tuple(_value(part) for part in text.strip("()[]").split(",") if part.strip())
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_strategy_args(text: str) -> dict:
-    """``"every=2 order=..."`` or one ``KEY=VALUE`` per line/semicolon -> dict; a bad item raises."""
-    out = {}
-    for item in re.split(r"[\n;]+|\s+(?=[A-Za-z_][\w-]*=)", text or ""):
-        item = item.strip()
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ComposerError(f"strategy argument {item!r}: expected KEY=VALUE")
-        out[key.strip().replace("-", "_")] = _value(value)
-    return out
 
 
 def _strategy_params(name: str) -> dict:

@@ -94,7 +94,9 @@ class CMLoRAStrategy(Strategy):
         if not 0.0 <= float(dom_decay) < 1.0:
             raise ValueError(f"dom_decay must be in [0, 1), got {dom_decay}")
         if isinstance(frequency_scores, str):  # "ink:0.8,castle:0.2" from --strategy-arg
-            pairs = [item.rpartition(":") for item in frequency_scores.split(",") if item.strip()]
+            frequency_scores = frequency_scores.split(",")
+        if isinstance(frequency_scores, (list, tuple)):
+            pairs = [str(item).rpartition(":") for item in frequency_scores if str(item).strip()]
             try:
                 frequency_scores = {name.strip(): float(score) for name, _, score in pairs}
             except ValueError:

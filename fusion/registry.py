@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import re
 
 from composer.errors import ComposerError
 from fusion.base import Strategy
@@ -42,6 +43,42 @@ def strategy_params(name: str) -> dict[str, object]:
         for p in list(sig.parameters.values())[1:]
         if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
+
+
+def parse_value(text: str):
+    """A strategy argument typed by its spelling: ``3``, ``0.5``, ``true``, ``none``, ``2,3`` -> (2, 3); else text."""
+    text = text.strip()
+    lowered = text.lower()
+    if lowered in ("true", "false", "yes", "no"):
+        return lowered in ("true", "yes")
+    if lowered in ("none", "null"):
+        return None
+    if "," in text:
+        return tuple(parse_value(part) for part in text.strip("()[]").split(",") if part.strip())
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_strategy_args(text: str | list[str]) -> dict:
+    """``"every=2 order=a,b"`` (space, newline or ``;`` separated) or a list of ``KEY=VALUE`` -> dict.
+
+    The one reading of strategy arguments, for ``--strategy-arg`` and the web UI alike.
+    """
+    items = text if isinstance(text, list) else re.split(r"[\n;]+|\s+(?=[A-Za-z_][\w-]*=)", text or "")
+    out = {}
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ComposerError(f"strategy argument {item!r}: expected KEY=VALUE")
+        out[key.strip().replace("-", "_")] = parse_value(value)
+    return out
 
 
 def get_strategy(name: str | Strategy, **args) -> Strategy:
