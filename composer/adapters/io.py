@@ -161,8 +161,6 @@ def save_adapter(adapter: Adapter, path) -> Path:
     ``load_lora_weights`` loads with the same alphas. ``path`` may be a folder (then ``NAME.safetensors``
     in it). Returns the written path. The file is written next to its destination and renamed into place,
     so a failed save leaves no partial file."""
-    from safetensors.torch import save_file
-
     p = Path(path)
     if p.is_dir():
         p = p / f"{adapter.name}.safetensors"
@@ -172,9 +170,16 @@ def save_adapter(adapter: Adapter, path) -> Path:
         raise ValueError(f"{adapter.name}: nothing to save (no layers)")
     tensors, lora_config = to_diffusers_state_dict(adapter.deltas)
     header = _header_for(adapter, lora_config)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    # Factors shared between layers (kohya FLUX qkv) must be separate tensors for safetensors.
+    return write_safetensors(tensors, p, header)
+
+
+def write_safetensors(tensors: dict, path: Path, header: dict[str, str]) -> Path:
+    """Write next to ``path`` and rename into place, so a failed save leaves no partial file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Tensors sharing memory (kohya FLUX qkv factors) must be separate tensors for safetensors.
     seen: set[int] = set()
     for k, t in tensors.items():
         if t.data_ptr() in seen:
@@ -182,8 +187,8 @@ def save_adapter(adapter: Adapter, path) -> Path:
         seen.add(tensors[k].data_ptr())
     try:
         save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, p)
+        os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return p
+    return path

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -118,7 +117,7 @@ def load_shira(path, name: str | None = None, component: str = "unet") -> Adapte
 
 def save_shira(adapter: Adapter, path) -> Path:
     """Write a SHiRA adapter in our sparse format (safetensors, written next to ``path`` then renamed)."""
-    from safetensors.torch import save_file
+    from .io import write_safetensors
 
     p = Path(path)
     if p.is_dir():
@@ -135,15 +134,7 @@ def save_shira(adapter: Adapter, path) -> Path:
     header = {FORMAT_KEY: "shira", "modelspec.title": adapter.name}
     if adapter.metadata.description:
         header["modelspec.description"] = adapter.metadata.description
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    return write_safetensors(tensors, p, header)
 
 
 # -- conversions -----------------------------------------------------------------------------------------
