@@ -37,6 +37,24 @@ def _load_subcommands() -> None:
             SUBCOMMANDS.update(getattr(importlib.import_module(module), "COMMANDS", {}))
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """argparse for ``compose SUBCOMMAND``: a usage error becomes one line, returned as exit code 2."""
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def parse_subcommand(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """The parsed arguments, or the exit code to return (2 after a one-line usage error, 0 after --help)."""
+    try:
+        return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 2
+        return int(exc.code or 0)
+
+
 class _UsageError(Exception):
     pass
 

@@ -11,17 +11,14 @@ import argparse
 import math
 import sys
 
+from composer.cli import SubcommandParser, parse_subcommand
+
 PROG = "compose convert"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise SystemExit(f"{PROG}: error: {message} (see {PROG} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
+    p = SubcommandParser(prog=PROG, description=__doc__.splitlines()[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("input", metavar="IN", help="LoRA file (.safetensors: diffusers/PEFT or kohya keys)")
     p.add_argument("output", metavar="OUT", help="file to write (.safetensors)")
     p.add_argument("--to", choices=["shira", "lora"], default=None,
@@ -47,14 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     from composer.adapters.shira import lora_to_shira, squeeze_lora
     from composer.errors import ComposerError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            return 2
-        return int(e.code or 0)
+    args = parse_subcommand(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     to = args.to or ("lora" if args.rank is not None else None)
     if to is None:
         print(f"{PROG}: error: give --to shira --density D, or --rank R / --rank auto --energy E", file=sys.stderr)

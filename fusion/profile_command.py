@@ -13,17 +13,14 @@ import argparse
 import os
 import sys
 
+from composer.cli import SubcommandParser, parse_subcommand
+
 PROG = "compose profile"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise SystemExit(f"{PROG}: error: {message} (see {PROG} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
+    p = SubcommandParser(prog=PROG, description=__doc__.splitlines()[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--lora", action="append", required=True, metavar="PATH_OR_NAME", help="adapter to profile (repeatable)")
     p.add_argument("--model", metavar="DIR_OR_ID", help="diffusers model (default: the demo model)")
     p.add_argument("--library", metavar="DIR", help="folder to look LoRA names up in")
@@ -40,14 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from composer.pipeline import ComposerPipeline
     from fusion.frequency import profile_adapters
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            return 2
-        return int(e.code or 0)
+    args = parse_subcommand(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         model, library = args.model, args.library or os.environ.get("LORA_COMPOSER_LIBRARY")
         if model is None:
