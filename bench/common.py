@@ -315,5 +315,13 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def report(name: str, result, write: bool):
+    """Print a benchmark's tables and, unless ``--no-write``, replace its section of docs/BENCHMARKS.md."""
+    result.print()
+    if write:
+        log(f"[{name}] wrote {write_section(name, result.markdown())}")
+    return result
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

@@ -167,10 +167,7 @@ def main(argv: list[str] | None = None) -> common.Result:
     args = parser.parse_args(argv)
     common.apply_threads(args.threads)
     result = run(tiny=args.tiny, cycles=args.cycles, dtypes=args.dtypes, argv=sys.argv[1:] if argv is None else argv)
-    result.print()
-    if not args.no_write:
-        common.log(f"[{NAME}] wrote {common.write_section(NAME, result.markdown())}")
-    return result
+    return common.report(NAME, result, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def run(tiny: bool = False, switches: int | None = None, density: float = 0.02, 
     common.log(f"[{NAME}] ours {ours_ms:.2f} ms/switch, diffusers {ref_ms:.2f} ms/switch ({ref_ms / ours_ms:.1f}x)")
     errs = sorted(errors)
     notes = [
-        f"Goal (SHiRA switching at least 5x faster than diffusers unfuse_lora + fuse_lora): "
+        "Goal (SHiRA switching at least 5x faster than diffusers unfuse_lora + fuse_lora): "
         + ("met" if ref_ms / ours_ms >= 5 else "NOT met") + f", {ref_ms / ours_ms:.1f}x.",
         f"The SHiRA adapters are the LoRAs converted at density {density:g} (largest-magnitude entries of each "
         f"layer's delta): relative error per layer median {errs[len(errs) // 2]:.3f}, max {errs[-1]:.3f} (random "
@@ -117,10 +117,7 @@ def main(argv: list[str] | None = None) -> common.Result:
     common.apply_threads(args.threads)
     result = run(tiny=args.tiny, switches=args.switches, density=args.density,
                  argv=sys.argv[1:] if argv is None else argv)
-    result.print()
-    if not args.no_write:
-        common.log(f"[{NAME}] wrote {common.write_section(NAME, result.markdown())}")
-    return result
+    return common.report(NAME, result, write=not args.no_write)
 
 
 if __name__ == "__main__":

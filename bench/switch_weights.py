@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import gc
 
-import torch
-
 from bench import common
 from composer.runtime import LoraRuntime
 
@@ -155,10 +153,7 @@ def main(argv: list[str] | None = None) -> common.Result:
     import sys
 
     result = run(tiny=args.tiny, ks=args.ks, steps=args.steps, argv=sys.argv[1:] if argv is None else argv)
-    result.print()
-    if not args.no_write:
-        common.log(f"[{NAME}] wrote {common.write_section(NAME, result.markdown())}")
-    return result
+    return common.report(NAME, result, write=not args.no_write)
 
 
 if __name__ == "__main__":
