@@ -51,8 +51,6 @@ def _load_pipe(model: str | None):
 
 
 def _print_report(report, root: Path, quiet: bool) -> None:
-    from retriever.catalog import default_catalog_path
-
     print(
         f"indexed {report.indexed} file(s) ({len(report.added)} new, {len(report.updated)} changed), "
         f"{report.unchanged} unchanged, {len(report.removed)} removed, {len(report.skipped)} skipped "
