@@ -1,0 +1,294 @@
+"""Train the mini world's text-to-image model from scratch, then its concept LoRAs.
+
+    python -m composer.miniworld.train vae   --out DIR      # AutoencoderKL on base-world images
+    python -m composer.miniworld.train base  --out DIR      # CLIP text encoder + UNet, jointly, on base captions
+    python -m composer.miniworld.train loras --out DIR      # one LoRA per new concept (PEFT), into DIR/loras
+    python -m composer.miniworld.train all   --out DIR      # the three in order
+
+``DIR/model`` is a ``StableDiffusionPipeline`` folder (diffusers format). Everything is seeded; on this
+project's 2-core CPU the default recipe takes the times recorded in ``docs/EVAL.md``. A GPU is used when
+present (``--device``), the CPU recipe is the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from composer.miniworld import world
+
+TEXT_HIDDEN = 48
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------- components
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=world.SIZE, layers_per_block=1,
+        block_out_channels=[16, 32, 32], norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+    )
+
+
+def build_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407, hidden_act="quick_gelu", projection_dim=TEXT_HIDDEN,
+    ))
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=world.SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64), norm_num_groups=16, cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+def noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, prediction_type="epsilon", clip_sample=False)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(n, H, W, 3)`` -> float ``(n, 3, H, W)`` in [-1, 1], as the VAE expects."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _cosine_lr(opt, step: int, total: int, base: float, warmup: int = 100) -> None:
+    lr = base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    for g in opt.param_groups:
+        g["lr"] = max(lr, base * 0.02)
+
+
+# --------------------------------------------------------------------------------------------------- VAE
+def train_vae(out: Path, steps: int = 1500, batch: int = 16, lr: float = 1e-3, seed: int = 0, device: str = "cpu"):
+    """Reconstruction + a small KL term; sets ``scaling_factor`` to 1 / latent std.
+
+    The autoencoder is the image codec, like SD's VAE trained on broad imagery: it sees every colour, shape and
+    pattern of the world (a codec trained on base pictures only turns purple into yellow). The concepts stay
+    new to the *model*: the text encoder and the UNet, which the LoRAs adapt, never see them.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    everything = {c.name: c.values for c in world.CATEGORIES}
+    vae = build_vae().to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    bar = _progress(steps, "vae")
+    for step in range(steps):
+        _cosine_lr(opt, step, steps, lr)
+        x = to_tensor(world.sample(rng, batch, everything)[0]).to(device)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update()
+        bar.set_postfix(mse=f"{F.mse_loss(rec, x).item():.4f}")
+    bar.close()
+    vae.eval()
+    with torch.no_grad():
+        x = to_tensor(world.sample(rng, 256, everything)[0]).to(device)
+        std = vae.encode(x).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.to("cpu").save_pretrained(out / "vae", safe_serialization=True)
+    return vae
+
+
+@torch.no_grad()
+def encode(vae, images: np.ndarray, device: str = "cpu", batch: int = 256) -> torch.Tensor:
+    """Scaled latent means of ``images`` (the denoiser's training targets)."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = to_tensor(images[i:i + batch]).to(device)
+        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------- denoiser loop
+def _tokenize(tokenizer, captions: list[str], device: str) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def _diffusion_loss(unet, text_encoder, sched, latents, ids, gen: torch.Generator) -> torch.Tensor:
+    """Epsilon loss with min-SNR(5) weighting (Hang et al. 2023: faster convergence for small budgets)."""
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
+    noisy = sched.add_noise(latents, noise, t)
+    cond = text_encoder(ids).last_hidden_state
+    pred = unet(noisy, t, cond).sample
+    abar = sched.alphas_cumprod.to(latents.device)[t]
+    snr = abar / (1 - abar)
+    weight = torch.clamp(snr, max=5.0) / snr
+    return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+def _scenes_captions(scenes, rng, drop, keep=None, uncond: float = 0.1) -> list[str]:
+    """Captions with phrase dropout, and the empty caption for ``uncond`` of them (classifier-free guidance)."""
+    return ["" if rng.random() < uncond else world.caption(s, rng, drop, keep) for s in scenes]
+
+
+def train_base(out: Path, steps: int = 4000, batch: int = 32, lr: float = 1e-3, images: int = 20000, seed: int = 0,
+               device: str = "cpu"):
+    """Text encoder and UNet from scratch on base-world images (no LoRA concept is ever shown)."""
+    from diffusers import AutoencoderKL
+
+    from composer.tiny import clip_tokenizer
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    gen = torch.Generator().manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(out / "vae").to(device).eval()
+    pics, _, scenes = world.sample(rng, images)
+    latents = encode(vae, pics, device)
+    del pics
+    tokenizer, text_encoder, unet, sched = clip_tokenizer(), build_text_encoder().to(device), build_unet().to(device), noise_scheduler()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    bar = _progress(steps, "base")
+    for step in range(steps):
+        _cosine_lr(opt, step, steps, lr)
+        idx = rng.integers(0, len(scenes), batch)
+        ids = _tokenize(tokenizer, _scenes_captions([scenes[i] for i in idx], rng, drop=0.25), device)
+        loss = _diffusion_loss(unet, text_encoder, sched, latents[torch.from_numpy(idx).to(device)], ids, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    save_pipeline(out, vae.to("cpu"), text_encoder.to("cpu"), unet.to("cpu"), tokenizer)
+
+
+def save_pipeline(out: Path, vae, text_encoder, unet, tokenizer) -> Path:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler().config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out / "model", safe_serialization=True)
+    return out / "model"
+
+
+# ------------------------------------------------------------------------------------------------ LoRAs
+def train_lora(model_dir: Path, category: str, value: str, steps: int = 400, batch: int = 32, rank: int = 4,
+               lr: float = 2e-3, images: int = 2000, seed: int = 0, device: str = "cpu") -> dict[str, dict]:
+    """A PEFT LoRA (UNet and text-encoder attention) teaching ``value`` of ``category`` to the base model.
+
+    Returns PEFT-format layers per component (``{"unet": {...lora_A.weight: ...}, "text_encoder": {...}}``).
+    """
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir).to(device)
+    pics, _, scenes = world.sample(rng, images, world.concept_allowed(category, value))
+    latents = encode(pipe.vae, pics, device)
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
+    text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_LORA_TARGETS,
+                                        init_lora_weights="gaussian"))
+    params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = noise_scheduler()
+    bar = _progress(steps, f"lora {value}")
+    for step in range(steps):
+        _cosine_lr(opt, step, steps, lr, warmup=20)
+        idx = rng.integers(0, len(scenes), batch)
+        ids = _tokenize(pipe.tokenizer, _scenes_captions([scenes[i] for i in idx], rng, 0.25, category, 0.0), device)
+        loss = _diffusion_loss(unet, text_encoder, sched, latents[torch.from_numpy(idx).to(device)], ids, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    return {
+        "unet": {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()},
+        "text_encoder": {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(text_encoder).items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m composer.miniworld.train", description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["vae", "base", "loras", "all"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--base-steps", type=int, default=4000)
+    p.add_argument("--lora-steps", type=int, default=400)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--only", nargs="*", help="with loras: only these concept values")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "train-log.json"
+    times = json.loads(log.read_text()) if log.exists() else {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        fn()
+        times[name] = {"seconds": round(time.perf_counter() - t0, 1), "device": args.device,
+                       "threads": torch.get_num_threads()}
+        log.write_text(json.dumps(times, indent=2) + "\n")
+
+    if args.what in ("vae", "all"):
+        timed("vae", lambda: train_vae(args.out, steps=args.vae_steps, device=args.device))
+    if args.what in ("base", "all"):
+        timed("base", lambda: train_base(args.out, steps=args.base_steps, device=args.device))
+    if args.what in ("loras", "all"):
+        from composer.miniworld import library
+
+        for spec in library.LORAS:
+            if args.only and spec.value not in args.only:
+                continue
+            timed(f"lora {spec.name}", lambda spec=spec: library.write_lora(
+                args.out / "model", args.out / "loras", spec,
+                train_lora(args.out / "model", spec.category, spec.value, steps=args.lora_steps, device=args.device)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
