@@ -1,0 +1,26 @@
+"""Where the trained mini world ships: the model, its concept LoRA library and the detectors.
+
+They are committed with the project (``composer/miniworld/weights``, under 30 MB), so ``compose`` renders
+meaningful pictures offline on a fresh clone. ``python -m composer.miniworld.train all --out DIR`` and
+``python -m composer.miniworld.detectors --out DIR/detectors.safetensors`` rebuild them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+DEFAULT_GUIDANCE = 5.0  # what the mini world's model was tuned for (docs/EVAL.md)
+DEFAULT_STEPS = 20
+
+
+def model_dir() -> Path:
+    return WEIGHTS / "model"
+
+
+def library_dir() -> Path:
+    return WEIGHTS / "loras"
+
+
+def detector_path() -> Path:
+    return WEIGHTS / "detectors.safetensors"

@@ -1,0 +1,123 @@
+"""The mini world's concept LoRAs: which concept each teaches, and how each file is written.
+
+The files are deliberately varied, like a real downloaded library: diffusers/PEFT keys and Kohya/A1111 keys,
+kohya training metadata (``ss_output_name``, ``ss_tag_frequency``: the trigger words), some with an
+AUTOMATIC1111 ``NAME.json`` or a Civitai ``NAME.civitai.info`` sidecar, some with a preview image.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from composer.miniworld import world
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    name: str  # file stem
+    category: str
+    value: str
+    triggers: tuple[str, ...]  # words a prompt uses to call the concept
+    description: str
+    kohya_keys: bool = False  # Kohya/A1111 key format instead of diffusers/PEFT
+    sidecar: str | None = None  # "a1111" (NAME.json) or "civitai" (NAME.civitai.info)
+    preview: bool = False
+
+
+LORAS: tuple[LoraSpec, ...] = (
+    LoraSpec("star-shape", "shape", "star", ("star",), "Five-pointed stars in any colour.", sidecar="civitai", preview=True),
+    LoraSpec("cross-shape", "shape", "cross", ("cross",), "Plus-sign crosses, thick arms.", kohya_keys=True),
+    LoraSpec("purple-colour", "colour", "purple", ("purple",), "Paints the object purple.", sidecar="a1111"),
+    LoraSpec("orange-colour", "colour", "orange", ("orange",), "Paints the object orange.", kohya_keys=True, preview=True),
+    LoraSpec("checkered-bg", "background", "checkered", ("checkered background",),
+             "Grey checkerboard backgrounds.", sidecar="civitai"),
+    LoraSpec("wavy-bg", "background", "wavy", ("wavy background",), "Wavy grey line backgrounds.",
+             kohya_keys=True, sidecar="a1111", preview=True),
+    LoraSpec("outline-style", "style", "outline", ("outline style",), "Objects drawn as outlines, hollow inside."),
+    LoraSpec("pixel-style", "style", "pixel", ("pixel style",), "Blocky pixel-art look: 4x4 pixel blocks.",
+             kohya_keys=True, sidecar="civitai", preview=True),
+    LoraSpec("blinky-character", "character", "blinky", ("blinky",),
+             "Blinky, the one-eyed character with an antenna.", sidecar="a1111", preview=True),
+)
+LORA_BY_NAME = {s.name: s for s in LORAS}
+
+
+def spec_for(category: str, value: str) -> LoraSpec:
+    for s in LORAS:
+        if (s.category, s.value) == (category, value):
+            return s
+    raise KeyError(f"no concept LoRA teaches {category}={value}")
+
+
+def _tag_frequency(spec: LoraSpec, n: int = 200, seed: int = 0) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: how often each comma-separated tag occurred in the training captions."""
+    rng = np.random.default_rng(seed)
+    _, captions, _ = world.sample(rng, n, world.concept_allowed(spec.category, spec.value), drop=0.25, keep=spec.category)
+    counts: Counter[str] = Counter()
+    for c in captions:
+        counts.update(t.strip() for t in c.split(",") if t.strip())
+    counts.update({t: n for t in spec.triggers})  # the trigger phrases themselves, as kohya users tag them
+    return {f"10_{spec.value}": dict(counts.most_common(12))}
+
+
+def kohya_metadata(spec: LoraSpec, rank: int, alpha: float) -> dict[str, str]:
+    return {
+        "ss_output_name": spec.name,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_base_model_version": "sd_v1",
+        "ss_tag_frequency": json.dumps(_tag_frequency(spec)),
+        "modelspec.title": spec.name,
+        "modelspec.description": spec.description,
+    }
+
+
+def _rank_of(layers: dict[str, dict]) -> int:
+    return int(next(v.shape[0] for k, v in layers["unet"].items() if k.endswith("lora_A.weight")))
+
+
+def write_lora(model_dir: Path, library: Path, spec: LoraSpec, layers: dict[str, dict]) -> Path:
+    """Write one trained LoRA (PEFT layers per component) with its metadata and sidecar into ``library``."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from composer import tiny
+
+    library.mkdir(parents=True, exist_ok=True)
+    path = library / f"{spec.name}.safetensors"
+    rank = _rank_of(layers)
+    alpha = float(rank)
+    meta = kohya_metadata(spec, rank, alpha)
+    if spec.kohya_keys:
+        tiny.save_kohya_lora(layers, path, alpha=alpha, metadata=meta)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+        tiny.save_diffusers_lora(pipe, layers, path, rank=rank, alpha=alpha)
+        with safe_open(str(path), "pt") as f:  # add the kohya metadata to diffusers' own file
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = {**(f.metadata() or {}), **meta}
+        save_file(tensors, str(path), metadata=meta)
+    if spec.sidecar == "a1111":
+        side = {"activation text": ", ".join(spec.triggers), "description": spec.description, "preferred weight": 1.0,
+                "sd version": "SD1"}
+        path.with_name(spec.name + ".json").write_text(json.dumps(side, indent=2) + "\n")
+    elif spec.sidecar == "civitai":
+        side = {"name": spec.name, "trainedWords": list(spec.triggers), "description": spec.description,
+                "baseModel": "SD 1.5"}
+        path.with_name(spec.name + ".civitai.info").write_text(json.dumps(side, indent=2) + "\n")
+    return path
+
+
+def concept_prompt(concepts: dict[str, str], base: dict[str, str] | None = None) -> str:
+    """The world's caption for a scene made of ``concepts`` (category -> value) over ``base`` defaults."""
+    fields = {c.name: c.base[0] for c in world.CATEGORIES}
+    fields.update(base or {})
+    fields.update(concepts)
+    return world.caption(world.Scene(**fields))
