@@ -213,7 +213,7 @@ def save_kohya_lora(layers, path, alpha: float | None = None, metadata: dict[str
 
 
 def default_cache_dir() -> Path:
-    """Where the default local model lives: ``$LORA_COMPOSER_HOME`` or the user cache folder."""
+    """Where lora-composer caches files (catalogs of read-only libraries...): ``$LORA_COMPOSER_HOME`` or the user cache."""
     env = os.environ.get("LORA_COMPOSER_HOME")
     if env:
         return Path(env)

@@ -18,6 +18,7 @@ per-position centre), ``skipped``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -91,7 +92,16 @@ class IndexReport:
 
 
 def default_catalog_path(library) -> Path:
-    return Path(library).expanduser() / CATALOG_DIR / CATALOG_NAME
+    """``LIBRARY/.lora-composer/catalog.sqlite``; for a library folder we may not write to (a read-only
+    share, the default model's library inside an installed package), a catalog in the user cache instead."""
+    library = Path(library).expanduser()
+    inside = library / CATALOG_DIR
+    if os.access(inside if inside.exists() else library, os.W_OK) or not library.exists():
+        return inside / CATALOG_NAME
+    from composer.tiny import default_cache_dir
+
+    key = hashlib.sha256(str(library.resolve()).encode()).hexdigest()[:16]
+    return default_cache_dir() / "catalogs" / key / CATALOG_NAME
 
 
 def _strip_html(text: str) -> str:
