@@ -1,6 +1,6 @@
 """``compose``: render a prompt with LoRA adapters from the command line.
 
-    compose --prompt "a red circle" --lora demo-shapes:0.8 --out demo.png
+    compose --prompt "a purple star on a checkered background" --lora star-shape --lora purple-colour --out demo.png
     compose --from-image demo.png --seed 7            # same settings, another seed
 
 The flag form needs no subcommand; later subcommands (``compose index``, ``compose search``...) are
@@ -25,7 +25,9 @@ PROG = "compose"
 # name -> (help, function(argv) -> exit code). ``compose NAME ...`` runs it; anything else is the flag form.
 SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
 # Modules that add subcommands: each defines ``COMMANDS = {name: (help, main(argv) -> int)}``.
-COMMAND_MODULES = ("retriever.commands", "composer.convert", "composer.ui", "fusion.profile_command")
+COMMAND_MODULES = (
+    "retriever.commands", "composer.convert", "composer.ui", "fusion.profile_command", "composer.miniworld.evaluate",
+)
 
 
 def _load_subcommands() -> None:
@@ -71,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render a prompt with a diffusers text-to-image model and any number of LoRA adapters.",
         epilog=(
             "LoRAs can also be named in the prompt, A1111 style: <lora:NAME>, <lora:NAME:0.8>, "
-            "<lora:NAME:TE:UNET>. Without --model, a tiny offline demo model and its demo LoRA library "
-            "are used." + (f"\nsubcommands:{sub}" if sub else "")
+            "<lora:NAME:TE:UNET>. Without --model, the default model (the mini world: trained offline "
+            "on drawn pictures) and its concept LoRA library are used." + (f"\nsubcommands:{sub}" if sub else "")
         ),
     )
     p.add_argument("--prompt", "-p", help="the prompt (may contain <lora:name:w> tags)")
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", dest="top_k", type=int, metavar="K", help="with --loras auto: at most K adapters (default 3)")
     p.add_argument("--min-score", dest="min_score", type=float, metavar="S", help="with --loras auto: minimum fused score (default 0.3)")
-    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the demo model)")
+    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the mini world model)")
     p.add_argument("--library", metavar="DIR", help="folder of LoRA files to look names up in (default: $LORA_COMPOSER_LIBRARY)")
     p.add_argument("--strategy", help="how adapters are combined: " + ", ".join(_strategies()) + " (default: merge)")
     p.add_argument(
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write OUT.explain.png: heatmaps of the adapter weights applied per step (and per layer group)",
     )
     p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default 20)")
-    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, metavar="G", help="guidance scale (default 7.5)")
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, metavar="G", help="guidance scale (default 7.5; 5 for the mini world model)")
     p.add_argument("--seed", type=int, metavar="S", help="random seed (default: random, recorded in the PNG)")
     p.add_argument("--width", type=int, metavar="W", help="image width (default: the model's)")
     p.add_argument("--height", type=int, metavar="H", help="image height (default: the model's)")
@@ -148,7 +150,7 @@ def _settings(args) -> dict:
 
     s = {
         "prompt": None, "negative_prompt": "", "loras": [], "model": None, "strategy": "merge", "steps": 20,
-        "guidance": 7.5, "seed": None, "width": None, "height": None, "trigger_words": False,
+        "guidance": None, "seed": None, "width": None, "height": None, "trigger_words": False,
         "strategy_args": {},
     }
     if args.from_image:
@@ -227,13 +229,19 @@ def render(args) -> int:
     model = s["model"]
     from composer.default_model import ensure_default_model, is_default_model
 
-    if model is None or is_default_model(model):  # built deterministically: any cache's copy is the same
-        model_dir, demo_library = ensure_default_model(quiet=args.quiet)
+    if model is None or is_default_model(model):
+        from composer.miniworld.assets import DEFAULT_GUIDANCE
+
+        model_dir, demo_library = ensure_default_model()
         model = str(model_dir)
         library = library or str(demo_library)
-        _note(args, f"using the tiny offline demo model {model_dir} (random weights) with its LoRA library {demo_library}")
+        if s["guidance"] is None:
+            s["guidance"] = DEFAULT_GUIDANCE
+        _note(args, f"using the default model (the mini world, offline) {model_dir} with its LoRA library {demo_library}")
     elif (os.path.isabs(model) or model.startswith((".", "~"))) and not Path(model).expanduser().exists():
         raise ComposerError(f"model {model} not found")
+    if s["guidance"] is None:
+        s["guidance"] = 7.5
 
     # Resolve every LoRA name (flags and prompt tags) before loading the model: a typo fails at once.
     _, tag_refs = parse_prompt(s["prompt"])
