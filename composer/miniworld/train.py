@@ -71,7 +71,7 @@ def noise_scheduler():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                         beta_end=0.012, prediction_type="epsilon", clip_sample=False)
+                         beta_end=0.012, prediction_type="epsilon", clip_sample=False, steps_offset=1)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -156,8 +156,11 @@ def _scenes_captions(scenes, rng, drop, keep=None, uncond: float = 0.1) -> list[
 
 
 def train_base(out: Path, steps: int = 4000, batch: int = 32, lr: float = 1e-3, images: int = 20000, seed: int = 0,
-               device: str = "cpu"):
-    """Text encoder and UNet from scratch on base-world images (no LoRA concept is ever shown)."""
+               device: str = "cpu", resume: bool = False):
+    """Text encoder and UNet from scratch on base-world images (no LoRA concept is ever shown).
+
+    ``resume``: continue from ``out/model`` (more steps on a model already trained) instead of from scratch.
+    """
     from diffusers import AutoencoderKL
 
     from composer.tiny import clip_tokenizer
@@ -169,7 +172,17 @@ def train_base(out: Path, steps: int = 4000, batch: int = 32, lr: float = 1e-3, 
     pics, _, scenes = world.sample(rng, images)
     latents = encode(vae, pics, device)
     del pics
-    tokenizer, text_encoder, unet, sched = clip_tokenizer(), build_text_encoder().to(device), build_unet().to(device), noise_scheduler()
+    if resume:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(out / "model" / "text_encoder").to(device)
+        unet = UNet2DConditionModel.from_pretrained(out / "model" / "unet").to(device)
+    else:
+        text_encoder, unet = build_text_encoder().to(device), build_unet().to(device)
+    tokenizer, sched = clip_tokenizer(), noise_scheduler()
+    text_encoder.train()
+    unet.train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -215,7 +228,7 @@ def train_lora(model_dir: Path, category: str, value: str, steps: int = 400, bat
     Returns PEFT-format layers per component (``{"unet": {...lora_A.weight: ...}, "text_encoder": {...}}``).
     """
     from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -227,8 +240,9 @@ def train_lora(model_dir: Path, category: str, value: str, steps: int = 400, bat
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
-    text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_LORA_TARGETS,
-                                        init_lora_weights="gaussian"))
+    # PEFT directly: transformers' add_adapter wants a newer PEFT than diffusers does.
+    text_encoder = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_LORA_TARGETS,
+                                                      init_lora_weights="gaussian"), text_encoder)
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = noise_scheduler()
@@ -258,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--base-steps", type=int, default=4000)
     p.add_argument("--lora-steps", type=int, default=400)
+    p.add_argument("--resume", action="store_true", help="with base: continue training DIR/model")
+    p.add_argument("--base-lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--only", nargs="*", help="with loras: only these concept values")
     args = p.parse_args(argv)
@@ -277,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("vae", "all"):
         timed("vae", lambda: train_vae(args.out, steps=args.vae_steps, device=args.device))
     if args.what in ("base", "all"):
-        timed("base", lambda: train_base(args.out, steps=args.base_steps, device=args.device))
+        timed("base, resumed" if args.resume else "base", lambda: train_base(
+            args.out, steps=args.base_steps, lr=args.base_lr, device=args.device, resume=args.resume))
     if args.what in ("loras", "all"):
         from composer.miniworld import library
 

@@ -1,0 +1,136 @@
+"""The mini world: scenes, captions, LoRA specs and files, and the evaluation protocol's bookkeeping."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from composer.miniworld import evaluate, library, world
+
+
+def test_scenes_are_seeded_and_labelled():
+    a_img, a_cap, a_sc = world.sample(np.random.default_rng(3), 6)
+    b_img, b_cap, b_sc = world.sample(np.random.default_rng(3), 6)
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap and a_sc == b_sc
+    assert a_img.shape == (6, 64, 64, 3) and a_img.dtype == np.uint8
+    for scene, cap in zip(a_sc, a_cap):
+        assert all(v in world.CATEGORY[c].base for c, v in scene.labels.items())  # default: base values only
+        assert scene.shape in cap and scene.colour in cap and scene.background in cap
+
+
+def test_every_value_draws_a_different_picture():
+    """Changing one category's value changes the pixels (same position and size: same rng state)."""
+    base = world.Scene("circle", "red", "plain")
+    ref = np.asarray(world.render(base, np.random.default_rng(0)))
+    for cat in world.CATEGORIES:
+        for value in cat.values:
+            if value == getattr(base, cat.name):
+                continue
+            other = world.Scene(**{**base.labels, cat.name: value})
+            assert not np.array_equal(np.asarray(world.render(other, np.random.default_rng(0))), ref), value
+
+
+def test_lora_values_only_when_allowed():
+    rng = np.random.default_rng(0)
+    _, caps, scenes = world.sample(rng, 40, world.concept_allowed("colour", "purple"), drop=0.5, keep="colour")
+    assert all(s.colour == "purple" for s in scenes) and all("purple" in c for c in caps)
+    assert all(s.shape in world.CATEGORY["shape"].base for s in scenes)
+    _, _, scenes = world.sample(rng, 200)
+    assert not any(s.lora_concepts() for s in scenes)
+    with pytest.raises(ValueError):
+        world.concept_allowed("colour", "star")
+
+
+def test_caption_articles_and_phrases():
+    s = world.Scene("cross", "orange", "wavy", "outline", "blinky")
+    assert world.caption(s) == "blinky, an orange cross on a wavy background, outline style"
+    s = world.Scene("square", "red", "dotted", "filled", "smiley")
+    assert world.caption(s) == "a red square with a smiley face on a dotted background"
+
+
+def test_every_lora_value_has_exactly_one_spec():
+    taught = sorted((s.category, s.value) for s in library.LORAS)
+    assert taught == sorted(world.LORA_CONCEPTS)
+    assert len(library.LORAS) >= 8
+    assert {s.kohya_keys for s in library.LORAS} == {True, False}
+    assert {s.sidecar for s in library.LORAS} >= {"a1111", "civitai", None}
+    assert any(s.preview for s in library.LORAS)
+
+
+def test_combinations_are_one_lora_per_category():
+    combos = evaluate.combinations((2, 3, 4))
+    # Independent count: all subsets of the LoRAs of the given size whose categories are distinct.
+    expected = [c for k in (2, 3, 4) for c in itertools.combinations(library.LORAS, k)
+                if len({s.category for s in c}) == k]
+    assert sorted(tuple(s.name for s in c) for c in combos) == sorted(tuple(s.name for s in c) for c in expected)
+
+
+def test_tally_rates():
+    t = evaluate.Tally()
+    wanted = {"shape": "star", "colour": "purple"}
+    t.add(wanted, {"background": "plain"}, {"shape": "star", "colour": "purple", "background": "plain"}, {"background": 0.9})
+    t.add(wanted, {"background": "plain"}, {"shape": "star", "colour": "red", "background": "dotted"}, {"background": 0.3})
+    t.add({"shape": "cross"}, {}, {"shape": "circle"}, {})
+    t.seconds = 2.0
+    s = t.summary()
+    assert s["all_concepts"] == round(1 / 3, 4)
+    assert s["by_size"] == {2: 0.5, 1: 0.0}
+    assert s["concepts"] == {"star": 1.0, "purple": 0.5, "cross": 0.0}
+    assert s["per_concept"] == round((1.0 + 0.5 + 0.0) / 3, 4)
+    assert s["base_confidence"] == pytest.approx(0.6)
+    assert s["images_per_s"] == 1.5
+
+
+def test_write_doc_replaces_only_its_section(tmp_path):
+    doc = tmp_path / "EVAL.md"
+    doc.write_text("# Eval\n\nintro\n")
+    evaluate.write_doc(doc, "table one\n")
+    evaluate.write_doc(doc, "table two\n")
+    text = doc.read_text()
+    assert text.startswith("# Eval\n\nintro\n") and "table two" in text and "table one" not in text
+    assert text.count("<!-- eval:results -->") == 1
+
+
+def test_written_lora_loads_with_its_metadata(tmp_path, sd15_pipe):
+    """Both formats round-trip the trained factors; trigger words come from kohya metadata and sidecars."""
+    from composer import tiny
+    from composer.adapters import load_adapter
+
+    model = tmp_path / "model"
+    sd15_pipe.save_pretrained(model)
+    layers = tiny.random_lora_layers(sd15_pipe, rank=4, seed=1)
+    for spec in (library.LORA_BY_NAME["star-shape"], library.LORA_BY_NAME["wavy-bg"]):
+        path = library.write_lora(model, tmp_path / "loras", spec, layers)
+        adapter = load_adapter(path)
+        assert adapter.metadata.source_format == ("kohya" if spec.kohya_keys else "diffusers")
+        assert set(spec.triggers) <= set(adapter.metadata.trigger_words)
+        tags = json.loads(adapter.metadata.file_metadata["ss_tag_frequency"])
+        assert spec.triggers[0] in tags[f"10_{spec.value}"]
+        key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+        ours = next(d for k, d in adapter.deltas.items() if k.endswith(key))
+        a, b = layers["unet"][f"{key}.lora_A.weight"], layers["unet"][f"{key}.lora_B.weight"]
+        torch.testing.assert_close(ours.scale * ours.up @ ours.down, b @ a)  # alpha = rank: scale 1
+    assert (tmp_path / "loras" / "star-shape.civitai.info").is_file()
+    assert (tmp_path / "loras" / "wavy-bg.json").is_file()
+
+
+def test_train_lora_steps_change_only_the_adapter(tmp_path, sd15_pipe):
+    """A few training steps on a (tiny) base: LoRA factors come back for UNet and text encoder, base untouched."""
+    from composer.miniworld import train
+
+    model = tmp_path / "model"
+    sd15_pipe.unet.register_to_config(sample_size=16)
+    sd15_pipe.save_pretrained(model)
+    before = {k: v.clone() for k, v in sd15_pipe.unet.state_dict().items()}
+    layers = train.train_lora(model, "shape", "star", steps=2, batch=2, images=4)
+    assert layers["unet"] and layers["text_encoder"]
+    assert all(k.endswith(("lora_A.weight", "lora_B.weight")) for comp in layers.values() for k in comp)
+    assert any(v.abs().sum() > 0 for k, v in layers["unet"].items() if k.endswith("lora_B.weight"))
+    from diffusers import UNet2DConditionModel
+
+    reloaded = UNet2DConditionModel.from_pretrained(model / "unet").state_dict()
+    assert all(torch.equal(reloaded[k], before[k]) for k in before)
