@@ -193,3 +193,37 @@ def concept_allowed(category: str, value: str) -> dict[str, tuple[str, ...]]:
     if value not in CATEGORY[category].values:
         raise ValueError(f"{value!r} is not a {category}")
     return {category: (value,)}
+
+
+def concept_sheet(path, seed: int = 0, scale: int = 2):
+    """One picture per value, base values first then LoRA values, labelled (the figure in docs/EVAL.md)."""
+    rng = np.random.default_rng(seed)
+    cells = []
+    for lora in (False, True):
+        row = []
+        for cat in CATEGORIES:
+            for value in cat.lora if lora else cat.base:
+                fields = {c.name: c.base[0] for c in CATEGORIES}
+                fields.update(shape="square" if cat.name == "character" else fields["shape"], colour="blue")
+                fields[cat.name] = value
+                row.append((f"{cat.name}: {value}", render(Scene(**fields), rng)))
+        cells.append(row)
+    cell, head = SIZE * scale, 14
+    cols = max(len(r) for r in cells)
+    sheet = Image.new("RGB", (cols * (cell + 4), len(cells) * (cell + head + 18)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (row, title) in enumerate(zip(cells, ("base model concepts", "concepts taught by LoRAs"))):
+        y = i * (cell + head + 18)
+        draw.text((2, y + 2), title, fill="black")
+        for j, (label, img) in enumerate(row):
+            x = j * (cell + 4)
+            draw.text((x + 2, y + 16), label.split(": ")[1], fill="black")
+            sheet.paste(img.resize((cell, cell), Image.NEAREST), (x, y + head + 16))
+    sheet.save(path)
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(concept_sheet(sys.argv[1] if len(sys.argv) > 1 else "miniworld.png"))
