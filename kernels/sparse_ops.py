@@ -3,9 +3,13 @@
 A sparse delta is a set of flat positions ``idx`` (``row * in_features + col``, unique, sorted) and fp32
 values. Fusing reads the current values at ``idx`` (the backup), adds the delta in fp32 and writes the
 result back rounded once to the weight's dtype; restoring writes the backup back. Both are
-O(nonzeros) gathers/scatters (one ``index_select`` and one ``scatter_``, a single kernel each on CUDA;
-``scatter_`` is about twice as fast as ``index_copy_`` on the CPU),
-and restoring is bit-exact in any dtype.
+O(nonzeros) gathers/scatters (one ``index_select`` and one ``scatter_``/``scatter_add_``, a single kernel
+each on CUDA; ``scatter_`` is about twice as fast as ``index_copy_`` on the CPU), and restoring is
+bit-exact in any dtype.
+
+On the CPU a switch is bound by memory traffic, not by these calls: each of the two passes (restore the
+old positions, gather the new ones) touches about a quarter of the weight's cache lines at 2% density
+and costs about as much as reading the whole weight once.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ def sparse_fold(weight: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -
     """
     flat = _flat(weight)
     backup = flat.index_select(0, idx)
-    new = (backup.float() + values.float()).to(weight.dtype)
-    flat.scatter_(0, idx, new)
+    if weight.dtype is torch.float32 and values.dtype is torch.float32:
+        flat.scatter_add_(0, idx, values)  # the same single fp32 rounding, without a temporary
+    else:
+        flat.scatter_(0, idx, (backup.float() + values.float()).to(weight.dtype))
     return backup
 
 

@@ -13,6 +13,7 @@ from composer.adapters import load_adapter, save_shira
 from composer.adapters.shira import lora_to_shira, squeeze_lora
 from composer.adapters.types import Adapter, LayerDelta, SparseDelta
 from composer.runtime import LoraRuntime
+from kernels.sparse_ops import sparse_fold, sparse_restore
 
 TARGETS = list(tiny.SD15_TARGETS)
 
@@ -146,6 +147,23 @@ def test_1000_random_fused_switches_restore_exactly(sd15_pipe, dtype):
     rt.unfuse()
     assert all(torch.equal(m.weight, base[p]) for p, m in _target_linears(unet).items())
     assert all(layer.sparse_backup is None and layer.backup is None for layer in rt.layers.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_sparse_fold_rounds_once_and_restores_exactly(dtype):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 40, generator=g).to(dtype)
+    before = weight.clone()
+    idx = torch.randperm(weight.numel(), generator=g)[:97].sort().values
+    values = torch.randn(97, generator=g) * 1e-3
+    backup = sparse_fold(weight, idx, values)
+    assert torch.equal(backup, before.view(-1)[idx])
+    assert torch.equal(weight.view(-1)[idx], (before.view(-1)[idx].float() + values).to(dtype))
+    untouched = torch.ones(weight.numel(), dtype=torch.bool)
+    untouched[idx] = False
+    assert torch.equal(weight.view(-1)[untouched], before.view(-1)[untouched])
+    sparse_restore(weight, idx, backup)
+    assert torch.equal(weight, before)
 
 
 def test_shira_and_lora_on_same_layers_fuse_and_restore(sd15_pipe):
