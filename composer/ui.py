@@ -1,6 +1,6 @@
 """``compose ui`` / ``python app.py``: a Gradio web UI over :class:`~composer.pipeline.ComposerPipeline`.
 
-    compose ui                                   # the demo model, http://127.0.0.1:7860
+    compose ui                                   # the default model (the mini world), http://127.0.0.1:7860
     compose ui --model DIR_OR_ID --library DIR --host 0.0.0.0 --port 8080
 
 The model and the LoRA library are fixed at start-up. The browser only ever names LoRAs by their path
@@ -90,9 +90,13 @@ class ComposerUI:
         from composer.default_model import ensure_default_model, is_default_model
         from composer.pipeline import ComposerPipeline
 
+        self.default_guidance = 7.5
         if model is None or is_default_model(model):
-            model_dir, demo_library = ensure_default_model(quiet=True)
-            model, library = str(model_dir), library or str(demo_library)
+            from composer.miniworld.assets import DEFAULT_GUIDANCE
+
+            model_dir, default_library = ensure_default_model(quiet=True)
+            model, library = str(model_dir), library or str(default_library)
+            self.default_guidance = DEFAULT_GUIDANCE
         self.model = str(model)
         if library is None:
             raise ComposerError("the UI needs a LoRA library folder (--library DIR)")
@@ -242,12 +246,13 @@ class ComposerUI:
 
     # -- rendering --------------------------------------------------------------------------------
     def render(self, prompt, negative_prompt="", loras=(), strategy="merge", strategy_args=None, seed=-1,
-               steps=20, guidance=7.5, width=None, height=None, batch=1, compare_strategy=None,
+               steps=20, guidance=None, width=None, height=None, batch=1, compare_strategy=None,
                compare_args=None, progress=None) -> dict:
         """Render (and, with ``compare_strategy``, render the same seed again with it).
 
         ``loras``: ``[(library name, te, unet)]``; ``<lora:name:w>`` tags in the prompt must name library
-        files too. Returns ``{"images": [(path, caption)], "heatmaps": [path], "pngs": [path], "seed", "record"}``.
+        files too. ``guidance`` defaults to the model's (:attr:`default_guidance`: 5 for the mini world, else
+        7.5). Returns ``{"images": [(path, caption)], "heatmaps": [path], "pngs": [path], "seed", "record"}``.
         """
         from composer.explain import save_explanation
         from composer.pnginfo import save_png
@@ -259,6 +264,7 @@ class ComposerUI:
         refs = [(str(self.lora_path(n)), float(te), float(unet)) for n, te, unet in loras if n]
         refs += [(str(self.lora_path(r.name)), r.te_weight, r.unet_weight) for r in tag_refs]
         steps = int(steps)
+        guidance = self.default_guidance if guidance is None else float(guidance)
         if steps < 1 or steps > 200:
             raise ComposerError("steps must be between 1 and 200")
         for label, v in (("width", width), ("height", height)):
@@ -372,7 +378,8 @@ def build_app(ui: ComposerUI):
                 with gr.Row():
                     seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="seed")
                     steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
+                    guidance = gr.Slider(0, 20, value=ui.default_guidance, step=0.5, label="Guidance",
+                                         elem_id="guidance")
                 with gr.Row():
                     width = gr.Slider(64, 1536, value=max(64, ui.default_size), step=8, label="Width")
                     height = gr.Slider(64, 1536, value=max(64, ui.default_size), step=8, label="Height")
@@ -497,8 +504,8 @@ def launch(ui: ComposerUI, host: str = "127.0.0.1", port: int | None = None, blo
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="compose ui", description="Start the lora-composer web UI (Gradio).")
-    p.add_argument("--model", "-m", help="diffusers model folder or Hub id (default: the demo model)")
-    p.add_argument("--library", help="LoRA folder (default: $LORA_COMPOSER_LIBRARY, or the demo library)")
+    p.add_argument("--model", "-m", help="diffusers model folder or Hub id (default: the mini world model)")
+    p.add_argument("--library", help="LoRA folder (default: $LORA_COMPOSER_LIBRARY, or the mini world's library)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB, help="upload size cap in MB")

@@ -14,6 +14,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from composer import tiny  # noqa: E402
 from composer.errors import ComposerError  # noqa: E402
+from composer.miniworld.library import LORAS  # noqa: E402
 from composer.ui import MAX_SLOTS, ComposerUI, launch, parse_strategy_args  # noqa: E402
 
 
@@ -29,10 +30,10 @@ def outside(tmp_path_factory):
 def ui(tmp_path_factory, outside):
     from composer.default_model import ensure_default_model
 
-    model_dir, demo_library = ensure_default_model(quiet=True)
+    model_dir, default_library = ensure_default_model(quiet=True)
     library = tmp_path_factory.mktemp("library")
-    for f in demo_library.iterdir():
-        if f.is_file():
+    for f in default_library.iterdir():
+        if f.is_file() and not f.name.startswith("."):  # not the retriever's catalog
             shutil.copy(f, library / f.name)
     os.symlink(outside, library / "linked.safetensors")  # points outside: must not be listed nor read
     return ComposerUI(model_dir, library, out_dir=tmp_path_factory.mktemp("out"), max_upload_mb=1)
@@ -47,12 +48,14 @@ def client(ui):
         demo.close()
 
 
-def generate(client, prompt="a red circle", loras=(), strategy="merge", args="", compare="", seed=5, steps=2):
+def generate(client, prompt="a red circle", loras=(), strategy="merge", args="", compare="", seed=5, steps=2,
+             guidance=5.0):
     slots = []
     for i in range(MAX_SLOTS):
         name, te, unet = loras[i] if i < len(loras) else ("", 0.8, 0.8)
         slots += [name, te, unet]
-    return client.predict(prompt, "", strategy, args, compare, seed, steps, 7.5, 64, 64, 1, *slots, api_name="/generate")
+    return client.predict(prompt, "", strategy, args, compare, seed, steps, guidance, 64, 64, 1, *slots,
+                          api_name="/generate")
 
 
 def pixels(item) -> np.ndarray:
@@ -62,7 +65,7 @@ def pixels(item) -> np.ndarray:
 
 def test_generate_returns_image_heatmap_and_png_with_metadata(client):
     images, heatmaps, pngs, info = generate(
-        client, loras=[("demo-shapes.safetensors", 0.8, 0.8), ("demo-ink.safetensors", 0.5, 1.0)],
+        client, loras=[("star-shape.safetensors", 0.8, 0.8), ("pixel-style.safetensors", 0.5, 1.0)],
         strategy="switch", args="every=1", compare="merge",
     )
     assert len(images) == 2 and len(heatmaps) == 2  # side by side: switch, then merge with the same seed
@@ -70,13 +73,33 @@ def test_generate_returns_image_heatmap_and_png_with_metadata(client):
     heat = Image.open(heatmaps[0]["image"])
     assert heat.width > 100 and heat.height > 100
     png = Image.open(pngs[0])
-    assert "lora-composer" in png.info and "demo-ink" in png.info["parameters"]
-    assert "switch" in info and "merge" in info and "demo-shapes" in info
+    assert "lora-composer" in png.info and "pixel-style" in png.info["parameters"]
+    assert "switch" in info and "merge" in info and "star-shape" in info
+
+
+def test_guidance_defaults_to_the_models(client, ui, sd15_pipe, tmp_path):
+    from composer.pnginfo import read_record
+    from composer.ui import build_app
+
+    def slider(u):
+        return next(b for b in build_app(u).blocks.values() if getattr(b, "elem_id", None) == "guidance")
+
+    assert ui.default_guidance == 5.0 and slider(ui).value == 5.0  # the mini world's guidance
+    assert ui.render("a red circle", steps=2, seed=1)["records"][0].guidance_scale == 5.0
+    _, _, pngs, _ = generate(client, guidance=6.5)  # the slider's value wins
+    assert read_record(pngs[0]).guidance_scale == 6.5
+
+    model = tmp_path / "tiny"
+    sd15_pipe.save_pretrained(str(model))
+    other = ComposerUI(model, ui.library, out_dir=tmp_path / "out")
+    assert other.default_guidance == 7.5 and slider(other).value == 7.5
+    res = other.render("a red circle", steps=2, seed=1, width=64, height=64)
+    assert res["records"][0].guidance_scale == 7.5
 
 
 def test_two_concurrent_clients_get_their_own_adapters(client, ui):
-    a = [("demo-shapes.safetensors", 1.0, 1.0)]
-    b = [("demo-ink.safetensors", 0.3, 1.5)]
+    a = [("star-shape.safetensors", 1.0, 1.0)]
+    b = [("pixel-style.safetensors", 0.3, 1.5)]
     alone_a = pixels(generate(client, loras=a, seed=11)[0][0])
     alone_b = pixels(generate(client, loras=b, seed=11)[0][0])
     assert not np.array_equal(alone_a, alone_b)
@@ -99,7 +122,7 @@ def test_two_concurrent_clients_get_their_own_adapters(client, ui):
 
 
 def test_paths_outside_the_library_are_refused(client, ui, outside):
-    assert ui.library_names() == ["demo-ink.safetensors", "demo-shapes.safetensors"]  # not the symlink
+    assert sorted(ui.library_names()) == sorted(f"{s.name}.safetensors" for s in LORAS)  # not the symlink
     for bad in (str(outside), "../outside/evil.safetensors", "linked.safetensors", "linked", "/etc/passwd", "~/x"):
         with pytest.raises(ComposerError, match="not in the library"):
             ui.lora_path(bad)
@@ -113,18 +136,18 @@ def test_paths_outside_the_library_are_refused(client, ui, outside):
 
 def test_errors_show_in_the_page_and_the_server_keeps_serving(client):
     with pytest.raises(gradio_client.exceptions.AppError, match="no argument nonsense"):
-        generate(client, loras=[("demo-ink.safetensors", 1, 1)], strategy="switch", args="nonsense=3")
+        generate(client, loras=[("pixel-style.safetensors", 1, 1)], strategy="switch", args="nonsense=3")
     with pytest.raises(gradio_client.exceptions.AppError, match="KEY=VALUE"):
         generate(client, args="every")
-    images, *_ = generate(client, loras=[("demo-ink.safetensors", 1, 1)])
+    images, *_ = generate(client, loras=[("pixel-style.safetensors", 1, 1)])
     assert pixels(images[0]).shape == (64, 64, 3)
 
 
 def test_auto_fills_the_picker_with_the_retrievers_choice(client):
-    out = client.predict("an ink drawing, monochrome sketch", 2, api_name="/auto")
+    out = client.predict("a red circle in pixel style", 2, api_name="/auto")
     table, first = out[0], out[2]
-    assert "demo-ink" in table and "score" in table
-    assert first["value"] == "demo-ink.safetensors"
+    assert "pixel-style" in table and "score" in table
+    assert first["value"] == "pixel-style.safetensors"
 
 
 def test_uploads_are_safetensors_only_and_capped(ui, tmp_path):
@@ -141,7 +164,7 @@ def test_uploads_are_safetensors_only_and_capped(ui, tmp_path):
     with pytest.raises(ComposerError, match="limit"):
         ui.add_upload(str(big))
     good = tmp_path / "my lora!.safetensors"
-    shutil.copy(ui.library / "demo-ink.safetensors", good)
+    shutil.copy(ui.library / "pixel-style.safetensors", good)
     name = ui.add_upload(str(good))
     assert name == "uploads/my-lora.safetensors" and name in ui.library_names()
     assert ui.lora_path(name).parent == ui.library / "uploads"

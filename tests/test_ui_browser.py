@@ -29,10 +29,10 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 def server(tmp_path_factory):
     from composer.default_model import ensure_default_model
 
-    model_dir, demo_library = ensure_default_model(quiet=True)
+    model_dir, default_library = ensure_default_model(quiet=True)
     library = tmp_path_factory.mktemp("library")
-    for f in demo_library.iterdir():
-        if f.is_file():
+    for f in default_library.iterdir():
+        if f.is_file() and not f.name.startswith("."):  # not the retriever's catalog
             shutil.copy(f, library / f.name)
     ui = ComposerUI(model_dir, library, out_dir=tmp_path_factory.mktemp("out"))
     demo = launch(ui, host="127.0.0.1", port=None, block=False)
@@ -93,9 +93,10 @@ def downloaded(page) -> np.ndarray:
 
 def test_browser_prompt_two_loras_weight_run_image_and_heatmap(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    render(page, server, "a red circle, ink drawing", [("demo-shapes.safetensors", 1.2), ("demo-ink.safetensors", 0.6)])
+    render(page, server, "a red star in pixel style", [("star-shape.safetensors", 1.2), ("pixel-style.safetensors", 0.6)])
     info = page.locator("#info").inner_text()
-    assert "demo-shapes (te 0.8, unet 1.2)" in info and "demo-ink (te 0.8, unet 0.6)" in info
+    assert "star-shape (te 0.8, unet 1.2)" in info and "pixel-style (te 0.8, unet 0.6)" in info
+    assert float(page.locator("#guidance input[type=number]").first.input_value()) == 5.0  # the mini world's
     assert downloaded(page).shape == (64, 64, 3)
     shot = tmp_path / "ui.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -107,7 +108,7 @@ def test_browser_prompt_two_loras_weight_run_image_and_heatmap(server, browser, 
 
 
 def test_two_browser_sessions_with_different_adapters(server, browser):
-    jobs = {"a": [("demo-shapes.safetensors", 1.0)], "b": [("demo-ink.safetensors", 1.5)]}
+    jobs = {"a": [("star-shape.safetensors", 1.0)], "b": [("pixel-style.safetensors", 1.5)]}
     alone = {}
     for key, loras in jobs.items():
         page = browser.new_page()
