@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = SubcommandParser(prog=PROG, description=__doc__.splitlines()[0],
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--lora", action="append", required=True, metavar="PATH_OR_NAME", help="adapter to profile (repeatable)")
-    p.add_argument("--model", metavar="DIR_OR_ID", help="diffusers model (default: the demo model)")
+    p.add_argument("--model", metavar="DIR_OR_ID", help="diffusers model (default: the mini world model)")
     p.add_argument("--library", metavar="DIR", help="folder to look LoRA names up in")
     p.add_argument("--prompt", default="a detailed picture", help="prompt of the profiling renders")
     p.add_argument("--steps", type=int, default=20, help="denoising steps per render (default 20)")
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from composer.default_model import ensure_default_model
+    from composer.default_model import ensure_default_model, is_default_model
     from composer.errors import ComposerError
     from composer.pipeline import ComposerPipeline
     from fusion.frequency import profile_adapters
@@ -42,15 +42,19 @@ def main(argv: list[str] | None = None) -> int:
         return args
     try:
         model, library = args.model, args.library or os.environ.get("LORA_COMPOSER_LIBRARY")
-        if model is None:
-            model_dir, demo_library = ensure_default_model(quiet=True)
-            model, library = str(model_dir), library or str(demo_library)
+        guidance = 7.5
+        if model is None or is_default_model(model):
+            from composer.miniworld.assets import DEFAULT_GUIDANCE
+
+            model_dir, default_library = ensure_default_model(quiet=True)
+            model, library, guidance = str(model_dir), library or str(default_library), DEFAULT_GUIDANCE
         from composer.cli import _no_loading_bars
 
         with _no_loading_bars():
             composer = ComposerPipeline.from_pretrained(model, library=library)
         names = [composer.load_lora(ref).name for ref in args.lora]
-        scores = profile_adapters(composer, names, args.prompt, steps=args.steps, seed=args.seed, refresh=args.refresh)
+        scores = profile_adapters(composer, names, args.prompt, steps=args.steps, seed=args.seed,
+                                  guidance_scale=guidance, refresh=args.refresh)
     except (ComposerError, OSError) as exc:
         print(f"{PROG}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

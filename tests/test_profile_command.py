@@ -7,21 +7,23 @@ from composer.pnginfo import read_record
 
 def test_profile_then_cmlora_uses_the_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LORA_COMPOSER_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LORA_COMPOSER_LIBRARY", raising=False)  # names are looked up in the mini world's library
     renders = []
     real_call = ComposerPipeline.__call__
-    monkeypatch.setattr(ComposerPipeline, "__call__", lambda self, *a, **k: renders.append(1) or real_call(self, *a, **k))
+    monkeypatch.setattr(ComposerPipeline, "__call__",
+                        lambda self, *a, **k: renders.append(k["guidance_scale"]) or real_call(self, *a, **k))
 
-    assert main(["profile", "--lora", "demo-shapes", "--lora", "demo-ink", "--steps", "2"]) == 0
+    assert main(["profile", "--lora", "star-shape", "--lora", "pixel-style", "--steps", "2"]) == 0
     first = capsys.readouterr().out
-    assert renders == [1, 1, 1]  # the base and each adapter alone
+    assert renders == [5.0, 5.0, 5.0]  # the base and each adapter alone, at the mini world's guidance
     assert "cmlora order (high frequency first): " in first
 
-    assert main(["profile", "--lora", "demo-shapes", "--lora", "demo-ink", "--steps", "2"]) == 0
-    assert renders == [1, 1, 1]  # cached by file hash: nothing rendered again
+    assert main(["profile", "--lora", "star-shape", "--lora", "pixel-style", "--steps", "2"]) == 0
+    assert len(renders) == 3  # cached by file hash: nothing rendered again
     assert capsys.readouterr().out == first
 
     out = tmp_path / "c.png"
-    code = main(["--prompt", "x", "--lora", "demo-ink", "--lora", "demo-shapes", "--strategy", "cmlora",
+    code = main(["--prompt", "x", "--lora", "pixel-style", "--lora", "star-shape", "--strategy", "cmlora",
                  "--steps", "2", "-q", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     args = read_record(out).strategy_args
