@@ -20,10 +20,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _library(args) -> Path:
-    lib = getattr(args, "library", None) or os.environ.get("LORA_COMPOSER_LIBRARY")
-    if lib is None and not getattr(args, "model", None):
-        from composer.default_model import ensure_default_model
+    from composer.default_model import ensure_default_model, is_default_model
 
+    lib = getattr(args, "library", None) or os.environ.get("LORA_COMPOSER_LIBRARY")
+    model = getattr(args, "model", None)
+    if lib is None and (not model or is_default_model(model)):  # the default model's own library
         return Path(ensure_default_model(quiet=True)[1])
     if lib is None:
         raise ComposerError("no LoRA library: pass --library DIR (or set LORA_COMPOSER_LIBRARY)")
@@ -100,7 +101,7 @@ def search_main(argv: list[str]) -> int:
     p = _Parser(prog="compose search", description="Rank the library's LoRAs for a prompt (no image is rendered).")
     p.add_argument("prompt", help="the prompt")
     p.add_argument("--library", metavar="DIR", help="folder of LoRA files (default: $LORA_COMPOSER_LIBRARY)")
-    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="base model: its family and text encoder (default: the demo model)")
+    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="base model: its family and text encoder (default: the mini world model)")
     p.add_argument("--catalog", metavar="FILE", help="catalog file (default: DIR/.lora-composer/catalog.sqlite)")
     p.add_argument("--limit", "-k", type=int, default=10, help="rows to show (default 10)")
     p.add_argument("--top-k", dest="top_k", type=int, default=None, help="mark the adapters --loras auto would choose with this K")
@@ -134,7 +135,7 @@ def train_main(argv: list[str]) -> int:
     )
     p.add_argument("library", metavar="DIR", help="folder of LoRA files (indexed first, incrementally)")
     p.add_argument("--epochs", type=int, default=200, help="training epochs (default 200)")
-    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="base model: its family and text encoder (default: the demo model)")
+    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="base model: its family and text encoder (default: the mini world model)")
     p.add_argument("--catalog", metavar="FILE", help="catalog file (default: DIR/.lora-composer/catalog.sqlite)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

@@ -226,6 +226,8 @@ def test_cli_index_search_and_loras_auto(tmp_path, monkeypatch, capsys, pipe):
     from composer.cli import main
 
     monkeypatch.setenv("LORA_COMPOSER_HOME", str(tmp_path / "home"))
+    model = tmp_path / "model"  # the LoRAs below are made for this tiny pipeline, not the default model
+    pipe.save_pretrained(str(model))
     lib = tmp_path / "lib"
     write_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=5, text_encoder=False), lib / "pix.safetensors",
                sidecar={"trainedWords": ["pixel art"], "description": "8-bit pixel art"})
@@ -235,18 +237,20 @@ def test_cli_index_search_and_loras_auto(tmp_path, monkeypatch, capsys, pipe):
     out = capsys.readouterr().out
     assert "2 new" in out and "1 skipped" in out and "skipped bad.safetensors:" in out
     assert (lib / ".lora-composer" / "catalog.sqlite").is_file()
-    assert main(["search", "a castle in pixel art", "--library", str(lib), "-q"]) == 0
+    assert main(["search", "a castle in pixel art", "--library", str(lib), "--model", str(model), "-q"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[1].split()[:3] == ["#", "name", "score"] and lines[2].split()[1] == "pix"
     assert "pixel art" in lines[2] and "--loras auto would use: pix:0.8" in out
     png = tmp_path / "auto.png"
     code = main(["--prompt", "a castle in pixel art", "--loras", "auto", "--top-k", "1", "--library", str(lib),
-                 "--steps", "1", "--seed", "3", "--out", str(png), "-q"])
-    out = capsys.readouterr().out
-    assert code == 0 and png.is_file()
+                 "--model", str(model), "--steps", "1", "--seed", "3", "--out", str(png), "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0 and png.is_file(), err
     assert 'auto LoRAs: pix 0.8 (score 1.00: trigger "pixel art" in prompt' in out and "LoRAs: pix 0.8" in out
-    assert main(["--prompt", "x", "--loras", "auto", "--lora", "pix", "--library", str(lib), "-q"]) == 2
+    assert main(["--prompt", "x", "--loras", "auto", "--lora", "pix", "--library", str(lib), "--model", str(model),
+                 "-q"]) == 2
+    assert "leave out --lora" in capsys.readouterr().err
 
 
 def test_int8_prefilter_keeps_the_exact_top_k(tmp_path, monkeypatch):

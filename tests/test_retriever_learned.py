@@ -89,20 +89,22 @@ def test_cli_train_retriever_writes_the_model_and_search_uses_it(tmp_path, monke
     from composer.cli import main
 
     monkeypatch.setenv("LORA_COMPOSER_HOME", str(tmp_path / "home"))
+    model = tmp_path / "model"  # the LoRAs below are made for this tiny pipeline, not the default model
+    pipe.save_pretrained(str(model))
     lib = tmp_path / "lib"
     for i, (word, desc) in enumerate([("pixel art", "8-bit pixel art"), ("ink sketch", "black ink on paper"),
                                       ("neon", "glowing neon signs"), (None, None)]):
         side = {"trainedWords": [word], "description": desc} if word else None
         write_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=70 + i, text_encoder=False), lib / f"l{i}.safetensors",
                    sidecar=side)
-    assert main(["train-retriever", str(lib), "--epochs", "3", "-q"]) == 0
+    assert main(["train-retriever", str(lib), "--model", str(model), "--epochs", "3", "-q"]) == 0
     out = capsys.readouterr().out
     assert "on 3 described sd15 adapter(s), 3 epochs" in out and "embedded 4 adapter(s)" in out
     assert (lib / ".lora-composer" / learned.FILE_NAME).is_file()
-    assert main(["search", "glowing neon signs", "--library", str(lib), "-q", "--limit", "4"]) == 0
+    assert main(["search", "glowing neon signs", "--library", str(lib), "--model", str(model), "-q", "--limit", "4"]) == 0
     out = capsys.readouterr().out
     assert "lea=" in out, out  # the learned signal is in the table
-    assert main(["train-retriever", str(lib), "--epochs", "0"]) == 2
+    assert main(["train-retriever", str(lib), "--model", str(model), "--epochs", "0"]) == 2
 
 
 def test_untrained_library_has_no_learned_block(library, encoder, tmp_path):
