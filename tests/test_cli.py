@@ -1,19 +1,23 @@
-"""The default demo model and the ``compose`` command, run in-process against a temporary cache."""
+"""The default model (the mini world, shipped in the package) and the ``compose`` command, run in-process."""
 
 from __future__ import annotations
+
+import socket
 
 import pytest
 from PIL import Image, ImageChops
 
-from composer import default_model
 from composer.cli import main
-from composer.default_model import ensure_default_model
+from composer.default_model import ensure_default_model, is_default_model
+from composer.errors import ComposerError
+from composer.miniworld import assets
+from composer.miniworld.library import LORAS
 from composer.pnginfo import read_record, read_texts
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """One LORA_COMPOSER_HOME for the module: the demo model is built once."""
+    """One LORA_COMPOSER_HOME for the module (user caches), and no library from the environment."""
     path = tmp_path_factory.mktemp("lora-composer-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORA_COMPOSER_HOME", str(path))
@@ -22,60 +26,105 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo(home):
+def default(home):
     return ensure_default_model(quiet=True)
 
 
-# -- default demo model --------------------------------------------------------------------------
+# -- the default model: the mini world --------------------------------------------------------------
 
 
-def test_default_model_builds_under_home_and_loads_offline(home, demo, monkeypatch):
-    from diffusers import StableDiffusionPipeline
+def test_default_model_is_the_shipped_mini_world(default, tmp_path, capsys):
+    model_dir, library = default
+    assert (model_dir, library) == (assets.model_dir(), assets.library_dir())
+    assert (model_dir / "model_index.json").is_file() and library.is_dir()
+    assert ensure_default_model(quiet=False) == default  # nothing to build, nothing to say
+    assert capsys.readouterr() == ("", "")
+    files = {p.name for p in library.iterdir() if not p.name.startswith(".")}  # not the retriever's catalog
+    expected = {f"{s.name}.safetensors" for s in LORAS}
+    expected |= {f"{s.name}.json" for s in LORAS if s.sidecar == "a1111"}
+    expected |= {f"{s.name}.civitai.info" for s in LORAS if s.sidecar == "civitai"}
+    assert expected <= files and {f for f in files if f.endswith(".safetensors")} == {f"{s.name}.safetensors" for s in LORAS}
+    assert is_default_model("miniworld") and is_default_model(model_dir) and is_default_model(f"{model_dir}/")
+    assert not is_default_model(tmp_path) and not is_default_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
 
-    model_dir, library = demo
-    assert model_dir.parent == home / "default-tiny-sd15"
-    assert sorted(p.name for p in library.iterdir()) == [
-        "demo-ink.safetensors", "demo-shapes.civitai.info", "demo-shapes.safetensors",
-    ]
+
+def test_default_model_loads_offline(default, monkeypatch):
+    from composer.pipeline import ComposerPipeline
+
+    def no_network(*a, **k):
+        raise AssertionError("the default model reached for the network")
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
-    assert pipe.tokenizer("a red circle").input_ids[:2] == [49406, 320]  # the real CLIP vocabulary
-    assert pipe.tokenizer.model_max_length == 77
-    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    model_dir, library = default
+    pipe = ComposerPipeline.from_pretrained(model_dir, library=library)
+    tok = pipe.pipe.tokenizer
+    assert tok("a purple star").input_ids[0] == tok.bos_token_id and tok.model_max_length == 77
+    assert pipe.pipe.unet.config.sample_size * pipe.pipe.vae_scale_factor == 64  # 64x64 images, 16x16 latents
+    image = pipe("a purple star", loras=[("star-shape", 1.0)], num_inference_steps=1, seed=0, progress=False)[0]
+    assert image.size == (64, 64)
+    assert [lo["name"] for lo in pipe.last_record.loras] == ["star-shape"]
 
 
-def test_default_model_is_not_rebuilt(demo, monkeypatch):
-    stamp = (demo[0].parent / "build.json").stat().st_mtime_ns
-
-    def no_rebuild(*a, **k):
-        raise AssertionError("rebuilt")
-
-    monkeypatch.setattr(default_model.tiny, "build_tiny_sd15_pipeline", no_rebuild)
-    assert ensure_default_model() == demo
-    assert (demo[0].parent / "build.json").stat().st_mtime_ns == stamp
-
-
-def test_demo_loras_carry_trigger_words(demo):
+@pytest.mark.parametrize("spec", LORAS, ids=[s.name for s in LORAS])
+def test_library_loras_load_with_their_trigger_words(default, spec):
     from composer.adapters import load_adapter
 
-    ink = load_adapter(demo[1] / "demo-ink.safetensors")
-    shapes = load_adapter(demo[1] / "demo-shapes.safetensors")
-    assert ink.metadata.source_format == "kohya" and "ink drawing" in ink.metadata.trigger_words
-    assert shapes.metadata.source_format == "diffusers" and "geometric shapes" in shapes.metadata.trigger_words
-    assert shapes.metadata.description
+    adapter = load_adapter(default[1] / f"{spec.name}.safetensors")
+    meta = adapter.metadata
+    assert adapter.name == spec.name and adapter.deltas
+    assert meta.source_format == ("kohya" if spec.kohya_keys else "diffusers")
+    assert set(spec.triggers) <= set(meta.trigger_words), meta.trigger_words
+    assert meta.description == spec.description
+    assert meta.file_metadata["ss_output_name"] == spec.name and "ss_tag_frequency" in meta.file_metadata
 
 
-def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch, capsys):
-    def half_build(into, seed=0):
-        (into / "tiny-sd15-random").mkdir()
-        (into / "tiny-sd15-random" / "model_index.json").write_text("{}")
-        raise KeyboardInterrupt
+def test_compose_without_model_uses_the_mini_world_at_guidance_5(default, tmp_path, capsys):
+    out = tmp_path / "star.png"
+    assert main(["--prompt", "a purple star", "--lora", "star-shape", "--steps", "1", "--seed", "3",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "using the default model (the mini world" in capsys.readouterr().err
+    rec = read_record(out)
+    assert rec.guidance_scale == assets.DEFAULT_GUIDANCE == 5.0
+    assert is_default_model(rec.model) and rec.width == rec.height == 64
+    assert "CFG scale: 5," in read_texts(out)["parameters"]
 
-    monkeypatch.setattr(default_model, "_build", half_build)
-    with pytest.raises(KeyboardInterrupt):
-        ensure_default_model(tmp_path)
-    assert list(tmp_path.iterdir()) == []
-    assert "random weights" in capsys.readouterr().err  # the one-line notice
+    named = tmp_path / "named.png"  # --model miniworld is the same model; --guidance still wins
+    assert main(["--prompt", "a purple star", "--model", "miniworld", "--guidance", "7", "--steps", "1",
+                 "--out", str(named), "-q"]) == 0, capsys.readouterr().err
+    rec = read_record(named)
+    assert rec.guidance_scale == 7.0 and is_default_model(rec.model)
+
+
+def test_another_model_keeps_guidance_7_5(default, sd15_pipe, tmp_path, capsys):
+    model = tmp_path / "tiny"
+    sd15_pipe.save_pretrained(str(model))
+    out = tmp_path / "other.png"
+    assert main(["--prompt", "a red circle", "--model", str(model), "--steps", "1", "--width", "64",
+                 "--height", "64", "--out", str(out), "-q"]) == 0, capsys.readouterr().err
+    assert read_record(out).guidance_scale == 7.5
+
+
+@pytest.mark.parametrize("model", [[], ["--model", "miniworld"]], ids=["no-model", "named"])
+def test_search_defaults_to_the_mini_world_library(default, capsys, model):
+    assert main(["search", "a purple star", *model, "-q"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.startswith(f"{len(LORAS)} sd15 adapter(s)")
+    chosen = out.split("--loras auto would use: ")[1]
+    assert "star-shape:" in chosen and "purple-colour:" in chosen
+
+
+def test_missing_default_weights_are_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("LORA_COMPOSER_LIBRARY", raising=False)
+    monkeypatch.setattr(assets, "WEIGHTS", tmp_path / "weights")
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(ComposerError, match="default model's files are missing"):
+        ensure_default_model()
+    out = tmp_path / "none.png"
+    _assert_one_line_error(capsys, main(["--prompt", "a star", "--out", str(out), "-q"]), "files are missing",
+                           str(tmp_path / "weights"))
+    assert not out.exists()
 
 
 # -- compose -------------------------------------------------------------------------------------
@@ -92,35 +141,35 @@ def _render(tmp_path, *extra, name="out.png"):
     return main(argv), out
 
 
-def test_render_writes_png_with_record(demo, pipeline_ready, tmp_path, capsys):
-    code, out = _render(tmp_path, "--lora", "demo-shapes:0.8", "--lora", "demo-ink:0.5:1", "--seed", "7",
+def test_render_writes_png_with_record(default, pipeline_ready, tmp_path, capsys):
+    code, out = _render(tmp_path, "--lora", "star-shape:0.8", "--lora", "pixel-style:0.5:1", "--seed", "7",
                         "--negative-prompt", "blurry")
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = captured.out.strip()
     assert "\n" not in summary and str(out) in summary
-    assert "demo-shapes 0.8" in summary and "demo-ink te 0.5/unet 1" in summary
-    assert "using the tiny offline demo model" in captured.err
+    assert "star-shape 0.8" in summary and "pixel-style te 0.5/unet 1" in summary
+    assert "using the default model (the mini world" in captured.err
 
     rec = read_record(out)
     assert (rec.prompt, rec.negative_prompt, rec.seed, rec.steps, rec.width, rec.height) == (
         "a red circle", "blurry", 7, 2, 64, 64,
     )
     assert [(lo["name"], lo["te_weight"], lo["unet_weight"]) for lo in rec.loras] == [
-        ("demo-shapes", 0.8, 0.8), ("demo-ink", 0.5, 1.0),
+        ("star-shape", 0.8, 0.8), ("pixel-style", 0.5, 1.0),
     ]
     from composer.adapters import load_adapter
 
-    hashes = {n: load_adapter(demo[1] / f"{n}.safetensors").metadata.short_hash for n in ("demo-shapes", "demo-ink")}
+    hashes = {n: load_adapter(default[1] / f"{n}.safetensors").metadata.short_hash for n in ("star-shape", "pixel-style")}
     params = read_texts(out)["parameters"]
-    assert params.startswith("a red circle <lora:demo-shapes:0.8> <lora:demo-ink:0.5:1>\nNegative prompt: blurry\n")
-    assert f'Lora hashes: "demo-shapes: {hashes["demo-shapes"]}, demo-ink: {hashes["demo-ink"]}"' in params
+    assert params.startswith("a red circle <lora:star-shape:0.8> <lora:pixel-style:0.5:1>\nNegative prompt: blurry\n")
+    assert f'Lora hashes: "star-shape: {hashes["star-shape"]}, pixel-style: {hashes["pixel-style"]}"' in params
     with Image.open(out) as im:
         assert im.size == (64, 64)
 
 
-def test_from_image_reproduces_the_image(demo, pipeline_ready, tmp_path, capsys):
-    code, first = _render(tmp_path, "--prompt", "a red circle <lora:demo-ink:0.7>", "--lora", "demo-shapes:0.8",
+def test_from_image_reproduces_the_image(default, pipeline_ready, tmp_path, capsys):
+    code, first = _render(tmp_path, "--prompt", "a red circle <lora:pixel-style:0.7>", "--lora", "star-shape:0.8",
                           "--trigger-words", "-q")
     assert code == 0, capsys.readouterr().err
     again = tmp_path / "again.png"
@@ -133,12 +182,12 @@ def test_from_image_reproduces_the_image(demo, pipeline_ready, tmp_path, capsys)
 
     # flags override the recorded settings
     other = tmp_path / "other.png"
-    assert main(["--from-image", str(first), "--out", str(other), "--seed", "99", "--lora", "demo-ink", "-q"]) == 0
+    assert main(["--from-image", str(first), "--out", str(other), "--seed", "99", "--lora", "pixel-style", "-q"]) == 0
     rec = read_record(other)
-    assert rec.seed == 99 and rec.prompt == a.prompt and [lo["name"] for lo in rec.loras] == ["demo-ink"]
+    assert rec.seed == 99 and rec.prompt == a.prompt and [lo["name"] for lo in rec.loras] == ["pixel-style"]
 
 
-def test_default_seed_is_random_and_recorded(demo, pipeline_ready, tmp_path, monkeypatch, capsys):
+def test_default_seed_is_random_and_recorded(default, pipeline_ready, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["--prompt", "a red circle", "--steps", "1", "-q"]) == 0, capsys.readouterr().err
     (out,) = tmp_path.glob("compose-*.png")
@@ -155,18 +204,18 @@ def _assert_one_line_error(capsys, code, *fragments):
         assert fragment in lines[0]
 
 
-def test_unknown_lora_name(demo, pipeline_ready, tmp_path, capsys):
-    code, out = _render(tmp_path, "--lora", "demo-shape:0.8", "-q")
-    _assert_one_line_error(capsys, code, "unknown LoRA 'demo-shape'", "did you mean: demo-shapes")
+def test_unknown_lora_name(default, pipeline_ready, tmp_path, capsys):
+    code, out = _render(tmp_path, "--lora", "star-shap:0.8", "-q")
+    _assert_one_line_error(capsys, code, "unknown LoRA 'star-shap'", "did you mean: star-shape")
     assert not out.exists()
 
 
-def test_unknown_lora_in_prompt_tag(demo, pipeline_ready, tmp_path, capsys):
+def test_unknown_lora_in_prompt_tag(default, pipeline_ready, tmp_path, capsys):
     code, _ = _render(tmp_path, "--prompt", "a cat <lora:nope:1>", "-q")
     _assert_one_line_error(capsys, code, "unknown LoRA 'nope'")
 
 
-def test_corrupt_lora_file(demo, pipeline_ready, tmp_path, capsys):
+def test_corrupt_lora_file(default, pipeline_ready, tmp_path, capsys):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
     code, out = _render(tmp_path, "--lora", f"{bad}:0.5", "-q")
@@ -177,8 +226,8 @@ def test_corrupt_lora_file(demo, pipeline_ready, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--prompt", "x", "--lora", "demo-ink:heavy"], "bad weight 'heavy'"),
-        (["--prompt", "x <lora:demo-ink:zz>"], "<lora:demo-ink:zz>"),
+        (["--prompt", "x", "--lora", "pixel-style:heavy"], "bad weight 'heavy'"),
+        (["--prompt", "x <lora:pixel-style:zz>"], "<lora:pixel-style:zz>"),
         (["--steps", "2"], "--prompt is required"),
         (["--prompt", "x", "--steps", "many"], "--steps"),
         (["--prompt", "x", "--model", "/no/such/model"], "/no/such/model"),
@@ -186,7 +235,7 @@ def test_corrupt_lora_file(demo, pipeline_ready, tmp_path, capsys):
         (["--from-image", "/no/such.png"], "no such file"),
     ],
 )
-def test_usage_errors_are_one_line(demo, tmp_path, capsys, argv, fragment):
+def test_usage_errors_are_one_line(default, tmp_path, capsys, argv, fragment):
     _assert_one_line_error(capsys, main([*argv, "-q"]), fragment)
 
 
@@ -201,14 +250,14 @@ def test_help(capsys):
     assert "--lora" in capsys.readouterr().out
 
 
-def test_explain_writes_heatmap_and_strategy_args_are_checked(demo, pipeline_ready, tmp_path, capsys):
-    code, _ = _render(tmp_path, "--lora", "demo-shapes:0.8", "--lora", "demo-ink:0.5", "--explain")
+def test_explain_writes_heatmap_and_strategy_args_are_checked(default, pipeline_ready, tmp_path, capsys):
+    code, _ = _render(tmp_path, "--lora", "star-shape:0.8", "--lora", "pixel-style:0.5", "--explain")
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()
     heatmap = tmp_path / "out.explain.png"
     with Image.open(heatmap) as im:
         assert im.format == "PNG"
-    code, _ = _render(tmp_path, "--lora", "demo-shapes:0.8", "--strategy-arg", "no_such=1", "-q", name="bad.png")
+    code, _ = _render(tmp_path, "--lora", "star-shape:0.8", "--strategy-arg", "no_such=1", "-q", name="bad.png")
     _assert_one_line_error(capsys, code, "no_such", "valid:")
     code, _ = _render(tmp_path, "--strategy", "nope", "-q", name="bad.png")
     _assert_one_line_error(capsys, code, "unknown strategy 'nope'", "merge")

@@ -28,9 +28,10 @@ def test_strategy_runs_on_both_families(request, make_lora, name, family):
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """One demo model for all CLI runs of this module."""
+    """One cache folder for all CLI runs of this module (on the default model), no library from the environment."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORA_COMPOSER_HOME", str(tmp_path_factory.mktemp("home")))
+        mp.delenv("LORA_COMPOSER_LIBRARY", raising=False)
         yield
 
 
@@ -38,7 +39,7 @@ def home(tmp_path_factory):
 def test_strategy_from_cli(home, tmp_path, capsys, name):
     out = tmp_path / f"{name}.png"
     code = main([
-        "--prompt", "a red circle", "--lora", "demo-shapes:0.8", "--lora", "demo-ink:0.6", "--strategy", name,
+        "--prompt", "a red star in pixel style", "--lora", "star-shape:0.8", "--lora", "pixel-style:0.6", "--strategy", name,
         "--steps", "2", "--seed", "1", "--out", str(out), "--explain", "-q",
     ])
     assert code == 0, capsys.readouterr().err
