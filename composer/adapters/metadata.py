@@ -46,8 +46,13 @@ def merge_unique(*lists) -> list[str]:
     return out
 
 
-def tags_from_frequency(raw: str | None, top: int = TOP_TAGS) -> list[str]:
-    """Most frequent tags of kohya's ``ss_tag_frequency`` (counts summed over datasets, ties keep file order)."""
+def tags_from_frequency(raw: str | None, top: int = TOP_TAGS, min_share: float = 0.5) -> list[str]:
+    """Most frequent tags of kohya's ``ss_tag_frequency`` (counts summed over datasets, ties keep file order).
+
+    Only tags seen at least ``min_share`` times as often as the most frequent one: a trigger word captions
+    (nearly) every training image, descriptive tags ("red", "smiley face") only some, and taking those as
+    triggers would make a style LoRA answer every prompt that says "red".
+    """
     if not raw:
         return []
     try:
@@ -74,7 +79,8 @@ def tags_from_frequency(raw: str | None, top: int = TOP_TAGS) -> list[str]:
             order.setdefault(key, len(order))
             spelling.setdefault(key, tag)
     ranked = sorted(counts, key=lambda k: (-counts[k], order[k]))
-    return [spelling[k] for k in ranked[:top]]
+    floor = counts[ranked[0]] * min_share if ranked else 0
+    return [spelling[k] for k in ranked[:top] if counts[k] >= floor]
 
 
 def _read_json(path: Path) -> dict:
