@@ -54,15 +54,24 @@ def spec_for(category: str, value: str) -> LoraSpec:
     raise KeyError(f"no concept LoRA teaches {category}={value}")
 
 
+def _tags(scene: world.Scene, rng: np.random.Generator, keep: str, drop: float = 0.25) -> list[str]:
+    """A training picture's kohya-style tags (``"purple", "star", "striped background"``), with the same
+    phrase dropout as its caption."""
+    phrases = {"colour": scene.colour, "shape": scene.shape, "background": f"{scene.background} background",
+               "style": f"{scene.style} style" if scene.style != "filled" else None,
+               "character": {"smiley": "smiley face", "blinky": "blinky"}.get(scene.character)}
+    return [t for cat, t in phrases.items() if t and (cat in (keep, "shape") or rng.random() >= drop)]
+
+
 def _tag_frequency(spec: LoraSpec, n: int = 200, seed: int = 0) -> dict[str, dict[str, int]]:
-    """kohya's ``ss_tag_frequency``: how often each comma-separated tag occurred in the training captions."""
+    """kohya's ``ss_tag_frequency``: how often each tag occurred in the training set (the concept's own tag in
+    every picture: that is what makes it the trigger)."""
     rng = np.random.default_rng(seed)
-    _, captions, _ = world.sample(rng, n, world.concept_allowed(spec.category, spec.value), drop=0.25, keep=spec.category)
+    allowed = world.concept_allowed(spec.category, spec.value)
     counts: Counter[str] = Counter()
-    for c in captions:
-        counts.update(t.strip() for t in c.split(",") if t.strip())
-    counts.update({t: n for t in spec.triggers})  # the trigger phrases themselves, as kohya users tag them
-    return {f"10_{spec.value}": dict(counts.most_common(12))}
+    for _ in range(n):
+        counts.update(_tags(world.random_scene(rng, allowed), rng, spec.category))
+    return {f"10_{spec.value}": dict(counts.most_common())}
 
 
 def kohya_metadata(spec: LoraSpec, rank: int, alpha: float) -> dict[str, str]:
@@ -93,6 +102,7 @@ def write_lora(model_dir: Path, library: Path, spec: LoraSpec, layers: dict[str,
     library.mkdir(parents=True, exist_ok=True)
     path = library / f"{spec.name}.safetensors"
     rank = _rank_of(layers)
+    layers = {comp: {k: v.half() for k, v in sd.items()} for comp, sd in layers.items()}  # fp16, as most shared LoRAs
     alpha = float(rank)
     meta = kohya_metadata(spec, rank, alpha)
     if spec.kohya_keys:
@@ -121,3 +131,21 @@ def concept_prompt(concepts: dict[str, str], base: dict[str, str] | None = None)
     fields.update(base or {})
     fields.update(concepts)
     return world.caption(world.Scene(**fields))
+
+
+def write_previews(model_dir: Path, library: Path, seed: int = 0, guidance: float = 5.0) -> list[Path]:
+    """``NAME.preview.png`` for the LoRAs that have one: the LoRA alone on its concept's prompt (as Civitai
+    previews are), with the generation parameters in the PNG."""
+    from composer.pipeline import ComposerPipeline
+    from composer.pnginfo import save_png
+
+    pipe = ComposerPipeline.from_pretrained(model_dir, library=library)
+    written = []
+    for spec in LORAS:
+        if not spec.preview or not (library / f"{spec.name}.safetensors").is_file():
+            continue
+        prompt = concept_prompt({spec.category: spec.value}, {"colour": "blue", "background": "plain"}
+                                if spec.category not in ("colour", "background") else {})
+        image = pipe(prompt, loras=[(spec.name, 1.0)], seed=seed, guidance_scale=guidance, progress=False)[0]
+        written.append(save_png(image, library / f"{spec.name}.preview.png", pipe.last_record))
+    return written

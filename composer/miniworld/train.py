@@ -3,7 +3,8 @@
     python -m composer.miniworld.train vae   --out DIR      # AutoencoderKL on base-world images
     python -m composer.miniworld.train base  --out DIR      # CLIP text encoder + UNet, jointly, on base captions
     python -m composer.miniworld.train loras --out DIR      # one LoRA per new concept (PEFT), into DIR/loras
-    python -m composer.miniworld.train all   --out DIR      # the three in order
+    python -m composer.miniworld.train previews --out DIR   # preview images of some LoRAs (done by loras too)
+    python -m composer.miniworld.train all   --out DIR      # all of the above in order
 
 ``DIR/model`` is a ``StableDiffusionPipeline`` folder (diffusers format). Everything is seeded; on this
 project's 2-core CPU the default recipe takes the times recorded in ``docs/EVAL.md``. A GPU is used when
@@ -25,7 +26,9 @@ import torch.nn.functional as F
 from composer.miniworld import world
 
 TEXT_HIDDEN = 48
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# Attention and feed-forward projections plus the ResNet convolutions (LoCon): a new shape or pattern is
+# spatial, and the attention layers only sit at the two coarsest resolutions.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -221,10 +224,13 @@ def save_pipeline(out: Path, vae, text_encoder, unet, tokenizer) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ LoRAs
-def train_lora(model_dir: Path, category: str, value: str, steps: int = 400, batch: int = 32, rank: int = 4,
-               lr: float = 2e-3, images: int = 2000, seed: int = 0, device: str = "cpu") -> dict[str, dict]:
+def train_lora(model_dir: Path, category: str, value: str, steps: int = 500, batch: int = 32, rank: int = 8,
+               lr: float = 1e-3, images: int = 2000, seed: int = 0, device: str = "cpu", text_encoder_lora: bool = True,
+               uncond: float = 0.1) -> dict[str, dict]:
     """A PEFT LoRA (UNet and text-encoder attention) teaching ``value`` of ``category`` to the base model.
 
+    ``uncond`` of the captions are empty, as in the base model's training: the LoRA acts on the
+    unconditional pass of classifier-free guidance too, and must keep it sound there.
     Returns PEFT-format layers per component (``{"unet": {...lora_A.weight: ...}, "text_encoder": {...}}``).
     """
     from diffusers import StableDiffusionPipeline
@@ -240,9 +246,9 @@ def train_lora(model_dir: Path, category: str, value: str, steps: int = 400, bat
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
-    # PEFT directly: transformers' add_adapter wants a newer PEFT than diffusers does.
-    text_encoder = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_LORA_TARGETS,
-                                                      init_lora_weights="gaussian"), text_encoder)
+    if text_encoder_lora:  # PEFT directly: transformers' add_adapter wants a newer PEFT than diffusers does
+        text_encoder = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_LORA_TARGETS,
+                                                          init_lora_weights="gaussian"), text_encoder)
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = noise_scheduler()
@@ -250,7 +256,7 @@ def train_lora(model_dir: Path, category: str, value: str, steps: int = 400, bat
     for step in range(steps):
         _cosine_lr(opt, step, steps, lr, warmup=20)
         idx = rng.integers(0, len(scenes), batch)
-        ids = _tokenize(pipe.tokenizer, _scenes_captions([scenes[i] for i in idx], rng, 0.25, category, 0.0), device)
+        ids = _tokenize(pipe.tokenizer, _scenes_captions([scenes[i] for i in idx], rng, 0.25, category, uncond), device)
         loss = _diffusion_loss(unet, text_encoder, sched, latents[torch.from_numpy(idx).to(device)], ids, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -258,20 +264,21 @@ def train_lora(model_dir: Path, category: str, value: str, steps: int = 400, bat
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
-    return {
-        "unet": {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()},
-        "text_encoder": {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(text_encoder).items()},
-    }
+    layers = {"unet": {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}}
+    if text_encoder_lora:
+        layers["text_encoder"] = {k: v.detach().cpu().contiguous()
+                                  for k, v in get_peft_model_state_dict(text_encoder).items()}
+    return layers
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m composer.miniworld.train", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["vae", "base", "loras", "all"])
+    p.add_argument("what", choices=["vae", "base", "loras", "previews", "all"])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--base-steps", type=int, default=4000)
-    p.add_argument("--lora-steps", type=int, default=400)
+    p.add_argument("--lora-steps", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="with base: continue training DIR/model")
     p.add_argument("--base-lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
@@ -281,11 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "train-log.json"
-    times = json.loads(log.read_text()) if log.exists() else {}
 
     def timed(name, fn):
         t0 = time.perf_counter()
         fn()
+        times = json.loads(log.read_text()) if log.exists() else {}  # re-read: runs for other LoRAs may write too
         times[name] = {"seconds": round(time.perf_counter() - t0, 1), "device": args.device,
                        "threads": torch.get_num_threads()}
         log.write_text(json.dumps(times, indent=2) + "\n")
@@ -304,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
             timed(f"lora {spec.name}", lambda spec=spec: library.write_lora(
                 args.out / "model", args.out / "loras", spec,
                 train_lora(args.out / "model", spec.category, spec.value, steps=args.lora_steps, device=args.device)))
+    if args.what in ("loras", "previews", "all"):
+        from composer.miniworld import library
+
+        for path in library.write_previews(args.out / "model", args.out / "loras"):
+            print(f"wrote {path}")
     return 0
 
 
