@@ -229,15 +229,16 @@ def render(args) -> int:
     model = s["model"]
     from composer.default_model import ensure_default_model, is_default_model
 
-    if model is None or is_default_model(model):
+    default = model is None or is_default_model(model)
+    if default:
         from composer.miniworld.assets import DEFAULT_GUIDANCE
 
-        model_dir, demo_library = ensure_default_model()
+        model_dir, default_library = ensure_default_model()
         model = str(model_dir)
-        library = library or str(demo_library)
+        library = library or str(default_library)
         if s["guidance"] is None:
             s["guidance"] = DEFAULT_GUIDANCE
-        _note(args, f"using the default model (the mini world, offline) {model_dir} with its LoRA library {demo_library}")
+        _note(args, f"using the default model (the mini world, offline) {model_dir} with its LoRA library {default_library}")
     elif (os.path.isabs(model) or model.startswith((".", "~"))) and not Path(model).expanduser().exists():
         raise ComposerError(f"model {model} not found")
     if s["guidance"] is None:
@@ -263,6 +264,10 @@ def render(args) -> int:
         raise
     except Exception as exc:  # diffusers/transformers/hub errors: multi-line, not the user's traceback
         raise ComposerError(f"cannot load model {model}: {_one_line(exc)}") from None
+    if default:  # recorded by name: the PNG re-renders with --from-image on any install
+        from composer.default_model import MODEL_NAME
+
+        pipe.model = MODEL_NAME
     for path, _, _ in loras:  # attached once here; the call below reuses them
         pipe.load_lora(path, allow_pickle=args.allow_pickle)
 

@@ -32,4 +32,6 @@ def ensure_default_model(quiet: bool = True) -> tuple[Path, Path]:
     model, library = assets.model_dir(), assets.library_dir()
     if not (model / "model_index.json").is_file():
         raise ComposerError(f"{model}: the default model's files are missing (reinstall lora-composer)")
+    if not library.is_dir():
+        raise ComposerError(f"{library}: the default model's LoRA library is missing (reinstall lora-composer)")
     return model, library
