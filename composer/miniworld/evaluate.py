@@ -119,11 +119,12 @@ class Evaluator:
         return images
 
 
-def sanity_checks(ev: Evaluator, prompts_per_check: int = 12, seed: int = 0, progress=None) -> dict:
-    """The mini world's own contract: what the base model and each LoRA alone render."""
+def sanity_checks(ev: Evaluator, base_prompts: int = 24, lora_prompts: int = 8, seed: int = 0, progress=None) -> dict:
+    """The mini world's own contract: what the base model and each LoRA alone render (``ev.seeds`` images
+    per prompt)."""
     rng = np.random.default_rng(seed)
     base_tally = Tally()
-    for i in range(prompts_per_check):
+    for i in range(base_prompts):
         scene = world.random_scene(rng)
         base = {c: getattr(scene, c) for c in BASE_CATEGORIES}
         ev.run(world.caption(scene), [], "merge", seed + i, base_tally, base, base)
@@ -131,15 +132,15 @@ def sanity_checks(ev: Evaluator, prompts_per_check: int = 12, seed: int = 0, pro
     novel, alone = {}, {}
     for spec in LORAS:
         t_base, t_lora = Tally(), Tally()
-        for i in range(max(1, prompts_per_check // 4)):
-            scene = scene_for((spec,), rng)
-            prompt = world.caption(scene)
+        for i in range(lora_prompts):
+            prompt = world.caption(scene_for((spec,), rng))
             ev.run(prompt, [], "merge", seed + 100 + i, t_base, {spec.category: spec.value}, {})
             ev.run(prompt, [(spec.name, 1.0)], "merge", seed + 100 + i, t_lora, {spec.category: spec.value}, {})
         novel[spec.name] = t_base.summary()["all_concepts"]
         alone[spec.name] = t_lora.summary()["all_concepts"]
         progress and progress()
-    return {"base_on_base": base_tally.summary(), "base_on_lora_concepts": novel, "lora_alone": alone}
+    return {"images_per_prompt": ev.seeds, "base_prompts": base_prompts, "lora_prompts": lora_prompts,
+            "base_on_base": base_tally.summary(), "base_on_lora_concepts": novel, "lora_alone": alone}
 
 
 def retrieval_recall(pipe, combos, seed: int = 0) -> dict:
@@ -160,7 +161,7 @@ def evaluate(pipe, detector, strategies, sizes=(2, 3, 4), seeds: int = 2, steps:
 
     combos = combinations(sizes)
     ev = Evaluator(pipe, detector, steps=steps, guidance=guidance, seeds=seeds)
-    total = len(combos) * len(strategies) + (12 + len(LORAS) if checks else 0)
+    total = len(combos) * len(strategies) + (24 + len(LORAS) if checks else 0)
     bar = tqdm(total=total, desc="eval", unit="render", disable=not progress, dynamic_ncols=True)
     result: dict = {"protocol": {"sizes": list(sizes), "combinations": len(combos), "seeds": seeds, "steps": steps,
                                  "guidance": guidance, "strategies": list(strategies)}}
@@ -193,14 +194,9 @@ def evaluate(pipe, detector, strategies, sizes=(2, 3, 4), seeds: int = 2, steps:
     return result
 
 
-def _grid_picks(combos, per_size: int = 2) -> set[int]:
-    """Indices of a few combinations of each size, spread over the list, for the example grid."""
-    picks, by_size = set(), {}
-    for i, c in enumerate(combos):
-        by_size.setdefault(len(c), []).append(i)
-    for idx in by_size.values():
-        picks.update(idx[j * len(idx) // per_size + len(idx) // (2 * per_size)] for j in range(per_size))
-    return picks
+def _grid_picks(combos, n: int = 8) -> set[int]:
+    """Indices of ``n`` combinations spread evenly over the list (every size, many concepts), for the grid."""
+    return {int(round((j + 0.5) * len(combos) / n)) for j in range(min(n, len(combos)))}
 
 
 def save_grid(grid: dict[str, list], path: Path, scale: int = 2) -> Path:
@@ -253,8 +249,9 @@ def markdown(result: dict, command: str) -> str:
     if "checks" in result:
         c = result["checks"]
         b = c["base_on_base"]
-        lines += ["", "Mini-world checks (goal: base >= 0.80 on its own concepts, < 0.10 on LoRA concepts; "
-                  "each LoRA alone >= 0.80):", "",
+        lines += ["", f"Mini-world checks ({c['base_prompts']} base prompts, {c['lora_prompts']} prompts per LoRA, "
+                  f"{c['images_per_prompt']} images each; goal: base >= 0.80 on its own concepts, < 0.10 on LoRA "
+                  "concepts; each LoRA alone >= 0.80):", "",
                   f"- base model, base prompts: every named concept {b['all_concepts']:.3f}, per concept "
                   + ", ".join(f"{k} {v:.2f}" for k, v in b["concepts"].items()), "",
                   "| LoRA | concept | base model alone | LoRA alone |", "|---|---|---|---|"]

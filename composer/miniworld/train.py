@@ -305,12 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("loras", "all"):
         from composer.miniworld import library
 
-        for spec in library.LORAS:
+        for i, spec in enumerate(library.LORAS):
             if args.only and spec.value not in args.only:
                 continue
-            timed(f"lora {spec.name}", lambda spec=spec: library.write_lora(
+            # Each LoRA its own seed: its own initial factors and pictures, as independently trained files have.
+            timed(f"lora {spec.name}", lambda spec=spec, i=i: library.write_lora(
                 args.out / "model", args.out / "loras", spec,
-                train_lora(args.out / "model", spec.category, spec.value, steps=args.lora_steps, device=args.device)))
+                train_lora(args.out / "model", spec.category, spec.value, steps=args.lora_steps, seed=1 + i,
+                           device=args.device)))
     if args.what in ("loras", "previews", "all"):
         from composer.miniworld import library
 
