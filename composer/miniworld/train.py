@@ -88,6 +88,17 @@ def _cosine_lr(opt, step: int, total: int, base: float, warmup: int = 100) -> No
         g["lr"] = max(lr, base * 0.02)
 
 
+def _optimize(opt, objective: torch.Tensor, bar, clip: list | None = None, **postfix: float) -> None:
+    """One optimizer step on ``objective`` (gradients clipped to norm 1 over ``clip``), shown on the progress bar."""
+    opt.zero_grad(set_to_none=True)
+    objective.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    bar.update()
+    bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()})
+
+
 # --------------------------------------------------------------------------------------------------- VAE
 def train_vae(out: Path, steps: int = 1500, batch: int = 16, lr: float = 1e-3, seed: int = 0, device: str = "cpu"):
     """Reconstruction + a small KL term; sets ``scaling_factor`` to 1 / latent std.
@@ -108,12 +119,8 @@ def train_vae(out: Path, steps: int = 1500, batch: int = 16, lr: float = 1e-3, s
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
-        loss = F.mse_loss(rec, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.update()
-        bar.set_postfix(mse=f"{F.mse_loss(rec, x).item():.4f}")
+        mse = F.mse_loss(rec, x)
+        _optimize(opt, mse + 1e-4 * kl, bar, mse=mse.item())
     bar.close()
     vae.eval()
     with torch.no_grad():
@@ -195,15 +202,10 @@ def train_base(out: Path, steps: int = 4000, batch: int = 32, lr: float = 1e-3, 
         idx = rng.integers(0, len(scenes), batch)
         ids = _tokenize(tokenizer, _scenes_captions([scenes[i] for i in idx], rng, drop=0.25), device)
         loss = _diffusion_loss(unet, text_encoder, sched, latents[torch.from_numpy(idx).to(device)], ids, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimize(opt, loss, bar, clip=params, loss=loss.item())
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     with torch.no_grad():
         for p, e in zip(params, ema):
@@ -258,11 +260,7 @@ def train_lora(model_dir: Path, category: str, value: str, steps: int = 500, bat
         idx = rng.integers(0, len(scenes), batch)
         ids = _tokenize(pipe.tokenizer, _scenes_captions([scenes[i] for i in idx], rng, 0.25, category, uncond), device)
         loss = _diffusion_loss(unet, text_encoder, sched, latents[torch.from_numpy(idx).to(device)], ids, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        _optimize(opt, loss, bar, loss=loss.item())
     bar.close()
     layers = {"unet": {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}}
     if text_encoder_lora:
@@ -297,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                        "threads": torch.get_num_threads()}
         log.write_text(json.dumps(times, indent=2) + "\n")
 
+    needs = {"base": "vae", "loras": "model", "previews": "model"}.get(args.what)
+    if needs and not (args.out / needs).is_dir():
+        p.error(f"{args.out / needs} does not exist: train '{needs if needs == 'vae' else 'base'}' into {args.out} first")
     if args.what in ("vae", "all"):
         timed("vae", lambda: train_vae(args.out, steps=args.vae_steps, device=args.device))
     if args.what in ("base", "all"):
