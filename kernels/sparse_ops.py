@@ -23,17 +23,21 @@ def _flat(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().view(-1)
 
 
-def sparse_fold(weight: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def sparse_fold(weight: torch.Tensor, idx: torch.Tensor, values: torch.Tensor,
+                backup: torch.Tensor | None = None) -> torch.Tensor:
     """``weight.flat[idx] += values`` (fp32 sum, one rounding); returns the overwritten values (the backup).
 
     ``idx`` must not repeat a position (merge several adapters with :func:`merge_sparse` first).
+    ``backup``: the values the weight is known to hold at ``idx`` (kept from an earlier fold of the same
+    positions); the gather is skipped and the fold is a single scatter, with the same result.
     """
     flat = _flat(weight)
-    backup = flat.index_select(0, idx)
-    if weight.dtype is torch.float32 and values.dtype is torch.float32:
-        flat.scatter_add_(0, idx, values)  # the same single fp32 rounding, without a temporary
-    else:
-        flat.scatter_(0, idx, (backup.float() + values.float()).to(weight.dtype))
+    if backup is None:
+        backup = flat.index_select(0, idx)
+        if weight.dtype is torch.float32 and values.dtype is torch.float32:
+            flat.scatter_add_(0, idx, values)  # the same single fp32 rounding, without a temporary
+            return backup
+    flat.scatter_(0, idx, (backup.float() + values.float()).to(weight.dtype))
     return backup
 
 

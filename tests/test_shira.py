@@ -142,8 +142,13 @@ def test_1000_random_fused_switches_restore_exactly(sd15_pipe, dtype):
         chosen = rng.sample(names, rng.randint(1, 3))
         rt.set_weights(unet={n: rng.choice([1.0, 0.5, -0.8, 1.7]) for n in chosen})
         rt.fuse()
-        if step % 250 == 0:
+        if step % 250 == 0 or step > 995:  # the fused weight is a fresh fold of the base, cached values or not
             assert any(not torch.equal(m.weight, base[p]) for p, m in _target_linears(unet).items())
+            for path, m in _target_linears(unet).items():
+                idx, vals = rt.layers[f"unet.{path}"].sparse_refresh()
+                want = base[path].clone()
+                sparse_fold(want, idx, vals[0])
+                assert torch.equal(m.weight, want)
     rt.unfuse()
     assert all(torch.equal(m.weight, base[p]) for p, m in _target_linears(unet).items())
     assert all(layer.sparse_backup is None and layer.backup is None for layer in rt.layers.values())
@@ -164,6 +169,38 @@ def test_sparse_fold_rounds_once_and_restores_exactly(dtype):
     assert torch.equal(weight.view(-1)[untouched], before.view(-1)[untouched])
     sparse_restore(weight, idx, backup)
     assert torch.equal(weight, before)
+    folded = (before.view(-1)[idx].float() + values).to(dtype)
+    assert sparse_fold(weight, idx, values, backup=backup) is backup  # known values: no gather, same fold
+    assert torch.equal(weight.view(-1)[idx], folded)
+    sparse_restore(weight, idx, backup)
+    assert torch.equal(weight, before)
+
+
+def test_fused_switch_reads_the_weight_again_after_unfuse(sd15_pipe):
+    """Values kept between fused switches belong to one fused session: a base changed while unfused is used."""
+    unet = sd15_pipe.unet
+    rt = LoraRuntime(sd15_pipe)
+    for i in range(2):
+        rt.add(random_shira(unet, f"s{i}", seed=40 + i))
+    rt.set_weights(unet={"s0": 1.0})
+    rt.fuse()
+    rt.set_weights(unet={"s1": 1.0})
+    rt.set_weights(unet={"s0": 1.0})  # the second fold of s0 in this session: one scatter, no gather
+    rt.unfuse()
+    with torch.no_grad():
+        for m in _target_linears(unet).values():
+            m.weight.mul_(0.5)
+    changed = _base_weights(unet)
+    rt.fuse()
+    for path, m in _target_linears(unet).items():
+        idx, vals = rt.layers[f"unet.{path}"].sparse_refresh()
+        want = changed[path].clone()
+        sparse_fold(want, idx, vals[0])
+        assert torch.equal(m.weight, want)
+    rt.unfuse()
+    assert all(torch.equal(m.weight, changed[p]) for p, m in _target_linears(unet).items())
+    rt.remove("s0")
+    rt.remove("s1")
 
 
 def test_shira_and_lora_on_same_layers_fuse_and_restore(sd15_pipe):

@@ -53,9 +53,12 @@ class PatchedLayer:
         # SHiRA adapters: slot -> (sorted unique flat positions, fp32 values times alpha), on the weight's device
         self.sparse: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sparse_backup: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, overwritten values)
-        self._unions: dict[frozenset[int], tuple] = {}  # live sparse slots -> merge_sparse(...)
+        # live sparse slots -> [union, inverse, base values at union while fused]: switching back to a set
+        # of adapters fused before in this fused session skips reading the weight (one scatter, no gather)
+        self._unions: dict[frozenset[int], list] = {}
         self._sparse_key = None
         self._sparse_cache = None
+        self._sparse_live_key: frozenset[int] = frozenset()
         self._handle = module.register_forward_hook(self._hook)
         mixer.attach(self)
 
@@ -186,13 +189,14 @@ class PatchedLayer:
         live = self.mixer.active_slots  # computed once per weight change for all layers
         return [slot for slot in sorted(self.sparse) if slot in live]
 
-    def _union(self, live: list[int]):
+    def _union(self, live: list[int]) -> list:
         key = frozenset(live)
         hit = self._unions.get(key)
         if hit is None:
             if len(self._unions) >= 32:
                 self._unions.clear()
-            hit = self._unions[key] = merge_sparse([self.sparse[s][0] for s in live])
+            hit = self._unions[key] = [*merge_sparse([self.sparse[s][0] for s in live]), None]
+        self._sparse_live_key = key
         return hit
 
     def sparse_refresh(self):
@@ -202,15 +206,14 @@ class PatchedLayer:
         if key != self._sparse_key:
             self._sparse_key, self._sparse_cache = key, None
             if self.sparse and mixer.enabled:
-                weights = mixer.weights_for(self.group)
                 live = self._sparse_live()
                 if live:
-                    union, inverse = self._union(live)
+                    union, inverse, _ = self._union(live)
                     rows = []
-                    for r in range(weights.shape[0]):
+                    for weights in mixer.rows_for(self.group):
                         scaled = []
                         for s in live:
-                            w = float(weights[r, s])
+                            w = weights[s]
                             scaled.append(self.sparse[s][1] if w == 1.0 else self.sparse[s][1] * w)
                         rows.append(merged_values(union, inverse, scaled))
                     values = rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
@@ -233,14 +236,15 @@ class PatchedLayer:
         return output
 
     # -- fused mode -----------------------------------------------------------------------------
-    def fuse(self) -> None:
+    def fuse(self, checked: bool = False) -> None:
         """Fold the current (uniform) weights into the base weight; refolds from the backup if fused.
 
         Low-rank adapters: ``W = backup + B diag(s) A`` (one fp32 GEMM), ``backup`` a clone of the weight.
         A layer holding only SHiRA adapters is fused by scatter instead: the backup is only the values at
         the live adapters' positions, so a switch costs O(nonzeros) and restores bit-exactly.
+        ``checked``: the caller has already made sure the weights are uniform (once for all layers).
         """
-        if not self.mixer.is_uniform:
+        if not checked and not self.mixer.is_uniform:
             raise ValueError("per-row mixing weights cannot be fused")
         weight = self.module.weight
         sparse = self.sparse_refresh() if self.sparse else None
@@ -248,9 +252,7 @@ class PatchedLayer:
         if not dense_live and self.backup is None:
             self._restore_sparse()
             if sparse is not None:
-                idx, vals = sparse
-                with torch.no_grad():
-                    self.sparse_backup = (idx, sparse_fold(weight, idx, vals[0]))
+                self._fold_sparse(weight, *sparse)
             return
         self._restore_sparse()
         if self.backup is None:
@@ -266,6 +268,18 @@ class PatchedLayer:
         with torch.no_grad():
             weight.copy_(new.to(weight.dtype) if new.dtype != weight.dtype else new)
 
+    def _fold_sparse(self, weight: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
+        """Scatter the live SHiRA values into the (base) weight, keeping the overwritten values per live set."""
+        entry = self._unions.get(self._sparse_live_key)
+        where = (weight.data_ptr(), weight.dtype)
+        same = entry is not None and entry[0] is idx
+        known = entry[2][1] if same and entry[2] is not None and entry[2][0] == where else None
+        with torch.no_grad():
+            backup = sparse_fold(weight, idx, vals[0], backup=known)
+        if same:
+            entry[2] = (where, backup)
+        self.sparse_backup = (idx, backup)
+
     def _restore_sparse(self) -> None:
         if self.sparse_backup is not None:
             with torch.no_grad():
@@ -274,6 +288,8 @@ class PatchedLayer:
 
     def unfuse(self) -> None:
         self._restore_sparse()
+        for entry in self._unions.values():  # unfused, the weight is the user's again: forget what it held
+            entry[2] = None
         if self.backup is None:
             return
         with torch.no_grad():

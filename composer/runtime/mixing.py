@@ -28,6 +28,7 @@ class MixingState:
         self.layout_version = 0
         self._columns: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layout version, slots, alpha)
         self._tables: dict = {}
+        self._rows_cache: dict = {}
 
     # -- column table: every layer's rank columns, concatenated --------------------------------------
     def attach(self, layer) -> None:
@@ -71,6 +72,17 @@ class MixingState:
     def weights_for(self, group: str | None) -> torch.Tensor:
         """The ``[rows, slots]`` weights a layer of ``group`` reads (its override, else the shared ones)."""
         return self.layer_weights.get(group, self.weights) if group is not None else self.weights
+
+    def rows_for(self, group: str | None) -> list[list[float]]:
+        """:meth:`weights_for` as Python floats, converted once per version: layers that read single weights
+        (SHiRA values) would otherwise index a tensor per layer per adapter."""
+        key = (self.version, group if group in self.layer_weights else None)
+        hit = self._rows_cache.get(key)
+        if hit is None:
+            if len(self._rows_cache) > 64:
+                self._rows_cache.clear()
+            hit = self._rows_cache[key] = self.weights_for(group).tolist()
+        return hit
 
     @property
     def active_slots(self) -> frozenset[int]:

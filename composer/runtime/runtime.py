@@ -259,8 +259,9 @@ class LoraRuntime:
         """Fold current weights into the base weights (zero per-call overhead until unfused)."""
         if not (self.denoiser_mix.is_uniform and self.text_mix.is_uniform):
             raise ValueError("per-row mixing weights cannot be fused; set one weight per adapter first")
-        for layer in self.layers.values():
-            layer.fuse()
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.fuse(checked=True)
         self.fused = bool(self.layers)
 
     def unfuse(self) -> None:
