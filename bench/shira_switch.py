@@ -90,7 +90,10 @@ def run(tiny: bool = False, switches: int | None = None, density: float = 0.02, 
         "LoRA factors spread their energy evenly: trained LoRAs concentrate it and lose less). Equal work means "
         "each side installs one adapter of the same layers; the SHiRA delta is the sparse approximation.",
         "Ours restores only the values the previous adapter overwrote and scatters the next one (O(nonzeros)); "
-        "diffusers/PEFT recomputes each layer's dense B A, subtracts it, then computes and adds the next one.",
+        "the overwritten values are kept per adapter set for the fused session, so switching back to an adapter "
+        "is one scatter with no read, and layers are spread over torch's CPU threads (a 1-D scatter runs on one "
+        "thread; the switch is bound by memory latency). diffusers/PEFT recomputes each layer's dense B A, "
+        "subtracts it, then computes and adds the next one (GEMMs and adds on the same threads).",
     ]
     del rt, pipe, ours_host, base
     gc.collect()

@@ -7,6 +7,8 @@ pipeline intact: detaching or disabling gives back the base model exactly.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from composer.adapters.types import Adapter
@@ -259,13 +261,46 @@ class LoraRuntime:
         """Fold current weights into the base weights (zero per-call overhead until unfused)."""
         if not (self.denoiser_mix.is_uniform and self.text_mix.is_uniform):
             raise ValueError("per-row mixing weights cannot be fused; set one weight per adapter first")
-        with torch.no_grad():
-            for layer in self.layers.values():
-                layer.fuse(checked=True)
+        for mixer in (self.denoiser_mix, self.text_mix):
+            mixer.active_slots  # computed here once, before worker threads read it
+        _each_layer(self.layers.values(), lambda layer: layer.fuse(checked=True))
         self.fused = bool(self.layers)
 
     def unfuse(self) -> None:
         """Restore the backed-up base weights bit-identically."""
-        for layer in self.layers.values():
-            layer.unfuse()
+        _each_layer(self.layers.values(), PatchedLayer.unfuse)
         self.fused = False
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool), made on first use
+
+
+def _each_layer(layers, fn) -> None:
+    """``fn(layer)`` for every layer, without autograd; CPU layers holding only SHiRA adapters in parallel.
+
+    Their fuse/unfuse is a scatter of a few percent of the weight: bound by memory latency, and torch runs a
+    1-D scatter on one thread. Spread over torch's CPU threads (whole layers per thread, so no two threads
+    write one weight), a switch takes about 1/threads of the time. Layers with low-rank factors fold with a
+    GEMM that torch already parallelises: they stay on this thread.
+    """
+    global _POOL
+    layers = list(layers)
+    threads = torch.get_num_threads()
+    scatter = [l for l in layers if not l.blocks and l.sparse and l.module.weight.device.type == "cpu"]
+    rest = [l for l in layers if l.blocks or not l.sparse or l.module.weight.device.type != "cpu"]
+    if threads < 2 or len(scatter) < 2:
+        scatter, rest = [], layers
+
+    def run(chunk) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            for layer in chunk:
+                fn(layer)
+
+    pending = []
+    if scatter:
+        if _POOL is None or _POOL[0] != threads:
+            _POOL = (threads, ThreadPoolExecutor(threads, thread_name_prefix="lora-composer-fuse"))
+        pending = [_POOL[1].submit(run, scatter[i::threads]) for i in range(threads)]
+    run(rest)
+    for job in pending:
+        job.result()
