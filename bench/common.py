@@ -136,9 +136,10 @@ def add_peft_adapter(unet, factors: Factors) -> None:
     """Inject a PEFT LoRA through diffusers' ``add_adapter`` and copy the given factors into it."""
     from peft import LoraConfig
 
-    config = LoraConfig(r=RANK, lora_alpha=factors.alpha, target_modules=list(TARGETS), init_lora_weights=False)
     if not factors.layers:
         raise ValueError(f"adapter {factors.name} has no layers")
+    rank = next(iter(factors.layers.values()))[0].shape[0]
+    config = LoraConfig(r=rank, lora_alpha=factors.alpha, target_modules=list(TARGETS), init_lora_weights=False)
     with warnings.catch_warnings():  # "Already found a peft_config": several adapters is the point here
         warnings.filterwarnings("ignore", message=".*peft_config.*")
         unet.add_adapter(config, adapter_name=factors.name)
@@ -213,9 +214,9 @@ def machine() -> dict[str, str]:
     import transformers
 
     cores = os.cpu_count() or 1
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    gpu = f"GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU (benchmarks run on the CPU)"
     return {
-        "machine": f"{cores}-core CPU {'VM' if is_vm() else 'machine'}, {gpu} (benchmarks run on the CPU)",
+        "machine": f"{cores}-core CPU {'VM' if is_vm() else 'machine'}, {gpu}",
         "cpu": cpu_model(),
         "threads": str(torch.get_num_threads()),
         "versions": (
@@ -228,6 +229,23 @@ def machine() -> dict[str, str]:
 
 def command(module: str, argv: list[str]) -> str:
     return " ".join(["python", "-m", module, *map(shlex.quote, argv)])
+
+
+def fmt(v) -> str:
+    """A table cell: floats to 3 significant-ish digits, booleans as yes/NO."""
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:,.0f}"
+        if abs(v) >= 0.1:
+            return f"{v:.2f}"
+        if abs(v) >= 1e-3:
+            return f"{v:.4f}"
+        return f"{v:.2e}"
+    return str(v)
 
 
 @dataclass
@@ -244,24 +262,9 @@ class Result:
     machine: dict[str, str] = field(default_factory=machine)
 
     def table(self) -> str:
-        def cell(v):
-            if isinstance(v, bool):
-                return "yes" if v else "NO"
-            if isinstance(v, float):
-                if v == 0:
-                    return "0"
-                if abs(v) >= 100:
-                    return f"{v:,.0f}"
-                if abs(v) >= 0.1:
-                    return f"{v:.2f}"
-                if abs(v) >= 1e-3:
-                    return f"{v:.4f}"
-                return f"{v:.2e}"
-            return str(v)
-
         lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
         for row in self.rows:
-            lines.append("| " + " | ".join(cell(row[c]) for c in self.columns) + " |")
+            lines.append("| " + " | ".join(fmt(row[c]) for c in self.columns) + " |")
         return "\n".join(lines)
 
     def markdown(self) -> str:

@@ -5,8 +5,7 @@ tokens at widths 320, 640, 1280; cross-attention to_k/to_v read 77 text tokens),
 ways on identical weights and factors: the base ``nn.Linear``; ours (the layer patched by the runtime's
 ``PatchedLayer``: one shrink and one expand of rank ``N * r``); PEFT (``LoraConfig`` with N adapters all
 active: two matmuls, a scale and an add per adapter). The last row sums the shapes weighted by how many of
-the UNet's 128 attention layers have each shape. GPU kernel figures (Triton vs the base GEMM for SD1.5,
-SDXL and FLUX shapes) come from the same module on CUDA.
+the UNet's 128 attention layers have each shape. GPU kernel figures: ``python -m bench.gpu``.
 
     python -m bench.kernels [--tiny] [--no-write] [--repeats 10]
 """
@@ -100,11 +99,8 @@ def run(tiny: bool = False, repeats: int | None = None, argv=None) -> common.Res
     notes = [
         f"With 8 rank-{RANK} adapters the attention layers of one UNet call take {at8[1] / at8[0]:.2f}x the base "
         f"with ours and {at8[2] / at8[0]:.2f}x with PEFT's loop (CPU, fp32).",
-        "GPU figures (Triton shrink/expand vs the base GEMM for SD1.5, SDXL and FLUX linear shapes with 1 to 8 "
-        "adapters; a denoiser step with 5 rank-16 adapters unfused vs the base, PEFT beside it; the CUDA run of "
-        "`tests/test_kernels_triton.py`): **pending, no GPU was available** when this was run. The Triton kernels "
-        "are tested on the CPU in Triton's interpreter against the torch reference (fp32/fp16/bf16, mixed ranks, "
-        "per-row scales, shapes that are not multiples of the blocks).",
+        "GPU figures (Triton kernels vs the base GEMM for SD1.5, SDXL and FLUX shapes; a denoiser step with 5 "
+        "adapters unfused; the CUDA run of the kernel tests) are `python -m bench.gpu`'s section.",
     ]
     return common.Result(
         name=NAME, title="Unfused multi-adapter forward on the attention layers" + (" (tiny smoke run)" if tiny else ""),

@@ -1,6 +1,8 @@
 """Smoke run of the benchmarks on the tiny pipeline: they run, their tables have the expected columns,
 our fuse/unfuse is bit-exact and both runtimes did equal work. No timing assertions."""
 
+import torch
+
 from bench import common, fuse_cycles, switch_weights
 
 
@@ -42,3 +44,22 @@ def test_fuse_cycles_tiny():
         assert row["cycles"] == 4
         assert row["diffusers drift"] >= 0
     assert result.rows[0]["fused weights max diff"] <= 1e-5
+
+
+def test_gpu_bench_smoke_on_cpu():
+    """The GPU benchmark's code runs on the CPU (torch backend) and agrees with the torch reference; without a
+    GPU its full run writes a section saying it was not run rather than figures."""
+    from bench import gpu
+
+    result = gpu.main(["--tiny", "--no-write", "--repeats", "1"])
+    assert result.columns == gpu.COLUMNS
+    assert len(result.rows) == len(gpu.TINY_SHAPES) * 2
+    for row in result.rows:
+        assert row["max abs diff vs torch"] <= 1e-5
+        assert row["base GEMM (ms)"] > 0 and row["ours delta (ms)"] > 0
+    assert "max output diff ours vs PEFT" in result.notes[0]
+    diff = float(result.notes[0].split("max output diff ours vs PEFT ")[1].split(")")[0])
+    assert diff <= 1e-4
+    if not torch.cuda.is_available():
+        skipped = gpu.run()
+        assert all(r["status"] == "not run: no GPU was available" for r in skipped.rows)
