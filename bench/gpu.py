@@ -138,7 +138,6 @@ def shape_rows(device: str, tiny: bool, repeats: int) -> list[dict]:
             })
             common.log(f"[{NAME}] {model} {fan_in}->{fan_out} x{tokens} N={n}: base {tb:.3f} ms, ours {to:.3f}, "
                        f"PEFT {tp:.3f}")
-            del layer, ours, peft
     return rows
 
 
