@@ -27,6 +27,7 @@ class LoraSpec:
     kohya_keys: bool = False  # Kohya/A1111 key format instead of diffusers/PEFT
     sidecar: str | None = None  # "a1111" (NAME.json) or "civitai" (NAME.civitai.info)
     preview: bool = False
+    steps: int = 500  # training steps (``python -m composer.miniworld.train loras``)
 
 
 LORAS: tuple[LoraSpec, ...] = (
@@ -40,9 +41,10 @@ LORAS: tuple[LoraSpec, ...] = (
              kohya_keys=True, sidecar="a1111", preview=True),
     LoraSpec("outline-style", "style", "outline", ("outline style",), "Objects drawn as outlines, hollow inside."),
     LoraSpec("pixel-style", "style", "pixel", ("pixel style",), "Blocky pixel-art look: 4x4 pixel blocks.",
-             kohya_keys=True, sidecar="civitai", preview=True),
+             kohya_keys=True, sidecar="civitai", preview=True, steps=1000),
     LoraSpec("blinky-character", "character", "blinky", ("blinky",),
-             "Blinky, the one-eyed character with an antenna.", sidecar="a1111", preview=True),
+             "Blinky, the one-eyed character with an antenna.", sidecar="a1111", preview=True,
+             steps=1000),
 )
 LORA_BY_NAME = {s.name: s for s in LORAS}
 

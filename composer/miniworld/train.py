@@ -2,6 +2,7 @@
 
     python -m composer.miniworld.train vae   --out DIR      # AutoencoderKL on base-world images
     python -m composer.miniworld.train base  --out DIR      # CLIP text encoder + UNet, jointly, on base captions
+                                                            # (then a refinement stage at a lower learning rate)
     python -m composer.miniworld.train loras --out DIR      # one LoRA per new concept (PEFT), into DIR/loras
     python -m composer.miniworld.train previews --out DIR   # preview images of some LoRAs (done by loras too)
     python -m composer.miniworld.train all   --out DIR      # all of the above in order
@@ -274,11 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=["vae", "base", "loras", "previews", "all"])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--base-steps", type=int, default=4000)
-    p.add_argument("--lora-steps", type=int, default=500)
-    p.add_argument("--resume", action="store_true", help="with base: continue training DIR/model")
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--base-steps", type=int, default=4500)
     p.add_argument("--base-lr", type=float, default=1e-3)
+    p.add_argument("--refine-steps", type=int, default=3000,
+                   help="base, second stage: more steps from the trained model, fresh optimizer and EMA (0: none)")
+    p.add_argument("--refine-lr", type=float, default=3e-4)
+    p.add_argument("--resume", action="store_true", help="with base: only the refinement stage, on DIR/model")
+    p.add_argument("--lora-steps", type=int, default=None, help="steps per LoRA (default: each LoRA's own)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--only", nargs="*", help="with loras: only these concept values")
     args = p.parse_args(argv)
@@ -301,8 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("vae", "all"):
         timed("vae", lambda: train_vae(args.out, steps=args.vae_steps, device=args.device))
     if args.what in ("base", "all"):
-        timed("base, resumed" if args.resume else "base", lambda: train_base(
-            args.out, steps=args.base_steps, lr=args.base_lr, device=args.device, resume=args.resume))
+        if not args.resume:
+            timed("base", lambda: train_base(args.out, steps=args.base_steps, lr=args.base_lr, device=args.device))
+        if args.refine_steps:
+            timed("base, refined", lambda: train_base(args.out, steps=args.refine_steps, lr=args.refine_lr,
+                                                       device=args.device, resume=True))
     if args.what in ("loras", "all"):
         from composer.miniworld import library
 
@@ -312,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             # Each LoRA its own seed: its own initial factors and pictures, as independently trained files have.
             timed(f"lora {spec.name}", lambda spec=spec, i=i: library.write_lora(
                 args.out / "model", args.out / "loras", spec,
-                train_lora(args.out / "model", spec.category, spec.value, steps=args.lora_steps, seed=1 + i,
-                           device=args.device)))
+                train_lora(args.out / "model", spec.category, spec.value, steps=args.lora_steps or spec.steps,
+                           seed=1 + i, device=args.device)))
     if args.what in ("loras", "previews", "all"):
         from composer.miniworld import library
 
