@@ -209,7 +209,9 @@ NOTEBOOKS = sorted((__import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path, tmp_path):
+def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
+    # the kernel inherits this: one OpenMP thread keeps it from oversubscribing cores other processes also use
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel", reason="ipykernel not installed (pip install -e '.[test]')")
