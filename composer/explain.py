@@ -40,13 +40,17 @@ def layer_group_weights(history: list[StepPlan]) -> tuple[list[str], torch.Tenso
 
 
 def _heatmap(ax, data, ylabels, xlabels, title, ylabel):
+    ax.set_title(title)
+    if data.size == 0:  # no LoRA acted: say so rather than draw an empty image
+        ax.text(0.5, 0.5, "no LoRA in use", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
     low, high = min(0.0, float(data.min(initial=0.0))), max(float(data.max(initial=0.0)), 1e-6)
     im = ax.imshow(data, aspect="auto", cmap="magma", interpolation="nearest", vmin=low, vmax=high)
     if data.size <= 120:  # small grids: print the numbers too
         for (y, x), v in np.ndenumerate(data):
             ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7,
                     color="white" if v < low + 0.6 * (high - low) else "black")
-    ax.set_title(title)
     ax.set_xticks(range(len(xlabels)), xlabels, rotation=30, ha="right")
     step = max(1, len(ylabels) // 20)
     ax.set_yticks(range(0, len(ylabels), step), [ylabels[i] for i in range(0, len(ylabels), step)])

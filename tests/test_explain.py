@@ -29,3 +29,14 @@ def test_layer_groups_are_averaged_over_steps(tmp_path):
     path = save_explanation(history, ["a", "b"], tmp_path / "x.explain.png", "gated")
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width > 300
+
+
+def test_no_lora_gives_a_labelled_panel_without_warnings(tmp_path):
+    import warnings
+
+    history = [StepPlan(torch.zeros(1, 0)) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "identical low and high xlims" for an empty image
+        path = save_explanation(history, [], tmp_path / "none.explain.png", "merge")
+    with Image.open(path) as im:
+        assert im.format == "PNG"
