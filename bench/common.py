@@ -156,6 +156,25 @@ def add_peft_adapter(unet, factors: Factors) -> None:
         raise RuntimeError(f"PEFT patched {n_lora} layers, the adapter has {copied}")
 
 
+def peft_linear(lin: torch.nn.Linear, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.nn.Module:
+    """A copy of ``lin`` with one PEFT LoRA per ``(down, up)`` pair (alpha = rank), all active: PEFT's own layer,
+    looping over its adapters. Call the returned module like ``lin``."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    rank = factors[0][0].shape[0]
+    host = torch.nn.Sequential(copy.deepcopy(lin))
+    names = [f"a{i}" for i in range(len(factors))]
+    for name in names:
+        host = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]), host, adapter_name=name)
+    layer = host[0]
+    with torch.no_grad():
+        for name, (down, up) in zip(names, factors):
+            layer.lora_A[name].weight.copy_(down)
+            layer.lora_B[name].weight.copy_(up)
+    layer.set_adapter(names)
+    return host.requires_grad_(False)
+
+
 def small_unet_input(unet, seed: int = 0):
     """One small input (batch 1, 8x8 latents, 8 tokens): enough to compare outputs, cheap on the CPU."""
     gen = torch.Generator().manual_seed(seed)
@@ -188,6 +207,12 @@ def timed(fn) -> float:
 
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
+
+
+def time_ms(fn, repeats: int) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn`` after one warm-up call (CPU wall time)."""
+    fn()
+    return median_ms([timed(fn) for _ in range(repeats)])
 
 
 # -- machine and docs -----------------------------------------------------------------------------
@@ -324,6 +349,19 @@ def report(name: str, result, write: bool):
     if write:
         log(f"[{name}] wrote {write_section(name, result.markdown())}")
     return result
+
+
+def cli(name: str, doc: str, run, argv: list[str] | None, options=None) -> Result:
+    """One benchmark's command line: the shared flags plus its own (``options(parser)``, each ``--flag``
+    passed to ``run`` as ``flag=``), then :func:`report`."""
+    parser = base_parser(doc.splitlines()[0])
+    if options is not None:
+        options(parser)
+    args = vars(parser.parse_args(argv))
+    tiny, write = args.pop("tiny"), not args.pop("no_write")
+    apply_threads(args.pop("threads"))
+    result = run(tiny=tiny, argv=sys.argv[1:] if argv is None else argv, **args)
+    return report(name, result, write=write)
 
 
 def log(msg: str) -> None:

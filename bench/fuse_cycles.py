@@ -159,15 +159,12 @@ def run(tiny: bool = False, cycles: int | None = None, dtypes=("fp32", "bf16"),
 
 
 def main(argv: list[str] | None = None) -> common.Result:
-    import sys
+    def options(p):
+        p.add_argument("--cycles", type=int, default=None, help="timed cycles per dtype (default 100, tiny 10)")
+        p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
 
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--cycles", type=int, default=None, help="timed cycles per dtype (default 100, tiny 10)")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
-    args = parser.parse_args(argv)
-    common.apply_threads(args.threads)
-    result = run(tiny=args.tiny, cycles=args.cycles, dtypes=args.dtypes, argv=sys.argv[1:] if argv is None else argv)
-    return common.report(NAME, result, write=not args.no_write)
+    return common.cli(NAME, __doc__, run, argv, options)
+
 
 
 if __name__ == "__main__":

@@ -73,30 +73,7 @@ def _timer(device: str, repeats: int):
             samples.append(start.elapsed_time(end) / 1e3)
         return common.median_ms(samples)
 
-    def time_cpu(fn) -> float:
-        fn()
-        return common.median_ms([common.timed(fn) for _ in range(repeats)])
-
-    return time_cuda if device == "cuda" else time_cpu
-
-
-def _peft_layer(lin: torch.nn.Linear, factors, device, dtype):
-    """``lin`` with ``len(factors)`` PEFT LoRAs injected, all active."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    host = torch.nn.Sequential(torch.nn.Linear(lin.in_features, lin.out_features, bias=False))
-    host[0].weight.data.copy_(lin.weight.data)
-    names = [f"a{i}" for i in range(len(factors))]
-    for name in names:
-        host = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["0"]), host,
-                                       adapter_name=name)
-    layer = host[0]
-    with torch.no_grad():
-        for name, (d, u) in zip(names, factors):
-            layer.lora_A[name].weight.copy_(d)
-            layer.lora_B[name].weight.copy_(u)
-    layer.set_adapter(names)
-    return host.to(device, dtype).requires_grad_(False)
+    return time_cuda if device == "cuda" else lambda fn: common.time_ms(fn, repeats)
 
 
 def shape_rows(device: str, tiny: bool, repeats: int) -> list[dict]:
@@ -121,7 +98,7 @@ def shape_rows(device: str, tiny: bool, repeats: int) -> list[dict]:
                 layer.add(i, d, u, 1.0)
             layer.mixer.set(torch.ones(n))
             scale, runs = layer.refresh()
-            peft = _peft_layer(lin, factors, device, dtype)
+            peft = common.peft_linear(lin, factors).to(device, dtype)
             with torch.no_grad():
                 base_out = F.linear(x, weight)
                 got = ours(x).float()
@@ -236,12 +213,11 @@ def run(tiny: bool = False, repeats: int | None = None, argv=None) -> common.Res
 
 
 def main(argv: list[str] | None = None) -> common.Result:
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 50, tiny 3)")
-    args = parser.parse_args(argv)
-    common.apply_threads(args.threads)
-    result = run(tiny=args.tiny, repeats=args.repeats, argv=sys.argv[1:] if argv is None else argv)
-    return common.report(NAME, result, write=not args.no_write)
+    def options(p):
+        p.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 50, tiny 3)")
+
+    return common.cli(NAME, __doc__, run, argv, options)
+
 
 
 if __name__ == "__main__":

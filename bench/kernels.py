@@ -37,14 +37,7 @@ def _shapes(tiny: bool):
     return out
 
 
-def _time(fn, repeats: int) -> float:
-    fn()
-    return common.median_ms([common.timed(fn) for _ in range(repeats)])
-
-
 def run(tiny: bool = False, repeats: int | None = None, argv=None) -> common.Result:
-    from peft import LoraConfig, inject_adapter_in_model
-
     repeats = repeats or (3 if tiny else 10)
     rows, totals = [], {n: [0.0, 0.0, 0.0] for n in NS}
     for fan_in, fan_out, tokens, count in _shapes(tiny):
@@ -61,23 +54,12 @@ def run(tiny: bool = False, repeats: int | None = None, argv=None) -> common.Res
             for i, (d, u) in enumerate(factors):
                 layer.add(i, d, u, 1.0)
             mixer.set(torch.ones(n))
-            host = torch.nn.Sequential(torch.nn.Linear(fan_in, fan_out)).requires_grad_(False)
-            host[0].load_state_dict(lin.state_dict())
-            names = [f"a{i}" for i in range(n)]
-            for name in names:
-                host = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["0"]), host,
-                                               adapter_name=name)
-            peft_layer = host[0]
-            with torch.no_grad():
-                for name, (d, u) in zip(names, factors):
-                    peft_layer.lora_A[name].weight.copy_(d)
-                    peft_layer.lora_B[name].weight.copy_(u)
-            peft_layer.set_adapter(names)
+            host = common.peft_linear(lin, factors)
             with torch.no_grad():
                 diff = float((ours(x) - host(x)).abs().max())
-                tb = _time(lambda: lin(x), repeats)
-                to = _time(lambda: ours(x), repeats)
-                tp = _time(lambda: host(x), repeats)
+                tb = common.time_ms(lambda: lin(x), repeats)
+                to = common.time_ms(lambda: ours(x), repeats)
+                tp = common.time_ms(lambda: host(x), repeats)
             totals[n][0] += count * tb
             totals[n][1] += count * to
             totals[n][2] += count * tp
@@ -117,14 +99,11 @@ def run(tiny: bool = False, repeats: int | None = None, argv=None) -> common.Res
 
 
 def main(argv: list[str] | None = None) -> common.Result:
-    import sys
+    def options(p):
+        p.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 10, tiny 3)")
 
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 10, tiny 3)")
-    args = parser.parse_args(argv)
-    common.apply_threads(args.threads)
-    result = run(tiny=args.tiny, repeats=args.repeats, argv=sys.argv[1:] if argv is None else argv)
-    return common.report(NAME, result, write=not args.no_write)
+    return common.cli(NAME, __doc__, run, argv, options)
+
 
 
 if __name__ == "__main__":

@@ -111,16 +111,12 @@ def run(tiny: bool = False, switches: int | None = None, density: float = 0.02, 
 
 
 def main(argv: list[str] | None = None) -> common.Result:
-    import sys
+    def options(p):
+        p.add_argument("--switches", type=int, default=None, help="timed switches (default 20, tiny 10)")
+        p.add_argument("--density", type=float, default=0.02)
 
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--switches", type=int, default=None, help="timed switches (default 20, tiny 10)")
-    parser.add_argument("--density", type=float, default=0.02)
-    args = parser.parse_args(argv)
-    common.apply_threads(args.threads)
-    result = run(tiny=args.tiny, switches=args.switches, density=args.density,
-                 argv=sys.argv[1:] if argv is None else argv)
-    return common.report(NAME, result, write=not args.no_write)
+    return common.cli(NAME, __doc__, run, argv, options)
+
 
 
 if __name__ == "__main__":

@@ -145,15 +145,12 @@ def _result(rows, tiny, steps, model_label, n_layers, argv) -> common.Result:
 
 
 def main(argv: list[str] | None = None) -> common.Result:
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 10, 50], help="numbers of adapters loaded")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per K (default 20, tiny 6)")
-    args = parser.parse_args(argv)
-    common.apply_threads(args.threads)
-    import sys
+    def options(p):
+        p.add_argument("--ks", type=int, nargs="+", default=[1, 10, 50], help="numbers of adapters loaded")
+        p.add_argument("--steps", type=int, default=None, help="timed steps per K (default 20, tiny 6)")
 
-    result = run(tiny=args.tiny, ks=args.ks, steps=args.steps, argv=sys.argv[1:] if argv is None else argv)
-    return common.report(NAME, result, write=not args.no_write)
+    return common.cli(NAME, __doc__, run, argv, options)
+
 
 
 if __name__ == "__main__":
