@@ -7,9 +7,10 @@ O(nonzeros) gathers/scatters (one ``index_select`` and one ``scatter_``/``scatte
 each on CUDA; ``scatter_`` is about twice as fast as ``index_copy_`` on the CPU), and restoring is
 bit-exact in any dtype.
 
-On the CPU a switch is bound by memory traffic, not by these calls: each of the two passes (restore the
-old positions, gather the new ones) touches about a quarter of the weight's cache lines at 2% density
-and costs about as much as reading the whole weight once.
+On the CPU a switch is bound by memory traffic, not by these calls: each pass over a set of positions
+(restore, gather, scatter) touches about a quarter of the weight's cache lines at 2% density and costs
+about as much as reading the whole weight once; a caller that already knows the values at ``idx`` passes
+them as ``backup`` and saves the gather.
 """
 
 from __future__ import annotations

@@ -129,6 +129,15 @@ def test_several_shira_fused_weighted_equal_dense_and_unfused(sd15_pipe):
     torch.testing.assert_close(rows[1], unet_call(unet)[1], atol=1e-4, rtol=0)
 
 
+def _assert_fresh_fold(rt, unet, base):
+    """Every fused weight is bit-identical to folding the layer's live SHiRA values into ``base`` from scratch."""
+    for path, m in _target_linears(unet).items():
+        idx, vals = rt.layers[f"unet.{path}"].sparse_refresh()
+        want = base[path].clone()
+        sparse_fold(want, idx, vals[0])
+        assert torch.equal(m.weight, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_1000_random_fused_switches_restore_exactly(sd15_pipe, dtype):
     unet = sd15_pipe.unet.to(dtype)
@@ -144,11 +153,7 @@ def test_1000_random_fused_switches_restore_exactly(sd15_pipe, dtype):
         rt.fuse()
         if step % 250 == 0 or step > 995:  # the fused weight is a fresh fold of the base, cached values or not
             assert any(not torch.equal(m.weight, base[p]) for p, m in _target_linears(unet).items())
-            for path, m in _target_linears(unet).items():
-                idx, vals = rt.layers[f"unet.{path}"].sparse_refresh()
-                want = base[path].clone()
-                sparse_fold(want, idx, vals[0])
-                assert torch.equal(m.weight, want)
+            _assert_fresh_fold(rt, unet, base)
     rt.unfuse()
     assert all(torch.equal(m.weight, base[p]) for p, m in _target_linears(unet).items())
     assert all(layer.sparse_backup is None and layer.backup is None for layer in rt.layers.values())
@@ -192,11 +197,7 @@ def test_fused_switch_reads_the_weight_again_after_unfuse(sd15_pipe):
             m.weight.mul_(0.5)
     changed = _base_weights(unet)
     rt.fuse()
-    for path, m in _target_linears(unet).items():
-        idx, vals = rt.layers[f"unet.{path}"].sparse_refresh()
-        want = changed[path].clone()
-        sparse_fold(want, idx, vals[0])
-        assert torch.equal(m.weight, want)
+    _assert_fresh_fold(rt, unet, changed)
     rt.unfuse()
     assert all(torch.equal(m.weight, changed[p]) for p, m in _target_linears(unet).items())
     rt.remove("s0")

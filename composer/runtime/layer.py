@@ -53,12 +53,13 @@ class PatchedLayer:
         # SHiRA adapters: slot -> (sorted unique flat positions, fp32 values times alpha), on the weight's device
         self.sparse: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sparse_backup: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, overwritten values)
-        # live sparse slots -> [union, inverse, base values at union while fused]: switching back to a set
-        # of adapters fused before in this fused session skips reading the weight (one scatter, no gather)
-        self._unions: dict[frozenset[int], list] = {}
+        self._unions: dict[frozenset[int], tuple] = {}  # live sparse slots -> merge_sparse(...)
         self._sparse_key = None
         self._sparse_cache = None
-        self._sparse_live_key: frozenset[int] = frozenset()
+        self._live_key: frozenset[int] = frozenset()  # the live slots behind _sparse_cache
+        # while fused: live sparse slots -> (positions, the base weight's values there), so that fusing a set
+        # again in this fused session skips reading the weight (one scatter, no gather); cleared by unfuse
+        self._kept: dict[frozenset[int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._handle = module.register_forward_hook(self._hook)
         mixer.attach(self)
 
@@ -112,6 +113,7 @@ class PatchedLayer:
 
     def _sparse_changed(self) -> None:
         self._unions.clear()
+        self._kept.clear()
         self._sparse_key = None
 
     def holds(self, slot: int) -> bool:
@@ -189,14 +191,13 @@ class PatchedLayer:
         live = self.mixer.active_slots  # computed once per weight change for all layers
         return [slot for slot in sorted(self.sparse) if slot in live]
 
-    def _union(self, live: list[int]) -> list:
+    def _union(self, live: list[int]):
         key = frozenset(live)
         hit = self._unions.get(key)
         if hit is None:
             if len(self._unions) >= 32:
                 self._unions.clear()
-            hit = self._unions[key] = [*merge_sparse([self.sparse[s][0] for s in live]), None]
-        self._sparse_live_key = key
+            hit = self._unions[key] = merge_sparse([self.sparse[s][0] for s in live])
         return hit
 
     def sparse_refresh(self):
@@ -208,7 +209,8 @@ class PatchedLayer:
             if self.sparse and mixer.enabled:
                 live = self._sparse_live()
                 if live:
-                    union, inverse, _ = self._union(live)
+                    self._live_key = frozenset(live)
+                    union, inverse = self._union(live)
                     rows = []
                     for weights in mixer.rows_for(self.group):
                         scaled = []
@@ -270,15 +272,12 @@ class PatchedLayer:
 
     def _fold_sparse(self, weight: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
         """Scatter the live SHiRA values into the (base) weight, keeping the overwritten values per live set."""
-        entry = self._unions.get(self._sparse_live_key)
-        where = (weight.data_ptr(), weight.dtype)
-        same = entry is not None and entry[0] is idx
-        known = entry[2][1] if same and entry[2] is not None and entry[2][0] == where else None
+        kept = self._kept.get(self._live_key)
         with torch.no_grad():
-            backup = sparse_fold(weight, idx, vals[0], backup=known)
-        if same:
-            entry[2] = (where, backup)
-        self.sparse_backup = (idx, backup)
+            backup = sparse_fold(weight, idx, vals[0], backup=kept[1] if kept and kept[0] is idx else None)
+        if len(self._kept) >= 32:
+            self._kept.clear()
+        self._kept[self._live_key] = self.sparse_backup = (idx, backup)
 
     def _restore_sparse(self) -> None:
         if self.sparse_backup is not None:
@@ -288,8 +287,7 @@ class PatchedLayer:
 
     def unfuse(self) -> None:
         self._restore_sparse()
-        for entry in self._unions.values():  # unfused, the weight is the user's again: forget what it held
-            entry[2] = None
+        self._kept.clear()  # unfused, the weight is the user's again: forget what it held
         if self.backup is None:
             return
         with torch.no_grad():

@@ -7,6 +7,7 @@ pipeline intact: detaching or disabling gives back the base model exactly.
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -272,7 +273,9 @@ class LoraRuntime:
         self.fused = False
 
 
-_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool), made on first use
+@functools.lru_cache(maxsize=4)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="lora-composer-fuse")
 
 
 def _each_layer(layers, fn) -> None:
@@ -283,24 +286,20 @@ def _each_layer(layers, fn) -> None:
     write one weight), a switch takes about 1/threads of the time. Layers with low-rank factors fold with a
     GEMM that torch already parallelises: they stay on this thread.
     """
-    global _POOL
-    layers = list(layers)
     threads = torch.get_num_threads()
-    scatter = [l for l in layers if not l.blocks and l.sparse and l.module.weight.device.type == "cpu"]
-    rest = [l for l in layers if l.blocks or not l.sparse or l.module.weight.device.type != "cpu"]
+    scatter, rest = [], []
+    for layer in layers:
+        only_sparse = layer.sparse and not layer.blocks and layer.module.weight.device.type == "cpu"
+        (scatter if only_sparse else rest).append(layer)
     if threads < 2 or len(scatter) < 2:
-        scatter, rest = [], layers
+        scatter, rest = [], scatter + rest
 
     def run(chunk) -> None:
         with torch.no_grad():  # grad mode is per thread
             for layer in chunk:
                 fn(layer)
 
-    pending = []
-    if scatter:
-        if _POOL is None or _POOL[0] != threads:
-            _POOL = (threads, ThreadPoolExecutor(threads, thread_name_prefix="lora-composer-fuse"))
-        pending = [_POOL[1].submit(run, scatter[i::threads]) for i in range(threads)]
+    pending = [_pool(threads).submit(run, scatter[i::threads]) for i in range(threads)] if scatter else []
     run(rest)
     for job in pending:
         job.result()
