@@ -227,22 +227,14 @@ def render(args) -> int:
     s = _settings(args)
     library = args.library or os.environ.get("LORA_COMPOSER_LIBRARY") or None
     model = s["model"]
-    from composer.default_model import ensure_default_model, is_default_model
+    from composer.default_model import is_default_model, resolve
 
     default = model is None or is_default_model(model)
+    model, library = resolve(model, library)
     if default:
-        from composer.miniworld.assets import DEFAULT_GUIDANCE
-
-        model_dir, default_library = ensure_default_model()
-        model = str(model_dir)
-        library = library or str(default_library)
-        if s["guidance"] is None:
-            s["guidance"] = DEFAULT_GUIDANCE
-        _note(args, f"using the default model (the mini world, offline) {model_dir} with its LoRA library {default_library}")
+        _note(args, f"using the default model (the mini world, offline) {model} with its LoRA library {library}")
     elif (os.path.isabs(model) or model.startswith((".", "~"))) and not Path(model).expanduser().exists():
         raise ComposerError(f"model {model} not found")
-    if s["guidance"] is None:
-        s["guidance"] = 7.5
 
     # Resolve every LoRA name (flags and prompt tags) before loading the model: a typo fails at once.
     _, tag_refs = parse_prompt(s["prompt"])
@@ -264,10 +256,6 @@ def render(args) -> int:
         raise
     except Exception as exc:  # diffusers/transformers/hub errors: multi-line, not the user's traceback
         raise ComposerError(f"cannot load model {model}: {_one_line(exc)}") from None
-    if default:  # recorded by name: the PNG re-renders with --from-image on any install
-        from composer.default_model import MODEL_NAME
-
-        pipe.model = MODEL_NAME
     for path, _, _ in loras:  # attached once here; the call below reuses them
         pipe.load_lora(path, allow_pickle=args.allow_pickle)
 

@@ -15,6 +15,7 @@ from composer.errors import ComposerError
 from composer.miniworld import assets
 
 MODEL_NAME = "miniworld"
+GUIDANCE = 7.5  # the guidance any other model renders with unless told (diffusers' Stable Diffusion default)
 
 
 def is_default_model(model: str | os.PathLike) -> bool:
@@ -25,6 +26,20 @@ def is_default_model(model: str | os.PathLike) -> bool:
         return Path(model).expanduser().resolve() == assets.model_dir()
     except OSError:
         return False
+
+
+def default_guidance(model: str | os.PathLike) -> float:
+    """The guidance scale ``model`` renders with unless told: the mini world was tuned for 5, others get 7.5."""
+    return assets.DEFAULT_GUIDANCE if is_default_model(model) else GUIDANCE
+
+
+def resolve(model: str | os.PathLike | None, library: str | os.PathLike | None = None) -> tuple[str, str | None]:
+    """``(model, library)`` to load: for no model or the default model's name, its folder and (unless a
+    library is given) its LoRA library; any other model and library as given."""
+    if model is None or is_default_model(model):
+        model_dir, default_library = ensure_default_model()
+        return str(model_dir), os.fspath(library) if library else str(default_library)
+    return os.fspath(model), os.fspath(library) if library else None
 
 
 def ensure_default_model(quiet: bool = True) -> tuple[Path, Path]:

@@ -53,7 +53,12 @@ class ComposerPipeline:
     def __init__(self, pipe, library: str | os.PathLike | None = None, model: str = ""):
         self.pipe = pipe
         self.library = Path(library).expanduser() if library else None
-        self.model = model or getattr(getattr(pipe, "config", None), "_name_or_path", "") or ""
+        from composer.default_model import MODEL_NAME, default_guidance, is_default_model
+
+        model = model or getattr(getattr(pipe, "config", None), "_name_or_path", "") or ""
+        # the default model is recorded by name: its PNGs re-render with --from-image on any install
+        self.model = MODEL_NAME if model and is_default_model(model) else model
+        self.default_guidance = default_guidance(self.model)  # when a call gives none
         self.runtime = LoraRuntime(pipe)
         self._files: dict[str, tuple] = {}  # adapter name -> (resolved path, size, mtime)
         self.last_record: GenerationRecord | None = None
@@ -156,7 +161,7 @@ class ComposerPipeline:
         strategy="merge",
         strategy_args: dict | None = None,
         num_inference_steps: int = 20,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         seed: int | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -180,7 +185,10 @@ class ComposerPipeline:
         ``loras="auto"`` lets the retriever choose up to ``top_k`` (3) adapters scoring at least ``min_score``
         (0.3) for the prompt from the library's catalog; why is in ``last_retrieval``.
         ``max_batch`` caps the rows of one denoiser pass when a strategy runs several row groups.
+        ``guidance_scale`` defaults to the model's (:attr:`default_guidance`).
         """
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance
         start = time.perf_counter()
         clean_prompt, tag_refs = parse_prompt(prompt)
         self.last_retrieval = []

@@ -87,23 +87,17 @@ class ComposerUI:
 
     def __init__(self, model=None, library=None, out_dir=None, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB,
                  allow_uploads: bool = True):
-        from composer.default_model import ensure_default_model, is_default_model
+        from composer.default_model import resolve
         from composer.pipeline import ComposerPipeline
 
-        self.default_guidance = 7.5
-        if model is None or is_default_model(model):
-            from composer.miniworld.assets import DEFAULT_GUIDANCE
-
-            model_dir, default_library = ensure_default_model(quiet=True)
-            model, library = str(model_dir), library or str(default_library)
-            self.default_guidance = DEFAULT_GUIDANCE
-        self.model = str(model)
+        self.model, library = resolve(model, library)
         if library is None:
             raise ComposerError("the UI needs a LoRA library folder (--library DIR)")
         self.library = Path(library).expanduser().resolve()
         if not self.library.is_dir():
             raise ComposerError(f"LoRA library {self.library} is not a folder")
         self.pipe = ComposerPipeline.from_pretrained(self.model, library=self.library)
+        self.default_guidance = self.pipe.default_guidance
         self.lock = threading.Lock()
         # Every pipeline call runs on this one thread: the retriever's SQLite catalog must stay on the thread
         # that opened it, and one thread means one request's adapters at a time.

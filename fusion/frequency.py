@@ -150,7 +150,7 @@ def profile_adapters(
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     weight: float = 1.0,
     cache_dir=None,
     refresh: bool = False,

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from composer.default_model import ensure_default_model, is_default_model
+    from composer.default_model import resolve
     from composer.errors import ComposerError
     from composer.pipeline import ComposerPipeline
     from fusion.frequency import profile_adapters
@@ -41,20 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     try:
-        model, library = args.model, args.library or os.environ.get("LORA_COMPOSER_LIBRARY")
-        guidance = 7.5
-        if model is None or is_default_model(model):
-            from composer.miniworld.assets import DEFAULT_GUIDANCE
-
-            model_dir, default_library = ensure_default_model(quiet=True)
-            model, library, guidance = str(model_dir), library or str(default_library), DEFAULT_GUIDANCE
+        model, library = resolve(args.model, args.library or os.environ.get("LORA_COMPOSER_LIBRARY"))
         from composer.cli import _no_loading_bars
 
         with _no_loading_bars():
             composer = ComposerPipeline.from_pretrained(model, library=library)
         names = [composer.load_lora(ref).name for ref in args.lora]
-        scores = profile_adapters(composer, names, args.prompt, steps=args.steps, seed=args.seed,
-                                  guidance_scale=guidance, refresh=args.refresh)
+        scores = profile_adapters(composer, names, args.prompt, steps=args.steps, seed=args.seed, refresh=args.refresh)
     except (ComposerError, OSError) as exc:
         print(f"{PROG}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -20,12 +20,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _library(args) -> Path:
-    from composer.default_model import ensure_default_model, is_default_model
+    from composer.default_model import resolve
 
     lib = getattr(args, "library", None) or os.environ.get("LORA_COMPOSER_LIBRARY")
-    model = getattr(args, "model", None)
-    if lib is None and (not model or is_default_model(model)):  # the default model's own library
-        return Path(ensure_default_model(quiet=True)[1])
+    if lib is None:  # the default model's own library, if that is the model
+        lib = resolve(getattr(args, "model", None))[1]
     if lib is None:
         raise ComposerError("no LoRA library: pass --library DIR (or set LORA_COMPOSER_LIBRARY)")
     root = Path(lib).expanduser()
@@ -35,11 +34,10 @@ def _library(args) -> Path:
 
 
 def _load_pipe(model: str | None):
-    from composer.default_model import ensure_default_model, is_default_model
+    from composer.default_model import resolve
     from composer.pipeline import ComposerPipeline
 
-    if model is None or is_default_model(model):
-        model = str(ensure_default_model(quiet=True)[0])
+    model = resolve(model)[0]
     from composer.cli import _no_loading_bars
 
     try:

@@ -93,3 +93,18 @@ def test_images_carry_generation_parameters(sd15_pipe, make_lora):
     text = image.info["parameters"]
     assert "<lora:a:0.5>" in text and "Seed: 7" in text and "Lora hashes:" in text
     assert composer.last_record.loras[0]["hash"] == composer.adapters["a"].metadata.sha256[:12]
+
+
+def test_default_model_is_recorded_by_name_and_renders_at_its_guidance(sd15_pipe):
+    """Any front end (CLI, UI, notebook) gets the mini world's name in its PNGs and its guidance by default."""
+    from composer.default_model import MODEL_NAME
+    from composer.miniworld import assets
+
+    mini = ComposerPipeline.from_pretrained(assets.model_dir(), library=assets.library_dir())
+    mini("a red circle", num_inference_steps=1, seed=0, progress=False)
+    assert mini.model == MODEL_NAME and mini.last_record.model == MODEL_NAME
+    assert mini.last_record.guidance_scale == assets.DEFAULT_GUIDANCE
+    mini("a red circle", num_inference_steps=1, seed=0, guidance_scale=2.0, progress=False)
+    assert mini.last_record.guidance_scale == 2.0
+    other = ComposerPipeline(sd15_pipe, model="some/model")
+    assert other.model == "some/model" and other.default_guidance == 7.5

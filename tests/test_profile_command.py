@@ -10,8 +10,13 @@ def test_profile_then_cmlora_uses_the_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("LORA_COMPOSER_LIBRARY", raising=False)  # names are looked up in the mini world's library
     renders = []
     real_call = ComposerPipeline.__call__
-    monkeypatch.setattr(ComposerPipeline, "__call__",
-                        lambda self, *a, **k: renders.append(k["guidance_scale"]) or real_call(self, *a, **k))
+
+    def spy(self, *a, **k):  # the guidance each render actually used, as recorded
+        out = real_call(self, *a, **k)
+        renders.append(self.last_record.guidance_scale)
+        return out
+
+    monkeypatch.setattr(ComposerPipeline, "__call__", spy)
 
     assert main(["profile", "--lora", "star-shape", "--lora", "pixel-style", "--steps", "2"]) == 0
     first = capsys.readouterr().out
