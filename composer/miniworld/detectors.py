@@ -24,6 +24,7 @@ from torch import nn
 
 from composer.errors import ComposerError
 from composer.miniworld import world
+from composer.miniworld.train import to_tensor
 
 DEFAULT_STEPS = 1200
 DEFAULT_BATCH = 64
@@ -85,10 +86,6 @@ class Detector(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def _uint8_to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 def as_input(images) -> torch.Tensor:
     """Any accepted image batch as the detector's float ``(n, 3, 64, 64)`` in [-1, 1] (bilinear resize)."""
     from PIL import Image
@@ -105,7 +102,7 @@ def as_input(images) -> torch.Tensor:
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images (n, H, W, 3), got {images.dtype} {images.shape}")
-        images = _uint8_to_tensor(images)
+        images = to_tensor(images)
     if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4 \
             or images.shape[1] != 3:
         shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
@@ -123,7 +120,7 @@ def _targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
 def draw(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``n`` fresh pictures, every value of every category equally likely, and their labels."""
     images, _, scenes = world.sample(rng, n, ALL_VALUES)
-    return _uint8_to_tensor(images), _targets(scenes)
+    return to_tensor(images), _targets(scenes)
 
 
 # ------------------------------------------------------------------------------------------ augmentation

@@ -80,7 +80,7 @@ def noise_scheduler():
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 ``(n, H, W, 3)`` -> float ``(n, 3, H, W)`` in [-1, 1], as the VAE expects."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def _cosine_lr(opt, step: int, total: int, base: float, warmup: int = 100) -> None:
