@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from composer.cli import SubcommandParser, parse_subcommand
-from composer.miniworld import world
+from composer.miniworld import assets, world
 from composer.miniworld.library import LORAS, LoraSpec
 
 PROG = "compose eval"
@@ -95,7 +95,7 @@ class Tally:
 class Evaluator:
     """Renders with one :class:`~composer.pipeline.ComposerPipeline` and judges with the detectors."""
 
-    def __init__(self, pipe, detector, steps: int = 20, guidance: float = 5.0, seeds: int = 2):
+    def __init__(self, pipe, detector, steps: int = 20, guidance: float = assets.DEFAULT_GUIDANCE, seeds: int = 2):
         self.pipe, self.detector = pipe, detector
         self.steps, self.guidance, self.seeds = steps, guidance, seeds
 
@@ -154,8 +154,8 @@ def retrieval_recall(pipe, combos, seed: int = 0) -> dict:
     return {k: round(float(np.mean(v)), 4) for k, v in sorted(per_size.items())}
 
 
-def evaluate(pipe, detector, strategies, sizes=(2, 3, 4), seeds: int = 2, steps: int = 20, guidance: float = 5.0,
-             seed: int = 0, grid_path: Path | None = None, checks: bool = True, retrieval: bool = True,
+def evaluate(pipe, detector, strategies, sizes=(2, 3, 4), seeds: int = 2, steps: int = 20,
+             guidance: float = assets.DEFAULT_GUIDANCE, seed: int = 0, grid_path: Path | None = None, checks: bool = True, retrieval: bool = True,
              progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
@@ -295,7 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from composer.errors import ComposerError
-    from composer.miniworld import assets
     from composer.miniworld.detectors import load_detector
     from composer.pipeline import ComposerPipeline
     from fusion.registry import available

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from composer.miniworld import world
+from composer.miniworld import assets, world
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def concept_prompt(concepts: dict[str, str], base: dict[str, str] | None = None)
     return world.caption(world.Scene(**fields))
 
 
-def write_previews(model_dir: Path, library: Path, seed: int = 0, guidance: float = 5.0) -> list[Path]:
+def write_previews(model_dir: Path, library: Path, seed: int = 0, guidance: float = assets.DEFAULT_GUIDANCE) -> list[Path]:
     """``NAME.preview.png`` for the LoRAs that have one: the LoRA alone on its concept's prompt (as Civitai
     previews are), with the generation parameters in the PNG."""
     from composer.pipeline import ComposerPipeline
