@@ -42,7 +42,7 @@ def resolve(model: str | os.PathLike | None, library: str | os.PathLike | None =
     return os.fspath(model), os.fspath(library) if library else None
 
 
-def ensure_default_model(quiet: bool = True) -> tuple[Path, Path]:
+def ensure_default_model() -> tuple[Path, Path]:
     """Return ``(model_dir, library_dir)`` of the default model, checking that its files are there."""
     model, library = assets.model_dir(), assets.library_dir()
     if not (model / "model_index.json").is_file():

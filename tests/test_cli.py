@@ -27,7 +27,7 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def default(home):
-    return ensure_default_model(quiet=True)
+    return ensure_default_model()
 
 
 # -- the default model: the mini world --------------------------------------------------------------
@@ -37,7 +37,7 @@ def test_default_model_is_the_shipped_mini_world(default, tmp_path, capsys):
     model_dir, library = default
     assert (model_dir, library) == (assets.model_dir(), assets.library_dir())
     assert (model_dir / "model_index.json").is_file() and library.is_dir()
-    assert ensure_default_model(quiet=False) == default  # nothing to build, nothing to say
+    assert ensure_default_model() == default  # nothing to build, nothing to say
     assert capsys.readouterr() == ("", "")
     files = {p.name for p in library.iterdir() if not p.name.startswith(".")}  # not the retriever's catalog
     expected = {f"{s.name}.safetensors" for s in LORAS}

@@ -29,7 +29,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 def server(tmp_path_factory):
     from composer.default_model import ensure_default_model
 
-    model_dir, default_library = ensure_default_model(quiet=True)
+    model_dir, default_library = ensure_default_model()
     library = tmp_path_factory.mktemp("library")
     for f in default_library.iterdir():
         if f.is_file() and not f.name.startswith("."):  # not the retriever's catalog
