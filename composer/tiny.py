@@ -11,7 +11,6 @@ import functools
 import gzip
 import importlib.util
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -210,12 +209,3 @@ def save_kohya_lora(layers, path, alpha: float | None = None, metadata: dict[str
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in kohya.items()}, str(path), metadata=metadata or {})
     return path
-
-
-def default_cache_dir() -> Path:
-    """Where lora-composer caches files (catalogs of read-only libraries...): ``$LORA_COMPOSER_HOME`` or the user cache."""
-    env = os.environ.get("LORA_COMPOSER_HOME")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lora-composer"

@@ -100,9 +100,9 @@ def high_frequency_score(x, base=None, cutoff: float = CUTOFF, window: bool = Tr
 
 # -- cache --------------------------------------------------------------------------------------------
 def default_cache_dir() -> Path:
-    from composer.tiny import default_cache_dir as home
+    from composer.cache import cache_dir
 
-    return home() / "frequency"
+    return cache_dir() / "frequency"
 
 
 def _cache_path(cache_dir) -> Path:

@@ -98,10 +98,10 @@ def default_catalog_path(library) -> Path:
     inside = library / CATALOG_DIR
     if os.access(inside if inside.exists() else library, os.W_OK) or not library.exists():
         return inside / CATALOG_NAME
-    from composer.tiny import default_cache_dir
+    from composer.cache import cache_dir
 
     key = hashlib.sha256(str(library.resolve()).encode()).hexdigest()[:16]
-    return default_cache_dir() / "catalogs" / key / CATALOG_NAME
+    return cache_dir() / "catalogs" / key / CATALOG_NAME
 
 
 def _strip_html(text: str) -> str:
