@@ -150,11 +150,11 @@ def shipped():
 
 def test_shipped_model_keeps_the_mini_world_contract(shipped):
     """A small sample of the checks in docs/EVAL.md: the base model draws what it was taught and not the
-    LoRA concepts; each LoRA alone draws its concept (loose bounds: few images)."""
+    LoRA concepts; each LoRA alone draws its concept (the goals, on averages: few images per LoRA)."""
     checks = evaluate.sanity_checks(shipped, base_prompts=6, lora_prompts=2, seed=7)
-    assert checks["base_on_base"]["per_concept"] >= 0.75, checks["base_on_base"]
-    assert np.mean(list(checks["base_on_lora_concepts"].values())) <= 0.2, checks["base_on_lora_concepts"]
-    assert np.mean(list(checks["lora_alone"].values())) >= 0.6, checks["lora_alone"]
+    assert checks["base_on_base"]["per_concept"] >= 0.8, checks["base_on_base"]
+    assert np.mean(list(checks["base_on_lora_concepts"].values())) < 0.1, checks["base_on_lora_concepts"]
+    assert np.mean(list(checks["lora_alone"].values())) >= 0.8, checks["lora_alone"]
 
 
 def test_eval_command_writes_results_and_grid(tmp_path, capsys):
