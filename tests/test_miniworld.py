@@ -173,3 +173,16 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     assert (tmp_path / "out" / "grid.png").is_file() and "| merge |" in doc.read_text()
     assert main(["eval", "--strategies", "nope", "-q"]) == 2
     assert "unknown strategy 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, missing", [
+    (["base"], "vae"), (["base", "--resume"], "model"), (["loras"], "model"), (["previews"], "model"),
+])
+def test_training_a_stage_before_the_one_it_needs_is_a_usage_error(tmp_path, capsys, argv, missing):
+    from composer.miniworld import train
+
+    with pytest.raises(SystemExit) as exc:
+        train.main([*argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{tmp_path / missing} does not exist" in err

@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                        "threads": torch.get_num_threads()}
         log.write_text(json.dumps(times, indent=2) + "\n")
 
-    needs = {"base": "vae", "loras": "model", "previews": "model"}.get(args.what)
+    needs = {"base": "model" if args.resume else "vae", "loras": "model", "previews": "model"}.get(args.what)
     if needs and not (args.out / needs).is_dir():
         p.error(f"{args.out / needs} does not exist: train '{needs if needs == 'vae' else 'base'}' into {args.out} first")
     if args.what in ("vae", "all"):
