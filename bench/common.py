@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from composer import tiny
-from composer.adapters.types import Adapter, LayerDelta
+from lora_composer import tiny
+from lora_composer.adapters.types import Adapter, LayerDelta
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "BENCHMARKS.md"

@@ -16,7 +16,7 @@ import gc
 import torch
 
 from bench import common
-from composer.runtime import LoraRuntime
+from lora_composer.runtime import LoraRuntime
 
 NAME = "fuse_cycles"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,7 +1,7 @@
 """GPU: the stacked-delta kernels vs the base GEMM, and one denoiser step with 5 adapters unfused.
 
 1. Per Linear shape of SD1.5 (512x512, batch 2), SDXL (1024x1024, batch 2) and FLUX (1024x1024, batch 1),
-   with N = 1, 2, 4, 8 rank-16 adapters: the base GEMM ``x W^T``; ours (``kernels.stacked_delta``: the
+   with N = 1, 2, 4, 8 rank-16 adapters: the base GEMM ``x W^T``; ours (``lora_composer.kernels.stacked_delta``: the
    Triton shrink/expand kernels, adding into the base output); PEFT's loop (two matmuls, a scale and an
    add per adapter, PEFT's own ``LoraConfig`` layer). Times from CUDA events, medians.
 2. One SD1.5-shaped UNet step (fp16, batch 2, 64x64 latents, 77 tokens): the base, ours with 5 rank-16
@@ -24,10 +24,10 @@ import sys
 import torch
 
 from bench import common
-from composer.runtime import LoraRuntime
-from composer.runtime.layer import PatchedLayer
-from composer.runtime.mixing import MixingState
-from kernels.lora_ops import stacked_delta, stacked_delta_torch
+from lora_composer.runtime import LoraRuntime
+from lora_composer.runtime.layer import PatchedLayer
+from lora_composer.runtime.mixing import MixingState
+from lora_composer.kernels.lora_ops import stacked_delta, stacked_delta_torch
 
 NAME = "gpu"
 RANK = 16

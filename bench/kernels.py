@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from bench import common
-from composer.runtime.layer import PatchedLayer
-from composer.runtime.mixing import MixingState
+from lora_composer.runtime.layer import PatchedLayer
+from lora_composer.runtime.mixing import MixingState
 
 NAME = "kernels"
 RANK = 16
@@ -90,7 +90,7 @@ def run(tiny: bool = False, repeats: int | None = None, argv=None) -> common.Res
         setup=[
             f"One Linear layer per SD1.5 attention shape, fp32, batch 2, no grad; N rank-{RANK} adapters with random "
             "factors at weight 1, identical for both. Ours: `PatchedLayer` (forward hook, stacked factors, torch path "
-            "of `kernels.stacked_delta` on the CPU). PEFT: `inject_adapter_in_model(LoraConfig(...))` N times, all "
+            "of `lora_composer.kernels.stacked_delta` on the CPU). PEFT: `inject_adapter_in_model(LoraConfig(...))` N times, all "
             "adapters active via `set_adapter`. Medians of the repeats after one warm-up call.",
             "\"overhead\" is time / base time; \"PEFT / ours (LoRA part)\" compares the time each adds on top of the base.",
         ],

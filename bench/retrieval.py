@@ -45,8 +45,8 @@ class _Encoded:
 
 
 def _synthetic_catalog(root: Path, n: int, d: int, seed: int = 0):
-    from retriever.catalog import Catalog, Row
-    from retriever.search import DIRECTIONS
+    from lora_composer.retriever.catalog import Catalog, Row
+    from lora_composer.retriever.search import DIRECTIONS
 
     rng = np.random.default_rng(seed)
     cat = Catalog(root / f"cat-{n}.sqlite")
@@ -71,7 +71,7 @@ def _synthetic_catalog(root: Path, n: int, d: int, seed: int = 0):
 
 
 def bench_latency(sizes, d: int, queries: int) -> list[dict]:
-    from retriever.search import Retriever, select
+    from lora_composer.retriever.search import Retriever, select
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +105,7 @@ def bench_latency(sizes, d: int, queries: int) -> list[dict]:
 
 
 def _identity_pipe():
-    from composer import tiny
+    from lora_composer import tiny
 
     pipe = tiny.build_tiny_sd15_pipeline(seed=0)
     te = pipe.text_encoder
@@ -118,8 +118,8 @@ def _identity_pipe():
 
 
 def bench_index(pipe, count: int) -> dict:
-    from composer import tiny
-    from retriever.catalog import Catalog
+    from lora_composer import tiny
+    from lora_composer.retriever.catalog import Catalog
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "lib"
@@ -138,11 +138,11 @@ def bench_index(pipe, count: int) -> dict:
 
 
 def bench_recall(pipe, concepts, distractors: int, epochs: int = 100) -> tuple[list[dict], dict]:
-    from composer import tiny
-    from retriever.catalog import Catalog
-    from retriever.encoder import TextEncoder
-    from retriever.search import Retriever
-    from retriever.signals import learned
+    from lora_composer import tiny
+    from lora_composer.retriever.catalog import Catalog
+    from lora_composer.retriever.encoder import TextEncoder
+    from lora_composer.retriever.search import Retriever
+    from lora_composer.retriever.signals import learned
 
     enc = TextEncoder(pipe)
     gen = torch.Generator().manual_seed(0)

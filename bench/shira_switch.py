@@ -16,8 +16,8 @@ import gc
 import torch
 
 from bench import common
-from composer.adapters.shira import lora_to_shira
-from composer.runtime import LoraRuntime
+from lora_composer.adapters.shira import lora_to_shira
+from lora_composer.runtime import LoraRuntime
 
 NAME = "shira_switch"
 ADAPTERS = 5

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from bench import common
-from composer import tiny
+from lora_composer import tiny
 
 NAME = "strategies"
 PROMPT = "a castle on a hill, ink drawing"
@@ -87,7 +87,7 @@ def build_pipeline(tiny_mode: bool, seed: int = 0):
 
 def write_adapters(unet, n: int, folder: Path) -> list[Path]:
     """``n`` random rank-``RANK`` LoRAs on the attention layers, saved as diffusers-format files."""
-    from composer.adapters.io import save_adapter
+    from lora_composer.adapters.io import save_adapter
 
     shapes = common.target_shapes(unet)
     paths = []
@@ -184,7 +184,7 @@ def _collect(probe: Probe, latents, total_s, passes, rows, driver=None) -> Run:
 
 class Bench:
     def __init__(self, tiny_mode: bool, steps: int, size: int, folder: Path, n_adapters: int):
-        from composer.pipeline import ComposerPipeline
+        from lora_composer.pipeline import ComposerPipeline
 
         self.pipe, self.model_label = build_pipeline(tiny_mode)
         self.cp = ComposerPipeline(self.pipe)
@@ -503,7 +503,7 @@ def run(tiny_mode: bool = False, ns=(2, 3, 5), steps: int | None = None, cm_step
     setup = [
         f"Model: {model_label}, fp32, eval, no grad, in a `StableDiffusionPipeline` with "
         + ("the tiny VAE, text encoder and tokenizer" if tiny_mode else
-           "the tiny VAE and tokenizer (`composer.tiny`) and a one-layer 768-wide CLIP text encoder")
+           "the tiny VAE and tokenizer (`lora_composer.tiny`) and a one-layer 768-wide CLIP text encoder")
         + f" (only the denoiser is measured); {size}x{size} pixels = {latent}x{latent} latents, batch 1 image, "
         f"classifier-free guidance {GUIDANCE} (2 rows per adapter group), DDIM.",
         f"Adapters: rank-{common.RANK} LoRAs with random non-zero factors on the {n_layers} attention layers "

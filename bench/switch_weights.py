@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 
 from bench import common
-from composer.runtime import LoraRuntime
+from lora_composer.runtime import LoraRuntime
 
 NAME = "switch_weights"
 ALONE_STEPS = 200

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from composer.errors import ComposerError
+from lora_composer.errors import ComposerError
 
 PROG = "compose"
 
@@ -26,7 +26,7 @@ PROG = "compose"
 SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
 # Modules that add subcommands: each defines ``COMMANDS = {name: (help, main(argv) -> int)}``.
 COMMAND_MODULES = (
-    "retriever.commands", "composer.convert", "composer.ui", "fusion.profile_command", "composer.miniworld.evaluate",
+    "lora_composer.retriever.commands", "lora_composer.convert", "lora_composer.ui", "lora_composer.fusion.profile_command", "lora_composer.miniworld.evaluate",
 )
 
 
@@ -133,20 +133,20 @@ def _note(args, message: str) -> None:
 
 
 def _weights_text(te: float, unet: float) -> str:
-    from composer.prompt_syntax import format_weight
+    from lora_composer.prompt_syntax import format_weight
 
     return format_weight(te) if te == unet else f"te {format_weight(te)}/unet {format_weight(unet)}"
 
 
 def _strategies() -> list[str]:
-    from fusion import available
+    from lora_composer.fusion import available
 
     return available()
 
 
 def _settings(args) -> dict:
     """Merge ``--from-image`` settings with the flags given (flags win) and the defaults."""
-    from composer.prompt_syntax import parse_lora_spec, parse_prompt
+    from lora_composer.prompt_syntax import parse_lora_spec, parse_prompt
 
     s = {
         "prompt": None, "negative_prompt": "", "loras": [], "model": None, "strategy": "merge", "steps": 20,
@@ -154,7 +154,7 @@ def _settings(args) -> dict:
         "strategy_args": {},
     }
     if args.from_image:
-        from composer.pnginfo import read_record
+        from lora_composer.pnginfo import read_record
 
         rec = read_record(args.from_image)
         # The record lists every adapter applied; its prompt may still carry the tags: drop them so
@@ -180,7 +180,7 @@ def _settings(args) -> dict:
         if value is not None:
             s[key] = value
     if args.strategy_arg:
-        from fusion.registry import parse_strategy_args
+        from lora_composer.fusion.registry import parse_strategy_args
 
         try:
             parsed = parse_strategy_args(list(args.strategy_arg))
@@ -221,13 +221,13 @@ def _no_loading_bars():
 
 
 def render(args) -> int:
-    from composer.library import resolve_lora
-    from composer.prompt_syntax import parse_prompt
+    from lora_composer.library import resolve_lora
+    from lora_composer.prompt_syntax import parse_prompt
 
     s = _settings(args)
     library = args.library or os.environ.get("LORA_COMPOSER_LIBRARY") or None
     model = s["model"]
-    from composer.default_model import is_default_model, resolve
+    from lora_composer.default_model import is_default_model, resolve
 
     default = model is None or is_default_model(model)
     model, library = resolve(model, library)
@@ -247,7 +247,7 @@ def render(args) -> int:
     if out.suffix.lower() != ".png":
         raise _UsageError(f"--out {out}: the output is a PNG, name it .png")
 
-    from composer.pipeline import ComposerPipeline
+    from lora_composer.pipeline import ComposerPipeline
 
     try:
         with _no_loading_bars():
@@ -271,7 +271,7 @@ def render(args) -> int:
     elapsed = time.perf_counter() - started
     record = getattr(pipe, "last_record", None)
     image = images[0]
-    from composer.pnginfo import save_png
+    from lora_composer.pnginfo import save_png
 
     if record is not None:
         save_png(image, out, record)
@@ -281,7 +281,7 @@ def render(args) -> int:
 
     explained = ""
     if args.explain and getattr(pipe, "last_driver", None) is not None:
-        from composer.explain import save_explanation
+        from lora_composer.explain import save_explanation
 
         target = out.with_name(out.stem + ".explain.png")
         save_explanation(pipe.last_driver.history, pipe.last_driver.adapters, target, record.strategy if record else "")

@@ -11,7 +11,7 @@ import argparse
 import math
 import sys
 
-from composer.cli import SubcommandParser, parse_subcommand
+from lora_composer.cli import SubcommandParser, parse_subcommand
 
 PROG = "compose convert"
 
@@ -40,9 +40,9 @@ def _summary(reports, what: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from composer.adapters import load_adapter, save_adapter, save_shira
-    from composer.adapters.shira import lora_to_shira, squeeze_lora
-    from composer.errors import ComposerError
+    from lora_composer.adapters import load_adapter, save_adapter, save_shira
+    from lora_composer.adapters.shira import lora_to_shira, squeeze_lora
+    from lora_composer.errors import ComposerError
 
     args = parse_subcommand(build_parser(), argv)
     if isinstance(args, int):

@@ -1,4 +1,4 @@
-"""The default model used when no ``--model`` is given: the mini world (:mod:`composer.miniworld`).
+"""The default model used when no ``--model`` is given: the mini world (:mod:`lora_composer.miniworld`).
 
 A small text-to-image model trained from scratch on procedurally drawn pictures, with a library of concept
 LoRAs it has never seen (star, cross, purple, orange, checkered and wavy backgrounds, outline and pixel
@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from composer.errors import ComposerError
-from composer.miniworld import assets
+from lora_composer.errors import ComposerError
+from lora_composer.miniworld import assets
 
 MODEL_NAME = "miniworld"
 GUIDANCE = 7.5  # the guidance any other model renders with unless told (diffusers' Stable Diffusion default)

@@ -3,7 +3,7 @@
 Instead of swapping ``pipe.unet`` for a proxy object (which breaks attribute access such as
 ``pipe.unet.config``, ``save_pretrained`` and offloading), the denoiser's ``forward`` is overridden on
 the instance for the length of one generation (the way accelerate's hooks do it) and restored after.
-For each call the driver asks the strategy for a :class:`~fusion.base.StepPlan`, writes the mixing
+For each call the driver asks the strategy for a :class:`~lora_composer.fusion.base.StepPlan`, writes the mixing
 tensor, runs the row groups that need computing (batched, in chunks under ``max_batch`` rows), reuses
 cached predictions for the others, and combines them into the prediction the pipeline expects.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fusion.base import StepPlan, Strategy
+from lora_composer.fusion.base import StepPlan, Strategy
 
 
 def _repeat(value, batch: int, groups: int):

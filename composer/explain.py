@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusion.base import StepPlan
+from lora_composer.fusion.base import StepPlan
 
 
 def _combine(plan: StepPlan) -> torch.Tensor:

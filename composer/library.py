@@ -6,10 +6,10 @@ import difflib
 import os
 from pathlib import Path
 
-from composer.errors import ComposerError
+from lora_composer.errors import ComposerError
 
 # Preferred first: a name matching both ``x.safetensors`` and ``x.pt`` resolves to the safetensors file.
-LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
+from lora_composer.vocab import LORA_EXTENSIONS
 
 
 def _looks_like_path(ref: str) -> bool:

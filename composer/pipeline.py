@@ -1,6 +1,6 @@
 """``ComposerPipeline``: a diffusers text-to-image pipeline that composes LoRAs.
 
-It owns a :class:`~composer.runtime.LoraRuntime` on the wrapped pipeline. Adapters stay attached
+It owns a :class:`~lora_composer.runtime.LoraRuntime` on the wrapped pipeline. Adapters stay attached
 between calls (an adapter not asked for gets weight 0, which costs nothing), so switching is a
 tensor write; ``unload_lora``/``unload_all`` give the base pipeline back exactly.
 """
@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from composer.adapters import load_adapter
-from composer.adapters.types import Adapter
-from composer.driver import DenoiserDriver
-from composer.errors import ComposerError
-from composer.library import resolve_lora
-from composer.pnginfo import GenerationRecord, sampler_name
-from composer.prompt_syntax import LoraRef, parse_prompt
-from composer.runtime import LoraRuntime
-from fusion import get_strategy
+from lora_composer.adapters import load_adapter
+from lora_composer.adapters.types import Adapter
+from lora_composer.driver import DenoiserDriver
+from lora_composer.errors import ComposerError
+from lora_composer.library import resolve_lora
+from lora_composer.pnginfo import GenerationRecord, sampler_name
+from lora_composer.prompt_syntax import LoraRef, parse_prompt
+from lora_composer.runtime import LoraRuntime
+from lora_composer.fusion import get_strategy
 
 
 
@@ -53,7 +53,7 @@ class ComposerPipeline:
     def __init__(self, pipe, library: str | os.PathLike | None = None, model: str = ""):
         self.pipe = pipe
         self.library = Path(library).expanduser() if library else None
-        from composer.default_model import MODEL_NAME, default_guidance, is_default_model
+        from lora_composer.default_model import MODEL_NAME, default_guidance, is_default_model
 
         model = model or getattr(getattr(pipe, "config", None), "_name_or_path", "") or ""
         # the default model is recorded by name: its PNGs re-render with --from-image on any install
@@ -128,7 +128,7 @@ class ComposerPipeline:
         ``last_retrieval``."""
         if self.library is None:
             raise ComposerError('loras="auto" needs a LoRA library (library=DIR, --library DIR)')
-        from retriever import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, retriever_for
+        from lora_composer.retriever import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, retriever_for
 
         if self.runtime.adapters:  # encode the prompt with the base text encoder
             self.runtime.set_weights(text={})

@@ -12,8 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from composer.errors import ComposerError
-from composer.prompt_syntax import find_tags, format_lora_tag, format_weight
+from lora_composer.errors import ComposerError
+from lora_composer.prompt_syntax import find_tags, format_lora_tag, format_weight
 
 PARAMETERS_KEY = "parameters"
 RECORD_KEY = "lora-composer"
@@ -109,7 +109,7 @@ class GenerationRecord:
             return ""
         p = Path(model)
         if p.is_absolute() or model.startswith(".") or p.exists():
-            return p.stem if p.suffix in (".safetensors", ".ckpt") else p.name
+            return p.stem if p.suffix in (".safetensors", ".ckpt") else p.name  # a single-file checkpoint
         return model  # a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5
 
     def to_a1111(self) -> str:

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from composer.errors import ComposerError
+from lora_composer.errors import ComposerError
 
 TAG_KINDS = ("lora", "lyco")
 

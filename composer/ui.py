@@ -1,4 +1,4 @@
-"""``compose ui`` / ``python app.py``: a Gradio web UI over :class:`~composer.pipeline.ComposerPipeline`.
+"""``compose ui`` / ``python app.py``: a Gradio web UI over :class:`~lora_composer.pipeline.ComposerPipeline`.
 
     compose ui                                   # the default model (the mini world), http://127.0.0.1:7860
     compose ui --model DIR_OR_ID --library DIR --host 0.0.0.0 --port 8080
@@ -24,8 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 import contextvars
 from pathlib import Path
 
-from composer.errors import ComposerError
-from fusion.registry import parse_strategy_args
+from lora_composer.errors import ComposerError
+from lora_composer.vocab import LORA_EXTENSIONS
+from lora_composer.fusion.registry import parse_strategy_args
 
 MAX_SLOTS = 4  # LoRA rows in the picker
 DEFAULT_MAX_UPLOAD_MB = 512
@@ -33,7 +34,7 @@ NONE = ""
 
 
 def _strategy_params(name: str) -> dict:
-    from fusion.registry import strategy_params
+    from lora_composer.fusion.registry import strategy_params
 
     try:
         return strategy_params(name)
@@ -87,8 +88,8 @@ class ComposerUI:
 
     def __init__(self, model=None, library=None, out_dir=None, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB,
                  allow_uploads: bool = True):
-        from composer.default_model import resolve
-        from composer.pipeline import ComposerPipeline
+        from lora_composer.default_model import resolve
+        from lora_composer.pipeline import ComposerPipeline
 
         self.model, library = resolve(model, library)
         if library is None:
@@ -122,7 +123,7 @@ class ComposerUI:
     # -- the library, confined ----------------------------------------------------------------------
     def library_files(self) -> dict[str, Path]:
         """``{relative name: resolved path}`` of every adapter file really inside the library."""
-        from composer.library import list_loras
+        from lora_composer.library import list_loras
 
         out = {}
         for path in list_loras(self.library):
@@ -142,7 +143,7 @@ class ComposerUI:
             return files[text]
         if "/" not in text and "\\" not in text and not text.startswith("~"):  # a bare name: match the stem
             stem = text.lower()
-            for ext in (".safetensors", ".pt", ".ckpt", ".bin"):
+            for ext in LORA_EXTENSIONS:
                 if stem.endswith(ext):
                     stem = stem[: -len(ext)]
             hits = [p for rel, p in files.items() if Path(rel).stem.lower() == stem]
@@ -157,7 +158,7 @@ class ComposerUI:
         rows = []
         words = {}
         try:
-            from retriever import Catalog
+            from lora_composer.retriever import Catalog
 
             with Catalog.for_library(self.library) as cat:
                 for row in cat.rows():
@@ -209,7 +210,7 @@ class ComposerUI:
     # -- retrieval --------------------------------------------------------------------------------
     def auto(self, prompt: str, top_k: int = 3, min_score: float | None = None) -> list[dict]:
         """The retriever's picks for ``prompt``: ``[{name, weight, score, reason, trigger_words, preview}]``."""
-        from composer.prompt_syntax import parse_prompt
+        from lora_composer.prompt_syntax import parse_prompt
 
         clean, _ = parse_prompt(prompt or "")
         if not clean.strip():
@@ -248,10 +249,10 @@ class ComposerUI:
         files too. ``guidance`` defaults to the model's (:attr:`default_guidance`: 5 for the mini world, else
         7.5). Returns ``{"images": [(path, caption)], "heatmaps": [path], "pngs": [path], "seed", "record"}``.
         """
-        from composer.explain import save_explanation
-        from composer.pnginfo import save_png
-        from composer.prompt_syntax import parse_prompt
-        from fusion import available
+        from lora_composer.explain import save_explanation
+        from lora_composer.pnginfo import save_png
+        from lora_composer.prompt_syntax import parse_prompt
+        from lora_composer.fusion import available
 
         prompt = prompt or ""
         clean, tag_refs = parse_prompt(prompt)
@@ -308,7 +309,7 @@ class ComposerUI:
 
 # -- the Gradio app -------------------------------------------------------------------------------
 def _params_text(strategy: str) -> str:
-    from fusion.registry import strategy_params
+    from lora_composer.fusion.registry import strategy_params
 
     try:
         params = strategy_params(strategy)
@@ -332,7 +333,7 @@ def build_app(ui: ComposerUI):
     """The Gradio Blocks app for ``ui`` (queue enabled; call ``.launch()``)."""
     import gradio as gr
 
-    from fusion import available
+    from lora_composer.fusion import available
 
     names = ui.library_names()
     strategies = available()

@@ -24,7 +24,7 @@ class StepPlan:
 
     - ``weights``: ``[groups, adapters]``.
     - ``layer_weights``: optional ``{layer group: [groups, adapters]}`` overriding ``weights`` in those layer
-      groups (e.g. ``unet.down_blocks.1``; see ``composer.runtime.layer_group``).
+      groups (e.g. ``unet.down_blocks.1``; see ``lora_composer.runtime.layer_group``).
     - ``combine``: optional ``[groups]`` weights of the groups' predictions (default: the mean).
     - ``reuse``: optional ``[groups]`` booleans: reuse that group's last prediction instead of computing it
       (the driver computes it anyway when nothing is cached yet).

@@ -22,7 +22,7 @@ Hyperparameters, defaults and sources (reference code: repository ``Yqcca/CMLoRA
   sequencing; the reference hard-codes the profiled order in ``callbacks_sa.check_anime_lora``:
   character/clothing/style/object LoRAs before background LoRAs). Scores come from, in turn:
   ``frequency_scores`` (``{name: score}``), else the frequency cache written by
-  :func:`fusion.frequency.profile_adapters` (looked up by each adapter file's sha256 in
+  :func:`lora_composer.fusion.frequency.profile_adapters` (looked up by each adapter file's sha256 in
   ``frequency_cache`` or the default cache folder; no rendering happens during a generation). Adapters
   without a score keep their given relative order after the scored ones; with no scores at all the
   given order is used unchanged (``describe()["order_source"]`` says which applied).
@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import torch
 
-from fusion.base import StepPlan, Strategy
+from lora_composer.fusion.base import StepPlan, Strategy
 
 
 class CMLoRAStrategy(Strategy):
@@ -116,7 +116,7 @@ class CMLoRAStrategy(Strategy):
             return {n: float(s) for n, s in self.frequency_scores.items() if n in self.adapters}, "scores"
         adapters = [a for a in self.context.get("adapters") or [] if a.name in self.adapters]
         if adapters:
-            from fusion.frequency import cached_scores
+            from lora_composer.fusion.frequency import cached_scores
 
             found = cached_scores(adapters, self.frequency_cache)
             if found:

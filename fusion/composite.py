@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fusion.base import StepPlan, Strategy
+from lora_composer.fusion.base import StepPlan, Strategy
 
 
 class CompositeStrategy(Strategy):

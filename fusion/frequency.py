@@ -100,7 +100,7 @@ def high_frequency_score(x, base=None, cutoff: float = CUTOFF, window: bool = Tr
 
 # -- cache --------------------------------------------------------------------------------------------
 def default_cache_dir() -> Path:
-    from composer.cache import cache_dir
+    from lora_composer.cache import cache_dir
 
     return cache_dir() / "frequency"
 
@@ -158,7 +158,7 @@ def profile_adapters(
     """High-frequency score of each adapter in ``names`` (attached names, library names or paths).
 
     Renders the base (no adapter) and each adapter alone at ``weight`` with ``prompt``/``steps``/``seed``
-    through ``composer`` (a :class:`~composer.pipeline.ComposerPipeline`), scores each render minus the
+    through ``composer`` (a :class:`~lora_composer.pipeline.ComposerPipeline`), scores each render minus the
     base with :func:`high_frequency_score`, and stores the scores by file sha256 in ``cache_dir``
     (default ``<composer cache>/frequency``). Files already in the cache are not rendered again
     (``refresh=True`` renders them anyway).

@@ -4,7 +4,7 @@ After AutoLoRA's fine-grained gated fusion (Li et al. 2025, arXiv:2508.02107), w
 LoRAs differently across network layers and diffusion timesteps. AutoLoRA learns its gate; here the gate
 is read off the adapters themselves, once per generation, from how strongly each one reacts to the prompt:
 
-1. **Response.** For layer group ``g`` (``composer.runtime.layer_group``) and adapter ``i``, over the
+1. **Response.** For layer group ``g`` (``lora_composer.runtime.layer_group``) and adapter ``i``, over the
    cross-attention key/value layers ``attn2.to_k``/``attn2.to_v`` of the group (those any of the adapters
    patch; an adapter without a delta there counts 0)::
 
@@ -49,10 +49,10 @@ import math
 
 import torch
 
-from composer.runtime.runtime import DENOISERS, layer_group
-from fusion.base import StepPlan, Strategy
+from lora_composer.vocab import CROSS_ATTENTION_KV as KV_SUFFIXES
+from lora_composer.vocab import DENOISERS, layer_group
+from lora_composer.fusion.base import StepPlan, Strategy
 
-KV_SUFFIXES = (".attn2.to_k", ".attn2.to_v")
 SCHEDULES = ("early", "late", "constant")
 _FLOOR = 1e-6  # responses below this (relative) count as "no reaction" rather than log(0)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fusion.base import StepPlan, Strategy
+from lora_composer.fusion.base import StepPlan, Strategy
 
 
 class MergeStrategy(Strategy):

@@ -2,7 +2,7 @@
 
     compose profile --lora ink-style --lora castle-bg [--model DIR_OR_ID] [--library DIR] [--steps 20]
 
-Renders the base and each adapter alone (CMLoRA's frequency profiling, see ``fusion.frequency``) and caches
+Renders the base and each adapter alone (CMLoRA's frequency profiling, see ``lora_composer.fusion.frequency``) and caches
 the scores by file sha256; later ``cmlora`` generations read that cache and put high-frequency adapters
 first. Files already profiled are not rendered again (``--refresh`` to redo them).
 """
@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from composer.cli import SubcommandParser, parse_subcommand
+from lora_composer.cli import SubcommandParser, parse_subcommand
 
 PROG = "compose profile"
 
@@ -32,17 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from composer.default_model import resolve
-    from composer.errors import ComposerError
-    from composer.pipeline import ComposerPipeline
-    from fusion.frequency import profile_adapters
+    from lora_composer.default_model import resolve
+    from lora_composer.errors import ComposerError
+    from lora_composer.pipeline import ComposerPipeline
+    from lora_composer.fusion.frequency import profile_adapters
 
     args = parse_subcommand(build_parser(), argv)
     if isinstance(args, int):
         return args
     try:
         model, library = resolve(args.model, args.library or os.environ.get("LORA_COMPOSER_LIBRARY"))
-        from composer.cli import _no_loading_bars
+        from lora_composer.cli import _no_loading_bars
 
         with _no_loading_bars():
             composer = ComposerPipeline.from_pretrained(model, library=library)

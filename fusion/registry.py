@@ -11,8 +11,8 @@ import importlib.util
 import inspect
 import re
 
-from composer.errors import ComposerError
-from fusion.base import Strategy
+from lora_composer.errors import ComposerError
+from lora_composer.fusion.base import Strategy
 
 MODULES = ("merge", "switch", "composite", "cmlora", "gated")
 
@@ -20,10 +20,10 @@ MODULES = ("merge", "switch", "composite", "cmlora", "gated")
 def _discover() -> dict[str, type[Strategy]]:
     found: dict[str, type[Strategy]] = {}
     for module in MODULES:
-        if importlib.util.find_spec(f"fusion.{module}") is None:
+        if importlib.util.find_spec(f"lora_composer.fusion.{module}") is None:
             continue
-        for obj in vars(importlib.import_module(f"fusion.{module}")).values():
-            if inspect.isclass(obj) and issubclass(obj, Strategy) and obj.name and obj.__module__ == f"fusion.{module}":
+        for obj in vars(importlib.import_module(f"lora_composer.fusion.{module}")).values():
+            if inspect.isclass(obj) and issubclass(obj, Strategy) and obj.name and obj.__module__ == f"lora_composer.fusion.{module}":
                 found[obj.name] = obj
     return found
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from composer.errors import ComposerError
-from fusion.base import StepPlan, Strategy
+from lora_composer.errors import ComposerError
+from lora_composer.fusion.base import StepPlan, Strategy
 
 
 class SwitchOrderError(ComposerError, ValueError):

@@ -1,11 +1,11 @@
 """Multi-adapter delta math: one dispatching place for the runtime (Triton on CUDA, torch elsewhere).
 
-``kernels.triton_lora`` is imported only when the Triton path is first taken, so ``TRITON_INTERPRET``
+``lora_composer.kernels.triton_lora`` is imported only when the Triton path is first taken, so ``TRITON_INTERPRET``
 may still be set before that (the CPU test suite runs the kernels in Triton's interpreter).
 """
 
-from kernels.lora_ops import BACKEND_ENV, fold_delta, pick_backend, stacked_delta, stacked_delta_torch
-from kernels.sparse_ops import sparse_delta, sparse_fold, sparse_restore
+from lora_composer.kernels.lora_ops import BACKEND_ENV, fold_delta, pick_backend, stacked_delta, stacked_delta_torch
+from lora_composer.kernels.sparse_ops import sparse_delta, sparse_fold, sparse_restore
 
 __all__ = [
     "BACKEND_ENV",

@@ -79,7 +79,7 @@ def stacked_delta(
     if pick_backend(x, conv, backend) == "torch":
         delta = stacked_delta_torch(x, down, up, scale, conv, runs)
         return delta if out is None else out + delta
-    from kernels import triton_lora
+    from lora_composer.kernels import triton_lora
 
     if runs is not None and runs:
         # one column range from the first live column to the last: columns of inactive adapters in

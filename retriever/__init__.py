@@ -1,6 +1,6 @@
 """Catalog of a LoRA library and prompt -> ranked adapters (lexical, text, preview and weight signals).
 
-    from retriever import Catalog, retriever_for
+    from lora_composer.retriever import Catalog, retriever_for
     Catalog.for_library("~/loras").index()                 # incremental; LIBRARY/.lora-composer/catalog.sqlite
     r = retriever_for(pipe, "~/loras")                       # pipe: a diffusers pipeline (its text encoder)
     for m in r.select("a castle in pixel art", top_k=3):    # [Match(row, score, signals, reasons)]
@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-from retriever.catalog import Catalog, IndexReport, default_catalog_path
-from retriever.search import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, Match, Retriever, select
+from lora_composer.retriever.catalog import Catalog, IndexReport, default_catalog_path
+from lora_composer.retriever.search import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, Match, Retriever, select
 
 __all__ = [
     "DEFAULT_MIN_SCORE",
@@ -36,9 +36,9 @@ def retriever_for(
     changed)."""
     from pathlib import Path
 
-    from retriever.encoder import TextEncoder
-    from retriever.signals import learned as learned_mod
-    from retriever.signals import preview as preview_mod
+    from lora_composer.retriever.encoder import TextEncoder
+    from lora_composer.retriever.signals import learned as learned_mod
+    from lora_composer.retriever.signals import preview as preview_mod
 
     path = Path(catalog) if catalog is not None else default_catalog_path(library)
     key = (id(pipe), str(path.resolve()) if path.exists() else str(path), family)
@@ -59,7 +59,7 @@ def retriever_for(
 
 def search(catalog: Catalog, prompt: str, k: int = 10, pipe=None, encoder=None) -> list[Match]:
     """``[Match]`` for ``prompt`` in ``catalog``, best first (``pipe`` or ``encoder`` gives the text space)."""
-    from retriever.encoder import TextEncoder
+    from lora_composer.retriever.encoder import TextEncoder
 
     enc = encoder or TextEncoder(pipe)
     catalog.encoder_mean(enc)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from composer.adapters.metadata import sidecar_paths, tags_from_frequency
-from composer.library import list_loras
+from lora_composer.adapters.metadata import sidecar_paths, tags_from_frequency
+from lora_composer.library import list_loras
 
 CATALOG_DIR = ".lora-composer"
 CATALOG_NAME = "catalog.sqlite"
@@ -98,7 +98,7 @@ def default_catalog_path(library) -> Path:
     inside = library / CATALOG_DIR
     if os.access(inside if inside.exists() else library, os.W_OK) or not library.exists():
         return inside / CATALOG_NAME
-    from composer.cache import cache_dir
+    from lora_composer.cache import cache_dir
 
     key = hashlib.sha256(str(library.resolve()).encode()).hexdigest()[:16]
     return cache_dir() / "catalogs" / key / CATALOG_NAME
@@ -216,11 +216,11 @@ class Catalog:
     # -- indexing ------------------------------------------------------------------------------------
     def index(self, folder=None, progress: bool = True, allow_pickle: bool = False, encoder=None) -> IndexReport:
         """Bring the catalog up to date with ``folder`` (default: the library). See the module doc."""
-        from composer.adapters import load_adapter
-        from composer.adapters.io import sha256_file
+        from lora_composer.adapters import load_adapter
+        from lora_composer.adapters.io import sha256_file
         from tqdm import tqdm
 
-        from retriever.signals import weights as wsig
+        from lora_composer.retriever.signals import weights as wsig
 
         started = time.perf_counter()
         root = Path(folder or self.root).expanduser()

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from composer.errors import ComposerError
+from lora_composer.errors import ComposerError
 
 
 class _Usage(Exception):
@@ -20,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _library(args) -> Path:
-    from composer.default_model import resolve
+    from lora_composer.default_model import resolve
 
     lib = getattr(args, "library", None) or os.environ.get("LORA_COMPOSER_LIBRARY")
     if lib is None:  # the default model's own library, if that is the model
@@ -34,11 +34,11 @@ def _library(args) -> Path:
 
 
 def _load_pipe(model: str | None):
-    from composer.default_model import resolve
-    from composer.pipeline import ComposerPipeline
+    from lora_composer.default_model import resolve
+    from lora_composer.pipeline import ComposerPipeline
 
     model = resolve(model)[0]
-    from composer.cli import _no_loading_bars
+    from lora_composer.cli import _no_loading_bars
 
     try:
         with _no_loading_bars():
@@ -72,7 +72,7 @@ def index_main(argv: list[str]) -> int:
     p.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", help="also read .pt/.ckpt/.bin files (they can run code)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    from retriever.catalog import Catalog, default_catalog_path
+    from lora_composer.retriever.catalog import Catalog, default_catalog_path
 
     root = Path(args.library).expanduser()
     if not root.is_dir():
@@ -84,7 +84,7 @@ def index_main(argv: list[str]) -> int:
     with Catalog(path, root=root) as cat:
         report = cat.index(root, progress=not args.quiet, allow_pickle=args.allow_pickle)
         if args.model:
-            from retriever.encoder import TextEncoder
+            from lora_composer.retriever.encoder import TextEncoder
 
             enc = TextEncoder(_load_pipe(args.model))
             n = cat.ensure_text_embeddings(enc)
@@ -106,8 +106,8 @@ def search_main(argv: list[str]) -> int:
     p.add_argument("--min-score", dest="min_score", type=float, default=None, help="minimum fused score for --loras auto's choice")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    from retriever import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, retriever_for, select
-    from retriever.search import format_table
+    from lora_composer.retriever import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, retriever_for, select
+    from lora_composer.retriever.search import format_table
 
     root = _library(args)
     pipe = _load_pipe(args.model)
@@ -139,9 +139,9 @@ def train_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.epochs < 1:
         raise _Usage("--epochs must be at least 1")
-    from retriever.catalog import Catalog, default_catalog_path
-    from retriever.encoder import TextEncoder
-    from retriever.signals import learned
+    from lora_composer.retriever.catalog import Catalog, default_catalog_path
+    from lora_composer.retriever.encoder import TextEncoder
+    from lora_composer.retriever.signals import learned
 
     root = Path(args.library).expanduser()
     if not root.is_dir():

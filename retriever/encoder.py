@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from composer.runtime.runtime import pipeline_family
+from lora_composer.vocab import pipeline_family
 
 # Ordinary prompts (subjects, styles, scenes) whose mean token state is the centre of the space.
 REFERENCE_PROMPTS = (

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from retriever.signals import lexical
-from retriever.signals import text as tsig
-from retriever.signals import weights as wsig
-from retriever.signals.weights import DIRECTIONS
+from lora_composer.retriever.signals import lexical
+from lora_composer.retriever.signals import text as tsig
+from lora_composer.retriever.signals import weights as wsig
+from lora_composer.retriever.signals.weights import DIRECTIONS
 
 SIGNAL_WEIGHTS = {"lexical": 1.0, "weights": 1.0, "text": 0.8, "learned": 0.8, "preview": 0.8}
 BF16_ROWS = 20_000  # above this many rows stage 1 scans the compact (int8) copy
@@ -103,7 +103,7 @@ class Retriever:
             blocks.append(("learned", d))
         preview = None
         if self.preview is not None:
-            from retriever.signals import preview as preview_mod
+            from lora_composer.retriever.signals import preview as preview_mod
 
             preview_mod.ensure_embeddings(self.catalog, self.preview, self.family)
             preview = self.catalog.embeddings("preview", self.preview.id)

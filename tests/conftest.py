@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from composer import tiny
+from lora_composer import tiny
 
 torch.set_num_threads(2)
 

@@ -1,4 +1,4 @@
-"""composer.adapters: LoRA files -> canonical Adapter, checked against diffusers/PEFT themselves."""
+"""lora_composer.adapters: LoRA files -> canonical Adapter, checked against diffusers/PEFT themselves."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from composer import tiny
-from composer.adapters import (
+from lora_composer import tiny
+from lora_composer.adapters import (
     Adapter,
     AdapterMetadata,
     LayerDelta,
@@ -19,7 +19,7 @@ from composer.adapters import (
     resolve_module,
     save_adapter,
 )
-from composer.errors import AdapterLoadError
+from lora_composer.errors import AdapterLoadError
 
 
 def effective(d: LayerDelta) -> torch.Tensor:

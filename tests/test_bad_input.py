@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from composer.errors import ComposerError
-from composer.pipeline import ComposerPipeline
+from lora_composer.errors import ComposerError
+from lora_composer.pipeline import ComposerPipeline
 
 CALL = dict(num_inference_steps=2, height=64, width=64, output_type="np", progress=False)
 

@@ -7,12 +7,12 @@ import socket
 import pytest
 from PIL import Image, ImageChops
 
-from composer.cli import main
-from composer.default_model import ensure_default_model, is_default_model
-from composer.errors import ComposerError
-from composer.miniworld import assets
-from composer.miniworld.library import LORAS
-from composer.pnginfo import read_record, read_texts
+from lora_composer.cli import main
+from lora_composer.default_model import ensure_default_model, is_default_model
+from lora_composer.errors import ComposerError
+from lora_composer.miniworld import assets
+from lora_composer.miniworld.library import LORAS
+from lora_composer.pnginfo import read_record, read_texts
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_default_model_is_the_shipped_mini_world(default, tmp_path, capsys):
 
 
 def test_default_model_loads_offline(default, monkeypatch):
-    from composer.pipeline import ComposerPipeline
+    from lora_composer.pipeline import ComposerPipeline
 
     def no_network(*a, **k):
         raise AssertionError("the default model reached for the network")
@@ -69,7 +69,7 @@ def test_default_model_loads_offline(default, monkeypatch):
 
 @pytest.mark.parametrize("spec", LORAS, ids=[s.name for s in LORAS])
 def test_library_loras_load_with_their_trigger_words(default, spec):
-    from composer.adapters import load_adapter
+    from lora_composer.adapters import load_adapter
 
     adapter = load_adapter(default[1] / f"{spec.name}.safetensors")
     meta = adapter.metadata
@@ -130,18 +130,13 @@ def test_missing_default_weights_are_a_one_line_error(tmp_path, monkeypatch, cap
 # -- compose -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def pipeline_ready():
-    pytest.importorskip("composer.pipeline")
-
-
 def _render(tmp_path, *extra, name="out.png"):
     out = tmp_path / name
     argv = ["--prompt", "a red circle", "--steps", "2", "--width", "64", "--height", "64", "--out", str(out), *extra]
     return main(argv), out
 
 
-def test_render_writes_png_with_record(default, pipeline_ready, tmp_path, capsys):
+def test_render_writes_png_with_record(default, tmp_path, capsys):
     code, out = _render(tmp_path, "--lora", "star-shape:0.8", "--lora", "pixel-style:0.5:1", "--seed", "7",
                         "--negative-prompt", "blurry")
     captured = capsys.readouterr()
@@ -158,7 +153,7 @@ def test_render_writes_png_with_record(default, pipeline_ready, tmp_path, capsys
     assert [(lo["name"], lo["te_weight"], lo["unet_weight"]) for lo in rec.loras] == [
         ("star-shape", 0.8, 0.8), ("pixel-style", 0.5, 1.0),
     ]
-    from composer.adapters import load_adapter
+    from lora_composer.adapters import load_adapter
 
     hashes = {n: load_adapter(default[1] / f"{n}.safetensors").metadata.short_hash for n in ("star-shape", "pixel-style")}
     params = read_texts(out)["parameters"]
@@ -168,7 +163,7 @@ def test_render_writes_png_with_record(default, pipeline_ready, tmp_path, capsys
         assert im.size == (64, 64)
 
 
-def test_from_image_reproduces_the_image(default, pipeline_ready, tmp_path, capsys):
+def test_from_image_reproduces_the_image(default, tmp_path, capsys):
     code, first = _render(tmp_path, "--prompt", "a red circle <lora:pixel-style:0.7>", "--lora", "star-shape:0.8",
                           "--trigger-words", "-q")
     assert code == 0, capsys.readouterr().err
@@ -187,7 +182,7 @@ def test_from_image_reproduces_the_image(default, pipeline_ready, tmp_path, caps
     assert rec.seed == 99 and rec.prompt == a.prompt and [lo["name"] for lo in rec.loras] == ["pixel-style"]
 
 
-def test_default_seed_is_random_and_recorded(default, pipeline_ready, tmp_path, monkeypatch, capsys):
+def test_default_seed_is_random_and_recorded(default, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["--prompt", "a red circle", "--steps", "1", "-q"]) == 0, capsys.readouterr().err
     (out,) = tmp_path.glob("compose-*.png")
@@ -204,18 +199,18 @@ def _assert_one_line_error(capsys, code, *fragments):
         assert fragment in lines[0]
 
 
-def test_unknown_lora_name(default, pipeline_ready, tmp_path, capsys):
+def test_unknown_lora_name(default, tmp_path, capsys):
     code, out = _render(tmp_path, "--lora", "star-shap:0.8", "-q")
     _assert_one_line_error(capsys, code, "unknown LoRA 'star-shap'", "did you mean: star-shape")
     assert not out.exists()
 
 
-def test_unknown_lora_in_prompt_tag(default, pipeline_ready, tmp_path, capsys):
+def test_unknown_lora_in_prompt_tag(default, tmp_path, capsys):
     code, _ = _render(tmp_path, "--prompt", "a cat <lora:nope:1>", "-q")
     _assert_one_line_error(capsys, code, "unknown LoRA 'nope'")
 
 
-def test_corrupt_lora_file(default, pipeline_ready, tmp_path, capsys):
+def test_corrupt_lora_file(default, tmp_path, capsys):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
     code, out = _render(tmp_path, "--lora", f"{bad}:0.5", "-q")
@@ -250,7 +245,7 @@ def test_help(capsys):
     assert "--lora" in capsys.readouterr().out
 
 
-def test_explain_writes_heatmap_and_strategy_args_are_checked(default, pipeline_ready, tmp_path, capsys):
+def test_explain_writes_heatmap_and_strategy_args_are_checked(default, tmp_path, capsys):
     code, _ = _render(tmp_path, "--lora", "star-shape:0.8", "--lora", "pixel-style:0.5", "--explain")
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from composer import cli
-from composer.adapters import load_adapter
-from composer.adapters.shira import dense_delta
+from lora_composer import cli
+from lora_composer.adapters import load_adapter
+from lora_composer.adapters.shira import dense_delta
 
 
 def test_convert_to_shira(sd15_pipe, make_lora, tmp_path, capsys):

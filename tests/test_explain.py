@@ -3,8 +3,8 @@
 import torch
 from PIL import Image
 
-from composer.explain import effective_weights, layer_group_weights, save_explanation
-from fusion.base import StepPlan
+from lora_composer.explain import effective_weights, layer_group_weights, save_explanation
+from lora_composer.fusion.base import StepPlan
 
 
 def test_effective_weights_follow_groups_and_combine():

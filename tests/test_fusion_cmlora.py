@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from composer.pipeline import ComposerPipeline
-from fusion import get_strategy
-from fusion.cmlora import CMLoRAStrategy
-from fusion.frequency import CACHE_FILE, amplitude_spectrum, high_frequency_score, profile_adapters, radial_profile
+from lora_composer.pipeline import ComposerPipeline
+from lora_composer.fusion import get_strategy
+from lora_composer.fusion.cmlora import CMLoRAStrategy
+from lora_composer.fusion.frequency import CACHE_FILE, amplitude_spectrum, high_frequency_score, profile_adapters, radial_profile
 
 PROMPT = "a red circle"
 GUIDANCE = 5.0
@@ -194,8 +194,8 @@ def test_profile_is_cached_by_file_hash(sd15_pipe, make_lora, tmp_path, monkeypa
 
 
 def test_arguments_from_the_command_line_are_parsed():
-    from composer.errors import ComposerError
-    from fusion import get_strategy
+    from lora_composer.errors import ComposerError
+    from lora_composer.fusion import get_strategy
 
     s = get_strategy("cmlora", cache_intervals="2,2,4", cache_bounds="0.25, 0.75", frequency_scores="a:0.1,b:0.9")
     assert s.cache_intervals == (2, 2, 4) and s.cache_bounds == (0.25, 0.75)

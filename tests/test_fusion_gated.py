@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from composer import tiny
-from composer.adapters.types import Adapter, LayerDelta
-from composer.errors import ComposerError
-from composer.pipeline import ComposerPipeline
-from composer.runtime import LoraRuntime
-from fusion import get_strategy
-from fusion.gated import GatedStrategy, gates_from_responses, layer_response, prompt_responses
+from lora_composer import tiny
+from lora_composer.adapters.types import Adapter, LayerDelta
+from lora_composer.errors import ComposerError
+from lora_composer.pipeline import ComposerPipeline
+from lora_composer.runtime import LoraRuntime
+from lora_composer.fusion import get_strategy
+from lora_composer.fusion.gated import GatedStrategy, gates_from_responses, layer_response, prompt_responses
 
 CALL = dict(num_inference_steps=2, guidance_scale=5.0, height=64, width=64, output_type="np")
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from composer.errors import ComposerError
-from composer.pipeline import ComposerPipeline
-from fusion import get_strategy
+from lora_composer.errors import ComposerError
+from lora_composer.pipeline import ComposerPipeline
+from lora_composer.fusion import get_strategy
 
 PROMPT = "a red circle"
 STEPS = 4

@@ -2,7 +2,7 @@
 
 import torch
 
-from kernels import fold_delta, stacked_delta
+from lora_composer.kernels import fold_delta, stacked_delta
 
 
 def _factors(ranks, d_in, d_out, gen):

@@ -1,7 +1,7 @@
 """Triton shrink/expand kernels against the torch reference.
 
 On the CPU they run in Triton's interpreter: ``TRITON_INTERPRET=1`` must be set before
-``kernels.triton_lora`` is imported (``triton.jit`` reads it when decorating), so it is set here, at
+``lora_composer.kernels.triton_lora`` is imported (``triton.jit`` reads it when decorating), so it is set here, at
 import time, and the module is reloaded if another test imported it first. With a GPU the same cases run
 on CUDA with the compiled, autotuned kernels: ``TRITON_INTERPRET=0 pytest tests/test_kernels_triton.py -k cuda``.
 """
@@ -19,12 +19,12 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from kernels import lora_ops  # noqa: E402
+import lora_composer.kernels  # noqa: E402
+from lora_composer.kernels import lora_ops  # noqa: E402
 
-if "kernels.triton_lora" in sys.modules:
-    importlib.reload(sys.modules["kernels.triton_lora"])
-from kernels import triton_lora  # noqa: E402
+if "lora_composer.kernels.triton_lora" in sys.modules:
+    importlib.reload(sys.modules["lora_composer.kernels.triton_lora"])
+from lora_composer.kernels import triton_lora  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not triton_lora.INTERPRET
 interpreter = pytest.mark.skipif(not triton_lora.INTERPRET, reason="TRITON_INTERPRET=0: CPU cases need the interpreter")
@@ -101,10 +101,10 @@ def test_dispatch_forced_triton_with_runs_and_2d_input():
     scale[:, 4:8] = 0  # the adapter between the two live runs is inactive
     runs = [(0, 4), (8, 12)]
     ref = lora_ops.stacked_delta_torch(x, down, up, scale, runs=runs)
-    got = kernels.stacked_delta(x, down, up, scale, runs=runs, backend="triton")
+    got = lora_composer.kernels.stacked_delta(x, down, up, scale, runs=runs, backend="triton")
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     base = torch.randn(4, 22, generator=g)
-    got = kernels.stacked_delta(x, down, up, scale, runs=runs, out=base.clone(), backend="triton")
+    got = lora_composer.kernels.stacked_delta(x, down, up, scale, runs=runs, out=base.clone(), backend="triton")
     torch.testing.assert_close(got, base + ref, atol=1e-4, rtol=1e-4)
 
 
@@ -113,11 +113,11 @@ def test_dispatch_picks_torch_on_cpu_and_for_conv(monkeypatch):
     x = torch.randn(2, 8)
     assert lora_ops.pick_backend(x, None) == "torch"
     assert lora_ops.pick_backend(x, {"stride": 1}, "triton") == "torch"
-    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    monkeypatch.setenv(lora_composer.kernels.BACKEND_ENV, "triton")
     assert lora_ops.pick_backend(x, None) == "triton"  # interpreter on: CPU tensors allowed
-    monkeypatch.setenv(kernels.BACKEND_ENV, "torch")
+    monkeypatch.setenv(lora_composer.kernels.BACKEND_ENV, "torch")
     assert lora_ops.pick_backend(x, None) == "torch"
-    monkeypatch.setenv(kernels.BACKEND_ENV, "cuda-please")
+    monkeypatch.setenv(lora_composer.kernels.BACKEND_ENV, "cuda-please")
     with pytest.raises(ValueError, match="unknown kernel backend"):
         lora_ops.pick_backend(x, None)
 
@@ -125,8 +125,8 @@ def test_dispatch_picks_torch_on_cpu_and_for_conv(monkeypatch):
 @interpreter
 def test_runtime_forward_through_triton_backend(sd15_pipe, make_lora, monkeypatch):
     """The runtime's hook goes through the dispatcher: forcing Triton gives the torch output."""
-    from composer.adapters import load_adapter
-    from composer.runtime import LoraRuntime
+    from lora_composer.adapters import load_adapter
+    from lora_composer.runtime import LoraRuntime
 
     rt = LoraRuntime(sd15_pipe)
     for i, r in enumerate((4, 8)):
@@ -134,9 +134,9 @@ def test_runtime_forward_through_triton_backend(sd15_pipe, make_lora, monkeypatc
     rt.set_weights(unet={"a0": 0.8, "a1": 0.5})
     layer = next(lay for k, lay in rt.layers.items() if k.endswith("attn2.to_k"))
     x = torch.randn(2, 7, layer.module.in_features)
-    monkeypatch.setenv(kernels.BACKEND_ENV, "torch")
+    monkeypatch.setenv(lora_composer.kernels.BACKEND_ENV, "torch")
     ref = layer.module(x)
-    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    monkeypatch.setenv(lora_composer.kernels.BACKEND_ENV, "triton")
     got = layer.module(x)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
@@ -147,7 +147,7 @@ def test_runtime_forward_through_triton_backend(sd15_pipe, make_lora, monkeypatc
 def test_triton_matches_torch_cuda(shape, dtype):
     seed, batch, tokens, k, n, ranks, rows = shape
     x, down, up, scale, base = _case(seed, batch, tokens, k, n, ranks, rows, dtype, device="cuda")
-    out = kernels.stacked_delta(x, down, up, scale, out=base.clone())
+    out = lora_composer.kernels.stacked_delta(x, down, up, scale, out=base.clone())
     ref = _reference(x, down, up, scale, base)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out.double(), ref, atol=atol * 4, rtol=rtol)

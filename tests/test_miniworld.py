@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from composer.miniworld import evaluate, library, world
+from lora_composer.miniworld import evaluate, library, world
 
 
 def test_scenes_are_seeded_and_labelled():
@@ -97,8 +97,8 @@ def test_write_doc_replaces_only_its_section(tmp_path):
 
 def test_written_lora_loads_with_its_metadata(tmp_path, sd15_pipe):
     """Both formats round-trip the trained factors; trigger words come from kohya metadata and sidecars."""
-    from composer import tiny
-    from composer.adapters import load_adapter
+    from lora_composer import tiny
+    from lora_composer.adapters import load_adapter
 
     model = tmp_path / "model"
     sd15_pipe.save_pretrained(model)
@@ -121,7 +121,7 @@ def test_written_lora_loads_with_its_metadata(tmp_path, sd15_pipe):
 
 def test_train_lora_steps_change_only_the_adapter(tmp_path, sd15_pipe):
     """A few training steps on a (tiny) base: LoRA factors come back for UNet and text encoder, base untouched."""
-    from composer.miniworld import train
+    from lora_composer.miniworld import train
 
     model = tmp_path / "model"
     sd15_pipe.unet.register_to_config(sample_size=16)
@@ -140,9 +140,9 @@ def test_train_lora_steps_change_only_the_adapter(tmp_path, sd15_pipe):
 @pytest.fixture(scope="module")
 def shipped():
     """The shipped model and detectors, wrapped as ``compose eval`` does."""
-    from composer.miniworld import assets
-    from composer.miniworld.detectors import load_detector
-    from composer.pipeline import ComposerPipeline
+    from lora_composer.miniworld import assets
+    from lora_composer.miniworld.detectors import load_detector
+    from lora_composer.pipeline import ComposerPipeline
 
     pipe = ComposerPipeline.from_pretrained(assets.model_dir(), library=assets.library_dir())
     return evaluate.Evaluator(pipe, load_detector(assets.detector_path()), steps=12, seeds=2)
@@ -159,7 +159,7 @@ def test_shipped_model_keeps_the_mini_world_contract(shipped):
 
 def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     """``compose eval`` end to end on a narrow protocol: the table, results.json, the grid and the doc section."""
-    from composer.cli import main
+    from lora_composer.cli import main
 
     doc = tmp_path / "EVAL.md"
     code = main(["eval", "--sizes", "2", "--seeds", "1", "--steps", "2", "--strategies", "merge", "switch",
@@ -179,7 +179,7 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     (["base"], "vae"), (["base", "--resume"], "model"), (["loras"], "model"), (["previews"], "model"),
 ])
 def test_training_a_stage_before_the_one_it_needs_is_a_usage_error(tmp_path, capsys, argv, missing):
-    from composer.miniworld import train
+    from lora_composer.miniworld import train
 
     with pytest.raises(SystemExit) as exc:
         train.main([*argv, "--out", str(tmp_path)])

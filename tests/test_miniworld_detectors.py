@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from composer.miniworld import detectors, world
+from lora_composer.miniworld import detectors, world
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,7 +15,7 @@ def test_top_level_kernels_is_not_mistaken_for_huggingface_kernels():
 
 
 def test_top_level_packages_import():
-    for name in ("composer", "retriever", "fusion", "kernels", "composer.pipeline", "composer.cli"):
+    for name in ("composer", "retriever", "fusion", "kernels", "lora_composer.pipeline", "lora_composer.cli"):
         assert importlib.import_module(name) is not None
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from composer.errors import ComposerError
-from composer.pipeline import ComposerPipeline
+from lora_composer.errors import ComposerError
+from lora_composer.pipeline import ComposerPipeline
 
 CALL = dict(num_inference_steps=3, guidance_scale=5.0, height=64, width=64, output_type="np")
 
@@ -97,8 +97,8 @@ def test_images_carry_generation_parameters(sd15_pipe, make_lora):
 
 def test_default_model_is_recorded_by_name_and_renders_at_its_guidance(sd15_pipe):
     """Any front end (CLI, UI, notebook) gets the mini world's name in its PNGs and its guidance by default."""
-    from composer.default_model import MODEL_NAME
-    from composer.miniworld import assets
+    from lora_composer.default_model import MODEL_NAME
+    from lora_composer.miniworld import assets
 
     mini = ComposerPipeline.from_pretrained(assets.model_dir(), library=assets.library_dir())
     mini("a red circle", num_inference_steps=1, seed=0, progress=False)

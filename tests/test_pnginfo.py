@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from composer.errors import ComposerError
-from composer.pnginfo import GenerationRecord, read_record, read_texts, sampler_name, save_png
+from lora_composer.errors import ComposerError
+from lora_composer.pnginfo import GenerationRecord, read_record, read_texts, sampler_name, save_png
 
 
 def _record(**extra) -> GenerationRecord:

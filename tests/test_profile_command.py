@@ -1,8 +1,8 @@
 """``compose profile`` caches frequency scores once; ``--strategy cmlora`` then orders by them."""
 
-from composer.cli import main
-from composer.pipeline import ComposerPipeline
-from composer.pnginfo import read_record
+from lora_composer.cli import main
+from lora_composer.pipeline import ComposerPipeline
+from lora_composer.pnginfo import read_record
 
 
 def test_profile_then_cmlora_uses_the_cache(tmp_path, monkeypatch, capsys):

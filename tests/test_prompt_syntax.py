@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from composer.errors import ComposerError
-from composer.library import list_loras, resolve_lora
-from composer.prompt_syntax import LoraRef, format_lora_tag, parse_lora_spec, parse_prompt
+from lora_composer.errors import ComposerError
+from lora_composer.library import list_loras, resolve_lora
+from lora_composer.prompt_syntax import LoraRef, format_lora_tag, parse_lora_spec, parse_prompt
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,9 @@ import os
 import pytest
 import torch
 
-from composer import tiny
-from retriever import Catalog, Retriever, select
-from retriever.encoder import TextEncoder
+from lora_composer import tiny
+from lora_composer.retriever import Catalog, Retriever, select
+from lora_composer.retriever.encoder import TextEncoder
 
 CONCEPTS = ("castle", "dragon", "forest", "robot")
 UNRELATED = ("a bowl of soup on a table", "portrait of a smiling woman", "a red car in the rain")
@@ -207,7 +207,7 @@ def test_bf16_scan_matches_exact_ranking(retriever, monkeypatch):
 
 
 def test_pipeline_loras_auto_chooses_and_says_why(pipe, library, catalog):
-    from composer.pipeline import ComposerPipeline
+    from lora_composer.pipeline import ComposerPipeline
 
     cp = ComposerPipeline(copy.deepcopy(pipe), library=library)
     images = cp("a dragon, monochrome ink sketch", loras="auto", top_k=2, num_inference_steps=1, seed=1,
@@ -223,7 +223,7 @@ def test_pipeline_loras_auto_chooses_and_says_why(pipe, library, catalog):
 
 
 def test_cli_index_search_and_loras_auto(tmp_path, monkeypatch, capsys, pipe):
-    from composer.cli import main
+    from lora_composer.cli import main
 
     monkeypatch.setenv("LORA_COMPOSER_HOME", str(tmp_path / "home"))
     model = tmp_path / "model"  # the LoRAs below are made for this tiny pipeline, not the default model

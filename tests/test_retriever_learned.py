@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from composer import tiny
-from retriever import Catalog, Retriever
-from retriever.encoder import TextEncoder
-from retriever.signals import learned
+from lora_composer import tiny
+from lora_composer.retriever import Catalog, Retriever
+from lora_composer.retriever.encoder import TextEncoder
+from lora_composer.retriever.signals import learned
 from tests.test_retriever import _identity_preserving, concept_direction, concept_layers, write_lora
 
 WORDS = ("castle", "dragon", "forest", "robot", "ocean", "kitten", "desert", "pirate", "wizard", "train",
@@ -47,7 +47,7 @@ def _ranks(z: np.ndarray, t: np.ndarray) -> list[int]:
 
 
 def test_training_lowers_infonce_and_places_held_out_adapters(library, encoder):
-    from composer.adapters import load_adapter
+    from lora_composer.adapters import load_adapter
 
     d = int(encoder.mean.shape[-1])
     feats = [learned.features(load_adapter(library / f"a{i:02d}.safetensors"), d) for i in range(len(WORDS))]
@@ -86,7 +86,7 @@ def test_train_for_library_saves_model_and_search_uses_it(library, encoder, tmp_
 
 
 def test_cli_train_retriever_writes_the_model_and_search_uses_it(tmp_path, monkeypatch, capsys, pipe):
-    from composer.cli import main
+    from lora_composer.cli import main
 
     monkeypatch.setenv("LORA_COMPOSER_HOME", str(tmp_path / "home"))
     model = tmp_path / "model"  # the LoRAs below are made for this tiny pipeline, not the default model

@@ -9,12 +9,12 @@ import copy
 import pytest
 import torch
 
-from composer import tiny
-from composer.adapters.types import Adapter, LayerDelta
-from composer.driver import DenoiserDriver
-from composer.errors import AdapterMismatchError
-from composer.runtime import LoraRuntime
-from fusion.base import StepPlan, Strategy
+from lora_composer import tiny
+from lora_composer.adapters.types import Adapter, LayerDelta
+from lora_composer.driver import DenoiserDriver
+from lora_composer.errors import AdapterMismatchError
+from lora_composer.runtime import LoraRuntime
+from lora_composer.fusion.base import StepPlan, Strategy
 
 
 def adapter_from_layers(name, layers, alpha, family="sd15"):

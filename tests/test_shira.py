@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
-from composer import tiny
-from composer.adapters import load_adapter, save_shira
-from composer.adapters.shira import lora_to_shira, squeeze_lora
-from composer.adapters.types import Adapter, LayerDelta, SparseDelta
-from composer.runtime import LoraRuntime
-from kernels.sparse_ops import sparse_fold, sparse_restore
+from lora_composer import tiny
+from lora_composer.adapters import load_adapter, save_shira
+from lora_composer.adapters.shira import lora_to_shira, squeeze_lora
+from lora_composer.adapters.types import Adapter, LayerDelta, SparseDelta
+from lora_composer.runtime import LoraRuntime
+from lora_composer.kernels.sparse_ops import sparse_fold, sparse_restore
 
 TARGETS = list(tiny.SD15_TARGETS)
 

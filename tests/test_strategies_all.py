@@ -5,14 +5,14 @@ import copy
 import numpy as np
 import pytest
 
-import fusion
-from composer.cli import main
-from composer.pipeline import ComposerPipeline
+import lora_composer.fusion
+from lora_composer.cli import main
+from lora_composer.pipeline import ComposerPipeline
 
 CALL = dict(num_inference_steps=3, height=64, width=64, output_type="np", progress=False)
 
 
-@pytest.mark.parametrize("name", fusion.available())
+@pytest.mark.parametrize("name", lora_composer.fusion.available())
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_strategy_runs_on_both_families(request, make_lora, name, family):
     pipe = request.getfixturevalue(f"{family}_pipe")
@@ -35,7 +35,7 @@ def home(tmp_path_factory):
         yield
 
 
-@pytest.mark.parametrize("name", fusion.available())
+@pytest.mark.parametrize("name", lora_composer.fusion.available())
 def test_strategy_from_cli(home, tmp_path, capsys, name):
     out = tmp_path / f"{name}.png"
     code = main([

@@ -23,8 +23,8 @@ import torch
 
 from .types import LayerDelta
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+from ..vocab import COMPONENTS
+from ..vocab import TEXT_ENCODERS as TEXT_COMPONENTS
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 

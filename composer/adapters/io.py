@@ -21,7 +21,7 @@ from .formats import LORA_ADAPTER_METADATA_KEY, FormatError, parse_state_dict, t
 from .metadata import PREFERRED_WEIGHT_KEY, build_metadata
 from .types import Adapter, AdapterMetadata
 
-PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
+from ..vocab import PICKLE_EXTENSIONS
 
 # SAI model-spec architecture names, written on save so other tools can tell the base model.
 _MODELSPEC_ARCHITECTURE = {
@@ -87,7 +87,7 @@ def read_state_dict(path, allow_pickle: bool = False) -> tuple[dict[str, torch.T
         tensors, header = _read_pickle(p, shown), {}
     else:
         kind = f"a {suffix} file" if suffix else "a file without extension"
-        pickle_note = " (pickle-based: unpickling can run code)" if suffix in PICKLE_SUFFIXES else ""
+        pickle_note = " (pickle-based: unpickling can run code)" if suffix in PICKLE_EXTENSIONS else ""
         raise _fail(
             shown,
             f"refusing to read {kind}{pickle_note}; only .safetensors is loaded unless allow_pickle=True "
@@ -100,9 +100,9 @@ def load_adapter(path, name: str | None = None, allow_pickle: bool = False) -> A
     """Load a LoRA file (diffusers/PEFT or kohya/A1111 keys) into the canonical :class:`Adapter`.
 
     SHiRA adapters (a PEFT SHiRA folder or file, or our sparse format) load with :class:`SparseDelta`
-    deltas (see :mod:`composer.adapters.shira`).
+    deltas (see :mod:`lora_composer.adapters.shira`).
 
-    Raises :class:`composer.errors.AdapterLoadError` (``"PATH: cause"``, one line) for anything that is
+    Raises :class:`lora_composer.errors.AdapterLoadError` (``"PATH: cause"``, one line) for anything that is
     not a loadable LoRA. Pure: reads the file (and its sidecars), changes nothing else.
     """
     from . import shira

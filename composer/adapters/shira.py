@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..vocab import COMPONENTS
 from .family import detect_family
 from .types import Adapter, AdapterMetadata, LayerDelta, SparseDelta
 
@@ -76,13 +77,12 @@ def parse_shira_state_dict(tensors: dict[str, torch.Tensor], component: str = "u
             shape = (int(idx[0].max()) + 1, int(idx[1].max()) + 1) if idx.numel() else (0, 0)
         alpha = float(tensors[f"{stem}.{ALPHA}"]) if f"{stem}.{ALPHA}" in tensors else 1.0
         name = stem.removeprefix(PEFT_PREFIX) if stem.startswith(PEFT_PREFIX) else stem
-        if stem.startswith(PEFT_PREFIX) or name.split(".", 1)[0] not in _COMPONENTS:
+        if stem.startswith(PEFT_PREFIX) or name.split(".", 1)[0] not in COMPONENTS:
             name = f"{component}.{name}"
         deltas[name] = SparseDelta(idx.long(), values.reshape(-1).float(), shape, alpha)
     return deltas
 
 
-_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def load_shira(path, name: str | None = None, component: str = "unet") -> Adapter:

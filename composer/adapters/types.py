@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Families we can tell apart from keys and shapes.
-FAMILIES = ("sd15", "sd2", "sdxl", "flux", "unknown")
+from ..vocab import FAMILIES  # noqa: F401 (re-exported: the families we tell apart from keys and shapes)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Where the trained mini world ships: the model, its concept LoRA library and the detectors.
 
 They are committed with the project (``composer/miniworld/weights``, under 30 MB), so ``compose`` renders
-meaningful pictures offline on a fresh clone. ``python -m composer.miniworld.train all --out DIR`` and
-``python -m composer.miniworld.detectors --out DIR/detectors.safetensors`` rebuild them.
+meaningful pictures offline on a fresh clone. ``python -m lora_composer.miniworld.train all --out DIR`` and
+``python -m lora_composer.miniworld.detectors --out DIR/detectors.safetensors`` rebuild them.
 """
 
 from __future__ import annotations

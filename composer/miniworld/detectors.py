@@ -5,7 +5,7 @@ prompt asked for. The detector is trained on freshly drawn pictures of every val
 the way a diffusion model's output is (blur, noise, colour drift, smoothing) so that imperfect generations
 are still read by what they show, not by how clean they are.
 
-    python -m composer.miniworld.detectors --out detectors.safetensors [--steps N] [--threads 1]
+    python -m lora_composer.miniworld.detectors --out detectors.safetensors [--steps N] [--threads 1]
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer.errors import ComposerError
-from composer.miniworld import world
-from composer.miniworld.train import to_tensor
+from lora_composer.errors import ComposerError
+from lora_composer.miniworld import world
+from lora_composer.miniworld.train import to_tensor
 
 DEFAULT_STEPS = 1200
 DEFAULT_BATCH = 64
@@ -214,7 +214,7 @@ def _categories_metadata() -> str:
 
 def save_detector(detector: Detector, path) -> Path:
     """Write ``path`` (safetensors, atomically) with the category/value lists it was trained for in its header."""
-    from composer.adapters.io import write_safetensors
+    from lora_composer.adapters.io import write_safetensors
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()}
     return write_safetensors(tensors, Path(path), {"format": FORMAT, "categories": _categories_metadata()})
@@ -224,7 +224,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     if not path.is_file():
-        raise DetectorFileError(path, "no such detector file (train one: python -m composer.miniworld.detectors "
+        raise DetectorFileError(path, "no such detector file (train one: python -m lora_composer.miniworld.detectors "
                                       "--out PATH)")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -256,7 +256,7 @@ def load_detector(path) -> Detector:
     current = json.loads(_categories_metadata())
     if stored != current:
         raise DetectorFileError(path, f"{_mismatch(stored, current)}; retrain it "
-                                      f"(python -m composer.miniworld.detectors --out {path})")
+                                      f"(python -m lora_composer.miniworld.detectors --out {path})")
     detector = Detector()
     try:
         detector.load_state_dict(tensors)
@@ -267,7 +267,7 @@ def load_detector(path) -> Detector:
 
 # ----------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m composer.miniworld.detectors", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lora_composer.miniworld.detectors", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="detector file to write (.safetensors)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from composer.cli import SubcommandParser, parse_subcommand
-from composer.miniworld import assets, world
-from composer.miniworld.library import LORAS, LoraSpec
+from lora_composer.cli import SubcommandParser, parse_subcommand
+from lora_composer.miniworld import assets, world
+from lora_composer.miniworld.library import LORAS, LoraSpec
 
 PROG = "compose eval"
 BASE_CATEGORIES = ("shape", "colour", "background")  # the categories whose base values a prompt names
@@ -93,7 +93,7 @@ class Tally:
 
 
 class Evaluator:
-    """Renders with one :class:`~composer.pipeline.ComposerPipeline` and judges with the detectors."""
+    """Renders with one :class:`~lora_composer.pipeline.ComposerPipeline` and judges with the detectors."""
 
     def __init__(self, pipe, detector, steps: int = 20, guidance: float = assets.DEFAULT_GUIDANCE, seeds: int = 2):
         self.pipe, self.detector = pipe, detector
@@ -294,10 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from composer.errors import ComposerError
-    from composer.miniworld.detectors import load_detector
-    from composer.pipeline import ComposerPipeline
-    from fusion.registry import available
+    from lora_composer.errors import ComposerError
+    from lora_composer.miniworld.detectors import load_detector
+    from lora_composer.pipeline import ComposerPipeline
+    from lora_composer.fusion.registry import available
 
     args = parse_subcommand(build_parser(), argv)
     if isinstance(args, int):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from composer.miniworld import assets, world
+from lora_composer.miniworld import assets, world
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class LoraSpec:
     kohya_keys: bool = False  # Kohya/A1111 key format instead of diffusers/PEFT
     sidecar: str | None = None  # "a1111" (NAME.json) or "civitai" (NAME.civitai.info)
     preview: bool = False
-    steps: int = 500  # training steps (``python -m composer.miniworld.train loras``)
+    steps: int = 500  # training steps (``python -m lora_composer.miniworld.train loras``)
 
 
 LORAS: tuple[LoraSpec, ...] = (
@@ -99,7 +99,7 @@ def write_lora(model_dir: Path, library: Path, spec: LoraSpec, layers: dict[str,
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from composer import tiny
+    from lora_composer import tiny
 
     library.mkdir(parents=True, exist_ok=True)
     path = library / f"{spec.name}.safetensors"
@@ -138,8 +138,8 @@ def concept_prompt(concepts: dict[str, str], base: dict[str, str] | None = None)
 def write_previews(model_dir: Path, library: Path, seed: int = 0, guidance: float = assets.DEFAULT_GUIDANCE) -> list[Path]:
     """``NAME.preview.png`` for the LoRAs that have one: the LoRA alone on its concept's prompt (as Civitai
     previews are), with the generation parameters in the PNG."""
-    from composer.pipeline import ComposerPipeline
-    from composer.pnginfo import save_png
+    from lora_composer.pipeline import ComposerPipeline
+    from lora_composer.pnginfo import save_png
 
     pipe = ComposerPipeline.from_pretrained(model_dir, library=library)
     written = []

@@ -1,11 +1,11 @@
 """Train the mini world's text-to-image model from scratch, then its concept LoRAs.
 
-    python -m composer.miniworld.train vae   --out DIR      # AutoencoderKL on base-world images
-    python -m composer.miniworld.train base  --out DIR      # CLIP text encoder + UNet, jointly, on base captions
+    python -m lora_composer.miniworld.train vae   --out DIR      # AutoencoderKL on base-world images
+    python -m lora_composer.miniworld.train base  --out DIR      # CLIP text encoder + UNet, jointly, on base captions
                                                             # (then a refinement stage at a lower learning rate)
-    python -m composer.miniworld.train loras --out DIR      # one LoRA per new concept (PEFT), into DIR/loras
-    python -m composer.miniworld.train previews --out DIR   # preview images of some LoRAs (done by loras too)
-    python -m composer.miniworld.train all   --out DIR      # all of the above in order
+    python -m lora_composer.miniworld.train loras --out DIR      # one LoRA per new concept (PEFT), into DIR/loras
+    python -m lora_composer.miniworld.train previews --out DIR   # preview images of some LoRAs (done by loras too)
+    python -m lora_composer.miniworld.train all   --out DIR      # all of the above in order
 
 ``DIR/model`` is a ``StableDiffusionPipeline`` folder (diffusers format). Everything is seeded; on this
 project's 2-core CPU the default recipe takes the times recorded in ``docs/EVAL.md``. A GPU is used when
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from composer.miniworld import world
+from lora_composer.miniworld import world
 
 TEXT_HIDDEN = 48
 # Attention and feed-forward projections plus the ResNet convolutions (LoCon): a new shape or pattern is
@@ -174,7 +174,7 @@ def train_base(out: Path, steps: int = 4000, batch: int = 32, lr: float = 1e-3, 
     """
     from diffusers import AutoencoderKL
 
-    from composer.tiny import clip_tokenizer
+    from lora_composer.tiny import clip_tokenizer
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
@@ -271,7 +271,7 @@ def train_lora(model_dir: Path, category: str, value: str, steps: int = 500, bat
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m composer.miniworld.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lora_composer.miniworld.train", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["vae", "base", "loras", "previews", "all"])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             timed("base, refined", lambda: train_base(args.out, steps=args.refine_steps, lr=args.refine_lr,
                                                        device=args.device, resume=True))
     if args.what in ("loras", "all"):
-        from composer.miniworld import library
+        from lora_composer.miniworld import library
 
         for i, spec in enumerate(library.LORAS):
             if args.only and spec.value not in args.only:
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                 train_lora(args.out / "model", spec.category, spec.value, steps=args.lora_steps or spec.steps,
                            seed=1 + i, device=args.device)))
     if args.what in ("loras", "previews", "all"):
-        from composer.miniworld import library
+        from lora_composer.miniworld import library
 
         for path in library.write_previews(args.out / "model", args.out / "loras"):
             print(f"wrote {path}")

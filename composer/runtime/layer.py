@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from composer.runtime.mixing import MixingState
-from kernels import fold_delta, sparse_delta, sparse_fold, sparse_restore, stacked_delta
-from kernels.sparse_ops import merge_sparse, merged_values
+from lora_composer.runtime.mixing import MixingState
+from lora_composer.kernels import fold_delta, sparse_delta, sparse_fold, sparse_restore, stacked_delta
+from lora_composer.kernels.sparse_ops import merge_sparse, merged_values
 
 DOWN, UP = "_lora_composer_down", "_lora_composer_up"
 

@@ -12,38 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from composer.adapters.types import Adapter
-from composer.errors import AdapterMismatchError
-from composer.runtime.layer import PatchedLayer
-from composer.runtime.mixing import MixingState
-
-DENOISERS = ("unet", "transformer")
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-
-
-def pipeline_family(pipe) -> str:
-    """Base family of a diffusers pipeline, from its class and denoiser config."""
-    name = type(pipe).__name__
-    if "Flux" in name:
-        return "flux"
-    if "XL" in name:
-        return "sdxl"
-    unet = getattr(pipe, "unet", None)
-    if "StableDiffusion" in name and unet is not None:
-        return "sd2" if unet.config.cross_attention_dim == 1024 else "sd15"
-    return "unknown"
-
-
-def layer_group(key: str) -> str:
-    """Coarse block a layer belongs to, for per-layer-group weights: ``unet.down_blocks.1``,
-    ``unet.mid_block``, ``unet.up_blocks.0``, ``text_encoder``, ``transformer.transformer_blocks.3``..."""
-    parts = key.split(".")
-    if len(parts) > 2 and parts[1] in ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks"):
-        return ".".join(parts[:3])
-    if len(parts) > 1 and parts[0] in DENOISERS:
-        return ".".join(parts[:2])
-    return parts[0]
-
+from lora_composer.adapters.types import Adapter
+from lora_composer.errors import AdapterMismatchError
+from lora_composer.runtime.layer import PatchedLayer
+from lora_composer.runtime.mixing import MixingState
+from lora_composer.vocab import DENOISERS, TEXT_ENCODERS, layer_group, pipeline_family  # noqa: F401 (re-exported)
 
 def _resolve(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
     """``root.get_submodule(path)``, also across transformers' optional ``text_model.`` level."""

@@ -18,7 +18,7 @@ axis it acts along; search scores the learned block with ``|cos|`` too.
 
 Saved as ``LIBRARY/.lora-composer/learned-encoder.pt`` (weights, configuration, the text encoder it was
 trained against); :func:`load_for` returns it when it exists and matches the text encoder, and
-:class:`retriever.search.Retriever` then builds the ``learned`` block of its matrix from it (adapters indexed
+:class:`lora_composer.retriever.search.Retriever` then builds the ``learned`` block of its matrix from it (adapters indexed
 later are embedded on the next refresh).
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from retriever.signals.weights import kv_deltas
+from lora_composer.retriever.signals.weights import kv_deltas
 
 FILE_NAME = "learned-encoder.pt"
 PROBES = 4
@@ -182,7 +182,7 @@ class LearnedEncoder:
 
 
 def _row_features(catalog, row, dim: int) -> torch.Tensor | None:
-    from composer.adapters import load_adapter
+    from lora_composer.adapters import load_adapter
 
     path = Path(row.path)
     if not path.is_absolute() and getattr(catalog, "root", None) is not None:
@@ -194,7 +194,7 @@ def _row_features(catalog, row, dim: int) -> torch.Tensor | None:
 
 
 def model_path(library) -> Path:
-    from retriever.catalog import default_catalog_path
+    from lora_composer.retriever.catalog import default_catalog_path
 
     return default_catalog_path(library).parent / FILE_NAME
 
@@ -216,7 +216,7 @@ def train_for_library(catalog, library, encoder, family: str | None = None, epoc
             feats.append(f)
             targets.append(torch.tensor(np.asarray(text[r.id], np.float32)))
     if len(feats) < 2:
-        from composer.errors import ComposerError
+        from lora_composer.errors import ComposerError
 
         raise ComposerError(
             f"train-retriever needs at least 2 described {fam} adapters with cross-attention key/value deltas; "

@@ -1,5 +1,5 @@
 """Text-semantic signal: the prompt vs. each adapter's trigger words and description, both embedded with
-the base pipeline's own text encoder (:class:`retriever.encoder.TextEncoder`: centred, normalised token
+the base pipeline's own text encoder (:class:`lora_composer.retriever.encoder.TextEncoder`: centred, normalised token
 states, averaged to one unit vector). Score = cosine, calibrated to [0, 1]: 0 at or below one standard
 deviation of the cosine of random directions in ``d`` dimensions (``1 / sqrt(d)``), 1 at identical. A mean
 of several token states is a blunter vector than one weight direction, hence a lower bar than the weight

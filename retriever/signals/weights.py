@@ -26,9 +26,9 @@ import math
 
 import numpy as np
 
-KV_SUFFIXES = (".attn2.to_k", ".attn2.to_v")
+from lora_composer.vocab import CROSS_ATTENTION_KV as KV_SUFFIXES
+from lora_composer.vocab import DENOISERS
 DIRECTIONS = 2
-DENOISERS = ("unet", "transformer")
 
 
 def kv_deltas(adapter):
