@@ -14,8 +14,7 @@ from pathlib import Path
 from lora_composer.errors import ComposerError
 from lora_composer.miniworld import assets
 
-MODEL_NAME = "miniworld"
-GUIDANCE = 7.5  # the guidance any other model renders with unless told (diffusers' Stable Diffusion default)
+MODEL_NAME = assets.MODEL_NAME
 
 
 def is_default_model(model: str | os.PathLike) -> bool:
@@ -26,11 +25,6 @@ def is_default_model(model: str | os.PathLike) -> bool:
         return Path(model).expanduser().resolve() == assets.model_dir()
     except OSError:
         return False
-
-
-def default_guidance(model: str | os.PathLike) -> float:
-    """The guidance scale ``model`` renders with unless told: the mini world was tuned for 5, others get 7.5."""
-    return assets.DEFAULT_GUIDANCE if is_default_model(model) else GUIDANCE
 
 
 def resolve(model: str | os.PathLike | None, library: str | os.PathLike | None = None) -> tuple[str, str | None]:

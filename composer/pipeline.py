@@ -7,6 +7,7 @@ tensor write; ``unload_lora``/``unload_all`` give the base pipeline back exactly
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -22,6 +23,7 @@ from lora_composer.library import resolve_lora
 from lora_composer.pnginfo import GenerationRecord, sampler_name
 from lora_composer.prompt_syntax import LoraRef, parse_prompt
 from lora_composer.runtime import LoraRuntime
+from lora_composer.vocab import DEFAULT_GUIDANCE, MODEL_DEFAULTS_FILE
 from lora_composer.fusion import get_strategy
 
 
@@ -43,6 +45,20 @@ def _as_ref(item) -> LoraRef:
     raise ComposerError(f"cannot read LoRA spec {item!r}: use (path_or_name, weight) or (path_or_name, te, unet)")
 
 
+def model_defaults(model: str | os.PathLike) -> dict:
+    """The model folder's own defaults (:data:`~lora_composer.vocab.MODEL_DEFAULTS_FILE`), or ``{}``."""
+    path = Path(os.fspath(model)).expanduser() / MODEL_DEFAULTS_FILE if model else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ComposerError(f"{path}: cannot read the model's defaults ({exc})") from None
+    if not isinstance(data, dict):
+        raise ComposerError(f"{path}: expected a JSON object such as {{\"guidance_scale\": 5}}")
+    return data
+
+
 class ComposerPipeline:
     """Compose LoRAs inside a diffusers pipeline (SD1.5 and SDXL families today).
 
@@ -53,12 +69,12 @@ class ComposerPipeline:
     def __init__(self, pipe, library: str | os.PathLike | None = None, model: str = ""):
         self.pipe = pipe
         self.library = Path(library).expanduser() if library else None
-        from lora_composer.default_model import MODEL_NAME, default_guidance, is_default_model
-
         model = model or getattr(getattr(pipe, "config", None), "_name_or_path", "") or ""
-        # the default model is recorded by name: its PNGs re-render with --from-image on any install
-        self.model = MODEL_NAME if model and is_default_model(model) else model
-        self.default_guidance = default_guidance(self.model)  # when a call gives none
+        defaults = model_defaults(model)
+        # a model folder that names itself (the mini world) is recorded by that name: its PNGs re-render
+        # with --from-image on any install
+        self.model = str(defaults.get("name") or model)
+        self.default_guidance = float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))  # when a call gives none
         self.runtime = LoraRuntime(pipe)
         self._files: dict[str, tuple] = {}  # adapter name -> (resolved path, size, mtime)
         self.last_record: GenerationRecord | None = None

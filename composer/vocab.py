@@ -20,6 +20,11 @@ SAFE_EXTENSIONS = (".safetensors",)
 PICKLE_EXTENSIONS = (".pt", ".ckpt", ".bin", ".pth")
 LORA_EXTENSIONS = SAFE_EXTENSIONS + PICKLE_EXTENSIONS
 
+# A model folder may say how images are recorded and what guidance it renders at unless told:
+# ``{"name": "miniworld", "guidance_scale": 5.0}`` in this file beside ``model_index.json``.
+MODEL_DEFAULTS_FILE = "lora-composer.json"
+DEFAULT_GUIDANCE = 7.5  # any other model (diffusers' Stable Diffusion default)
+
 # Base-model families an adapter or a pipeline belongs to.
 FAMILIES = ("sd15", "sd2", "sdxl", "flux", "unknown")
 

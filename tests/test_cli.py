@@ -7,7 +7,7 @@ import socket
 import pytest
 from PIL import Image, ImageChops
 
-from lora_composer.cli import main
+from lora_composer.frontends.cli import main
 from lora_composer.default_model import ensure_default_model, is_default_model
 from lora_composer.errors import ComposerError
 from lora_composer.miniworld import assets

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_composer import cli
+from lora_composer.frontends import cli
 from lora_composer.adapters import load_adapter
 from lora_composer.adapters.shira import dense_delta
 

@@ -159,7 +159,7 @@ def test_shipped_model_keeps_the_mini_world_contract(shipped):
 
 def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     """``compose eval`` end to end on a narrow protocol: the table, results.json, the grid and the doc section."""
-    from lora_composer.cli import main
+    from lora_composer.frontends.cli import main
 
     doc = tmp_path / "EVAL.md"
     code = main(["eval", "--sizes", "2", "--seeds", "1", "--steps", "2", "--strategies", "merge", "switch",

@@ -1,6 +1,6 @@
 """``compose profile`` caches frequency scores once; ``--strategy cmlora`` then orders by them."""
 
-from lora_composer.cli import main
+from lora_composer.frontends.cli import main
 from lora_composer.pipeline import ComposerPipeline
 from lora_composer.pnginfo import read_record
 

@@ -223,7 +223,7 @@ def test_pipeline_loras_auto_chooses_and_says_why(pipe, library, catalog):
 
 
 def test_cli_index_search_and_loras_auto(tmp_path, monkeypatch, capsys, pipe):
-    from lora_composer.cli import main
+    from lora_composer.frontends.cli import main
 
     monkeypatch.setenv("LORA_COMPOSER_HOME", str(tmp_path / "home"))
     model = tmp_path / "model"  # the LoRAs below are made for this tiny pipeline, not the default model

@@ -86,7 +86,7 @@ def test_train_for_library_saves_model_and_search_uses_it(library, encoder, tmp_
 
 
 def test_cli_train_retriever_writes_the_model_and_search_uses_it(tmp_path, monkeypatch, capsys, pipe):
-    from lora_composer.cli import main
+    from lora_composer.frontends.cli import main
 
     monkeypatch.setenv("LORA_COMPOSER_HOME", str(tmp_path / "home"))
     model = tmp_path / "model"  # the LoRAs below are made for this tiny pipeline, not the default model

@@ -1,4 +1,4 @@
-"""The web UI (lora_composer.ui) driven in-process through gradio_client: renders, concurrency, confinement."""
+"""The web UI (lora_composer.frontends.ui) driven in-process through gradio_client: renders, concurrency, confinement."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from lora_composer import tiny  # noqa: E402
 from lora_composer.errors import ComposerError  # noqa: E402
 from lora_composer.miniworld.library import LORAS  # noqa: E402
-from lora_composer.ui import MAX_SLOTS, ComposerUI, launch, parse_strategy_args  # noqa: E402
+from lora_composer.frontends.ui import MAX_SLOTS, ComposerUI, launch, parse_strategy_args  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_generate_returns_image_heatmap_and_png_with_metadata(client):
 
 def test_guidance_defaults_to_the_models(client, ui, sd15_pipe, tmp_path):
     from lora_composer.pnginfo import read_record
-    from lora_composer.ui import build_app
+    from lora_composer.frontends.ui import build_app
 
     def slider(u):
         return next(b for b in build_app(u).blocks.values() if getattr(b, "elem_id", None) == "guidance")
@@ -180,7 +180,7 @@ def test_parse_strategy_args():
 
 
 def test_strategy_parameter_widgets_write_only_changed_values(ui):
-    from lora_composer.ui import _args_text, build_app, parse_strategy_args
+    from lora_composer.frontends.ui import _args_text, build_app, parse_strategy_args
     from lora_composer.fusion.registry import available, strategy_params
 
     params = [("every", 5), ("order", None), ("cache", True), ("cache_intervals", (2, 3, 2)), ("temperature", 1.0)]
@@ -198,7 +198,7 @@ def test_strategy_parameter_widgets_write_only_changed_values(ui):
 
 
 def test_compose_ui_is_a_subcommand(capsys):
-    from lora_composer.cli import main
+    from lora_composer.frontends.cli import main
 
     assert main(["ui", "--help"]) == 0
     assert "--host" in capsys.readouterr().out

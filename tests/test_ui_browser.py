@@ -19,7 +19,7 @@ if not Path(CHROMIUM).is_file():
     pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium): browser tests skipped", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
 
-from lora_composer.ui import ComposerUI, launch  # noqa: E402
+from lora_composer.frontends.ui import ComposerUI, launch  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
+MODEL_NAME = "miniworld"  # how images record the model (the model folder's lora-composer.json says so too)
 DEFAULT_GUIDANCE = 5.0  # what the mini world's model was tuned for (docs/EVAL.md)
 DEFAULT_STEPS = 20
 

@@ -1,8 +1,4 @@
-"""``compose eval``: measure every composition strategy and the retriever on the mini world.
-
-    compose eval                          default protocol: 2, 3 and 4 LoRAs, 2 seeds, every strategy
-    compose eval --sizes 2 --seeds 1 --strategies merge switch --out eval-out
-    compose eval --write-doc docs/EVAL.md
+"""Measure every composition strategy and the retriever on the mini world (``compose eval`` runs it).
 
 A protocol like ComposLoRA's (Zhong et al. 2024), with the VLM judge replaced by ground truth: every
 combination of 2, 3 and 4 concept LoRAs from different categories is rendered with every strategy, and the
@@ -15,21 +11,16 @@ LoRAs'; each LoRA alone renders its concept) and the retriever's recall@k on pro
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lora_composer.cli import SubcommandParser, parse_subcommand
 from lora_composer.miniworld import assets, world
 from lora_composer.miniworld.library import LORAS, LoraSpec
 
-PROG = "compose eval"
 BASE_CATEGORIES = ("shape", "colour", "background")  # the categories whose base values a prompt names
 
 
@@ -275,61 +266,3 @@ def write_doc(doc: Path, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     doc.write_text(text)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = SubcommandParser(prog=PROG, description=__doc__.splitlines()[0],
-                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:6]))
-    p.add_argument("--strategies", nargs="+", metavar="NAME", help="strategies to measure (default: every one in fusion/)")
-    p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], help="combination sizes (default 2 3 4)")
-    p.add_argument("--seeds", type=int, default=2, help="images per combination and strategy (default 2)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the base/LoRA-alone checks")
-    p.add_argument("--out", type=Path, default=Path("eval-out"), help="folder for results.json and grid.png")
-    p.add_argument("--write-doc", type=Path, metavar="MD", help="also write the tables into this Markdown file")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from lora_composer.errors import ComposerError
-    from lora_composer.miniworld.detectors import load_detector
-    from lora_composer.pipeline import ComposerPipeline
-    from lora_composer.fusion.registry import available
-
-    args = parse_subcommand(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    strategies = args.strategies or available()
-    unknown = [s for s in strategies if s not in available()]
-    if unknown:
-        print(f"{PROG}: error: unknown strategy {unknown[0]!r} (known: {', '.join(available())})", file=sys.stderr)
-        return 2
-    if any(k < 1 or k > len(world.CATEGORIES) for k in args.sizes):
-        print(f"{PROG}: error: --sizes must be between 1 and {len(world.CATEGORIES)}", file=sys.stderr)
-        return 2
-    try:
-        pipe = ComposerPipeline.from_pretrained(assets.model_dir(), library=assets.library_dir())
-        detector = load_detector(assets.detector_path())
-    except (ComposerError, ValueError, OSError) as exc:
-        print(f"{PROG}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    result = evaluate(pipe, detector, strategies, sizes=tuple(args.sizes), seeds=args.seeds, steps=args.steps,
-                      guidance=assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
-                      grid_path=args.out / "grid.png", checks=args.checks, progress=not args.quiet)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    command = "compose eval " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(result, command.strip())
-    print(text)
-    if args.write_doc:
-        write_doc(args.write_doc, text)
-    return 0
-
-
-COMMANDS = {"eval": ("measure every strategy and the retriever on the mini world (ground-truth detectors)", main)}
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -223,6 +223,11 @@ def save_pipeline(out: Path, vae, text_encoder, unet, tokenizer) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out / "model", safe_serialization=True)
+    from lora_composer.miniworld.assets import DEFAULT_GUIDANCE, MODEL_NAME
+    from lora_composer.vocab import MODEL_DEFAULTS_FILE
+
+    defaults = {"name": MODEL_NAME, "guidance_scale": DEFAULT_GUIDANCE}
+    (out / "model" / MODEL_DEFAULTS_FILE).write_text(json.dumps(defaults) + "\n")
     return out / "model"
 
 

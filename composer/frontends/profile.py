@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from lora_composer.cli import SubcommandParser, parse_subcommand
+from lora_composer.frontends.args import Parser, command, load_pipeline
 
 PROG = "compose profile"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = SubcommandParser(prog=PROG, description=__doc__.splitlines()[0],
-                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
+    p = Parser(prog=PROG, description=__doc__.splitlines()[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--lora", action="append", required=True, metavar="PATH_OR_NAME", help="adapter to profile (repeatable)")
     p.add_argument("--model", metavar="DIR_OR_ID", help="diffusers model (default: the mini world model)")
     p.add_argument("--library", metavar="DIR", help="folder to look LoRA names up in")
@@ -31,30 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+@command(PROG)
+def main(argv: list[str]) -> int:
     from lora_composer.default_model import resolve
-    from lora_composer.errors import ComposerError
-    from lora_composer.pipeline import ComposerPipeline
     from lora_composer.fusion.frequency import profile_adapters
 
-    args = parse_subcommand(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    try:
-        model, library = resolve(args.model, args.library or os.environ.get("LORA_COMPOSER_LIBRARY"))
-        from lora_composer.cli import _no_loading_bars
-
-        with _no_loading_bars():
-            composer = ComposerPipeline.from_pretrained(model, library=library)
-        names = [composer.load_lora(ref).name for ref in args.lora]
-        scores = profile_adapters(composer, names, args.prompt, steps=args.steps, seed=args.seed, refresh=args.refresh)
-    except (ComposerError, OSError) as exc:
-        print(f"{PROG}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    model, library = resolve(args.model, args.library or os.environ.get("LORA_COMPOSER_LIBRARY"))
+    composer = load_pipeline(model, library)
+    names = [composer.load_lora(ref).name for ref in args.lora]
+    scores = profile_adapters(composer, names, args.prompt, steps=args.steps, seed=args.seed, refresh=args.refresh)
     for name, score in sorted(scores.items(), key=lambda kv: -kv[1]):
         print(f"{score:.4f}  {name}")
     print("cmlora order (high frequency first): " + ", ".join(sorted(scores, key=lambda n: -scores[n])))
     return 0
-
-
-COMMANDS = {"profile": ("score LoRAs' high-frequency energy for --strategy cmlora", main)}

@@ -3,78 +3,38 @@
     compose --prompt "a purple star on a checkered background" --lora star-shape --lora purple-colour --out demo.png
     compose --from-image demo.png --seed 7            # same settings, another seed
 
-The flag form needs no subcommand; later subcommands (``compose index``, ``compose search``...) are
-registered in :data:`SUBCOMMANDS` and dispatched on the first argument.
+The flag form needs no subcommand; the subcommands (``compose index``, ``compose search``, ``compose ui``...)
+are the table :data:`COMMANDS`, dispatched on the first argument.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 from lora_composer.errors import ComposerError
+from lora_composer.frontends import catalog, convert, evaluate, profile, ui
+from lora_composer.frontends.args import Parser, UsageError, command, load_pipeline
 
 PROG = "compose"
 
-# name -> (help, function(argv) -> exit code). ``compose NAME ...`` runs it; anything else is the flag form.
-SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
-# Modules that add subcommands: each defines ``COMMANDS = {name: (help, main(argv) -> int)}``.
-COMMAND_MODULES = (
-    "lora_composer.retriever.commands", "lora_composer.convert", "lora_composer.ui", "lora_composer.fusion.profile_command", "lora_composer.miniworld.evaluate",
-)
-
-
-def _load_subcommands() -> None:
-    import importlib
-    import importlib.util
-
-    for module in COMMAND_MODULES:
-        if importlib.util.find_spec(module) is not None:
-            SUBCOMMANDS.update(getattr(importlib.import_module(module), "COMMANDS", {}))
-
-
-class SubcommandParser(argparse.ArgumentParser):
-    """argparse for ``compose SUBCOMMAND``: a usage error becomes one line, returned as exit code 2."""
-
-    def error(self, message):
-        raise SystemExit(f"{self.prog}: error: {message} (see {self.prog} --help)")
-
-
-def parse_subcommand(parser: argparse.ArgumentParser, argv: list[str] | None):
-    """The parsed arguments, or the exit code to return (2 after a one-line usage error, 0 after --help)."""
-    try:
-        return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as exc:
-        if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
-            return 2
-        return int(exc.code or 0)
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own usage errors: exit 2 with one line, like ours
-        raise _UsageError(message)
-
 
 def build_parser() -> argparse.ArgumentParser:
-    sub = "".join(f"\n  {PROG} {name} ...   {help_}" for name, (help_, _) in sorted(SUBCOMMANDS.items()))
-    p = _Parser(
+    width = max(len(name) for name in COMMANDS)
+    sub = "".join(f"\n  {PROG} {name:<{width}}  {help_}" for name, (help_, _) in COMMANDS.items())
+    p = Parser(
         prog=PROG,
         description="Render a prompt with a diffusers text-to-image model and any number of LoRA adapters.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "LoRAs can also be named in the prompt, A1111 style: <lora:NAME>, <lora:NAME:0.8>, "
-            "<lora:NAME:TE:UNET>. Without --model, the default model (the mini world: trained offline "
-            "on drawn pictures) and its concept LoRA library are used." + (f"\nsubcommands:{sub}" if sub else "")
+            "LoRAs can also be named in the prompt, A1111 style: <lora:NAME>, <lora:NAME:0.8>,\n"
+            "<lora:NAME:TE:UNET>. Without --model, the default model (the mini world: trained offline\n"
+            "on drawn pictures) and its concept LoRA library are used.\n\n"
+            f"subcommands (compose NAME --help for each):{sub}"
         ),
     )
     p.add_argument("--prompt", "-p", help="the prompt (may contain <lora:name:w> tags)")
@@ -117,14 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notices")
     return p
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
-        text = f"{exc.filename}: {text}"
-    return text
 
 
 def _note(args, message: str) -> None:
@@ -185,39 +137,21 @@ def _settings(args) -> dict:
         try:
             parsed = parse_strategy_args(list(args.strategy_arg))
         except ComposerError as exc:
-            raise _UsageError(f"--strategy-arg: {exc}") from None
+            raise UsageError(f"--strategy-arg: {exc}") from None
         s["strategy_args"] = {**s["strategy_args"], **parsed}
     if args.lora is not None:
         refs = [parse_lora_spec(spec) for spec in args.lora]
         s["loras"] = [(r.name, r.te_weight, r.unet_weight) for r in refs]
     if s["prompt"] is None:
-        raise _UsageError("--prompt is required (or --from-image PNG)")
+        raise UsageError("--prompt is required (or --from-image PNG)")
     if s["steps"] < 1:
-        raise _UsageError("--steps must be at least 1")
+        raise UsageError("--steps must be at least 1")
     for key in ("width", "height"):
         if s[key] is not None and (s[key] < 8 or s[key] % 8):
-            raise _UsageError(f"--{key} must be a positive multiple of 8")
+            raise UsageError(f"--{key} must be a positive multiple of 8")
     if s["seed"] is None:
         s["seed"] = secrets.randbelow(2**32)
     return s
-
-
-@contextlib.contextmanager
-def _no_loading_bars():
-    """Hide diffusers' and transformers' "Loading ..." bars: the denoising bar is the one that matters."""
-    from diffusers.utils import logging as d_logging
-    from transformers.utils import logging as t_logging
-
-    before = (d_logging.is_progress_bar_enabled(), t_logging.is_progress_bar_enabled())
-    d_logging.disable_progress_bar()
-    t_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if before[0]:
-            d_logging.enable_progress_bar()
-        if before[1]:
-            t_logging.enable_progress_bar()
 
 
 def render(args) -> int:
@@ -242,20 +176,12 @@ def render(args) -> int:
         resolve_lora(ref.name, library)
     loras = [(str(resolve_lora(name, library)), te, unet) for name, te, unet in s["loras"]]
     if args.loras == "auto" and loras:
-        raise _UsageError("--loras auto chooses the LoRAs itself: leave out --lora (prompt tags still apply)")
+        raise UsageError("--loras auto chooses the LoRAs itself: leave out --lora (prompt tags still apply)")
     out = Path(args.out) if args.out else Path.cwd() / f"compose-{s['seed']}.png"
     if out.suffix.lower() != ".png":
-        raise _UsageError(f"--out {out}: the output is a PNG, name it .png")
+        raise UsageError(f"--out {out}: the output is a PNG, name it .png")
 
-    from lora_composer.pipeline import ComposerPipeline
-
-    try:
-        with _no_loading_bars():
-            pipe = ComposerPipeline.from_pretrained(model, library=library)
-    except ComposerError:
-        raise
-    except Exception as exc:  # diffusers/transformers/hub errors: multi-line, not the user's traceback
-        raise ComposerError(f"cannot load model {model}: {_one_line(exc)}") from None
+    pipe = load_pipeline(model, library)
     for path, _, _ in loras:  # attached once here; the call below reuses them
         pipe.load_lora(path, allow_pickle=args.allow_pickle)
 
@@ -297,25 +223,29 @@ def render(args) -> int:
     return 0
 
 
+# name -> (help, command(argv) -> exit code); ``compose NAME ...`` runs it, anything else is the flag form.
+COMMANDS = {
+    "index": ("index a LoRA folder into its catalog (incremental)", catalog.index),
+    "search": ("rank the library's LoRAs for a prompt", catalog.search),
+    "train-retriever": ("train the learned weight encoder on the library's described LoRAs", catalog.train),
+    "convert": ("convert a LoRA: --to shira --density D (sparse) or --rank R|auto (LoRA-Squeeze)", convert.main),
+    "profile": ("score LoRAs' high-frequency energy for --strategy cmlora", profile.main),
+    "eval": ("measure every strategy and the retriever on the mini world (ground-truth detectors)", evaluate.main),
+    "ui": ("start the web UI (Gradio) on 127.0.0.1", ui.main),
+}
+
+
+@command(PROG)
+def _render_command(argv: list[str]) -> int:
+    return render(build_parser().parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``compose``: a subcommand from :data:`COMMANDS`, or the flag form (render one image)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        _load_subcommands()
-        if argv and argv[0] in SUBCOMMANDS:
-            return int(SUBCOMMANDS[argv[0]][1](argv[1:]) or 0)
-        args = build_parser().parse_args(argv)
-        return render(args)
-    except _UsageError as exc:
-        print(f"{PROG}: error: {_one_line(exc)} (see {PROG} --help)", file=sys.stderr)
-        return 2
-    except (ComposerError, OSError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help, --version
-        return exc.code if isinstance(exc.code, int) else 0
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]][1](argv[1:])
+    return _render_command(argv)
 
 
 if __name__ == "__main__":

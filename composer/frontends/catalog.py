@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 from lora_composer.errors import ComposerError
-
-
-class _Usage(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _Usage(message)
+from lora_composer.frontends.args import Parser, UsageError, command, load_pipeline
 
 
 def _library(args) -> Path:
@@ -35,18 +26,8 @@ def _library(args) -> Path:
 
 def _load_pipe(model: str | None):
     from lora_composer.default_model import resolve
-    from lora_composer.pipeline import ComposerPipeline
 
-    model = resolve(model)[0]
-    from lora_composer.cli import _no_loading_bars
-
-    try:
-        with _no_loading_bars():
-            return ComposerPipeline.from_pretrained(model).pipe
-    except ComposerError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise ComposerError(f"cannot load model {model}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return load_pipeline(resolve(model)[0]).pipe
 
 
 def _print_report(report, root: Path, quiet: bool) -> None:
@@ -63,8 +44,9 @@ def _print_report(report, root: Path, quiet: bool) -> None:
         print(f"  skipped {shown}: {reason}")
 
 
-def index_main(argv: list[str]) -> int:
-    p = _Parser(prog="compose index", description="Index (incrementally) the LoRA files of a folder into its catalog.")
+@command("compose index")
+def index(argv: list[str]) -> int:
+    p = Parser(prog="compose index", description="Index (incrementally) the LoRA files of a folder into its catalog.")
     p.add_argument("library", metavar="DIR", help="folder of LoRA files (searched recursively)")
     p.add_argument("--catalog", metavar="FILE", help="catalog file (default: DIR/.lora-composer/catalog.sqlite)")
     p.add_argument("--model", metavar="DIR_OR_ID", help="also embed descriptions with this model's text encoder now")
@@ -95,8 +77,9 @@ def index_main(argv: list[str]) -> int:
     return 0
 
 
-def search_main(argv: list[str]) -> int:
-    p = _Parser(prog="compose search", description="Rank the library's LoRAs for a prompt (no image is rendered).")
+@command("compose search")
+def search(argv: list[str]) -> int:
+    p = Parser(prog="compose search", description="Rank the library's LoRAs for a prompt (no image is rendered).")
     p.add_argument("prompt", help="the prompt")
     p.add_argument("--library", metavar="DIR", help="folder of LoRA files (default: $LORA_COMPOSER_LIBRARY)")
     p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="base model: its family and text encoder (default: the mini world model)")
@@ -126,8 +109,9 @@ def search_main(argv: list[str]) -> int:
     return 0
 
 
-def train_main(argv: list[str]) -> int:
-    p = _Parser(
+@command("compose train-retriever")
+def train(argv: list[str]) -> int:
+    p = Parser(
         prog="compose train-retriever",
         description="Train the learned weight encoder on the library's described LoRAs (saved in DIR/.lora-composer/).",
     )
@@ -138,7 +122,7 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.epochs < 1:
-        raise _Usage("--epochs must be at least 1")
+        raise UsageError("--epochs must be at least 1")
     from lora_composer.retriever.catalog import Catalog, default_catalog_path
     from lora_composer.retriever.encoder import TextEncoder
     from lora_composer.retriever.signals import learned
@@ -160,21 +144,3 @@ def train_main(argv: list[str]) -> int:
     )
     print(f"model: {path} (used by compose search and --loras auto from now on)")
     return 0
-
-
-def _wrap(fn):
-    def run(argv: list[str]) -> int:
-        try:
-            return fn(argv)
-        except _Usage as exc:
-            print(f"compose: error: {exc}", file=sys.stderr)
-            return 2
-
-    return run
-
-
-COMMANDS = {
-    "index": ("index a LoRA folder into its catalog (incremental)", _wrap(index_main)),
-    "search": ("rank the library's LoRAs for a prompt", _wrap(search_main)),
-    "train-retriever": ("train the learned weight encoder on the library's described LoRAs", _wrap(train_main)),
-}

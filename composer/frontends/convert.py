@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
-from lora_composer.cli import SubcommandParser, parse_subcommand
+from lora_composer.errors import ComposerError
+from lora_composer.frontends.args import Parser, UsageError, command
 
 PROG = "compose convert"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = SubcommandParser(prog=PROG, description=__doc__.splitlines()[0],
-                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
+    p = Parser(prog=PROG, description=__doc__.splitlines()[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("input", metavar="IN", help="LoRA file (.safetensors: diffusers/PEFT or kohya keys)")
     p.add_argument("output", metavar="OUT", help="file to write (.safetensors)")
     p.add_argument("--to", choices=["shira", "lora"], default=None,
@@ -39,18 +39,15 @@ def _summary(reports, what: str) -> str:
             f"max {max(errs):.4f}; retained energy min {min(energy):.4f}")
 
 
-def main(argv: list[str] | None = None) -> int:
+@command(PROG)
+def main(argv: list[str]) -> int:
     from lora_composer.adapters import load_adapter, save_adapter, save_shira
     from lora_composer.adapters.shira import lora_to_shira, squeeze_lora
-    from lora_composer.errors import ComposerError
 
-    args = parse_subcommand(build_parser(), argv)
-    if isinstance(args, int):
-        return args
+    args = build_parser().parse_args(argv)
     to = args.to or ("lora" if args.rank is not None else None)
     if to is None:
-        print(f"{PROG}: error: give --to shira --density D, or --rank R / --rank auto --energy E", file=sys.stderr)
-        return 2
+        raise UsageError("give --to shira --density D, or --rank R / --rank auto --energy E")
     try:
         adapter = load_adapter(args.input)
         if adapter.is_sparse:
@@ -89,18 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             summary = _summary(reports, f"LoRA-Squeeze to rank {args.rank}" + (f" (energy {args.energy:g})" if args.energy else ""))
             if ranks:
                 summary += f"; ranks {min(ranks)}-{max(ranks)}, mean {sum(ranks) / len(ranks):.1f}"
-    except (ComposerError, ValueError, OSError) as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # the options do not fit this file
+        raise ComposerError(" ".join(str(e).split())) from None
     if not args.quiet:
         print(head)
         print("\n".join(rows))
     print(summary)
     print(f"wrote {path}")
     return 0 if all(math.isfinite(r.rel_error) for r in reports) else 1
-
-
-COMMANDS = {"convert": ("convert a LoRA: --to shira --density D (sparse) or --rank R|auto (LoRA-Squeeze)", main)}
-
-if __name__ == "__main__":
-    sys.exit(main())

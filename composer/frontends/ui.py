@@ -11,13 +11,11 @@ several browsers share one pipeline and each request sets its own adapters.
 
 from __future__ import annotations
 
-import argparse
 import html
 import os
 import random
 import re
 import shutil
-import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +23,7 @@ import contextvars
 from pathlib import Path
 
 from lora_composer.errors import ComposerError
+from lora_composer.frontends.args import Parser, command
 from lora_composer.vocab import LORA_EXTENSIONS
 from lora_composer.fusion.registry import parse_strategy_args
 
@@ -497,8 +496,9 @@ def launch(ui: ComposerUI, host: str = "127.0.0.1", port: int | None = None, blo
     return demo
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="compose ui", description="Start the lora-composer web UI (Gradio).")
+@command("compose ui")
+def main(argv: list[str]) -> int:
+    p = Parser(prog="compose ui", description="Start the lora-composer web UI (Gradio).")
     p.add_argument("--model", "-m", help="diffusers model folder or Hub id (default: the mini world model)")
     p.add_argument("--library", help="LoRA folder (default: $LORA_COMPOSER_LIBRARY, or the mini world's library)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -507,14 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-uploads", action="store_true", help="do not offer LoRA uploads")
     args = p.parse_args(argv)
     library = args.library or os.environ.get("LORA_COMPOSER_LIBRARY") or None
-    try:
-        ui = ComposerUI(args.model, library, max_upload_mb=args.max_upload_mb, allow_uploads=not args.no_uploads)
-    except ComposerError as exc:
-        print(f"compose ui: error: {exc}", file=sys.stderr)
-        return 2
+    ui = ComposerUI(args.model, library, max_upload_mb=args.max_upload_mb, allow_uploads=not args.no_uploads)
     print(f"lora-composer UI on http://{args.host}:{args.port} (model {ui.model}, library {ui.library})")
     launch(ui, host=args.host, port=args.port)
     return 0
-
-
-COMMANDS = {"ui": ("start the web UI (Gradio) on 127.0.0.1", main)}
