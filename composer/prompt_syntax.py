@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 from lora_composer.errors import ComposerError
 
-TAG_KINDS = ("lora", "lyco")
-
 # A1111's extra-network regex is ``<(\w+):([^>]+)>``; only our kinds are taken out of the prompt, other
 # extra networks (``<hypernet:...>``) are left in place.
 _TAG_RE = re.compile(r"<(lora|lyco):([^<>]*)>", re.IGNORECASE)

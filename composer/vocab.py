@@ -31,15 +31,6 @@ FAMILIES = ("sd15", "sd2", "sdxl", "flux", "unknown")
 _BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
 
 
-def component_of(key: str) -> str:
-    """``unet.down_blocks.0.attn1.to_q`` -> ``unet``."""
-    return key.split(".", 1)[0]
-
-
-def is_denoiser_key(key: str) -> bool:
-    return component_of(key) in DENOISERS
-
-
 def layer_group(key: str) -> str:
     """Coarse block a layer belongs to, for per-layer-group weights: ``unet.down_blocks.1``,
     ``unet.mid_block``, ``unet.up_blocks.0``, ``text_encoder``, ``transformer.transformer_blocks.3``..."""

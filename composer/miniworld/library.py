@@ -49,13 +49,6 @@ LORAS: tuple[LoraSpec, ...] = (
 LORA_BY_NAME = {s.name: s for s in LORAS}
 
 
-def spec_for(category: str, value: str) -> LoraSpec:
-    for s in LORAS:
-        if (s.category, s.value) == (category, value):
-            return s
-    raise KeyError(f"no concept LoRA teaches {category}={value}")
-
-
 def _tags(scene: world.Scene, rng: np.random.Generator, keep: str, drop: float = 0.25) -> list[str]:
     """A training picture's kohya-style tags (``"purple", "star", "striped background"``), with the same
     phrase dropout as its caption."""

@@ -217,9 +217,6 @@ class LoraRuntime:
         for layer in self.layers.values():
             layer.refresh()
 
-    def slot_vector(self, weights_by_name: dict[str, float]) -> torch.Tensor:
-        return self._vector(weights_by_name)
-
     def disable(self) -> None:
         """Every patched layer returns exactly its base output (fused weights are restored)."""
         self.unfuse()
