@@ -7,5 +7,3 @@
 - :mod:`.learned`: AutoLoRA-style weight encoder trained on the catalog's described adapters;
 - :mod:`.preview`: open_clip image embedding of the preview image (only with a local open_clip model).
 """
-
-SIGNALS = ("lexical", "text", "weights", "learned", "preview")
