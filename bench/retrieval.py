@@ -71,7 +71,8 @@ def _synthetic_catalog(root: Path, n: int, d: int, seed: int = 0):
 
 
 def bench_latency(sizes, d: int, queries: int) -> list[dict]:
-    from lora_composer.retriever.search import Retriever, select
+    from lora_composer.retriever.search import Retriever
+    from lora_composer.retriever.selection import select
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +91,7 @@ def bench_latency(sizes, d: int, queries: int) -> list[dict]:
                 prompt = " ".join(rng.choice(VOCAB, 4)) + f" w{q}"
                 enc = _Encoded(torch.from_numpy(tokens), prompt.split() + ["x"] * 3)
                 t0 = time.perf_counter()
-                select(r.search_encoded(prompt, enc, text_q, limit=20), 3, 0.3)
+                select(prompt, r.search_encoded(prompt, enc, text_q, limit=20), r.vocab, 3, r.thresholds)
                 if q >= 3:
                     times.append((time.perf_counter() - t0) * 1000)
             times.sort()

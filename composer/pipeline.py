@@ -144,15 +144,16 @@ class ComposerPipeline:
         ``last_retrieval``."""
         if self.library is None:
             raise ComposerError('loras="auto" needs a LoRA library (library=DIR, --library DIR)')
-        from lora_composer.retriever import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, retriever_for
+        from lora_composer.retriever import DEFAULT_TOP_K, retriever_for
 
         if self.runtime.adapters:  # encode the prompt with the base text encoder
             self.runtime.set_weights(text={})
         found = retriever_for(self.pipe, self.library, family=self.runtime.family).select(
-            prompt,
-            top_k=DEFAULT_TOP_K if top_k is None else int(top_k),
-            min_score=DEFAULT_MIN_SCORE if min_score is None else float(min_score),
-        )
+            prompt, top_k=DEFAULT_TOP_K if top_k is None else int(top_k), min_score=min_score)
+        if found.notice:  # the cap dropped a concept the prompt names
+            import warnings
+
+            warnings.warn(found.notice, stacklevel=2)
         self.last_retrieval = found
         return [(m.path, m.weight) for m in found]
 

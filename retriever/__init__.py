@@ -3,14 +3,16 @@
     from lora_composer.retriever import Catalog, retriever_for
     Catalog.for_library("~/loras").index()                 # incremental; LIBRARY/.lora-composer/catalog.sqlite
     r = retriever_for(pipe, "~/loras")                       # pipe: a diffusers pipeline (its text encoder)
-    for m in r.select("a castle in pixel art", top_k=3):    # [Match(row, score, signals, reasons)]
-        print(m.name, m.score, m.weight, m.reason)
+    picks = r.select("a castle in pixel art", top_k=4)      # Selection: [Match], .left_out, .notice
+    for m in picks:
+        print(m.name, m.span, m.weight, m.reason)           # the prompt span each pick covers, and why
 """
 
 from __future__ import annotations
 
 from lora_composer.retriever.catalog import Catalog, IndexReport, default_catalog_path
-from lora_composer.retriever.search import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, Match, Retriever, select
+from lora_composer.retriever.search import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, Match, Retriever
+from lora_composer.retriever.selection import Selection
 
 __all__ = [
     "DEFAULT_MIN_SCORE",
@@ -19,10 +21,10 @@ __all__ = [
     "IndexReport",
     "Match",
     "Retriever",
+    "Selection",
     "default_catalog_path",
     "retriever_for",
     "search",
-    "select",
 ]
 
 _CACHE: dict = {}

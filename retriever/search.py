@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lora_composer.retriever.phrases import Vocabulary
+from lora_composer.retriever.selection import Selection
+from lora_composer.retriever.selection import select as select_by_coverage
 from lora_composer.retriever.signals import lexical
 from lora_composer.retriever.signals import text as tsig
 from lora_composer.retriever.signals import weights as wsig
@@ -40,8 +43,8 @@ SIGNAL_WEIGHTS = {"lexical": 1.0, "weights": 1.0, "text": 0.8, "learned": 0.8, "
 BF16_ROWS = 20_000  # above this many rows stage 1 scans the compact (int8) copy
 RESCORE = 512
 DEFAULT_WEIGHT = 0.8
-DEFAULT_MIN_SCORE = 0.3
-DEFAULT_TOP_K = 3
+DEFAULT_MIN_SCORE = 0.3  # the fused-score floor of a plain ``search`` listing (selection uses per-kind thresholds)
+DEFAULT_TOP_K = 4
 
 
 @dataclass
@@ -50,6 +53,9 @@ class Match:
     score: float
     signals: dict[str, float] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+    tokens: dict[str, str] = field(default_factory=dict)  # dense signal -> the prompt token it responds to most
+    span: str | None = None  # after selection: the prompt words this pick covers
+    claim: object = None  # after selection: its phrases.Claim
 
     @property
     def name(self) -> str:
@@ -66,7 +72,10 @@ class Match:
 
     @property
     def reason(self) -> str:
-        """The strongest signals, strongest first: ``trigger "x" in prompt; weights respond to "castle" (0.82)``."""
+        """Selected: ``covers "x y" (trigger "x y")``; else the strongest signals, strongest first:
+        ``trigger "x" in prompt; weights respond to "castle" (0.82)``."""
+        if self.claim is not None:
+            return f'covers "{self.span}" ({self.claim.evidence}, {self.claim.score:.2f})'
         ranked = sorted(
             (s for s in self.signals if self.signals[s] > 0), key=lambda s: -SIGNAL_WEIGHTS[s] * self.signals[s]
         )
@@ -84,6 +93,9 @@ class Retriever:
         self.preview = preview
         self._version = None
         self.rows: list = []
+        from lora_composer.retriever import calibration
+
+        self.thresholds = dict(calibration.DEFAULT_THRESHOLDS)  # claim kind -> floor (selection)
 
     # -- the matrix ------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -132,6 +144,10 @@ class Retriever:
                 put("preview", i, preview.get(r.id))
         self.set_matrix(rows, m, present, d)
         self._version = version
+        from lora_composer.retriever import calibration
+
+        self.thresholds = calibration.load(self.catalog, self.encoder.id) or dict(calibration.DEFAULT_THRESHOLDS)
+        self.calibrated = calibration.load(self.catalog, self.encoder.id) is not None
 
     def set_matrix(self, rows, matrix: np.ndarray, present: dict[str, np.ndarray], dim: int) -> None:
         """Install rows and their matrix (the benchmark builds synthetic ones directly)."""
@@ -141,7 +157,7 @@ class Retriever:
         self.matrix = matrix
         self.present = present
         self.dim = dim
-        self.dup_key = [_dup_key(r) for r in rows]
+        self.vocab = Vocabulary(rows)
         self.scan, self.row_scale = _compact(matrix, self.blocks, len(rows) > BF16_ROWS)  # row_scale: numpy
 
     # -- scoring ---------------------------------------------------------------------------------
@@ -259,6 +275,11 @@ class Retriever:
                 t = int(best_tok[j])
                 word = enc.words[t] if enc is not None and t < len(enc.words) else "?"
                 m.reasons["weights"] = f'weights respond to "{word}" ({m.signals["weights"]:.2f})'
+                m.tokens["weights"] = word
+            if "text" in m.signals and enc is not None and enc.tokens.shape[0] and "text" in self.blocks:
+                a, w = self.blocks["text"]
+                t = int((enc.tokens.numpy() @ self.matrix[i, a : a + w]).argmax())
+                m.tokens["text"] = enc.words[t] if t < len(enc.words) else None
             if "learned" in m.signals:
                 m.reasons["learned"] = f"learned weight embedding close to the prompt ({m.signals['learned']:.2f})"
             if "preview" in m.signals:
@@ -338,9 +359,28 @@ class Retriever:
             keep[hit] *= 1.0 - SIGNAL_WEIGHTS["lexical"] * lex_all[hit]
         return np.argpartition(keep, c - 1)[:c]  # the c smallest "keep" = the c best fused scores
 
-    def select(self, prompt: str, top_k: int = DEFAULT_TOP_K, min_score: float = DEFAULT_MIN_SCORE) -> list[Match]:
-        """At most ``top_k`` matches scoring at least ``min_score``, one per near-duplicate group."""
-        return select(self.search(prompt, limit=max(4 * top_k, 20)), top_k, min_score)
+    def select(self, prompt: str, top_k: int = DEFAULT_TOP_K, min_score: float | None = None) -> Selection:
+        """The adapters the prompt names, by coverage (:mod:`.selection`), at most ``top_k``; ``min_score``
+        replaces every calibrated per-kind threshold."""
+        thresholds = self.thresholds_for(min_score)
+        return select_by_coverage(prompt, self.candidates(prompt, top_k), self.vocab, top_k, thresholds)
+
+    def thresholds_for(self, min_score: float | None = None) -> dict:
+        self.refresh()
+        if min_score is not None:
+            return {k: float(min_score) for k in self.thresholds}
+        return dict(self.thresholds)
+
+    def candidates(self, prompt: str, top_k: int = DEFAULT_TOP_K) -> list[Match]:
+        """The search's matches, plus (in libraries up to 5,000 rows) every other row with a zero score, so
+        a phrase the full-text index cannot see (a plural, a prefix) is still checked."""
+        self.refresh()
+        small = len(self.rows) <= 5000
+        found = self.search(prompt, limit=None if small else max(4 * top_k, 50))
+        if small:
+            seen = {m.row.id for m in found}
+            found += [Match(r, 0.0) for r in self.rows if r.id not in seen]
+        return found
 
 
 def _compact(matrix: np.ndarray, blocks: dict, compact: bool):
@@ -367,26 +407,6 @@ def _compact(matrix: np.ndarray, blocks: dict, compact: bool):
         return t.to(torch.bfloat16), None
 
 
-def _dup_key(row) -> str:
-    words = sorted({w.strip().lower() for w in row.trigger_words if w.strip()})
-    return "trigger:" + "|".join(words) if words else "sha:" + row.sha256
-
-
-def select(matches: list[Match], top_k: int = DEFAULT_TOP_K, min_score: float = DEFAULT_MIN_SCORE) -> list[Match]:
-    """Top ``top_k`` of ranked ``matches`` with score >= ``min_score``; of adapters with the same trigger
-    words (or the same file content) only the best scoring one."""
-    chosen, groups = [], set()
-    for m in matches:
-        if len(chosen) >= top_k or m.score < min_score:
-            break
-        key = _dup_key(m.row)
-        if key in groups:
-            continue
-        groups.add(key)
-        chosen.append(m)
-    return chosen
-
-
 def format_table(matches: list[Match], root=None) -> str:
     """The ``compose search`` table."""
     import os
@@ -408,3 +428,19 @@ def format_table(matches: list[Match], root=None) -> str:
     out = [fmt.format(*header).rstrip()] + [fmt.format(*r).rstrip() for r in lines]
     return "\n".join(out)
 
+
+
+def format_selection(chosen: Selection) -> str:
+    """``--loras auto``'s choice: each pick with the prompt span it covers, then why the others were left out."""
+    if chosen:
+        lines = ["--loras auto would use: " + "; ".join(f"{m.name}:{m.weight:g}" for m in chosen)]
+        lines += [f"  {m.name}: {m.reason}" for m in chosen]
+    else:
+        lines = ["--loras auto would use: none (no adapter's phrase or signal reaches its threshold)"]
+    shown = [lo for lo in chosen.left_out if lo.match.signals or not lo.why.startswith("below")]
+    if shown:
+        lines.append("left out:")
+        lines += [f"  {lo.match.name}: {lo.why}" for lo in shown]
+    if chosen.notice:
+        lines.append(chosen.notice)
+    return "\n".join(lines)

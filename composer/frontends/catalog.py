@@ -86,11 +86,11 @@ def search(argv: list[str]) -> int:
     p.add_argument("--catalog", metavar="FILE", help="catalog file (default: DIR/.lora-composer/catalog.sqlite)")
     p.add_argument("--limit", "-k", type=int, default=10, help="rows to show (default 10)")
     p.add_argument("--top-k", dest="top_k", type=int, default=None, help="mark the adapters --loras auto would choose with this K")
-    p.add_argument("--min-score", dest="min_score", type=float, default=None, help="minimum fused score for --loras auto's choice")
+    p.add_argument("--min-score", dest="min_score", type=float, default=None, help="one floor for every claim kind of --loras auto's choice (default: the calibrated ones)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    from lora_composer.retriever import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, retriever_for, select
-    from lora_composer.retriever.search import format_table
+    from lora_composer.retriever import DEFAULT_TOP_K, retriever_for
+    from lora_composer.retriever.search import format_selection, format_table
 
     root = _library(args)
     pipe = _load_pipe(args.model)
@@ -98,11 +98,8 @@ def search(argv: list[str]) -> int:
     matches = r.search(args.prompt, limit=max(args.limit, 1))
     print(f"{len(r.rows)} {r.family} adapter(s) in {r.catalog.path}")
     print(format_table(matches, root) if matches else "no adapter matches this prompt")
-    chosen = select(matches, args.top_k or DEFAULT_TOP_K, DEFAULT_MIN_SCORE if args.min_score is None else args.min_score)
-    if chosen:
-        print("--loras auto would use: " + "; ".join(f"{m.name}:{m.weight:g} ({m.reason})" for m in chosen))
-    else:
-        print("--loras auto would use: none (nothing above the minimum score)")
+    chosen = r.select(args.prompt, args.top_k or DEFAULT_TOP_K, args.min_score)
+    print(format_selection(chosen))
     skipped = r.catalog.skipped()
     if skipped and not args.quiet:
         print(f"({len(skipped)} file(s) could not be indexed; compose index {root} lists them)", file=sys.stderr)

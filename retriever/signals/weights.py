@@ -78,10 +78,3 @@ def calibrate(raw, dim: int):
     return np.clip((np.asarray(raw, dtype=np.float32) - c) / (1.0 - c), 0.0, 1.0)
 
 
-def raw_scores(p: np.ndarray, tokens: np.ndarray) -> tuple[float, int]:
-    """``(max_t cos_t, argmax t)`` for one adapter (``p [m, d]``) and centred unit token states ``[T, d]``."""
-    if tokens.shape[0] == 0:
-        return 0.0, -1
-    cos = np.sqrt(((tokens @ p.T) ** 2).sum(-1))
-    t = int(cos.argmax())
-    return float(cos[t]), t

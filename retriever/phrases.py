@@ -1,0 +1,162 @@
+"""Prompt spans and adapter phrases: what part of the prompt an adapter's words account for.
+
+Selection by coverage needs to know *where* in the prompt an adapter is named, and a phrase must match as a
+phrase: ``"checkered background"`` is named by ``checkered background``, ``background, checkered`` or
+``checkerboard backdrop`` (via its description), never by ``background`` alone. Words are compared after a
+light normalisation (lower case, a few generic spelling variants and plural/participle endings), and a
+prompt word may extend a phrase word of five or more letters (``pixel`` -> ``pixelated``).
+
+:class:`Vocabulary` reads the whole library once: a word is *generic* when several adapters' phrases use it
+with different other words (``background`` in ``checkered background`` and ``wavy background``; ``shape``
+in ``star-shape`` and ``cross-shape``). A phrase needs all its non-generic words; its generic words alone
+never match, and adapters that share a generic head word form a *category* (mutually exclusive picks).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+_WORD = re.compile(r"[0-9A-Za-z\u00C0-\uFFFF]+")
+FUNCTION = frozenset(
+    "a an the of and or in on at to with by for from as is are be this that it its into over under very "
+    "any all some each one two three who which made look looks like using inside image picture photo lora "
+    "version model trained".split()
+)
+# Generic spelling variants of prompt vocabulary (not concept names): compared after this map.
+VARIANTS = {"color": "colour", "colored": "colour", "coloured": "colour", "backdrop": "background",
+            "bg": "background", "grey": "gray", "shaped": "shape", "chequered": "checkered", "centre": "center"}
+NAME_NOISE = re.compile(r"^(v\d+|\d+|lora|locon|lycoris|loha|final|fp16|safetensors)$")
+KIND_WEIGHT = {"trigger": 1.0, "name": 0.9, "description": 0.6}
+
+
+def stem(word: str) -> str:
+    """``backgrounds`` -> ``background``, ``outlined``/``outlines``/``outline`` -> ``outlin``."""
+    w = VARIANTS.get(word, word)
+    if len(w) > 4 and w.endswith("ies"):
+        w = w[:-3] + "y"
+    elif len(w) > 4 and w.endswith("es") and w[-3] in "sxz":
+        w = w[:-2]
+    elif len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+        w = w[:-1]
+    if len(w) > 5 and w.endswith("ed"):
+        w = w[:-2]
+    if len(w) > 4 and w.endswith("e"):
+        w = w[:-1]
+    return VARIANTS.get(w, w)
+
+
+def tokens(text: str) -> list[tuple[str, str]]:
+    """``[(surface word, stem)]`` of ``text``, in order (function words kept: they only fill spans)."""
+    return [(w, stem(w.lower())) for w in _WORD.findall(text or "")]
+
+
+def content(text: str) -> list[str]:
+    """Stems of ``text``'s content words, in order, without repeats."""
+    return list(dict.fromkeys(s for w, s in tokens(text) if w.lower() not in FUNCTION and len(s) > 1))
+
+
+def _eq(phrase_word: str, prompt_word: str) -> float:
+    """1 for the same stem, 0.9 when the prompt word extends a phrase word of 5+ letters, else 0."""
+    if phrase_word == prompt_word:
+        return 1.0
+    return 0.9 if len(phrase_word) >= 5 and prompt_word.startswith(phrase_word) else 0.0
+
+
+@dataclass
+class Claim:
+    """An adapter's claim on the prompt: word positions ``[start, end)``, a score in [0, 1] and its source."""
+
+    start: int
+    end: int
+    score: float
+    kind: str  # trigger | name | description | text | weights
+    evidence: str
+
+    def overlaps(self, other: "Claim") -> bool:
+        return self.start < other.end and other.start < self.end
+
+
+class Vocabulary:
+    """Per-row phrases (trigger words, file name, description words) and the library's generic words."""
+
+    def __init__(self, rows):
+        self.phrases: dict[int, list[tuple[str, list[str], str]]] = {}
+        contexts: dict[str, set] = {}
+        desc_df: dict[str, int] = {}
+        for r in rows:
+            ph = [("trigger", content(t), t) for t in r.trigger_words if content(t)]
+            name = [s for w, s in tokens(re.sub(r"[_\-.]", " ", r.name)) if not NAME_NOISE.match(w.lower())]
+            if name:
+                ph.append(("name", list(dict.fromkeys(name)), r.name))
+            self.phrases[r.id] = ph
+            for _, words, _ in ph:
+                for w in words:
+                    contexts.setdefault(w, set()).add(frozenset(words) - {w})
+            for w in set(content(r.description)):
+                desc_df[w] = desc_df.get(w, 0) + 1
+        self.generic = {w for w, ctx in contexts.items() if len([c for c in ctx if c]) >= 2}
+        named = set(contexts)
+        n = max(len(rows), 1)
+        self.desc_words: dict[int, dict[str, float]] = {}
+        for r in rows:
+            own = {w for _, words, _ in self.phrases[r.id] for w in words}
+            self.desc_words[r.id] = {
+                w: math.log(1 + n / desc_df[w]) / math.log(1 + n)
+                for w in content(r.description) if w not in self.generic and w not in own and w not in named
+            }
+        self.category = {r.id: frozenset(w for _, words, _ in self.phrases[r.id] for w in words if w in self.generic)
+                         for r in rows}
+
+    def claims(self, row_id: int, prompt: list[tuple[str, str]]) -> list[Claim]:
+        """Every phrase of the row found in the prompt (``tokens(prompt)``), best first."""
+        stems = [s for _, s in prompt]
+        out = []
+        for kind, words, text in self.phrases.get(row_id, []):
+            found = _match(words, self.generic, stems)
+            if found is not None:
+                start, end, score = found
+                out.append(Claim(start, end, KIND_WEIGHT[kind] * score, kind, f'{kind} "{text}"'))
+        for w, idf in self.desc_words.get(row_id, {}).items():
+            for i, s in enumerate(stems):
+                q = _eq(w, s)
+                if q:
+                    out.append(Claim(i, i + 1, KIND_WEIGHT["description"] * idf * q, "description",
+                                     f'description word "{prompt[i][0]}"'))
+                    break
+        out.sort(key=lambda c: (-c.score, c.start - c.end))
+        return out
+
+
+def _match(words: list[str], generic: set, stems: list[str]) -> tuple[int, int, float] | None:
+    """``(start, end, score)`` of ``words`` in ``stems``: every non-generic word (or every word, when all are
+    generic) within a window of ``len(words) + 3``; 1 for the phrase in order, 0.95 for all its words in
+    any order, 0.9 for its non-generic words only; x0.9 if a word matched only as a prefix."""
+    need = [w for w in words if w not in generic] or list(words)
+    window = len(words) + 3
+    best = None
+    for anchor, s in enumerate(stems):
+        if not _eq(need[0], s):
+            continue
+        lo, hi = max(0, anchor - window), min(len(stems), anchor + window + 1)
+        pos, quality = {}, 1.0
+        for w in words:
+            hits = [(abs(i - anchor), i, _eq(w, stems[i])) for i in range(lo, hi) if _eq(w, stems[i])]
+            if hits:
+                _, i, q = min(hits)
+                pos[w], quality = i, min(quality, q)
+        if any(w not in pos for w in need):
+            continue
+        idx = sorted(pos.values())
+        if idx[-1] - idx[0] >= window:
+            continue
+        if len(pos) == len(words):
+            in_order = [pos[w] for w in words] == list(range(idx[0], idx[0] + len(words)))
+            score = 1.0 if in_order else 0.95
+        else:
+            score = 0.9
+        cand = (idx[0], idx[-1] + 1, score * quality)
+        if best is None or cand[2] > best[2]:
+            best = cand
+    return best
