@@ -140,3 +140,18 @@ def test_the_checker_sees_a_violation(tmp_path):
     found = _imports("lora_composer.runtime.runtime_mod", fake, {"lora_composer.frontends.cli"})
     assert found == {"lora_composer.pipeline", "lora_composer.frontends.cli"}
     assert all(LEVEL[unit_of(t)] > LEVEL["lora_composer.runtime"] for t in found)
+
+
+def test_nothing_imports_a_folder_by_its_directory_name():
+    """The repository root is on the test path, so ``import retriever`` would quietly load a second copy of
+    ``lora_composer.retriever`` (patching one would not patch the other): every import uses the namespace."""
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    old = r"(composer|fusion|retriever|kernels)(\.[\w.]+)?"
+    pattern = re.compile(rf"^\s*(from {old} import|import {old}\b)|import_module\(\"{old}\"|find_spec\(\"{old}\"", re.M)
+    files = [p for d in ("composer", "fusion", "retriever", "kernels", "tests", "bench") for p in (repo / d).rglob("*.py")]
+    files.remove(repo / "tests" / "test_packaging.py")  # imports Hugging Face's ``kernels`` on purpose
+    files += [repo / "app.py", *(repo / "notebooks").glob("*.ipynb")]
+    wrong = [f"{p.relative_to(repo)}: {m.group(0).strip()}" for p in files for m in pattern.finditer(p.read_text())]
+    assert not wrong, "imports by directory name instead of lora_composer...:\n" + "\n".join(wrong)
