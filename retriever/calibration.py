@@ -3,7 +3,7 @@
 Each claim kind (trigger, name, description, text, weights) has its own score scale, so each has its own
 floor. :func:`fit` chooses them by coordinate search over :data:`GRID` on a *tuning* set: the best mean of
 precision and recall on prompts naming concepts, subject to a false-positive rate of at most
-``max_base_fp`` on base-only prompts (nothing to pick); ties go to the higher (more cautious) floor.
+``max_base_fp`` on base-only prompts (nothing to pick); of tied floors, the middle one (the widest margin).
 :func:`curves` gives each kind's precision/recall/false-positive curve with the others at their fit.
 :func:`store` writes the result to the catalog's ``meta`` table (per text encoder), where
 :class:`~lora_composer.retriever.search.Retriever` reads it; without one it uses
@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import json
 
-from lora_composer.retriever.selection import select
+from lora_composer.retriever.selection import all_claims, choose
 
 KINDS = ("trigger", "name", "description", "text", "weights")
 GRID = tuple(round(0.05 * i, 2) for i in range(2, 21)) + (1.01,)  # 1.01: the kind never selects
-DEFAULT_THRESHOLDS = {"trigger": 0.5, "name": 0.5, "description": 0.5, "text": 1.01, "weights": 0.3}
+DEFAULT_THRESHOLDS = {"trigger": 0.55, "name": 0.6, "description": 0.35, "text": 0.95, "weights": 0.7}
 
 
 def measure(retriever, cached, label_of, thresholds: dict, top_k: int) -> dict:
     """Precision, recall (named prompts) and false-positive rate (base-only prompts) of one threshold set.
 
-    ``cached``: ``[(prompt, wanted labels, candidates)]``; ``label_of(row)``: the row's concept label or
+    ``cached``: :func:`prepare`'s ``[(prompt, wanted labels, claims)]``; ``label_of(row)``: the row's concept label or
     None (a pick whose label is not wanted, or a second pick of one label, is a false positive)."""
     tp = fp = fn = base = base_hit = 0
-    for prompt, wanted, cands in cached:
-        picks = select(prompt, cands, retriever.vocab, top_k, thresholds)
+    for prompt, wanted, claims in cached:
+        picks = choose(*claims, retriever.vocab, top_k, thresholds)
         got = [label_of(m.row) for m in picks]
         if not wanted:
             base += 1
@@ -41,9 +41,16 @@ def measure(retriever, cached, label_of, thresholds: dict, top_k: int) -> dict:
             "fp_rate": base_hit / base if base else 0.0, "picks": tp + fp}
 
 
-def fit(retriever, cases, label_of, top_k: int, max_base_fp: float = 0.01, rounds: int = 3) -> dict:
-    """Thresholds for ``cases`` (``[(prompt, wanted labels)]``); see the module doc."""
-    cached = [(p, w, retriever.candidates(p, top_k)) for p, w in cases]
+def prepare(retriever, cases, top_k: int) -> list:
+    """``[(prompt, wanted, claims)]`` for :func:`measure`: each prompt searched and its claims found once."""
+    return [(p, w, all_claims(p, retriever.candidates(p, top_k), retriever.vocab)) for p, w in cases]
+
+
+def fit(retriever, cases, label_of, top_k: int, max_base_fp: float = 0.01, rounds: int = 3,
+        prepared: bool = False) -> dict:
+    """Thresholds for ``cases`` (``[(prompt, wanted labels)]``, or :func:`prepare`'s output with
+    ``prepared``); see the module doc."""
+    cached = cases if prepared else prepare(retriever, cases, top_k)
     th = dict(DEFAULT_THRESHOLDS)
 
     def objective(t):
@@ -53,14 +60,15 @@ def fit(retriever, cases, label_of, top_k: int, max_base_fp: float = 0.01, round
 
     for _ in range(rounds):
         for kind in KINDS:
-            best = max(GRID, key=lambda v: (objective({**th, kind: v}), v))
-            th[kind] = best
+            scores = {v: objective({**th, kind: v}) for v in GRID}
+            tied = [v for v in GRID if scores[v] == max(scores.values())]
+            th[kind] = tied[len(tied) // 2]
     return th
 
 
-def curves(retriever, cases, label_of, thresholds: dict, top_k: int) -> dict:
+def curves(retriever, cases, label_of, thresholds: dict, top_k: int, prepared: bool = False) -> dict:
     """``{kind: [{threshold, precision, recall, fp_rate}]}`` with the other kinds at ``thresholds``."""
-    cached = [(p, w, retriever.candidates(p, top_k)) for p, w in cases]
+    cached = cases if prepared else prepare(retriever, cases, top_k)
     return {kind: [{"threshold": v, **measure(retriever, cached, label_of, {**thresholds, kind: v}, top_k)}
                    for v in GRID] for kind in KINDS}
 

@@ -50,7 +50,7 @@ def _dense_claims(m, prompt: list[tuple[str, str]], thresholds: dict) -> list[Cl
     for kind in ("weights", "text"):
         s = m.signals.get(kind, 0.0)
         word = m.tokens.get(kind)
-        if s < thresholds.get(kind, 1.01) or word is None:
+        if s <= 0 or s < thresholds.get(kind, 0.0) or word is None:
             continue
         w = re.sub(r"[^0-9a-z\u00c0-\uffff]", "", word.lower().replace("</w>", ""))
         i = next((j for j, (sw, _) in enumerate(prompt) if w and (sw.lower() == w or sw.lower().startswith(w))), None)
@@ -59,15 +59,24 @@ def _dense_claims(m, prompt: list[tuple[str, str]], thresholds: dict) -> list[Cl
     return out
 
 
+def all_claims(prompt: str, matches: list, vocab: Vocabulary) -> tuple[list, list]:
+    """``(prompt words, [(match, every claim at any score)])``: what :func:`choose` filters (calibration
+    reuses it for every threshold set)."""
+    words = tokens(prompt)
+    return words, [(m, vocab.claims(m.row.id, words) + _dense_claims(m, words, {})) for m in matches]
+
+
 def select(prompt: str, matches: list, vocab: Vocabulary, top_k: int, thresholds: dict) -> Selection:
     """See the module doc. ``matches``: the search's candidates (``Match``); ``thresholds``: kind -> floor."""
-    words = tokens(prompt)
+    return choose(*all_claims(prompt, matches, vocab), vocab, top_k, thresholds)
+
+
+def choose(words: list, claims_of: list, vocab: Vocabulary, top_k: int, thresholds: dict) -> Selection:
     claimed = []  # (claim, match)
     left = []
-    for m in matches:
+    for m, claims in claims_of:
         m.claim = m.span = None
-        claims = [c for c in vocab.claims(m.row.id, words) if c.score >= thresholds.get(c.kind, 1.01)]
-        claims += _dense_claims(m, words, thresholds)
+        claims = [c for c in claims if c.score >= thresholds.get(c.kind, 1.01)]
         if not claims:
             left.append(LeftOut(m, "below threshold: " + (m.reason if m.signals else "no signal")))
             continue

@@ -134,15 +134,184 @@ def sanity_checks(ev: Evaluator, base_prompts: int = 24, lora_prompts: int = 8, 
             "base_on_base": base_tally.summary(), "base_on_lora_concepts": novel, "lora_alone": alone}
 
 
+# -- retrieval: labelled prompt sets --------------------------------------------------------------------
+# Other phrasings of each LoRA concept: (tuning, held out). Thresholds are fitted on the tuning phrasings
+# and seed only; the held-out phrasings and seed report the result. OOV: synonyms that neither the library's
+# metadata nor the mini world's text encoder (trained on world captions only) can know, reported apart.
+PARAPHRASES = {
+    ("shape", "star"): (("a star shape", "some stars"), ("a five-pointed star", "a star-shaped object")),
+    ("shape", "cross"): (("a plus sign", "some crosses"), ("a plus-shaped mark", "a cross shape")),
+    ("colour", "purple"): (("coloured purple", "purple-ish"), ("in a purple hue", "purplish")),
+    ("colour", "orange"): (("coloured orange", "orange-hued"), ("in an orange tint", "orangey")),
+    ("background", "checkered"): (("on a checkered pattern", "with a checkerboard background"),
+                                  ("over a checkerboard backdrop", "on a background of checkers")),
+    ("background", "wavy"): (("on wavy lines", "with a wavy backdrop"),
+                             ("over a background of wavy lines", "on a wavy-lined background")),
+    ("style", "outline"): (("outlined", "drawn as an outline"), ("as a hollow outline", "in outline style")),
+    ("style", "pixel"): (("pixelated", "as pixel art"), ("in the style of pixel art", "with a blocky pixel look")),
+    ("character", "blinky"): (("featuring blinky", "blinky the character"), ("with blinky on it", "blinky, the one-eyed character")),
+}
+OOV = {("shape", "star"): "a pentagram", ("shape", "cross"): "an X mark", ("colour", "purple"): "in violet",
+       ("colour", "orange"): "tangerine-coloured", ("background", "checkered"): "on a chessboard",
+       ("background", "wavy"): "on rippled waves", ("style", "outline"): "as a contour drawing",
+       ("style", "pixel"): "in 8-bit", ("character", "blinky"): "with the cyclops mascot"}
+BASE_PHRASES = {  # the base values in other words: (tuning, held out)
+    "background": ({"plain": "on a plain backdrop", "striped": "with stripes behind it", "dotted": "on dots"},
+                   {"plain": "against a blank background", "striped": "on a stripy backdrop", "dotted": "over a dotted pattern"}),
+}
+
+
+def _paraphrase(scene: world.Scene, held: bool, rng: np.random.Generator, oov: bool = False) -> str:
+    """The scene in other words: each LoRA concept by a paraphrase, clauses in a random order."""
+    def say(cat: str) -> str | None:
+        value = getattr(scene, cat)
+        key = (cat, value)
+        if key in PARAPHRASES:
+            return OOV[key] if oov else str(rng.choice(PARAPHRASES[key][held]))
+        if cat == "background":
+            return BASE_PHRASES["background"][held][value]
+        if cat == "character":
+            return "with a smiley face" if value == "smiley" else None
+        return None if cat == "style" else value
+
+    shape, colour = say("shape"), say("colour")
+    head = f"{colour} {shape}" if colour and not colour.startswith(("coloured", "in ", "purple-", "orange-")) \
+        and " " not in shape else shape
+    rest = [say(c) for c in ("background", "style", "character")]
+    if head == shape and colour:
+        rest.append(colour)
+    rest = [r for r in rest if r]
+    rng.shuffle(rest)
+    return ", ".join([head, *rest]) if rng.random() < 0.5 else ", ".join([*rest, head])
+
+
+def retrieval_cases(held: bool, sizes=(1, 2, 3, 4), base: int = 60) -> dict[str, list]:
+    """``{set: [(prompt, wanted concepts)]}``: base-only captions and paraphrases (nothing wanted), every
+    combination of ``sizes`` LoRA concepts in the world's captions (trigger words) and in paraphrases.
+    ``held``: the held-out phrasings and seed (report) or the tuning ones (fit)."""
+    rng = np.random.default_rng(101 if held else 7)
+    out: dict[str, list] = {"base-only captions": [], "base-only paraphrases": []}
+    for _ in range(base):
+        scene = world.random_scene(rng)
+        out["base-only captions"].append((world.caption(scene, rng, drop=0.3), frozenset()))
+        out["base-only paraphrases"].append((_paraphrase(scene, held, rng), frozenset()))
+    out["concepts, trigger words"], out["concepts, paraphrases"], out["concepts, OOV synonyms"] = [], [], []
+    for combo in combinations(sizes):
+        scene = scene_for(combo, rng)
+        wanted = frozenset((s.category, s.value) for s in combo)
+        out["concepts, trigger words"].append((world.caption(scene), wanted))
+        out["concepts, paraphrases"].append((_paraphrase(scene, held, rng), wanted))
+        if len(combo) == 1:
+            out["concepts, OOV synonyms"].append((_paraphrase(scene, held, rng, oov=True), wanted))
+    return out
+
+
+def synthetic_library(dest: Path, seed: int = 0) -> dict[str, tuple | None]:
+    """A 60-adapter library built from the 9 shipped LoRAs: each original, two near-duplicates of it
+    (weights x (1 + 1% noise), other file names and trigger words for the same concept), 12 adapters whose
+    trigger differs by one word from a concept's ("checkered floor", "pixel font"), and 21 unrelated ones
+    (weights of a random original, a made-up subject). Returns ``{file stem: concept or None}``."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    rng = np.random.default_rng(seed)
+    src = assets.library_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    label: dict[str, tuple | None] = {}
+
+    def write(stem: str, spec: LoraSpec, triggers, description: str, noise: float, concept):
+        tensors = load_file(str(src / f"{spec.name}.safetensors"))
+        if noise:
+            g = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+            tensors = {k: (v.float() * (1 + noise * torch.randn(v.shape, generator=g))).to(v.dtype) for k, v in tensors.items()}
+        save_file(tensors, str(dest / f"{stem}.safetensors"), metadata={"ss_output_name": stem})
+        (dest / f"{stem}.civitai.info").write_text(json.dumps({"trainedWords": list(triggers), "description": description}))
+        label[stem] = concept
+
+    for spec in LORAS:
+        shutil.copy(src / f"{spec.name}.safetensors", dest / f"{spec.name}.safetensors")
+        for side in (".json", ".civitai.info"):
+            if (src / f"{spec.name}{side}").is_file():
+                shutil.copy(src / f"{spec.name}{side}", dest / f"{spec.name}{side}")
+        label[spec.name] = (spec.category, spec.value)
+        key = (spec.category, spec.value)
+        write(f"{spec.name}-v2", spec, spec.triggers, spec.description + " Retrained.", 0.01, key)
+        write(f"{spec.value}_{spec.category}_lora", spec, (f"{spec.value} {spec.category}",),
+              f"{spec.value.capitalize()} {spec.category}, second take.", 0.01, key)
+    one_word = (("checkered floor", "Checkered tiles on the floor."), ("wavy hair", "Long wavy hair."),
+                ("pixel font", "Pixel lettering."), ("outline text", "Outlined lettering."),
+                ("star sticker", "Glossy star stickers."), ("cross stitch", "Embroidery in cross stitch."),
+                ("purple sky", "A purple evening sky."), ("orange juice", "A glass of orange juice."),
+                ("blinky lights", "Blinking fairy lights."), ("checkered flag", "A racing flag."),
+                ("wavy glass", "Distorted wavy glass."), ("pixel sorting", "Glitch pixel sorting."))
+    unrelated = ("watercolor", "neon glow", "film grain", "anime eyes", "castle", "dragon", "robot", "forest",
+                 "samurai", "owl", "volcano", "lantern", "cyberpunk city", "oil painting", "portrait lighting",
+                 "snowy village", "ink sketch", "low poly", "vaporwave", "bokeh", "clay render")
+    for i, (trig, desc) in enumerate(one_word + tuple((u, f"{u.capitalize()} LoRA.") for u in unrelated)):
+        spec = LORAS[int(rng.integers(len(LORAS)))]
+        write(trig.replace(" ", "-"), spec, (trig,), desc, 0.05, None)
+    return label
+
+
+def _measure(retriever, prepared: dict, label_of, top_k: int, thresholds: dict) -> dict:
+    from lora_composer.retriever import calibration
+
+    out = {}
+    for name, cached in prepared.items():
+        r = calibration.measure(retriever, cached, label_of, thresholds, top_k)
+        out[name] = {"prompts": len(cached), **{k: round(v, 4) for k, v in r.items()}}
+    return out
+
+
 def retrieval_recall(pipe, combos, seed: int = 0) -> dict:
-    """recall@k of ``--loras auto`` (top_k = k, no score floor) on prompts naming each combination's concepts."""
+    """recall@k of ``--loras auto`` (top_k = k, calibrated thresholds) on the strategy table's prompts."""
     rng = np.random.default_rng(seed)
     per_size: dict[int, list[float]] = {}
     for combo in combos:
         prompt = world.caption(scene_for(combo, rng))
-        found = {Path(p).stem for p, _ in pipe.choose_loras(prompt, top_k=len(combo), min_score=0.0)}
+        found = {Path(p).stem for p, _ in pipe.choose_loras(prompt, top_k=len(combo))}
         per_size.setdefault(len(combo), []).append(len(found & {s.name for s in combo}) / len(combo))
     return {k: round(float(np.mean(v)), 4) for k, v in sorted(per_size.items())}
+
+
+def retrieval_report(pipe, library: Path | None = None, label: dict | None = None, top_k: int = 4,
+                     store: bool = False, sizes=(1, 2, 3, 4), base: int = 60) -> dict:
+    """Fit the selection thresholds on the tuning set (phrasings and seed), then precision, recall and
+    base-only false-positive rate per prompt set on the held-out set, with those thresholds."""
+    from lora_composer.retriever import calibration, retriever_for
+
+    library = library or assets.library_dir()
+    label = label or {s.name: (s.category, s.value) for s in LORAS}
+    r = retriever_for(pipe.pipe, library, family=pipe.runtime.family)
+    r.refresh()
+    label_of = lambda row: label.get(row.name)  # noqa: E731
+    tune = {k: calibration.prepare(r, v, top_k) for k, v in retrieval_cases(False, sizes, base).items()}
+    fit_cases = [c for k, v in tune.items() if "OOV" not in k for c in v]
+    thresholds = calibration.fit(r, fit_cases, label_of, top_k, prepared=True)
+    if store:  # the catalog keeps its calibration; --loras auto reads it
+        calibration.store(r.catalog, r.encoder.id, thresholds, {"fitted_on": "mini world tuning set"})
+        r._version = None
+    held = {k: calibration.prepare(r, v, top_k) for k, v in retrieval_cases(True, sizes, base).items()}
+    return {"library": str(library), "adapters": len(r.rows), "top_k": top_k, "thresholds": thresholds,
+            "tuning": _measure(r, tune, label_of, top_k, thresholds),
+            "held_out": _measure(r, held, label_of, top_k, thresholds),
+            "curves": calibration.curves(r, [c for k, v in tune.items() if "OOV" not in k for c in v], label_of,
+                                         thresholds, top_k, prepared=True)}
+
+
+def retrieval_markdown(rep: dict) -> str:
+    """The held-out precision/recall/false-positive table of one :func:`retrieval_report`."""
+    th = ", ".join(f"{k} {v:g}" for k, v in rep["thresholds"].items())
+    lines = [f"Retriever, `--loras auto` (top_k {rep['top_k']}), {rep['adapters']} adapters; thresholds fitted on the "
+             f"tuning set ({th}), measured on the held-out set:", "",
+             "| prompt set | prompts | precision | recall | prompts with any pick (base-only) |", "|---|---|---|---|---|"]
+    for name, r in rep["held_out"].items():
+        fp = f"{r['fp_rate']:.3f}" if name.startswith("base") else ""
+        lines.append(f"| {name} | {r['prompts']} | {r['precision']:.3f} | {r['recall']:.3f} | {fp} |")
+    return "\n".join(lines)
 
 
 def evaluate(pipe, detector, strategies, sizes=(2, 3, 4), seeds: int = 2, steps: int = 20,
@@ -178,6 +347,7 @@ def evaluate(pipe, detector, strategies, sizes=(2, 3, 4), seeds: int = 2, steps:
     bar.close()
     if retrieval and pipe.library is not None:
         result["retrieval_recall_at_k"] = retrieval_recall(pipe, combos, seed=seed)
+        result["retrieval"] = retrieval_report(pipe, sizes=(1, *sizes), base=60 if len(combos) > 50 else 10)
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     if grid_path is not None and grid:
         save_grid(grid, grid_path)
@@ -249,10 +419,8 @@ def markdown(result: dict, command: str) -> str:
         for spec in LORAS:
             lines.append(f"| {spec.name} | {spec.category}={spec.value} | {c['base_on_lora_concepts'][spec.name]:.2f} | "
                          f"{c['lora_alone'][spec.name]:.2f} |")
-    if "retrieval_recall_at_k" in result:
-        r = result["retrieval_recall_at_k"]
-        lines += ["", "Retriever, `--loras auto` with top_k = k on the same prompts: "
-                  + ", ".join(f"recall@{k} {v:.3f}" for k, v in r.items())]
+    if "retrieval" in result:
+        lines += ["", retrieval_markdown(result["retrieval"])]
     return "\n".join(lines) + "\n"
 
 
