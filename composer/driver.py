@@ -1,18 +1,38 @@
 """Drive the denoiser from a strategy without touching the diffusers pipeline's code.
 
 Instead of swapping ``pipe.unet`` for a proxy object (which breaks attribute access such as
-``pipe.unet.config``, ``save_pretrained`` and offloading), the denoiser's ``forward`` is overridden on
-the instance for the length of one generation (the way accelerate's hooks do it) and restored after.
-For each call the driver asks the strategy for a :class:`~lora_composer.fusion.base.StepPlan`, writes the mixing
-tensor, runs the row groups that need computing (batched, in chunks under ``max_batch`` rows), reuses
-cached predictions for the others, and combines them into the prediction the pipeline expects.
+``pipe.unet.config``, ``save_pretrained`` and offloading), the driver registers a diffusers model hook
+(:mod:`diffusers.hooks`) on the denoiser for the length of one generation and removes it after. Being one
+more hook in diffusers' own chain, it composes with group offloading and cache hooks registered before
+it: each of its passes runs through them. For each call the driver asks the strategy for a
+:class:`~lora_composer.fusion.base.StepPlan`, writes the mixing tensor, runs the row groups that need
+computing (batched, in chunks under ``max_batch`` rows), reuses cached predictions for the others, and
+combines them into the prediction the pipeline expects.
+
+The sample and the timestep are found through the denoiser class's ``forward`` signature (``sample``
+for a UNet, ``hidden_states`` for a DiT; positional or keyword), so any calling convention works.
+
+Cache hooks (e.g. ``apply_first_block_cache``) keep their state per cache context (``"cond"``...). With
+several row groups, each pass runs under a context of its own, named after the pipeline's and the
+row groups it carries: a cache then only ever compares a pass with the previous pass of the same row
+groups (same adapters, same batch size), never one adapter's rows with another's. The cache decides
+for a pass as a whole (as it does for a CFG batch), not per row group.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
 
 from lora_composer.fusion.base import StepPlan, Strategy
+
+HOOK_NAME = "lora_composer_driver"
+_SAMPLE_NAMES = ("sample", "hidden_states", "x")
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 
 
 def _repeat(value, batch: int, groups: int):
@@ -26,8 +46,7 @@ def _repeat(value, batch: int, groups: int):
     return value
 
 
-def _timestep(args, kwargs) -> float | None:
-    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+def _as_float(t) -> float | None:
     if isinstance(t, torch.Tensor):
         return float(t.flatten()[0]) if t.numel() else None
     return None if t is None else float(t)
@@ -42,6 +61,53 @@ def _with_sample(output, sample: torch.Tensor):
         return (sample, *output[1:])
     output.sample = sample
     return output
+
+
+class _Signature:
+    """Names a denoiser call's arguments from the model class's ``forward`` signature."""
+
+    def __init__(self, module: torch.nn.Module):
+        sig = inspect.signature(type(module).forward)
+        params = list(sig.parameters.values())[1:]  # without self
+        self.signature = sig.replace(parameters=params)
+        names = [p.name for p in params]
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.sample = next((n for n in _SAMPLE_NAMES if n in names), positional[0] if positional else "sample")
+        self.timestep = next((n for n in _TIMESTEP_NAMES if n in names), "timestep")
+        self.var_keyword = next((p.name for p in params if p.kind == p.VAR_KEYWORD), None)
+
+    def inputs(self, args, kwargs) -> dict:
+        """``{parameter name: value}`` for one call (``**kwargs`` spread out)."""
+        try:
+            bound = self.signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:  # a call the signature does not describe: keyword arguments only
+            bound = dict(kwargs)
+        inputs = dict(bound)
+        if self.var_keyword in inputs:
+            inputs.update(inputs.pop(self.var_keyword))
+        return inputs
+
+
+class _DriverHook(ModelHook):
+    """The driver's place in diffusers' hook chain: every call of the denoiser goes to the driver."""
+
+    def __init__(self, driver: "DenoiserDriver"):
+        super().__init__()
+        self.driver = driver
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.driver(*args, **kwargs)
+
+
+def _state_managers(module: torch.nn.Module) -> list[StateManager]:
+    """The state managers of the stateful (cache) hooks registered on ``module`` and its submodules."""
+    found: dict[int, StateManager] = {}
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        for hook in getattr(registry, "hooks", {}).values():
+            if getattr(hook, "_is_stateful", False):
+                found.update((id(v), v) for v in vars(hook).values() if isinstance(v, StateManager))
+    return list(found.values())
 
 
 class DenoiserDriver:
@@ -64,18 +130,38 @@ class DenoiserDriver:
         self.calls = 0
         self.rows = 0
         self._cache: dict[int, torch.Tensor] = {}
-        self._saved = None
         self._last_output = None
+        self._signature = _Signature(denoiser)
+        self._hook: _DriverHook | None = None
+        self._had_registry = False
+        self._saved_forward = None
+        self._managers: list[StateManager] = []
 
     def _slot_rows(self, weights: torch.Tensor) -> torch.Tensor:
-        """``[groups, adapters]`` in strategy order -> ``[groups, slots]`` (other slots at 0)."""
+        """``[row groups, adapters]`` in strategy order -> ``[row groups, slots]`` (other slots at 0)."""
         rows = torch.zeros(weights.shape[0], self.runtime.denoiser_mix.slots)
         for i, name in enumerate(self.adapters):
             rows[:, self.runtime.slots[name]] = weights[:, i]
         return rows
 
+    def _forward(self, chunk: list[int] | None, args, kwargs):
+        """The rest of the hook chain; with ``chunk``, under a cache context of its own (module doc)."""
+        forward = self._hook.fn_ref.original_forward
+        outer = [m._context for m in self._managers]
+        if chunk is None or not any(outer):
+            return forward(*args, **kwargs)
+        try:
+            for m, ctx in zip(self._managers, outer):
+                if ctx is not None:
+                    name = f"{ctx.name}/row groups {','.join(map(str, chunk))}"
+                    m.set_context(dataclasses.replace(ctx, name=name))
+            return forward(*args, **kwargs)
+        finally:
+            for m, ctx in zip(self._managers, outer):
+                m.set_context(ctx)
+
     def _run(self, plan: StepPlan, groups: list[int], args, kwargs, batch: int):
-        """One denoiser pass over ``groups`` (row groups of one batch); returns (output, per-group samples)."""
+        """One denoiser pass over row ``groups`` of one batch; returns (output, per-group samples)."""
         def rows_of(w):
             return self._slot_rows(w[groups]).repeat_interleave(batch, dim=0)
 
@@ -83,31 +169,31 @@ class DenoiserDriver:
         self.runtime.set_denoiser_rows(rows_of(plan.weights), layer_rows or None)
         if len(groups) > 1:
             args, kwargs = _repeat(tuple(args), batch, len(groups)), _repeat(kwargs, batch, len(groups))
-        output = self._last_output = self._forward(*args, **kwargs)
+        chunk = groups if plan.row_groups > 1 else None
+        output = self._last_output = self._forward(chunk, args, kwargs)
         self.calls += 1
         self.rows += batch * len(groups)
         return output, _sample_of(output).split(batch, dim=0)
 
     def __call__(self, *args, **kwargs):
-        timestep = _timestep(args, kwargs)
-        names = ("sample", "timestep", "encoder_hidden_states")
-        inputs = {**dict(zip(names, args)), **kwargs}
+        inputs = self._signature.inputs(args, kwargs)
+        timestep = _as_float(inputs.get(self._signature.timestep))
         self.strategy.observe(self.step, timestep, inputs)
         plan = self.strategy.plan(self.step, timestep)
-        if plan.groups == 0:  # no adapters at all: the base model
+        if plan.row_groups == 0:  # no adapters at all: the base model
             plan = StepPlan(torch.zeros(1, len(self.adapters)))
         self.history.append(plan)
         self.step += 1
-        sample = kwargs["sample"] if "sample" in kwargs else args[0]
+        sample = inputs[self._signature.sample]
         batch = sample.shape[0]
-        if plan.groups == 1 and plan.reuse is None:
+        if plan.row_groups == 1 and plan.reuse is None:
             return self._run(plan, [0], args, kwargs, batch)[0]
 
-        if len(self._cache) and max(self._cache) >= plan.groups:
+        if len(self._cache) and max(self._cache) >= plan.row_groups:
             self._cache.clear()
-        reuse = plan.reuse if plan.reuse is not None else torch.zeros(plan.groups, dtype=torch.bool)
-        todo = [g for g in range(plan.groups) if not (bool(reuse[g]) and g in self._cache)]
-        per_pass = max(1, (self.max_batch or batch * plan.groups) // batch)
+        reuse = plan.reuse if plan.reuse is not None else torch.zeros(plan.row_groups, dtype=torch.bool)
+        todo = [g for g in range(plan.row_groups) if not (bool(reuse[g]) and g in self._cache)]
+        per_pass = max(1, (self.max_batch or batch * plan.row_groups) // batch)
         output = None
         for start in range(0, len(todo), per_pass):
             chunk = todo[start : start + per_pass]
@@ -115,20 +201,26 @@ class DenoiserDriver:
             self._cache.update(zip(chunk, samples))
         if output is None:  # every group reused: no pass this step, same output type as the last one
             output = self._last_output
-        combine = plan.combine if plan.combine is not None else torch.full((plan.groups,), 1.0 / plan.groups)
-        mixed = sum(float(combine[g]) * self._cache[g] for g in range(plan.groups))
+        combine = plan.combine if plan.combine is not None else torch.full((plan.row_groups,), 1.0 / plan.row_groups)
+        mixed = sum(float(combine[g]) * self._cache[g] for g in range(plan.row_groups))
         return _with_sample(output, mixed.to(sample.dtype))
 
     def __enter__(self):
-        self._saved = self.denoiser.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's)
-        self._forward = self.denoiser.forward
-        self.denoiser.forward = self
+        self._had_registry = hasattr(self.denoiser, "_diffusers_hook")
+        self._saved_forward = self.denoiser.__dict__.get("forward")  # an instance-level forward, if any
+        self._hook = _DriverHook(self)
+        HookRegistry.check_if_exists_or_initialize(self.denoiser).register_hook(self._hook, HOOK_NAME)
+        self._managers = _state_managers(self.denoiser)
         return self
 
     def __exit__(self, *exc):
-        if self._saved is not None:
-            self.denoiser.forward = self._saved
-        else:
-            del self.denoiser.forward
+        registry = self.denoiser._diffusers_hook
+        was_last = registry._hook_order[-1:] == [HOOK_NAME]  # else a later hook keeps the chain's head
+        registry.remove_hook(HOOK_NAME, recurse=False)
+        if was_last and self._saved_forward is None:
+            self.denoiser.__dict__.pop("forward", None)  # remove_hook leaves a bound method on the instance
+        if not self._had_registry and not registry.hooks:
+            del self.denoiser._diffusers_hook
         self._cache.clear()
+        self._managers = []
         return False

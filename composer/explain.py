@@ -1,7 +1,7 @@
 """Heatmaps of the adapter weights a generation actually applied: which adapter dominated when, and where.
 
 The numbers come from the denoiser driver's history (one ``StepPlan`` per denoiser call), so they show
-what ran, not what was asked for. A plan with several row groups contributes ``sum_g combine[g] *
+what ran, not what was asked for. A plan with several row groups (copies of the batch, not layer groups) contributes ``sum_g combine[g] *
 weights[g, i]``: each adapter's share of the combined prediction.
 """
 
@@ -18,7 +18,7 @@ from lora_composer.fusion.base import StepPlan
 def _combine(plan: StepPlan) -> torch.Tensor:
     if plan.combine is not None:
         return plan.combine.float()
-    return torch.full((plan.groups,), 1.0 / plan.groups)
+    return torch.full((plan.row_groups,), 1.0 / plan.row_groups)
 
 
 def effective_weights(history: list[StepPlan]) -> torch.Tensor:
@@ -27,7 +27,7 @@ def effective_weights(history: list[StepPlan]) -> torch.Tensor:
 
 
 def layer_group_weights(history: list[StepPlan]) -> tuple[list[str], torch.Tensor] | None:
-    """``(groups, [groups, adapters])``: per layer group weights averaged over the steps, or None."""
+    """``(layer groups, [layer groups, adapters])``: weights per layer group averaged over the steps, or None."""
     plans = [p for p in history if p.layer_weights]
     if not plans:
         return None

@@ -231,7 +231,9 @@ class ComposerPipeline:
         seed = random.randrange(2**32) if seed is None else int(seed)
         device = getattr(self.pipe, "_execution_device", None) or torch.device("cpu")
         generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
-        context = {"runtime": self.runtime, "pipe": self.pipe, "adapters": [by_name[n][0] for n in names]}
+        from lora_composer.fusion import StrategyContext
+
+        context = StrategyContext.from_pipeline(self.pipe, self.runtime, [by_name[n][0] for n in names], guidance_scale)
         try:
             strat.begin(names, [by_name[n][1].unet_weight for n in names], num_inference_steps, context)
         except ComposerError:

@@ -4,29 +4,35 @@ For each denoiser call a strategy answers: how much of each adapter acts in each
 optionally, in each layer group), which row groups must be computed now and which may reuse their
 last prediction, and how the groups' predictions are combined.
 
-``weights[g, i]`` is adapter ``i``'s denoiser weight in row group ``g``. With one group the whole batch
-shares the weights. With ``G`` groups the batch is run once per group (as row groups of one batched pass
-where memory allows) and the predictions are combined as ``sum_g combine[g] * pred_g`` (the mean by
-default): LoRA Composite without ``G`` sequential passes.
+Two kinds of groups, not to be confused:
+
+- **row groups** (``StepPlan.row_groups``): copies of the batch, each with its own adapter weights.
+  ``weights[g, i]`` is adapter ``i``'s denoiser weight in row group ``g``. With one row group the whole
+  batch shares the weights. With ``G`` row groups the batch is run once per group (as rows of one batched
+  pass where memory allows) and the predictions are combined as ``sum_g combine[g] * pred_g`` (the mean by
+  default): LoRA Composite without ``G`` sequential passes.
+- **layer groups** (``StepPlan.layer_weights`` keys, ``StrategyContext.layer_groups``): blocks of the
+  denoiser (``unet.down_blocks.1``...) that may get their own weights within every row group.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 
 @dataclass
 class StepPlan:
-    """What one denoiser call does.
+    """What one denoiser call does (``G`` = ``row_groups``).
 
-    - ``weights``: ``[groups, adapters]``.
-    - ``layer_weights``: optional ``{layer group: [groups, adapters]}`` overriding ``weights`` in those layer
-      groups (e.g. ``unet.down_blocks.1``; see ``lora_composer.runtime.layer_group``).
-    - ``combine``: optional ``[groups]`` weights of the groups' predictions (default: the mean).
-    - ``reuse``: optional ``[groups]`` booleans: reuse that group's last prediction instead of computing it
+    - ``weights``: ``[G, adapters]``, one row per row group.
+    - ``layer_weights``: optional ``{layer group: [G, adapters]}`` overriding ``weights`` in those layer
+      groups (e.g. ``unet.down_blocks.1``; see ``lora_composer.vocab.layer_group``).
+    - ``combine``: optional ``[G]`` weights of the row groups' predictions (default: the mean).
+    - ``reuse``: optional ``[G]`` booleans: reuse that row group's last prediction instead of computing it
       (the driver computes it anyway when nothing is cached yet).
     """
 
@@ -36,25 +42,80 @@ class StepPlan:
     reuse: torch.Tensor | None = None
 
     @property
-    def groups(self) -> int:
+    def row_groups(self) -> int:
+        """Number of row groups (copies of the batch), not layer groups."""
         return int(self.weights.shape[0])
 
 
+@dataclass
+class StrategyContext:
+    """What a strategy may read from the generation, given to :meth:`Strategy.begin`.
+
+    Every field has a default so a unit test can build one by hand (``StrategyContext()`` is a generation
+    with nothing known). ``ComposerPipeline`` fills all of them.
+
+    - ``adapters``: the generation's ``Adapter`` objects (factors, metadata), in the strategy's order.
+    - ``runtime``: the ``LoraRuntime`` (attached adapters, mixing tensors).
+    - ``layer_groups``: the denoiser's layer groups (``runtime.layer_groups()``), keys of ``layer_weights``.
+    - ``num_train_timesteps``: the scheduler's training timesteps (to turn a timestep into a noise level).
+    - ``cfg``: whether classifier-free guidance doubles the batch (``[negative, positive]``); ``None``
+      when unknown.
+    - ``pipe``: the diffusers pipeline, for anything else.
+    """
+
+    adapters: list = field(default_factory=list)
+    runtime: Any = None
+    layer_groups: list[str] = field(default_factory=list)
+    num_train_timesteps: int = 1000
+    cfg: bool | None = None
+    pipe: Any = None
+
+    def __post_init__(self):
+        if not self.layer_groups and self.runtime is not None:
+            self.layer_groups = list(self.runtime.layer_groups())
+
+    @classmethod
+    def from_pipeline(cls, pipe, runtime, adapters, guidance_scale: float | None = None) -> "StrategyContext":
+        """The context of one generation of ``pipe`` (a diffusers pipeline) at ``guidance_scale``.
+
+        ``cfg`` follows diffusers' UNet pipelines (``guidance_scale > 1`` without a guidance embedding,
+        ``time_cond_proj_dim``); it is computed here because the pipeline's own flag only holds during its call.
+        """
+        config = getattr(getattr(pipe, "scheduler", None), "config", None)
+        unet = getattr(pipe, "unet", None)
+        cfg = None
+        if guidance_scale is not None and unet is not None:
+            cfg = float(guidance_scale) > 1 and getattr(unet.config, "time_cond_proj_dim", None) is None
+        steps = getattr(config, "num_train_timesteps", None) or 1000
+        return cls(adapters=list(adapters), runtime=runtime, num_train_timesteps=int(steps), cfg=cfg, pipe=pipe)
+
+    def adapter(self, name: str):
+        """The ``Adapter`` named ``name``: given here, else attached to the runtime (``KeyError`` if neither)."""
+        for ad in self.adapters:
+            if ad.name == name:
+                return ad
+        return getattr(self.runtime, "adapters", {})[name]
+
+
 class Strategy(ABC):
-    """Decides per-step, per-row-group adapter weights. Subclasses set ``name`` and implement ``plan``."""
+    """Decides per-step, per-row-group (and optionally per-layer-group) adapter weights. Subclasses set ``name`` and implement ``plan``."""
 
     name: str = ""
 
-    def begin(self, adapters: list[str], weights: list[float], num_steps: int, context: dict | None = None) -> None:
+    def begin(
+        self, adapters: list[str], weights: list[float], num_steps: int, context: StrategyContext | None = None
+    ) -> None:
         """Called once per generation with the adapters (in order), their user weights and the step count.
 
-        ``context`` carries what some strategies need from the pipeline (e.g. the runtime, the prompt
-        embeddings, the catalog); strategies that need nothing ignore it.
+        ``context`` (a :class:`StrategyContext`) carries what some strategies need from the pipeline;
+        strategies that need nothing ignore it. ``None``: an empty context.
         """
         self.adapters = list(adapters)
         self.user_weights = torch.tensor([float(w) for w in weights], dtype=torch.float32)
         self.num_steps = int(num_steps)
-        self.context = context or {}
+        if context is not None and not isinstance(context, StrategyContext):
+            raise TypeError(f"context must be a StrategyContext, got {type(context).__name__}")
+        self.context = context if context is not None else StrategyContext()
 
     def observe(self, step: int, timestep: float | None, inputs: dict) -> None:
         """Called before ``plan`` with the denoiser call's inputs (``sample``, ``encoder_hidden_states``...),

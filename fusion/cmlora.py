@@ -114,7 +114,7 @@ class CMLoRAStrategy(Strategy):
     def _scores(self) -> tuple[dict[str, float], str]:
         if self.frequency_scores is not None:
             return {n: float(s) for n, s in self.frequency_scores.items() if n in self.adapters}, "scores"
-        adapters = [a for a in self.context.get("adapters") or [] if a.name in self.adapters]
+        adapters = [a for a in self.context.adapters if a.name in self.adapters]
         if adapters:
             from lora_composer.fusion.frequency import cached_scores
 

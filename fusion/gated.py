@@ -38,7 +38,7 @@ is read off the adapters themselves, once per generation, from how strongly each
 4. **Weights.** Adapter ``i`` gets ``user_weight[i] * gate`` in each layer group, so a gate of 1 is
    merge and the user's weights keep their meaning. The whole batch shares them (one row group).
 
-Every step's gates are kept in ``trace`` (``[layer groups, adapters]``, order in ``groups``) and, as
+Every step's gates are kept in ``trace`` (``[layer groups, adapters]``, order in ``layer_groups``) and, as
 weights, in the driver's ``history`` (``plan.layer_weights``): a layer-group x adapter heatmap per step.
 Text-encoder weights are not gated.
 """
@@ -149,7 +149,7 @@ class GatedStrategy(Strategy):
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if not self.power >= 0:
             raise ValueError(f"power must be >= 0, got {power}")
-        self.groups: list[str] = []
+        self.layer_groups: list[str] = []
         self.responses: torch.Tensor | None = None
         self.gates: torch.Tensor | None = None
         self.trace: list[torch.Tensor] = []
@@ -159,22 +159,19 @@ class GatedStrategy(Strategy):
         self.responses = None
         self.gates = None
         self.trace = []
-        runtime = self.context.get("runtime")
-        self.groups = runtime.layer_groups() if runtime is not None else []
-        scheduler = getattr(self.context.get("pipe"), "scheduler", None)
-        config = getattr(scheduler, "config", None)
-        self.train_timesteps = int(getattr(config, "num_train_timesteps", 1000) or 1000)
+        self.layer_groups = list(self.context.layer_groups)
+        self.train_timesteps = int(self.context.num_train_timesteps or 1000)
 
     def _adapter_objects(self) -> list:
-        given = {ad.name: ad for ad in self.context.get("adapters", [])}
-        runtime = self.context.get("runtime")
-        attached = getattr(runtime, "adapters", {}) if runtime is not None else {}
-        return [given.get(name) or attached[name] for name in self.adapters]
+        try:
+            return [self.context.adapter(name) for name in self.adapters]
+        except KeyError:  # a hand-built context without the Adapter objects: neutral gates
+            return []
 
     def _conditional(self, embeddings: torch.Tensor) -> torch.Tensor:
         """The conditional half of a CFG batch (diffusers concatenates [negative, positive])."""
-        cfg = getattr(self.context.get("pipe"), "do_classifier_free_guidance", None)
-        if cfg is None:
+        cfg = self.context.cfg
+        if cfg is None:  # unknown: an even batch of more than one row is taken for [negative, positive]
             cfg = embeddings.shape[0] % 2 == 0 and embeddings.shape[0] > 1
         if cfg and embeddings.shape[0] > 1:
             return embeddings[embeddings.shape[0] // 2 :]
@@ -185,15 +182,15 @@ class GatedStrategy(Strategy):
             return
         embeddings = inputs.get("encoder_hidden_states")
         adapters = self._adapter_objects() if self.adapters else []
-        if not self.groups:
-            self.groups = list(
+        if not self.layer_groups:  # no runtime given: the layer groups the adapters patch
+            self.layer_groups = list(
                 dict.fromkeys(layer_group(k) for ad in adapters for k in ad.deltas if k.split(".", 1)[0] in DENOISERS)
             )
         if isinstance(embeddings, torch.Tensor) and embeddings.dim() >= 2 and adapters:
             with torch.no_grad():
-                self.responses = prompt_responses(adapters, self.groups, self._conditional(embeddings.detach()))
+                self.responses = prompt_responses(adapters, self.layer_groups, self._conditional(embeddings.detach()))
         else:  # nothing to react to: neutral gates
-            self.responses = torch.ones(len(self.groups), len(self.adapters))
+            self.responses = torch.ones(len(self.layer_groups), len(self.adapters))
         self.gates = gates_from_responses(self.responses, self.temperature, self.per_adapter)
 
     def blend(self, step: int, timestep: float | None) -> float:
@@ -215,7 +212,7 @@ class GatedStrategy(Strategy):
         s = self.blend(step, timestep)
         gates = torch.ones_like(self.gates) if s == 0.0 else 1.0 + s * (self.gates - 1.0)
         self.trace.append(gates)
-        layer_weights = {g: (self.user_weights * gates[k]).unsqueeze(0) for k, g in enumerate(self.groups)}
+        layer_weights = {g: (self.user_weights * gates[k]).unsqueeze(0) for k, g in enumerate(self.layer_groups)}
         return StepPlan(weights, layer_weights=layer_weights or None)
 
     def describe(self) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lora_composer.errors import ComposerError
-from lora_composer.fusion.base import StepPlan, Strategy
+from lora_composer.fusion.base import StepPlan, Strategy, StrategyContext
 
 
 class SwitchOrderError(ComposerError, ValueError):
@@ -74,7 +74,9 @@ class SwitchStrategy(Strategy):
         self.order = _parse_order(order)
         self.rotation: list[int] = []
 
-    def begin(self, adapters: list[str], weights: list[float], num_steps: int, context: dict | None = None) -> None:
+    def begin(
+        self, adapters: list[str], weights: list[float], num_steps: int, context: StrategyContext | None = None
+    ) -> None:
         super().begin(adapters, weights, num_steps, context)
         names = list(self.order or [])
         unknown = [n for n in names if n not in self.adapters]

@@ -7,7 +7,7 @@ from lora_composer.explain import effective_weights, layer_group_weights, save_e
 from lora_composer.fusion.base import StepPlan
 
 
-def test_effective_weights_follow_groups_and_combine():
+def test_effective_weights_follow_row_groups_and_combine():
     history = [
         StepPlan(torch.tensor([[0.8, 0.5]])),
         StepPlan(torch.tensor([[1.0, 0.0], [0.0, 1.0]])),  # two row groups, averaged

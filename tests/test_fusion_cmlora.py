@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lora_composer.pipeline import ComposerPipeline
-from lora_composer.fusion import get_strategy
+from lora_composer.fusion import StrategyContext, get_strategy
 from lora_composer.fusion.cmlora import CMLoRAStrategy
 from lora_composer.fusion.frequency import CACHE_FILE, amplitude_spectrum, high_frequency_score, profile_adapters, radial_profile
 
@@ -51,10 +51,10 @@ def test_radial_profile_peaks_at_the_frequency_of_a_sinusoid():
 # -- schedule -----------------------------------------------------------------------------------------
 def test_schedule_order_weights_and_fallback():
     s = CMLoRAStrategy()
-    s.begin(["a", "b", "c"], [1.0, 1.0, 1.0], 8, {})
+    s.begin(["a", "b", "c"], [1.0, 1.0, 1.0], 8, StrategyContext())
     assert s.describe()["order_source"] == "given" and s.describe()["order"] == ["a", "b", "c"]
     assert [t for t in range(8) if s.refresh(t)] == [0, 2, 3, 6, 7]  # 2 on [0,3), 3 on [3,7), 2 on [7,8)
-    s.begin(["a", "b", "c"], [1.0, 1.0, 1.0], 200, {})
+    s.begin(["a", "b", "c"], [1.0, 1.0, 1.0], 200, StrategyContext())
     assert sum(s.refresh(t) for t in range(200)) == 38 + 34 + 13
     assert s.switch_every == 20 and s.dom_weight == 2.5
     plan = s.plan(25, None)  # second interval: the second adapter dominates
@@ -62,7 +62,7 @@ def test_schedule_order_weights_and_fallback():
     assert plan.reuse.tolist() == [True, False, True]  # 25 is not a refresh step (75 + 3k)
 
     s = CMLoRAStrategy(frequency_scores={"a": 0.1, "b": 0.9})  # c unscored: after the scored ones
-    s.begin(["a", "b", "c"], [0.5, 1.0, 1.0], 8, {})
+    s.begin(["a", "b", "c"], [0.5, 1.0, 1.0], 8, StrategyContext())
     assert s.describe()["order"] == ["b", "a", "c"]
     assert s.plan(0, None).weights.tolist() == [[0, 1, 0], [0.5, 0, 0], [0, 0, 1]]
     assert get_strategy("cmlora", cache=False).name == "cmlora"
@@ -195,7 +195,7 @@ def test_profile_is_cached_by_file_hash(sd15_pipe, make_lora, tmp_path, monkeypa
 
 def test_arguments_from_the_command_line_are_parsed():
     from lora_composer.errors import ComposerError
-    from lora_composer.fusion import get_strategy
+    from lora_composer.fusion import StrategyContext, get_strategy
 
     s = get_strategy("cmlora", cache_intervals="2,2,4", cache_bounds="0.25, 0.75", frequency_scores="a:0.1,b:0.9")
     assert s.cache_intervals == (2, 2, 4) and s.cache_bounds == (0.25, 0.75)

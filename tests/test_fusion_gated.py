@@ -9,6 +9,7 @@ import torch
 from lora_composer import tiny
 from lora_composer.adapters.types import Adapter, LayerDelta
 from lora_composer.errors import ComposerError
+from lora_composer.fusion import StrategyContext
 from lora_composer.pipeline import ComposerPipeline
 from lora_composer.runtime import LoraRuntime
 from lora_composer.fusion import get_strategy
@@ -84,27 +85,27 @@ def test_gates_follow_where_each_adapter_reacts(sd15_pipe):
     ehs = _encode(sd15_pipe)
     for per_adapter in (True, False):
         strat = GatedStrategy(schedule="constant", per_adapter=per_adapter)
-        strat.begin(["a", "b"], [0.8, 0.5], 2, {"runtime": rt, "pipe": sd15_pipe, "adapters": [a, b]})
+        strat.begin(["a", "b"], [0.8, 0.5], 2, StrategyContext(adapters=[a, b], runtime=rt, pipe=sd15_pipe))
         strat.observe(0, 900.0, {"sample": None, "encoder_hidden_states": ehs})
         plan = strat.plan(0, 900.0)
         groups = rt.layer_groups()
         assert set(plan.layer_weights) == set(groups) and "unet.down_blocks.1" in groups  # conv-only group
         cross = ["unet.down_blocks.0", "unet.mid_block", "unet.up_blocks.1"]
-        gates = {g: strat.trace[-1][strat.groups.index(g)] for g in cross}
+        gates = {g: strat.trace[-1][strat.layer_groups.index(g)] for g in cross}
         assert gates["unet.down_blocks.0"][0] > 1.5 > 0.5 > gates["unet.down_blocks.0"][1]
         for g in ("unet.mid_block", "unet.up_blocks.1"):
             assert gates[g][1] > 1.5 > 0.5 > gates[g][0] or not per_adapter
         r = strat.responses
-        torch.testing.assert_close(r[strat.groups.index("unet.down_blocks.1")], r[[strat.groups.index(g) for g in cross]].mean(0))
+        torch.testing.assert_close(r[strat.layer_groups.index("unet.down_blocks.1")], r[[strat.layer_groups.index(g) for g in cross]].mean(0))
         w = plan.layer_weights["unet.down_blocks.0"][0]
         torch.testing.assert_close(w, torch.tensor([0.8, 0.5]) * gates["unet.down_blocks.0"])
     # Without per-adapter normalisation the loud adapter (alpha 16 on rank 4) wins everywhere but B's home
     # groups still lean to B more than A's home group does.
     assert gates["unet.up_blocks.1"][1] > gates["unet.down_blocks.0"][1]
     # Responses come from the conditional half of the CFG batch ([negative, positive]) only.
-    strat.begin(["a", "b"], [0.8, 0.5], 2, {"runtime": rt, "pipe": sd15_pipe, "adapters": [a, b]})
+    strat.begin(["a", "b"], [0.8, 0.5], 2, StrategyContext(adapters=[a, b], runtime=rt, pipe=sd15_pipe))
     strat.observe(0, 900.0, {"encoder_hidden_states": torch.cat([torch.randn_like(ehs[1:]) * 50, ehs[1:]])})
-    torch.testing.assert_close(strat.responses, prompt_responses([a, b], strat.groups, ehs[1:]))
+    torch.testing.assert_close(strat.responses, prompt_responses([a, b], strat.layer_groups, ehs[1:]))
     # The response is computed once per generation: a second observe with other inputs changes nothing.
     before = strat.responses.clone()
     strat.observe(1, 500.0, {"encoder_hidden_states": torch.randn_like(ehs)})
@@ -114,7 +115,7 @@ def test_gates_follow_where_each_adapter_reacts(sd15_pipe):
 def test_schedules():
     early, late, const = (GatedStrategy(schedule=s) for s in ("early", "late", "constant"))
     for s in (early, late, const):
-        s.begin(["a"], [1.0], 4, {})
+        s.begin(["a"], [1.0], 4, StrategyContext())
     assert early.blend(0, 999.0) > early.blend(3, 10.0) and late.blend(0, 999.0) < late.blend(3, 10.0)
     assert const.blend(0, 999.0) == const.blend(3, 10.0) == 1.0
     assert early.blend(0, None) == 1.0 and early.blend(3, None) == 0.0  # no timestep: the step fraction

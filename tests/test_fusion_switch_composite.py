@@ -96,7 +96,7 @@ def test_switch_matches_diffusers_callback_switching(request, make_lora, family,
 
     assert np.abs(got - expected).max() < 1e-4
     assert np.abs(got - merged).max() > 1e-3  # switch is not merge: the comparison means something
-    assert len(plans) == STEPS and all(p.groups == 1 for p in plans)
+    assert len(plans) == STEPS and all(p.row_groups == 1 for p in plans)
     turns = [weights[(s // every) % 2] * np.eye(2)[(s // every) % 2] for s in range(STEPS)]
     assert np.allclose([p.weights[0].numpy() for p in plans], turns)
     assert record.strategy_args == {"every": every, "order": None}
@@ -169,7 +169,7 @@ def test_composite_chunked_equals_unchunked(sd15_pipe, make_lora):
     assert composer.last_driver.calls == STEPS * 3
     assert composer.last_driver.rows == STEPS * 2 * 3
     two_per_pass = _run(composer, files, weights, strategy="composite", max_batch=4)
-    assert composer.last_driver.calls == STEPS * 2  # groups {a, b} then {c}
+    assert composer.last_driver.calls == STEPS * 2  # row groups {a, b} then {c}
     assert np.abs(chunked - whole).max() < 1e-4
     assert np.abs(two_per_pass - whole).max() < 1e-4
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lora_composer.fusion
-from lora_composer.cli import main
+from lora_composer.frontends.cli import main
 from lora_composer.pipeline import ComposerPipeline
 
 CALL = dict(num_inference_steps=3, height=64, width=64, output_type="np", progress=False)
@@ -44,3 +44,24 @@ def test_strategy_from_cli(home, tmp_path, capsys, name):
     ])
     assert code == 0, capsys.readouterr().err
     assert out.is_file() and out.with_name(f"{name}.explain.png").is_file()
+
+
+@pytest.mark.parametrize("name", lora_composer.fusion.available())
+def test_strategy_begins_with_a_hand_built_context(name):
+    strat = lora_composer.fusion.get_strategy(name)
+    strat.begin(["a", "b"], [1.0, 0.5], 4, lora_composer.fusion.StrategyContext())
+    plan = strat.plan(0, 999.0)
+    assert plan.row_groups >= 1 and plan.weights.shape[1] == 2
+    with pytest.raises(TypeError, match="StrategyContext"):
+        strat.begin(["a"], [1.0], 4, {"runtime": None})  # the untyped dict of old
+
+
+def test_context_from_pipeline(sd15_pipe):
+    from lora_composer.runtime import LoraRuntime
+
+    rt = LoraRuntime(sd15_pipe)
+    ctx = lora_composer.fusion.StrategyContext.from_pipeline(sd15_pipe, rt, [], guidance_scale=5.0)
+    assert ctx.num_train_timesteps == sd15_pipe.scheduler.config.num_train_timesteps
+    assert ctx.cfg is True and ctx.runtime is rt and ctx.pipe is sd15_pipe
+    assert ctx.layer_groups == rt.layer_groups()
+    assert lora_composer.fusion.StrategyContext.from_pipeline(sd15_pipe, rt, [], guidance_scale=1.0).cfg is False
