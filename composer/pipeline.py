@@ -139,9 +139,11 @@ class ComposerPipeline:
 
     # -- generation ------------------------------------------------------------------------------
     def choose_loras(self, prompt: str, top_k: int | None = None, min_score: float | None = None) -> list:
-        """``loras="auto"``: the library's adapters of this pipeline's family that fit ``prompt``
-        (:mod:`retriever`), as ``[(path, weight)]``; the matches with their reasons are kept in
-        ``last_retrieval``."""
+        """``loras="auto"``: the library's adapters of this pipeline's family that the prompt names, by coverage
+        (:mod:`retriever.selection`): at most ``top_k`` (default 4, a cap, not a target), each claim at its
+        kind's calibrated threshold, or at ``min_score`` for every kind when given. Returns ``[(path, weight)]``;
+        ``last_retrieval`` keeps the :class:`~lora_composer.retriever.Selection` (each pick's span and reason,
+        ``left_out``, and ``notice``: what the cap dropped, None when nothing; ``compose`` prints it)."""
         if self.library is None:
             raise ComposerError('loras="auto" needs a LoRA library (library=DIR, --library DIR)')
         from lora_composer.retriever import DEFAULT_TOP_K, retriever_for
@@ -150,11 +152,7 @@ class ComposerPipeline:
             self.runtime.set_weights(text={})
         found = retriever_for(self.pipe, self.library, family=self.runtime.family).select(
             prompt, top_k=DEFAULT_TOP_K if top_k is None else int(top_k), min_score=min_score)
-        if found.notice:  # the cap dropped a concept the prompt names
-            import warnings
-
-            warnings.warn(found.notice, stacklevel=2)
-        self.last_retrieval = found
+        self.last_retrieval = found  # found.notice: a concept the prompt names that the cap dropped
         return [(m.path, m.weight) for m in found]
 
     def _attach(self, refs: list[LoraRef], allow_pickle: bool) -> list[tuple[Adapter, LoraRef]]:
@@ -199,8 +197,9 @@ class ComposerPipeline:
         ``<lora:name:w>`` tags in the prompt are added to them and removed from the text. Each image's
         ``info`` holds its generation parameters (A1111 ``parameters`` and a ``lora-composer`` JSON).
         ``fuse=True`` folds static weights into the base weights for the call (restored exactly after).
-        ``loras="auto"`` lets the retriever choose up to ``top_k`` (3) adapters scoring at least ``min_score``
-        (0.3) for the prompt from the library's catalog; why is in ``last_retrieval``.
+        ``loras="auto"`` lets the retriever choose the adapters the prompt names from the library's catalog,
+        at most ``top_k`` (4), each above its calibrated per-kind threshold (``min_score``: one floor for
+        all); why, and what the cap dropped, is in ``last_retrieval`` (:meth:`choose_loras`).
         ``max_batch`` caps the rows of one denoiser pass when a strategy runs several row groups.
         ``guidance_scale`` defaults to the model's (:attr:`default_guidance`).
         """

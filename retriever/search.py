@@ -11,9 +11,10 @@ calibrated per-signal scores and the fused score (numpy, in place), then ``argpa
 ``max(RESCORE, 4 k)`` candidates. Stage 2 (numpy, candidates only): exact float32 rescoring and the final
 top-k. Up to :data:`BF16_ROWS` rows the compact copy is the float32 matrix itself (stage 1 is exact); above
 it, the copy is int8 with one scale per row and column block (a quarter of the float32 memory traffic,
-``torch._int_mm``; bfloat16 where int8 matmul is unavailable). Quantisation moves a cosine by about 1e-3,
-so a row outside the candidates would have to be within that of the k-th best fused score *and* behind
-:data:`RESCORE` others: the final ranking and scores are the exact ones
+``torch._int_mm``; bfloat16 where int8 matmul is unavailable) when that is faster on this CPU than float32
+(probed once per load, :func:`_fastest_scan`: without VNNI ``_int_mm`` is ~10x slower). Quantisation
+moves a cosine by about 1e-3, so a row outside the candidates would have to be within that of the k-th
+best fused score *and* behind :data:`RESCORE` others: the final ranking and scores are the exact ones
 (``tests/test_retriever.py::test_bf16_scan_matches_exact_ranking``).
 
 Fusion (noisy-OR of calibrated scores)::
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lora_composer.retriever.phrases import Vocabulary
+from lora_composer.retriever.phrases import Vocabulary, tokens
 from lora_composer.retriever.selection import Selection
 from lora_composer.retriever.selection import select as select_by_coverage
 from lora_composer.retriever.signals import lexical
@@ -216,10 +217,11 @@ class Retriever:
             keep *= 1.0 - SIGNAL_WEIGHTS[name] * c
         return 1.0 - keep
 
-    def search(self, prompt: str, limit: int | None = 20, signals=None) -> list[Match]:
+    def search(self, prompt: str, limit: int | None = 20, signals=None, include=()) -> list[Match]:
         """Every row with a positive fused score, best first (at most ``limit``).
 
-        ``signals`` restricts fusion to some signals (the benchmark's per-signal recall)."""
+        ``signals`` restricts fusion to some signals (the benchmark's per-signal recall); ``include``: row
+        positions also returned (after those, any score) wherever they rank."""
         self.refresh()
         n = len(self.rows)
         if n == 0:
@@ -227,9 +229,9 @@ class Retriever:
         enc = self.encoder.encode_one(prompt)
         text_q = enc.vector.numpy().astype(np.float32) if enc.vector is not None else None
         preview_q = self.preview.encode_text(prompt) if self.preview is not None else None
-        return self.search_encoded(prompt, enc, text_q, preview_q, limit=limit, signals=signals)
+        return self.search_encoded(prompt, enc, text_q, preview_q, limit=limit, signals=signals, include=include)
 
-    def search_encoded(self, prompt, enc, text_q, preview_q=None, limit=20, signals=None) -> list[Match]:
+    def search_encoded(self, prompt, enc, text_q, preview_q=None, limit=20, signals=None, include=()) -> list[Match]:
         n = len(self.rows)
         q, cols = self._query_matrix(enc, text_q, preview_q)
         k = n if limit is None else min(n, max(limit, 1))
@@ -250,15 +252,20 @@ class Retriever:
             cand = np.argpartition(-lex_all, c - 1)[:c]
         else:
             cand = np.arange(n)
+        include = np.asarray(sorted(set(int(i) for i in include)), dtype=np.int64)
+        if len(include) and c < n:
+            cand = np.union1d(cand, include)
         s_c = self.matrix[cand] @ q if q.shape[1] else np.zeros((len(cand), 0), np.float32)
         sig_c, best_tok = self._signals(s_c, cols, cand)
         sig_c["lexical"] = lex_all[cand]
         fused_c = self._fuse(pick(sig_c), len(cand))
         order = np.argsort(-fused_c, kind="stable")
+        top = [int(j) for j in order[:k] if fused_c[j] > 0]
+        if len(include):  # the rows asked for, wherever they rank
+            shown = set(top)
+            top += [int(j) for j in np.flatnonzero(np.isin(cand, include)) if j not in shown]
         out = []
-        for j in order:
-            if fused_c[j] <= 0 or len(out) >= k:
-                break
+        for j in top:
             i = int(cand[j])
             row = self.rows[i]
             m = Match(row, float(fused_c[j]))
@@ -363,7 +370,7 @@ class Retriever:
         """The adapters the prompt names, by coverage (:mod:`.selection`), at most ``top_k``; ``min_score``
         replaces every calibrated per-kind threshold."""
         thresholds = self.thresholds_for(min_score)
-        return select_by_coverage(prompt, self.candidates(prompt, top_k), self.vocab, top_k, thresholds)
+        return select_by_coverage(prompt, self.candidates(prompt, top_k, thresholds), self.vocab, top_k, thresholds)
 
     def thresholds_for(self, min_score: float | None = None) -> dict:
         self.refresh()
@@ -371,40 +378,76 @@ class Retriever:
             return {k: float(min_score) for k in self.thresholds}
         return dict(self.thresholds)
 
-    def candidates(self, prompt: str, top_k: int = DEFAULT_TOP_K) -> list[Match]:
-        """The search's matches, plus (in libraries up to 5,000 rows) every other row with a zero score, so
-        a phrase the full-text index cannot see (a plural, a prefix) is still checked."""
+    def candidates(self, prompt: str, top_k: int = DEFAULT_TOP_K, thresholds: dict | None = None) -> list[Match]:
+        """The search's best ``max(4 top_k, 20)`` matches, plus every row whose phrase or description word the
+        prompt contains (:meth:`Vocabulary.rows_for`: also a plural or prefix the full-text index cannot see;
+        with ``thresholds``, a description word too common to reach its threshold is skipped), those rescored
+        with the rest. The work grows with these candidates, not with the catalog."""
         self.refresh()
-        small = len(self.rows) <= 5000
-        found = self.search(prompt, limit=None if small else max(4 * top_k, 50))
-        if small:
-            seen = {m.row.id for m in found}
-            found += [Match(r, 0.0) for r in self.rows if r.id not in seen]
-        return found
+        floor = (thresholds or {}).get("description", 0.0)
+        include = [self.by_id[i] for i in self.vocab.rows_for(tokens(prompt), floor) if i in self.by_id]
+        return self.search(prompt, limit=max(4 * top_k, 20), include=include)
+
+
+SCAN_DTYPE = None  # stage 1's compact copy above BF16_ROWS: None = the fastest here (probed), or "int8" / "bfloat16" / "float32"
 
 
 def _compact(matrix: np.ndarray, blocks: dict, compact: bool):
     """The stage-1 copy of ``matrix``: itself (float32), or int8 with a float32 scale per row and block
-    ``[n, blocks]``, blocks in column order (bfloat16 if this torch has no int8 matmul)."""
-    spans = sorted(blocks.values())
+    ``[n, blocks]``, blocks in column order, or bfloat16. Which one: :data:`SCAN_DTYPE`, else the fastest on
+    a probe of 4,096 rows: int8 matmul is 4x less memory traffic where the CPU has an int8 dot product
+    (VNNI), but on a CPU without one ``torch._int_mm`` and bfloat16 run 10x slower than float32."""
     t = torch.from_numpy(matrix)
     if not compact or not len(matrix):
         return t, None
-    try:
-        n = matrix.shape[0]
-        q8 = np.empty(matrix.shape, np.int8)
-        scale = np.ones((n, len(spans)), np.float32)
-        for b, (a, w) in enumerate(spans):
-            blk = matrix[:, a : a + w]
-            sc = np.abs(blk).max(1) / 127.0
-            sc[sc == 0] = 1.0
-            scale[:, b] = sc
-            q8[:, a : a + w] = np.rint(blk / sc[:, None])
-        scan = torch.from_numpy(q8)
-        torch._int_mm(scan[:32], torch.zeros((matrix.shape[1], 8), dtype=torch.int8))  # supported here?
-        return scan, scale
-    except Exception:  # noqa: BLE001 - no int8 matmul on this build: bfloat16 copy
+    kind = SCAN_DTYPE or _fastest_scan(matrix, blocks)
+    if kind == "int8":
+        q8, scale = _int8(matrix, blocks)
+        return torch.from_numpy(q8), scale
+    if kind == "bfloat16":
         return t.to(torch.bfloat16), None
+    return t, None
+
+
+def _int8(matrix: np.ndarray, blocks: dict) -> tuple[np.ndarray, np.ndarray]:
+    spans = sorted(blocks.values())
+    n = matrix.shape[0]
+    q8 = np.empty(matrix.shape, np.int8)
+    scale = np.ones((n, len(spans)), np.float32)
+    for b, (a, w) in enumerate(spans):
+        blk = matrix[:, a : a + w]
+        sc = np.abs(blk).max(1) / 127.0
+        sc[sc == 0] = 1.0
+        scale[:, b] = sc
+        q8[:, a : a + w] = np.rint(blk / sc[:, None])
+    return q8, scale
+
+
+def _fastest_scan(matrix: np.ndarray, blocks: dict, rows: int = 4096, cols: int = 24) -> str:
+    """The stage-1 dtype with the fastest ``[rows, D] @ [D, cols]`` product on this machine (best of 3)."""
+    import time
+
+    sample = np.ascontiguousarray(matrix[:rows])
+    q = np.random.default_rng(0).standard_normal((matrix.shape[1], cols)).astype(np.float32)
+    runs = {"float32": lambda: sample @ q}
+    try:
+        s8 = torch.from_numpy(_int8(sample, blocks)[0])
+        q8 = torch.from_numpy(np.rint(np.clip(q * 40, -127, 127)).astype(np.int8))
+        torch._int_mm(s8[:32], q8)  # supported here?
+        runs["int8"] = lambda: torch._int_mm(s8, q8)
+    except Exception:  # noqa: BLE001 - no int8 matmul on this build
+        sb, qb = torch.from_numpy(sample).to(torch.bfloat16), torch.from_numpy(q).to(torch.bfloat16)
+        runs["bfloat16"] = lambda: torch.mm(sb, qb)
+    best = {}
+    for name, run in runs.items():
+        run()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        best[name] = min(times)
+    return min(best, key=best.get)
 
 
 def format_table(matches: list[Match], root=None) -> str:

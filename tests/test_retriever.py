@@ -250,6 +250,14 @@ def test_cli_index_search_and_loras_auto(tmp_path, monkeypatch, capsys, pipe):
     out, err = capsys.readouterr()
     assert code == 0 and png.is_file(), err
     assert 'auto LoRAs: pix 0.8 (score 1.00: covers "pixel art" (trigger "pixel art"' in out and "LoRAs: pix 0.8" in out
+    # the cap drops a named concept: one clean line on stderr, no Python warning
+    code = main(["--prompt", "a plain castle in pixel art", "--loras", "auto", "--top-k", "1", "--library", str(lib),
+                 "--model", str(model), "--steps", "1", "--seed", "3", "--out", str(png)])
+    out, err = capsys.readouterr()
+    notes = [line for line in err.splitlines() if "cap of" in line]
+    assert code == 0 and notes == ['compose: note: --loras auto: the cap of 1 LoRA(s) left out plain ("plain"); '
+                                   'raise --top-k to use them'], err
+    assert "Warning" not in err and "auto LoRAs: pix 0.8" in out
     assert main(["--prompt", "x", "--loras", "auto", "--lora", "pix", "--library", str(lib), "--model", str(model),
                  "-q"]) == 2
     assert "leave out --lora" in capsys.readouterr().err
@@ -268,6 +276,7 @@ def test_int8_prefilter_keeps_the_exact_top_k(tmp_path, monkeypatch):
     results = {}
     for compact in (False, True):
         monkeypatch.setattr(rs, "BF16_ROWS", 0 if compact else 10**9)
+        monkeypatch.setattr(rs, "SCAN_DTYPE", "int8")
         r = Retriever(cat, encoder=None, family="sd15")
         r.blocks = {"text": (0, d), "weights": (d, m.shape[1] - d)}
         r.set_matrix(rows, m, present, d)

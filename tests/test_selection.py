@@ -90,3 +90,42 @@ def test_phrase_normalisation():
     assert stem("outlined") == stem("outlines") == stem("outline")
     assert content("in the style of pixel art") == ["styl", "pixel", "art"]
     assert VOCAB.generic >= {"background", "styl", "shap"} and "pixel" not in VOCAB.generic
+
+
+def test_phrase_index_names_only_the_rows_the_prompt_can_claim():
+    from lora_composer.retriever.phrases import tokens
+
+    ids = {r.name: r.id for r in ROWS}
+    got = {ROWS[i].name for i in VOCAB.rows_for(tokens("a star on a checkered background"))}
+    # "checkered" and "background" each appear with two other words (generic): checkered-bg needs both,
+    # checkered-floor needs "floor", absent here
+    assert got == {"star-shape", "checkered-bg"}, got
+    assert ids["wavy-bg"] not in VOCAB.rows_for([("backgrounds", stem("backgrounds"))])
+    # a prefix of 5+ letters reaches the row ("pixelated" -> pixel), a description word too ("hollow")
+    assert {ROWS[i].name for i in VOCAB.rows_for(tokens("pixelated"))} == {"pixel-style", "pixel-style-v2"}
+    assert "outline-style" in {ROWS[i].name for i in VOCAB.rows_for(tokens("a hollow square"))}
+
+
+def test_common_description_word_is_skipped_at_the_floor():
+    rows = [SimpleNamespace(id=i, name=f"f{i}", trigger_words=[f"t{i}"], description="glossy" if i < 50 else "matte",
+                            sha256=f"{i:064x}", tags=[], preferred_weight=None, path=f"/lib/f{i}.safetensors")
+            for i in range(100)]
+    rows[0].description = "glossy unique"
+    v = Vocabulary(rows)
+    from lora_composer.retriever.phrases import tokens
+
+    assert len(v.rows_for(tokens("glossy"), 0.0)) == 50      # every row that has it, without a floor
+    assert v.rows_for(tokens("glossy"), 0.35) == set()        # 0.6 * idf(50 of 100) < 0.35: no claim possible
+    assert v.rows_for(tokens("unique"), 0.35) == {0}
+
+
+def test_vocabulary_is_cheap_to_build():
+    """30,000 rows in well under the ~19 s the first version took (a loose bound for a loaded machine)."""
+    import time
+
+    rows = [SimpleNamespace(id=i, name=f"lora-{i}", trigger_words=[f"w{i % 5000}", f"w{(7 * i) % 5000}"],
+                            description=" ".join(f"w{(i * j) % 5000}" for j in range(12)), sha256="", tags=[],
+                            preferred_weight=None, path="") for i in range(30000)]
+    t0 = time.process_time()
+    Vocabulary(rows)
+    assert time.process_time() - t0 < 8.0

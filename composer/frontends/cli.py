@@ -219,6 +219,8 @@ def render(args) -> int:
     if args.loras == "auto":
         picked = getattr(pipe, "last_retrieval", [])
         print("auto LoRAs: " + ("; ".join(f"{m.name} {m.weight:g} (score {m.score:.2f}: {m.reason})" for m in picked) or "none matched"))
+        if getattr(picked, "notice", None):  # the cap dropped a concept the prompt names
+            _note(args, f"note: {picked.notice}")
     print(f"wrote {out} in {elapsed:.1f} s (seed {s['seed']}, {s['steps']} steps, {size}); LoRAs: {applied or 'none'}{explained}")
     return 0
 

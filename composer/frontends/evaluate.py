@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the base/LoRA-alone checks")
+    p.add_argument("--no-retrieval", dest="retrieval", action="store_false",
+                   help="skip the retriever's figures (selection precision/recall, --loras auto end to end)")
+    p.add_argument("--auto-combos", type=int, default=6, metavar="N",
+                   help="--loras auto vs hand-picked (merge), end to end: N combinations per size 1-4, captions and "
+                        "paraphrases, seed 2000 (16 N renders; default 6; 0: skip)")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="folder for results.json and grid.png")
     p.add_argument("--write-doc", type=Path, metavar="MD", help="also write the tables into this Markdown file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -56,7 +61,8 @@ def main(argv: list[str]) -> int:
         raise ComposerError(f"{assets.detector_path()}: {exc}") from None
     result = evaluate(pipe, detector, strategies, sizes=tuple(args.sizes), seeds=args.seeds, steps=args.steps,
                       guidance=assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
-                      grid_path=args.out / "grid.png", checks=args.checks, progress=not args.quiet)
+                      grid_path=args.out / "grid.png", checks=args.checks, progress=not args.quiet,
+                      retrieval=args.retrieval, auto_per_size=max(args.auto_combos, 0))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result, f"{PROG} {' '.join(argv)}".strip())

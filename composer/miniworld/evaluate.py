@@ -314,14 +314,76 @@ def retrieval_markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def auto_vs_hand(pipe, detector, sizes=(1, 2, 3, 4), per_size: int = 6, seed: int = 2000, strategy: str = "merge",
+                 steps: int = 20, guidance: float = assets.DEFAULT_GUIDANCE, top_k: int = 4, progress=None) -> dict:
+    """End to end: the all-concepts rate of ``loras="auto"`` against the hand-picked set (each LoRA at 1.0,
+    as in the strategy table), same prompt, strategy, seed and detector. ``per_size`` combinations of each
+    size in ``sizes`` (spread evenly over :func:`combinations`), each said two ways: the world's caption
+    (trigger words) and a held-out paraphrase; one image each, so ``2 x 2 x per_size x len(sizes)`` renders.
+    ``seed`` (scenes, paraphrases and renders) is not one the thresholds were fitted on (7) or reported on
+    (101). Also reported: how often auto picked exactly the wanted concepts."""
+    ev = Evaluator(pipe, detector, steps=steps, guidance=guidance, seeds=1)
+    rng = np.random.default_rng(seed)
+    label = {s.name: (s.category, s.value) for s in LORAS}
+    out: dict = {"strategy": strategy, "seed": seed, "sizes": list(sizes), "per_size": per_size, "top_k": top_k, "sets": {}}
+    for phrasing in ("trigger words", "paraphrases"):
+        out["sets"][phrasing] = {"hand": Tally(), "auto": Tally(), "exact_picks": 0, "prompts": 0}
+    i = 0
+    for k in sizes:
+        combos = combinations((k,))
+        for combo in [combos[j] for j in sorted(_grid_picks(combos, per_size))]:
+            scene = scene_for(combo, rng)
+            wanted = {s.category: s.value for s in combo}
+            base = {c: getattr(scene, c) for c in BASE_CATEGORIES if c not in wanted}
+            for phrasing, prompt in (("trigger words", world.caption(scene)), ("paraphrases", _paraphrase(scene, True, rng))):
+                rec = out["sets"][phrasing]
+                ev.run(prompt, [(s.name, 1.0) for s in combo], strategy, seed + i, rec["hand"], wanted, base)
+                t0 = time.perf_counter()
+                images = ev.pipe(prompt, loras="auto", top_k=top_k, strategy=strategy, seed=seed + i,
+                                 num_inference_steps=ev.steps, guidance_scale=ev.guidance, num_images_per_prompt=1,
+                                 progress=False)
+                rec["auto"].seconds += time.perf_counter() - t0
+                ev.judge(rec["auto"], images, wanted, base)
+                picked = [label.get(Path(m.path).stem) for m in ev.pipe.last_retrieval]
+                rec["exact_picks"] += sorted(map(str, picked)) == sorted(str((s.category, s.value)) for s in combo)
+                rec["prompts"] += 1
+                progress and progress(2)
+            i += 1
+    for phrasing, rec in out["sets"].items():
+        rec["hand"], rec["auto"] = rec["hand"].summary(), rec["auto"].summary()
+        rec["gap"] = round(rec["hand"]["all_concepts"] - rec["auto"]["all_concepts"], 4)
+    return out
+
+
+def auto_markdown(rep: dict) -> str:
+    """The end-to-end table of :func:`auto_vs_hand`."""
+    sizes = rep["sizes"]
+    lines = [f"End to end, `--loras auto` (top_k {rep['top_k']}) vs the hand-picked set, strategy {rep['strategy']}: "
+             f"{rep['per_size']} combinations per size ({', '.join(map(str, sizes))}), seed {rep['seed']}, one image "
+             "per prompt; all-concepts rate (goal: auto within 3 points of hand-picked):", "",
+             "| prompts | n | hand-picked | --loras auto | gap (points) | "
+             + " | ".join(f"auto, {k} LoRAs" for k in sizes) + " | auto picked exactly the wanted set |",
+             "|---|---|---|---|---|" + "---|" * len(sizes) + "---|"]
+    for phrasing, rec in rep["sets"].items():
+        by = rec["auto"]["by_size"]
+        lines.append(f"| {phrasing} | {rec['prompts']} | {rec['hand']['all_concepts']:.3f} | "
+                     f"{rec['auto']['all_concepts']:.3f} | {100 * rec['gap']:+.1f} | "
+                     + " | ".join(f"{by.get(k, by.get(str(k))):.3f}" for k in sizes)
+                     + f" | {rec['exact_picks']}/{rec['prompts']} |")
+    return "\n".join(lines)
+
+
 def evaluate(pipe, detector, strategies, sizes=(2, 3, 4), seeds: int = 2, steps: int = 20,
              guidance: float = assets.DEFAULT_GUIDANCE, seed: int = 0, grid_path: Path | None = None, checks: bool = True, retrieval: bool = True,
-             progress: bool = True) -> dict:
+             progress: bool = True, auto_per_size: int = 0) -> dict:
+    """The strategy table (and the checks, the retriever's figures); ``auto_per_size`` > 0 adds
+    :func:`auto_vs_hand` with that many combinations per size 1-4 (``2 x 2 x 4 x auto_per_size`` renders)."""
     from tqdm.auto import tqdm
 
     combos = combinations(sizes)
     ev = Evaluator(pipe, detector, steps=steps, guidance=guidance, seeds=seeds)
-    total = len(combos) * len(strategies) + (24 + len(LORAS) if checks else 0)
+    auto_per_size = auto_per_size if retrieval and pipe.library is not None else 0
+    total = len(combos) * len(strategies) + (24 + len(LORAS) if checks else 0) + 16 * auto_per_size
     bar = tqdm(total=total, desc="eval", unit="render", disable=not progress, dynamic_ncols=True)
     result: dict = {"protocol": {"sizes": list(sizes), "combinations": len(combos), "seeds": seeds, "steps": steps,
                                  "guidance": guidance, "strategies": list(strategies)}}
@@ -348,6 +410,9 @@ def evaluate(pipe, detector, strategies, sizes=(2, 3, 4), seeds: int = 2, steps:
     if retrieval and pipe.library is not None:
         result["retrieval_recall_at_k"] = retrieval_recall(pipe, combos, seed=seed)
         result["retrieval"] = retrieval_report(pipe, sizes=(1, *sizes), base=60 if len(combos) > 50 else 10)
+        if auto_per_size:
+            result["auto_vs_hand"] = auto_vs_hand(pipe, detector, per_size=auto_per_size, steps=steps, guidance=guidance,
+                                                  progress=bar.update)
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     if grid_path is not None and grid:
         save_grid(grid, grid_path)
@@ -421,6 +486,8 @@ def markdown(result: dict, command: str) -> str:
                          f"{c['lora_alone'][spec.name]:.2f} |")
     if "retrieval" in result:
         lines += ["", retrieval_markdown(result["retrieval"])]
+    if "auto_vs_hand" in result:
+        lines += ["", auto_markdown(result["auto_vs_hand"])]
     return "\n".join(lines) + "\n"
 
 
