@@ -168,6 +168,31 @@ class ComposerPipeline:
             raise
         return chosen
 
+    def _attach_derived(self, strat) -> tuple[dict[str, Adapter], dict]:
+        """Attach ``strat.derived_adapters()`` (:meth:`Strategy.derived_adapters`) for one call: each takes its
+        original's weights, the original gets 0. All or none are attached. Returns them by original,
+        and the weights to set back once they are detached."""
+        derived = dict(strat.derived_adapters() or {})
+        text, unet = self.runtime.text_mix.weights[0], self.runtime.denoiser_mix.weights[0]
+        before = {"unet": {n: float(unet[s]) for n, s in self.runtime.slots.items()},
+                  "text": {n: float(text[s]) for n, s in self.runtime.slots.items()}}
+        added = []
+        try:
+            for ad in derived.values():
+                self.runtime.add(ad)
+                added.append(ad.name)
+        except BaseException:
+            for name in added:
+                self.runtime.remove(name)
+            raise
+        if derived:  # (fusing folds these weights)
+            weights = {k: dict(v) for k, v in before.items()}
+            for orig, ad in derived.items():
+                for w in weights.values():
+                    w[ad.name], w[orig] = w.get(orig, 0.0), 0.0
+            self.runtime.set_weights(**weights)
+        return derived, before
+
     def __call__(
         self,
         prompt: str,
@@ -246,10 +271,12 @@ class ComposerPipeline:
         denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer")
         self.pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)
         fused = fuse and strat.static and bool(names)
+        derived, weights_before = self._attach_derived(strat)
         try:
             if fused:
                 self.runtime.fuse()
-            with DenoiserDriver(self.runtime, denoiser, strat, names, max_batch=max_batch) as driver:
+            driven = [derived[n].name if n in derived else n for n in names]
+            with DenoiserDriver(self.runtime, denoiser, strat, driven, max_batch=max_batch) as driver:
                 out = self.pipe(
                     prompt=clean_prompt,
                     negative_prompt=negative_prompt,
@@ -264,6 +291,10 @@ class ComposerPipeline:
         finally:
             if fused:
                 self.runtime.unfuse()
+            for ad in derived.values():  # a strategy's derived adapters act for this call only
+                self.runtime.remove(ad.name)
+            if derived:
+                self.runtime.set_weights(**weights_before)
         self.last_driver = driver
         images = out.images
         if hasattr(images, "shape"):  # output_type="np" or "pt": [batch, h, w, c] / [batch, c, h, w]

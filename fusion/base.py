@@ -131,6 +131,17 @@ class Strategy(ABC):
         """True when every step gets the same single-group weights (so the deltas may be fused)."""
         return False
 
+    def derived_adapters(self) -> dict | None:
+        """Optional, for static strategies that rewrite the adapters themselves (e.g. activation-matched fusion).
+
+        Called once after :meth:`begin`: ``{original name: Adapter}``, each derived adapter under a name not
+        attached yet. ``ComposerPipeline`` attaches them for this call only, gives each its original's text-encoder
+        weight (the originals act with weight 0) and drives them in the originals' places (``plan`` weights keep
+        the strategy's order), fuses them when asked, then detaches them: the pipeline is exactly as before.
+        ``None`` (default): the originals act.
+        """
+        return None
+
     @abstractmethod
     def plan(self, step: int, timestep: float | None) -> StepPlan:
         """Weights for denoiser call ``step`` (0-based) at ``timestep``."""
