@@ -7,7 +7,8 @@ more hook in diffusers' own chain, it composes with group offloading and cache h
 it: each of its passes runs through them. For each call the driver asks the strategy for a
 :class:`~lora_composer.fusion.base.StepPlan`, writes the mixing tensor, runs the row groups that need
 computing (batched, in chunks under ``max_batch`` rows), reuses cached predictions for the others, and
-combines them into the prediction the pipeline expects.
+combines them into the prediction the pipeline expects (``strategy.combine``: the plan's linear ``combine``
+weights unless the strategy combines otherwise).
 
 The sample and the timestep are found through the denoiser class's ``forward`` signature (``sample``
 for a UNet, ``hidden_states`` for a DiT; positional or keyword), so any calling convention works.
@@ -201,8 +202,9 @@ class DenoiserDriver:
             self._cache.update(zip(chunk, samples))
         if output is None:  # every group reused: no pass this step, same output type as the last one
             output = self._last_output
-        combine = plan.combine if plan.combine is not None else torch.full((plan.row_groups,), 1.0 / plan.row_groups)
-        mixed = sum(float(combine[g]) * self._cache[g] for g in range(plan.row_groups))
+        predictions = torch.stack([self._cache[g] for g in range(plan.row_groups)])
+        combine = getattr(self.strategy, "combine", None) or (lambda p, pl: Strategy.combine(self.strategy, p, pl))
+        mixed = combine(predictions, plan)
         return _with_sample(output, mixed.to(sample.dtype))
 
     def __enter__(self):

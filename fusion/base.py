@@ -146,6 +146,15 @@ class Strategy(ABC):
     def plan(self, step: int, timestep: float | None) -> StepPlan:
         """Weights for denoiser call ``step`` (0-based) at ``timestep``."""
 
+    def combine(self, predictions: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """The denoiser call's prediction from its row groups' predictions (``[G, batch, ...]``, in row-group
+        order; ``plan`` is this call's plan). Called by the driver when ``plan`` has several row groups or
+        ``reuse``. Default: ``sum_g plan.combine[g] * predictions[g]`` (the mean without ``combine``).
+        Strategies that combine non-linearly (per patch, per CFG half: ``context.cfg`` says whether the
+        batch is ``[negative, positive]``) override it."""
+        weights = plan.combine if plan.combine is not None else torch.full((plan.row_groups,), 1.0 / plan.row_groups)
+        return sum(float(weights[g]) * predictions[g] for g in range(plan.row_groups))
+
     def describe(self) -> dict:
         """Parameters recorded with the image (override to add the strategy's own)."""
         return {}
