@@ -16,6 +16,11 @@ def _looks_like_path(ref: str) -> bool:
     return "/" in ref or os.sep in ref or ref.lower().endswith(LORA_EXTENSIONS) or ref.startswith("~")
 
 
+def _explicit_path(ref: str) -> bool:
+    """``/x``, ``./x``, ``../x``, ``~/x``: a file the user points at, never a name in the library."""
+    return os.path.isabs(ref) or ref.startswith(("./", "../", "~", ".\\", "..\\"))
+
+
 def list_loras(library: str | os.PathLike | None) -> list[Path]:
     """Every adapter file under ``library`` (recursively), sorted by name then path."""
     if library is None:
@@ -50,8 +55,9 @@ def resolve_lora(ref: str | os.PathLike, library: str | os.PathLike | None) -> P
 
     An existing file is used as is. Otherwise ``ref`` is a name (``ink-style``, ``ink-style.safetensors``
     or ``styles/ink-style``) looked up in ``library``: a file under the library whose stem matches
-    case-insensitively. Raises :class:`ComposerError` with a one-line message (with suggestions) when
-    nothing matches.
+    case-insensitively. Raises :class:`ComposerError` with a one-line message when nothing matches:
+    ``PATH: file not found`` for a path (absolute, ``./``, ``../``, ``~``, or not found in the library
+    either) and ``unknown LoRA 'NAME' in LIBRARY (did you mean: ...)`` for a name.
     """
     text = os.fspath(ref).strip()
     if not text:
@@ -61,9 +67,9 @@ def resolve_lora(ref: str | os.PathLike, library: str | os.PathLike | None) -> P
         return path
     if path.is_dir():
         raise ComposerError(f"{path} is a folder, not a LoRA file")
+    if _explicit_path(text) or (library is None and _looks_like_path(text)):
+        raise ComposerError(f"{text}: file not found")
     if library is None:
-        if _looks_like_path(text):
-            raise ComposerError(f"LoRA file {text} not found")
         raise ComposerError(f"unknown LoRA {text!r}: no such file, and no LoRA library given (use --library DIR)")
     root = _check_library(library)
     inside = root / text
@@ -85,6 +91,10 @@ def resolve_lora(ref: str | os.PathLike, library: str | os.PathLike | None) -> P
             raise ComposerError(f"LoRA name {text!r} is ambiguous in {root}: {listed}; give the path")
         return matches[0]
     names = sorted({p.stem for p in files}, key=str.lower)
+    if _looks_like_path(text):
+        raise ComposerError(
+            f"{text}: file not found, and no LoRA of that name in {root} ({_suggest(Path(_stem(text)).name, names)})"
+        )
     raise ComposerError(f"unknown LoRA {text!r} in {root} ({_suggest(_stem(text), names)})")
 
 

@@ -137,6 +137,56 @@ class ComposerPipeline:
         self.runtime.clear()
         self._files.clear()
 
+    # -- limits ----------------------------------------------------------------------------------
+    BUDGET_STEPS = 50  # the pixel x step budget: 4x the native size per side at this many steps
+
+    def size_rules(self) -> tuple[int, tuple[int, int] | None]:
+        """``(multiple, native (height, width))``: width and height must be multiples of the VAE scale factor
+        times the denoiser's downsampling; the native size is the default one (``None`` if unknown)."""
+        unet = getattr(self.pipe, "unet", None)
+        denoiser = unet if unet is not None else getattr(self.pipe, "transformer", None)
+        config = getattr(denoiser, "config", None)
+        vae = int(getattr(self.pipe, "vae_scale_factor", 8) or 8)
+        if unet is not None:
+            down = 2 ** max(len(getattr(config, "block_out_channels", ())) - 1, 0)
+        else:  # a transformer packs patch_size x patch_size latents (Flux: 2x2 whatever its config says)
+            down = max(int(getattr(config, "patch_size", 2) or 2), 2)
+        sample = getattr(self.pipe, "default_sample_size", None) or getattr(config, "sample_size", None)
+        if isinstance(sample, (list, tuple)):
+            native = (int(sample[0]) * vae, int(sample[-1]) * vae)
+        else:
+            native = (int(sample) * vae, int(sample) * vae) if sample else None
+        return vae * down, native
+
+    def check_size(self, height=None, width=None, steps: int = 20, images: int = 1, limits: bool = True) -> None:
+        """Refuse, in one line, a size this model cannot render (not a multiple of :meth:`size_rules`) and,
+        unless ``limits=False``, pixels x steps x images above the budget: 4x the native size per side at
+        :attr:`BUDGET_STEPS` steps (such renders are slow and may run out of memory)."""
+        multiple, native = self.size_rules()
+        for key, value in (("width", width), ("height", height)):
+            if value is None:
+                continue
+            value = int(value)
+            if value < 1:
+                raise ComposerError(f"{key}={value}: must be a positive multiple of {multiple} for this model")
+            if value % multiple:
+                lower = value // multiple * multiple
+                near = f"{lower} or {lower + multiple}" if lower else f"{multiple} or more"
+                raise ComposerError(f"{key}={value}: must be a multiple of {multiple} for this model ({near})")
+        if not limits or native is None:
+            return
+        h, w = int(height or native[0]), int(width or native[1])
+        bh, bw = 4 * native[0], 4 * native[1]
+        ratio = h * w * int(steps) * int(images) / (bh * bw * self.BUDGET_STEPS)
+        if ratio > 1:
+            times = f"{int(ratio * 10 + 0.99) / 10:g}x" if ratio < 10 else f"{round(ratio)}x"  # never "1x"
+            many = f" x {int(images)} images" if int(images) > 1 else ""
+            raise ComposerError(
+                f"{w}x{h} at {int(steps)} steps{many} is {times} this model's budget of {bw}x{bh} at "
+                f"{self.BUDGET_STEPS} steps (4x its native {native[1]}x{native[0]} per side; larger renders are "
+                "slow and may run out of memory): pass limits=False to render anyway"
+            )
+
     # -- generation ------------------------------------------------------------------------------
     def choose_loras(self, prompt: str, top_k: int | None = None, min_score: float | None = None) -> list:
         """``loras="auto"``: the library's adapters of this pipeline's family that the prompt names, by coverage
@@ -214,6 +264,7 @@ class ComposerPipeline:
         callback=None,
         top_k: int | None = None,
         min_score: float | None = None,
+        limits: bool = True,
         **pipe_kwargs,
     ):
         """Render ``prompt`` with ``loras`` composed by ``strategy``; returns a list of PIL images.
@@ -226,8 +277,11 @@ class ComposerPipeline:
         at most ``top_k`` (4), each above its calibrated per-kind threshold (``min_score``: one floor for
         all); why, and what the cap dropped, is in ``last_retrieval`` (:meth:`choose_loras`).
         ``max_batch`` caps the rows of one denoiser pass when a strategy runs several row groups.
-        ``guidance_scale`` defaults to the model's (:attr:`default_guidance`).
+        ``guidance_scale`` defaults to the model's (:attr:`default_guidance`). Sizes must be multiples of the
+        model's (:meth:`check_size`); ``limits=False`` lifts the pixel x step budget.
+        Non-finite latents (an extreme LoRA weight) raise :class:`ComposerError` at the step they appear.
         """
+        self.check_size(height, width, num_inference_steps, num_images_per_prompt, limits=limits)
         if guidance_scale is None:
             guidance_scale = self.default_guidance
         start = time.perf_counter()
@@ -251,6 +305,24 @@ class ComposerPipeline:
             words = [w for w in dict.fromkeys(words) if w.lower() not in clean_prompt.lower()]
             if words:
                 clean_prompt = ", ".join([p for p in [clean_prompt, *words] if p])
+
+        # NaN/inf latents would decode to a black image: stop at the step they appear, naming the likely cause
+        theirs = pipe_kwargs.get("callback_on_step_end")
+        if "latents" in getattr(self.pipe, "_callback_tensor_inputs", ()) and not hasattr(theirs, "tensor_inputs"):
+            def check_finite(pipe, step, timestep, kwargs, _theirs=theirs):
+                latents = kwargs.get("latents")
+                if torch.is_tensor(latents) and not bool(torch.isfinite(latents).all()):
+                    weights = [(max((r.te_weight, r.unet_weight), key=abs), n) for n, (_, r) in by_name.items()]
+                    heaviest = max(weights, key=lambda wn: abs(wn[0]), default=(0.0, ""))
+                    cause = (f"the LoRA weights are the likely cause (the largest: {heaviest[1]} at {heaviest[0]:g}; "
+                             "usual weights are between -2 and 2)" if abs(heaviest[0]) > 2 else
+                             f"likely causes: the model in {latents.dtype}, guidance scale {guidance_scale:g}"
+                             + (f", the LoRAs {', '.join(by_name)}" if by_name else ""))
+                    raise ComposerError(f"non-finite values (NaN/inf) at step {step + 1} of {num_inference_steps}, "
+                                        f"no image produced: {cause}")
+                return _theirs(pipe, step, timestep, kwargs) if _theirs is not None else kwargs
+
+            pipe_kwargs["callback_on_step_end"] = check_finite
 
         seed = random.randrange(2**32) if seed is None else int(seed)
         device = getattr(self.pipe, "_execution_device", None) or torch.device("cpu")

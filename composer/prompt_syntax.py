@@ -16,6 +16,8 @@ from lora_composer.errors import ComposerError
 # A1111's extra-network regex is ``<(\w+):([^>]+)>``; only our kinds are taken out of the prompt, other
 # extra networks (``<hypernet:...>``) are left in place.
 _TAG_RE = re.compile(r"<(lora|lyco):([^<>]*)>", re.IGNORECASE)
+# what is left of a tag once the closed ones are out: ``<lora:name`` without its ``>``
+_OPEN_RE = re.compile(r"<(?:lora|lyco):[^<>]*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraRef]]:
     """Take the ``<lora:...>``/``<lyco:...>`` tags out of ``prompt``.
 
     Returns the tidied prompt and the references in order of appearance (duplicates are kept: the
-    caller decides). A malformed tag raises :class:`ComposerError` naming it.
+    caller decides). A malformed tag, or one left unclosed (``<lora:name`` without ``>``), raises
+    :class:`ComposerError` naming it.
     """
     refs: list[LoraRef] = []
 
@@ -108,6 +111,11 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraRef]]:
         return " "
 
     clean = _TAG_RE.sub(take, prompt)
+    unclosed = _OPEN_RE.search(clean)
+    if unclosed:
+        shown = unclosed.group(0).rstrip()
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ComposerError(f"unclosed tag {shown!r} in the prompt: end it with '>', as in <lora:NAME> or <lora:NAME:0.8>")
     if not refs:
         return prompt.strip(), []
     return tidy_prompt(clean), refs

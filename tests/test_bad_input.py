@@ -108,3 +108,41 @@ def test_pickle_needs_explicit_opt_in(setup, monkeypatch):
     with pytest.raises(ComposerError):
         composer("a cat", loras=[(bad["pickle"], 0.5)], seed=0, **CALL)
     assert calls == []  # never unpickled without allow_pickle
+
+
+def test_non_finite_latents_stop_the_call_and_name_the_weight(setup):
+    composer, good, before, _ = setup
+    seen = []
+
+    def theirs(pipe, step, timestep, kwargs):  # a caller's own step callback still runs
+        seen.append(step)
+        return kwargs
+
+    with pytest.raises(ComposerError) as err:
+        composer("a cat", loras=[(good, 1e20)], seed=0, callback_on_step_end=theirs, **CALL)
+    message = str(err.value)
+    assert message.startswith("non-finite values (NaN/inf) at step 1 of 2, no image produced: ")
+    assert "the largest: good at 1e+20" in message and "\n" not in message
+    assert seen == []  # stopped at the step the NaN appeared
+    assert np.array_equal(composer("a cat", loras=[(good, 0.8)], seed=0, callback_on_step_end=theirs, **CALL), before)
+    assert seen == [0, 1]
+
+
+def test_sizes_are_checked_against_the_model(setup):
+    composer, good, _, _ = setup
+    multiple, native = composer.size_rules()  # the tiny model: VAE 2 x one UNet downsampling; 8x8 latents
+    assert (multiple, native) == (4, (16, 16))
+    with pytest.raises(ComposerError, match=r"^width=66: must be a multiple of 4 for this model \(64 or 68\)$"):
+        composer("a cat", loras=[(good, 0.8)], seed=0, **{**CALL, "width": 66})
+    with pytest.raises(ComposerError, match=r"^height=2: must be a multiple of 4 for this model \(4 or more\)$"):
+        composer.check_size(2, 64)
+    with pytest.raises(ComposerError) as err:  # the budget: 64x64 (4x native per side) at 50 steps
+        composer.check_size(64, 64, 51)
+    assert str(err.value) == ("64x64 at 51 steps is 1.1x this model's budget of 64x64 at 50 steps (4x its native "
+                              "16x16 per side; larger renders are slow and may run out of memory): pass limits=False "
+                              "to render anyway")
+    with pytest.raises(ComposerError, match=r"^64x64 at 20 steps x 4 images is 1.6x"):
+        composer.check_size(64, 64, 20, images=4)
+    composer.check_size(64, 64, 50)
+    composer.check_size(4096, 4096, 50, limits=False)
+    assert set(composer.adapters) == {"good"}

@@ -58,6 +58,25 @@ def test_bad_tags_give_one_line_errors_naming_the_tag(prompt, fragment):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    "prompt, shown",
+    [
+        ("a purple <lora:star-shape", "<lora:star-shape"),
+        ("a <lora:ink:0.5 cat <lora:shapes>", "<lora:ink:0.5 cat"),  # the next tag does not close it
+        ("<lyco:x:1", "<lyco:x:1"),
+        ("a <LORA:", "<LORA:"),
+    ],
+)
+def test_unclosed_tag_is_an_error(prompt, shown):
+    with pytest.raises(ComposerError) as err:
+        parse_prompt(prompt)
+    assert str(err.value) == f"unclosed tag {shown!r} in the prompt: end it with '>', as in <lora:NAME> or <lora:NAME:0.8>"
+
+
+def test_other_angle_brackets_are_left_alone():
+    assert parse_prompt("a <hypernet:x and 3 < 4 > 2") == ("a <hypernet:x and 3 < 4 > 2", [])
+
+
 def test_tag_formatting_round_trips():
     assert format_lora_tag("ink", 0.8) == "<lora:ink:0.8>"
     assert format_lora_tag("ink", 1.0, 1.0) == "<lora:ink:1>"
@@ -131,6 +150,23 @@ def test_unknown_name_suggests_close_names(library):
     assert message == f"unknown LoRA 'ink-styel' in {library} (did you mean: Ink-Style)"
     with pytest.raises(ComposerError, match=r"available: Ink-Style, shapes, watercolor"):
         resolve_lora("zzzzzz", library)
+
+
+def test_missing_path_is_not_an_unknown_name(library, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for ref in ("./nowhere.safetensors", "../nowhere.safetensors", str(tmp_path / "nowhere.safetensors"), "~/nowhere-4bf1.safetensors"):
+        with pytest.raises(ComposerError) as err:
+            resolve_lora(ref, library)
+        assert str(err.value) == f"{ref}: file not found"  # the library is not searched for an explicit path
+    assert resolve_lora("./loras/shapes.pt", library).resolve() == library / "shapes.pt"  # an existing file as is
+    with pytest.raises(ComposerError) as err:  # a name with an extension: a file, or a name in the library
+        resolve_lora("ink-styel.safetensors", library)
+    assert str(err.value) == (f"ink-styel.safetensors: file not found, and no LoRA of that name in {library} "
+                              "(did you mean: Ink-Style)")
+    with pytest.raises(ComposerError, match=r"^styles/nope: file not found, and no LoRA of that name in"):
+        resolve_lora("styles/nope", library)
+    with pytest.raises(ComposerError, match=r"^unknown LoRA 'nope' in"):
+        resolve_lora("nope", library)
 
 
 def test_hidden_folders_are_not_searched(library):

@@ -11,9 +11,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
+import re
+import socket
 import sys
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from lora_composer.errors import ComposerError
+
+HUB_TIMEOUT_S = 3.0  # how long a Hub id waits for the Hub to answer before failing
+
+# ``x``, `x`, :role:`x` and :role:`~a.b.x` (reStructuredText in docstrings used as help) -> x
+_RST = re.compile(r"(?::[a-z]+(?::[a-z]+)?:)?(`{1,2})(~?)([^`]+?)\1")
+
+
+def plain(text: str) -> str:
+    """Help text without reStructuredText markup: ``compose``, :class:`~a.B` -> compose, B."""
+    return _RST.sub(lambda m: m.group(3).rsplit(".", 1)[-1] if m.group(2) else m.group(3), text)
 
 
 class UsageError(Exception):
@@ -21,10 +36,14 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors raise :class:`UsageError` instead of printing the usage and exiting."""
+    """argparse whose usage errors raise :class:`UsageError` instead of printing the usage and exiting;
+    its help is plain text (docstrings used as descriptions lose their reStructuredText markup)."""
 
     def error(self, message):
         raise UsageError(message)
+
+    def format_help(self):
+        return plain(super().format_help())
 
 
 def one_line(exc: BaseException) -> str:
@@ -80,13 +99,66 @@ def no_loading_bars():
             t_logging.enable_progress_bar()
 
 
-def load_pipeline(model: str, library=None):
-    """``ComposerPipeline.from_pretrained`` for a front end: loading bars hidden, library errors in one line."""
-    from lora_composer.pipeline import ComposerPipeline
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (``None`` if it answers within :data:`HUB_TIMEOUT_S`)."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # behind a proxy a direct connection says nothing: let the download try
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_TIMEOUT_S).close()
+    except socket.gaierror:
+        return f"{host}: name not resolved"
+    except TimeoutError:
+        return f"{host}: no answer in {HUB_TIMEOUT_S:g} s"
+    except OSError as exc:
+        return f"{host}: {exc.strerror or exc or type(exc).__name__}"
+    return None
+
+
+def model_source(model: str) -> dict:
+    """Fail fast, in one line, when ``model`` is neither a local folder nor loadable from the Hub (offline
+    and not cached, or the Hub does not answer within a few seconds); returns extra ``from_pretrained``
+    arguments (``local_files_only=True`` for a cached id while the Hub is out of reach)."""
+    if Path(model).expanduser().exists():
+        return {}
+    from huggingface_hub import try_to_load_from_cache
 
     try:
+        cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id: the loader says why
+        cached = False
+    if _offline():
+        if cached:
+            return {"local_files_only": True}
+        raise ComposerError(
+            f"model {model}: neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+        )
+    why = _hub_unreachable()
+    if why is None:
+        return {}
+    if cached:
+        return {"local_files_only": True}
+    raise ComposerError(f"model {model}: neither a local folder nor reachable on the Hugging Face Hub ({why})")
+
+
+def load_pipeline(model: str, library=None):
+    """``ComposerPipeline.from_pretrained`` for a front end: a Hub id fails fast when the Hub is out of reach
+    (:func:`model_source`), loading bars hidden, library errors in one line."""
+    from lora_composer.pipeline import ComposerPipeline
+
+    extra = model_source(model)
+    try:
         with no_loading_bars():
-            return ComposerPipeline.from_pretrained(model, library=library)
+            return ComposerPipeline.from_pretrained(model, library=library, **extra)
     except ComposerError:
         raise
     except Exception as exc:  # diffusers/transformers/hub errors: multi-line, not the user's traceback

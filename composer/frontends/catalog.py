@@ -84,9 +84,9 @@ def search(argv: list[str]) -> int:
     p.add_argument("--library", metavar="DIR", help="folder of LoRA files (default: $LORA_COMPOSER_LIBRARY)")
     p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="base model: its family and text encoder (default: the mini world model)")
     p.add_argument("--catalog", metavar="FILE", help="catalog file (default: DIR/.lora-composer/catalog.sqlite)")
-    p.add_argument("--limit", "-k", type=int, default=10, help="rows to show (default 10)")
-    p.add_argument("--top-k", dest="top_k", type=int, default=None, help="mark the adapters --loras auto would choose with this K")
-    p.add_argument("--min-score", dest="min_score", type=float, default=None, help="one floor for every claim kind of --loras auto's choice (default: the calibrated ones)")
+    p.add_argument("--limit", "-k", type=int, default=10, metavar="N", help="rows to show (default 10)")
+    p.add_argument("--top-k", dest="top_k", type=int, default=None, metavar="K", help="mark the adapters --loras auto would choose with this K")
+    p.add_argument("--min-score", dest="min_score", type=float, default=None, metavar="S", help="one floor for every claim kind of --loras auto's choice (default: the calibrated ones)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from lora_composer.retriever import DEFAULT_TOP_K, retriever_for
@@ -113,7 +113,7 @@ def train(argv: list[str]) -> int:
         description="Train the learned weight encoder on the library's described LoRAs (saved in DIR/.lora-composer/).",
     )
     p.add_argument("library", metavar="DIR", help="folder of LoRA files (indexed first, incrementally)")
-    p.add_argument("--epochs", type=int, default=200, help="training epochs (default 200)")
+    p.add_argument("--epochs", type=int, default=200, metavar="N", help="training epochs (default 200)")
     p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="base model: its family and text encoder (default: the mini world model)")
     p.add_argument("--catalog", metavar="FILE", help="catalog file (default: DIR/.lora-composer/catalog.sqlite)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

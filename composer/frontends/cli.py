@@ -4,13 +4,15 @@
     compose --from-image demo.png --seed 7            # same settings, another seed
 
 The flag form needs no subcommand; the subcommands (``compose index``, ``compose search``, ``compose ui``...)
-are the table :data:`COMMANDS`, dispatched on the first argument.
+are the table :data:`COMMANDS`, dispatched on the first argument. The library's errors name Python arguments
+(``allow_pickle=True``, ``width=72``); this command names its flags instead (:func:`as_flags`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import sys
 import time
@@ -63,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default 20)")
     p.add_argument("--guidance", "--cfg", dest="guidance", type=float, metavar="G", help="guidance scale (default 7.5; 5 for the mini world model)")
     p.add_argument("--seed", type=int, metavar="S", help="random seed (default: random, recorded in the PNG)")
-    p.add_argument("--width", type=int, metavar="W", help="image width (default: the model's)")
-    p.add_argument("--height", type=int, metavar="H", help="image height (default: the model's)")
+    p.add_argument("--width", type=int, metavar="W", help="image width in pixels, a multiple of the model's (default: the model's, 64 for the mini world)")
+    p.add_argument("--height", type=int, metavar="H", help="image height in pixels, a multiple of the model's (default: the model's)")
+    p.add_argument(
+        "--no-limits", dest="no_limits", action="store_true",
+        help="render above the pixel x step budget (4x the model's native size per side at 50 steps): slow, may run out of memory",
+    )
     p.add_argument("--out", "-o", metavar="FILE", help="output PNG (default: compose-SEED.png)")
     p.add_argument(
         "--trigger-words", dest="trigger_words", action="store_true", default=None,
@@ -77,6 +83,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notices")
     return p
+
+
+# the library's Python arguments -> this command's flags, in its one-line errors
+_FLAG_WORDS = [
+    (re.compile(r"\b(width|height)=(-?\d+)"), r"--\1 \2"),
+    (re.compile(r"\ballow_pickle=True\b"), "--allow-pickle"),
+    (re.compile(r"\blimits=False\b"), "--no-limits"),
+]
+
+
+def as_flags(message: str) -> str:
+    """A library error as the command line says it: ``allow_pickle=True`` -> ``--allow-pickle``..."""
+    for pattern, flag in _FLAG_WORDS:
+        message = pattern.sub(flag, message)
+    return message
+
+
+def _resolve_flag(name: str, library):
+    """``resolve_lora`` for a ``--lora`` value: a path that is not there reads ``--lora PATH: file not found``."""
+    from lora_composer.library import resolve_lora
+
+    try:
+        return resolve_lora(name, library)
+    except ComposerError as exc:
+        if str(exc).startswith(f"{name}: "):
+            raise ComposerError(f"--lora {exc}") from None
+        raise
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` then rename onto ``path``: an error or Ctrl-C leaves no partial file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _note(args, message: str) -> None:
@@ -146,15 +191,16 @@ def _settings(args) -> dict:
         raise UsageError("--prompt is required (or --from-image PNG)")
     if s["steps"] < 1:
         raise UsageError("--steps must be at least 1")
-    for key in ("width", "height"):
-        if s[key] is not None and (s[key] < 8 or s[key] % 8):
-            raise UsageError(f"--{key} must be a positive multiple of 8")
+    for key in ("width", "height"):  # the model's multiple is checked once it is loaded
+        if s[key] is not None and s[key] < 1:
+            raise UsageError(f"--{key} {s[key]}: must be a positive number of pixels")
     if s["seed"] is None:
         s["seed"] = secrets.randbelow(2**32)
     return s
 
 
 def render(args) -> int:
+    """Render one image; nothing is written unless it succeeds (the PNG is written whole, then renamed)."""
     from lora_composer.library import resolve_lora
     from lora_composer.prompt_syntax import parse_prompt
 
@@ -174,7 +220,7 @@ def render(args) -> int:
     _, tag_refs = parse_prompt(s["prompt"])
     for ref in tag_refs:
         resolve_lora(ref.name, library)
-    loras = [(str(resolve_lora(name, library)), te, unet) for name, te, unet in s["loras"]]
+    loras = [(str(_resolve_flag(name, library)), te, unet) for name, te, unet in s["loras"]]
     if args.loras == "auto" and loras:
         raise UsageError("--loras auto chooses the LoRAs itself: leave out --lora (prompt tags still apply)")
     out = Path(args.out) if args.out else Path.cwd() / f"compose-{s['seed']}.png"
@@ -182,35 +228,39 @@ def render(args) -> int:
         raise UsageError(f"--out {out}: the output is a PNG, name it .png")
 
     pipe = load_pipeline(model, library)
-    for path, _, _ in loras:  # attached once here; the call below reuses them
-        pipe.load_lora(path, allow_pickle=args.allow_pickle)
+    try:
+        pipe.check_size(s["height"], s["width"], s["steps"], limits=not args.no_limits)  # before any LoRA loads
+        for path, _, _ in loras:  # attached once here; the call below reuses them
+            pipe.load_lora(path, allow_pickle=args.allow_pickle)
 
-    started = time.perf_counter()
-    images = pipe(
-        s["prompt"], negative_prompt=s["negative_prompt"] or None, loras="auto" if args.loras == "auto" else loras,
-        strategy=s["strategy"],
-        strategy_args=s["strategy_args"] or None, num_inference_steps=s["steps"], guidance_scale=s["guidance"],
-        seed=s["seed"], height=s["height"], width=s["width"], append_trigger_words=bool(s["trigger_words"]),
-        progress=not args.quiet, allow_pickle=args.allow_pickle,
-        **({"top_k": args.top_k, "min_score": args.min_score} if args.loras == "auto" else {}),
-    )
+        started = time.perf_counter()
+        images = pipe(
+            s["prompt"], negative_prompt=s["negative_prompt"] or None, loras="auto" if args.loras == "auto" else loras,
+            strategy=s["strategy"],
+            strategy_args=s["strategy_args"] or None, num_inference_steps=s["steps"], guidance_scale=s["guidance"],
+            seed=s["seed"], height=s["height"], width=s["width"], append_trigger_words=bool(s["trigger_words"]),
+            progress=not args.quiet, allow_pickle=args.allow_pickle, limits=not args.no_limits,
+            **({"top_k": args.top_k, "min_score": args.min_score} if args.loras == "auto" else {}),
+        )
+    except ComposerError as exc:  # the library names Python arguments; say the flags
+        raise ComposerError(as_flags(str(exc))) from None
     elapsed = time.perf_counter() - started
     record = getattr(pipe, "last_record", None)
     image = images[0]
     from lora_composer.pnginfo import save_png
 
     if record is not None:
-        save_png(image, out, record)
+        _write_atomically(out, lambda tmp: save_png(image, tmp, record))
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        image.save(out, format="PNG")
+        _write_atomically(out, lambda tmp: image.save(tmp, format="PNG"))
 
     explained = ""
     if args.explain and getattr(pipe, "last_driver", None) is not None:
         from lora_composer.explain import save_explanation
 
         target = out.with_name(out.stem + ".explain.png")
-        save_explanation(pipe.last_driver.history, pipe.last_driver.adapters, target, record.strategy if record else "")
+        _write_atomically(target, lambda tmp: save_explanation(
+            pipe.last_driver.history, pipe.last_driver.adapters, tmp, record.strategy if record else ""))
         explained = f"; weights heatmap {target}"
     applied = ", ".join(
         f"{lo['name']} {_weights_text(float(lo['te_weight']), float(lo['unet_weight']))}" for lo in (record.loras if record else [])

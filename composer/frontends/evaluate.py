@@ -23,18 +23,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description=__doc__.splitlines()[0],
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:6]))
     p.add_argument("--strategies", nargs="+", metavar="NAME", help="strategies to measure (default: every one in fusion/)")
-    p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], help="combination sizes (default 2 3 4)")
-    p.add_argument("--seeds", type=int, default=2, help="images per combination and strategy (default 2)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], metavar="K", help="combination sizes (default 2 3 4)")
+    p.add_argument("--seeds", type=int, default=2, metavar="N", help="images per combination and strategy (default 2)")
+    p.add_argument("--steps", type=int, default=20, metavar="N", help="denoising steps (default 20)")
+    p.add_argument("--guidance", type=float, default=None, metavar="G", help="guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed of the renders (default 0)")
     p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the base/LoRA-alone checks")
     p.add_argument("--no-retrieval", dest="retrieval", action="store_false",
                    help="skip the retriever's figures (selection precision/recall, --loras auto end to end)")
     p.add_argument("--auto-combos", type=int, default=6, metavar="N",
                    help="--loras auto vs hand-picked (merge), end to end: N combinations per size 1-4, captions and "
                         "paraphrases, seed 2000 (16 N renders; default 6; 0: skip)")
-    p.add_argument("--out", type=Path, default=Path("eval-out"), help="folder for results.json and grid.png")
+    p.add_argument("--out", type=Path, default=Path("eval-out"), metavar="DIR", help="folder for results.json and grid.png (default eval-out)")
     p.add_argument("--write-doc", type=Path, metavar="MD", help="also write the tables into this Markdown file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p

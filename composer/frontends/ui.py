@@ -499,11 +499,11 @@ def launch(ui: ComposerUI, host: str = "127.0.0.1", port: int | None = None, blo
 @command("compose ui")
 def main(argv: list[str]) -> int:
     p = Parser(prog="compose ui", description="Start the lora-composer web UI (Gradio).")
-    p.add_argument("--model", "-m", help="diffusers model folder or Hub id (default: the mini world model)")
-    p.add_argument("--library", help="LoRA folder (default: $LORA_COMPOSER_LIBRARY, or the mini world's library)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB, help="upload size cap in MB")
+    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the mini world model)")
+    p.add_argument("--library", metavar="DIR", help="LoRA folder (default: $LORA_COMPOSER_LIBRARY, or the mini world's library)")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, metavar="N", help="port (default 7860)")
+    p.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB", help=f"largest LoRA upload accepted, in MB (default {DEFAULT_MAX_UPLOAD_MB})")
     p.add_argument("--no-uploads", action="store_true", help="do not offer LoRA uploads")
     args = p.parse_args(argv)
     library = args.library or os.environ.get("LORA_COMPOSER_LIBRARY") or None
