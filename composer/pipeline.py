@@ -59,6 +59,14 @@ def model_defaults(model: str | os.PathLike) -> dict:
     return data
 
 
+def native_size(pipe, config, vae: int) -> tuple[int, int] | None:
+    """The pipeline's default ``(height, width)`` in pixels, from its sample size (``None`` if unknown)."""
+    sample = getattr(pipe, "default_sample_size", None) or getattr(config, "sample_size", None)
+    if isinstance(sample, (list, tuple)):
+        return int(sample[0]) * vae, int(sample[-1]) * vae
+    return (int(sample) * vae, int(sample) * vae) if sample else None
+
+
 class ComposerPipeline:
     """Compose LoRAs inside a diffusers pipeline (SD1.5 and SDXL families today).
 
@@ -141,22 +149,19 @@ class ComposerPipeline:
     BUDGET_STEPS = 50  # the pixel x step budget: 4x the native size per side at this many steps
 
     def size_rules(self) -> tuple[int, tuple[int, int] | None]:
-        """``(multiple, native (height, width))``: width and height must be multiples of the VAE scale factor
-        times the denoiser's downsampling; the native size is the default one (``None`` if unknown)."""
+        """``(multiple, native (height, width))``: what the pipeline itself accepts (diffusers' Stable Diffusion
+        pipelines: multiples of 8 pixels, and of the VAE scale factor; a UNet pads latents that its
+        downsampling does not divide, so 600x600 works on SD1.5 as in A1111; a transformer packs
+        ``patch_size`` latents, so multiples of VAE x patch); the native size is the default one (``None``
+        if unknown)."""
         unet = getattr(self.pipe, "unet", None)
         denoiser = unet if unet is not None else getattr(self.pipe, "transformer", None)
         config = getattr(denoiser, "config", None)
         vae = int(getattr(self.pipe, "vae_scale_factor", 8) or 8)
         if unet is not None:
-            down = 2 ** max(len(getattr(config, "block_out_channels", ())) - 1, 0)
-        else:  # a transformer packs patch_size x patch_size latents (Flux: 2x2 whatever its config says)
-            down = max(int(getattr(config, "patch_size", 2) or 2), 2)
-        sample = getattr(self.pipe, "default_sample_size", None) or getattr(config, "sample_size", None)
-        if isinstance(sample, (list, tuple)):
-            native = (int(sample[0]) * vae, int(sample[-1]) * vae)
-        else:
-            native = (int(sample) * vae, int(sample) * vae) if sample else None
-        return vae * down, native
+            return max(vae, 8), native_size(self.pipe, config, vae)
+        patch = max(int(getattr(config, "patch_size", 2) or 2), 2)  # Flux: 2x2 whatever its config says
+        return vae * patch, native_size(self.pipe, config, vae)
 
     def check_size(self, height=None, width=None, steps: int = 20, images: int = 1, limits: bool = True) -> None:
         """Refuse, in one line, a size this model cannot render (not a multiple of :meth:`size_rules`) and,

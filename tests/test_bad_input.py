@@ -130,11 +130,11 @@ def test_non_finite_latents_stop_the_call_and_name_the_weight(setup):
 
 def test_sizes_are_checked_against_the_model(setup):
     composer, good, _, _ = setup
-    multiple, native = composer.size_rules()  # the tiny model: VAE 2 x one UNet downsampling; 8x8 latents
-    assert (multiple, native) == (4, (16, 16))
-    with pytest.raises(ComposerError, match=r"^width=66: must be a multiple of 4 for this model \(64 or 68\)$"):
+    multiple, native = composer.size_rules()  # the tiny model: VAE 2 (diffusers' SD pipelines: 8); 8x8 latents
+    assert (multiple, native) == (8, (16, 16))
+    with pytest.raises(ComposerError, match=r"^width=66: must be a multiple of 8 for this model \(64 or 72\)$"):
         composer("a cat", loras=[(good, 0.8)], seed=0, **{**CALL, "width": 66})
-    with pytest.raises(ComposerError, match=r"^height=2: must be a multiple of 4 for this model \(4 or more\)$"):
+    with pytest.raises(ComposerError, match=r"^height=2: must be a multiple of 8 for this model \(8 or more\)$"):
         composer.check_size(2, 64)
     with pytest.raises(ComposerError) as err:  # the budget: 64x64 (4x native per side) at 50 steps
         composer.check_size(64, 64, 51)

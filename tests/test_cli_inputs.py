@@ -76,11 +76,11 @@ def _nothing_written(out_dir):
 
 
 def test_size_must_be_the_models_multiple(out_dir, capsys):
-    # the mini world: VAE scale factor 4 x 2 UNet downsamplings = 16
-    code, _ = _compose(out_dir, "--width", "72")
-    _one_line_error(capsys, code, "compose: error: --width 72: must be a multiple of 16 for this model (64 or 80)")
-    code, _ = _compose(out_dir, "--height", "8")
-    _one_line_error(capsys, code, "--height 8: must be a multiple of 16 for this model (16 or more)")
+    # the mini world: diffusers' Stable Diffusion pipelines take multiples of 8 (72 renders 72 wide)
+    code, _ = _compose(out_dir, "--width", "70")
+    _one_line_error(capsys, code, "compose: error: --width 70: must be a multiple of 8 for this model (64 or 72)")
+    code, _ = _compose(out_dir, "--height", "4")
+    _one_line_error(capsys, code, "--height 4: must be a multiple of 8 for this model (8 or more)")
     code, _ = _compose(out_dir, "--width", "0")
     _one_line_error(capsys, code, "--width 0: must be a positive number of pixels")
     _nothing_written(out_dir)
