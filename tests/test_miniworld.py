@@ -163,13 +163,15 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
 
     doc = tmp_path / "EVAL.md"
     code = main(["eval", "--sizes", "2", "--seeds", "1", "--steps", "2", "--strategies", "merge", "switch",
-                 "--no-checks", "--out", str(tmp_path / "out"), "--write-doc", str(doc), "-q"])
+                 "--no-checks", "--auto-combos", "1", "--out", str(tmp_path / "out"), "--write-doc", str(doc), "-q"])
     assert code == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     n = len(evaluate.combinations((2,)))
     assert set(result["strategies"]) == {"merge", "switch"}
     assert all(s["images"] == n for s in result["strategies"].values())
     assert set(result["retrieval_recall_at_k"]) == {"2"}
+    for rec in result["auto_vs_hand"]["sets"].values():  # one combination per size 1-4, both phrasings
+        assert rec["prompts"] == 4 and rec["hand"]["images"] == rec["auto"]["images"] == 4
     assert (tmp_path / "out" / "grid.png").is_file() and "| merge |" in doc.read_text()
     assert main(["eval", "--strategies", "nope", "-q"]) == 2
     assert "unknown strategy 'nope'" in capsys.readouterr().err
