@@ -33,6 +33,16 @@ def sdxl_pipe(_sdxl_template):
     return copy.deepcopy(_sdxl_template)
 
 
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One LORA_COMPOSER_HOME for the module (user caches), and no library from the environment."""
+    path = tmp_path_factory.mktemp("lora-composer-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORA_COMPOSER_HOME", str(path))
+        mp.delenv("LORA_COMPOSER_LIBRARY", raising=False)
+        yield path
+
+
 @pytest.fixture
 def make_lora(tmp_path):
     """``make_lora(pipe, name, fmt="diffusers"|"kohya", rank=4, alpha=None, seed=0, conv=False, text_encoder=True)``

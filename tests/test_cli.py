@@ -16,16 +16,6 @@ from lora_composer.pnginfo import read_record, read_texts
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One LORA_COMPOSER_HOME for the module (user caches), and no library from the environment."""
-    path = tmp_path_factory.mktemp("lora-composer-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORA_COMPOSER_HOME", str(path))
-        mp.delenv("LORA_COMPOSER_LIBRARY", raising=False)
-        yield path
-
-
-@pytest.fixture(scope="module")
 def default(home):
     return ensure_default_model()
 

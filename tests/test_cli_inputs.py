@@ -16,14 +16,7 @@ from lora_composer.frontends.args import Parser
 from lora_composer.frontends.cli import COMMANDS, main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def home(tmp_path_factory):
-    """One LORA_COMPOSER_HOME for the module (user caches), and no library from the environment."""
-    path = tmp_path_factory.mktemp("lora-composer-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORA_COMPOSER_HOME", str(path))
-        mp.delenv("LORA_COMPOSER_LIBRARY", raising=False)
-        yield path
+pytestmark = pytest.mark.usefixtures("home")
 
 
 @pytest.fixture(scope="module")

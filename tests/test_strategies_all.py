@@ -26,15 +26,6 @@ def test_strategy_runs_on_both_families(request, make_lora, name, family):
     assert len(composer.last_driver.history) == CALL["num_inference_steps"]
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One cache folder for all CLI runs of this module (on the default model), no library from the environment."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORA_COMPOSER_HOME", str(tmp_path_factory.mktemp("home")))
-        mp.delenv("LORA_COMPOSER_LIBRARY", raising=False)
-        yield
-
-
 @pytest.mark.parametrize("name", lora_composer.fusion.available())
 def test_strategy_from_cli(home, tmp_path, capsys, name):
     out = tmp_path / f"{name}.png"

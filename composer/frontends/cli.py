@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--loras", metavar="auto", choices=["auto"],
         help="auto: let the retriever choose LoRAs from the library for the prompt (compose index DIR first, or it indexes on use)",
     )
-    p.add_argument("--top-k", dest="top_k", type=int, metavar="K", help="with --loras auto: at most K adapters (default 3)")
-    p.add_argument("--min-score", dest="min_score", type=float, metavar="S", help="with --loras auto: minimum fused score (default 0.3)")
+    p.add_argument("--top-k", dest="top_k", type=int, metavar="K", help="with --loras auto: at most K adapters (default 4; a cap, not a target)")
+    p.add_argument("--min-score", dest="min_score", type=float, metavar="S", help="with --loras auto: one score threshold for every kind of match (default: each kind's calibrated threshold)")
     p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the mini world model)")
     p.add_argument("--library", metavar="DIR", help="folder of LoRA files to look names up in (default: $LORA_COMPOSER_LIBRARY)")
     p.add_argument("--strategy", help="how adapters are combined: " + ", ".join(_strategies()) + " (default: merge)")
