@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET once, when it is first imported, and diffusers.hooks (the denoiser driver)
+# imports it: without CUDA the kernel tests need the interpreter, so it is chosen before any test module runs.
+# On a GPU the variable is left alone (``TRITON_INTERPRET=0 pytest tests/test_kernels_triton.py -k cuda``).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from lora_composer import tiny
 
