@@ -24,7 +24,7 @@ from lora_composer.pnginfo import GenerationRecord, sampler_name
 from lora_composer.prompt_syntax import LoraRef, parse_prompt
 from lora_composer.runtime import LoraRuntime
 from lora_composer.vocab import DEFAULT_GUIDANCE, MODEL_DEFAULTS_FILE
-from lora_composer.fusion import get_strategy
+from lora_composer.fusion import StrategyContext, get_strategy
 
 
 
@@ -332,8 +332,6 @@ class ComposerPipeline:
         seed = random.randrange(2**32) if seed is None else int(seed)
         device = getattr(self.pipe, "_execution_device", None) or torch.device("cpu")
         generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
-        from lora_composer.fusion import StrategyContext
-
         context = StrategyContext.from_pipeline(self.pipe, self.runtime, [by_name[n][0] for n in names], guidance_scale)
         try:
             strat.begin(names, [by_name[n][1].unet_weight for n in names], num_inference_steps, context)
