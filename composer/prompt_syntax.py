@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from lora_composer.errors import ComposerError
+from lora_composer.vocab import DEFAULT_LORA_WEIGHT
 
 # A1111's extra-network regex is ``<(\w+):([^>]+)>``; only our kinds are taken out of the prompt, other
 # extra networks (``<hypernet:...>``) are left in place.
@@ -25,8 +26,8 @@ class LoraRef:
     """One LoRA asked for by name (or path) with its text-encoder and UNet weights."""
 
     name: str
-    te_weight: float = 1.0
-    unet_weight: float = 1.0
+    te_weight: float = DEFAULT_LORA_WEIGHT
+    unet_weight: float = DEFAULT_LORA_WEIGHT
 
     @property
     def tag(self) -> str:
@@ -79,7 +80,7 @@ def parse_tag_body(kind: str, body: str, where: str | None = None) -> LoraRef:
             positional.append(part)
     if len(positional) > 2:
         raise ComposerError(f"too many weights in {where}: use <{kind}:name:w> or <{kind}:name:te:unet>")
-    te = _number(positional[0], where) if positional else 1.0
+    te = _number(positional[0], where) if positional else DEFAULT_LORA_WEIGHT
     if "te" in named:
         te = _number(named["te"], where)
     unet = _number(positional[1], where) if len(positional) > 1 else te
@@ -151,7 +152,7 @@ def parse_lora_spec(spec: str) -> LoraRef:
     if not name:
         raise ComposerError(f"missing LoRA name or path in {where}")
     if not weights:
-        return LoraRef(name, 1.0, 1.0)
+        return LoraRef(name, DEFAULT_LORA_WEIGHT, DEFAULT_LORA_WEIGHT)
     if len(weights) == 1:
         return LoraRef(name, weights[0], weights[0])
     return LoraRef(name, weights[0], weights[1])

@@ -25,6 +25,10 @@ LORA_EXTENSIONS = SAFE_EXTENSIONS + PICKLE_EXTENSIONS
 MODEL_DEFAULTS_FILE = "lora-composer.json"
 DEFAULT_GUIDANCE = 7.5  # any other model (diffusers' Stable Diffusion default)
 
+# The weight of a LoRA nobody gave a weight for: a bare ``<lora:name>`` tag, a name on the command line, an
+# automatic pick whose file states no preferred weight. AUTOMATIC1111's default multiplier.
+DEFAULT_LORA_WEIGHT = 1.0
+
 # Base-model families an adapter or a pipeline belongs to.
 FAMILIES = ("sd15", "sd2", "sdxl", "flux", "unknown")
 

@@ -39,11 +39,11 @@ from lora_composer.retriever.signals import lexical
 from lora_composer.retriever.signals import text as tsig
 from lora_composer.retriever.signals import weights as wsig
 from lora_composer.retriever.signals.weights import DIRECTIONS
+from lora_composer.vocab import DEFAULT_LORA_WEIGHT
 
 SIGNAL_WEIGHTS = {"lexical": 1.0, "weights": 1.0, "text": 0.8, "learned": 0.8, "preview": 0.8}
 BF16_ROWS = 20_000  # above this many rows stage 1 scans the compact (int8) copy
 RESCORE = 512
-DEFAULT_WEIGHT = 0.8
 DEFAULT_MIN_SCORE = 0.3  # the fused-score floor of a plain ``search`` listing (selection uses per-kind thresholds)
 DEFAULT_TOP_K = 4
 
@@ -69,7 +69,7 @@ class Match:
     @property
     def weight(self) -> float:
         w = self.row.preferred_weight
-        return float(w) if w is not None else DEFAULT_WEIGHT
+        return float(w) if w is not None else DEFAULT_LORA_WEIGHT
 
     @property
     def reason(self) -> str:

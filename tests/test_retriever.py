@@ -184,7 +184,7 @@ def test_fused_selection_top_k_duplicates_and_weights(retriever):
     got = names(chosen)
     assert "file-1" in got and ("ink" in got) != ("ink-v2" in got)  # one of the near-duplicate pair
     by = {m.name: m for m in chosen}
-    assert by["file-1"].weight == 0.8
+    assert by["file-1"].weight == 1.0  # no preferred weight in its file: a bare tag's weight
     if "ink" in by:
         assert by["ink"].weight == 0.6
     assert all(m.claim.score >= retriever.thresholds[m.claim.kind] for m in chosen)
@@ -217,7 +217,7 @@ def test_pipeline_loras_auto_chooses_and_says_why(pipe, library, catalog):
     assert images and "file-1" in got and len(got & {"ink", "ink-v2"}) == 1
     assert len(cp.last_retrieval) == 2 and all(m.reason for m in cp.last_retrieval)
     applied = {lo["name"]: lo["unet_weight"] for lo in cp.last_record.loras}
-    assert set(applied) == {m.name for m in cp.last_retrieval} and applied["file-1"] == 0.8
+    assert set(applied) == {m.name for m in cp.last_retrieval} and applied["file-1"] == 1.0
     assert "xl-castle" not in applied
     cp("a bowl of soup", loras="auto", num_inference_steps=1, seed=1, height=32, width=32, progress=False)
     assert cp.last_record.loras == [] and cp.last_retrieval == []
@@ -242,14 +242,14 @@ def test_cli_index_search_and_loras_auto(tmp_path, monkeypatch, capsys, pipe):
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[1].split()[:3] == ["#", "name", "score"] and lines[2].split()[1] == "pix"
-    assert "pixel art" in lines[2] and "--loras auto would use: pix:0.8" in out
+    assert "pixel art" in lines[2] and "--loras auto would use: pix:1" in out
     assert '  pix: covers "pixel art" (trigger "pixel art", 1.00)' in out
     png = tmp_path / "auto.png"
     code = main(["--prompt", "a castle in pixel art", "--loras", "auto", "--top-k", "1", "--library", str(lib),
                  "--model", str(model), "--steps", "1", "--seed", "3", "--out", str(png), "-q"])
     out, err = capsys.readouterr()
     assert code == 0 and png.is_file(), err
-    assert 'auto LoRAs: pix 0.8 (score 1.00: covers "pixel art" (trigger "pixel art"' in out and "LoRAs: pix 0.8" in out
+    assert 'auto LoRAs: pix 1 (score 1.00: covers "pixel art" (trigger "pixel art"' in out and "LoRAs: pix 1" in out
     # the cap drops a named concept: one clean line on stderr, no Python warning
     code = main(["--prompt", "a plain castle in pixel art", "--loras", "auto", "--top-k", "1", "--library", str(lib),
                  "--model", str(model), "--steps", "1", "--seed", "3", "--out", str(png)])
@@ -257,7 +257,7 @@ def test_cli_index_search_and_loras_auto(tmp_path, monkeypatch, capsys, pipe):
     notes = [line for line in err.splitlines() if "cap of" in line]
     assert code == 0 and notes == ['compose: note: --loras auto: the cap of 1 LoRA(s) left out plain ("plain"); '
                                    'raise --top-k to use them'], err
-    assert "Warning" not in err and "auto LoRAs: pix 0.8" in out
+    assert "Warning" not in err and "auto LoRAs: pix 1" in out
     assert main(["--prompt", "x", "--loras", "auto", "--lora", "pix", "--library", str(lib), "--model", str(model),
                  "-q"]) == 2
     assert "leave out --lora" in capsys.readouterr().err
