@@ -305,11 +305,12 @@ def _bad_files(tmp_path):
     inf[next(k for k in inf if "lora_down" in k)][0, 0] = float("inf")
     tensors("inf", inf, "NaN or inf")
     tensors("unknown", {"model.diffusion_model.foo.weight": torch.zeros(2)}, "unknown key format (key 'model.diffusion_model.foo.weight')")
-    tensors("loha", {"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)}, "LoHa")
-    tensors("lokr", {"lora_unet_x.lokr_w1": torch.zeros(2, 2)}, "LoKr")
+    tensors("loha", {"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)}, "lora_unet_x.hada_w2_a missing")
+    tensors("lokr", {"lora_unet_x.lokr_w1": torch.zeros(2, 2)}, "lora_unet_x.lokr_w2_a missing")
     dora = _kohya_pair()
-    dora["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale"] = torch.ones(1, 32)
-    tensors("dora", dora, "DoRA")
+    dora["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale"] = torch.full((32, 1), float("nan"))
+    tensors("dora", dora, "attn1.to_q has NaN or inf values in its magnitude")
+    tensors("oft", {"lora_unet_x.oft_blocks": torch.zeros(2, 2, 2), "lora_unet_x.alpha": torch.tensor(1.0)}, "OFT")
     tensors("nolayers", {}, "no tensors")
     return cases
 
@@ -323,7 +324,7 @@ def test_bad_inputs_raise_one_line_errors_naming_the_file(tmp_path):
         assert msg.startswith(f"{path}: "), (name, msg)
         assert "\n" not in msg, (name, msg)
         assert expect in msg, (name, msg)
-    for name in ("loha", "lokr", "dora"):
+    for name in ("oft",):
         assert "not supported yet" in str(pytest.raises(AdapterLoadError, load_adapter, cases[name][0]).value)
 
 

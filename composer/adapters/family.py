@@ -17,6 +17,13 @@ _SD_UNET = re.compile(r"^unet\.(down_blocks|mid_block|up_blocks|conv_in|conv_out
 _EXTRA_TRANSFORMER_BLOCK = re.compile(r"\.transformer_blocks\.([1-9]\d*)\.")
 
 
+def _in_width(d) -> int:
+    """In-features of a Linear delta (IA3 scales only one side: its vector's length when it scales inputs)."""
+    if getattr(d, "kind", "lora") == "ia3":
+        return int(d.scale_vec.numel()) if d.on_input else -1
+    return int(d.down.shape[1])
+
+
 def detect_family(deltas: dict[str, LayerDelta], keys=None) -> str:
     """``"flux"``, ``"sdxl"``, ``"sd2"``, ``"sd15"`` or ``"unknown"``.
 
@@ -41,7 +48,7 @@ def detect_family(deltas: dict[str, LayerDelta], keys=None) -> str:
         return "sdxl"
 
     widths = {
-        int(d.down.shape[1]) for n, d in deltas.items() if n.startswith("unet.") and _CROSS_ATTENTION.search(n)
+        _in_width(d) for n, d in deltas.items() if n.startswith("unet.") and _CROSS_ATTENTION.search(n)
     }
     for width in sorted(widths, reverse=True):  # a mixed file (should not happen): the widest wins
         if width in _CROSS_ATTENTION_WIDTH:
@@ -51,7 +58,7 @@ def detect_family(deltas: dict[str, LayerDelta], keys=None) -> str:
     text = [n for n in names if n.startswith("text_encoder.")]
     if not unet and text:
         text_widths = {
-            int(d.down.shape[1]) for n, d in deltas.items() if n.startswith("text_encoder.") and n.endswith("q_proj")
+            _in_width(d) for n, d in deltas.items() if n.startswith("text_encoder.") and n.endswith("q_proj")
         }
         for width in sorted(text_widths, reverse=True):
             if width in _TEXT_WIDTH:

@@ -3,8 +3,9 @@
 Key renaming is delegated to diffusers' own converters (``lora_conversion_utils`` and
 ``state_dict_utils``) so that a file means here exactly what it means to ``load_lora_weights``.
 What this module adds: grouping keys per layer, alphas (``.alpha`` tensors, the
-``lora_adapter_metadata`` header diffusers writes, or ``alpha = rank``), validation, and clear
-refusals for formats we do not handle yet (LyCORIS LoHa/LoKr, DoRA).
+``lora_adapter_metadata`` header diffusers writes, or ``alpha = rank``), validation, the LyCORIS and
+PEFT kinds beyond ``(down, up)`` (LoHa, LoKr, Tucker LoCon, full/diff, DoRA, IA3: see :mod:`.lycoris`
+and :mod:`.kinds`), and clear refusals for what we do not load yet (OFT/BOFT, GLoRA).
 
 Canonical keys: ``<component>.<module path>`` with components ``unet``, ``text_encoder``,
 ``text_encoder_2`` and ``transformer``. Text-encoder keys never carry CLIP's ``text_model.``
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .lycoris import KOHYA_SUFFIXES, NOT_LOADED, PEFT_SUFFIXES, KindError, kohya_delta, peft_delta
+from .kinds import DoRADelta
 from .types import LayerDelta
 
 from ..vocab import COMPONENTS
@@ -29,15 +32,10 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 # Key fragments of formats we recognise but do not load yet: (fragment, what it is).
-_UNSUPPORTED = (
-    ("hada_w", "LyCORIS LoHa (hada_w1_a...)"),
-    ("lokr_w", "LyCORIS LoKr (lokr_w1...)"),
-    ("dora_scale", "DoRA (dora_scale)"),
-    ("lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
-    ("lora_mid", "LoCon with Tucker decomposition (lora_mid)"),
-)
+_UNSUPPORTED = NOT_LOADED
 
 _KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+_PEFT_KIND_SUFFIXES = tuple("." + s for s in PEFT_SUFFIXES) + (".lora_magnitude_vector.weight",)
 _DIFFUSERS_SUFFIXES = (
     ".lora_A.weight", ".lora_B.weight",  # PEFT
     ".lora.down.weight", ".lora.up.weight",  # older diffusers (LoCon, generic layers)
@@ -96,13 +94,15 @@ def detect_format(keys) -> str:
         if hit:
             raise FormatError(f"{what} adapters are not supported yet (key {hit[0]!r})")
     if all(k.startswith(KOHYA_PREFIXES) for k in keys):
-        odd = [k for k in keys if not k.split(".", 1)[-1] in _KOHYA_SUFFIXES or "." not in k]
+        odd = [k for k in keys if not k.split(".", 1)[-1] in KOHYA_SUFFIXES or "." not in k]
         if odd:
             raise FormatError(f"unknown key format (key {odd[0]!r})")
         if any("double_blocks" in k or "single_blocks" in k for k in keys):
             return "kohya-flux"
         return "kohya"
-    diffusers_like = [k for k in keys if k.split(".", 1)[0] in COMPONENTS and k.endswith(_DIFFUSERS_SUFFIXES)]
+    diffusers_like = [
+        k for k in keys if k.split(".", 1)[0] in COMPONENTS and k.endswith(_DIFFUSERS_SUFFIXES + _PEFT_KIND_SUFFIXES)
+    ]
     if len(diffusers_like) == len(keys):
         return "diffusers"
     odd = [k for k in keys if k not in set(diffusers_like)]
@@ -216,6 +216,17 @@ def _parse_kohya(state_dict):
 
     deltas: dict[str, LayerDelta] = {}
     for lora_name, parts in groups.items():
+        if not set(parts) <= set(_KOHYA_SUFFIXES):  # a LyCORIS kind: LoHa, LoKr, Tucker LoCon, DoRA, IA3, full
+            alpha = _alpha_value(lora_name, parts["alpha"]) if "alpha" in parts else None
+            try:
+                delta = kohya_delta(lora_name, parts, alpha)
+            except KindError as e:
+                raise FormatError(str(e)) from None
+            module = _kohya_module(lora_name)
+            if module in deltas:
+                raise FormatError(f"layer {module} appears twice (key {lora_name!r})")
+            deltas[module] = delta
+            continue
         down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
         if down is None or up is None:
             _pair(lora_name, down, up, None)  # raises with the missing half
@@ -237,6 +248,26 @@ def _parse_kohya(state_dict):
     return deltas
 
 
+def _kohya_module(lora_name: str) -> str:
+    """Canonical module of a kohya layer name, by the same converters a LoRA pair goes through."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+
+    probe = torch.zeros(1, 1)
+    one = {f"{lora_name}.lora_down.weight": probe, f"{lora_name}.lora_up.weight": probe}
+    try:
+        converted, _ = _convert_non_diffusers_lora_to_diffusers(one)
+    except (ValueError, KeyError) as e:
+        raise FormatError(f"unknown key format (key {lora_name!r}): {e}") from None
+    modules = []
+    for component in COMPONENTS:
+        sub = {k[len(component) + 1 :]: v for k, v in converted.items() if k.split(".", 1)[0] == component}
+        if sub:
+            modules += list(_collect(component, _to_peft_keys(component, sub), {}))
+    if len(modules) != 1:
+        raise FormatError(f"unknown key format (key {lora_name!r})")
+    return modules[0]
+
+
 def _parse_kohya_flux(state_dict):
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
@@ -246,6 +277,9 @@ def _parse_kohya_flux(state_dict):
         name, _, suffix = k.partition(".")
         groups[name].add(suffix)
     for name, suffixes in groups.items():
+        odd = sorted(suffixes - set(_KOHYA_SUFFIXES))
+        if odd:
+            raise FormatError(f"LyCORIS kinds in kohya FLUX files are not supported yet (key {name}.{odd[0]})")
         if "lora_down.weight" not in suffixes or "lora_up.weight" not in suffixes:
             _pair(name, state_dict.get(f"{name}.lora_down.weight"), state_dict.get(f"{name}.lora_up.weight"), None)
         d, u = state_dict[f"{name}.lora_down.weight"], state_dict[f"{name}.lora_up.weight"]
@@ -321,25 +355,76 @@ def _alpha_module(component: str, rel: str) -> str:
     return strip_text_model(f"{component}.{rel}")
 
 
+def _config_value(config: dict, rel: str, field: str, pattern_field: str):
+    """A per-module setting of a PEFT config (``rank_pattern``/``alpha_pattern`` first), or None."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = config.get(pattern_field) or {}
+    for candidate in (rel, "text_model." + rel):
+        key = get_pattern_key(list(pattern), candidate)
+        if key in pattern:
+            return pattern[key]
+    return config.get(field)
+
+
+def _peft_kinds(comp: str, sub: dict[str, torch.Tensor], config: dict):
+    """LoHa/LoKr/IA3 deltas of one component's PEFT keys (``<module>.hada_w1_a`` ...), and the DoRA
+    magnitudes (``<module>.lora_magnitude_vector``), keyed by canonical module."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
+    for rel, v in sub.items():
+        module, _, suffix = rel.removesuffix(".weight").rpartition(".") if "lora_magnitude_vector" in rel else rel.rpartition(".")
+        module = module.removeprefix("base_model.model.")
+        canonical = strip_text_model(f"{comp}.{module}")
+        if suffix == "lora_magnitude_vector":
+            magnitudes[canonical] = v.reshape(-1)  # PEFT normalises per output channel, whatever the shape
+        else:
+            layers.setdefault(canonical, {})[suffix] = v
+    feedforward = config.get("feedforward_modules")
+    deltas = {}
+    for module, parts in layers.items():
+        rel = module.split(".", 1)[1]
+        alpha = _config_value(config, rel, "alpha", "alpha_pattern") if config else None
+        rank = _config_value(config, rel, "r", "rank_pattern") if config else None
+        ff = None
+        if "ia3_l" in parts and feedforward is not None:
+            names = [feedforward] if isinstance(feedforward, str) else list(feedforward)
+            ff = any(rel == n or rel.endswith("." + n) for n in names)
+        try:
+            deltas[module] = peft_delta(
+                module, parts, None if alpha is None else float(alpha), None if rank is None else int(rank), ff
+            )
+        except KindError as e:
+            raise FormatError(str(e)) from None
+    return deltas, magnitudes
+
+
 def _parse_diffusers(state_dict, header):
     configs = _adapter_config(header)
-    for comp, config in configs.items():
-        if config.get("use_dora"):
-            raise FormatError(f"DoRA adapters are not supported yet ({comp}.use_dora in {LORA_ADAPTER_METADATA_KEY})")
 
     per_comp: dict[str, dict[str, torch.Tensor]] = {}
+    kind_keys: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     for k, v in state_dict.items():
         comp, _, rel = k.partition(".")
         if k.endswith(".alpha"):
             alphas[_alpha_module(comp, rel[: -len(".alpha")])] = _alpha_value(k, v)
+        elif k.endswith(_PEFT_KIND_SUFFIXES):
+            kind_keys.setdefault(comp, {})[rel] = v
         else:
             per_comp.setdefault(comp, {})[rel] = v
 
-    deltas: dict[str, LayerDelta] = {}
+    deltas: dict[str, object] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
+    for comp, sub in kind_keys.items():
+        kinds, mags = _peft_kinds(comp, sub, configs.get(comp, {}))
+        deltas.update(kinds)
+        magnitudes.update(mags)
     for comp, sub in per_comp.items():
         peft_sd = _to_peft_keys(comp, sub)
         for module, (d, u) in _collect(comp, peft_sd, {}).items():
+            if module in deltas:
+                raise FormatError(f"layer {module} holds both LoRA factors and {deltas[module].kind} tensors")
             delta = _pair(module, d, u, None)
             rel = module.split(".", 1)[1]
             if module in alphas:
@@ -349,6 +434,11 @@ def _parse_diffusers(state_dict, header):
                 if alpha is not None:
                     delta.alpha = alpha
             deltas[module] = delta
+    for module, magnitude in magnitudes.items():
+        inner = deltas.get(module)
+        if not isinstance(inner, LayerDelta):
+            raise FormatError(f"layer {module} has lora_magnitude_vector (DoRA) but no lora_A/lora_B weights")
+        deltas[module] = DoRADelta(inner, magnitude, eps=0.0)
     unused = sorted(set(alphas) - set(deltas))
     if unused:
         raise FormatError(f"alpha for {unused[0]} has no matching layer")
@@ -395,6 +485,8 @@ def to_diffusers_state_dict(deltas: dict[str, LayerDelta]) -> tuple[dict[str, to
     """
     tensors: dict[str, torch.Tensor] = {}
     for key, d in deltas.items():
+        if not getattr(d, "additive", True):
+            raise ValueError(f"{key}: a {d.kind} delta depends on the base weight and cannot be written as a LoRA")
         comp, _, rel = key.partition(".")
         if comp not in COMPONENTS:
             raise ValueError(f"{key}: unknown component {comp!r} (expected one of {', '.join(COMPONENTS)})")

@@ -19,7 +19,7 @@ from ..errors import AdapterLoadError
 from .family import detect_family
 from .formats import LORA_ADAPTER_METADATA_KEY, FormatError, parse_state_dict, to_diffusers_state_dict
 from .metadata import PREFERRED_WEIGHT_KEY, build_metadata
-from .types import Adapter, AdapterMetadata
+from .types import Adapter, AdapterMetadata, LayerDelta
 
 from ..vocab import PICKLE_EXTENSIONS
 
@@ -119,10 +119,12 @@ def load_adapter(path, name: str | None = None, allow_pickle: bool = False) -> A
     if not deltas:
         raise _fail(path, "no LoRA layers found")
     for module, d in deltas.items():
-        for which, t in (("down", d.down), ("up", d.up)):
-            if not torch.isfinite(t).all():
+        parts = d.tensors() if hasattr(d, "tensors") else {"down": d.down, "up": d.up}
+        for which, t in parts.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
                 raise _fail(path, f"layer {module} has NaN or inf values in its {which} weight")
-        if not torch.isfinite(torch.tensor(d.alpha)):
+        scale = d.alpha if isinstance(d, LayerDelta) else getattr(d, "scale_", 1.0)
+        if not torch.isfinite(torch.tensor(float(scale))):
             raise _fail(path, f"layer {module} has a non-finite alpha")
     fields = build_metadata(resolved, header)
     metadata = AdapterMetadata(source_format=source_format, sha256=sha256_file(resolved), **fields)

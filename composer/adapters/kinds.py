@@ -1,0 +1,327 @@
+"""Delta kinds beyond ``(down, up)``: LyCORIS LoHa and LoKr, full/diff, DoRA and IA3.
+
+Every kind answers the same three questions for one Linear or Conv2d weight of shape ``(out, in, *k)``:
+
+- ``dense(weight, bias)``: ``(dW, db)`` in fp32, what the adapter does at weight 1 (``db`` may be None);
+- ``factors(shape)``: an exact :class:`LayerDelta` (``scale * up @ down``) when the kind is additive and has a
+  low-rank structure, else None (then the runtime adds ``dense``);
+- ``check(shape)``: why the delta cannot patch a weight of that shape, or None.
+
+Additive kinds (LoHa, LoKr, full) do not depend on the base weight. Multiplicative kinds (DoRA, IA3) do:
+their ``dense`` is ``f(W0) - W0`` for the base weight ``W0``, so that at mixing weight ``w`` every kind acts as
+
+    W = W0 + w * (f(W0) - W0)
+
+(ComfyUI's meaning of a DoRA strength), the same in fused and unfused mode. With several adapters, each
+one's ``f`` is taken of the base weight and the results add: ``W = W0 + sum_i w_i (f_i(W0) - W0)``, which
+does not depend on their order.
+
+Factor conventions (LyCORIS, PEFT and ComfyUI agree): conv factors are flattened to ``in * kh * kw``
+columns and reshaped to the module's weight at the end; Tucker cores ``t`` are ``[r_out, r_in, kh, kw]``
+with ``W = einsum("i j ..., i p, j q -> p q ...", t, wa, wb)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .types import LayerDelta
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).float()
+
+
+def tucker_down(t: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """``[r_out, in * kh * kw]``: the Tucker core contracted with its in-side factor ``wb`` (``[r_in, in]``)."""
+    k = torch.einsum("i j ..., j q -> i q ...", t.float(), wb.float())
+    return k.reshape(k.shape[0], -1)
+
+
+def _shape_error(name: str, got: tuple, shape: tuple) -> str | None:
+    out, flat_in = shape[0], 1
+    for s in shape[1:]:
+        flat_in *= s
+    if got != (out, flat_in):
+        return f"{name} delta is {got[0]}x{got[1]} (flattened), layer weight is {out}x{flat_in}"
+    return None
+
+
+def _low_rank(full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, V)`` with ``U @ V == full`` exactly and the smaller inner size (one side an identity)."""
+    m, n = full.shape
+    if n <= m:
+        return full, torch.eye(n)
+    return torch.eye(m), full
+
+
+class _Kind:
+    """What every kind shares: not sparse, a name, and the ``(down, up)`` view other modules read."""
+
+    is_sparse = False
+    kind = "lora"
+    additive = True
+
+    def factors(self, shape=None) -> LayerDelta | None:  # pragma: no cover - overridden
+        return None
+
+    def _view(self) -> LayerDelta:
+        view = getattr(self, "_view_cache", None)
+        if view is None:
+            view = self.factors(None)
+            if view is None:
+                dw = self.flat_delta()
+                view = LayerDelta(down=torch.eye(dw.shape[1]), up=dw, alpha=float(dw.shape[1]))
+            object.__setattr__(self, "_view_cache", view)
+        return view
+
+    # The additive delta as ``scale * up @ down`` (2-D, conv kernels flattened): retrieval and fusion read it.
+    @property
+    def down(self) -> torch.Tensor:
+        return self._view().down
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self._view().up
+
+    @property
+    def scale(self) -> float:
+        return self._view().scale
+
+    @property
+    def rank(self) -> int:
+        return self._view().rank
+
+    @property
+    def alpha(self) -> float:
+        return self._view().alpha
+
+    is_conv = False
+
+    def flat_delta(self) -> torch.Tensor:
+        f = self.factors(None)
+        return (f.up.float() * f.scale) @ f.down.float()
+
+    def dense(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        return self.flat_delta().reshape(weight.shape), None
+
+    def check(self, shape: tuple) -> str | None:
+        return _shape_error(self.kind, tuple(self.flat_delta().shape), tuple(shape))
+
+
+@dataclass(eq=False)
+class LoHaDelta(_Kind):
+    """LoHa: ``scale * (W1a W1b) ⊙ (W2a W2b)``; with Tucker cores each product is ``einsum(t, wa, wb)``.
+
+    Without cores ``w1a`` is ``[out, r]`` and ``w1b`` ``[r, in * kh * kw]`` (or 4-D); with cores
+    ``w1a`` is ``[r, out]``, ``w1b`` ``[r, in]`` and ``t1`` ``[r, r, kh, kw]``. ``scale`` is ``alpha / r``.
+    """
+
+    w1a: torch.Tensor
+    w1b: torch.Tensor
+    w2a: torch.Tensor
+    w2b: torch.Tensor
+    scale_: float = 1.0
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+    kind = "loha"
+
+    def _half(self, wa, wb, t):
+        if t is None:
+            return wa.float().reshape(wa.shape[0], -1), _flat(wb)
+        return wa.float().t(), tucker_down(t, wb)
+
+    def factors(self, shape=None) -> LayerDelta:
+        """Exact low-rank form: ``(A ⊙ B)`` of two products is a product of Khatri-Rao factors, rank r1*r2."""
+        u1, d1 = self._half(self.w1a, self.w1b, self.t1)
+        u2, d2 = self._half(self.w2a, self.w2b, self.t2)
+        up = (u1[:, :, None] * u2[:, None, :]).reshape(u1.shape[0], -1)
+        down = (d1[:, None, :] * d2[None, :, :]).reshape(-1, d1.shape[1])
+        return _shaped(down, up, self.scale_, shape)
+
+
+@dataclass(eq=False)
+class LoKrDelta(_Kind):
+    """LoKr: ``scale * kron(W1, W2)``, ``W1`` given as ``w1`` or ``w1a @ w1b``, ``W2`` as ``w2``, ``w2a @ w2b``
+    or the Tucker ``einsum(t2, w2a, w2b)``. A conv ``W2`` is flattened to ``[c, d * kh * kw]``: ``kron`` of the
+    flattened factors, reshaped to ``(a*c, b*d, kh, kw)``, is the conv kernel (LyCORIS's and PEFT's layout).
+    """
+
+    w1: torch.Tensor | None = None
+    w1a: torch.Tensor | None = None
+    w1b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2a: torch.Tensor | None = None
+    w2b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+    scale_: float = 1.0
+    kind = "lokr"
+
+    def _sides(self):
+        if self.w1 is not None:
+            u1, v1 = _low_rank(self.w1.float())
+        else:
+            u1, v1 = self.w1a.float(), _flat(self.w1b)
+        if self.w2 is not None:
+            u2, v2 = _low_rank(_flat(self.w2))
+        elif self.t2 is not None:
+            u2, v2 = self.w2a.float().t(), tucker_down(self.t2, self.w2b)
+        else:
+            u2, v2 = self.w2a.float(), _flat(self.w2b)
+        return u1, v1, u2, v2
+
+    def factors(self, shape=None) -> LayerDelta:
+        """Exact: ``kron(U1 V1, U2 V2) = kron(U1, U2) kron(V1, V2)``."""
+        u1, v1, u2, v2 = self._sides()
+        c = torch.Tensor.contiguous
+        return _shaped(torch.kron(c(v1), c(v2)), torch.kron(c(u1), c(u2)), self.scale_, shape)
+
+
+def _shaped(down: torch.Tensor, up: torch.Tensor, scale: float, shape) -> LayerDelta:
+    """A :class:`LayerDelta` with ``scale`` per product, conv factors shaped for ``shape`` when given."""
+    rank = int(down.shape[0])
+    if shape is not None and len(shape) == 4:
+        down = down.reshape(rank, *shape[1:])
+        up = up.reshape(up.shape[0], rank, 1, 1)
+    return LayerDelta(down=down.contiguous(), up=up.contiguous(), alpha=float(scale) * rank)
+
+
+@dataclass(eq=False)
+class FullDelta(_Kind):
+    """A dense weight difference ``diff`` (LyCORIS full/diff), optionally with a bias difference ``diff_b``."""
+
+    diff: torch.Tensor
+    diff_b: torch.Tensor | None = None
+    kind = "full"
+
+    def flat_delta(self) -> torch.Tensor:
+        return _flat(self.diff)
+
+    def dense(self, weight, bias=None):
+        db = None if self.diff_b is None else self.diff_b.float().reshape(-1)
+        return self.diff.float().reshape(weight.shape), db
+
+    def check(self, shape):
+        why = _shape_error(self.kind, tuple(self.flat_delta().shape), tuple(shape))
+        if why is None and self.diff_b is not None and self.diff_b.numel() != shape[0]:
+            why = f"bias diff has {self.diff_b.numel()} values, layer has {shape[0]} outputs"
+        return why
+
+
+def _broadcast(vec: torch.Tensor, weight: torch.Tensor, axis: int) -> torch.Tensor:
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    return vec.float().reshape(shape)
+
+
+@dataclass(eq=False)
+class DoRADelta(_Kind):
+    """DoRA: ``f(W) = m * V / (||V|| + eps)`` with ``V = W + inner`` (``inner`` any additive kind at its scale).
+
+    The norm is per output row (LyCORIS ``wd_on_out``, PEFT) or per input column (``magnitude`` shaped
+    ``[1, in, ...]``). ``eps`` is LyCORIS's ``finfo(float32).eps`` for kohya files, 0 for PEFT's
+    ``lora_magnitude_vector``. Multiplicative: see the module docstring for what weight ``w`` means.
+    """
+
+    inner: object
+    magnitude: torch.Tensor
+    eps: float = 0.0
+    kind = "dora"
+    additive = False
+
+    @property
+    def on_input(self) -> bool:
+        m = self.magnitude
+        return m.dim() >= 2 and m.shape[0] == 1 and m.shape[1] > 1
+
+    def _view(self) -> LayerDelta:  # retrieval reads the direction change
+        return self.inner._view() if isinstance(self.inner, _Kind) else self.inner
+
+    def factors(self, shape=None):
+        return None
+
+    def dense(self, weight, bias=None):
+        w0 = weight.float()
+        v = w0 + self.inner_dense(w0)
+        axis = 1 if self.on_input else 0
+        per = v.transpose(0, axis).reshape(v.shape[axis], -1).norm(dim=1)
+        norm = _broadcast(per, v, axis) + self.eps
+        m = _broadcast(self.magnitude.reshape(-1), v, axis)
+        return m * v / norm - w0, None
+
+    def inner_dense(self, w0: torch.Tensor) -> torch.Tensor:
+        inner = self.inner
+        if isinstance(inner, LayerDelta):
+            return ((inner.up.reshape(inner.up.shape[0], -1).float() * inner.scale) @ _flat(inner.down)).reshape(w0.shape)
+        return inner.dense(w0)[0]
+
+    def check(self, shape):
+        inner = self.inner
+        flat = tuple(_flat(inner.down).shape[1:]) if isinstance(inner, LayerDelta) else None
+        if isinstance(inner, LayerDelta):
+            why = _shape_error("DoRA", (inner.up.shape[0], flat[0]), tuple(shape))
+        else:
+            why = inner.check(shape)
+        if why:
+            return why
+        want = shape[1] if self.on_input else shape[0]
+        if self.magnitude.numel() != want:
+            side = "inputs" if self.on_input else "outputs"
+            return f"DoRA magnitude has {self.magnitude.numel()} values, layer has {want} {side}"
+        return None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        inner = self.inner
+        out = {"down": inner.down, "up": inner.up} if isinstance(inner, LayerDelta) else inner.tensors()
+        return {**out, "magnitude": self.magnitude}
+
+
+@dataclass(eq=False)
+class IA3Delta(_Kind):
+    """IA3: the weight's input columns or output rows scaled by ``scale`` (the multiplier itself: PEFT's
+    ``ia3_l``; LyCORIS stores ``scale - 1``). ``scale_bias``: an output scaling also scales the bias (PEFT)."""
+
+    scale_vec: torch.Tensor
+    on_input: bool = False
+    scale_bias: bool = False
+    kind = "ia3"
+    additive = False
+    rank = 0
+
+    def _view(self):
+        raise AttributeError("an IA3 delta has no low-rank factors (it scales the base weight)")
+
+    down = up = property(lambda self: self._view())
+
+    def factors(self, shape=None):
+        return None
+
+    def dense(self, weight, bias=None):
+        axis = 1 if self.on_input else 0
+        s = _broadcast(self.scale_vec.reshape(-1), weight, axis) - 1.0
+        db = None
+        if self.scale_bias and not self.on_input and bias is not None:
+            db = bias.float() * (self.scale_vec.float().reshape(-1) - 1.0)
+        return weight.float() * s, db
+
+    def check(self, shape):
+        want = shape[1] if self.on_input else shape[0]
+        if self.scale_vec.numel() != want:
+            side = "inputs" if self.on_input else "outputs"
+            return f"IA3 vector has {self.scale_vec.numel()} values, layer has {want} {side}"
+        return None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.scale_vec}
+
+
+def _tensors(self) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+
+for _cls in (LoHaDelta, LoKrDelta, FullDelta):
+    _cls.tensors = _tensors
+
+KINDS = ("lora", "loha", "lokr", "full", "dora", "ia3")
