@@ -3,6 +3,11 @@
 The base module is not replaced: a forward hook adds ``((x A^T) * s) B^T`` to its output, so the
 model's module tree, its ``state_dict`` and ``save_pretrained`` stay exactly as they were. Stacked
 factors live on the module as non-persistent buffers, so ``pipe.to(device)`` moves them too.
+
+Adapters without exact low-rank factors (LyCORIS full/diff, DoRA, IA3, a LoKr with full-size sides) act
+through a dense delta ``(dW, db)`` per adapter, computed once against the base weight when attached:
+the hook adds ``x dW^T + db`` weighted per row, fusing adds ``sum_i w_i dW_i`` to the weight and
+``sum_i w_i db_i`` to the bias (both backed up and restored bit-exactly).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lora_composer.runtime.mixing import MixingState
 from lora_composer.kernels import fold_delta, sparse_delta, sparse_fold, sparse_restore, stacked_delta
@@ -60,6 +66,11 @@ class PatchedLayer:
         # while fused: live sparse slots -> (positions, the base weight's values there), so that fusing a set
         # again in this fused session skips reading the weight (one scatter, no gather); cleared by unfuse
         self._kept: dict[frozenset[int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # dense deltas: slot -> (dW fp32 shaped like the weight, db fp32 or None), on the weight's device
+        self.dense: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.bias_backup: torch.Tensor | None = None
+        self._dense_key = None
+        self._dense_cache = None
         self._handle = module.register_forward_hook(self._hook)
         mixer.attach(self)
 
@@ -116,16 +127,29 @@ class PatchedLayer:
         self._kept.clear()
         self._sparse_key = None
 
+    def add_dense(self, slot: int, dw: torch.Tensor, db: torch.Tensor | None) -> None:
+        """Attach a dense delta: ``weight += w * dw`` and ``bias += w * db`` when it acts with weight ``w``."""
+        weight, bias = self.module.weight, self.module.bias
+        if db is not None and bias is None:
+            raise ValueError("a bias delta for a layer without bias")
+        dev = weight.device
+        self.dense[slot] = (dw.float().to(dev).contiguous(), None if db is None else db.float().to(dev).reshape(-1))
+        self._dense_key = None
+
+    def remove_dense(self, slot: int) -> None:
+        self.dense.pop(slot, None)
+        self._dense_key = None
+
     def holds(self, slot: int) -> bool:
-        return slot in self.sparse or any(b.slot == slot for b in self.blocks)
+        return slot in self.sparse or slot in self.dense or any(b.slot == slot for b in self.blocks)
 
     @property
     def empty(self) -> bool:
-        return not self.blocks and not self.sparse
+        return not self.blocks and not self.sparse and not self.dense
 
     @property
     def fused(self) -> bool:
-        return self.backup is not None or self.sparse_backup is not None
+        return self.backup is not None or self.sparse_backup is not None or self.bias_backup is not None
 
     def detach(self) -> None:
         """Remove the hook and the buffers, restoring the base weights if fused."""
@@ -136,6 +160,7 @@ class PatchedLayer:
                 delattr(self.module, name)
         self.blocks = []
         self.sparse = {}
+        self.dense = {}
         self.mixer.detach(self)
 
     # -- scales --------------------------------------------------------------------------------
@@ -222,13 +247,53 @@ class PatchedLayer:
                     self._sparse_cache = (union, values.to(self.module.weight.device))
         return self._sparse_cache
 
+    def dense_refresh(self):
+        """``(live slots, weights [rows, live], summed dW, summed db)`` of the dense deltas, once per mixer
+        version; the sums (weighted by row 0) serve when every row carries the same weights."""
+        mixer = self.mixer
+        key = (mixer.version, self.module.weight.device)
+        if key != self._dense_key:
+            self._dense_key, self._dense_cache = key, None
+            if self.dense and mixer.enabled:
+                live = [s for s in sorted(self.dense) if s in mixer.active_slots]
+                if live:
+                    w = mixer.weights_for(self.group)[:, live].float()
+                    dw = sum(float(w[0, i]) * self.dense[s][0] for i, s in enumerate(live))
+                    dbs = [(float(w[0, i]), self.dense[s][1]) for i, s in enumerate(live) if self.dense[s][1] is not None]
+                    db = sum(c * b for c, b in dbs) if dbs else None
+                    self._dense_cache = (live, w.to(self.module.weight.device), dw, db)
+        return self._dense_cache
+
+    def _apply(self, x: torch.Tensor, dw: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor:
+        dw = dw.to(x.dtype)
+        db = None if db is None else db.to(x.dtype)
+        if self.conv is None:
+            return F.linear(x, dw, db)
+        return F.conv2d(x, dw, db, **self.conv)
+
+    def _dense_delta(self, x: torch.Tensor, cache) -> torch.Tensor:
+        live, w, dw, db = cache
+        if w.shape[0] == 1 or bool((w == w[:1]).all()):
+            return self._apply(x, dw, db)
+        if x.shape[0] != w.shape[0]:
+            raise ValueError(f"mixing tensor has {w.shape[0]} rows but the batch has {x.shape[0]}")
+        total = None
+        for i, s in enumerate(live):
+            col = w[:, i].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+            part = self._apply(x, *self.dense[s]) * col
+            total = part if total is None else total + part
+        return total
+
     def _hook(self, module, args, output):
         if self.fused:
             return None  # fused: the delta is already in the weight
         active = self.refresh() if self.blocks else None
         sparse = self.sparse_refresh() if self.sparse else None
+        dense = self.dense_refresh() if self.dense else None
+        if dense is not None:
+            output = output + self._dense_delta(args[0], dense)
         if active is None and sparse is None:
-            return None  # nothing acts: output is exactly the base layer's
+            return output if dense is not None else None  # nothing acts: output is exactly the base layer's
         if active is not None:
             s, runs = active
             output = stacked_delta(args[0], self.down, self.up, s, self.conv, runs, out=output)
@@ -250,9 +315,12 @@ class PatchedLayer:
             raise ValueError("per-row mixing weights cannot be fused")
         weight = self.module.weight
         sparse = self.sparse_refresh() if self.sparse else None
+        dense = self.dense_refresh() if self.dense else None
         dense_live = bool(self.blocks) and self.mixer.enabled and self.refresh() is not None
+        dense_live = dense_live or dense is not None
         if not dense_live and self.backup is None:
             self._restore_sparse()
+            self._restore_bias()
             if sparse is not None:
                 self._fold_sparse(weight, *sparse)
             return
@@ -263,12 +331,26 @@ class PatchedLayer:
         if self.blocks and self.mixer.enabled:
             s = self._rank_scale()[0]
             new = new + fold_delta(new, self.down, self.up, s).float()
+        if dense is not None:
+            new = new + dense[2]
         if sparse is not None:
             idx, vals = sparse
             new = new.clone() if new.data_ptr() == self.backup.data_ptr() else new
             new.view(-1).index_add_(0, idx, vals[0])
         with torch.no_grad():
             weight.copy_(new.to(weight.dtype) if new.dtype != weight.dtype else new)
+        self._restore_bias()
+        if dense is not None and dense[3] is not None:
+            bias = self.module.bias
+            self.bias_backup = bias.detach().clone()
+            with torch.no_grad():
+                bias.copy_((self.bias_backup.float() + dense[3]).to(bias.dtype))
+
+    def _restore_bias(self) -> None:
+        if self.bias_backup is not None:
+            with torch.no_grad():
+                self.module.bias.copy_(self.bias_backup)
+            self.bias_backup = None
 
     def _fold_sparse(self, weight: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
         """Scatter the live SHiRA values into the (base) weight, keeping the overwritten values per live set."""
@@ -287,6 +369,7 @@ class PatchedLayer:
 
     def unfuse(self) -> None:
         self._restore_sparse()
+        self._restore_bias()
         self._kept.clear()  # unfused, the weight is the user's again: forget what it held
         if self.backup is None:
             return

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from lora_composer.adapters.types import Adapter
+from lora_composer.adapters.types import Adapter, LayerDelta
 from lora_composer.errors import AdapterMismatchError
 from lora_composer.runtime.layer import PatchedLayer
 from lora_composer.runtime.mixing import MixingState
@@ -47,6 +47,12 @@ def _check_fit(module: torch.nn.Module, delta) -> str | None:
     """Why ``delta`` cannot patch ``module``, or None if it fits."""
     if getattr(delta, "is_sparse", False):
         return _check_sparse_fit(module, delta)
+    if not isinstance(delta, LayerDelta):  # LoHa, LoKr, full, DoRA, IA3
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            return f"is a {type(module).__name__}, not a Linear or Conv2d"
+        if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
+            return f"is a grouped convolution (groups={module.groups})"
+        return delta.check(tuple(module.weight.shape))
     down, up = delta.down, delta.up
     if isinstance(module, torch.nn.Linear):
         if down.dim() != 2 or up.dim() != 2:
@@ -65,6 +71,26 @@ def _check_fit(module: torch.nn.Module, delta) -> str | None:
     if want != got:
         return f"delta maps {got[0]} -> {got[1]} features, layer has {want[0]} -> {want[1]}"
     return None
+
+
+def _finite(delta) -> bool:
+    parts = delta.tensors().values() if hasattr(delta, "tensors") else (delta.down, delta.up)
+    return all(bool(torch.isfinite(t).all()) for t in parts if t.is_floating_point())
+
+
+def _add_kind(layer: PatchedLayer, slot: int, module: torch.nn.Module, delta) -> None:
+    """Attach a LoHa/LoKr/full/DoRA/IA3 delta: through the stacked factors when it has an exact low-rank form
+    smaller than the weight, else as a dense delta taken against the module's (base) weight now."""
+    weight = module.weight
+    shape = tuple(weight.shape)
+    out, flat_in = shape[0], weight[0].numel()
+    factors = delta.factors(shape)
+    if factors is not None and factors.rank * (out + flat_in) < out * flat_in:
+        layer.add(slot, factors.down, factors.up, factors.scale)
+        return
+    with torch.no_grad():
+        dw, db = delta.dense(weight.detach(), None if module.bias is None else module.bias.detach())
+    layer.add_dense(slot, dw, db)
 
 
 class LoraRuntime:
@@ -111,7 +137,7 @@ class LoraRuntime:
             why = _check_fit(module, delta)
             if why:
                 raise AdapterMismatchError(where, f"layer {key}: {why}")
-            if not delta.is_sparse and not (torch.isfinite(delta.down).all() and torch.isfinite(delta.up).all()):
+            if not delta.is_sparse and not _finite(delta):
                 raise AdapterMismatchError(where, f"layer {key} holds NaN or inf values")
             plan.append((key, module))
         return plan
@@ -144,8 +170,10 @@ class LoraRuntime:
                 if uniq.numel() != flat.numel():  # repeated positions add up
                     values = torch.zeros(uniq.numel()).index_add_(0, inv, values)
                 layer.add_sparse(slot, uniq, values, delta.scale)
-            else:
+            elif isinstance(delta, LayerDelta):
                 layer.add(slot, delta.down, delta.up, delta.scale)
+            else:
+                _add_kind(layer, slot, module, delta)
         self.adapters[adapter.name] = adapter
         self.slots[adapter.name] = slot
         if refuse:
@@ -163,6 +191,8 @@ class LoraRuntime:
             if layer.holds(slot):
                 if slot in layer.sparse:
                     layer.remove_sparse(slot)
+                if slot in layer.dense:
+                    layer.remove_dense(slot)
                 if any(b.slot == slot for b in layer.blocks):
                     layer.remove(slot)
                 if layer.empty:
@@ -259,7 +289,7 @@ def _each_layer(layers, fn) -> None:
     threads = torch.get_num_threads()
     scatter, rest = [], []
     for layer in layers:
-        only_sparse = layer.sparse and not layer.blocks and layer.module.weight.device.type == "cpu"
+        only_sparse = layer.sparse and not layer.blocks and not layer.dense and layer.module.weight.device.type == "cpu"
         (scatter if only_sparse else rest).append(layer)
     if threads < 2 or len(scatter) < 2:
         scatter, rest = [], scatter + rest
