@@ -1,4 +1,5 @@
-"""The web UI (lora_composer.frontends.ui) driven in-process through gradio_client: renders, concurrency, confinement."""
+"""The web UI (lora_composer.frontends.ui) driven in-process through gradio_client: renders, concurrency,
+confinement, samplers, PNG info, Stop, and errors logged as one line."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ gradio_client = pytest.importorskip("gradio_client")
 from lora_composer import tiny  # noqa: E402
 from lora_composer.errors import ComposerError  # noqa: E402
 from lora_composer.miniworld.library import LORAS  # noqa: E402
-from lora_composer.frontends.ui import MAX_SLOTS, ComposerUI, launch, parse_strategy_args  # noqa: E402
+from lora_composer.frontends import ui_view  # noqa: E402
+from lora_composer.frontends.ui import ComposerUI, launch, parse_strategy_args  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +51,14 @@ def client(ui):
 
 
 def generate(client, prompt="a red circle", loras=(), strategy="merge", args="", compare="", seed=5, steps=2,
-             guidance=5.0):
-    slots = []
-    for i in range(MAX_SLOTS):
-        name, te, unet = loras[i] if i < len(loras) else ("", 0.8, 0.8)
-        slots += [name, te, unet]
-    return client.predict(prompt, "", strategy, args, compare, seed, steps, guidance, 64, 64, 1, *slots,
-                          api_name="/generate")
+             guidance=5.0, sampler="DPMSolverMultistepScheduler", negative="", width=64, height=64):
+    """``/generate``; ``loras`` ``[(name, te, unet)]`` go into the prompt as tags, as the LoRA rows write them.
+    Returns ``(images, pngs, info, heatmap html)``."""
+    prompt = ui_view.prompt_with_slots(prompt, [ui_view.new_slot(n, te, unet) for n, te, unet in loras]) if loras else prompt
+    images, info, heat, files, _history = client.predict(
+        prompt, negative, strategy, args, compare, sampler, seed, steps, guidance, width, height, 1,
+        api_name="/generate")
+    return images, [f for f in files if not f.endswith(".explain.png")], info, heat
 
 
 def pixels(item) -> np.ndarray:
@@ -64,14 +67,14 @@ def pixels(item) -> np.ndarray:
 
 
 def test_generate_returns_image_heatmap_and_png_with_metadata(client):
-    images, heatmaps, pngs, info = generate(
+    images, pngs, info, heat = generate(
         client, loras=[("star-shape.safetensors", 0.8, 0.8), ("pixel-style.safetensors", 0.5, 1.0)],
         strategy="switch", args="every=1", compare="merge",
     )
-    assert len(images) == 2 and len(heatmaps) == 2  # side by side: switch, then merge with the same seed
+    assert len(images) == 2 and len(pngs) == 2  # side by side: switch, then merge with the same seed
     assert pixels(images[0]).shape == (64, 64, 3)
-    heat = Image.open(heatmaps[0]["image"])
-    assert heat.width > 100 and heat.height > 100
+    assert heat.count('class="heat-grid"') == 2 and "star-shape" in heat and "pixel-style" in heat
+    assert '<div class="heat-step">2</div>' in heat  # the last step is labelled
     png = Image.open(pngs[0])
     assert "lora-composer" in png.info and "pixel-style" in png.info["parameters"]
     assert "switch" in info and "merge" in info and "star-shape" in info
@@ -86,7 +89,7 @@ def test_guidance_defaults_to_the_models(client, ui, sd15_pipe, tmp_path):
 
     assert ui.default_guidance == 5.0 and slider(ui).value == 5.0  # the mini world's guidance
     assert ui.render("a red circle", steps=2, seed=1)["records"][0].guidance_scale == 5.0
-    _, _, pngs, _ = generate(client, guidance=6.5)  # the slider's value wins
+    _, pngs, _, _ = generate(client, guidance=6.5)  # the slider's value wins
     assert read_record(pngs[0]).guidance_scale == 6.5
 
     model = tmp_path / "tiny"
@@ -126,28 +129,129 @@ def test_paths_outside_the_library_are_refused(client, ui, outside):
     for bad in (str(outside), "../outside/evil.safetensors", "linked.safetensors", "linked", "/etc/passwd", "~/x"):
         with pytest.raises(ComposerError, match="not in the library"):
             ui.lora_path(bad)
-    with pytest.raises(gradio_client.exceptions.AppError, match="not in the library"):
-        generate(client, loras=[(str(outside), 1.0, 1.0)])
+    with pytest.raises(ComposerError, match="not in the library"):  # a LoRA row naming a path
+        ui.render("a red circle", loras=[(str(outside), 1.0, 1.0)], steps=1)
     with pytest.raises(gradio_client.exceptions.AppError, match="not in the library"):
         generate(client, prompt=f"a red circle <lora:{outside}:1>")
     with pytest.raises(gradio_client.exceptions.AppError, match="not in the library"):
         generate(client, prompt="a red circle <lora:../outside/evil:1>")
 
 
-def test_errors_show_in_the_page_and_the_server_keeps_serving(client):
+def test_errors_show_in_the_page_and_are_logged_as_one_line(client, capfd):
+    capfd.readouterr()
     with pytest.raises(gradio_client.exceptions.AppError, match="no argument nonsense"):
         generate(client, loras=[("pixel-style.safetensors", 1, 1)], strategy="switch", args="nonsense=3")
     with pytest.raises(gradio_client.exceptions.AppError, match="KEY=VALUE"):
         generate(client, args="every")
-    images, *_ = generate(client, loras=[("pixel-style.safetensors", 1, 1)])
+    with pytest.raises(gradio_client.exceptions.AppError, match="unclosed"):
+        generate(client, prompt="a red circle <lora:star-shape")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    logged = [line for line in err.splitlines() if line.startswith("compose ui: ")]
+    assert len(logged) == 3, err  # one line per mistake
+    assert "nonsense" in logged[0] and "KEY=VALUE" in logged[1] and "unclosed" in logged[2]
+    images, *_ = generate(client, loras=[("pixel-style.safetensors", 1, 1)])  # the server keeps serving
     assert pixels(images[0]).shape == (64, 64, 3)
 
 
-def test_auto_fills_the_picker_with_the_retrievers_choice(client):
-    out = client.predict("a red circle in pixel style", 2, api_name="/auto")
-    table, first = out[0], out[2]
-    assert "pixel-style" in table and "score" in table
-    assert first["value"] == "pixel-style.safetensors"
+def test_auto_shows_each_pick_its_span_and_what_was_left_out(client):
+    table, _previews, prompt = client.predict("a red circle in pixel style", 2, api_name="/auto")
+    assert "<table" in table and "covers" in table and "&ldquo;pixel style&rdquo;" in table
+    assert "left out" in table and "below threshold" in table  # why the others were not picked
+    assert prompt == "a red circle in pixel style <lora:pixel-style:1>"  # the rows, written as tags
+
+
+def test_prompt_tags_and_rows_stay_in_step():
+    names = {"star-shape": "star-shape.safetensors", "pixel-style": "pixel-style.safetensors"}
+    rows = ui_view.slots_from_prompt("a star <lora:star-shape:0.5:1.2>, <lora:pixel-style>", lambda n: names.get(n, n))
+    assert rows == [ui_view.new_slot("star-shape.safetensors", 0.5, 1.2), ui_view.new_slot("pixel-style.safetensors", 1, 1)]
+    assert ui_view.prompt_with_slots("a star <lora:old:1>, ", rows) == "a star <lora:star-shape:0.5:1.2> <lora:pixel-style:1>"
+    assert ui_view.slots_from_prompt("a star <lora:star-sha", str) is None  # a tag being typed: rows unchanged
+    assert ui_view.slots_from_prompt(ui_view.prompt_with_slots("x", rows), lambda n: names.get(n, n)) == rows
+
+
+def test_a1111_parameters_are_parsed():
+    text = ('a castle, <lora:ink:0.7>\nNegative prompt: blurry, low quality\nSteps: 30, Sampler: Euler a, '
+            'CFG scale: 6.5, Seed: 42, Size: 512x768, Model hash: abc123, Lora hashes: "ink: 0123456789ab"')
+    p = ui_view.parse_a1111(text)
+    assert p["prompt"] == "a castle, <lora:ink:0.7>" and p["negative_prompt"] == "blurry, low quality"
+    assert (p["Steps"], p["Sampler"], p["CFG scale"], p["Seed"], p["Size"]) == ("30", "Euler a", "6.5", "42", "512x768")
+    assert p["Lora hashes"] == "ink: 0123456789ab"
+
+
+def test_sampler_choice(client, ui):
+    assert "EulerAncestralDiscreteScheduler" in ui.samplers and "DDIMScheduler" in ui.samplers
+    base = ui.pipe.pipe.scheduler
+    _, (dpm,), _, _ = generate(client, seed=2)
+    _, (euler,), info, _ = generate(client, seed=2, sampler="EulerDiscreteScheduler")
+    from lora_composer.pnginfo import read_record
+
+    assert read_record(euler).scheduler == "EulerDiscreteScheduler" and "Euler" in info
+    assert read_record(dpm).scheduler == "DPMSolverMultistepScheduler"
+    assert not np.array_equal(pixels(dpm), pixels(euler))
+    assert ui.pipe.pipe.scheduler is base  # the model's own is back for the next render
+    assert ui.sampler_class("Euler a") == "EulerAncestralDiscreteScheduler"
+
+
+def test_png_info_restores_a_png_written_by_the_cli_and_renders_it_again(client, ui, tmp_path):
+    from lora_composer.frontends.cli import main
+
+    out = tmp_path / "x.png"
+    assert main(["--prompt", "a red star <lora:star-shape:0.9:1.1>", "--negative-prompt", "blurry", "--seed", "4",
+                 "--steps", "5", "--guidance", "6", "--strategy", "switch", "--strategy-arg", "every=2",
+                 "--library", str(ui.library), "--out", str(out)]) == 0
+    (prompt, negative, strategy, args, seed, steps, guidance, width, height, sampler, note, compare) = client.predict(
+        gradio_client.handle_file(str(out)), api_name="/png_info")
+    assert prompt == "a red star <lora:star-shape:0.9:1.1>" and negative == "blurry"
+    assert (strategy, seed, steps, guidance, width, height) == ("switch", 4, 5, 6.0, 64, 64)
+    assert "every=2" in args and sampler == "DPMSolverMultistepScheduler" and "Restored" in note
+    again, *_ = generate(client, prompt=prompt, negative=negative, strategy=strategy, args=args, seed=seed,
+                         steps=steps, guidance=guidance, sampler=sampler, width=width, height=height)
+    np.testing.assert_array_equal(pixels(again[0]), pixels(out))
+
+
+def test_png_info_reads_a1111_parameters(ui, tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    meta.add_text("parameters", "a blue cross <lora:cross-shape:0.7>\nNegative prompt: blurry\n"
+                                "Steps: 7, Sampler: Euler a, CFG scale: 6.5, Seed: 42, Size: 64x64, Model hash: abc")
+    path = tmp_path / "a1111.png"
+    Image.new("RGB", (64, 64)).save(path, pnginfo=meta)
+    r = ui.restore(path)
+    assert r["prompt"] == "a blue cross <lora:cross-shape:0.7>" and r["negative_prompt"] == "blurry"
+    assert (r["steps"], r["guidance"], r["seed"], r["width"], r["sampler"]) == (7, 6.5, 42, 64,
+                                                                                 "EulerAncestralDiscreteScheduler")
+    assert r["slots"] == [ui_view.new_slot("cross-shape.safetensors", 0.7, 0.7)] and not r["notes"]
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(ComposerError, match="no generation settings"):
+        ui.restore(tmp_path / "plain.png")
+
+
+def test_stop_interrupts_a_100_step_render_at_the_next_step(client, ui):
+    import time
+
+    ui.last_stop, ui.step = None, 0
+    job = client.submit("a red circle", "", "merge", "", "", "DPMSolverMultistepScheduler", 1, 100, 5.0, 64, 64, 1,
+                        api_name="/generate")
+    deadline = time.monotonic() + 60
+    while (ui.step < 3 or not ui._stops) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert 3 <= ui.step < 100
+    client.predict(api_name="/stop")
+    deadline = time.monotonic() + 30
+    while (ui.last_stop or {}).get("stopped_at") is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop = ui.last_stop
+    assert stop["stopped_at"] is not None and stop["steps"] == 100
+    assert stop["stopped_at"] - stop["requested_at"] <= 2, stop  # within two steps of the click
+    print(f"stop: asked at step {stop['requested_at']}, stopped after step {stop['stopped_at']} of 100")
+    try:
+        job.result(timeout=30)
+    except Exception:  # cancelled: no image
+        pass
+    images, *_ = generate(client)  # the next render runs normally
+    assert pixels(images[0]).shape == (64, 64, 3)
 
 
 def test_uploads_are_safetensors_only_and_capped(ui, tmp_path):

@@ -1,6 +1,7 @@
 """The web UI in a real browser: Debian's headless Chromium driven by Playwright (no `playwright install`).
 
 Skipped when /usr/bin/chromium (``apt-get install chromium``) or the playwright package is missing.
+Screenshots are kept in ``$LORA_COMPOSER_ARTIFACTS`` (default: the test's tmp folder);
 ``LORA_COMPOSER_SCREENSHOT=docs/ui.png`` also writes the README's screenshot there.
 """
 
@@ -52,6 +53,13 @@ def browser():
             b.close()
 
 
+def artifacts(tmp_path) -> Path:
+    """Where screenshots are kept: ``$LORA_COMPOSER_ARTIFACTS`` when set, else the test's tmp folder."""
+    folder = Path(os.environ.get("LORA_COMPOSER_ARTIFACTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def pick_lora(page, slot: int, name: str) -> None:
     box = page.locator(f"#lora-{slot} input").first
     box.click()
@@ -65,20 +73,70 @@ def set_number(page, elem_id: str, value) -> None:
     field.press("Enter")
 
 
-def render(page, url, prompt, loras, seed=7, steps=3):
+def prompt_value(page) -> str:
+    return page.locator("#prompt textarea").input_value()
+
+
+def wait_for_result(page):
+    image = page.locator("#gallery img").first
+    image.wait_for(state="visible", timeout=90_000)
+    page.locator("#heatmap .heat-grid").first.wait_for(state="visible", timeout=30_000)
+    page.locator("#info").get_by_text("seed").first.wait_for(timeout=30_000)
+    page.wait_for_function("() => { const i = document.querySelector('#gallery img'); return i && i.complete "
+                           "&& i.naturalWidth > 0; }", timeout=30_000)
+    return image
+
+
+def render(page, url, prompt, seed=7, steps=3):
+    """Generate ``prompt`` (its ``<lora:...>`` tags fill the LoRA rows) and wait for the image and heatmap."""
     page.goto(url)
     page.locator("#prompt textarea").fill(prompt)
-    for i, (name, unet) in enumerate(loras):
-        pick_lora(page, i, name)
-        set_number(page, f"unet-{i}", unet)
     set_number(page, "seed", seed)
     set_number(page, "steps", steps)
     page.locator("#generate").click()
-    image = page.locator("#gallery img").first
-    image.wait_for(state="visible", timeout=90_000)
-    page.locator("#heatmap img").first.wait_for(state="visible", timeout=30_000)
-    page.locator("#info").get_by_text("seed").first.wait_for(timeout=30_000)
-    return image
+    return wait_for_result(page)
+
+
+# The generated image: inside the viewport (no scrolling needed), not cropped by any ancestor, drawn whole
+# (object-fit contain) and upscaled without smoothing.
+IMAGE_VIEW = """img => {
+  const r = img.getBoundingClientRect(); const cs = getComputedStyle(img);
+  let clipped = false;
+  for (let e = img.parentElement; e && e !== document.body; e = e.parentElement) {
+    const s = getComputedStyle(e);
+    if (s.overflow !== 'visible' || s.overflowX !== 'visible' || s.overflowY !== 'visible') {
+      const p = e.getBoundingClientRect();
+      if (r.top < p.top - 1 || r.bottom > p.bottom + 1 || r.left < p.left - 1 || r.right > p.right + 1) clipped = true;
+    }
+  }
+  return {top: r.top, bottom: r.bottom, left: r.left, right: r.right, width: r.width, height: r.height,
+          vw: window.innerWidth, vh: window.innerHeight, fit: cs.objectFit, rendering: cs.imageRendering,
+          natural: [img.naturalWidth, img.naturalHeight], clipped: clipped};
+}"""
+
+
+def assert_fully_visible(page, image) -> dict:
+    v = image.evaluate(IMAGE_VIEW)
+    assert v["top"] >= 0 and v["left"] >= 0 and v["bottom"] <= v["vh"] and v["right"] <= v["vw"], v
+    assert not v["clipped"] and v["fit"] == "contain", v
+    assert v["natural"] == [64, 64] and v["width"] >= 128, v  # the 64x64 image, shown upscaled
+    assert v["rendering"] == "pixelated", v  # nearest neighbour
+    return v
+
+
+def assert_heatmap_labelled(page, steps: int, adapters: list[str]) -> None:
+    heat = page.locator("#heatmap .heat").first
+    box = heat.bounding_box()
+    last = page.locator("#heatmap .heat-step").last
+    assert last.inner_text().strip() == str(steps) and last.is_visible()
+    names = page.locator("#heatmap .heat-name")
+    assert names.all_inner_texts() == adapters
+    for i in range(names.count()):
+        b = names.nth(i).bounding_box()
+        assert b["x"] >= box["x"] and b["x"] + b["width"] <= box["x"] + box["width"] + 1, (adapters[i], b, box)
+        assert names.nth(i).evaluate("e => e.scrollWidth <= e.clientWidth + 1")  # not truncated
+    lb = last.bounding_box()
+    assert lb["x"] + lb["width"] <= box["x"] + box["width"] + 1  # the last step's column is on the page
 
 
 def downloaded(page) -> np.ndarray:
@@ -91,28 +149,73 @@ def downloaded(page) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def test_browser_prompt_two_loras_weight_run_image_and_heatmap(server, browser, tmp_path):
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    render(page, server, "a red star in pixel style", [("star-shape.safetensors", 1.2), ("pixel-style.safetensors", 0.6)])
-    info = page.locator("#info").inner_text()
-    assert "star-shape (te 0.8, unet 1.2)" in info and "pixel-style (te 0.8, unet 0.6)" in info
-    assert float(page.locator("#guidance input[type=number]").first.input_value()) == 5.0  # the mini world's
-    assert downloaded(page).shape == (64, 64, 3)
-    shot = tmp_path / "ui.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
-    target = os.environ.get("LORA_COMPOSER_SCREENSHOT")
-    if target:
-        shutil.copy(shot, target)
-    page.close()
+def test_results_in_view_at_1280x800(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        page.goto(server)
+        # tags typed in the prompt fill the LoRA rows; a row added by hand writes its tag into the prompt
+        page.locator("#prompt textarea").fill("a red star in pixel style <lora:star-shape:1.2>")
+        page.locator("#lora-0 input").first.wait_for(timeout=15_000)
+        page.wait_for_function("() => document.querySelector('#lora-0 input').value === 'star-shape.safetensors'",
+                               timeout=15_000)
+        assert page.locator("#unet-0 input").first.input_value() == "1.2"
+        page.locator("#add-lora").click()
+        page.locator("#lora-1 input").first.wait_for(timeout=15_000)
+        pick_lora(page, 1, "pixel-style.safetensors")
+        page.wait_for_function("() => document.querySelector('#prompt textarea').value.includes('<lora:pixel-style:0.8>')",
+                               timeout=15_000)
+        set_number(page, "unet-1", 0.6)
+        page.wait_for_function("() => document.querySelector('#prompt textarea').value.includes('<lora:pixel-style:0.8:0.6>')",
+                               timeout=15_000)
+        assert prompt_value(page) == "a red star in pixel style <lora:star-shape:1.2> <lora:pixel-style:0.8:0.6>"
+        set_number(page, "seed", 7)
+        set_number(page, "steps", 4)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.locator("#generate").click()
+        image = wait_for_result(page)
+        assert page.evaluate("window.scrollY") == 0  # nothing scrolled: the result is beside the controls
+        assert_fully_visible(page, image)
+        assert_heatmap_labelled(page, 4, ["star-shape", "pixel-style"])
+        shot = artifacts(tmp_path) / "ui-1280x800.png"
+        page.screenshot(path=str(shot))  # the viewport: what a user sees after Generate
+        assert shot.stat().st_size > 10_000
+        target = os.environ.get("LORA_COMPOSER_SCREENSHOT")
+        if target:
+            shutil.copy(shot, target)
+        info = page.locator("#info").inner_text()
+        assert "star-shape (te 1.2, unet 1.2)" in info and "pixel-style (te 0.8, unet 0.6)" in info
+        assert float(page.locator("#guidance input[type=number]").first.input_value()) == 5.0  # the mini world's
+        assert downloaded(page).shape == (64, 64, 3)
+        assert page.locator("#history img").count() == 1  # made since the page opened
+
+        seed = int(info.split("seed ")[1].split(",")[0])
+        set_number(page, "seed", -1)
+        page.locator("#reuse-seed").click()
+        page.wait_for_function(f"() => document.querySelector('#seed input').value === '{seed}'", timeout=15_000)
+        body = page.locator("body").inner_text()  # no machine paths shown
+        assert str(tmp_path.parent) not in body and str(Path.home()) not in body
+
+    finally:
+        page.close()
+
+
+def test_results_in_view_on_a_phone(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    try:
+        image = render(page, server, "a red star <lora:star-shape:1>", steps=2)
+        assert_fully_visible(page, image)  # scrolled into view for the user
+        assert_heatmap_labelled(page, 2, ["star-shape"])
+        page.screenshot(path=str(artifacts(tmp_path) / "ui-390x844.png"))
+    finally:
+        page.close()
 
 
 def test_two_browser_sessions_with_different_adapters(server, browser):
-    jobs = {"a": [("star-shape.safetensors", 1.0)], "b": [("pixel-style.safetensors", 1.5)]}
+    jobs = {"a": "a red circle <lora:star-shape:1>", "b": "a red circle <lora:pixel-style:1.5>"}
     alone = {}
-    for key, loras in jobs.items():
+    for key, prompt in jobs.items():
         page = browser.new_page()
-        render(page, server, "a red circle", loras, seed=3)
+        render(page, server, prompt, seed=3)
         alone[key] = downloaded(page)
         page.close()
     assert not np.array_equal(alone["a"], alone["b"])
@@ -120,13 +223,10 @@ def test_two_browser_sessions_with_different_adapters(server, browser):
     # Two pages (two Gradio sessions) clicking Generate together; Playwright's sync API is single-threaded,
     # so both are filled first, then both buttons are clicked before either result is awaited.
     pages = {}
-    for key, loras in jobs.items():
+    for key, prompt in jobs.items():
         page = browser.new_context().new_page()
         page.goto(server)
-        page.locator("#prompt textarea").fill("a red circle")
-        for i, (name, unet) in enumerate(loras):
-            pick_lora(page, i, name)
-            set_number(page, f"unet-{i}", unet)
+        page.locator("#prompt textarea").fill(prompt)
         set_number(page, "seed", 3)
         set_number(page, "steps", 3)
         pages[key] = page

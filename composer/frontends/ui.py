@@ -7,17 +7,25 @@ The model and the LoRA library are fixed at start-up. The browser only ever name
 relative to the library (what :func:`library_names` lists); anything else, including absolute paths,
 ``..`` and symlinks that leave the folder, is refused. Renders go through Gradio's queue and one lock, so
 several browsers share one pipeline and each request sets its own adapters.
+
+The page keeps the results beside the controls (in view after Generate on a phone too), shows images whole
+(tiny ones upscaled nearest-neighbour), the applied weights as a labelled steps x adapters grid, the
+retriever's picks with the prompt span each covers, as many LoRA rows as the user adds (kept in step with the
+prompt's ``<lora:name:w>`` tags), the sampler, a Stop button that interrupts at the next step, "PNG info"
+(a PNG's A1111 ``parameters`` or our own record restores every setting), and the images made since the page
+opened. A user's mistake is shown in the page and logged as one line.
 """
 
 from __future__ import annotations
 
-import html
 import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import threading
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 import contextvars
 from pathlib import Path
@@ -26,8 +34,9 @@ from lora_composer.errors import ComposerError
 from lora_composer.frontends.args import Parser, command
 from lora_composer.vocab import LORA_EXTENSIONS
 from lora_composer.fusion.registry import parse_strategy_args
+from lora_composer.frontends import ui_view
 
-MAX_SLOTS = 4  # LoRA rows in the picker
+MAX_TOP_K = 8  # the Auto button's "at most" slider
 DEFAULT_MAX_UPLOAD_MB = 512
 NONE = ""
 
@@ -77,9 +86,44 @@ def _args_text(params: list[tuple[str, object]], values) -> str:
     return "\n".join(lines)
 
 
+def _args_from_record(args: dict) -> str:
+    """A record's strategy arguments as the ``KEY=VALUE`` text the strategy box takes."""
+    parts = []
+    for key, value in (args or {}).items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif value is None:
+            value = "none"
+        parts.append(f"{key}={_shown(value)}")
+    return " ".join(parts)
+
+
+def _same_model(recorded: str, model: str) -> bool:
+    from lora_composer.default_model import MODEL_NAME, is_default_model
+
+    if recorded == MODEL_NAME:
+        return is_default_model(model)
+    return Path(str(recorded)).name == Path(str(model)).name
+
+
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+class Stopped(ComposerError):
+    """The user pressed Stop: the render ended at a step boundary."""
+
+
+def log_error(exc: BaseException) -> str:
+    """One line on stderr for a user's mistake (a :class:`ComposerError`); a traceback for anything else."""
+    msg = _one_line(exc)
+    if isinstance(exc, ComposerError):
+        print(f"compose ui: {msg}", file=sys.stderr, flush=True)
+    else:
+        print(f"compose ui: unexpected error: {msg}", file=sys.stderr, flush=True)
+        traceback.print_exception(exc, file=sys.stderr)
+    return msg
 
 
 class ComposerUI:
@@ -109,6 +153,56 @@ class ComposerUI:
         unet = getattr(self.pipe.pipe, "unet", None)
         sample = getattr(getattr(unet, "config", None), "sample_size", 64) or 64
         self.default_size = int(sample) * int(getattr(self.pipe.pipe, "vae_scale_factor", 8))
+        self.base_scheduler = self.pipe.pipe.scheduler
+        self.samplers = self._samplers()
+        self._stops: dict[str, threading.Event] = {}  # session -> its Stop button's flag
+        self.step = 0  # steps done by the render in progress (tests and the Stop message read it)
+        self.last_stop: dict | None = None  # {"requested_at": step, "stopped_at": step, "steps": total}
+
+    def _samplers(self) -> dict[str, type]:
+        """``{scheduler class name: class}``: the model's scheduler and the diffusers schedulers compatible
+        with it that load here (some need optional packages)."""
+        base = self.base_scheduler
+        out = {type(base).__name__: type(base)}
+        for cls in getattr(base, "compatibles", []):
+            if cls.__name__.startswith("EDM"):  # another noise parametrisation, not a drop-in sampler
+                continue
+            try:
+                cls.from_config(base.config)
+            except Exception:  # an optional dependency missing (scipy, torchsde)
+                continue
+            out[cls.__name__] = cls
+        return out
+
+    def sampler_choices(self) -> list[tuple[str, str]]:
+        """``[(A1111 name, scheduler class name)]`` for a dropdown, the model's own first."""
+        from lora_composer.pnginfo import sampler_name
+
+        names = list(self.samplers)
+        first, rest = names[0], sorted(names[1:], key=lambda n: sampler_name(n).lower())
+        return [(f"{sampler_name(n)} ({n})" if sampler_name(n) != n else n, n) for n in [first, *rest]]
+
+    def sampler_class(self, name: str | None) -> str:
+        """The scheduler class name for a class name or an A1111 sampler name (``Euler a``)."""
+        from lora_composer.pnginfo import sampler_name
+
+        if not name:
+            return type(self.base_scheduler).__name__
+        if name in self.samplers:
+            return name
+        for cls_name in self.samplers:
+            if sampler_name(cls_name).lower() == str(name).strip().lower():
+                return cls_name
+        raise ComposerError(f"sampler {name!r} is not available for this model (available: "
+                            + ", ".join(self.samplers) + ")")
+
+    # -- stop ---------------------------------------------------------------------------------------
+    def stop(self, key: str = "") -> None:
+        """Ask the render of session ``key`` to stop at its next step."""
+        flag = self._stops.get(key)
+        if flag is not None and not flag.is_set():
+            self.last_stop = {"requested_at": self.step, "stopped_at": None, "steps": None}
+            flag.set()
 
     def _run(self, fn, *args, **kwargs):
         ctx = contextvars.copy_context()  # gr.Progress and friends read context variables
@@ -207,20 +301,22 @@ class ComposerUI:
         return dest.relative_to(self.library).as_posix()
 
     # -- retrieval --------------------------------------------------------------------------------
-    def auto(self, prompt: str, top_k: int = 3, min_score: float | None = None) -> list[dict]:
-        """The retriever's picks for ``prompt``: ``[{name, weight, score, reason, trigger_words, preview}]``."""
+    def auto(self, prompt: str, top_k: int = 3, min_score: float | None = None) -> dict:
+        """The retriever's choice for ``prompt``: ``{"picks": [{name, weight, score, span, reason,
+        trigger_words, preview}], "left_out": [{name, why}], "notice"}`` (names are library names)."""
         from lora_composer.prompt_syntax import parse_prompt
 
         clean, _ = parse_prompt(prompt or "")
         if not clean.strip():
             raise ComposerError("write a prompt first: the retriever matches LoRAs to it")
+
         def choose():
             self.pipe.choose_loras(clean, top_k=top_k, min_score=min_score)
-            return list(self.pipe.last_retrieval)
+            return self.pipe.last_retrieval
 
         found = self._run(choose)
         files = {p: rel for rel, p in self.library_files().items()}
-        out = []
+        picks = []
         for m in found:
             real = Path(m.path).resolve()
             if real not in files:  # the catalog can only name files inside the library; be sure
@@ -232,24 +328,104 @@ class ComposerUI:
                 pv = (pv if pv.is_absolute() else real.parent / pv).resolve()
                 if pv.is_file() and pv.is_relative_to(self.library):
                     preview_path = str(pv)
-            out.append({
+            picks.append({
                 "name": files[real], "weight": float(m.weight), "score": float(m.score), "reason": m.reason,
+                "span": getattr(m, "span", None) or "",
                 "trigger_words": list(getattr(m.row, "trigger_words", []) or []), "preview": preview_path,
             })
+        left = []
+        for lo in getattr(found, "left_out", []):
+            real = Path(lo.match.path).resolve()
+            left.append({"name": files.get(real, lo.match.name), "why": lo.why})
+        for m in getattr(found, "dropped", []):
+            real = Path(m.path).resolve()
+            left.append({"name": files.get(real, m.name), "why": f'over the cap of {top_k} (it covers "{m.span}")'})
+        return {"picks": picks, "left_out": left, "notice": getattr(found, "notice", None)}
+
+    # -- PNG info -----------------------------------------------------------------------------------
+    def library_name(self, ref: str) -> str:
+        """The library name for a tag's or a record's LoRA name; the name itself when it is not there."""
+        try:
+            return self.lora_path(ref).relative_to(self.library).as_posix()
+        except (ComposerError, ValueError):
+            return ref
+
+    def restore(self, png_path) -> dict:
+        """Every setting a PNG holds: our ``lora-composer`` record, else A1111's ``parameters``.
+
+        Returns ``{prompt, negative_prompt, strategy, strategy_args, seed, steps, guidance, width, height,
+        sampler, slots, notes}``; ``prompt`` carries one ``<lora:...>`` tag per LoRA row (``slots``);
+        ``notes`` names what could not be restored (a LoRA not in this library, another model).
+        """
+        from lora_composer.pnginfo import PARAMETERS_KEY, RECORD_KEY, GenerationRecord, read_texts
+
+        texts = read_texts(png_path)
+        notes = []
+        if RECORD_KEY in texts:
+            try:
+                rec = GenerationRecord.from_json(texts[RECORD_KEY])
+            except (ValueError, TypeError) as exc:
+                raise ComposerError(f"damaged lora-composer metadata in this PNG ({_one_line(exc)})") from None
+            slots = [ui_view.new_slot(self.library_name(str(lo.get("name", ""))), float(lo.get("te_weight", 1.0)),
+                                      float(lo.get("unet_weight", lo.get("te_weight", 1.0)))) for lo in rec.loras]
+            out = {
+                "prompt": ui_view.strip_tags(rec.prompt), "negative_prompt": rec.negative_prompt or "",
+                "strategy": rec.strategy or "merge", "strategy_args": _args_from_record(rec.strategy_args),
+                "seed": rec.seed, "steps": rec.steps, "guidance": rec.guidance_scale, "width": rec.width,
+                "height": rec.height, "sampler": rec.scheduler or rec.sampler or None, "slots": slots,
+            }
+            if rec.model and not _same_model(rec.model, self.model):
+                notes.append(f"made with the model {rec.model}; this server runs {Path(self.model).name}")
+        elif PARAMETERS_KEY in texts:
+            p = ui_view.parse_a1111(texts[PARAMETERS_KEY])
+            slots = ui_view.slots_from_prompt(p["prompt"], self.library_name)
+            if slots is None:
+                raise ComposerError("the PNG's prompt has an unreadable <lora:...> tag")
+            size = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", p.get("Size", ""))
+
+            def number(key, kind):
+                try:
+                    return kind(p[key]) if key in p else None
+                except ValueError:
+                    notes.append(f"{key}: {p[key]!r} is not a number")
+                    return None
+
+            out = {
+                "prompt": ui_view.strip_tags(p["prompt"]), "negative_prompt": p["negative_prompt"],
+                "strategy": p.get("Lora strategy", "merge"), "strategy_args": "", "seed": number("Seed", int),
+                "steps": number("Steps", int), "guidance": number("CFG scale", float),
+                "width": int(size.group(1)) if size else None, "height": int(size.group(2)) if size else None,
+                "sampler": p.get("Sampler"), "slots": slots,
+            }
+        else:
+            raise ComposerError("this PNG holds no generation settings (no 'parameters' text)")
+        if out["sampler"]:
+            try:
+                out["sampler"] = self.sampler_class(out["sampler"])
+            except ComposerError:
+                notes.append(f"sampler {out['sampler']} is not available here; the model's is kept")
+                out["sampler"] = None
+        known = set(self.library_names())
+        for slot in out["slots"]:
+            if slot["name"] not in known:
+                notes.append(f"LoRA {slot['name']} is not in this library")
+        out["prompt"] = ui_view.prompt_with_slots(out["prompt"], out["slots"])
+        out["notes"] = notes
         return out
 
     # -- rendering --------------------------------------------------------------------------------
     def render(self, prompt, negative_prompt="", loras=(), strategy="merge", strategy_args=None, seed=-1,
                steps=20, guidance=None, width=None, height=None, batch=1, compare_strategy=None,
-               compare_args=None, progress=None) -> dict:
+               compare_args=None, progress=None, sampler=None, stop_key=None) -> dict:
         """Render (and, with ``compare_strategy``, render the same seed again with it).
 
         ``loras``: ``[(library name, te, unet)]``; ``<lora:name:w>`` tags in the prompt must name library
         files too. ``guidance`` defaults to the model's (:attr:`default_guidance`: 5 for the mini world, else
-        7.5). Returns ``{"images": [(path, caption)], "heatmaps": [path], "pngs": [path], "seed", "record"}``.
+        7.5). ``sampler``: a scheduler class name of :attr:`samplers` (or its A1111 name); ``stop_key``: the
+        session whose :meth:`stop` ends this render at its next step (:class:`Stopped`).
+        Returns ``{"images": [(path, caption)], "heatmaps": [path], "weights": [(steps x adapters, adapters,
+        strategy)], "pngs": [path], "seed", "records"}``.
         """
-        from lora_composer.explain import save_explanation
-        from lora_composer.pnginfo import save_png
         from lora_composer.prompt_syntax import parse_prompt
         from lora_composer.fusion import available
 
@@ -274,39 +450,94 @@ class ComposerUI:
         for name, _ in runs:
             if name not in available():
                 raise ComposerError(f"unknown strategy '{name}'; valid: {', '.join(available())}")
+        scheduler_cls = self.samplers[self.sampler_class(sampler)]
+        stop = threading.Event()
+        if stop_key is not None:
+            self._stops[stop_key] = stop
 
         job = Path(tempfile.mkdtemp(prefix=f"{seed}-", dir=self.out_dir))
-        result = {"images": [], "heatmaps": [], "pngs": [], "seed": seed, "records": []}
+        result = {"images": [], "heatmaps": [], "weights": [], "pngs": [], "seed": seed, "records": []}
         total = steps * len(runs)
-        for k, (name, args) in enumerate(runs):
-            def on_step(pipe, i, t, kwargs, _k=k):
-                if progress is not None:
-                    progress((_k * steps + i + 1) / total, desc=f"{name}: step {i + 1}/{steps}")
-                return kwargs
+        try:
+            for k, (name, args) in enumerate(runs):
+                def on_step(pipe, i, t, kwargs, _k=k, _name=name):
+                    self.step = _k * steps + i + 1
+                    if stop.is_set():  # checked after every step: the render ends here
+                        if self.last_stop is not None:
+                            self.last_stop.update(stopped_at=self.step, steps=total)
+                        raise Stopped(f"stopped after step {self.step} of {total}")
+                    if progress is not None:
+                        progress(self.step / total, desc=f"{_name}: step {i + 1}/{steps}")
+                    return kwargs
 
-            def call(name=name, args=args, on_step=on_step):  # one render at a time, this request's adapters
-                images = self.pipe(
-                    clean, negative_prompt=negative_prompt or None, loras=refs, strategy=name,
-                    strategy_args=args or None, num_inference_steps=steps, guidance_scale=float(guidance),
-                    seed=seed, width=int(width) if width else None, height=int(height) if height else None,
-                    num_images_per_prompt=batch, progress=False, callback_on_step_end=on_step,
-                )
-                return images, self.pipe.last_record, self.pipe.last_driver
+                def call(name=name, args=args, on_step=on_step):  # one render at a time, this request's adapters
+                    self.step = k * steps
+                    if stop.is_set():
+                        raise Stopped(f"stopped after step {self.step} of {total}")
+                    base = self.pipe.pipe.scheduler
+                    if type(base) is not scheduler_cls:
+                        self.pipe.pipe.scheduler = scheduler_cls.from_config(self.base_scheduler.config)
+                    try:
+                        images = self.pipe(
+                            clean, negative_prompt=negative_prompt or None, loras=refs, strategy=name,
+                            strategy_args=args or None, num_inference_steps=steps, guidance_scale=float(guidance),
+                            seed=seed, width=int(width) if width else None, height=int(height) if height else None,
+                            num_images_per_prompt=batch, progress=False, callback_on_step_end=on_step,
+                        )
+                    finally:
+                        self.pipe.pipe.scheduler = self.base_scheduler
+                    return images, self.pipe.last_record, self.pipe.last_driver
 
-            images, record, driver = self._run(call)
-            for j, image in enumerate(images):
-                path = job / f"{k}-{name}-{seed}-{j}.png"
-                save_png(image, path, record)
-                result["images"].append((str(path), f"{name} · seed {seed}" + (f" · #{j + 1}" if batch > 1 else "")))
-                result["pngs"].append(str(path))
-            heat = job / f"{k}-{name}-{seed}.explain.png"
-            save_explanation(driver.history, driver.adapters, heat, record.strategy)
-            result["heatmaps"].append(str(heat))
-            result["records"].append(record)
+                result_k = self._run(call)
+                self._keep(job, result, k, name, seed, batch, *result_k)
+        finally:
+            if stop_key is not None and self._stops.get(stop_key) is stop:
+                del self._stops[stop_key]
         return result
+
+    def _keep(self, job, result, k, name, seed, batch, images, record, driver):
+        from lora_composer.explain import effective_weights, save_explanation
+        from lora_composer.pnginfo import save_png
+
+        for j, image in enumerate(images):
+            path = job / f"{k}-{name}-{seed}-{j}.png"
+            save_png(image, path, record)
+            result["images"].append((str(path), f"{name} · seed {seed}" + (f" · #{j + 1}" if batch > 1 else "")))
+            result["pngs"].append(str(path))
+        heat = job / f"{k}-{name}-{seed}.explain.png"
+        save_explanation(driver.history, driver.adapters, heat, record.strategy)
+        result["heatmaps"].append(str(heat))
+        result["weights"].append((effective_weights(driver.history).tolist(), list(driver.adapters),
+                                  record.strategy))
+        result["records"].append(record)
+
+
 
 
 # -- the Gradio app -------------------------------------------------------------------------------
+CSS = """
+#gallery img, #history img, #auto-previews img { image-rendering: crisp-edges; image-rendering: pixelated; }
+#gallery img, #history img { object-fit: contain !important; }
+#gallery .thumbnail-item { max-height: 380px; max-width: 380px; margin: 0 auto; }
+.heat { font-size: 12px; overflow-x: auto; }
+.heat-title { font-weight: 600; margin: 4px 0; }
+.heat-grid { display: grid; gap: 1px; align-items: center; min-width: 0; }
+.heat-name { padding-right: 8px; white-space: nowrap; }
+.heat-step, .heat-corner { font-size: 10px; text-align: center; white-space: nowrap; overflow: visible; }
+.heat-corner { text-align: left; }
+.heat-cell { height: 18px; }
+.heat-legend { display: flex; gap: 6px; align-items: center; margin-top: 4px; font-size: 11px; }
+.heat-bar { display: inline-block; width: 120px; height: 10px; }
+.auto-table { width: 100%; border-collapse: collapse; font-size: 13px; table-layout: auto; }
+.auto-table th, .auto-table td { text-align: left; padding: 2px 6px; word-break: normal; overflow-wrap: break-word; }
+.auto-table th, .auto-table td.auto-name, .auto-table td.auto-num { white-space: nowrap; }
+.lora-row { align-items: end; }
+"""
+
+SCROLL_TO_RESULTS = """() => { const el = document.getElementById('results');
+  if (el && el.getBoundingClientRect().top > window.innerHeight * 0.5) el.scrollIntoView({block: 'start'}); }"""
+
+
 def _params_text(strategy: str) -> str:
     from lora_composer.fusion.registry import strategy_params
 
@@ -323,78 +554,138 @@ def _record_markdown(records) -> str:
     parts = []
     for rec in records:
         loras = ", ".join(f"{lo['name']} (te {lo['te_weight']:g}, unet {lo['unet_weight']:g})" for lo in rec.loras) or "none"
-        parts.append(f"**{rec.strategy}**, seed {rec.seed}, {rec.steps} steps, {rec.width}x{rec.height}, "
-                     f"{rec.elapsed_s:.2f} s; LoRAs: {loras}")
+        parts.append(f"**{rec.strategy}**, seed {rec.seed}, {rec.steps} steps, {rec.sampler or rec.scheduler}, "
+                     f"{rec.width}x{rec.height}, {rec.elapsed_s:.2f} s; LoRAs: {loras}")
     return "\n\n".join(parts)
 
 
+def _model_label(ui: ComposerUI) -> str:
+    from lora_composer.default_model import MODEL_NAME, is_default_model
+
+    if is_default_model(ui.model):
+        return f"`{MODEL_NAME}` (the built-in mini world: {ui.default_size}x{ui.default_size} images)"
+    return f"`{Path(ui.model).name if Path(ui.model).exists() else ui.model}`"
+
+
 def build_app(ui: ComposerUI):
-    """The Gradio Blocks app for ``ui`` (queue enabled; call ``.launch()``)."""
+    """The Gradio Blocks app for ``ui`` (queue enabled; call ``.launch()``, with ``css=CSS``)."""
     import gradio as gr
 
     from lora_composer.fusion import available
 
     names = ui.library_names()
     strategies = available()
+    initial = "merge" if "merge" in strategies else strategies[0]
+    base_sampler = type(ui.base_scheduler).__name__
 
-    def _err(exc: BaseException):
+    def user_error(exc: BaseException):
         import torch
 
         if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
-            return gr.Error("out of memory: use fewer steps, a smaller size or a smaller batch")
-        return gr.Error(_one_line(exc))
+            exc = ComposerError("out of memory: use fewer steps, a smaller size or a smaller batch")
+        return gr.Error(log_error(exc), print_exception=False)
 
     with gr.Blocks(title="lora-composer") as demo:
-        gr.Markdown(f"# lora-composer\nModel `{ui.model}` · library `{ui.library}` ({len(names)} LoRAs)")
-        with gr.Row():
-            with gr.Column(scale=3):
+        slots_state = gr.State([])  # LoRA rows: [{"name", "te", "unet"}]
+        history_state = gr.State([])  # (path, caption) of every image made since the page opened
+        last_seed = gr.State(None)
+        gr.Markdown(f"**lora-composer** · model {_model_label(ui)} · {len(names)} LoRAs in the library",
+                    elem_id="header")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=340, elem_id="controls"):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                    placeholder="a castle at dusk <lora:name:0.8> (tags work too)")
+                                    placeholder="a castle at dusk <lora:name:0.8> (tags and the LoRA rows stay in step)")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+
+                gr.Markdown("**LoRAs**")
+
+                @gr.render(inputs=slots_state)
+                def lora_rows(slots):
+                    for i, slot in enumerate(slots):
+                        with gr.Row(elem_classes="lora-row", key=f"row-{i}"):
+                            name = gr.Dropdown([NONE, *ui.library_names()], value=slot["name"], label=f"LoRA {i + 1}",
+                                               filterable=True, allow_custom_value=True, elem_id=f"lora-{i}", interactive=True,
+                                               scale=3, min_width=140, key=f"name-{i}")
+                            unet_w = gr.Number(value=slot["unet"], label="denoiser", step=0.05, elem_id=f"unet-{i}",
+                                               interactive=True, scale=1, min_width=70, key=f"unet-{i}")
+                            te_w = gr.Number(value=slot["te"], label="text enc.", step=0.05, elem_id=f"te-{i}",
+                                             interactive=True, scale=1, min_width=70, key=f"te-{i}")
+                            remove = gr.Button("✕", elem_id=f"lora-remove-{i}", scale=0, min_width=40,
+                                               key=f"remove-{i}")
+
+                        def set_field(field, i=i):
+                            def fn(value, prompt_text, slots):
+                                slots = [dict(s) for s in slots]
+                                if i >= len(slots):
+                                    return gr.skip(), gr.skip()
+                                if field == "name":
+                                    slots[i]["name"] = (value or "").strip()
+                                else:
+                                    try:
+                                        slots[i][field] = float(value)
+                                    except (TypeError, ValueError):
+                                        return gr.skip(), gr.skip()
+                                return slots, ui_view.prompt_with_slots(prompt_text, slots)
+                            return fn
+
+                        name.input(set_field("name"), [name, prompt, slots_state], [slots_state, prompt],
+                                   api_name=False, concurrency_limit=None, show_progress="hidden")
+                        for comp, field in ((unet_w, "unet"), (te_w, "te")):
+                            comp.input(set_field(field), [comp, prompt, slots_state], [slots_state, prompt],
+                                       api_name=False, concurrency_limit=None, show_progress="hidden")
+
+                        def drop(prompt_text, slots, i=i):
+                            slots = [dict(s) for j, s in enumerate(slots) if j != i]
+                            return slots, ui_view.prompt_with_slots(prompt_text, slots)
+
+                        remove.click(drop, [prompt, slots_state], [slots_state, prompt], api_name=False, concurrency_limit=None, show_progress="hidden")
+
                 with gr.Row():
-                    strategy = gr.Dropdown(strategies, value="merge" if "merge" in strategies else strategies[0],
-                                           label="Strategy", elem_id="strategy")
-                    compare = gr.Dropdown([NONE, *strategies], value=NONE, label="Side by side with (same seed)",
-                                          elem_id="compare")
-                params_md = gr.Markdown(_params_text("merge"))
-                initial = "merge" if "merge" in strategies else strategies[0]
-                param_groups, param_widgets = {}, {}
-                for sname in strategies:
-                    params = _strategy_params(sname)
-                    if not params:
-                        continue
-                    with gr.Row(visible=sname == initial) as group:
-                        param_widgets[sname] = [(k, d, _param_widget(sname, k, d)) for k, d in params.items()]
-                    param_groups[sname] = group
-                strategy_args = gr.Textbox(label="Strategy parameters (KEY=VALUE, space or newline separated)",
-                                           placeholder="set by the widgets above, or typed: every=2",
-                                           elem_id="strategy-args")
-                with gr.Row():
-                    seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="seed")
-                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, 20, value=ui.default_guidance, step=0.5, label="Guidance",
-                                         elem_id="guidance")
-                with gr.Row():
-                    width = gr.Slider(64, 1536, value=max(64, ui.default_size), step=8, label="Width")
-                    height = gr.Slider(64, 1536, value=max(64, ui.default_size), step=8, label="Height")
-                    batch = gr.Slider(1, 8, value=1, step=1, label="Batch")
-                run = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Column(scale=2):
-                gr.Markdown("### LoRAs")
-                slots = []
-                for i in range(MAX_SLOTS):
+                    add = gr.Button("+ Add LoRA", elem_id="add-lora", size="sm")
+                    auto = gr.Button("Auto: let the retriever pick", elem_id="auto", size="sm")
+                    top_k = gr.Slider(1, MAX_TOP_K, value=3, step=1, label="at most", elem_id="top-k", min_width=120)
+                auto_html = gr.HTML(elem_id="auto-result")
+                auto_previews = gr.Gallery(label="Previews", columns=4, height=120, visible=False,
+                                           elem_id="auto-previews")
+
+                with gr.Accordion("Settings", open=True):
                     with gr.Row():
-                        name = gr.Dropdown([NONE, *names], value=NONE, label=f"LoRA {i + 1}", filterable=True,
-                                           allow_custom_value=True,  # checked server-side (lora_path)
-                                           elem_id=f"lora-{i}", scale=2)
-                        unet_w = gr.Slider(-2, 2, value=0.8, step=0.05, label="denoiser", elem_id=f"unet-{i}")
-                        te_w = gr.Slider(-2, 2, value=0.8, step=0.05, label="text encoder", elem_id=f"te-{i}")
-                    slots += [name, te_w, unet_w]
-                with gr.Row():
-                    auto = gr.Button("Auto: let the retriever pick", elem_id="auto")
-                    top_k = gr.Slider(1, MAX_SLOTS, value=min(3, MAX_SLOTS), step=1, label="at most")
-                auto_md = gr.Markdown(elem_id="auto-result")
-                auto_previews = gr.Gallery(label="Previews", columns=4, height=120, visible=False)
+                        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="seed", min_width=120)
+                        reuse = gr.Button("♻ Reuse seed", elem_id="reuse-seed", scale=0, min_width=110)
+                        sampler = gr.Dropdown(ui.sampler_choices(), value=base_sampler, label="Sampler",
+                                              elem_id="sampler", min_width=160)
+                    with gr.Row():
+                        steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="steps")
+                        guidance = gr.Slider(0, 20, value=ui.default_guidance, step=0.5, label="Guidance",
+                                             elem_id="guidance")
+                    with gr.Row():
+                        width = gr.Slider(64, 1536, value=max(64, ui.default_size), step=8, label="Width", elem_id="width")
+                        height = gr.Slider(64, 1536, value=max(64, ui.default_size), step=8, label="Height",
+                                           elem_id="height")
+                        batch = gr.Slider(1, 8, value=1, step=1, label="Batch", elem_id="batch")
+                    with gr.Row():
+                        strategy = gr.Dropdown(strategies, value=initial, label="Strategy", elem_id="strategy")
+                        compare = gr.Dropdown([NONE, *strategies], value=NONE, label="Side by side with (same seed)",
+                                              elem_id="compare")
+                    params_md = gr.Markdown(_params_text(initial))
+                    param_groups, param_widgets = {}, {}
+                    for sname in strategies:
+                        params = _strategy_params(sname)
+                        if not params:
+                            continue
+                        with gr.Row(visible=sname == initial) as group:
+                            param_widgets[sname] = [(k, d, _param_widget(sname, k, d)) for k, d in params.items()]
+                        param_groups[sname] = group
+                    strategy_args = gr.Textbox(label="Strategy parameters (KEY=VALUE, space or newline separated)",
+                                               placeholder="set by the widgets above, or typed: every=2",
+                                               elem_id="strategy-args")
+                with gr.Accordion("PNG info: restore the settings of an image", open=False):
+                    png_in = gr.File(label="A PNG made here, by compose or by AUTOMATIC1111", file_types=[".png"],
+                                     type="filepath", elem_id="png-info")
+                    png_md = gr.Markdown(elem_id="png-info-result")
                 with gr.Accordion("Library", open=False):
                     search = gr.Textbox(label="Search (name or trigger words)", elem_id="search")
                     table = gr.Dataframe(headers=["name", "MB", "trigger words"], value=ui.catalog_rows(),
@@ -403,20 +694,24 @@ def build_app(ui: ComposerUI):
                         upload = gr.File(label=f"Add a .safetensors LoRA (at most {ui.max_upload_bytes // 2**20} MB)",
                                          file_types=[".safetensors"], type="filepath")
                         upload_md = gr.Markdown()
-        with gr.Row():
-            gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery", height=420,
-                                 object_fit="contain")
-            heatmap = gr.Gallery(label="Adapter weights per step", columns=1, format="png", elem_id="heatmap",
-                                 height=420, object_fit="contain")
-        with gr.Row():
-            files = gr.File(label="PNG with metadata", file_count="multiple", elem_id="download")
-            info = gr.Markdown(elem_id="info")
+            with gr.Column(scale=6, min_width=340, elem_id="results"):
+                gallery = gr.Gallery(label="Images", columns=1, format="png", elem_id="gallery", height=440,
+                                     object_fit="contain", allow_preview=True)
+                info = gr.Markdown(elem_id="info")
+                heatmap = gr.HTML(elem_id="heatmap")
+                files = gr.File(label="PNG with metadata, weights heatmap PNG", file_count="multiple",
+                                elem_id="download")
+                history = gr.Gallery(label="Made since this page opened", columns=6, height=180, format="png",
+                                     object_fit="contain", elem_id="history", allow_preview=True)
 
+        # -- strategy parameters
         strategy.change(_params_text, strategy, params_md, api_name=False)
         groups = list(param_groups.items())
         if groups:
-            strategy.change(lambda name: [gr.update(visible=n == name) for n, _ in groups] + [""],
-                            strategy, [g for _, g in groups] + [strategy_args], api_name=False)
+            strategy.input(lambda name: [gr.update(visible=n == name) for n, _ in groups] + [""],
+                           strategy, [g for _, g in groups] + [strategy_args], api_name=False)
+            strategy.change(lambda name: [gr.update(visible=n == name) for n, _ in groups],
+                            strategy, [g for _, g in groups], api_name=False)
         for sname, widgets in param_widgets.items():
             comps = [c for _, _, c in widgets]
 
@@ -424,65 +719,106 @@ def build_app(ui: ComposerUI):
                 return _args_text([(k, d) for k, d, _ in widgets], values)
 
             for comp in comps:
-                comp.change(to_text, comps, strategy_args, api_name=False)
+                comp.input(to_text, comps, strategy_args, api_name=False)
         search.change(ui.catalog_rows, search, table, api_name=False)
 
-        def generate(prompt, negative, strategy, args_text, compare, seed, steps, guidance, width, height, batch,
-                     *slot_values, progress=gr.Progress()):
+        # -- LoRA rows <-> prompt tags
+        def from_prompt(prompt_text, slots):
+            new = ui_view.slots_from_prompt(prompt_text, ui.library_name)
+            if new is None or new == [s for s in slots if s.get("name")]:
+                return gr.skip()
+            return new + [s for s in slots if not s.get("name")]  # keep rows still being filled in
+
+        prompt.change(from_prompt, [prompt, slots_state], slots_state, api_name=False, concurrency_limit=None, show_progress="hidden",
+                     trigger_mode="always_last")
+        add.click(lambda slots: [*slots, ui_view.new_slot()], slots_state, slots_state, api_name=False, concurrency_limit=None, show_progress="hidden")
+
+        # -- generate / stop
+        def generate(prompt, negative, strategy, args_text, compare, sampler, seed, steps, guidance, width, height,
+                     batch, slots, history_items, request: gr.Request, progress=gr.Progress()):
             try:
-                loras = [(slot_values[i], slot_values[i + 1], slot_values[i + 2])
-                         for i in range(0, len(slot_values), 3) if slot_values[i]]
+                loras = [(s["name"], s["te"], s["unet"]) for s in (slots or []) if s.get("name")]
                 args = parse_strategy_args(args_text)
                 res = ui.render(prompt, negative, loras, strategy, args, seed, steps, guidance, width, height,
                                 batch, compare_strategy=compare or None,
-                                compare_args=args if compare == strategy else {}, progress=progress)
-            except gr.Error:
-                raise
-            except Exception as exc:  # shown in the page; the server keeps serving
-                raise _err(exc) from None
-            return res["images"], res["heatmaps"], res["pngs"], _record_markdown(res["records"])
+                                compare_args=args if compare == strategy else {}, progress=progress,
+                                sampler=sampler, stop_key=getattr(request, "session_hash", None) or "")
+            except Exception as exc:  # shown in the page, one line in the log; the server keeps serving
+                raise user_error(exc) from None
+            heat = "".join(ui_view.heatmap_html(w, a, f"{s}: weight of each LoRA per step") for w, a, s in res["weights"])
+            history_items = [*(history_items or []), *res["images"]]
+            return (res["images"], _record_markdown(res["records"]), heat, res["pngs"] + res["heatmaps"],
+                    history_items, history_items, res["seed"])
 
-        run.click(generate, [prompt, negative, strategy, strategy_args, compare, seed, steps, guidance, width,
-                             height, batch, *slots], [gallery, heatmap, files, info],
-                  api_name="generate", concurrency_limit=1)
+        generate.__annotations__["request"] = gr.Request  # (annotations are strings in this module)
+        gen_event = run.click(
+            generate, [prompt, negative, strategy, strategy_args, compare, sampler, seed, steps, guidance, width,
+                       height, batch, slots_state, history_state],
+            [gallery, info, heatmap, files, history_state, history, last_seed],
+            api_name="generate", concurrency_limit=1, show_progress_on=[gallery],
+        )
+        run.click(None, None, None, js=SCROLL_TO_RESULTS, api_name=False)
 
-        def pick(prompt, k):
+        def stop_render(request: gr.Request):
+            ui.stop(getattr(request, "session_hash", None) or "")
+            return "Stopped."
+
+        stop_render.__annotations__["request"] = gr.Request
+
+        stop.click(stop_render, None, info, cancels=[gen_event], api_name="stop",
+                   concurrency_limit=None)
+        reuse.click(lambda s: gr.skip() if s is None else s, last_seed, seed, api_name=False, concurrency_limit=None, show_progress="hidden")
+
+        # -- Auto
+        def pick(prompt_text, k, slots):
             try:
-                found = ui.auto(prompt, top_k=int(k))
+                found = ui.auto(prompt_text, top_k=int(k))
             except Exception as exc:
-                raise _err(exc) from None
-            updates = []
-            for i in range(MAX_SLOTS):
-                if i < len(found):
-                    w = found[i]["weight"]
-                    updates += [gr.update(value=found[i]["name"]), gr.update(value=w), gr.update(value=w)]
-                else:
-                    updates += [gr.update(value=NONE), gr.update(), gr.update()]
-            if found:
-                lines = ["| LoRA | weight | score | why | trigger words |", "|---|---|---|---|---|"]
-                lines += [f"| {html.escape(m['name'])} | {m['weight']:g} | {m['score']:.2f} | {html.escape(m['reason'])} "
-                          f"| {html.escape(', '.join(m['trigger_words']))} |" for m in found]
-                text = "\n".join(lines)
-            else:
-                text = "No LoRA in the library matched the prompt."
-            previews = [(m["preview"], m["name"]) for m in found if m["preview"]]
-            return [text, gr.update(value=previews, visible=bool(previews)), *updates]
+                raise user_error(exc) from None
+            picks = found["picks"]
+            new = [ui_view.new_slot(m["name"], m["weight"], m["weight"]) for m in picks]
+            previews = [(m["preview"], m["name"]) for m in picks if m["preview"]]
+            return (ui_view.auto_html(picks, found["left_out"], found["notice"]),
+                    gr.update(value=previews, visible=bool(previews)), new,
+                    ui_view.prompt_with_slots(prompt_text, new))
 
-        auto.click(pick, [prompt, top_k], [auto_md, auto_previews, *slots], api_name="auto", concurrency_limit=1)
+        auto.click(pick, [prompt, top_k, slots_state], [auto_html, auto_previews, slots_state, prompt],
+                   api_name="auto", concurrency_limit=1)
+
+        # -- PNG info
+        def restore(path):
+            if not path:
+                return [gr.skip()] * 13
+            try:
+                r = ui.restore(path)
+            except Exception as exc:
+                raise user_error(exc) from None
+            keep = gr.skip()
+            strat = r["strategy"] if r["strategy"] in strategies else keep
+            if r["strategy"] not in strategies:
+                r["notes"].append(f"strategy {r['strategy']} is not available here")
+            msg = "Restored the image's settings." + "".join(f"\n- {n}" for n in r["notes"])
+            return (r["prompt"], r["negative_prompt"], strat, r["strategy_args"],
+                    keep if r["seed"] is None else r["seed"], keep if r["steps"] is None else r["steps"],
+                    keep if r["guidance"] is None else r["guidance"], keep if r["width"] is None else r["width"],
+                    keep if r["height"] is None else r["height"], r["sampler"] or base_sampler, r["slots"], msg,
+                    NONE)
+
+        png_in.upload(restore, png_in, [prompt, negative, strategy, strategy_args, seed, steps, guidance, width,
+                                        height, sampler, slots_state, png_md, compare],
+                      api_name="png_info", concurrency_limit=None)
 
         if ui.allow_uploads:
             def uploaded(path):
                 if not path:
-                    return gr.update(), "", *[gr.update() for _ in range(MAX_SLOTS)]
+                    return gr.skip(), ""
                 try:
                     name = ui.add_upload(path)
                 except Exception as exc:
-                    raise _err(exc) from None
-                choices = [NONE, *ui.library_names()]
-                return (ui.catalog_rows(), f"Added `{name}`.",
-                        *[gr.update(choices=choices) for _ in range(MAX_SLOTS)])
+                    raise user_error(exc) from None
+                return ui.catalog_rows(), f"Added `{name}`: pick it in a LoRA row."
 
-            upload.upload(uploaded, upload, [table, upload_md, *slots[0::3]], api_name=False)
+            upload.upload(uploaded, upload, [table, upload_md], api_name=False)
 
     demo.queue(default_concurrency_limit=1, max_size=64)
     return demo
@@ -492,7 +828,8 @@ def launch(ui: ComposerUI, host: str = "127.0.0.1", port: int | None = None, blo
     """Build and launch the app; returns the Blocks (``block=False``: serving in the background)."""
     demo = build_app(ui)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
-                max_file_size=ui.max_upload_bytes, allowed_paths=[str(ui.out_dir)], quiet=not block, **kwargs)
+                max_file_size=ui.max_upload_bytes, allowed_paths=[str(ui.out_dir)], quiet=not block,
+                css=CSS, **kwargs)
     return demo
 
 
