@@ -94,11 +94,13 @@ class IndexReport:
 def default_catalog_path(library) -> Path:
     """``LIBRARY/.lora-composer/catalog.sqlite``; for a library folder we may not write to (a read-only
     share, the default model's library inside an installed package), a catalog in the user cache instead."""
+    from lora_composer.cache import cache_dir, inside_package
+
     library = Path(library).expanduser()
     inside = library / CATALOG_DIR
-    if os.access(inside if inside.exists() else library, os.W_OK) or not library.exists():
+    writable = os.access(inside if inside.exists() else library, os.W_OK) or not library.exists()
+    if writable and not inside_package(library):
         return inside / CATALOG_NAME
-    from lora_composer.cache import cache_dir
 
     key = hashlib.sha256(str(library.resolve()).encode()).hexdigest()[:16]
     return cache_dir() / "catalogs" / key / CATALOG_NAME

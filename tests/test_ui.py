@@ -29,7 +29,7 @@ def outside(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory, outside):
+def ui(tmp_path_factory, outside, home):
     from lora_composer.default_model import ensure_default_model
 
     model_dir, default_library = ensure_default_model()
@@ -271,8 +271,11 @@ def test_uploads_are_safetensors_only_and_capped(ui, tmp_path):
     shutil.copy(ui.library / "pixel-style.safetensors", good)
     name = ui.add_upload(str(good))
     assert name == "uploads/my-lora.safetensors" and name in ui.library_names()
-    assert ui.lora_path(name).parent == ui.library / "uploads"
-    (ui.library / name).unlink()
+    from lora_composer.cache import data_dir
+
+    assert ui.lora_path(name).parent == data_dir().resolve() / "uploads"  # the user's data folder, not the library
+    assert not (ui.library / "uploads").exists()
+    ui.lora_path(name).unlink()
 
 
 def test_parse_strategy_args():
@@ -325,4 +328,7 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, f"{path.name}: clear the outputs before committing"
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))  # the plots
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert any(o.get("output_type") == "display_data" for o in outputs)  # the plots
+    text = "\n".join(str(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
+    assert "IProgress not found" not in text and "TqdmWarning" not in text, text[:2000]

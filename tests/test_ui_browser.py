@@ -27,7 +27,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, home):
     from lora_composer.default_model import ensure_default_model
 
     model_dir, default_library = ensure_default_model()

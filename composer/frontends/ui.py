@@ -130,7 +130,7 @@ class ComposerUI:
     """The state behind the app: one pipeline, its library, a lock and an output folder."""
 
     def __init__(self, model=None, library=None, out_dir=None, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB,
-                 allow_uploads: bool = True):
+                 allow_uploads: bool = True, uploads_dir=None):
         from lora_composer.default_model import resolve
         from lora_composer.pipeline import ComposerPipeline
 
@@ -150,6 +150,11 @@ class ComposerUI:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = int(max_upload_mb) * 2**20
         self.allow_uploads = allow_uploads
+        if uploads_dir is None:  # the user's data folder: never the library (it may be the installed package's)
+            from lora_composer.cache import data_dir
+
+            uploads_dir = data_dir() / "uploads"
+        self.uploads = Path(uploads_dir).expanduser().resolve()
         unet = getattr(self.pipe.pipe, "unet", None)
         sample = getattr(getattr(unet, "config", None), "sample_size", 64) or 64
         self.default_size = int(sample) * int(getattr(self.pipe.pipe, "vae_scale_factor", 8))
@@ -215,14 +220,18 @@ class ComposerUI:
 
     # -- the library, confined ----------------------------------------------------------------------
     def library_files(self) -> dict[str, Path]:
-        """``{relative name: resolved path}`` of every adapter file really inside the library."""
+        """``{relative name: resolved path}`` of every adapter file really inside the library, then the
+        uploaded ones (``uploads/NAME``, in :attr:`uploads`)."""
         from lora_composer.library import list_loras
 
         out = {}
-        for path in list_loras(self.library):
-            real = path.resolve()
-            if real.is_file() and real.is_relative_to(self.library):
-                out[path.relative_to(self.library).as_posix()] = real
+        for root, prefix in ((self.library, ""), (self.uploads, "uploads/")):
+            if prefix and not (self.allow_uploads and root.is_dir()):
+                continue
+            for path in list_loras(root):
+                real = path.resolve()
+                if real.is_file() and real.is_relative_to(root):
+                    out.setdefault(prefix + path.relative_to(root).as_posix(), real)
         return out
 
     def library_names(self) -> list[str]:
@@ -268,7 +277,8 @@ class ComposerUI:
 
     # -- uploads ----------------------------------------------------------------------------------
     def add_upload(self, file_path: str) -> str:
-        """Copy an uploaded ``.safetensors`` file into ``LIBRARY/uploads``; returns its library name."""
+        """Copy an uploaded ``.safetensors`` file into :attr:`uploads` (the user's data folder, not the
+        library); returns its name (``uploads/NAME.safetensors``)."""
         if not self.allow_uploads:
             raise ComposerError("uploads are disabled on this server")
         src = Path(file_path)
@@ -290,15 +300,15 @@ class ComposerUI:
         except Exception as exc:
             raise ComposerError(f"{src.name}: not a readable safetensors file ({_one_line(exc)})") from None
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", src.stem).strip(".-") or "upload"
-        dest_dir = self.library / "uploads"
-        dest_dir.mkdir(exist_ok=True)
+        dest_dir = self.uploads
+        dest_dir.mkdir(parents=True, exist_ok=True)
         dest = dest_dir / f"{stem}.safetensors"
         n = 1
         while dest.exists():
             n += 1
             dest = dest_dir / f"{stem}-{n}.safetensors"
         shutil.copyfile(src, dest)
-        return dest.relative_to(self.library).as_posix()
+        return "uploads/" + dest.name
 
     # -- retrieval --------------------------------------------------------------------------------
     def auto(self, prompt: str, top_k: int = 3, min_score: float | None = None) -> dict:
@@ -346,9 +356,10 @@ class ComposerUI:
     def library_name(self, ref: str) -> str:
         """The library name for a tag's or a record's LoRA name; the name itself when it is not there."""
         try:
-            return self.lora_path(ref).relative_to(self.library).as_posix()
-        except (ComposerError, ValueError):
+            path = self.lora_path(ref)
+        except ComposerError:
             return ref
+        return next((name for name, p in self.library_files().items() if p == path), ref)
 
     def restore(self, png_path) -> dict:
         """Every setting a PNG holds: our ``lora-composer`` record, else A1111's ``parameters``.
