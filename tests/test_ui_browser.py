@@ -27,7 +27,8 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, home):
+def app(tmp_path_factory, home):
+    """``(url, ComposerUI)`` of a server on the mini world and a copy of its library."""
     from lora_composer.default_model import ensure_default_model
 
     model_dir, default_library = ensure_default_model()
@@ -38,9 +39,14 @@ def server(tmp_path_factory, home):
     ui = ComposerUI(model_dir, library, out_dir=tmp_path_factory.mktemp("out"))
     demo = launch(ui, host="127.0.0.1", port=None, block=False)
     try:
-        yield demo.local_url
+        yield demo.local_url, ui
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    return app[0]
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +200,51 @@ def test_results_in_view_at_1280x800(server, browser, tmp_path):
         page.wait_for_function(f"() => document.querySelector('#seed input').value === '{seed}'", timeout=15_000)
         body = page.locator("body").inner_text()  # no machine paths shown
         assert str(tmp_path.parent) not in body and str(Path.home()) not in body
+
+        # PNG info: the image's own PNG brings its settings back
+        png = tmp_path / "made.png"
+        png.write_bytes(page.request.get(page.locator("#download a").first.get_attribute("href")).body())
+        page.locator("#prompt textarea").fill("something else")
+        set_number(page, "steps", 9)
+        page.get_by_text("PNG info: restore the settings of an image").click()  # open its panel
+        page.locator("#png-info input[type=file]").set_input_files(str(png))
+        page.wait_for_function("() => document.querySelector('#prompt textarea').value.startsWith('a red star')",
+                               timeout=15_000)
+        assert prompt_value(page) == "a red star in pixel style <lora:star-shape:1.2> <lora:pixel-style:0.8:0.6>"
+        assert page.locator("#steps input[type=number]").first.input_value() == "4"
+        page.wait_for_function("() => document.querySelector('#lora-1 input')?.value === 'pixel-style.safetensors'",
+                               timeout=15_000)
+        # removing a row removes its tag
+        page.locator("#lora-remove-0").click()
+        page.wait_for_function("() => !document.querySelector('#prompt textarea').value.includes('star-shape')",
+                               timeout=15_000)
+        assert prompt_value(page) == "a red star in pixel style <lora:pixel-style:0.8:0.6>"
+    finally:
+        page.close()
+
+
+def test_stop_button_interrupts_at_the_next_step(app, browser):
+    import time
+
+    url, ui = app
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        page.goto(url)
+        page.locator("#prompt textarea").fill("a red circle")
+        set_number(page, "steps", 100)
+        ui.step, ui.last_stop = 0, None
+        page.locator("#generate").click()
+        deadline = time.monotonic() + 60
+        while (ui.step < 3 or not ui._stops) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        page.locator("#stop").click()
+        page.locator("#info").get_by_text("Stopped").first.wait_for(timeout=30_000)
+        deadline = time.monotonic() + 30
+        while (ui.last_stop or {}).get("stopped_at") is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop = ui.last_stop
+        assert stop["stopped_at"] - stop["requested_at"] <= 2 and stop["stopped_at"] < 100, stop
+        print(f"stop button: asked at step {stop['requested_at']}, stopped after step {stop['stopped_at']} of 100")
 
     finally:
         page.close()

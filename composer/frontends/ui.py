@@ -598,6 +598,9 @@ def build_app(ui: ComposerUI):
 
     with gr.Blocks(title="lora-composer") as demo:
         slots_state = gr.State([])  # LoRA rows: [{"name", "te", "unet"}]
+        # Bumped when the rows change from outside them (tags typed, Add, remove, Auto, PNG info): only then are
+        # the rows drawn again, so a weight typed right after picking a LoRA is never drawn over.
+        layout = gr.State(0)
         history_state = gr.State([])  # (path, caption) of every image made since the page opened
         last_seed = gr.State(None)
         gr.Markdown(f"**lora-composer** · model {_model_label(ui)} · {len(names)} LoRAs in the library",
@@ -613,7 +616,7 @@ def build_app(ui: ComposerUI):
 
                 gr.Markdown("**LoRAs**")
 
-                @gr.render(inputs=slots_state)
+                @gr.render(inputs=slots_state, triggers=[layout.change, demo.load])
                 def lora_rows(slots):
                     for i, slot in enumerate(slots):
                         with gr.Row(elem_classes="lora-row", key=f"row-{i}"):
@@ -648,11 +651,11 @@ def build_app(ui: ComposerUI):
                             comp.input(set_field(field), [comp, prompt, slots_state], [slots_state, prompt],
                                        api_name=False, concurrency_limit=None, show_progress="hidden")
 
-                        def drop(prompt_text, slots, i=i):
+                        def drop(prompt_text, slots, version, i=i):
                             slots = [dict(s) for j, s in enumerate(slots) if j != i]
-                            return slots, ui_view.prompt_with_slots(prompt_text, slots)
+                            return slots, ui_view.prompt_with_slots(prompt_text, slots), version + 1
 
-                        remove.click(drop, [prompt, slots_state], [slots_state, prompt], api_name=False, concurrency_limit=None, show_progress="hidden")
+                        remove.click(drop, [prompt, slots_state, layout], [slots_state, prompt, layout], api_name=False, concurrency_limit=None, show_progress="hidden")
 
                 with gr.Row():
                     add = gr.Button("+ Add LoRA", elem_id="add-lora", size="sm")
@@ -665,7 +668,7 @@ def build_app(ui: ComposerUI):
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
                         seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="seed", min_width=120)
-                        reuse = gr.Button("♻ Reuse seed", elem_id="reuse-seed", scale=0, min_width=110)
+                        reuse = gr.Button("♻ Reuse seed", elem_id="reuse-seed", size="sm", scale=0, min_width=110)
                         sampler = gr.Dropdown(ui.sampler_choices(), value=base_sampler, label="Sampler",
                                               elem_id="sampler", min_width=160)
                     with gr.Row():
@@ -734,15 +737,16 @@ def build_app(ui: ComposerUI):
         search.change(ui.catalog_rows, search, table, api_name=False)
 
         # -- LoRA rows <-> prompt tags
-        def from_prompt(prompt_text, slots):
+        def from_prompt(prompt_text, slots, version):
             new = ui_view.slots_from_prompt(prompt_text, ui.library_name)
             if new is None or new == [s for s in slots if s.get("name")]:
-                return gr.skip()
-            return new + [s for s in slots if not s.get("name")]  # keep rows still being filled in
+                return gr.skip(), gr.skip()
+            return new + [s for s in slots if not s.get("name")], version + 1  # keep rows still being filled in
 
-        prompt.change(from_prompt, [prompt, slots_state], slots_state, api_name=False, concurrency_limit=None, show_progress="hidden",
+        prompt.change(from_prompt, [prompt, slots_state, layout], [slots_state, layout], api_name=False, concurrency_limit=None, show_progress="hidden",
                      trigger_mode="always_last")
-        add.click(lambda slots: [*slots, ui_view.new_slot()], slots_state, slots_state, api_name=False, concurrency_limit=None, show_progress="hidden")
+        add.click(lambda slots, version: ([*slots, ui_view.new_slot()], version + 1), [slots_state, layout],
+                  [slots_state, layout], api_name=False, concurrency_limit=None, show_progress="hidden")
 
         # -- generate / stop
         def generate(prompt, negative, strategy, args_text, compare, sampler, seed, steps, guidance, width, height,
@@ -781,7 +785,7 @@ def build_app(ui: ComposerUI):
         reuse.click(lambda s: gr.skip() if s is None else s, last_seed, seed, api_name=False, concurrency_limit=None, show_progress="hidden")
 
         # -- Auto
-        def pick(prompt_text, k, slots):
+        def pick(prompt_text, k, slots, version):
             try:
                 found = ui.auto(prompt_text, top_k=int(k))
             except Exception as exc:
@@ -791,15 +795,15 @@ def build_app(ui: ComposerUI):
             previews = [(m["preview"], m["name"]) for m in picks if m["preview"]]
             return (ui_view.auto_html(picks, found["left_out"], found["notice"]),
                     gr.update(value=previews, visible=bool(previews)), new,
-                    ui_view.prompt_with_slots(prompt_text, new))
+                    ui_view.prompt_with_slots(prompt_text, new), version + 1)
 
-        auto.click(pick, [prompt, top_k, slots_state], [auto_html, auto_previews, slots_state, prompt],
+        auto.click(pick, [prompt, top_k, slots_state, layout], [auto_html, auto_previews, slots_state, prompt, layout],
                    api_name="auto", concurrency_limit=1)
 
         # -- PNG info
-        def restore(path):
+        def restore(path, version):
             if not path:
-                return [gr.skip()] * 13
+                return [gr.skip()] * 14
             try:
                 r = ui.restore(path)
             except Exception as exc:
@@ -813,10 +817,10 @@ def build_app(ui: ComposerUI):
                     keep if r["seed"] is None else r["seed"], keep if r["steps"] is None else r["steps"],
                     keep if r["guidance"] is None else r["guidance"], keep if r["width"] is None else r["width"],
                     keep if r["height"] is None else r["height"], r["sampler"] or base_sampler, r["slots"], msg,
-                    NONE)
+                    NONE, version + 1)
 
-        png_in.upload(restore, png_in, [prompt, negative, strategy, strategy_args, seed, steps, guidance, width,
-                                        height, sampler, slots_state, png_md, compare],
+        png_in.upload(restore, [png_in, layout], [prompt, negative, strategy, strategy_args, seed, steps, guidance,
+                                                  width, height, sampler, slots_state, png_md, compare, layout],
                       api_name="png_info", concurrency_limit=None)
 
         if ui.allow_uploads:
