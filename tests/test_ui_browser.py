@@ -257,6 +257,12 @@ def test_results_in_view_on_a_phone(server, browser, tmp_path):
         assert_fully_visible(page, image)  # scrolled into view for the user
         assert_heatmap_labelled(page, 2, ["star-shape"])
         page.screenshot(path=str(artifacts(tmp_path) / "ui-390x844.png"))
+        # a mistake is shown in the page, whole (the tag it quotes is text, not markup)
+        page.locator("#prompt textarea").fill("a red star <lora:star-shape:1")
+        page.locator("#generate").click()
+        toast = page.get_by_text("unclosed tag").first
+        toast.wait_for(timeout=30_000)
+        assert "'<lora:star-shape:1'" in toast.inner_text()
     finally:
         page.close()
 

@@ -18,6 +18,7 @@ opened. A user's mistake is shown in the page and logged as one line.
 
 from __future__ import annotations
 
+import html
 import os
 import random
 import re
@@ -594,7 +595,8 @@ def build_app(ui: ComposerUI):
 
         if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
             exc = ComposerError("out of memory: use fewer steps, a smaller size or a smaller batch")
-        return gr.Error(log_error(exc), print_exception=False)
+        # the page shows the message as HTML: escaped, or a quoted "<lora:..." would vanish as a tag
+        return gr.Error(html.escape(log_error(exc), quote=False), print_exception=False)
 
     with gr.Blocks(title="lora-composer") as demo:
         slots_state = gr.State([])  # LoRA rows: [{"name", "te", "unet"}]
