@@ -248,8 +248,8 @@ class PatchedLayer:
         return self._sparse_cache
 
     def dense_refresh(self):
-        """``(live slots, weights [rows, live], summed dW, summed db)`` of the dense deltas, once per mixer
-        version; the sums (weighted by row 0) serve when every row carries the same weights."""
+        """``(live slots, weights [rows, live], summed dW, summed db, uniform)`` of the dense deltas, once per
+        mixer version; the sums (weighted by row 0) serve when every row carries the same weights (uniform)."""
         mixer = self.mixer
         key = (mixer.version, self.module.weight.device)
         if key != self._dense_key:
@@ -261,7 +261,8 @@ class PatchedLayer:
                     dw = sum(float(w[0, i]) * self.dense[s][0] for i, s in enumerate(live))
                     dbs = [(float(w[0, i]), self.dense[s][1]) for i, s in enumerate(live) if self.dense[s][1] is not None]
                     db = sum(c * b for c, b in dbs) if dbs else None
-                    self._dense_cache = (live, w.to(self.module.weight.device), dw, db)
+                    uniform = w.shape[0] == 1 or bool((w == w[:1]).all())
+                    self._dense_cache = (live, w.to(self.module.weight.device), dw, db, uniform)
         return self._dense_cache
 
     def _apply(self, x: torch.Tensor, dw: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor:
@@ -272,8 +273,8 @@ class PatchedLayer:
         return F.conv2d(x, dw, db, **self.conv)
 
     def _dense_delta(self, x: torch.Tensor, cache) -> torch.Tensor:
-        live, w, dw, db = cache
-        if w.shape[0] == 1 or bool((w == w[:1]).all()):
+        live, w, dw, db, uniform = cache
+        if uniform:
             return self._apply(x, dw, db)
         if x.shape[0] != w.shape[0]:
             raise ValueError(f"mixing tensor has {w.shape[0]} rows but the batch has {x.shape[0]}")

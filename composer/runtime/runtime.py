@@ -60,6 +60,11 @@ def _check_fit(module: torch.nn.Module, delta) -> str | None:
         want = (module.in_features, module.out_features)
         got = (down.shape[1], up.shape[0])
     elif isinstance(module, torch.nn.Conv2d):
+        if down.dim() == 2 and up.dim() == 2 and down.shape[1] == module.weight[0].numel():
+            # flattened conv factors (a LoHa/LoKr/full layer re-factored): reshaped when attached
+            if up.shape[0] != module.out_channels:
+                return f"delta has {up.shape[0]} outputs, layer has {module.out_channels}"
+            return None
         if down.dim() != 4 or up.dim() != 4:
             return f"Conv2d layer but {down.dim()}-D factors"
         if tuple(down.shape[2:]) != tuple(module.kernel_size) or tuple(up.shape[2:]) != (1, 1):
@@ -171,7 +176,10 @@ class LoraRuntime:
                     values = torch.zeros(uniq.numel()).index_add_(0, inv, values)
                 layer.add_sparse(slot, uniq, values, delta.scale)
             elif isinstance(delta, LayerDelta):
-                layer.add(slot, delta.down, delta.up, delta.scale)
+                down, up = delta.down, delta.up
+                if isinstance(module, torch.nn.Conv2d) and down.dim() == 2:
+                    down, up = down.reshape(down.shape[0], *module.weight.shape[1:]), up[:, :, None, None]
+                layer.add(slot, down, up, delta.scale)
             else:
                 _add_kind(layer, slot, module, delta)
         self.adapters[adapter.name] = adapter
