@@ -1,4 +1,4 @@
-"""Delta kinds beyond ``(down, up)``: LyCORIS LoHa and LoKr, full/diff, DoRA and IA3.
+"""Delta kinds beyond ``(down, up)``: LyCORIS LoHa and LoKr, full/diff, DoRA, IA3 and GLoRA.
 
 Every kind answers the same three questions for one Linear or Conv2d weight of shape ``(out, in, *k)``:
 
@@ -7,7 +7,8 @@ Every kind answers the same three questions for one Linear or Conv2d weight of s
   low-rank structure, else None (then the runtime adds ``dense``);
 - ``check(shape)``: why the delta cannot patch a weight of that shape, or None.
 
-Additive kinds (LoHa, LoKr, full) do not depend on the base weight. Multiplicative kinds (DoRA, IA3) do:
+Additive kinds (LoHa, LoKr, full) do not depend on the base weight. Multiplicative kinds (DoRA, IA3, and
+GLoRA's ``W0 A`` term) do:
 their ``dense`` is ``f(W0) - W0`` for the base weight ``W0``, so that at mixing weight ``w`` every kind acts as
 
     W = W0 + w * (f(W0) - W0)
@@ -317,11 +318,48 @@ class IA3Delta(_Kind):
         return {"scale": self.scale_vec}
 
 
+@dataclass(eq=False)
+class GLoRADelta(_Kind):
+    """GLoRA (LyCORIS): ``scale * (W0 A1 A2 + B1 B2)``, ``A1`` ``[in, r]``, ``A2`` ``[r, in]`` acting on the
+    weight's input axis, ``B1`` ``[out, r]``, ``B2`` ``[r, in * kh * kw]``. Linear in ``W0``, so it runs as a
+    dense delta taken against the base weight; weight ``w`` gives ``W0 + w * delta(W0)``."""
+
+    a1: torch.Tensor
+    a2: torch.Tensor
+    b1: torch.Tensor
+    b2: torch.Tensor
+    scale_: float = 1.0
+    kind = "glora"
+    additive = False
+
+    def _view(self) -> LayerDelta:  # the part that does not depend on the base weight
+        return _shaped(_flat(self.b2), _flat(self.b1), self.scale_, None)
+
+    def factors(self, shape=None):
+        return None
+
+    def dense(self, weight, bias=None):
+        w0 = weight.float()
+        a = _flat(self.a1) @ _flat(self.a2)  # [in, in]
+        wa = torch.einsum("o i ..., i j -> o j ...", w0, a)
+        wb = (_flat(self.b1) @ _flat(self.b2)).reshape(w0.shape)
+        return self.scale_ * (wa + wb), None
+
+    def check(self, shape):
+        out, n_in = shape[0], shape[1]
+        flat_in = n_in
+        for s in shape[2:]:
+            flat_in *= s
+        if _flat(self.a1).shape[0] != n_in or _flat(self.a2).shape[1] != n_in:
+            return f"GLoRA a1/a2 act on {_flat(self.a1).shape[0]} inputs, layer has {n_in}"
+        return _shape_error(self.kind, (self.b1.shape[0], _flat(self.b2).shape[1]), (out, flat_in))
+
+
 def _tensors(self) -> dict[str, torch.Tensor]:
     return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
 
-for _cls in (LoHaDelta, LoKrDelta, FullDelta):
+for _cls in (LoHaDelta, LoKrDelta, FullDelta, GLoRADelta):
     _cls.tensors = _tensors
 
-KINDS = ("lora", "loha", "lokr", "full", "dora", "ia3")
+KINDS = ("lora", "loha", "lokr", "full", "dora", "ia3", "glora")

@@ -3,7 +3,7 @@
 Kohya/A1111 suffixes (what ``lycoris-lora`` saves): LoCon ``lora_down.weight``/``lora_up.weight`` with an
 optional Tucker core ``lora_mid.weight``; LoHa ``hada_w1_a`` ... ``hada_t2``; LoKr ``lokr_w1``/``lokr_w1_a``/
 ``lokr_w1_b``/``lokr_w2``/``lokr_w2_a``/``lokr_w2_b``/``lokr_t2``; full ``diff``/``diff_b``; IA3 ``weight``
-with ``on_input``; each of LoCon/LoHa/LoKr with an optional ``dora_scale`` (DoRA). ``alpha`` scales by
+with ``on_input``; GLoRA ``a1``/``a2``/``b1``/``b2`` (``.weight``); each of LoCon/LoHa/LoKr with an optional ``dora_scale`` (DoRA). ``alpha`` scales by
 ``alpha / r`` (r: the factors' rank; a LoKr with both sides full has scale 1, as in LyCORIS and ComfyUI).
 
 PEFT suffixes: the same LoHa/LoKr names, ``ia3_l`` (IA3) and ``lora_magnitude_vector`` (DoRA beside
@@ -16,13 +16,14 @@ import math
 
 import torch
 
-from .kinds import DoRADelta, FullDelta, IA3Delta, LoHaDelta, LoKrDelta
+from .kinds import DoRADelta, FullDelta, GLoRADelta, IA3Delta, LoHaDelta, LoKrDelta
 from .types import LayerDelta
 
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 LOCON = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
-KOHYA_SUFFIXES = LOHA + LOKR + LOCON + ("alpha", "dora_scale", "diff", "diff_b", "weight", "on_input")
+GLORA = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
+KOHYA_SUFFIXES = LOHA + LOKR + LOCON + GLORA + ("alpha", "dora_scale", "diff", "diff_b", "weight", "on_input")
 PEFT_SUFFIXES = LOHA + LOKR + ("ia3_l", "lora_magnitude_vector")
 
 # Key fragments of LyCORIS methods that are recognised but not loaded: (fragment, what it is).
@@ -31,8 +32,7 @@ NOT_LOADED = (
     ("oft_diag", "OFT (oft_diag)"),
     ("oft_r", "PEFT OFT (oft_r)"),
     ("boft_R", "PEFT BOFT (boft_R)"),
-    (".a1.weight", "LyCORIS GLoRA (a1/a2/b1/b2)"),
-    ("glora_", "GLoRA"),
+    (".bm.weight", "LyCORIS GLoRA with a Tucker core (bm.weight)"),
 )
 
 EPS32 = float(torch.finfo(torch.float32).eps)
@@ -154,6 +154,14 @@ def full(name: str, parts: dict) -> FullDelta:
     return FullDelta(diff, diff_b)
 
 
+def glora(name: str, parts: dict, alpha: float | None) -> GLoRADelta:
+    a1, a2, b1, b2 = (_dims(name, parts, s, (2, 4)) for s in GLORA)
+    _match(name, "rank", a1.shape[1], a2.shape[0], "a1.weight", "a2.weight")
+    _match(name, "rank", b1.shape[1], b2.shape[0], "b1.weight", "b2.weight")
+    _match(name, "input size", a1.shape[0], a2.shape[1], "a1.weight", "a2.weight")
+    return GLoRADelta(a1, a2, b1, b2, _scale(alpha, int(a2.shape[0])))
+
+
 def kohya_delta(name: str, parts: dict, alpha: float | None):
     """The delta one kohya-named layer's tensors make (``parts``: suffix -> tensor, ``alpha`` already read)."""
     suffixes = set(parts) - {"alpha"}
@@ -167,6 +175,8 @@ def kohya_delta(name: str, parts: dict, alpha: float | None):
         inner = lokr(name, parts, alpha)
     elif any(s.startswith("lora_") for s in suffixes):
         inner = locon(name, parts, alpha)
+    elif any(s in suffixes for s in GLORA):
+        return glora(name, parts, alpha)
     elif "diff" in suffixes or "diff_b" in suffixes:
         return full(name, parts)
     elif "on_input" in suffixes or "weight" in suffixes:
