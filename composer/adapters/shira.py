@@ -138,6 +138,12 @@ def save_shira(adapter: Adapter, path) -> Path:
 
 
 # -- conversions -----------------------------------------------------------------------------------------
+def _additive_or_fail(key: str, d, what: str) -> None:
+    """DoRA and IA3 scale the base weight: without it they are no fixed delta to re-factor."""
+    if not getattr(d, "additive", True):
+        raise ValueError(f"layer {key}: a {d.kind} delta depends on the base weight; {what} takes LoRA, LoHa, LoKr and full layers")
+
+
 def dense_delta(d: LayerDelta) -> torch.Tensor:
     """``alpha / r * up @ down`` in fp32, as a 2-D ``[out, in * kh * kw]`` matrix."""
     up = d.up.reshape(d.up.shape[0], -1).float()
@@ -168,6 +174,7 @@ def lora_to_shira(adapter: Adapter, density: float = 0.02, name: str | None = No
             deltas[key] = d
             reports.append(LayerReport(key, d.nnz, d.shape[0] * d.shape[1], 0.0, 1.0, "already sparse"))
             continue
+        _additive_or_fail(key, d, "--to shira")
         if d.is_conv:
             reports.append(LayerReport(key, 0, 0, 1.0, 0.0, "Conv2d layer left out"))
             continue
@@ -217,6 +224,7 @@ def squeeze_lora(adapter: Adapter, rank: int | None = None, energy: float | None
                 deltas[key] = d
                 reports.append(LayerReport(key, 0, 0, 0.0, 1.0, "sparse layer kept"))
                 continue
+            _additive_or_fail(key, d, "--rank")
             full = dense_delta(d)
             total = float(full.pow(2).sum())
             q = min(d.rank, *full.shape)
