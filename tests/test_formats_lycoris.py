@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lora_composer.adapters import load_adapter
+from lora_composer.adapters import LayerDelta, load_adapter
 from lora_composer.errors import ComposerError
 from lora_composer.pipeline import ComposerPipeline
 from lora_composer.runtime import LoraRuntime
@@ -167,6 +167,50 @@ def test_alpha_other_than_rank_matches_lycoris_forward(sd15_pipe, preset, tmp_pa
     assert _rel(_unet(sd15_pipe, inputs), want) < 1e-4
     rt.fuse()
     assert _rel(_unet(sd15_pipe, inputs), want) < 1e-4
+
+
+def test_sdxl_two_text_encoders(sdxl_pipe, preset, tmp_path):
+    """LyCORIS writes lora_te1_/lora_te2_ for SDXL's two text encoders; fused equals its merge."""
+    base = copy.deepcopy(sdxl_pipe)
+    ref = copy.deepcopy(sdxl_pipe)
+    tes = [ref.text_encoder, ref.text_encoder_2]
+    net = kohya.create_network(1.0, 4, 4.0, ref.vae, tes, ref.unet, preset=preset, algo="loha")
+    net.apply_to(tes, ref.unet, True, True)
+    _randomise(net.named_parameters())
+    path = tmp_path / "xl-loha.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+    for lora in net.loras:
+        lora.merge_to(1.0)
+        lora.restore()
+    adapter = load_adapter(path)
+    assert adapter.family == "sdxl" and {"unet", "text_encoder", "text_encoder_2"} <= adapter.components()
+    rt = LoraRuntime(sdxl_pipe)
+    rt.add(adapter)
+    rt.set_weights({adapter.name: 1.0}, {adapter.name: 1.0})
+    rt.fuse()
+    worst = 0.0
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        a = dict(getattr(ref, comp).named_parameters())
+        for k, v in getattr(sdxl_pipe, comp).named_parameters():
+            worst = max(worst, float((a[k] - v).detach().norm() / a[k].detach().norm().clamp_min(1e-12)))
+    assert worst < TOL
+    rt.unfuse()
+    assert all(torch.equal(a, b) for a, b in zip(sdxl_pipe.text_encoder_2.parameters(), base.text_encoder_2.parameters()))
+
+
+def test_weight_signal_reads_the_kinds_exactly(tmp_path):
+    """The retriever's weight signal reads a LoHa/LoKr through its exact factors: the same as the plain LoRA
+    that save_adapter writes for it."""
+    from lora_composer.adapters import save_adapter
+    from lora_composer.retriever.signals.weights import encode_adapter
+
+    files = _hand_files(tmp_path)
+    for name in ("loha", "lokr"):
+        adapter = load_adapter(files[name][0])
+        plain = load_adapter(save_adapter(adapter, tmp_path / f"{name}-as-lora.safetensors"))
+        assert all(isinstance(d, LayerDelta) for d in plain.deltas.values())
+        got, want = encode_adapter(adapter), encode_adapter(plain)
+        assert got is not None and np.allclose(np.abs(got[0]), np.abs(want[0]), atol=1e-5), name
 
 
 def test_both_text_encoder_spellings_load_the_same(sd15_pipe, preset, tmp_path):
@@ -440,6 +484,9 @@ def test_convert_rank_refactors_loha_lokr_full_by_svd(sd15_pipe, tmp_path, capsy
         for p in want:
             assert float((got[p] - want[p]).norm() / want[p].norm()) < TOL, (src.stem, p)
         assert load_adapter(low).ranks == {1}
+    shira = tmp_path / "lokr-shira.safetensors"
+    assert main(["convert", "--to", "shira", "--density", "0.5", str(files["lokr"][0]), str(shira), "-q"]) == 0
+    assert set(load_adapter(shira).deltas) == {f"unet.{TO_K}"}  # its 3x3 conv layer is left out, as a LoCon's is
     capsys.readouterr()
     assert main(["convert", "--rank", "1", str(files["dora"][0]), str(tmp_path / "x.safetensors"), "-q"]) != 0
     err = capsys.readouterr().err.strip()

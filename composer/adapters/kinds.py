@@ -68,13 +68,19 @@ class _Kind:
     def factors(self, shape=None) -> LayerDelta | None:  # pragma: no cover - overridden
         return None
 
+    def known_shape(self) -> tuple | None:
+        """The conv weight shape ``(out, in, kh, kw)`` when the tensors tell it (4-D factors or cores), else
+        None: 2-D factors of a conv layer are flattened and its kernel size is known only to the model."""
+        return None
+
     def _view(self) -> LayerDelta:
         view = getattr(self, "_view_cache", None)
         if view is None:
-            view = self.factors(None)
+            shape = self.known_shape()
+            view = self.factors(shape)
             if view is None:
                 dw = self.flat_delta()
-                view = LayerDelta(down=torch.eye(dw.shape[1]), up=dw, alpha=float(dw.shape[1]))
+                view = _shaped(torch.eye(dw.shape[1]), dw, 1.0, shape)
             object.__setattr__(self, "_view_cache", view)
         return view
 
@@ -99,7 +105,9 @@ class _Kind:
     def alpha(self) -> float:
         return self._view().alpha
 
-    is_conv = False
+    @property
+    def is_conv(self) -> bool:
+        return self._view().is_conv
 
     def flat_delta(self) -> torch.Tensor:
         f = self.factors(None)
@@ -133,6 +141,13 @@ class LoHaDelta(_Kind):
         if t is None:
             return wa.float().reshape(wa.shape[0], -1), _flat(wb)
         return wa.float().t(), tucker_down(t, wb)
+
+    def known_shape(self):
+        if self.t1 is not None:
+            return (self.w1a.shape[1], self.w1b.shape[1], *self.t1.shape[2:])
+        if self.w1b.dim() == 4:
+            return (self.w1a.shape[0], *self.w1b.shape[1:])
+        return None
 
     def factors(self, shape=None) -> LayerDelta:
         """Exact low-rank form: ``(A ⊙ B)`` of two products is a product of Khatri-Rao factors, rank r1*r2."""
@@ -173,6 +188,16 @@ class LoKrDelta(_Kind):
             u2, v2 = self.w2a.float(), _flat(self.w2b)
         return u1, v1, u2, v2
 
+    def known_shape(self):
+        a, b = self.w1.shape if self.w1 is not None else (self.w1a.shape[0], self.w1b.shape[1])
+        if self.w2 is not None and self.w2.dim() == 4:
+            return (a * self.w2.shape[0], b * self.w2.shape[1], *self.w2.shape[2:])
+        if self.t2 is not None:
+            return (a * self.w2a.shape[1], b * self.w2b.shape[1], *self.t2.shape[2:])
+        if self.w2b is not None and self.w2b.dim() == 4:
+            return (a * self.w2a.shape[0], b * self.w2b.shape[1], *self.w2b.shape[2:])
+        return None
+
     def factors(self, shape=None) -> LayerDelta:
         """Exact: ``kron(U1 V1, U2 V2) = kron(U1, U2) kron(V1, V2)``."""
         u1, v1, u2, v2 = self._sides()
@@ -196,6 +221,9 @@ class FullDelta(_Kind):
     diff: torch.Tensor
     diff_b: torch.Tensor | None = None
     kind = "full"
+
+    def known_shape(self):
+        return tuple(self.diff.shape) if self.diff.dim() == 4 else None
 
     def flat_delta(self) -> torch.Tensor:
         return _flat(self.diff)
@@ -290,6 +318,7 @@ class IA3Delta(_Kind):
     kind = "ia3"
     additive = False
     rank = 0
+    is_conv = False
 
     def _view(self):
         raise AttributeError("an IA3 delta has no low-rank factors (it scales the base weight)")
@@ -333,7 +362,8 @@ class GLoRADelta(_Kind):
     additive = False
 
     def _view(self) -> LayerDelta:  # the part that does not depend on the base weight
-        return _shaped(_flat(self.b2), _flat(self.b1), self.scale_, None)
+        shape = (self.b1.shape[0], *self.b2.shape[1:]) if self.b2.dim() == 4 else None
+        return _shaped(_flat(self.b2), _flat(self.b1), self.scale_, shape)
 
     def factors(self, shape=None):
         return None
