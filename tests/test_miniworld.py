@@ -162,12 +162,12 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     from lora_composer.frontends.cli import main
 
     doc = tmp_path / "EVAL.md"
-    code = main(["eval", "--sizes", "2", "--seeds", "1", "--steps", "2", "--strategies", "merge", "switch",
+    code = main(["eval", "--sizes", "2", "--seeds", "1", "--steps", "2", "--strategies", "merge", "switch:every=2",
                  "--no-checks", "--auto-combos", "1", "--out", str(tmp_path / "out"), "--write-doc", str(doc), "-q"])
     assert code == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     n = len(evaluate.combinations((2,)))
-    assert set(result["strategies"]) == {"merge", "switch"}
+    assert set(result["strategies"]) == {"merge", "switch:every=2"}  # a variant, measured under its spec
     assert all(s["images"] == n for s in result["strategies"].values())
     assert set(result["retrieval_recall_at_k"]) == {"2"}
     for rec in result["auto_vs_hand"]["sets"].values():  # one combination per size 1-4, both phrasings
@@ -175,6 +175,8 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     assert (tmp_path / "out" / "grid.png").is_file() and "| merge |" in doc.read_text()
     assert main(["eval", "--strategies", "nope", "-q"]) == 2
     assert "unknown strategy 'nope'" in capsys.readouterr().err
+    assert main(["eval", "--strategies", "marginal:scale=-1", "-q"]) != 0  # before anything renders
+    assert "scale must be a number >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, missing", [

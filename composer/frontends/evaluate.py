@@ -22,7 +22,8 @@ PROG = "compose eval"
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description=__doc__.splitlines()[0],
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:6]))
-    p.add_argument("--strategies", nargs="+", metavar="NAME", help="strategies to measure (default: every one in fusion/)")
+    p.add_argument("--strategies", nargs="+", metavar="NAME", help="strategies to measure (default: every one in fusion/); NAME:ARGS measures a variant, "
+                        "e.g. 'marginal:scale=0.5 until=0.3'")
     p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], metavar="K", help="combination sizes (default 2 3 4)")
     p.add_argument("--seeds", type=int, default=2, metavar="N", help="images per combination and strategy (default 2)")
     p.add_argument("--steps", type=int, default=20, metavar="N", help="denoising steps (default 20)")
@@ -42,16 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command(PROG)
 def main(argv: list[str]) -> int:
-    from lora_composer.fusion.registry import available
+    from lora_composer.fusion.registry import available, get_strategy, parse_strategy_args
     from lora_composer.miniworld import assets, world
     from lora_composer.miniworld.detectors import load_detector
     from lora_composer.miniworld.evaluate import evaluate, markdown, write_doc
 
     args = build_parser().parse_args(argv)
     strategies = args.strategies or available()
-    unknown = [s for s in strategies if s not in available()]
+    unknown = [s for s in strategies if s.partition(":")[0] not in available()]
     if unknown:
-        raise UsageError(f"unknown strategy {unknown[0]!r} (known: {', '.join(available())})")
+        raise UsageError(f"unknown strategy {unknown[0].partition(':')[0]!r} (known: {', '.join(available())})")
+    for spec in strategies:  # arguments checked before anything renders
+        name, _, text = spec.partition(":")
+        get_strategy(name, **parse_strategy_args(text))
     if any(k < 1 or k > len(world.CATEGORIES) for k in args.sizes):
         raise UsageError(f"--sizes must be between 1 and {len(world.CATEGORIES)}")
     pipe = load_pipeline(str(assets.model_dir()), assets.library_dir())

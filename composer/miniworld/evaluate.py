@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_composer.fusion.registry import parse_strategy_args
 from lora_composer.miniworld import assets, world
 from lora_composer.miniworld.library import LORAS, LoraSpec
 
@@ -91,7 +92,11 @@ class Evaluator:
         self.steps, self.guidance, self.seeds = steps, guidance, seeds
 
     def render(self, prompt: str, loras, strategy: str, seed: int):
-        return self.pipe(prompt, loras=loras, strategy=strategy, seed=seed, num_inference_steps=self.steps,
+        """``strategy``: a name, or ``NAME:ARGS`` with the arguments as ``--strategy-arg`` reads them
+        (``"marginal:scale=0.5 until=0.3"``), so variants of one strategy are measured side by side."""
+        name, _, args = strategy.partition(":") if isinstance(strategy, str) else (strategy, "", "")
+        return self.pipe(prompt, loras=loras, strategy=name, strategy_args=parse_strategy_args(args), seed=seed,
+                         num_inference_steps=self.steps,
                          guidance_scale=self.guidance, num_images_per_prompt=self.seeds, progress=False)
 
     def judge(self, tally: Tally, images, wanted: dict[str, str], base: dict[str, str]) -> None:
