@@ -310,7 +310,7 @@ def _bad_files(tmp_path):
     dora = _kohya_pair()
     dora["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale"] = torch.full((32, 1), float("nan"))
     tensors("dora", dora, "attn1.to_q has NaN or inf values in its magnitude")
-    tensors("oft", {"lora_unet_x.oft_blocks": torch.zeros(2, 2, 2), "lora_unet_x.alpha": torch.tensor(1.0)}, "OFT")
+    tensors("oft", {"lora_unet_x.oft_blocks": torch.zeros(2, 2, 2, 2), "lora_unet_x.alpha": torch.tensor(1.0)}, "BOFT")
     tensors("nolayers", {}, "no tensors")
     return cases
 

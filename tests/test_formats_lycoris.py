@@ -1,4 +1,5 @@
-"""LyCORIS and PEFT adapter kinds beyond (down, up): LoHa, LoKr, Tucker LoCon, DoRA, IA3, full/diff, GLoRA.
+"""LyCORIS and PEFT adapter kinds beyond (down, up): LoHa, LoKr, Tucker LoCon, DoRA, IA3, full/diff, GLoRA,
+diagonal OFT.
 
 References: files are written by ``lycoris-lora`` (kohya keys) and PEFT (module keys) for the tiny SD1.5
 pipeline; LyCORIS's own merge and PEFT's own forward are what our fused and unfused runtime must match.
@@ -123,6 +124,8 @@ CASES = {
     "ia3": ("ia3", {}, "IA3Delta"),
     "full": ("full", {}, "FullDelta"),
     "glora": ("glora", {}, "GLoRADelta"),
+    "diag-oft": ("diag-oft", {}, "OFTDelta"),
+    "diag-oft-constrained-rescaled": ("diag-oft", {"constraint": 1e-3, "rescaled": True}, "OFTDelta"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Delta kinds beyond ``(down, up)``: LyCORIS LoHa and LoKr, full/diff, DoRA, IA3 and GLoRA.
+"""Delta kinds beyond ``(down, up)``: LyCORIS LoHa and LoKr, full/diff, DoRA, IA3, GLoRA and diagonal OFT.
 
 Every kind answers the same three questions for one Linear or Conv2d weight of shape ``(out, in, *k)``:
 
@@ -7,8 +7,8 @@ Every kind answers the same three questions for one Linear or Conv2d weight of s
   low-rank structure, else None (then the runtime adds ``dense``);
 - ``check(shape)``: why the delta cannot patch a weight of that shape, or None.
 
-Additive kinds (LoHa, LoKr, full) do not depend on the base weight. Multiplicative kinds (DoRA, IA3, and
-GLoRA's ``W0 A`` term) do:
+Additive kinds (LoHa, LoKr, full) do not depend on the base weight. Multiplicative kinds (DoRA, IA3, OFT,
+and GLoRA's ``W0 A`` term) do:
 their ``dense`` is ``f(W0) - W0`` for the base weight ``W0``, so that at mixing weight ``w`` every kind acts as
 
     W = W0 + w * (f(W0) - W0)
@@ -385,11 +385,60 @@ class GLoRADelta(_Kind):
         return _shape_error(self.kind, (self.b1.shape[0], _flat(self.b2).shape[1]), (out, flat_in))
 
 
+@dataclass(eq=False)
+class OFTDelta(_Kind):
+    """Diagonal OFT (LyCORIS ``oft_blocks``): each block of ``bs`` output rows of the weight rotated,
+    ``W' = R^T W`` per block with ``R = (I + Q)(I - Q)^-1`` (Cayley), ``Q = B - B^T``; ``constraint``
+    (LyCORIS's ``alpha`` times the output size) caps ``||Q||``; ``rescale`` (``[out, 1, ...]``) scales the
+    rows after. Multiplicative: ``dense`` is ``f(W0) - W0``."""
+
+    blocks: torch.Tensor
+    rescale: torch.Tensor | None = None
+    constraint: float = 0.0  # LyCORIS's alpha: the cap on ||Q|| is constraint * out
+    kind = "oft"
+    additive = False
+    rank = 0
+    is_conv = False
+
+    def _view(self):
+        raise AttributeError("an OFT delta has no low-rank factors (it rotates the base weight)")
+
+    down = up = property(lambda self: self._view())
+
+    def factors(self, shape=None):
+        return None
+
+    def dense(self, weight, bias=None):
+        w0 = weight.float()
+        k, bs = self.blocks.shape[0], self.blocks.shape[1]
+        b = self.blocks.float()
+        q = b - b.transpose(1, 2)
+        cap = self.constraint * w0.shape[0]
+        if cap > 0:
+            norm = torch.norm(q) + 1e-8
+            if norm > cap:
+                q = q * cap / norm
+        eye = torch.eye(bs).expand(k, bs, bs)
+        r = (eye + q) @ torch.linalg.inv(eye - q)
+        new = torch.einsum("k n m, k n ... -> k m ...", r, w0.reshape(k, bs, *w0.shape[1:])).reshape(w0.shape)
+        if self.rescale is not None:
+            new = self.rescale.float().reshape(-1, *([1] * (w0.dim() - 1))) * new
+        return new - w0, None
+
+    def check(self, shape):
+        k, bs = self.blocks.shape[0], self.blocks.shape[1]
+        if k * bs != shape[0]:
+            return f"OFT blocks cover {k}x{bs} outputs, layer has {shape[0]}"
+        if self.rescale is not None and self.rescale.numel() != shape[0]:
+            return f"OFT rescale has {self.rescale.numel()} values, layer has {shape[0]} outputs"
+        return None
+
+
 def _tensors(self) -> dict[str, torch.Tensor]:
     return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
 
-for _cls in (LoHaDelta, LoKrDelta, FullDelta, GLoRADelta):
+for _cls in (LoHaDelta, LoKrDelta, FullDelta, GLoRADelta, OFTDelta):
     _cls.tensors = _tensors
 
-KINDS = ("lora", "loha", "lokr", "full", "dora", "ia3", "glora")
+KINDS = ("lora", "loha", "lokr", "full", "dora", "ia3", "glora", "oft")

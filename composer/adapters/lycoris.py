@@ -16,19 +16,18 @@ import math
 
 import torch
 
-from .kinds import DoRADelta, FullDelta, GLoRADelta, IA3Delta, LoHaDelta, LoKrDelta
+from .kinds import DoRADelta, FullDelta, GLoRADelta, IA3Delta, LoHaDelta, LoKrDelta, OFTDelta
 from .types import LayerDelta
 
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 LOCON = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 GLORA = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
-KOHYA_SUFFIXES = LOHA + LOKR + LOCON + GLORA + ("alpha", "dora_scale", "diff", "diff_b", "weight", "on_input")
+KOHYA_SUFFIXES = LOHA + LOKR + LOCON + GLORA + ("alpha", "dora_scale", "diff", "diff_b", "weight", "on_input", "oft_blocks", "rescale")
 PEFT_SUFFIXES = LOHA + LOKR + ("ia3_l", "lora_magnitude_vector")
 
 # Key fragments of LyCORIS methods that are recognised but not loaded: (fragment, what it is).
 NOT_LOADED = (
-    ("oft_blocks", "LyCORIS OFT/BOFT (oft_blocks)"),
     ("oft_diag", "OFT (oft_diag)"),
     ("oft_r", "PEFT OFT (oft_r)"),
     ("boft_R", "PEFT BOFT (boft_R)"),
@@ -175,6 +174,11 @@ def kohya_delta(name: str, parts: dict, alpha: float | None):
         inner = lokr(name, parts, alpha)
     elif any(s.startswith("lora_") for s in suffixes):
         inner = locon(name, parts, alpha)
+    elif "oft_blocks" in suffixes:
+        blocks = parts["oft_blocks"]
+        if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+            raise KindError(f"LyCORIS BOFT adapters are not supported yet (key {name}.oft_blocks, shape {tuple(blocks.shape)})")
+        return OFTDelta(blocks, parts.get("rescale"), 0.0 if alpha is None else float(alpha))
     elif any(s in suffixes for s in GLORA):
         return glora(name, parts, alpha)
     elif "diff" in suffixes or "diff_b" in suffixes:
