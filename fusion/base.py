@@ -101,6 +101,9 @@ class Strategy(ABC):
     """Decides per-step, per-row-group (and optionally per-layer-group) adapter weights. Subclasses set ``name`` and implement ``plan``."""
 
     name: str = ""
+    # What it measured on the mini world (docs/EVAL.md), one line: ``compose --help`` and the web UI show it,
+    # so a user picks a strategy by what it did, not by its paper's claim.
+    measured: str = ""
 
     def begin(
         self, adapters: list[str], weights: list[float], num_steps: int, context: StrategyContext | None = None

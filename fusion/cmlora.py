@@ -59,6 +59,7 @@ from lora_composer.fusion.base import StepPlan, Strategy
 
 class CMLoRAStrategy(Strategy):
     name = "cmlora"
+    measured = 'like composite (9% per concept), cheaper'
 
     def __init__(
         self,

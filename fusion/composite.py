@@ -35,6 +35,7 @@ class CompositeStrategy(Strategy):
     """
 
     name = "composite"
+    measured = 'renders almost none of the concepts on the mini world (7% per concept): the average of single-LoRA pictures is a base picture'
 
     def plan(self, step: int, timestep: float | None) -> StepPlan:
         if not len(self.adapters):

@@ -45,6 +45,7 @@ class ConjunctionStrategy(Strategy):
     """
 
     name = "conjunction"
+    measured = 'keeps backgrounds and outline, loses star and pixel style: 0.37 vs merge 0.60 at 3 LoRAs; N + 1 times the rows'
 
     def __init__(self, scales: float | tuple | list | None = None):
         if scales is not None and not isinstance(scales, (int, float, tuple, list)):

@@ -127,6 +127,7 @@ class GatedStrategy(Strategy):
     """
 
     name = "gated"
+    measured = 'close to merge: ahead at 2 LoRAs (0.83 vs 0.80), behind at 4 (0.26 vs 0.34)'
 
     def __init__(
         self,

@@ -151,6 +151,7 @@ class LoRAtorioStrategy(Strategy):
     """
 
     name = "loratorio"
+    measured = 'not measured to the end on the mini world yet; N + 1 times the rows'
 
     def __init__(self, patch_size: int = 2, temperature: float = 0.1, top_k: int | None = None,
                  uncond: str = "map", base_uncond: float = 0.5):

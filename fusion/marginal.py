@@ -40,6 +40,7 @@ class MarginalStrategy(Strategy):
     """
 
     name = "marginal"
+    measured = 'below merge: lifts the weakest concept but over-drives the picture; until=0.3: 0.51 vs 0.56 at 3-4 LoRAs'
 
     def __init__(self, scale: float = 1.0, until: float = 1.0):
         if not isinstance(scale, (int, float)) or scale < 0:

@@ -64,6 +64,7 @@ class SwitchStrategy(Strategy):
     """
 
     name = "switch"
+    measured = "each step undoes the last one's concept (17% per concept)"
 
     def __init__(self, every: int = 5, order: str | list | None = None):
         if isinstance(every, bool) or not isinstance(every, (int, float)) or int(every) != every:

@@ -277,3 +277,12 @@ def test_help_is_plain_and_complete(name, capsys, monkeypatch):
     if name is None:  # the subcommands, one per line
         for sub, (help_, _) in COMMANDS.items():
             assert any(line.strip().startswith(f"compose {sub} ") and line.strip().endswith(help_) for line in lines), sub
+        # the strategies, each with what it measured (one line per name, wrapped lines indented)
+        from lora_composer.fusion.registry import STRATEGIES
+
+        block = text.split("by what each measured on the mini world")[1]
+        for strategy, cls in STRATEGIES.items():
+            assert cls.measured, f"{strategy} says nothing about what it measured"
+            first = next(line for line in block.splitlines() if line.strip().startswith(strategy + " "))
+            assert " ".join(block.split()).count(" ".join(cls.measured.split())) == 1, strategy
+            assert first.split()[0] == strategy

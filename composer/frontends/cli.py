@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
             "LoRAs can also be named in the prompt, A1111 style: <lora:NAME>, <lora:NAME:0.8>,\n"
             "<lora:NAME:TE:UNET>. Without --model, the default model (the mini world: trained offline\n"
             "on drawn pictures) and its concept LoRA library are used.\n\n"
-            f"subcommands (compose NAME --help for each):{sub}"
+            f"subcommands (compose NAME --help for each):{sub}\n\n"
+            f"strategies (--strategy NAME), by what each measured on the mini world (docs/EVAL.md):{_strategy_lines()}"
         ),
     )
     p.add_argument("--prompt", "-p", help="the prompt (may contain <lora:name:w> tags)")
@@ -133,6 +134,18 @@ def _weights_text(te: float, unet: float) -> str:
     from lora_composer.prompt_syntax import format_weight
 
     return format_weight(te) if te == unet else f"te {format_weight(te)}/unet {format_weight(unet)}"
+
+
+def _strategy_lines() -> str:
+    import textwrap
+
+    from lora_composer.fusion.registry import STRATEGIES
+
+    width = max(len(name) for name in STRATEGIES)
+    return "".join(
+        "\n" + textwrap.fill(cls.measured or "-", 100, initial_indent=f"  {name:<{width}}  ",
+                             subsequent_indent=" " * (width + 4))
+        for name, cls in sorted(STRATEGIES.items()))
 
 
 def _strategies() -> list[str]:

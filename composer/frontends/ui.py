@@ -551,15 +551,16 @@ SCROLL_TO_RESULTS = """() => { const el = document.getElementById('results');
 
 
 def _params_text(strategy: str) -> str:
-    from lora_composer.fusion.registry import strategy_params
+    from lora_composer.fusion.registry import STRATEGIES, strategy_params
 
     try:
         params = strategy_params(strategy)
     except KeyError:
         return ""
+    measured = f"Measured on the mini world: {STRATEGIES[strategy].measured}.\n\n" if STRATEGIES[strategy].measured else ""
     if not params:
-        return f"`{strategy}` has no parameters."
-    return f"`{strategy}` parameters (defaults): " + ", ".join(f"`{k}={v!r}`" for k, v in params.items())
+        return f"{measured}`{strategy}` has no parameters."
+    return measured + f"`{strategy}` parameters (defaults): " + ", ".join(f"`{k}={v!r}`" for k, v in params.items())
 
 
 def _record_markdown(records) -> str:
