@@ -312,7 +312,7 @@ class ComposerUI:
         return "uploads/" + dest.name
 
     # -- retrieval --------------------------------------------------------------------------------
-    def auto(self, prompt: str, top_k: int = 3, min_score: float | None = None) -> dict:
+    def auto(self, prompt: str, top_k: int | None = None, min_score: float | None = None) -> dict:
         """The retriever's choice for ``prompt``: ``{"picks": [{name, weight, score, span, reason,
         trigger_words, preview}], "left_out": [{name, why}], "notice"}`` (names are library names)."""
         from lora_composer.prompt_syntax import parse_prompt
@@ -320,6 +320,7 @@ class ComposerUI:
         clean, _ = parse_prompt(prompt or "")
         if not clean.strip():
             raise ComposerError("write a prompt first: the retriever matches LoRAs to it")
+        top_k = _default_top_k() if top_k is None else int(top_k)
 
         def choose():
             self.pipe.choose_loras(clean, top_k=top_k, min_score=min_score)
@@ -550,6 +551,13 @@ SCROLL_TO_RESULTS = """() => { const el = document.getElementById('results');
   if (el && el.getBoundingClientRect().top > window.innerHeight * 0.5) el.scrollIntoView({block: 'start'}); }"""
 
 
+def _default_top_k() -> int:
+    """The cap ``--loras auto`` uses, so the page and the command line pick alike."""
+    from lora_composer.retriever.search import DEFAULT_TOP_K
+
+    return DEFAULT_TOP_K
+
+
 def _params_text(strategy: str) -> str:
     from lora_composer.fusion.registry import STRATEGIES, strategy_params
 
@@ -663,7 +671,7 @@ def build_app(ui: ComposerUI):
                 with gr.Row():
                     add = gr.Button("+ Add LoRA", elem_id="add-lora", size="sm")
                     auto = gr.Button("Auto: let the retriever pick", elem_id="auto", size="sm")
-                    top_k = gr.Slider(1, MAX_TOP_K, value=3, step=1, label="at most", elem_id="top-k", min_width=120)
+                    top_k = gr.Slider(1, MAX_TOP_K, value=_default_top_k(), step=1, label="at most", elem_id="top-k", min_width=120)
                 auto_html = gr.HTML(elem_id="auto-result")
                 auto_previews = gr.Gallery(label="Previews", columns=4, height=120, visible=False,
                                            elem_id="auto-previews")
