@@ -216,6 +216,18 @@ def test_weight_signal_reads_the_kinds_exactly(tmp_path):
         assert got is not None and np.allclose(np.abs(got[0]), np.abs(want[0]), atol=1e-5), name
 
 
+def test_weight_signal_leaves_out_kinds_without_factors(tmp_path):
+    """IA3 scales the base weight, so the weight signal has nothing to read in it: the file gets no weight
+    directions (it is still indexed by its name and metadata), not an error that keeps it out of the catalog."""
+    from lora_composer.retriever.signals.weights import encode_adapter, kv_deltas
+
+    ia3 = tmp_path / "ia3.safetensors"
+    save_file({f"{_k(TO_K)}.weight": 0.5 * torch.ones(32), f"{_k(TO_K)}.on_input": torch.tensor(0)}, str(ia3))
+    adapter = load_adapter(ia3)
+    assert [k for k in adapter.deltas if k.endswith("attn2.to_k")]  # a key/value layer, of a kind without factors
+    assert list(kv_deltas(adapter)) == [] and encode_adapter(adapter) is None
+
+
 def test_both_text_encoder_spellings_load_the_same(sd15_pipe, preset, tmp_path):
     path, _ = lycoris_file(sd15_pipe, preset, "loha", tmp_path / "te.safetensors", merge=False)
     sd = load_file(str(path))

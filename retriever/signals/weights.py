@@ -31,9 +31,18 @@ from lora_composer.vocab import DENOISERS
 DIRECTIONS = 2
 
 
+def _has_factors(d) -> bool:
+    """Whether the delta reads as low-rank factors. IA3 and OFT scale or rotate the base weight: what they
+    respond to depends on that weight, which this signal does not read, so their layers are left out."""
+    try:
+        return d.down.dim() == 2
+    except AttributeError:
+        return False
+
+
 def kv_deltas(adapter):
     for key, d in adapter.deltas.items():
-        if key.split(".", 1)[0] in DENOISERS and key.endswith(KV_SUFFIXES) and d.down.dim() == 2:
+        if key.split(".", 1)[0] in DENOISERS and key.endswith(KV_SUFFIXES) and _has_factors(d):
             yield key, d
 
 
