@@ -38,7 +38,7 @@ class ConjunctionStrategy(Strategy):
 
     Cost: ``N + 1`` times merge's denoiser rows per step (one batched pass, or several under ``max_batch``).
 
-    When to choose it (measured on the mini world, see the report of issue 13): on concepts a base model
+    When to choose it (measured on the mini world, ``docs/EVAL.md``): on concepts a base model
     does not know, it renders what the mean of single-LoRA passes (composite) loses, since no LoRA's change
     is diluted; it did not beat merge there (see ``docs/EVAL.md``), and at ``N + 1`` times the cost merge
     stays the first choice on this world. Parameters: ``scales`` (one number for every LoRA, or one per LoRA).
