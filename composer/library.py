@@ -42,7 +42,8 @@ def _check_library(library: str | os.PathLike) -> Path:
     return root
 
 
-def _stem(ref: str) -> str:
+def lora_stem(ref: str) -> str:
+    """A LoRA name or path without its file extension: ``star-shape`` for ``star-shape.safetensors``."""
     lower = ref.lower()
     for ext in LORA_EXTENSIONS:
         if lower.endswith(ext):
@@ -76,13 +77,13 @@ def resolve_lora(ref: str | os.PathLike, library: str | os.PathLike | None) -> P
     if inside.is_file():
         return inside
     files = list_loras(root)
-    want = _stem(text).replace("\\", "/").lower()
+    want = lora_stem(text).replace("\\", "/").lower()
     if "/" in want:  # a sub-path inside the library: match the relative path without extension
         matches = [p for p in files if p.relative_to(root).with_suffix("").as_posix().lower() == want]
     else:
         matches = [p for p in files if p.stem.lower() == want]
     if matches:
-        exact = [p for p in matches if p.stem == Path(_stem(text)).name]
+        exact = [p for p in matches if p.stem == Path(lora_stem(text)).name]
         matches = exact or matches
         best_ext = min(LORA_EXTENSIONS.index(p.suffix.lower()) for p in matches)
         matches = [p for p in matches if LORA_EXTENSIONS.index(p.suffix.lower()) == best_ext]
@@ -93,9 +94,9 @@ def resolve_lora(ref: str | os.PathLike, library: str | os.PathLike | None) -> P
     names = sorted({p.stem for p in files}, key=str.lower)
     if _looks_like_path(text):
         raise ComposerError(
-            f"{text}: file not found, and no LoRA of that name in {root} ({_suggest(Path(_stem(text)).name, names)})"
+            f"{text}: file not found, and no LoRA of that name in {root} ({_suggest(Path(lora_stem(text)).name, names)})"
         )
-    raise ComposerError(f"unknown LoRA {text!r} in {root} ({_suggest(_stem(text), names)})")
+    raise ComposerError(f"unknown LoRA {text!r} in {root} ({_suggest(lora_stem(text), names)})")
 
 
 def _suggest(name: str, names: list[str]) -> str:

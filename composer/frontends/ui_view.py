@@ -30,13 +30,9 @@ def strip_tags(prompt: str) -> str:
 
 def tag_name(name: str) -> str:
     """The name a tag uses for a library file: ``star-shape`` for ``star-shape.safetensors``."""
-    from lora_composer.vocab import LORA_EXTENSIONS
+    from lora_composer.library import lora_stem
 
-    lower = name.lower()
-    for ext in LORA_EXTENSIONS:
-        if lower.endswith(ext):
-            return name[: -len(ext)]
-    return name
+    return lora_stem(name)
 
 
 def prompt_with_slots(prompt: str, slots: list[dict]) -> str:
