@@ -18,7 +18,7 @@ import pytest
 LAYERS = [
     ["lora_composer.vocab", "lora_composer.errors", "lora_composer.cache"],
     ["lora_composer.kernels", "lora_composer.prompt_syntax", "lora_composer.library", "lora_composer.tiny"],
-    ["lora_composer.adapters", "lora_composer.pnginfo"],
+    ["lora_composer.adapters", "lora_composer.pnginfo", "lora_composer.tiny_dit"],
     ["lora_composer.runtime"],
     ["lora_composer.fusion", "lora_composer.retriever"],
     ["lora_composer.driver", "lora_composer.explain"],

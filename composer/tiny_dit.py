@@ -1,0 +1,146 @@
+"""Tiny FLUX.1- and SD3-shaped pipelines and random LoRAs for them, built offline from configs.
+
+The DiT counterparts of :mod:`lora_composer.tiny`: every layer kind the real models have (joint attention
+with its ``add_*_proj``, single blocks' fused ``proj_mlp``/``proj_out``, modulation linears, CLIP and T5
+text encoders, FLUX-dev's guidance embedding) at toy widths, so the tests run the real diffusers
+pipelines on a CPU in well under a second. The CLIP tokenizer is the real BPE (see ``tiny``); the T5
+tokenizer is a character-level unigram model built in code (T5's own needs a sentencepiece download).
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+from lora_composer.tiny import _text_config, clip_tokenizer
+
+# Linear layers a FLUX LoRA trains (ai-toolkit / kohya "all linear" presets), by module-name suffix.
+FLUX_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+    "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
+    "norm1_context.linear", "norm.linear", "proj_mlp", "proj_out",
+)
+SD3_TARGETS = FLUX_TARGETS  # SD3's joint blocks name their layers the same way (no single blocks)
+CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+T5_TARGETS = ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o", "wi_0", "wi_1", "wo")
+
+
+def t5_tokenizer():
+    """A T5 tokenizer (unigram, ``</s>`` appended, ``<pad>`` = 0) over lower-case letters, digits and
+    punctuation, one piece per character (``▁x`` at a word's start)."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + c, -1.0) for c in string.ascii_lowercase + string.digits]
+    pieces += [(c, -2.0) for c in string.ascii_lowercase + string.digits + ",.!?'-:;()"]
+    pieces += [("▁", -3.0)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _t5(tokenizer, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()  # built, not loaded: in training mode, and T5 has dropout
+
+
+def _vae(latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    # one block: no downsampling (VAE scale factor 1), as in diffusers' own DiT pipeline tests
+    return AutoencoderKL(
+        block_out_channels=(4,), layers_per_block=1, in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), norm_num_groups=1,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035, sample_size=32,
+    )
+
+
+def _flow_scheduler(dynamic: bool):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if dynamic:  # FLUX.1-dev's scheduler config: the shift follows the image's token count
+        return FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3's
+
+
+def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A FluxPipeline with FLUX.1's structure at toy size: one double and one single block, CLIP + T5,
+    a guidance embedding (FLUX.1-dev; ``guidance_embeds=False`` is schnell's shape). Renders any multiple
+    of 2 pixels (16x16 in the tests)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+    )
+    text_encoder = CLIPTextModel(_text_config())
+    tokenizer_2 = t5_tokenizer()
+    pipe = FluxPipeline(
+        scheduler=_flow_scheduler(dynamic=True), vae=_vae(latent_channels=1), text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(), text_encoder_2=_t5(tokenizer_2, d_model=32), tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_sd3_pipeline(seed: int = 0):
+    """A StableDiffusion3Pipeline with SD3's structure at toy size: two joint blocks (the last one
+    ``context_pre_only``, as in SD3), patch size 2, two CLIP text encoders with projection and T5."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    # prompt embeddings: both CLIPs' hidden states side by side (2 x 32), padded to T5's width (64)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+        pos_embed_max_size=16,
+    )
+    tokenizer_3 = t5_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=_flow_scheduler(dynamic=False), vae=_vae(latent_channels=4),
+        text_encoder=CLIPTextModelWithProjection(_text_config()), tokenizer=clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5(tokenizer_3, d_model=64), tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _linear_targets(module: torch.nn.Module, suffixes):
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes):
+            yield name, sub
+
+
+def random_dit_lora_layers(
+    pipe, rank: int = 4, seed: int = 0, std: float = 0.1, text_encoders=("text_encoder",), targets=None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT-format LoRA layers per component (``{"transformer": {"transformer_blocks.0.attn.to_q.lora_A.weight":
+    ...}, "text_encoder": {...}}``) on every Linear a FLUX/SD3 LoRA trains (``targets``: module-name suffixes
+    of the transformer's). Both factors random (PEFT's zero ``lora_B`` would hide every bug)."""
+    gen = torch.Generator().manual_seed(seed)
+    components = {"transformer": (pipe.transformer, tuple(targets or FLUX_TARGETS))}
+    for name in text_encoders:
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            t5 = type(encoder).__name__.startswith("T5")
+            components[name] = (encoder, T5_TARGETS if t5 else CLIP_TARGETS)
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for comp, (module, suffixes) in components.items():
+        sd = {}
+        for name, sub in _linear_targets(module, suffixes):
+            sd[f"{name}.lora_A.weight"] = torch.randn((rank, sub.in_features), generator=gen) * std
+            sd[f"{name}.lora_B.weight"] = torch.randn((sub.out_features, rank), generator=gen) * std
+        layers[comp] = sd
+    return layers
