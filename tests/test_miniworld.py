@@ -173,6 +173,12 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     for rec in result["auto_vs_hand"]["sets"].values():  # one combination per size 1-4, both phrasings
         assert rec["prompts"] == 4 and rec["hand"]["images"] == rec["auto"]["images"] == 4
     assert (tmp_path / "out" / "grid.png").is_file() and "| merge |" in doc.read_text()
+    assert result["strategies"]["merge"]["rows_per_image"] == 2 * 2  # 2 steps x both halves of guidance
+    table = [line.split(" | ") for line in doc.read_text().splitlines() if line.startswith("| ")]
+    col = table[0].index("rows vs merge")
+    assert next(r for r in table if r[0] == "| merge")[col] == "1.00"
+    concept_header = [r for r in table if r[0] == "| strategy"][1]  # the per-concept table follows
+    assert set(result["strategies"]["merge"]["concepts"]) == {c.strip(" |") for c in concept_header[1:]}
     assert main(["eval", "--strategies", "nope", "-q"]) == 2
     assert "unknown strategy 'nope'" in capsys.readouterr().err
     assert main(["eval", "--strategies", "marginal:scale=-1", "-q"]) != 0  # before anything renders

@@ -57,6 +57,7 @@ class Tally:
     concept: dict[str, list[int]] = field(default_factory=dict)  # value -> [hits, images]
     base_conf: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    rows: int = 0  # denoiser rows computed (every row group, both halves of guidance), all images
 
     def add(self, wanted: dict[str, str], base: dict[str, str], pred: dict[str, str], probs: dict[str, float]) -> None:
         hits = [pred[c] == v for c, v in wanted.items()]
@@ -81,6 +82,7 @@ class Tally:
             "concepts": {v: rate(*hn) for v, hn in sorted(self.concept.items())},
             "base_confidence": round(float(np.mean(self.base_conf)), 4) if self.base_conf else None,
             "images_per_s": round(self.images / self.seconds, 2) if self.seconds else None,
+            "rows_per_image": round(self.rows / self.images, 2) if self.rows and self.images else None,
         }
 
 
@@ -111,6 +113,7 @@ class Evaluator:
         t0 = time.perf_counter()
         images = self.render(prompt, loras, strategy, seed)
         tally.seconds += time.perf_counter() - t0
+        tally.rows += int(getattr(getattr(self.pipe, "last_driver", None), "rows", 0) or 0)
         self.judge(tally, images, wanted, base)
         return images
 
@@ -470,13 +473,23 @@ def markdown(result: dict, command: str) -> str:
              f"{p['combinations']} combinations (sizes {', '.join(map(str, sizes))}), {p['seeds']} seeds each, "
              f"{p['steps']} steps, guidance {p['guidance']}; {result['seconds']:.0f} s in all.", "",
              "| strategy | all concepts | " + " | ".join(f"all, {k} LoRAs" for k in sizes)
-             + " | per concept | base-concept confidence | images/s |",
-             "|---|" + "---|" * (len(sizes) + 4)]
+             + " | per concept | base-concept confidence | rows vs merge | images/s |",
+             "|---|" + "---|" * (len(sizes) + 5)]
+    merge_rows = p["steps"] * (2 if p["guidance"] > 1 else 1)  # one pass per step, both halves of guidance
     for name, s in result["strategies"].items():
         by = s["by_size"]
+        rows = s.get("rows_per_image")
         lines.append(f"| {name} | {s['all_concepts']:.3f} | "
                      + " | ".join(f"{by.get(k, by.get(str(k))):.3f}" for k in sizes)
-                     + f" | {s['per_concept']:.3f} | {s['base_confidence']:.3f} | {s['images_per_s']:.1f} |")
+                     + f" | {s['per_concept']:.3f} | {s['base_confidence']:.3f} | "
+                     + (f"{rows / merge_rows:.2f}" if rows else "") + f" | {s['images_per_s']:.1f} |")
+    concepts = sorted({v for s in result["strategies"].values() for v in s["concepts"]})
+    if concepts:
+        lines += ["", "Per concept (share of the images asking for it that show it):", "",
+                  "| strategy | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]
+        for name, s in result["strategies"].items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{s['concepts'][v]:.2f}" if s["concepts"].get(v) is not None else "" for v in concepts) + " |")
     if "checks" in result:
         c = result["checks"]
         b = c["base_on_base"]
