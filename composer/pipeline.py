@@ -7,6 +7,7 @@ tensor write; ``unload_lora``/``unload_all`` give the base pipeline back exactly
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -67,6 +68,15 @@ def native_size(pipe, config, vae: int) -> tuple[int, int] | None:
     return (int(sample) * vae, int(sample) * vae) if sample else None
 
 
+def pipeline_guidance(pipe) -> float:
+    """A DiT pipeline's own default guidance (FLUX.1-dev's distilled 3.5, SD3's 7); 7.5 for UNet pipelines."""
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+        default = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+        if default is not None and isinstance(default.default, (int, float)):
+            return float(default.default)
+    return DEFAULT_GUIDANCE
+
+
 class ComposerPipeline:
     """Compose LoRAs inside a diffusers pipeline (SD1.5 and SDXL families today).
 
@@ -82,9 +92,10 @@ class ComposerPipeline:
         # a model folder that names itself (the mini world) is recorded by that name: its PNGs re-render
         # with --from-image on any install
         self.model = str(defaults.get("name") or model)
-        self.default_guidance = float(defaults.get("guidance_scale", DEFAULT_GUIDANCE))  # when a call gives none
+        self.default_guidance = float(defaults.get("guidance_scale", pipeline_guidance(pipe)))  # when a call gives none
         self.runtime = LoraRuntime(pipe)
         self._files: dict[str, tuple] = {}  # adapter name -> (resolved path, size, mtime)
+        self.adapter_loader = load_adapter  # (path, name=, allow_pickle=) -> Adapter; a server puts a cache here
         self.last_record: GenerationRecord | None = None
         self.last_driver: DenoiserDriver | None = None
         self.last_retrieval: list = []  # loras="auto": the retriever's matches (score, signals, reason)
@@ -124,7 +135,7 @@ class ComposerPipeline:
             if known[0] == key[0] and (name is None or name == attached):
                 self.unload_lora(attached)  # the file changed on disk: load it again
                 break
-        adapter = load_adapter(path, name=name or self._free_name(path.stem), allow_pickle=allow_pickle)
+        adapter = self.adapter_loader(path, name=name or self._free_name(path.stem), allow_pickle=allow_pickle)
         self.runtime.add(adapter)
         self._files[adapter.name] = key
         return adapter
@@ -262,7 +273,7 @@ class ComposerPipeline:
         width: int | None = None,
         num_images_per_prompt: int = 1,
         append_trigger_words: bool = False,
-        fuse: bool = False,
+        fuse: bool | str = False,
         max_batch: int | None = None,
         progress: bool = True,
         allow_pickle: bool = False,
@@ -277,7 +288,8 @@ class ComposerPipeline:
         ``loras`` items: ``path_or_name``, ``(path_or_name, weight)`` or ``(path_or_name, te, unet)``;
         ``<lora:name:w>`` tags in the prompt are added to them and removed from the text. Each image's
         ``info`` holds its generation parameters (A1111 ``parameters`` and a ``lora-composer`` JSON).
-        ``fuse=True`` folds static weights into the base weights for the call (restored exactly after).
+        ``fuse=True`` folds static weights into the base weights for the call (restored exactly after);
+        ``fuse="auto"`` does so when that costs less than the per-step path for this call's steps.
         ``loras="auto"`` lets the retriever choose the adapters the prompt names from the library's catalog,
         at most ``top_k`` (4), each above its calibrated per-kind threshold (``min_score``: one floor for
         all); why, and what the cap dropped, is in ``last_retrieval`` (:meth:`choose_loras`).
@@ -345,6 +357,12 @@ class ComposerPipeline:
 
         denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer")
         self.pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)
+        if fuse == "auto":  # fold when that costs less than the low-rank path over this call's steps
+            rows = (2 if guidance_scale > 1 else 1) * int(num_images_per_prompt)
+            native = self.size_rules()[1] or (512, 512)
+            pixels = int(height or native[0]) * int(width or native[1])
+            # a layer not run yet counts the positions of a UNet's deepest level (1/64 of the latent's)
+            fuse = self.runtime.fuse_saves(num_inference_steps, rows, tokens=max(1, pixels // 4096))
         fused = fuse and strat.static and bool(names)
         derived, weights_before = self._attach_derived(strat)
         try:

@@ -25,6 +25,7 @@ LAYERS = [
     ["lora_composer.pipeline"],
     ["lora_composer.miniworld"],
     ["lora_composer.default_model"],
+    ["lora_composer.serving"],
     ["lora_composer.frontends"],
     ["lora_composer", "lora_composer.__main__"],  # the public API's facade and `python -m lora_composer`
 ]

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from lora_composer.errors import ComposerError
-from lora_composer.frontends import catalog, convert, evaluate, profile, ui
+from lora_composer.frontends import catalog, convert, evaluate, profile, serve, ui
 from lora_composer.frontends.args import Parser, UsageError, command, load_pipeline
 
 PROG = "compose"
@@ -297,6 +297,7 @@ COMMANDS = {
     "profile": ("score LoRAs' high-frequency energy for --strategy cmlora", profile.main),
     "eval": ("measure every strategy and the retriever on the mini world (ground-truth detectors)", evaluate.main),
     "ui": ("start the web UI (Gradio) on 127.0.0.1", ui.main),
+    "serve": ("serve renders over HTTP (FastAPI), many LoRAs batched per step, on 127.0.0.1", serve.main),
 }
 
 

@@ -43,6 +43,8 @@ class PatchedLayer:
         self.mixer = mixer
         self.group = group  # layer group whose mixing weights this layer reads
         self.blocks: list[_Block] = []
+        self.rank = 0  # rank columns in use at the front of the stack's storage
+        self.tokens: int | None = None  # positions per batch row in the last input (for the fuse cost model)
         self.conv = (
             dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
             if isinstance(module, torch.nn.Conv2d)
@@ -77,23 +79,53 @@ class PatchedLayer:
     # -- stack management -------------------------------------------------------------------
     @property
     def down(self) -> torch.Tensor | None:
-        return getattr(self.module, DOWN, None)
+        """``[R, ...]``: the used rows of the down stack (a view of its storage)."""
+        store = getattr(self.module, DOWN, None)
+        return None if store is None else store[: self.rank]
 
     @property
     def up(self) -> torch.Tensor | None:
-        return getattr(self.module, UP, None)
+        """``[out, R, ...]``: the used columns of the up stack (a view of its storage)."""
+        store = getattr(self.module, UP, None)
+        return None if store is None else store[:, : self.rank]
+
+    @property
+    def capacity(self) -> int:
+        """Rank columns the stack's storage holds before it must grow."""
+        store = getattr(self.module, DOWN, None)
+        return 0 if store is None else int(store.shape[0])
+
+    def _reserve(self, need: int, like_down: torch.Tensor, like_up: torch.Tensor) -> None:
+        """Make the storage hold ``need`` rank columns, doubling its capacity when it grows: attaching K
+        adapters copies each layer's stack O(log K) times instead of K times."""
+        if need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity)
+        down = like_down.new_zeros(cap, *like_down.shape[1:])
+        up = like_up.new_zeros(like_up.shape[0], cap, *like_up.shape[2:])
+        if self.rank:
+            down[: self.rank] = self.down
+            up[:, : self.rank] = self.up
+        self.module.register_buffer(DOWN, down, persistent=False)
+        self.module.register_buffer(UP, up, persistent=False)
 
     def add(self, slot: int, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
         weight = self.module.weight
         down = down.to(device=weight.device, dtype=weight.dtype)
         up = up.to(device=weight.device, dtype=weight.dtype)
-        if self.down is not None:
-            down = torch.cat([self.down, down], dim=0)
-            up = torch.cat([self.up, up], dim=1)
-        self.module.register_buffer(DOWN, down.contiguous(), persistent=False)
-        self.module.register_buffer(UP, up.contiguous(), persistent=False)
-        self.blocks.append(_Block(slot, down.shape[0] - sum(b.rank for b in self.blocks), scale))
-        self._stack_changed()
+        start, r = self.rank, down.shape[0]
+        self._reserve(start + r, down, up)
+        with torch.no_grad():
+            getattr(self.module, DOWN)[start : start + r] = down
+            getattr(self.module, UP)[:, start : start + r] = up
+        self.rank = start + r
+        block = _Block(slot, r, scale)
+        self.blocks.append(block)
+        # the new block's columns are appended: extend the per-column tables instead of rebuilding them
+        self.slot_index = torch.cat([self.slot_index, torch.full((r,), slot, dtype=torch.long)])
+        self.alpha = torch.cat([self.alpha, torch.full((r,), scale)])
+        self._spans[slot] = (start, start + r)
+        self._layout_changed()
 
     def remove(self, slot: int) -> None:
         keep, start, new_blocks = [], 0, []
@@ -106,10 +138,14 @@ class PatchedLayer:
         if not keep:
             delattr(self.module, DOWN)
             delattr(self.module, UP)
+            self.rank = 0
         else:
             idx = torch.cat(keep).to(self.down.device)
-            self.module.register_buffer(DOWN, self.down.index_select(0, idx).contiguous(), persistent=False)
-            self.module.register_buffer(UP, self.up.index_select(1, idx).contiguous(), persistent=False)
+            down, up = self.down.index_select(0, idx), self.up.index_select(1, idx)
+            self.rank = int(idx.numel())
+            with torch.no_grad():  # compacted in place: the storage keeps its capacity
+                getattr(self.module, DOWN)[: self.rank] = down
+                getattr(self.module, UP)[:, : self.rank] = up
         self._stack_changed()
 
     def add_sparse(self, slot: int, flat_index: torch.Tensor, values: torch.Tensor, scale: float) -> None:
@@ -140,6 +176,9 @@ class PatchedLayer:
         self.dense.pop(slot, None)
         self._dense_key = None
 
+    def holds_any(self, slots) -> bool:
+        return any(self.holds(s) for s in slots)
+
     def holds(self, slot: int) -> bool:
         return slot in self.sparse or slot in self.dense or any(b.slot == slot for b in self.blocks)
 
@@ -159,6 +198,7 @@ class PatchedLayer:
             if hasattr(self.module, name):
                 delattr(self.module, name)
         self.blocks = []
+        self.rank = 0
         self.sparse = {}
         self.dense = {}
         self.mixer.detach(self)
@@ -171,6 +211,9 @@ class PatchedLayer:
         for b in self.blocks:
             self._spans[b.slot] = (start, start + b.rank)
             start += b.rank
+        self._layout_changed()
+
+    def _layout_changed(self) -> None:
         self._cache_key = None
         self._runs.clear()
         self.mixer.layout_changed()
@@ -286,6 +329,8 @@ class PatchedLayer:
         return total
 
     def _hook(self, module, args, output):
+        x = args[0]
+        self.tokens = x.numel() // max(1, x.shape[0] * x.shape[1 if self.conv is not None else -1])  # per row
         if self.fused:
             return None  # fused: the delta is already in the weight
         active = self.refresh() if self.blocks else None

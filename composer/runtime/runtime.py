@@ -266,6 +266,34 @@ class LoraRuntime:
         self.text_mix.set_enabled(True)
 
     # -- fused mode ------------------------------------------------------------------------------
+    MEMORY_OP_FLOPS = 16  # one element read or written while folding, in multiply-adds (a CPU's rough ratio)
+
+    def fuse_saves(self, steps: int, rows: int = 2, tokens: int | None = None) -> bool:
+        """Whether folding the current weights into the base weights (and restoring them after) costs less
+        than ``steps`` denoiser calls of ``rows`` batch rows through the low-rank path: the fold is one GEMM
+        and a few passes over each live layer's weight, the per-step path two thin GEMMs per position.
+        Each layer's positions per row are those of its last input (``tokens`` until a layer has run);
+        text encoder layers run once per render, not per step."""
+        if not (self.denoiser_mix.is_uniform and self.text_mix.is_uniform):
+            return False
+        fold = per_render = 0.0
+        for key, layer in self.layers.items():
+            mixer = layer.mixer
+            live = mixer.active_slots if mixer.enabled else frozenset()
+            if not (live and layer.holds_any(live)):
+                continue
+            weight = layer.module.weight
+            out_f, in_f = weight.shape[0], weight[0].numel()
+            r = sum(b.rank for b in layer.blocks if b.slot in live)
+            dense = sum(1 for s in layer.dense if s in live)
+            fold += 2.0 * out_f * in_f * (r + dense) + self.MEMORY_OP_FLOPS * 4.0 * out_f * in_f
+            seen = layer.tokens if layer.tokens is not None else tokens
+            if seen is None:
+                continue
+            calls = steps if key.split(".", 1)[0] in DENOISERS else 1
+            per_render += calls * rows * seen * (2.0 * r * (in_f + out_f) + 2.0 * dense * in_f * out_f)
+        return fold > 0 and per_render > fold
+
     def fuse(self) -> None:
         """Fold current weights into the base weights (zero per-call overhead until unfused)."""
         if not (self.denoiser_mix.is_uniform and self.text_mix.is_uniform):

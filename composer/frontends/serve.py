@@ -1,0 +1,89 @@
+"""``compose serve``: the HTTP API over one model and its LoRA library (see :mod:`lora_composer.serving.app`).
+
+    compose serve                                   # the mini world on http://127.0.0.1:8000 (docs at /docs)
+    compose serve --model DIR_OR_ID --library DIR --host 0.0.0.0 --token-file FILE
+
+It binds 127.0.0.1 unless ``--host`` says otherwise; any other address needs a bearer token
+(``--token-file`` or ``$LORA_COMPOSER_TOKEN``). Ctrl-C stops accepting requests and finishes those accepted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from lora_composer.frontends.args import Parser, UsageError, command
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(args) -> str | None:
+    if args.token_file:
+        text = Path(args.token_file).expanduser().read_text(encoding="utf-8").strip()
+        if not text:
+            raise UsageError(f"--token-file {args.token_file}: the file is empty")
+        return text
+    return os.environ.get("LORA_COMPOSER_TOKEN") or None
+
+
+def parser() -> Parser:
+    from lora_composer.serving.requests import Limits
+
+    d = Limits()
+    p = Parser(prog="compose serve", description="Serve text-to-image renders with many LoRAs over HTTP (FastAPI).")
+    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the mini world)")
+    p.add_argument("--library", metavar="DIR", help="LoRA folder (default: $LORA_COMPOSER_LIBRARY, or the mini world's)")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="port (default 8000)")
+    p.add_argument("--token-file", metavar="FILE", help="bearer token clients must send (else $LORA_COMPOSER_TOKEN); "
+                   "required when binding other than loopback")
+    p.add_argument("--max-queue", type=int, default=32, metavar="N", help="waiting requests before 429 (default 32)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests per denoiser batch (default 8)")
+    p.add_argument("--no-batching", action="store_true", help="run requests one at a time")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, metavar="N", help=f"per request (default {d.max_steps})")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, metavar="N", help=f"width x height per request (default {d.max_pixels})")
+    p.add_argument("--max-loras", type=int, default=d.max_loras, metavar="N", help=f"LoRAs per request (default {d.max_loras})")
+    p.add_argument("--cache-mb", type=int, default=2048, metavar="MB", help="parsed LoRAs kept in host memory (default 2048)")
+    p.add_argument("--resident-mb", type=int, default=1024, metavar="MB", help="attached LoRAs' factors before the least "
+                   "recently used are detached (default 1024)")
+    p.add_argument("--drain-s", type=float, default=60.0, metavar="S", help="at shutdown, time given to accepted requests")
+    return p
+
+
+@command("compose serve")
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    token = read_token(args)
+    if not is_loopback(args.host) and not token:
+        raise UsageError(f"--host {args.host} is reachable from other machines: set a bearer token "
+                         "(--token-file FILE or $LORA_COMPOSER_TOKEN)")
+    for name in ("port", "max_queue", "max_batch", "max_steps", "max_pixels", "max_loras"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    import uvicorn
+
+    from lora_composer.serving.app import Server, ServerConfig, create_app
+    from lora_composer.serving.requests import Limits
+
+    config = ServerConfig(
+        model=args.model, library=args.library or os.environ.get("LORA_COMPOSER_LIBRARY") or None, token=token,
+        limits=Limits(max_steps=args.max_steps, max_pixels=args.max_pixels, max_loras=args.max_loras,
+                      default_steps=min(20, args.max_steps)),
+        max_queue=args.max_queue, max_batch=args.max_batch, batching=not args.no_batching,
+        cache_mb=args.cache_mb, resident_mb=args.resident_mb, drain_s=args.drain_s,
+    )
+    server = Server(config)
+    print(f"lora-composer serving on http://{args.host}:{args.port} (model {server.composer.model}, library "
+          f"{server.names.library}; API page /docs)", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=int(args.drain_s) + 5)
+    return 0

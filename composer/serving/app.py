@@ -1,0 +1,281 @@
+"""``compose serve``'s HTTP API (FastAPI): one model, its LoRA library, many clients.
+
+    POST /v1/generate          the PNG (image/png, generation record inside), when it is done
+    POST /v1/jobs              {"id", ...} at once; GET /v1/jobs/{id} its state, /events its progress (SSE),
+                               /result its PNG; DELETE /v1/jobs/{id} cancels it
+    GET  /v1/loras?q=          the library (names, trigger words); with q, ranked by the retriever
+    GET  /v1/health            ok, queue depth, adapters attached
+    GET  /metrics              Prometheus text
+    GET  /docs                 the OpenAPI page
+
+A refusal is ``{"error": "FIELD: why"}`` with a 4xx status; a full queue answers 429 with ``Retry-After``. When a
+token is set, every route but health and the API description needs ``Authorization: Bearer TOKEN``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from lora_composer.errors import ComposerError
+from lora_composer.serving.adapter_cache import AdapterCache
+from lora_composer.serving.batcher import Batcher, QueueFull, ShuttingDown
+from lora_composer.serving.jobs import Job
+from lora_composer.serving.metrics import Metrics
+from lora_composer.serving.requests import GenerateBody, LibraryNames, Limits, RequestError, check_strategy_args, to_spec
+from lora_composer.serving.residency import Residency
+
+PUBLIC = ("/v1/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
+
+
+@dataclass
+class ServerConfig:
+    model: str | None = None
+    library: str | None = None
+    token: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    max_queue: int = 32
+    max_batch: int = 8
+    batching: bool = True
+    cache_mb: int = 2048  # parsed adapters in host memory
+    resident_mb: int = 1024  # attached adapters' factors
+    max_resident: int = 64
+    drain_s: float = 60.0  # at shutdown: how long accepted requests may take to finish
+    request_timeout_s: float = 600.0
+
+
+class Server:
+    """The pipeline, its caches and the batcher behind the app."""
+
+    def __init__(self, config: ServerConfig, composer=None):
+        from lora_composer.default_model import resolve
+        from lora_composer.fusion.registry import available
+
+        self.config = config
+        if composer is None:
+            from lora_composer.pipeline import ComposerPipeline
+
+            model, library = resolve(config.model, config.library)
+            if library is None:
+                raise ComposerError("the server needs a LoRA library folder (--library DIR)")
+            composer = ComposerPipeline.from_pretrained(model, library=library)
+        if composer.library is None:
+            raise ComposerError("the server needs a LoRA library folder (--library DIR)")
+        self.composer = composer
+        self.names = LibraryNames(composer.library)
+        self.strategies = set(available())
+        self.cache = AdapterCache(config.cache_mb << 20)
+        composer.adapter_loader = self.cache.load
+        self.residency = Residency(composer, config.resident_mb << 20, config.max_resident)
+        self.metrics = Metrics()
+        self.batcher = Batcher(composer, self.residency, self.metrics, max_queue=config.max_queue,
+                               max_batch=config.max_batch, batching=config.batching)
+
+    def spec(self, body: GenerateBody):
+        spec = to_spec(body, self.names, self.config.limits, self.composer, self.strategies)
+        if spec.strategy != "merge":
+            check_strategy_args(spec.strategy, spec.strategy_args)
+        return spec
+
+    def gauges(self) -> dict[str, float]:
+        return {
+            "queue_depth": self.batcher.queue_depth,
+            "running_requests": self.batcher.running,
+            "adapters_attached": len(self.composer.runtime.adapters),
+            "adapter_bytes_attached": self.residency.bytes,
+            "adapter_evictions_total": self.residency.evictions,
+            "adapter_cache_hits_total": self.cache.hits,
+            "adapter_cache_misses_total": self.cache.misses,
+            "adapter_cache_bytes": self.cache.bytes,
+            "adapter_cache_entries": len(self.cache),
+        }
+
+    def loras(self, query: str) -> list[dict]:
+        """The library's files with their trigger words; with ``query``, those the retriever ranks, best first."""
+        files = self.names.files()
+        by_path = {p: rel for rel, p in files.items()}
+        rows = {}
+        with contextlib.suppress(Exception):  # no catalog yet: names only
+            from lora_composer.retriever import Catalog
+
+            with Catalog.for_library(self.names.library) as cat:
+                for row in cat.rows():
+                    rows[Path(row.path).resolve()] = row
+        out = [{"name": rel, "size_mb": round(p.stat().st_size / 2**20, 3),
+                "trigger_words": list(getattr(rows.get(p), "trigger_words", []) or []),
+                "description": getattr(rows.get(p), "description", "") or ""} for rel, p in files.items()]
+        if not query:
+            return out
+        from lora_composer.retriever import retriever_for
+
+        def search():
+            self.composer.runtime.set_weights(text={})
+            r = retriever_for(self.composer.pipe, self.names.library, family=self.composer.runtime.family)
+            return r.search(query, limit=len(files) or 1)
+
+        ranked = self.batcher.call(search)
+        index = {item["name"]: item for item in out}
+        result = []
+        for m in ranked:
+            rel = by_path.get(Path(m.path).resolve())
+            if rel is not None and rel in index:
+                result.append({**index[rel], "score": round(float(m.score), 4)})
+        return result
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _validation_line(exc: RequestValidationError) -> str:
+    err = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+def create_app(server: Server) -> FastAPI:
+    """The FastAPI app over ``server``; closing the app (lifespan end) drains the server."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: server.batcher.close(drain=True, timeout=server.config.drain_s))
+
+    app = FastAPI(title="lora-composer", version="0.1.0", lifespan=lifespan,
+                  description="Many users and many LoRAs on one text-to-image model.")
+    app.state.server = server
+
+    @app.middleware("http")
+    async def bearer(request: Request, call_next):
+        token = server.config.token
+        if token and request.url.path not in PUBLIC:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                server.metrics.reject(401)
+                return _error(401, "authorization: a bearer token is required", {"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        server.metrics.reject(422)
+        return _error(422, _validation_line(exc))
+
+    def submit(body: GenerateBody) -> Job | JSONResponse:
+        try:
+            return server.batcher.submit(server.spec(body))
+        except RequestError as exc:
+            server.metrics.reject(exc.status)
+            return _error(exc.status, str(exc))
+        except QueueFull as exc:
+            server.metrics.reject(429)
+            return _error(429, str(exc), {"Retry-After": str(int(exc.retry_after + 0.999))})
+        except ShuttingDown as exc:
+            server.metrics.reject(503)
+            return _error(503, str(exc))
+
+    def result(job: Job) -> Response:
+        if job.status == "done":
+            return Response(job.png, media_type="image/png", headers={"X-Job-Id": job.id})
+        if job.status in ("failed", "cancelled"):
+            return _error(job.http_status, job.error or job.status)
+        return _error(409, f"job {job.id} is {job.status}: not done yet")
+
+    @app.post("/v1/generate", response_class=Response,
+              responses={200: {"content": {"image/png": {}}, "description": "the PNG, with its generation record"}})
+    async def generate(body: GenerateBody, request: Request):
+        job = submit(body)
+        if isinstance(job, JSONResponse):
+            return job
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + server.config.request_timeout_s
+        while not await loop.run_in_executor(None, job.wait, 0.5):
+            if await request.is_disconnected():  # the client left: stop working for it
+                server.batcher.cancel(job.id)
+                return _error(499, "cancelled: the client disconnected")
+            if loop.time() > deadline:
+                server.batcher.cancel(job.id)
+                return _error(504, f"timeout: not done within {server.config.request_timeout_s:g} s (cancelled)")
+        return result(job)
+
+    @app.post("/v1/jobs", status_code=202)
+    async def create_job(body: GenerateBody):
+        job = submit(body)
+        if isinstance(job, JSONResponse):
+            return job
+        return JSONResponse(job.summary(), status_code=202)
+
+    def find(job_id: str) -> Job | JSONResponse:
+        job = server.batcher.jobs.get(job_id)
+        return job if job is not None else _error(404, f"job_id: no job {job_id!r} (finished jobs are kept a while)")
+
+    @app.get("/v1/jobs/{job_id}")
+    async def job_state(job_id: str):
+        job = find(job_id)
+        return job if isinstance(job, JSONResponse) else job.summary()
+
+    @app.get("/v1/jobs/{job_id}/result", response_class=Response)
+    async def job_result(job_id: str):
+        job = find(job_id)
+        return job if isinstance(job, JSONResponse) else result(job)
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def job_cancel(job_id: str):
+        job = find(job_id)
+        if isinstance(job, JSONResponse):
+            return job
+        server.batcher.cancel(job_id)
+        return job.summary()
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request):
+        job = find(job_id)
+        if isinstance(job, JSONResponse):
+            return job
+
+        async def stream():
+            index, loop = 0, asyncio.get_running_loop()
+            while True:
+                events = await loop.run_in_executor(None, job.events_after, index, 0.5)
+                for event in events:
+                    yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
+                index += len(events)
+                if job.done and index >= len(job.events):
+                    return
+                if await request.is_disconnected():
+                    return
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/loras")
+    async def loras(q: str = ""):
+        try:
+            items = await asyncio.get_running_loop().run_in_executor(None, server.loras, q.strip())
+        except ShuttingDown as exc:
+            return _error(503, str(exc))
+        return {"loras": items}
+
+    @app.get("/v1/health")
+    async def health():
+        return {"status": "stopping" if server.batcher._closing else "ok", "model": server.composer.model,
+                "queue_depth": server.batcher.queue_depth, "running": server.batcher.running,
+                "adapters_attached": len(server.composer.runtime.adapters), "batching": server.batcher.batching}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(server.gauges()), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def token_from_env() -> str | None:
+    return os.environ.get("LORA_COMPOSER_TOKEN") or None

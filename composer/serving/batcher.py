@@ -1,0 +1,430 @@
+"""Step-level batching: requests with different LoRA sets share one denoiser pass per step.
+
+One worker thread owns the pipeline. Requests that agree on what shapes a denoiser batch (image size and
+sampler; :meth:`RenderSpec.batch_key`) run together: each denoiser call carries every active request's
+rows (its unconditional and conditional rows under classifier-free guidance), each at its own timestep,
+and the runtime's per-row mixing tensor gives each request's rows its own adapters and weights. Every
+request keeps its own scheduler object, generator and latents, so a request that arrives mid-way joins at
+the next step and leaves when its own steps are done, and its image is the one it would get alone.
+
+What cannot share a batch runs alone through :class:`~lora_composer.pipeline.ComposerPipeline` between
+batches: strategies other than ``merge`` (they plan per step and per row group), and pipelines this loop
+does not drive (anything but a plain UNet text-to-image pipeline: SDXL's extra conditioning, DiTs).
+Admission is first come, first served: a waiting request of another key stops new joins until the running
+batch drains, so nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import inspect
+import io
+import threading
+import time
+import traceback
+
+import torch
+
+from lora_composer.errors import ComposerError
+from lora_composer.pnginfo import GenerationRecord, png_info, sampler_name
+from lora_composer.serving.jobs import Cancelled, Job, RenderSpec
+from lora_composer.serving.metrics import Metrics
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: float):
+        super().__init__(f"the queue is full; retry in about {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+def batchable_pipeline(pipe) -> bool:
+    """Whether :class:`Batcher` can drive ``pipe``'s denoising loop itself (a UNet conditioned on text alone)."""
+    unet = getattr(pipe, "unet", None)
+    config = getattr(unet, "config", None)
+    return (
+        unet is not None
+        and type(pipe).__name__ == "StableDiffusionPipeline"
+        and getattr(config, "addition_embed_type", None) is None
+        and getattr(config, "time_cond_proj_dim", None) is None
+    )
+
+
+class _Active:
+    """One request inside the running batch: its scheduler, generator, latents and prompt rows."""
+
+    def __init__(self, job: Job, names: list[str], weights: list[float], scheduler, generator, latents, embeds,
+                 cfg: bool, extra: dict):
+        self.job = job
+        self.names = names
+        self.weights = weights
+        self.scheduler = scheduler
+        self.generator = generator
+        self.latents = latents
+        self.embeds = embeds  # [rows, tokens, dim]: (negative, positive) under guidance
+        self.cfg = cfg
+        self.extra = extra
+        self.index = 0
+        self.timesteps = scheduler.timesteps
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.cfg else 1
+
+
+class Batcher:
+    """The queue and the worker thread. ``submit(spec)`` returns a :class:`Job` (raising :class:`QueueFull`
+    past ``max_queue`` waiting requests); ``close()`` stops accepting, then finishes or cancels the rest."""
+
+    def __init__(self, composer, residency, metrics: Metrics | None = None, max_queue: int = 32,
+                 max_batch: int = 8, batching: bool = True, keep_results: int = 256):
+        self.composer = composer
+        self.pipe = composer.pipe
+        self.residency = residency
+        self.metrics = metrics or Metrics()
+        self.max_queue = int(max_queue)
+        self.max_batch = max(1, int(max_batch))  # requests per denoiser pass
+        self.batching = batching and batchable_pipeline(self.pipe)
+        self.keep_results = keep_results
+        self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._active: list[_Active] = []
+        self._controls: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._stopped = False
+        self._recent_s: collections.deque[float] = collections.deque(maxlen=32)  # seconds per finished job
+        self.base_scheduler = self.pipe.scheduler
+        self._thread = threading.Thread(target=self._loop, name="lora-composer-batcher", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side ---------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    def retry_after(self) -> float:
+        """Seconds until a place in the queue frees up, roughly: the recent time per request over the batch."""
+        per_job = (sum(self._recent_s) / len(self._recent_s)) if self._recent_s else 1.0
+        return max(1.0, per_job * max(1, len(self._queue)) / (self.max_batch if self.batching else 1))
+
+    def submit(self, spec: RenderSpec) -> Job:
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(self.retry_after())
+            job = Job(spec)
+            self.jobs[job.id] = job
+            while len(self.jobs) > self.keep_results:
+                old = next(iter(self.jobs.values()))
+                if not old.done:
+                    break
+                self.jobs.popitem(last=False)
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job
+
+    def cancel(self, job_id: str) -> Job | None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        job.cancel.set()
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                self._finish(job, "cancelled", error="cancelled before it started", http_status=499)
+            self._cond.notify_all()
+        return job
+
+    def call(self, fn, timeout: float = 60.0):
+        """Run ``fn()`` on the worker thread between two steps (the pipeline, the catalog and SQLite live there)."""
+        done = threading.Event()
+        box: dict = {}
+
+        def run():
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 (handed back to the caller)
+                box["error"] = exc
+            done.set()
+
+        with self._cond:
+            if self._stopped:
+                raise ShuttingDown("the server has stopped")
+            self._controls.append(run)
+            self._cond.notify_all()
+        if not done.wait(timeout):
+            raise TimeoutError("the worker did not answer in time")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting; with ``drain``, finish every accepted request (queued ones too), else cancel the
+        queued ones and finish the running batch. Returns when the worker has stopped (or ``timeout``)."""
+        with self._cond:
+            self._closing = True
+            if not drain:
+                while self._queue:
+                    self._finish(self._queue.popleft(), "cancelled", error="the server shut down before it started",
+                                 http_status=503)
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        with self._cond:  # past the timeout: nothing accepted is left without an answer
+            for job in [*self._queue, *(a.job for a in self._active)]:
+                job.cancel.set()
+                self._finish(job, "cancelled", error="the server shut down", http_status=503)
+
+    # -- the worker ----------------------------------------------------------------------------------
+    def _finish(self, job: Job, status: str, **kwargs) -> None:
+        if job.done:
+            return
+        job.finish(status, **kwargs)
+        self.metrics.count(status)
+        if job.started is not None and status == "done":
+            self._recent_s.append(job.finished - job.started)
+            self.metrics.request_seconds.observe(job.finished - job.created)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not (self._controls or self._queue or self._active or self._closing):
+                    self._cond.wait(0.5)
+                controls = list(self._controls)
+                self._controls.clear()
+                if self._closing and not (self._queue or self._active or controls):
+                    self._stopped = True
+                    return
+            for run in controls:
+                run()
+            try:
+                self._admit()
+                if self._active:
+                    self._step()
+            except Exception as exc:  # a fault of the loop itself: fail the batch, keep serving
+                traceback.print_exc()
+                for act in self._active:
+                    self._finish(act.job, "failed", error=f"internal error: {str(exc).splitlines()[0]}",
+                                 http_status=500)
+                    self.residency.release(act.names)
+                self._active = []
+
+    def _next(self) -> Job | None:
+        """The next queued job that may start now (FIFO; one of another batch key waits for the batch to drain)."""
+        with self._cond:
+            while self._queue and self._queue[0].cancel.is_set():
+                self._finish(self._queue.popleft(), "cancelled", error="cancelled before it started", http_status=499)
+            if not self._queue:
+                return None
+            head = self._queue[0]
+            if self._active:
+                key = self._active[0].job.spec.batch_key()
+                if (not self._batchable(head) or head.spec.batch_key() != key
+                        or len(self._active) >= self.max_batch):
+                    return None
+            return self._queue.popleft()
+
+    def _batchable(self, job: Job) -> bool:
+        return self.batching and job.spec.strategy == "merge"
+
+    def _admit(self) -> None:
+        while True:
+            job = self._next()
+            if job is None:
+                return
+            job.start()
+            if not self._batchable(job):
+                self._solo(job)
+                continue
+            try:
+                self._active.append(self._prepare(job))
+            except Cancelled:
+                self._finish(job, "cancelled", error="cancelled", http_status=499)
+            except (ComposerError, ValueError, KeyError, TypeError) as exc:
+                self._finish(job, "failed", error=_one_line(exc), http_status=422)
+
+    def _resolve_loras(self, spec: RenderSpec) -> list[tuple]:
+        loras = spec.loras
+        if isinstance(loras, str):  # "auto": the retriever picks from the library (on this thread: SQLite)
+            loras = self.composer.choose_loras(spec.prompt)
+        by_path = {}
+        for path, weight in loras:  # one adapter per file: the last weight given wins
+            by_path[str(path)] = float(weight)
+        return list(by_path.items())
+
+    def _prepare(self, job: Job) -> _Active:
+        """Attach the request's adapters, encode its prompt with them, and set up its own sampler state."""
+        spec, pipe = job.spec, self.pipe
+        loras = self._resolve_loras(spec)
+        names = self.residency.acquire([p for p, _ in loras])
+        try:
+            weights = [w for _, w in loras]
+            job.loras = [(n, self.composer.runtime.adapters[n], w) for n, w in zip(names, weights)]
+            device = pipe._execution_device
+            cfg = spec.guidance > 1
+            self.composer.runtime.set_weights(text=dict(zip(names, weights)))
+            positive, negative = pipe.encode_prompt(spec.prompt, device, 1, cfg, spec.negative_prompt or None)
+            embeds = torch.cat([negative, positive]) if cfg else positive
+            scheduler = self._scheduler(spec.scheduler)
+            scheduler.set_timesteps(spec.steps, device=device)
+            generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(spec.seed)
+            vae = int(pipe.vae_scale_factor)
+            shape = (1, pipe.unet.config.in_channels, spec.height // vae, spec.width // vae)
+            from diffusers.utils.torch_utils import randn_tensor
+
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=positive.dtype)
+            latents = latents * scheduler.init_noise_sigma
+            params = set(inspect.signature(scheduler.step).parameters)
+            extra = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in params}
+        except BaseException:
+            self.residency.release(names)
+            raise
+        if self._active:
+            job.batched_with = max(job.batched_with, len(self._active))
+        return _Active(job, names, weights, scheduler, generator, latents, embeds, cfg, extra)
+
+    def _scheduler(self, name: str):
+        base = self.base_scheduler
+        if not name or name == type(base).__name__:
+            return copy.deepcopy(base)
+        for cls in getattr(base, "compatibles", []):
+            if cls.__name__ == name:
+                return cls.from_config(base.config)
+        raise ComposerError(f"scheduler: {name!r} is not available for this model")
+
+    def _step(self) -> None:
+        """One denoiser pass over every active request's rows, then each request's own scheduler step."""
+        active = [a for a in self._active if not self._dropped(a)]
+        self._active = active
+        if not active:
+            return
+        runtime = self.composer.runtime
+        slots = runtime.denoiser_mix.slots
+        rows, samples, times, embeds = [], [], [], []
+        for act in active:
+            t = act.timesteps[act.index]
+            x = act.scheduler.scale_model_input(torch.cat([act.latents] * act.rows), t)
+            samples.append(x)
+            times.append(t.reshape(1).expand(act.rows))
+            embeds.append(act.embeds)
+            w = torch.zeros(slots)
+            for name, weight in zip(act.names, act.weights):
+                w[runtime.slots[name]] = weight
+            rows.append(w.expand(act.rows, slots))
+        runtime.set_denoiser_rows(torch.cat(rows))
+        start = time.perf_counter()
+        out = self.pipe.unet(torch.cat(samples), torch.cat(times), encoder_hidden_states=torch.cat(embeds),
+                             return_dict=False)[0]
+        self.metrics.step_seconds.observe(time.perf_counter() - start)
+        self.metrics.batch_rows.observe(sum(a.rows for a in active))
+        self.metrics.batch_requests.observe(len(active))
+        for act in active:
+            act.job.batched_with = max(act.job.batched_with, len(active) - 1)
+        keep = []
+        for act, pred in zip(active, out.split([a.rows for a in active])):
+            if act.cfg:
+                uncond, text = pred.chunk(2)
+                pred = uncond + act.job.spec.guidance * (text - uncond)
+            t = act.timesteps[act.index]
+            act.latents = act.scheduler.step(pred, t, act.latents, **act.extra, return_dict=False)[0]
+            act.index += 1
+            if not bool(torch.isfinite(act.latents).all()):
+                self._fail(act, f"non-finite values (NaN/inf) at step {act.index} of {act.job.spec.steps}: "
+                                "lower the LoRA weights")
+                continue
+            act.job.emit("step", step=act.index, steps=act.job.spec.steps)
+            if act.index >= len(act.timesteps):
+                self._complete(act)
+            else:
+                keep.append(act)
+        self._active = keep
+
+    def _dropped(self, act: _Active) -> bool:
+        if act.job.cancel.is_set():
+            self._finish(act.job, "cancelled", error=f"cancelled at step {act.index}", http_status=499)
+            self.residency.release(act.names)
+            return True
+        return False
+
+    def _fail(self, act: _Active, message: str) -> None:
+        self._finish(act.job, "failed", error=message, http_status=422)
+        self.residency.release(act.names)
+
+    def _complete(self, act: _Active) -> None:
+        pipe, spec = self.pipe, act.job.spec
+        try:
+            image = pipe.vae.decode(act.latents / pipe.vae.config.scaling_factor, return_dict=False,
+                                    generator=act.generator)[0]
+            array = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True])
+            act.job.array = array[0]  # [h, w, 3] floats in [0, 1], what output_type="np" would give
+            image = pipe.numpy_to_pil(array)[0]
+            record = GenerationRecord(
+                prompt=spec.prompt, negative_prompt=spec.negative_prompt, steps=spec.steps,
+                guidance_scale=float(spec.guidance), seed=spec.seed, width=image.width, height=image.height,
+                strategy="merge", strategy_args=dict(spec.strategy_args), model=self.composer.model,
+                loras=[{"name": n, "path": a.path, "te_weight": w, "unet_weight": w, "hash": a.metadata.short_hash}
+                       for n, a, w in act.job.loras],
+                sampler=sampler_name(type(act.scheduler).__name__), scheduler=type(act.scheduler).__name__,
+                elapsed_s=round(time.monotonic() - act.job.started, 3),
+            )
+            self._finish(act.job, "done", png=_png(image, record), record=record)
+        finally:
+            self.residency.release(act.names)
+
+    def _solo(self, job: Job) -> None:
+        """A request that cannot share a batch: the whole render through ComposerPipeline, now."""
+        spec = job.spec
+        names: list[str] = []
+        try:
+            loras = self._resolve_loras(spec)
+            names = self.residency.acquire([p for p, _ in loras])
+            if self.base_scheduler is not self.pipe.scheduler:
+                self.pipe.scheduler = self.base_scheduler
+            if spec.scheduler and spec.scheduler != type(self.base_scheduler).__name__:
+                self.pipe.scheduler = self._scheduler(spec.scheduler)
+
+            def on_step(pipe, i, t, kwargs):
+                if job.cancel.is_set():
+                    raise Cancelled()
+                job.emit("step", step=i + 1, steps=spec.steps)
+                return kwargs
+
+            images = self.composer(
+                spec.prompt, negative_prompt=spec.negative_prompt or None, loras=[(p, w) for p, w in loras],
+                strategy=spec.strategy, strategy_args=spec.strategy_args, num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance, seed=spec.seed, height=spec.height, width=spec.width,
+                progress=False, fuse="auto", callback_on_step_end=on_step, limits=False,
+            )
+            record = self.composer.last_record
+            self._finish(job, "done", png=_png(images[0], record), record=record)
+        except Cancelled:
+            self._finish(job, "cancelled", error="cancelled", http_status=499)
+        except (ComposerError, ValueError, KeyError, TypeError) as exc:
+            self._finish(job, "failed", error=_one_line(exc), http_status=422)
+        except Exception as exc:  # noqa: BLE001 (the server keeps serving the others)
+            traceback.print_exc()
+            self._finish(job, "failed", error=f"internal error: {_one_line(exc)}", http_status=500)
+        finally:
+            self.pipe.scheduler = self.base_scheduler
+            self.residency.release(names)
+
+
+def _png(image, record) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_info(record))
+    return buf.getvalue()
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -1,0 +1,143 @@
+"""What a client may ask for, checked before anything is queued: every refusal is one line naming the field.
+
+LoRAs are named as the web UI names them: a path relative to the library (``styles/ink.safetensors``) or a
+bare file name; absolute paths, ``..`` and symlinks that leave the library are refused, so a client can
+only ever make the server read the library's own files.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lora_composer.errors import ComposerError
+from lora_composer.library import list_loras, lora_stem
+from lora_composer.prompt_syntax import parse_prompt
+from lora_composer.serving.jobs import RenderSpec
+
+
+class RequestError(ValueError):
+    """A request the server will not run: ``field`` and one line of why (HTTP 4xx)."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.status = status
+
+
+class LoraItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=512, description="a LoRA of the library: its name or relative path")
+    weight: float = Field(1.0, ge=-10, le=10, description="strength (text encoder and denoiser)")
+
+
+class GenerateBody(BaseModel):
+    """``POST /v1/generate`` and ``POST /v1/jobs``."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(max_length=4000, description="the prompt; <lora:name:w> tags are read as in the CLI")
+    negative_prompt: str = Field("", max_length=4000)
+    loras: Union[list[LoraItem], Literal["auto"]] = Field(
+        default_factory=list, description='[{"name", "weight"}] or "auto" (the retriever picks from the prompt)')
+    strategy: str = Field("merge", max_length=64, description="merge shares denoiser batches; others run alone")
+    strategy_args: dict[str, Union[float, int, str, bool]] = Field(default_factory=dict)
+    seed: int | None = Field(None, ge=0, lt=2**32, description="random (and returned in the PNG) when omitted")
+    steps: int | None = Field(None, ge=1, description="denoising steps")
+    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8)
+    guidance: float | None = Field(None, ge=0, le=50, description="classifier-free guidance scale")
+    scheduler: str = Field("", max_length=64, description="a diffusers scheduler class name; empty: the model's")
+
+
+@dataclass
+class Limits:
+    max_steps: int = 50
+    max_pixels: int = 1024 * 1024
+    max_loras: int = 8
+    default_steps: int = 20
+
+
+class LibraryNames:
+    """LoRA names -> files, confined to the library (the web UI's rule)."""
+
+    def __init__(self, library: Path):
+        self.library = Path(library).expanduser().resolve()
+
+    def files(self) -> dict[str, Path]:
+        out = {}
+        for path in list_loras(self.library):
+            real = path.resolve()
+            if real.is_file() and real.is_relative_to(self.library):
+                out.setdefault(path.relative_to(self.library).as_posix(), real)
+        return out
+
+    def path(self, name: str, field: str) -> Path:
+        text = (name or "").strip()
+        files = self.files()
+        if text in files:
+            return files[text]
+        if "/" not in text and "\\" not in text and not text.startswith("~"):
+            stem = lora_stem(text).lower()
+            hits = [p for rel, p in files.items() if Path(rel).stem.lower() == stem]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise RequestError(field, f"LoRA name {text!r} is ambiguous in the library: give its relative path")
+        raise RequestError(field, f"LoRA {text!r} is not in the library (GET /v1/loras lists them)")
+
+
+def to_spec(body: GenerateBody, names: LibraryNames, limits: Limits, composer, strategies: set[str]) -> RenderSpec:
+    """Check ``body`` against the model, the library and the limits; raise :class:`RequestError` or return the spec."""
+    if not body.prompt.strip():
+        raise RequestError("prompt", "must not be empty")
+    clean, tags = parse_prompt(body.prompt) if "<" in body.prompt else (body.prompt, [])
+    if body.strategy not in strategies:
+        raise RequestError("strategy", f"unknown strategy {body.strategy!r} (one of: {', '.join(sorted(strategies))})")
+    if body.strategy == "merge" and body.strategy_args:
+        raise RequestError("strategy_args", "merge takes no arguments")
+    steps = limits.default_steps if body.steps is None else body.steps
+    if steps > limits.max_steps:
+        raise RequestError("steps", f"{steps} is above this server's limit of {limits.max_steps}")
+    multiple, native = composer.size_rules()
+    native = native or (512, 512)
+    height, width = body.height or native[0], body.width or native[1]
+    for field, value in (("width", width), ("height", height)):
+        if value % multiple:
+            raise RequestError(field, f"{value} must be a multiple of {multiple} for this model")
+    if width * height > limits.max_pixels:
+        raise RequestError("width", f"{width}x{height} is above this server's limit of {limits.max_pixels} pixels")
+    if isinstance(body.loras, str):
+        loras = "auto"
+        if tags:
+            raise RequestError("loras", '"auto" cannot be combined with <lora:...> tags in the prompt')
+    else:
+        loras = [(names.path(item.name, f"loras[{i}].name"), item.weight) for i, item in enumerate(body.loras)]
+        for tag in tags:
+            if tag.te_weight != tag.unet_weight:
+                raise RequestError("prompt", f"<lora:{tag.name}:...> with separate text and denoiser weights is not served")
+            loras.append((names.path(tag.name, "prompt"), tag.unet_weight))
+        if len({p for p, _ in loras}) > limits.max_loras:
+            raise RequestError("loras", f"{len(loras)} LoRAs is above this server's limit of {limits.max_loras}")
+    guidance = composer.default_guidance if body.guidance is None else body.guidance
+    seed = random.randrange(2**32) if body.seed is None else body.seed
+    if body.scheduler and body.scheduler != type(composer.pipe.scheduler).__name__:
+        known = {c.__name__ for c in getattr(composer.pipe.scheduler, "compatibles", [])}
+        if body.scheduler not in known:
+            raise RequestError("scheduler", f"{body.scheduler!r} is not a scheduler of this model")
+    return RenderSpec(prompt=clean.strip(), negative_prompt=body.negative_prompt, loras=loras, strategy=body.strategy,
+                      strategy_args=dict(body.strategy_args), seed=seed, steps=steps, width=width, height=height,
+                      guidance=float(guidance), scheduler=body.scheduler)
+
+
+def check_strategy_args(strategy: str, args: dict) -> None:
+    """Build the strategy once to refuse bad arguments before queueing (one line naming the argument)."""
+    from lora_composer.fusion import get_strategy
+
+    try:
+        get_strategy(strategy, **args)
+    except (ComposerError, ValueError, TypeError) as exc:
+        raise RequestError("strategy_args", str(exc).splitlines()[0]) from None
