@@ -11,7 +11,10 @@ combines them into the prediction the pipeline expects (``strategy.combine``: th
 weights unless the strategy combines otherwise).
 
 The sample and the timestep are found through the denoiser class's ``forward`` signature (``sample``
-for a UNet, ``hidden_states`` for a DiT; positional or keyword), so any calling convention works.
+for a UNet, ``hidden_states`` for a DiT; positional or keyword), so any calling convention works. When
+row groups replicate the batch, every input whose leading dimension is the batch is repeated (FLUX's
+``guidance``, ``pooled_projections``, tensors inside ``joint_attention_kwargs``...) except FLUX's
+position ids (``img_ids``, ``txt_ids``: one per token, shared by the batch, whatever their length).
 
 Cache hooks (e.g. ``apply_first_block_cache``) keep their state per cache context (``"cond"``...). With
 several row groups, each pass runs under a context of its own, named after the pipeline's and the
@@ -34,6 +37,7 @@ from lora_composer.fusion.base import StepPlan, Strategy
 HOOK_NAME = "lora_composer_driver"
 _SAMPLE_NAMES = ("sample", "hidden_states", "x")
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+_SHARED_NAMES = ("img_ids", "txt_ids")  # [tokens, 3] position ids: never repeated, even when tokens == batch
 
 
 def _repeat(value, batch: int, groups: int):
@@ -169,7 +173,9 @@ class DenoiserDriver:
         layer_rows = {g: rows_of(w) for g, w in (plan.layer_weights or {}).items()}
         self.runtime.set_denoiser_rows(rows_of(plan.weights), layer_rows or None)
         if len(groups) > 1:
-            args, kwargs = _repeat(tuple(args), batch, len(groups)), _repeat(kwargs, batch, len(groups))
+            shared = {k: v for k, v in kwargs.items() if k in _SHARED_NAMES}
+            kwargs = {**_repeat({k: v for k, v in kwargs.items() if k not in shared}, batch, len(groups)), **shared}
+            args = _repeat(tuple(args), batch, len(groups))
         chunk = groups if plan.row_groups > 1 else None
         output = self._last_output = self._forward(chunk, args, kwargs)
         self.calls += 1

@@ -10,6 +10,7 @@ tokenizer is a character-level unigram model built in code (T5's own needs a sen
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import torch
 
@@ -89,6 +90,7 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
         tokenizer=clip_tokenizer(), text_encoder_2=_t5(tokenizer_2, d_model=32), tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
+    pipe.default_sample_size = 16  # FluxPipeline says 128 (1024 pixels at FLUX's VAE factor 8): 16x16 here, as SD3's
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -125,10 +127,13 @@ def _linear_targets(module: torch.nn.Module, suffixes):
 
 def random_dit_lora_layers(
     pipe, rank: int = 4, seed: int = 0, std: float = 0.1, text_encoders=("text_encoder",), targets=None,
+    shared_down: bool = False,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """PEFT-format LoRA layers per component (``{"transformer": {"transformer_blocks.0.attn.to_q.lora_A.weight":
     ...}, "text_encoder": {...}}``) on every Linear a FLUX/SD3 LoRA trains (``targets``: module-name suffixes
-    of the transformer's). Both factors random (PEFT's zero ``lora_B`` would hide every bug)."""
+    of the transformer's). Both factors random (PEFT's zero ``lora_B`` would hide every bug).
+    ``shared_down``: the layers BFL's checkpoint fuses (q, k, v; a single block's q, k, v and MLP input)
+    share one down weight, as in a LoRA trained on the fused layer (sd-scripts)."""
     gen = torch.Generator().manual_seed(seed)
     components = {"transformer": (pipe.transformer, tuple(targets or FLUX_TARGETS))}
     for name in text_encoders:
@@ -143,4 +148,91 @@ def random_dit_lora_layers(
             sd[f"{name}.lora_A.weight"] = torch.randn((rank, sub.in_features), generator=gen) * std
             sd[f"{name}.lora_B.weight"] = torch.randn((sub.out_features, rank), generator=gen) * std
         layers[comp] = sd
+    if shared_down:
+        sd = layers["transformer"]
+        for fused in (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")):
+            for key in [k for k in sd if k.endswith(f".{fused[0]}.lora_A.weight")]:
+                block = key[: -len(f"{fused[0]}.lora_A.weight")]
+                for other in fused[1:]:
+                    if f"{block}{other}.lora_A.weight" in sd:
+                        sd[f"{block}{other}.lora_A.weight"] = sd[key].clone()
     return layers
+
+
+def save_dit_diffusers_lora(pipe, layers, path, rank: int, alpha: float | None = None) -> Path:
+    """Write ``layers`` with the pipeline class's own ``save_lora_weights`` (the reference writer)."""
+    from lora_composer.tiny import _lora_config
+
+    alpha = rank if alpha is None else alpha
+    path = Path(path)
+    kwargs = {}
+    for comp, sd in layers.items():
+        kwargs[f"{comp}_lora_layers"] = sd
+        kwargs[f"{comp}_lora_adapter_metadata"] = _lora_config(sd, rank, alpha)
+    type(pipe).save_lora_weights(str(path.parent), weight_name=path.name, safe_serialization=True, **kwargs)
+    return path
+
+
+# diffusers module (relative to a double block) -> BFL layer in kohya names; fused layers list their parts
+_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",), "img_mod_lin": ("norm1.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "txt_attn_proj": ("attn.to_add_out",),
+    "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",), "txt_mod_lin": ("norm1_context.linear",),
+}
+_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
+           "modulation_lin": ("norm.linear",)}
+
+
+def _fuse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (down, up) for outputs stacked in order: the shared down when every part has the same one (what
+    sd-scripts trains), else the downs stacked and the ups block-diagonal (exact for separate LoRAs)."""
+    downs, ups = [d for d, _ in parts], [u for _, u in parts]
+    if all(torch.equal(d, downs[0]) for d in downs):
+        return downs[0], torch.cat(ups, dim=0)
+    return torch.cat(downs, dim=0), torch.block_diag(*ups)
+
+
+def save_flux_kohya_lora(layers, path, rank: int, alpha: float | None = None) -> Path:
+    """Write FLUX ``layers`` (as :func:`random_dit_lora_layers` makes them) in kohya sd-scripts keys:
+    ``lora_unet_double_blocks_N_img_attn_qkv``, ``lora_unet_single_blocks_N_linear1`` (BFL's fused layers),
+    ``lora_unet_final_layer_*``, ``lora_te1_text_model_...`` (CLIP), ``lora_te2_encoder_block_...`` (T5), each
+    with its alpha. Other transformer layers (embedders) are left out."""
+    from safetensors.torch import save_file
+
+    alpha = float(rank if alpha is None else alpha)
+    factors = {}  # canonical module -> (down, up)
+    for comp, sd in layers.items():
+        for k, v in sd.items():
+            module, _, which = k.rpartition(".lora_")
+            factors.setdefault(f"{comp}.{module}", [None, None])["B" in which] = v
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name, down, up):
+        out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down.contiguous(), up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(alpha * down.shape[0] / rank)  # every part keeps alpha / rank
+
+    blocks = {(kind, int(key.split(".")[2])) for key in factors if key.startswith("transformer.")
+              for kind in ("transformer_blocks", "single_transformer_blocks") if key.split(".")[1] == kind}
+    for kind, i in sorted(blocks):
+        table, bfl = (_DOUBLE, "double_blocks") if kind == "transformer_blocks" else (_SINGLE, "single_blocks")
+        for name, modules in table.items():
+            parts = [factors.pop(f"transformer.{kind}.{i}.{m}", None) for m in modules]
+            if any(p is None for p in parts):
+                continue
+            put(f"lora_unet_{bfl}_{i}_{name}", *_fuse(parts))
+    for module, name in (("proj_out", "final_layer_linear"), ("norm_out.linear", "final_layer_adaLN_modulation_1")):
+        if f"transformer.{module}" in factors:
+            down, up = factors.pop(f"transformer.{module}")
+            if module == "norm_out.linear":  # diffusers' (scale, shift) halves -> BFL's (shift, scale)
+                scale, shift = up.chunk(2, dim=0)
+                up = torch.cat([shift, scale], dim=0)
+            put(f"lora_unet_{name}", down, up)
+    for key in [k for k in factors if k.startswith(("text_encoder.", "text_encoder_2."))]:
+        comp, rel = key.split(".", 1)
+        name = ("lora_te1_text_model_" if comp == "text_encoder" else "lora_te2_") + rel.replace(".", "_")
+        put(name, *factors.pop(key))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path))
+    return path

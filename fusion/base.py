@@ -78,15 +78,22 @@ class StrategyContext:
     def from_pipeline(cls, pipe, runtime, adapters, guidance_scale: float | None = None) -> "StrategyContext":
         """The context of one generation of ``pipe`` (a diffusers pipeline) at ``guidance_scale``.
 
-        ``cfg`` follows diffusers' UNet pipelines (``guidance_scale > 1`` without a guidance embedding,
-        ``time_cond_proj_dim``); it is computed here because the pipeline's own flag only holds during its call.
+        ``cfg`` follows diffusers' pipelines: UNets double the batch at ``guidance_scale > 1`` without a guidance
+        embedding (``time_cond_proj_dim``), SD3 at ``guidance_scale > 1``; FLUX never does (FLUX.1-dev's guidance
+        is an input of the transformer, and its optional true CFG runs two separate calls). It is computed here
+        because the pipeline's own flag only holds during its call. FLUX's transformer is given the timestep
+        divided by the scheduler's 1000 (a noise level in [0, 1]), hence ``num_train_timesteps`` 1 there.
         """
         config = getattr(getattr(pipe, "scheduler", None), "config", None)
         unet = getattr(pipe, "unet", None)
+        transformer = getattr(pipe, "transformer", None) if unet is None else None
+        flux = transformer is not None and "Flux" in type(transformer).__name__
         cfg = None
         if guidance_scale is not None and unet is not None:
             cfg = float(guidance_scale) > 1 and getattr(unet.config, "time_cond_proj_dim", None) is None
-        steps = getattr(config, "num_train_timesteps", None) or 1000
+        elif transformer is not None:
+            cfg = False if flux else (None if guidance_scale is None else float(guidance_scale) > 1)
+        steps = 1 if flux else getattr(config, "num_train_timesteps", None) or 1000
         return cls(adapters=list(adapters), runtime=runtime, num_train_timesteps=int(steps), cfg=cfg, pipe=pipe)
 
     def adapter(self, name: str):

@@ -269,28 +269,30 @@ def _kohya_module(lora_name: str) -> str:
 
 
 def _parse_kohya_flux(state_dict):
+    """Kohya FLUX.1: diffusers' converter for what it gets right, :mod:`.flux` for the rest (its docstring)."""
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
-    # Check pairs first: the converter drops what it does not understand with a log message.
-    groups: dict[str, set] = collections.defaultdict(set)
-    for k in state_dict:
+    from . import flux
+
+    groups: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    for k, v in state_dict.items():
         name, _, suffix = k.partition(".")
-        groups[name].add(suffix)
-    for name, suffixes in groups.items():
-        odd = sorted(suffixes - set(_KOHYA_SUFFIXES))
+        groups[name][suffix] = v
+    for name, parts in groups.items():
+        odd = sorted(set(parts) - set(_KOHYA_SUFFIXES))
         if odd:
             raise FormatError(f"LyCORIS kinds in kohya FLUX files are not supported yet (key {name}.{odd[0]})")
-        if "lora_down.weight" not in suffixes or "lora_up.weight" not in suffixes:
-            _pair(name, state_dict.get(f"{name}.lora_down.weight"), state_dict.get(f"{name}.lora_up.weight"), None)
-        d, u = state_dict[f"{name}.lora_down.weight"], state_dict[f"{name}.lora_up.weight"]
-        _pair(name, d, u, None)
+        _pair(name, parts.get("lora_down.weight"), parts.get("lora_up.weight"), None)
+    own = {name: parts for name, parts in groups.items() if flux.is_own(name)}
+    deltas = flux.own_deltas(own)
+    rest = {f"{name}.{suffix}": v for name, parts in groups.items() if name not in own for suffix, v in parts.items()}
+    if not rest:
+        return deltas
     try:
-        converted = _convert_kohya_flux_lora_to_diffusers(dict(state_dict))
+        converted = _convert_kohya_flux_lora_to_diffusers(dict(rest))
     except Exception as e:  # noqa: BLE001 - the converter raises bare asserts and KeyErrors
         raise FormatError(f"cannot convert kohya FLUX LoRA: {type(e).__name__}: {e}") from None
-    if not converted:
-        raise FormatError(f"unknown key format (key {_example(state_dict)!r})")
-    deltas: dict[str, LayerDelta] = {}
+    kept = 0
     for component in COMPONENTS:
         sub = {k[len(component) + 1 :]: v for k, v in converted.items() if k.split(".", 1)[0] == component}
         if not sub:
@@ -298,7 +300,23 @@ def _parse_kohya_flux(state_dict):
         for module, (d, u) in _collect(component, _to_peft_keys(component, sub), {}).items():
             # The converter bakes alpha / rank into the factors: alpha = rank from here on.
             deltas[module] = _pair(module, d, u, None)
+            kept += 1
+    # each layer gives one module, a fused q, k, v three: fewer means the converter dropped a layer
+    expected = sum(3 if name.endswith("_qkv") else 1 for name in groups if name not in own)
+    if kept < expected:
+        dropped = [n for n in groups if n not in own and not _converts(n, groups[n])]
+        raise FormatError(f"unknown key format (key {(dropped or [_example(rest)])[0]!r})")
     return deltas
+
+
+def _converts(name: str, parts: dict[str, torch.Tensor]) -> bool:
+    """Whether diffusers' kohya FLUX converter turns layer ``name`` into anything (on its own)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    try:
+        return bool(_convert_kohya_flux_lora_to_diffusers({f"{name}.{k}": v for k, v in parts.items()}))
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _adapter_config(header: dict[str, str]) -> dict[str, dict]:
