@@ -20,7 +20,7 @@ from lora_composer.tiny import _text_config, clip_tokenizer
 FLUX_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
     "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
-    "norm1_context.linear", "norm.linear", "proj_mlp", "proj_out",
+    "norm1_context.linear", "norm.linear", "proj_mlp", "proj_out", "norm_out.linear",
 )
 SD3_TARGETS = FLUX_TARGETS  # SD3's joint blocks name their layers the same way (no single blocks)
 CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

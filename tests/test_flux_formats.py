@@ -1,0 +1,187 @@
+"""FLUX LoRA files: kohya sd-scripts keys (double and single blocks, final layer, CLIP and T5) against diffusers'
+loading of the same factors in diffusers keys (and PEFT on T5, which diffusers does not load); wrong-model
+and malformed files refused in one line, leaving what was attached untouched."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_composer import tiny, tiny_dit
+from lora_composer.adapters import load_adapter
+from lora_composer.errors import ComposerError
+from lora_composer.pipeline import ComposerPipeline
+
+PROMPT = "a red circle"
+CALL = dict(num_inference_steps=2, height=16, width=16, output_type="np", max_sequence_length=16, guidance_scale=3.5)
+BLOCKS = ("transformer_blocks", "single_transformer_blocks", "proj_out", "norm_out")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Layers this small gain nothing from threads, and lose much to a busy machine's oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def template(one_thread):
+    return tiny_dit.build_tiny_flux_pipeline(seed=0)
+
+
+@pytest.fixture
+def pipe(template):
+    return copy.deepcopy(template)
+
+
+def _layers(pipe, seed, shared_down, text_encoders=("text_encoder",)):
+    layers = tiny_dit.random_dit_lora_layers(pipe, rank=4, seed=seed, shared_down=shared_down, text_encoders=text_encoders)
+    # what kohya files hold: the blocks, the final layer and the text encoders (no embedders)
+    layers["transformer"] = {k: v for k, v in layers["transformer"].items() if k.startswith(BLOCKS)}
+    return layers
+
+
+def _render(pipe, **kwargs):
+    return pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **{**CALL, **kwargs}).images
+
+
+@pytest.mark.parametrize("shared_down", [True, False], ids=["sd-scripts-fused", "block-diagonal"])
+def test_kohya_flux_merge_matches_diffusers(pipe, tmp_path, shared_down):
+    """Two kohya files (double + single blocks, final layer, CLIP; alphas 8 and 4 at rank 4) at (0.7, 0.3)
+    equal diffusers' load_lora_weights + set_adapters of the same factors written in diffusers keys."""
+    weights, kohya, ref = [0.7, 0.3], [], copy.deepcopy(pipe)
+    for i, (name, alpha) in enumerate((("a", 8), ("b", 4))):
+        layers = _layers(pipe, seed=i + 1, shared_down=shared_down)
+        diffusers_file = tiny_dit.save_dit_diffusers_lora(pipe, layers, tmp_path / f"{name}-d.safetensors", 4, alpha)
+        kohya.append(tiny_dit.save_flux_kohya_lora(layers, tmp_path / f"{name}.safetensors", 4, alpha))
+        ref.load_lora_weights(str(diffusers_file), adapter_name=name)
+    ref.set_adapters(["a", "b"], weights)
+    expected = _render(ref)
+
+    composer = ComposerPipeline(copy.deepcopy(pipe))
+    got = composer(PROMPT, loras=list(zip(kohya, weights)), seed=0, progress=False, **CALL)
+    assert np.abs(got - expected).max() < 1e-4
+    assert np.abs(expected - _render(pipe)).max() > 1e-2
+    ad = composer.adapters["a"]
+    assert ad.family == "flux" and ad.metadata.source_format == "kohya"
+    single = "transformer.single_transformer_blocks.0"
+    assert {f"{single}.attn.to_q", f"{single}.proj_mlp", "transformer.norm_out.linear"} <= set(ad.deltas)
+    # a block-diagonal fused layer keeps each part's rank; a shared down weight is shared
+    assert ad.deltas[f"{single}.proj_mlp"].rank == 4
+
+
+def test_kohya_double_blocks_match_diffusers_reading_the_same_file(pipe, tmp_path):
+    """Double blocks and CLIP only: diffusers reads the kohya file itself (its converter is right there)."""
+    layers = _layers(pipe, seed=3, shared_down=True)
+    layers["transformer"] = {k: v for k, v in layers["transformer"].items() if k.startswith("transformer_blocks")}
+    path = tiny_dit.save_flux_kohya_lora(layers, tmp_path / "double.safetensors", 4, alpha=2)
+    ref = copy.deepcopy(pipe)
+    ref.load_lora_weights(str(path), adapter_name="a")
+    ref.set_adapters(["a"], [0.8])
+    got = ComposerPipeline(copy.deepcopy(pipe))(PROMPT, loras=[(path, 0.8)], seed=0, progress=False, **CALL)
+    assert np.abs(got - _render(ref)).max() < 1e-4
+
+
+def test_kohya_flux_t5_keys_match_peft(pipe, tmp_path):
+    """T5 keys (lora_te2_encoder_block_...), which diffusers drops: against PEFT's LoRA on the T5 encoder."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    layers = _layers(pipe, seed=4, shared_down=False, text_encoders=("text_encoder", "text_encoder_2"))
+    assert layers["text_encoder_2"]
+    path = tiny_dit.save_flux_kohya_lora(layers, tmp_path / "t5.safetensors", 4, alpha=8)
+    w = 0.7
+    ref = copy.deepcopy(pipe)
+    rest = {k: v for k, v in layers.items() if k != "text_encoder_2"}
+    ref.load_lora_weights(str(tiny_dit.save_dit_diffusers_lora(pipe, rest, tmp_path / "rest.safetensors", 4, 8)), adapter_name="a")
+    ref.set_adapters(["a"], [w])
+    t5 = layers["text_encoder_2"]
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in t5})
+    config = LoraConfig(r=4, lora_alpha=8 * w, target_modules=targets)  # weight w: alpha scaled by w
+    inject_adapter_in_model(config, ref.text_encoder_2, adapter_name="t5")
+    set_peft_model_state_dict(ref.text_encoder_2, {k.replace(".weight", ".t5.weight"): v for k, v in t5.items()}, adapter_name="t5")
+    expected = _render(ref)
+
+    composer = ComposerPipeline(copy.deepcopy(pipe))
+    got = composer(PROMPT, loras=[(path, w)], seed=0, progress=False, **CALL)
+    assert {k.split(".")[0] for k in composer.runtime.layers} == {"transformer", "text_encoder", "text_encoder_2"}
+    assert np.abs(got - expected).max() < 1e-4
+    without_t5 = ComposerPipeline(copy.deepcopy(pipe))
+    nothing = without_t5(PROMPT, loras=[(tmp_path / "rest.safetensors", w)], seed=0, progress=False, **CALL)
+    assert np.abs(expected - nothing).max() > 1e-3  # the T5 part matters
+
+
+def _sd15_file(tmp_path, fmt):
+    sd15 = tiny.build_tiny_sd15_pipeline(seed=0)
+    layers = tiny.random_lora_layers(sd15, rank=4, seed=1)
+    if fmt == "kohya":
+        return tiny.save_kohya_lora(layers, tmp_path / "sd15-kohya.safetensors", alpha=4)
+    return tiny.save_diffusers_lora(sd15, layers, tmp_path / "sd15.safetensors", rank=4)
+
+
+def _flux_file(pipe, tmp_path):
+    layers = _layers(pipe, seed=1, shared_down=True)
+    return tiny_dit.save_flux_kohya_lora(layers, tmp_path / "good.safetensors", 4)
+
+
+def _bad_files(pipe, tmp_path):
+    """(file, words its one-line error must contain)."""
+    gen = torch.Generator().manual_seed(0)
+    out = [(_sd15_file(tmp_path, "kohya"), ["sd15", "flux"]), (_sd15_file(tmp_path, "diffusers"), ["sd15", "flux"])]
+    dev = {  # a FLUX.1-dev layer (width 3072) on the tiny model
+        "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(2, 3072, generator=gen),
+        "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(3072, 2, generator=gen),
+    }
+    seven = {  # a fused single-block layer whose rows are not 7 x width
+        "lora_unet_single_blocks_0_linear1.lora_down.weight": torch.randn(2, 32, generator=gen),
+        "lora_unet_single_blocks_0_linear1.lora_up.weight": torch.randn(100, 2, generator=gen),
+    }
+    unknown = {  # a layer diffusers' converter would drop with a log line
+        "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(2, 32, generator=gen),
+        "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(32, 2, generator=gen),
+        "lora_unet_double_blocks_0_img_norm_x.lora_down.weight": torch.randn(2, 32, generator=gen),
+        "lora_unet_double_blocks_0_img_norm_x.lora_up.weight": torch.randn(32, 2, generator=gen),
+    }
+    t5 = {"lora_te2_encoder_block_0_layer_0_Mystery_q.lora_down.weight": torch.randn(2, 32, generator=gen),
+          "lora_te2_encoder_block_0_layer_0_Mystery_q.lora_up.weight": torch.randn(32, 2, generator=gen),
+          **seven}
+    for name, sd, words in (("dev", dev, ["3072", "to_out.0"]), ("seven", seven, ["linear1", "7 x width"]),
+                            ("unknown", unknown, ["img_norm_x"]), ("t5", t5, ["Mystery"])):
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+        out.append((tmp_path / f"{name}.safetensors", words))
+    return out
+
+
+def test_wrong_model_and_malformed_files_fail_in_one_line(pipe, tmp_path):
+    composer = ComposerPipeline(pipe)
+    good = _flux_file(pipe, tmp_path)
+    before = composer(PROMPT, loras=[(good, 0.8)], seed=0, progress=False, **CALL)
+    layers = {k: (layer.down.clone(), layer.module.weight.clone()) for k, layer in composer.runtime.layers.items()}
+    for path, words in _bad_files(pipe, tmp_path):
+        with pytest.raises(ComposerError) as err:
+            composer(PROMPT, loras=[(good, 0.8), (path, 1.0)], seed=0, progress=False, **CALL)
+        message = str(err.value)
+        assert "\n" not in message and path.name in message, message
+        assert all(w in message for w in words), message
+        # nothing half-attached: the good adapter alone, its layers as they were
+        assert list(composer.adapters) == ["good"] and set(composer.runtime.layers) == set(layers)
+        for k, (down, weight) in layers.items():
+            assert torch.equal(composer.runtime.layers[k].down, down)
+            assert torch.equal(composer.runtime.layers[k].module.weight, weight)
+    assert np.array_equal(composer(PROMPT, loras=[(good, 0.8)], seed=0, progress=False, **CALL), before)
+
+
+def test_kohya_flux_parse_is_pure_and_keeps_alphas(tmp_path, template):
+    """Own conversions keep alpha as alpha (not baked); the final layer's halves swap to diffusers' order."""
+    layers = _layers(template, seed=5, shared_down=True)
+    path = tiny_dit.save_flux_kohya_lora(layers, tmp_path / "k.safetensors", 4, alpha=2)
+    ad = load_adapter(path)
+    single = ad.deltas["transformer.single_transformer_blocks.0.attn.to_k"]
+    assert single.alpha == 2 and single.rank == 4
+    src = layers["transformer"]
+    torch.testing.assert_close(single.up, src["single_transformer_blocks.0.attn.to_k.lora_B.weight"])
+    norm = ad.deltas["transformer.norm_out.linear"]
+    torch.testing.assert_close(norm.up, src["norm_out.linear.lora_B.weight"])
