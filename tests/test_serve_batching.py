@@ -19,13 +19,9 @@ from lora_composer.serving.residency import Residency
 
 @pytest.fixture(scope="module")
 def world(home):
-    from lora_composer.default_model import ensure_default_model
-    from lora_composer.pipeline import ComposerPipeline
+    from tests.serve_world import pipelines
 
-    model, library = ensure_default_model()
-    serving = ComposerPipeline.from_pretrained(model, library=library)
-    solo = ComposerPipeline.from_pretrained(model, library=library)
-    return serving, solo, library
+    return pipelines()
 
 
 def _solo(solo, spec: RenderSpec) -> np.ndarray:
@@ -41,6 +37,7 @@ def _png_array(png: bytes) -> np.ndarray:
 
 def test_batched_requests_equal_their_solo_renders(world):
     serving, solo, library = world
+    serving.unload_all()
     cache = AdapterCache(64 << 20)
     serving.adapter_loader = cache.load
     residency = Residency(serving, max_bytes=64 << 20)

@@ -137,9 +137,18 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
 
 
 def _validation_line(exc: RequestValidationError) -> str:
+    """``loras[0].weight: Input should be a valid number``: the field as the client wrote it (pydantic's union
+    member tags such as ``list[LoraItem]`` left out), and the first reason."""
     err = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-    return f"{where}: {err.get('msg', 'invalid')}"
+    where = ""
+    for part in err.get("loc", ()):
+        if part == "body" or (isinstance(part, str) and ("[" in part or "(" in part)):
+            continue
+        where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+    msg = err.get("msg", "invalid")
+    if err.get("type") == "extra_forbidden":
+        msg = "not a field of this request"
+    return f"{where or 'body'}: {msg}"
 
 
 def create_app(server: Server) -> FastAPI:
