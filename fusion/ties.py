@@ -17,7 +17,7 @@ from lora_composer.fusion.task_arithmetic import DerivedMerge, check_density, el
 
 class TiesStrategy(DerivedMerge, Strategy):
     name = "ties"
-    measured = ""
+    measured = "collapses on the mini world (0.04 vs merge 0.68 at 3 LoRAs): trimming and the disjoint mean erase the low-rank deltas"
     suffix = "~ties"
 
     def __init__(self, density: float = 0.2, sign: str = "total", rank: int = 0):
