@@ -70,6 +70,10 @@ def test_generate_jobs_events_and_refusals(world):
         assert {lo["name"]: lo["unet_weight"] for lo in record.loras} == {"purple-colour": 1.0, "star-shape": 0.9}
         assert "Lora hashes" in image.text["parameters"]
 
+        auto = client.post("/v1/generate", json={"prompt": "blinky on a wavy background", "loras": "auto", **SMALL})
+        picked = [lo["name"] for lo in GenerationRecord.from_json(Image.open(io.BytesIO(auto.content)).text[RECORD_KEY]).loras]
+        assert auto.status_code == 200 and {"blinky-character", "wavy-bg"} <= set(picked), picked
+
         r = client.post("/v1/jobs", json={**body, "seed": 6})
         assert r.status_code == 202
         job = r.json()["id"]
@@ -108,7 +112,8 @@ def test_generate_jobs_events_and_refusals(world):
         for name in ("lora_composer_queue_depth", "lora_composer_batch_requests_bucket", "lora_composer_step_seconds_sum",
                      "lora_composer_adapter_cache_hits_total", 'lora_composer_rejected_total{code="422"}'):
             assert name in metrics, name
-        assert server.cache.misses == 2 and server.residency.attached() == ["purple-colour", "star-shape"]  # parsed once, kept
+        attached = server.residency.attached()  # each file parsed once and kept attached
+        assert server.cache.misses == len(attached) == 4 and {"purple-colour", "star-shape"} <= set(attached)
         assert client.get("/v1/health").json()["status"] == "ok"
         names = [x["name"] for x in client.get("/v1/loras").json()["loras"]]
         assert "star-shape.safetensors" in names

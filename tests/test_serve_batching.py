@@ -101,3 +101,22 @@ def test_residency_evicts_least_recently_used_but_never_a_running_one(world):
     assert "star-shape" not in serving.runtime.adapters and cache.hits == 1  # b came back from the cache
     with torch.no_grad():
         assert residency.bytes > 0
+
+
+def test_cancelling_a_running_request_leaves_the_batch_running(world):
+    serving, _, library = world
+    serving.unload_all()
+    residency = Residency(serving, max_bytes=64 << 20)
+    batcher = Batcher(serving, residency, max_batch=4)
+    try:
+        long = batcher.submit(RenderSpec("a star", loras=[(library / "star-shape.safetensors", 1.0)], seed=1, steps=8))
+        other = batcher.submit(RenderSpec("a cross", loras=[(library / "cross-shape.safetensors", 1.0)], seed=2, steps=4))
+        while not any(e["event"] == "step" for e in long.events_after(0, 5.0)):
+            pass
+        batcher.cancel(long.id)
+        assert other.wait(60) and long.wait(60)
+        assert other.status == "done" and other.png and long.status == "cancelled" and long.png is None
+        assert long.error.startswith("cancelled at step") and long.http_status == 499
+        assert not residency._pins  # the cancelled request's adapters are free to evict again
+    finally:
+        batcher.close()

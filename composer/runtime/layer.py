@@ -101,8 +101,8 @@ class PatchedLayer:
         if need <= self.capacity:
             return
         cap = max(need, 2 * self.capacity)
-        down = like_down.new_zeros(cap, *like_down.shape[1:])
-        up = like_up.new_zeros(like_up.shape[0], cap, *like_up.shape[2:])
+        down = like_down.new_empty(cap, *like_down.shape[1:])  # columns past the rank in use are never read
+        up = like_up.new_empty(like_up.shape[0], cap, *like_up.shape[2:])
         if self.rank:
             down[: self.rank] = self.down
             up[:, : self.rank] = self.up
