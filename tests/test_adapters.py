@@ -310,7 +310,9 @@ def _bad_files(tmp_path):
     dora = _kohya_pair()
     dora["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale"] = torch.full((32, 1), float("nan"))
     tensors("dora", dora, "attn1.to_q has NaN or inf values in its magnitude")
-    tensors("oft", {"lora_unet_x.oft_blocks": torch.zeros(2, 2, 2, 2), "lora_unet_x.alpha": torch.tensor(1.0)}, "BOFT")
+    tensors("oft", {"lora_unet_x.oft_blocks": torch.zeros(2, 2, 3), "lora_unet_x.alpha": torch.tensor(1.0)},
+            "oft_blocks: expected [blocks, b, b] (OFT) or [stages, blocks, b, b] (BOFT), got shape (2, 2, 3)")
+    tensors("peft-boft", {"base_model.model.x.boft_R.default": torch.zeros(2, 2, 2, 2)}, "PEFT BOFT (boft_R)")
     tensors("nolayers", {}, "no tensors")
     return cases
 
@@ -324,7 +326,7 @@ def test_bad_inputs_raise_one_line_errors_naming_the_file(tmp_path):
         assert msg.startswith(f"{path}: "), (name, msg)
         assert "\n" not in msg, (name, msg)
         assert expect in msg, (name, msg)
-    for name in ("oft",):
+    for name in ("peft-boft",):
         assert "not supported yet" in str(pytest.raises(AdapterLoadError, load_adapter, cases[name][0]).value)
 
 

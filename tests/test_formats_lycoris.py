@@ -1,5 +1,5 @@
 """LyCORIS and PEFT adapter kinds beyond (down, up): LoHa, LoKr, Tucker LoCon, DoRA, IA3, full/diff, GLoRA,
-diagonal OFT.
+diagonal OFT, BOFT.
 
 References: files are written by ``lycoris-lora`` (kohya keys) and PEFT (module keys) for the tiny SD1.5
 pipeline; LyCORIS's own merge and PEFT's own forward are what our fused and unfused runtime must match.
@@ -126,6 +126,8 @@ CASES = {
     "glora": ("glora", {}, "GLoRADelta"),
     "diag-oft": ("diag-oft", {}, "OFTDelta"),
     "diag-oft-constrained-rescaled": ("diag-oft", {"constraint": 1e-3, "rescaled": True}, "OFTDelta"),
+    "boft": ("boft", {}, "OFTDelta"),
+    "boft-constrained-rescaled": ("boft", {"constraint": 1e-3, "rescaled": True}, "OFTDelta"),
 }
 
 
@@ -133,9 +135,15 @@ CASES = {
 def test_fused_matches_lycoris_merge_and_unfuse_restores(sd15_pipe, preset, tmp_path, case):
     algo, kw, kind = CASES[case]
     base = copy.deepcopy(sd15_pipe)
-    path, ref = lycoris_file(sd15_pipe, preset, algo, tmp_path / f"{case}.safetensors", **kw)
+    if algo == "boft":  # butterflies need power-of-two output sizes: the tiny CLIP's MLP has 37
+        preset = tmp_path / "boft.toml"
+        preset.write_text(PRESET.replace(', "CLIPMLP"', ""))
+    path, ref = lycoris_file(sd15_pipe, str(preset), algo, tmp_path / f"{case}.safetensors", **kw)
     adapter = load_adapter(path)
     assert {type(d).__name__ for d in adapter.deltas.values()} == {kind}
+    if algo == "boft":  # several butterfly stages, not a diagonal OFT in disguise
+        assert min(d.blocks.dim() for d in adapter.deltas.values()) == 4
+        assert max(d.blocks.shape[0] for d in adapter.deltas.values()) >= 3
     assert any(k.startswith("text_encoder.") for k in adapter.deltas) and any(k.startswith("unet.") for k in adapter.deltas)
 
     rt = LoraRuntime(sd15_pipe)

@@ -5,7 +5,7 @@ Key renaming is delegated to diffusers' own converters (``lora_conversion_utils`
 What this module adds: grouping keys per layer, alphas (``.alpha`` tensors, the
 ``lora_adapter_metadata`` header diffusers writes, or ``alpha = rank``), validation, the LyCORIS and
 PEFT kinds beyond ``(down, up)`` (LoHa, LoKr, Tucker LoCon, full/diff, DoRA, IA3: see :mod:`.lycoris`
-and :mod:`.kinds`), and clear refusals for what we do not load yet (OFT/BOFT, GLoRA).
+and :mod:`.kinds`), and clear refusals for what we do not load yet (PEFT OFT/BOFT, GLoRA with a Tucker core).
 
 Canonical keys: ``<component>.<module path>`` with components ``unet``, ``text_encoder``,
 ``text_encoder_2`` and ``transformer``. Text-encoder keys never carry CLIP's ``text_model.``

@@ -1,4 +1,4 @@
-"""Delta kinds beyond ``(down, up)``: LyCORIS LoHa and LoKr, full/diff, DoRA, IA3, GLoRA and diagonal OFT.
+"""Delta kinds beyond ``(down, up)``: LyCORIS LoHa and LoKr, full/diff, DoRA, IA3, GLoRA, diagonal OFT and BOFT.
 
 Every kind answers the same three questions for one Linear or Conv2d weight of shape ``(out, in, *k)``:
 
@@ -387,10 +387,14 @@ class GLoRADelta(_Kind):
 
 @dataclass(eq=False)
 class OFTDelta(_Kind):
-    """Diagonal OFT (LyCORIS ``oft_blocks``): each block of ``bs`` output rows of the weight rotated,
-    ``W' = R^T W`` per block with ``R = (I + Q)(I - Q)^-1`` (Cayley), ``Q = B - B^T``; ``constraint``
-    (LyCORIS's ``alpha`` times the output size) caps ``||Q||``; ``rescale`` (``[out, 1, ...]``) scales the
-    rows after. Multiplicative: ``dense`` is ``f(W0) - W0``."""
+    """OFT (LyCORIS ``oft_blocks``): output rows of the weight rotated by block-diagonal orthogonal matrices
+    ``R = (I + Q)(I - Q)^-1`` (Cayley), ``Q = B - B^T``; ``constraint`` (LyCORIS's ``alpha``) times the output
+    size caps ``||Q||``; ``rescale`` (``[out, 1, ...]``) scales the rows after. Multiplicative: ``dense`` is
+    ``f(W0) - W0``.
+
+    - Diagonal OFT, ``blocks`` ``[k, b, b]``: ``W' = R^T W`` per block of ``b`` rows.
+    - BOFT, ``blocks`` ``[m, k, b, b]``: ``m`` butterfly stages; stage ``i`` pairs rows ``2^i b / 2`` apart,
+      gathers them into blocks of ``b`` and applies ``R_i`` (``W <- R_i W`` per block), as LyCORIS does."""
 
     blocks: torch.Tensor
     rescale: torch.Tensor | None = None
@@ -408,27 +412,44 @@ class OFTDelta(_Kind):
     def factors(self, shape=None):
         return None
 
-    def dense(self, weight, bias=None):
-        w0 = weight.float()
-        k, bs = self.blocks.shape[0], self.blocks.shape[1]
+    @property
+    def butterfly(self) -> bool:
+        return self.blocks.dim() == 4
+
+    def _rotations(self, out: int) -> torch.Tensor:
         b = self.blocks.float()
-        q = b - b.transpose(1, 2)
-        cap = self.constraint * w0.shape[0]
+        q = b - b.transpose(-1, -2)
+        cap = self.constraint * out
         if cap > 0:
             norm = torch.norm(q) + 1e-8
             if norm > cap:
                 q = q * cap / norm
-        eye = torch.eye(bs).expand(k, bs, bs)
-        r = (eye + q) @ torch.linalg.inv(eye - q)
-        new = torch.einsum("k n m, k n ... -> k m ...", r, w0.reshape(k, bs, *w0.shape[1:])).reshape(w0.shape)
+        eye = torch.eye(b.shape[-1]).expand_as(q)
+        return (eye + q) @ torch.linalg.inv(eye - q)
+
+    def dense(self, weight, bias=None):
+        w0 = weight.float()
+        r = self._rotations(w0.shape[0])
+        if self.butterfly:
+            new, bs = w0, r.shape[-1]
+            for i, stage in enumerate(r):
+                k = 2 ** i * (bs // 2)
+                new = new.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, bs))
+                new = torch.einsum("b i j, b j ... -> b i ...", stage, new)
+                new = new.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+        else:
+            k, bs = r.shape[0], r.shape[1]
+            new = torch.einsum("k n m, k n ... -> k m ...", r, w0.reshape(k, bs, *w0.shape[1:])).reshape(w0.shape)
         if self.rescale is not None:
             new = self.rescale.float().reshape(-1, *([1] * (w0.dim() - 1))) * new
         return new - w0, None
 
     def check(self, shape):
-        k, bs = self.blocks.shape[0], self.blocks.shape[1]
+        k, bs = self.blocks.shape[-3], self.blocks.shape[-1]
         if k * bs != shape[0]:
             return f"OFT blocks cover {k}x{bs} outputs, layer has {shape[0]}"
+        if self.butterfly and (bs % 2 or k % (2 ** (self.blocks.shape[0] - 1))):
+            return f"BOFT's {self.blocks.shape[0]} butterfly stages do not fit {k} blocks of {bs} rows"
         if self.rescale is not None and self.rescale.numel() != shape[0]:
             return f"OFT rescale has {self.rescale.numel()} values, layer has {shape[0]} outputs"
         return None

@@ -176,8 +176,9 @@ def kohya_delta(name: str, parts: dict, alpha: float | None):
         inner = locon(name, parts, alpha)
     elif "oft_blocks" in suffixes:
         blocks = parts["oft_blocks"]
-        if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
-            raise KindError(f"LyCORIS BOFT adapters are not supported yet (key {name}.oft_blocks, shape {tuple(blocks.shape)})")
+        if blocks.dim() not in (3, 4) or blocks.shape[-1] != blocks.shape[-2]:
+            raise KindError(f"key {name}.oft_blocks: expected [blocks, b, b] (OFT) or [stages, blocks, b, b] (BOFT), "
+                            f"got shape {tuple(blocks.shape)}")
         return OFTDelta(blocks, parts.get("rescale"), 0.0 if alpha is None else float(alpha))
     elif any(s in suffixes for s in GLORA):
         return glora(name, parts, alpha)
