@@ -67,6 +67,18 @@ def test_many_attaches_match_a_dense_reference_and_grow_by_doubling(sd15_pipe):
     assert (got - want).abs().max() < 1e-5 and (want - _unet_out(clean)).abs().max() > 1e-3
 
 
+def test_a_reserved_stack_is_never_copied_up_to_its_reserve(sd15_pipe):
+    rt = LoraRuntime(sd15_pipe, reserve=4)
+    ptrs = set()
+    for i in range(5):
+        rt.add(_adapter(sd15_pipe, f"r{i}", seed=90 + i))
+        layer = next(iter(rt.layers.values()))
+        ptrs.add(getattr(layer.module, "_lora_composer_down").data_ptr())
+        if i < 4:
+            assert layer.capacity == 8 and len(ptrs) == 1  # 4 adapters of rank 2, allocated once
+    assert layer.capacity == 16 and len(ptrs) == 2  # the 5th doubles it
+
+
 def test_removal_in_the_middle_then_more_attaches(sd15_pipe):
     pipe = sd15_pipe
     clean = copy.deepcopy(pipe)

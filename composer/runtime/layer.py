@@ -36,7 +36,7 @@ class _Block:
 class PatchedLayer:
     """Owns the hook, the stacked factors and the fused-mode backup of one base module."""
 
-    def __init__(self, module: torch.nn.Module, mixer: MixingState, group: str | None = None):
+    def __init__(self, module: torch.nn.Module, mixer: MixingState, group: str | None = None, reserve: int = 0):
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             raise TypeError(f"cannot patch {type(module).__name__}")
         self.module = module
@@ -44,6 +44,7 @@ class PatchedLayer:
         self.group = group  # layer group whose mixing weights this layer reads
         self.blocks: list[_Block] = []
         self.rank = 0  # rank columns in use at the front of the stack's storage
+        self.reserve = int(reserve)  # adapters the first allocation makes room for (then the capacity doubles)
         self.tokens: int | None = None  # positions per batch row in the last input (for the fuse cost model)
         self.conv = (
             dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
@@ -85,9 +86,10 @@ class PatchedLayer:
 
     @property
     def up(self) -> torch.Tensor | None:
-        """``[out, R, ...]``: the used columns of the up stack (a view of its storage)."""
+        """``[out, R, ...]``: the used columns of the up stack (a view of its storage, which is kept rank-major,
+        ``[capacity, out, ...]``, so that an adapter's columns are one contiguous block to write)."""
         store = getattr(self.module, UP, None)
-        return None if store is None else store[:, : self.rank]
+        return None if store is None else store[: self.rank].transpose(0, 1)
 
     @property
     def capacity(self) -> int:
@@ -97,15 +99,17 @@ class PatchedLayer:
 
     def _reserve(self, need: int, like_down: torch.Tensor, like_up: torch.Tensor) -> None:
         """Make the storage hold ``need`` rank columns, doubling its capacity when it grows: attaching K
-        adapters copies each layer's stack O(log K) times instead of K times."""
+        adapters copies each layer's stack O(log K) times instead of K times (none up to ``reserve``)."""
         if need <= self.capacity:
             return
-        cap = max(need, 2 * self.capacity)
+        # ``reserve`` adapters of this one's rank up front: on the CPU an allocation is only address space until
+        # written, so attaching up to that many copies nothing at all
+        cap = max(need, 2 * self.capacity, self.reserve * like_down.shape[0])
         down = like_down.new_empty(cap, *like_down.shape[1:])  # columns past the rank in use are never read
-        up = like_up.new_empty(like_up.shape[0], cap, *like_up.shape[2:])
+        up = like_up.new_empty(cap, like_up.shape[0], *like_up.shape[2:])
         if self.rank:
             down[: self.rank] = self.down
-            up[:, : self.rank] = self.up
+            up[: self.rank] = getattr(self.module, UP)[: self.rank]
         self.module.register_buffer(DOWN, down, persistent=False)
         self.module.register_buffer(UP, up, persistent=False)
 
@@ -117,7 +121,7 @@ class PatchedLayer:
         self._reserve(start + r, down, up)
         with torch.no_grad():
             getattr(self.module, DOWN)[start : start + r] = down
-            getattr(self.module, UP)[:, start : start + r] = up
+            getattr(self.module, UP)[start : start + r] = up.transpose(0, 1)
         self.rank = start + r
         block = _Block(slot, r, scale)
         self.blocks.append(block)
@@ -141,11 +145,11 @@ class PatchedLayer:
             self.rank = 0
         else:
             idx = torch.cat(keep).to(self.down.device)
-            down, up = self.down.index_select(0, idx), self.up.index_select(1, idx)
+            down, up = self.down.index_select(0, idx), getattr(self.module, UP).index_select(0, idx)
             self.rank = int(idx.numel())
             with torch.no_grad():  # compacted in place: the storage keeps its capacity
                 getattr(self.module, DOWN)[: self.rank] = down
-                getattr(self.module, UP)[:, : self.rank] = up
+                getattr(self.module, UP)[: self.rank] = up
         self._stack_changed()
 
     def add_sparse(self, slot: int, flat_index: torch.Tensor, values: torch.Tensor, scale: float) -> None:

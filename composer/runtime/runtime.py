@@ -107,8 +107,11 @@ class LoraRuntime:
       bit-identically; ``disable`` makes every patched layer return exactly its base output.
     """
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, reserve: int = 0):
         self.pipe = pipe
+        # each patched layer's first allocation holds this many adapters of the first one's rank (a server sets
+        # its residency cap: attaching up to that many then copies no stack); past it, stacks double
+        self.reserve = int(reserve)
         self.family = pipeline_family(pipe)
         self.denoiser_mix = MixingState()
         self.text_mix = MixingState()
@@ -164,7 +167,7 @@ class LoraRuntime:
             if layer is None:
                 comp = key.split(".", 1)[0]
                 mixer = self.denoiser_mix if comp in DENOISERS else self.text_mix
-                layer = self.layers[key] = PatchedLayer(module, mixer, layer_group(key))
+                layer = self.layers[key] = PatchedLayer(module, mixer, layer_group(key), reserve=self.reserve)
             delta = adapter.deltas[key]
             if delta.is_sparse:
                 # flat positions in this layer's weight (PEFT files carry no shape: use the module's)

@@ -73,6 +73,10 @@ class Server:
         self.composer = composer
         self.names = LibraryNames(composer.library)
         self.strategies = set(available())
+        if getattr(composer.pipe, "device", None) is None or composer.pipe.device.type == "cpu":
+            # room for the residency cap in every stack up front: address space until written on the CPU, so
+            # attaching copies no stack (on a GPU the memory would be held: stacks double there instead)
+            composer.runtime.reserve = config.max_resident
         self.cache = AdapterCache(config.cache_mb << 20)
         composer.adapter_loader = self.cache.load
         self.residency = Residency(composer, config.resident_mb << 20, config.max_resident)
