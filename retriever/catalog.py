@@ -7,9 +7,12 @@ sees it). Delete it to rebuild from scratch; ``compose index DIR`` brings it up 
   and only a file whose content changed is loaded again (its sidecars and preview are re-read when their
   mtimes change);
 - files that cannot be read are listed with the reason (table ``skipped``) and indexing goes on;
-- rows of files that disappeared are removed.
+- rows of files that disappeared are removed;
+- when the loader learns new formats (:data:`LOADER`), files skipped before are tried again, and rows
+  written before a column existed are read again.
 
-Tables: ``files`` (path, sha256, A1111 short hash, size, mtime, name, base family, rank, targeted layers,
+Tables: ``files`` (path, sha256, A1111 short hash, size, mtime, name, base family, method (``kinds``: LoRA,
+LoCon, LoHa, LoKr, DoRA...), rank, targeted layers,
 trigger words, tags from ``ss_tag_frequency``, description, preferred weight, preview image, the weight
 signal's directions), ``fts`` (FTS5 over name, trigger words, tags, description), ``embeddings`` (text
 embeddings per text encoder, learned weight embeddings per model), ``encoders`` (each text encoder's
@@ -51,6 +54,7 @@ CREATE TABLE IF NOT EXISTS files (
     side_mtime_ns INTEGER NOT NULL DEFAULT 0,
     name TEXT NOT NULL,
     family TEXT NOT NULL,
+    kinds TEXT NOT NULL DEFAULT '',
     rank INTEGER,
     targets TEXT NOT NULL DEFAULT '[]',
     trigger_words TEXT NOT NULL DEFAULT '[]',
@@ -75,6 +79,15 @@ CREATE TABLE IF NOT EXISTS embeddings (
 CREATE TABLE IF NOT EXISTS encoders (id TEXT PRIMARY KEY, mean BLOB NOT NULL, shape TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS skipped (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, reason TEXT NOT NULL);
 """
+
+
+def _loader_signature() -> str:
+    """What the adapter loader reads and refuses: a skip remembered under another signature may not hold."""
+    from lora_composer import __version__
+    from lora_composer.adapters.kinds import KINDS
+    from lora_composer.adapters.lycoris import NOT_LOADED
+
+    return f"{__version__};{','.join(KINDS)};boft;refused:{','.join(f for f, _ in NOT_LOADED)}"
 
 
 @dataclass
@@ -157,6 +170,7 @@ class Row:
     preferred_weight: float | None
     preview: str | None
     weight_dirs: np.ndarray | None  # [m, d]
+    kinds: str = ""  # the method, as a user names it (``LoCon``, ``LoHa + DoRA``); "" until indexed again
 
     @property
     def text(self) -> str:
@@ -183,6 +197,14 @@ class Catalog:
             self.set_meta("schema", str(SCHEMA_VERSION))
         elif int(version) != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: catalog schema {version}, expected {SCHEMA_VERSION}; delete it to rebuild")
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(files)")}
+        if "kinds" not in columns:  # a catalog from before the column: its rows are read again on the next index
+            self.db.execute("ALTER TABLE files ADD COLUMN kinds TEXT NOT NULL DEFAULT ''")
+            self.db.execute("UPDATE files SET sha256 = '', mtime_ns = 0")
+        loader = _loader_signature()
+        if self.get_meta("loader") != loader:
+            self.db.execute("DELETE FROM skipped")
+            self.set_meta("loader", loader)
         if self.root is not None:
             self.set_meta("root", str(self.root.resolve()))
         self.db.commit()
@@ -220,6 +242,7 @@ class Catalog:
         """Bring the catalog up to date with ``folder`` (default: the library). See the module doc."""
         from lora_composer.adapters import load_adapter
         from lora_composer.adapters.io import sha256_file
+        from lora_composer.adapters.kinds import kind_label
         from tqdm import tqdm
 
         from lora_composer.retriever.signals import weights as wsig
@@ -268,7 +291,7 @@ class Catalog:
                 values = dict(
                     path=path, sha256=adapter.metadata.sha256, short_hash=adapter.metadata.short_hash,
                     size=st.st_size, mtime_ns=st.st_mtime_ns, side_mtime_ns=side, name=p.stem,
-                    family=adapter.family, rank=ranks[-1] if ranks else None,
+                    family=adapter.family, kinds=kind_label(adapter), rank=ranks[-1] if ranks else None,
                     targets=json.dumps(sorted(adapter.deltas)), trigger_words=json.dumps(adapter.metadata.trigger_words),
                     tags=json.dumps(tags), description=_strip_html(adapter.metadata.description),
                     preferred_weight=adapter.metadata.preferred_weight, preview=str(preview) if preview else None,
@@ -325,7 +348,7 @@ class Catalog:
     # -- reading -------------------------------------------------------------------------------------
     _ROW_COLS = (
         "id, path, sha256, short_hash, name, family, rank, targets, trigger_words, tags, description, "
-        "preferred_weight, preview, weight_dirs, weight_dim"
+        "preferred_weight, preview, weight_dirs, weight_dim, kinds"
     )
 
     def _row(self, r) -> Row:
@@ -335,7 +358,7 @@ class Catalog:
         return Row(
             id=r[0], path=r[1], sha256=r[2], short_hash=r[3], name=r[4], family=r[5], rank=r[6],
             targets=json.loads(r[7]), trigger_words=json.loads(r[8]), tags=json.loads(r[9]), description=r[10],
-            preferred_weight=r[11], preview=r[12], weight_dirs=dirs,
+            preferred_weight=r[11], preview=r[12], weight_dirs=dirs, kinds=r[15],
         )
 
     def rows(self, family: str | None = None) -> list[Row]:

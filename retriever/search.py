@@ -454,7 +454,7 @@ def format_table(matches: list[Match], root=None) -> str:
     """The ``compose search`` table."""
     import os
 
-    header = ("#", "name", "score", "signals", "trigger words", "path")
+    header = ("#", "name", "kind", "score", "signals", "trigger words", "path")
     lines = []
     for i, m in enumerate(matches, 1):
         sig = " ".join(f"{k[:3]}={v:.2f}" for k, v in sorted(m.signals.items(), key=lambda kv: -kv[1]))
@@ -465,7 +465,7 @@ def format_table(matches: list[Match], root=None) -> str:
                 path = os.path.relpath(path, root)
             except ValueError:
                 pass
-        lines.append((str(i), m.name, f"{m.score:.3f}", sig, trig, path))
+        lines.append((str(i), m.name, getattr(m.row, "kinds", "") or "?", f"{m.score:.3f}", sig, trig, path))
     widths = [max(len(h), *(len(r[c]) for r in lines)) if lines else len(h) for c, h in enumerate(header)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     out = [fmt.format(*header).rstrip()] + [fmt.format(*r).rstrip() for r in lines]

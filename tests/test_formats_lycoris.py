@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lora_composer.adapters import LayerDelta, load_adapter
+from lora_composer.adapters.kinds import kind_label
 from lora_composer.errors import ComposerError
 from lora_composer.pipeline import ComposerPipeline
 from lora_composer.runtime import LoraRuntime
@@ -141,6 +142,9 @@ def test_fused_matches_lycoris_merge_and_unfuse_restores(sd15_pipe, preset, tmp_
     path, ref = lycoris_file(sd15_pipe, str(preset), algo, tmp_path / f"{case}.safetensors", **kw)
     adapter = load_adapter(path)
     assert {type(d).__name__ for d in adapter.deltas.values()} == {kind}
+    label = {"loha": "LoHa", "lokr": "LoKr", "locon": "LoCon", "ia3": "IA3", "full": "full", "glora": "GLoRA",
+             "diag-oft": "OFT", "boft": "BOFT"}[algo]
+    assert kind_label(adapter) == ("DoRA" if "dora" in case else label)  # what the catalog and the UI show
     if algo == "boft":  # several butterfly stages, not a diagonal OFT in disguise
         assert min(d.blocks.dim() for d in adapter.deltas.values()) == 4
         assert max(d.blocks.shape[0] for d in adapter.deltas.values()) >= 3

@@ -111,6 +111,30 @@ def names(matches):
     return [m.name for m in matches]
 
 
+def test_an_older_catalog_reads_its_files_again_and_retries_what_it_skipped(tmp_path, pipe):
+    """A catalog written before the method column, or by a loader that refused a format since learned, is
+    brought up to date by the next index: rows get their method, remembered skips are tried again."""
+    lib = tmp_path / "lib"
+    write_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=5, text_encoder=False, conv=True), lib / "a.safetensors")
+    write_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=6, text_encoder=False), lib / "b.safetensors")
+    with Catalog.for_library(lib) as cat:
+        assert cat.index(progress=False).indexed == 2
+        assert {r.name: r.kinds for r in cat.rows()} == {"a": "LoCon", "b": "LoRA"}
+        b = lib / "b.safetensors"
+        st = b.stat()
+        cat._delete(next(r.id for r in cat.rows() if r.name == "b"))
+        cat.db.execute("ALTER TABLE files DROP COLUMN kinds")  # as an older version wrote it
+        cat.db.execute("INSERT INTO skipped VALUES (?, ?, ?, ?)", (str(b.resolve()), st.st_size, st.st_mtime_ns, "old refusal"))
+        cat.set_meta("loader", "an older loader")
+        cat.db.commit()
+    with Catalog.for_library(lib) as cat:
+        report = cat.index(progress=False)
+        assert not report.skipped and sorted(os.path.basename(p) for p in report.updated + report.added) == ["a.safetensors", "b.safetensors"]
+        assert {r.name: r.kinds for r in cat.rows()} == {"a": "LoCon", "b": "LoRA"}
+    with Catalog.for_library(lib) as cat:  # and nothing is read again after that
+        assert cat.index(progress=False).unchanged == 2
+
+
 def test_index_reports_corrupt_file_and_indexes_the_rest(catalog, library):
     report = catalog.report
     assert len(report.added) == 14 and not report.updated
@@ -241,7 +265,7 @@ def test_cli_index_search_and_loras_auto(tmp_path, monkeypatch, capsys, pipe):
     assert main(["search", "a castle in pixel art", "--library", str(lib), "--model", str(model), "-q"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[1].split()[:3] == ["#", "name", "score"] and lines[2].split()[1] == "pix"
+    assert lines[1].split()[:4] == ["#", "name", "kind", "score"] and lines[2].split()[1:3] == ["pix", "LoRA"]
     assert "pixel art" in lines[2] and "--loras auto would use: pix:1" in out
     assert '  pix: covers "pixel art" (trigger "pixel art", 1.00)' in out
     png = tmp_path / "auto.png"

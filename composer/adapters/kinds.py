@@ -463,3 +463,27 @@ for _cls in (LoHaDelta, LoKrDelta, FullDelta, GLoRADelta, OFTDelta):
     _cls.tensors = _tensors
 
 KINDS = ("lora", "loha", "lokr", "full", "dora", "ia3", "glora", "oft")
+
+_LABELS = {"loha": "LoHa", "lokr": "LoKr", "full": "full", "dora": "DoRA", "ia3": "IA3", "glora": "GLoRA"}
+
+
+def kind_label(adapter) -> str:
+    """What a user calls the adapter's method, from its layers: ``LoRA``, ``LoCon`` (LoRA on convolutions too),
+    ``LoHa``, ``LoKr``, ``DoRA``, ``IA3``, ``GLoRA``, ``OFT``, ``BOFT``, ``full``, ``SHiRA``; several joined by ``+``."""
+    seen: list[str] = []
+    plain_conv = False
+    for d in adapter.deltas.values():
+        if getattr(d, "is_sparse", False):
+            label = "SHiRA"
+        elif isinstance(d, OFTDelta):
+            label = "BOFT" if d.butterfly else "OFT"
+        elif isinstance(d, _Kind):
+            label = _LABELS.get(d.kind, d.kind)
+        else:
+            label = "LoRA"
+            plain_conv = plain_conv or d.is_conv
+        if label not in seen:
+            seen.append(label)
+    if plain_conv:
+        seen = ["LoCon" if s == "LoRA" else s for s in seen]
+    return " + ".join(sorted(seen)) or "empty"

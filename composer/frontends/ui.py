@@ -257,15 +257,16 @@ class ComposerUI:
         raise ComposerError(f"LoRA {text!r} is not in the library {self.library} (only its files can be used)")
 
     def catalog_rows(self, query: str = "") -> list[list]:
-        """The library as table rows (name, size MB, trigger words), filtered by ``query``."""
+        """The library as table rows (name, kind, size MB, trigger words), filtered by ``query``."""
         rows = []
-        words = {}
+        words, kinds = {}, {}
         try:
             from lora_composer.retriever import Catalog
 
             with Catalog.for_library(self.library) as cat:
                 for row in cat.rows():
                     words[Path(row.path).resolve()] = ", ".join(row.trigger_words)
+                    kinds[Path(row.path).resolve()] = row.kinds
         except Exception:  # no catalog yet, or no retriever: names only
             pass
         q = (query or "").strip().lower()
@@ -273,7 +274,7 @@ class ComposerUI:
             trig = words.get(path, "")
             if q and q not in name.lower() and q not in trig.lower():
                 continue
-            rows.append([name, round(path.stat().st_size / 2**20, 2), trig])
+            rows.append([name, kinds.get(path, ""), round(path.stat().st_size / 2**20, 2), trig])
         return rows
 
     # -- uploads ----------------------------------------------------------------------------------
@@ -713,7 +714,7 @@ def build_app(ui: ComposerUI):
                     png_md = gr.Markdown(elem_id="png-info-result")
                 with gr.Accordion("Library", open=False):
                     search = gr.Textbox(label="Search (name or trigger words)", elem_id="search")
-                    table = gr.Dataframe(headers=["name", "MB", "trigger words"], value=ui.catalog_rows(),
+                    table = gr.Dataframe(headers=["name", "kind", "MB", "trigger words"], value=ui.catalog_rows(),
                                          interactive=False)
                     if ui.allow_uploads:
                         upload = gr.File(label=f"Add a .safetensors LoRA (at most {ui.max_upload_bytes // 2**20} MB)",
