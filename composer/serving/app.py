@@ -136,6 +136,29 @@ class Server:
         return result
 
 
+@contextlib.asynccontextmanager
+async def _woken(job: Job):
+    """``await woken(timeout)`` returns when ``job`` emits an event (or after ``timeout`` s), without a thread
+    per waiting client: the worker's emit wakes the event loop."""
+    loop = asyncio.get_running_loop()
+    flag = asyncio.Event()
+
+    def wake():
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
+            loop.call_soon_threadsafe(flag.set)
+
+    async def woken(timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(flag.wait(), timeout)
+        flag.clear()
+
+    job.subscribe(wake)
+    try:
+        yield woken
+    finally:
+        job.unsubscribe(wake)
+
+
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -211,13 +234,17 @@ def create_app(server: Server) -> FastAPI:
             return job
         loop = asyncio.get_running_loop()
         deadline = loop.time() + server.config.request_timeout_s
-        while not await loop.run_in_executor(None, job.wait, 0.5):
-            if await request.is_disconnected():  # the client left: stop working for it
-                server.batcher.cancel(job.id)
-                return _error(499, "cancelled: the client disconnected")
-            if loop.time() > deadline:
-                server.batcher.cancel(job.id)
-                return _error(504, f"timeout: not done within {server.config.request_timeout_s:g} s (cancelled)")
+        async with _woken(job) as woken:
+            while not job.done:
+                await woken(0.5)
+                if job.done:
+                    break
+                if await request.is_disconnected():  # the client left: stop working for it
+                    server.batcher.cancel(job.id)
+                    return _error(499, "cancelled: the client disconnected")
+                if loop.time() > deadline:
+                    server.batcher.cancel(job.id)
+                    return _error(504, f"timeout: not done within {server.config.request_timeout_s:g} s (cancelled)")
         return result(job)
 
     @app.post("/v1/jobs", status_code=202)
@@ -256,16 +283,19 @@ def create_app(server: Server) -> FastAPI:
             return job
 
         async def stream():
-            index, loop = 0, asyncio.get_running_loop()
-            while True:
-                events = await loop.run_in_executor(None, job.events_after, index, 0.5)
-                for event in events:
-                    yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
-                index += len(events)
-                if job.done and index >= len(job.events):
-                    return
-                if await request.is_disconnected():
-                    return
+            index = 0
+            async with _woken(job) as woken:
+                while True:
+                    events = job.events[index:]
+                    for event in events:
+                        yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
+                    index += len(events)
+                    if job.done and index >= len(job.events):
+                        return
+                    if not events:
+                        await woken(0.5)
+                        if await request.is_disconnected():
+                            return
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

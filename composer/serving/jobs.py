@@ -61,6 +61,7 @@ class Job:
         self.http_status = 200
         self.cancel = threading.Event()
         self._cond = threading.Condition()
+        self._listeners: list = []  # called (no arguments) after every event, from the thread that emitted it
         self.batched_with = 0  # the most other requests that shared a denoiser batch with this one
         self.emit("queued")
 
@@ -68,6 +69,19 @@ class Job:
         with self._cond:
             self.events.append({"event": kind, "job": self.id, **data})
             self._cond.notify_all()
+            listeners = list(self._listeners)
+        for fn in listeners:
+            fn()
+
+    def subscribe(self, fn) -> None:
+        """Call ``fn()`` after each event from now on (an async server wakes its waiters with it)."""
+        with self._cond:
+            self._listeners.append(fn)
+
+    def unsubscribe(self, fn) -> None:
+        with self._cond:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
 
     def start(self) -> None:
         self.status, self.started = "running", time.monotonic()
