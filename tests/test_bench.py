@@ -7,7 +7,7 @@ import diffusers
 import pytest
 import torch
 
-from bench import common, fuse_cycles, switch_weights
+from bench import common, fuse_cycles, kinds, switch_weights
 
 
 def _check_table(result, columns, argv):
@@ -57,6 +57,16 @@ def test_fuse_cycles_tiny():
     # of 0 here would mean it measured the wrong weights)
     assert result.rows[1]["diffusers drift"] > 0
     assert result.rows[0]["fused weights max diff"] <= 1e-5
+
+
+def test_kinds_tiny():
+    """Each kind's file was written by PEFT, read by us, and both runtimes computed the same, changed output."""
+    argv = ["--tiny", "--no-write", "--repeats", "1"]
+    result = kinds.main(argv)
+    _check_table(result, kinds.COLUMNS, argv)
+    assert [r["kind"] for r in result.rows] == ["LoHa", "LoKr", "DoRA"]
+    for row in result.rows:
+        assert row["max rel diff"] < 1e-4 and row["_change"] > 1e-3 and row["file (MB)"] > 0, row
 
 
 def test_gpu_bench_smoke_on_cpu():
