@@ -54,7 +54,6 @@ def run_kind(kind: str, tiny: bool, repeats: int, folder: Path) -> dict:
 
     pipe, ours_host, model_label = common.build_models(tiny)
     inputs = common.small_unet_input(pipe.unet)
-    base_ms = common.time_ms(lambda: common.unet_out(ours_host.unet, inputs), repeats)
     base_out = common.unet_out(ours_host.unet, inputs)
     config, meta = _config(kind, common.RANK)
     inject_adapter_in_model(config, pipe.unet, adapter_name=kind)
@@ -72,11 +71,14 @@ def run_kind(kind: str, tiny: bool, repeats: int, folder: Path) -> dict:
     assert diff < 1e-4, f"{kind}: ours and PEFT differ by {diff:.3g}"
     change = float((want - base_out).abs().max() / base_out.abs().max())
     assert change > 1e-3, f"{kind}: the adapter changes the output by only {change:.3g} (nothing to time)"
-    ours_t, ref_t = [], []
-    for _ in range(repeats + 1):  # the first pair warms up
+    base_t, ours_t, ref_t = [], [], []
+    for _ in range(repeats + 1):  # the first round warms up
+        rt.set_weights(unet={kind: 0.0})  # a weight of 0 skips the adapter: the base UNet, hooks in place
+        base_t.append(common.timed(lambda: common.unet_out(ours_host.unet, inputs)))
+        rt.set_weights(unet={kind: 1.0})
         ours_t.append(common.timed(lambda: common.unet_out(ours_host.unet, inputs)))
         ref_t.append(common.timed(lambda: common.unet_out(pipe.unet, inputs)))
-    ours_ms, ref_ms = common.median_ms(ours_t[1:]), common.median_ms(ref_t[1:])
+    base_ms, ours_ms, ref_ms = (common.median_ms(t[1:]) for t in (base_t, ours_t, ref_t))
     row = {"kind": {"loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}[kind], "file (MB)": path.stat().st_size / 2**20,
            "load (ms)": load_ms, "base step (ms)": base_ms, "ours unfused (ms)": ours_ms, "PEFT (ms)": ref_ms,
            "PEFT / ours": ref_ms / ours_ms, "ours / base": ours_ms / base_ms, "max rel diff": diff, "_change": change,
@@ -109,7 +111,7 @@ def run(tiny: bool = False, repeats: int | None = None, kinds=KINDS, argv: list[
             f"{', '.join(common.TARGETS)}); one adapter of each kind, rank {common.RANK}, random non-zero weights, "
             "written by PEFT (`get_peft_model_state_dict`) and read back by `load_adapter` (load: median of its calls).",
             f"Step: one UNet call, batch 1, 8x8 latents, 8 tokens; medians of {repeats} calls after a warm-up, "
-            "ours and PEFT interleaved; base: the same UNet before any adapter, timed first.",
+            "base (our UNet with the adapter at weight 0, which skips it), ours and PEFT interleaved.",
         ],
         command=common.command("bench.kinds", argv if argv is not None else []),
     )
