@@ -68,6 +68,27 @@ def native_size(pipe, config, vae: int) -> tuple[int, int] | None:
     return (int(sample) * vae, int(sample) * vae) if sample else None
 
 
+# Pipelines a local folder is loaded as when its model_index.json names them: the class it was saved as, not
+# AutoPipelineForText2Image's pick for its family.
+DIT_PIPELINES = ("FluxPipeline", "FluxKontextPipeline", "StableDiffusion3Pipeline")
+
+
+def model_class(folder: Path) -> str | None:
+    """The pipeline class a model folder's ``model_index.json`` names (``_class_name``), or None."""
+    path = folder / "model_index.json"
+    if not path.is_file():
+        return None
+    try:
+        name = json.loads(path.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ComposerError(f"{path}: cannot read the model index ({str(exc).splitlines()[0]})") from None
+    return name if isinstance(name, str) else None
+
+
+def _takes(pipe, name: str) -> bool:
+    return name in inspect.signature(type(pipe).__call__).parameters
+
+
 def pipeline_guidance(pipe) -> float:
     """A DiT pipeline's own default guidance (FLUX.1-dev's distilled 3.5, SD3's 7); 7.5 for UNet pipelines."""
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
@@ -78,7 +99,7 @@ def pipeline_guidance(pipe) -> float:
 
 
 class ComposerPipeline:
-    """Compose LoRAs inside a diffusers pipeline (SD1.5 and SDXL families today).
+    """Compose LoRAs inside a diffusers pipeline (SD1.5, SDXL, FLUX.1 with Kontext, SD3).
 
     >>> pipe = ComposerPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", library="~/loras")
     >>> image = pipe("a castle <lora:ink-style:0.8>", loras=[("pixel-art", 0.5)], seed=1)[0]
@@ -102,15 +123,19 @@ class ComposerPipeline:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, library=None, torch_dtype=None, device=None, **kwargs):
-        """Load a diffusers model folder or Hub id (``AutoPipelineForText2Image``) and wrap it."""
+        """Load a diffusers model folder or Hub id (``AutoPipelineForText2Image``) and wrap it; a local folder
+        saved from a DiT pipeline (:data:`DIT_PIPELINES`) loads as the class its ``model_index.json`` names."""
+        import diffusers
         from diffusers import AutoPipelineForText2Image
 
         model = os.fspath(model)
         local = Path(model).expanduser()
         if local.exists() and not (local / "model_index.json").is_file():
             raise ComposerError(f"{local}: not a diffusers model folder (no model_index.json)")
+        name = model_class(local) if local.exists() else None
+        loader = getattr(diffusers, name) if name in DIT_PIPELINES else AutoPipelineForText2Image
         try:
-            pipe = AutoPipelineForText2Image.from_pretrained(
+            pipe = loader.from_pretrained(
                 str(local) if local.exists() else model, torch_dtype=torch_dtype, **kwargs
             )
         except OSError as exc:
@@ -299,6 +324,8 @@ class ComposerPipeline:
         Non-finite latents (an extreme LoRA weight) raise :class:`ComposerError` at the step they appear.
         """
         self.check_size(height, width, num_inference_steps, num_images_per_prompt, limits=limits)
+        if height and width and "max_area" not in pipe_kwargs and _takes(self.pipe, "max_area"):
+            pipe_kwargs["max_area"] = int(height) * int(width)  # Kontext rescales any size to max_area (1 MP)
         if guidance_scale is None:
             guidance_scale = self.default_guidance
         start = time.perf_counter()
@@ -308,6 +335,10 @@ class ComposerPipeline:
             loras = self.choose_loras(clean_prompt, top_k, min_score)
         refs = [_as_ref(item) for item in loras] + tag_refs
         strat = get_strategy(strategy, **(strategy_args or {}))
+        if negative_prompt and float(pipe_kwargs.get("true_cfg_scale") or 1) > 1 and not strat.static:
+            # FLUX's true CFG: two transformer calls per step, which a per-step plan (and its cache) would take for two
+            raise ComposerError(f"strategy '{strat.name}' cannot run with true CFG (negative_prompt and true_cfg_scale > 1): "
+                                "the transformer runs twice per step there; use merge, or leave true_cfg_scale at 1")
         chosen = self._attach(refs, allow_pickle)
 
         # Several requests for one file: the last one wins (as in A1111, one network per name).
