@@ -55,6 +55,8 @@ def parser() -> Parser:
     p.add_argument("--cache-mb", type=int, default=2048, metavar="MB", help="parsed LoRAs kept in host memory (default 2048)")
     p.add_argument("--resident-mb", type=int, default=1024, metavar="MB", help="attached LoRAs' factors before the least "
                    "recently used are detached (default 1024)")
+    p.add_argument("--max-resident", type=int, default=64, metavar="N", help="attached LoRAs before the least recently "
+                   "used are detached; on the CPU every layer's stack is reserved for this many (default 64)")
     p.add_argument("--drain-s", type=float, default=60.0, metavar="S", help="at shutdown, time given to accepted requests")
     return p
 
@@ -66,7 +68,7 @@ def main(argv: list[str]) -> int:
     if not is_loopback(args.host) and not token:
         raise UsageError(f"--host {args.host} is reachable from other machines: set a bearer token "
                          "(--token-file FILE or $LORA_COMPOSER_TOKEN)")
-    for name in ("port", "max_queue", "max_batch", "max_steps", "max_pixels", "max_loras"):
+    for name in ("port", "max_queue", "max_batch", "max_steps", "max_pixels", "max_loras", "max_resident"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     import uvicorn
@@ -79,7 +81,7 @@ def main(argv: list[str]) -> int:
         limits=Limits(max_steps=args.max_steps, max_pixels=args.max_pixels, max_loras=args.max_loras,
                       default_steps=min(20, args.max_steps)),
         max_queue=args.max_queue, max_batch=args.max_batch, batching=not args.no_batching,
-        cache_mb=args.cache_mb, resident_mb=args.resident_mb, drain_s=args.drain_s,
+        cache_mb=args.cache_mb, resident_mb=args.resident_mb, max_resident=args.max_resident, drain_s=args.drain_s,
     )
     server = Server(config)
     print(f"lora-composer serving on http://{args.host}:{args.port} (model {server.composer.model}, library "
