@@ -17,6 +17,7 @@ weights must equal the base bit for bit (asserted).
 
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
 
@@ -48,14 +49,13 @@ def _attach_pass(host, shapes, top: int, rank: int, reserve: int) -> dict[int, f
     for _ in range(3):  # K=1 is a single attach: three more, each into an empty runtime, for a median
         rt = LoraRuntime(host, reserve=reserve)
         adapter = common.random_factors(shapes, "a1", seed=5001, rank=rank).adapter()
-        first.append(common.timed(lambda: rt.add(adapter)) * 1e3)
+        first.append(common.timed(functools.partial(rt.add, adapter)) * 1e3)
         rt.clear()
     rt = LoraRuntime(host, reserve=reserve)
     ms = {}
     for k in range(1, top + 1):
         adapter = common.random_factors(shapes, f"a{k}", seed=5000 + k, rank=rank).adapter()
-        ms[k] = common.timed(lambda: rt.add(adapter)) * 1e3
-        del adapter
+        ms[k] = common.timed(functools.partial(rt.add, adapter)) * 1e3
     rt.clear()
     gc.collect()
     ms[1] = statistics.median(first + [ms[1]])  # with the sequence's own first attach
@@ -74,8 +74,7 @@ def _attach_times(tiny: bool, ks: list[int], rank: int, ref_max_k: int, reserve:
     for k in range(1, min(top, ref_max_k) + 1):
         sd = _state_dict(common.random_factors(shapes, f"a{k}", seed=5000 + k, rank=rank))
         with common.quiet_diffusers():
-            ref_ms[k] = common.timed(lambda: pipe.load_lora_weights(sd, adapter_name=f"a{k}")) * 1e3
-        del sd
+            ref_ms[k] = common.timed(functools.partial(pipe.load_lora_weights, sd, adapter_name=f"a{k}")) * 1e3
     common.log(f"[{NAME}] diffusers: " + ", ".join(f"K={k} {ref_ms[k]:.1f} ms" for k in ks if k in ref_ms))
 
     def window(ms: dict[int, float], k: int) -> float:

@@ -105,7 +105,7 @@ def test_generate_jobs_events_and_refusals(world):
         assert client.get("/v1/jobs/nope").status_code == 404
         # the refusals disturbed nothing: the next request renders the same image as the first
         again = client.post("/v1/generate", json=body)
-        pixels = (lambda png: Image.open(io.BytesIO(png)).convert("RGB").tobytes())  # noqa: E731 (not the record's time)
+        pixels = (lambda png: Image.open(io.BytesIO(png)).convert("RGB").tobytes())  # the pixels, not the record (its time)
         assert again.status_code == 200 and pixels(again.content) == pixels(first)
 
         metrics = client.get("/metrics").text

@@ -42,7 +42,9 @@ def test_batched_requests_equal_their_solo_renders(world):
     serving.adapter_loader = cache.load
     residency = Residency(serving, max_bytes=64 << 20)
     batcher = Batcher(serving, residency, max_batch=4)
-    lib = lambda name: library / f"{name}.safetensors"  # noqa: E731
+    def lib(name):
+        return library / f"{name}.safetensors"
+
     specs = [
         RenderSpec("a purple star on a striped background", loras=[(lib("star-shape"), 1.0), (lib("purple-colour"), 0.8)],
                    seed=11, steps=4, guidance=5.0),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,10 +41,10 @@ class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str = Field(max_length=4000, description="the prompt; <lora:name:w> tags are read as in the CLI")
     negative_prompt: str = Field("", max_length=4000)
-    loras: Union[list[LoraItem], Literal["auto"]] = Field(
+    loras: list[LoraItem] | Literal["auto"] = Field(
         default_factory=list, description='[{"name", "weight"}] or "auto" (the retriever picks from the prompt)')
     strategy: str = Field("merge", max_length=64, description="merge shares denoiser batches; others run alone")
-    strategy_args: dict[str, Union[float, int, str, bool]] = Field(default_factory=dict)
+    strategy_args: dict[str, float | int | str | bool] = Field(default_factory=dict)
     seed: int | None = Field(None, ge=0, lt=2**32, description="random (and returned in the PNG) when omitted")
     steps: int | None = Field(None, ge=1, description="denoising steps")
     width: int | None = Field(None, ge=8)
