@@ -122,3 +122,19 @@ def test_cancelling_a_running_request_leaves_the_batch_running(world):
         assert not residency._pins  # the cancelled request's adapters are free to evict again
     finally:
         batcher.close()
+
+
+def test_a_lora_that_does_not_fit_fails_alone(world, sd15_pipe, make_lora):
+    serving, _, library = world
+    serving.unload_all()
+    wrong = make_lora(sd15_pipe, "other-model")  # made for another (tiny) model: its layers do not fit
+    batcher = Batcher(serving, Residency(serving, max_bytes=64 << 20), max_batch=4)
+    try:
+        good = batcher.submit(RenderSpec("a star", loras=[(library / "star-shape.safetensors", 1.0)], seed=1, steps=3))
+        bad = batcher.submit(RenderSpec("a star", loras=[(wrong, 1.0)], seed=1, steps=3))
+        assert good.wait(60) and bad.wait(60)
+        assert good.status == "done" and bad.status == "failed" and bad.http_status == 422
+        assert "other-model" in bad.error and "\n" not in bad.error
+        assert "other-model" not in serving.runtime.adapters  # nothing of it stayed attached
+    finally:
+        batcher.close()

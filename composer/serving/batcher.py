@@ -252,6 +252,9 @@ class Batcher:
                 self._finish(job, "cancelled", error="cancelled", http_status=499)
             except (ComposerError, ValueError, KeyError, TypeError) as exc:
                 self._finish(job, "failed", error=_one_line(exc), http_status=422)
+            except Exception as exc:  # noqa: BLE001 (this request fails alone: the batch goes on)
+                traceback.print_exc()
+                self._finish(job, "failed", error=f"internal error: {_one_line(exc)}", http_status=500)
 
     def _resolve_loras(self, spec: RenderSpec) -> list[tuple]:
         loras = spec.loras
@@ -378,6 +381,9 @@ class Batcher:
                 elapsed_s=round(time.monotonic() - act.job.started, 3),
             )
             self._finish(act.job, "done", png=_png(image, record), record=record)
+        except Exception as exc:  # noqa: BLE001 (decoding one image fails that request only)
+            traceback.print_exc()
+            self._finish(act.job, "failed", error=f"internal error: {_one_line(exc)}", http_status=500)
         finally:
             self.residency.release(act.names)
 
