@@ -30,7 +30,7 @@ DEFAULT_GUIDANCE = 7.5  # any other model (diffusers' Stable Diffusion default)
 DEFAULT_LORA_WEIGHT = 1.0
 
 # Base-model families an adapter or a pipeline belongs to.
-FAMILIES = ("sd15", "sd2", "sdxl", "flux", "unknown")
+FAMILIES = ("sd15", "sd2", "sdxl", "flux", "sd3", "unknown")
 
 _BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
 
@@ -51,6 +51,8 @@ def pipeline_family(pipe) -> str:
     name = type(pipe).__name__
     if "Flux" in name:
         return "flux"
+    if "StableDiffusion3" in name:
+        return "sd3"
     if "XL" in name:
         return "sdxl"
     unet = getattr(pipe, "unet", None)

@@ -90,9 +90,18 @@ class TextEncoder:
         pipe = self.pipe
         device = getattr(pipe, "_execution_device", None) or torch.device("cpu")
         with torch.no_grad():
+            if getattr(pipe, "unet", None) is None and getattr(pipe, "text_encoder", None) is not None:
+                return self._clip_states(texts, device)
             out = pipe.encode_prompt(prompt=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         embeds = out[0]
         return embeds.detach().float().cpu()
+
+    def _clip_states(self, texts: list[str], device) -> torch.Tensor:
+        """A DiT pipeline's CLIP token states (FLUX's and SD3's prompt embeddings are T5's, or CLIP's padded and
+        joined with T5's, whose tokens do not line up with the CLIP tokenizer the signals count words with)."""
+        limit = getattr(self.tokenizer, "model_max_length", 77)
+        ids = self.tokenizer(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
+        return self.pipe.text_encoder(ids.to(device)).last_hidden_state.detach().float().cpu()
 
     def _lengths(self, texts: list[str]) -> list[int]:
         limit = getattr(self.tokenizer, "model_max_length", 77)

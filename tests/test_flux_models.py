@@ -106,3 +106,43 @@ def test_true_cfg_runs_merge_and_refuses_per_step_strategies(flux, files):
     assert np.abs(got - expected).max() < 1e-4 and composer.last_driver.calls == 4
     with pytest.raises(ComposerError, match="strategy 'switch' cannot run with true CFG"):
         composer("a red circle", loras=[(files["a"], 0.7)], seed=0, progress=False, strategy="switch", **call)
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_loras_auto_picks_by_name_on_dit_pipelines(flux, tmp_path, kind, home):
+    """The retriever reads a DiT pipeline's CLIP token states (its prompt embeddings are T5's)."""
+    pipe = flux if kind == "flux" else tiny_dit.build_tiny_sd3_pipeline()
+    library = tmp_path / "library"
+    for i, name in enumerate(("red-style", "zebra-pattern")):
+        # SD3's files carry its second CLIP too: what tells them from FLUX's at these toy widths
+        encoders = ("text_encoder",) if kind == "flux" else ("text_encoder", "text_encoder_2")
+        layers = tiny_dit.random_dit_lora_layers(pipe, rank=4, seed=i + 1, text_encoders=encoders)
+        tiny_dit.save_dit_diffusers_lora(pipe, layers, library / f"{name}.safetensors", rank=4)
+    composer = ComposerPipeline(copy.deepcopy(pipe), library=library)
+    images = composer("a red style circle", loras="auto", seed=0, progress=False, **CALL)
+    assert len(images) == 1 and images[0].size == (16, 16)
+    assert [m.row.name for m in composer.last_retrieval] == ["red-style"]
+    assert [lo["name"] for lo in composer.last_record.loras] == ["red-style"]
+    assert composer.adapters["red-style"].family == composer.runtime.family == kind
+
+
+def test_flux_and_sd3_files_are_told_apart(flux, files, tmp_path):
+    from lora_composer.adapters import LayerDelta
+    from lora_composer.adapters.family import detect_family
+
+    def delta(width):
+        return LayerDelta(torch.zeros(4, width), torch.zeros(width, 4), 4.0)
+
+    assert detect_family({"transformer.transformer_blocks.0.attn.to_q": delta(1536)}) == "sd3"  # SD3 medium
+    assert detect_family({"transformer.transformer_blocks.0.attn.to_q": delta(3072)}) == "flux"
+    assert detect_family({"transformer.pos_embed.proj": delta(32)}) == "sd3"
+    assert detect_family({"transformer.x_embedder": delta(32)}) == "flux"
+    sd3 = tiny_dit.build_tiny_sd3_pipeline()
+    layers = tiny_dit.random_dit_lora_layers(sd3, rank=4, seed=1, text_encoders=("text_encoder", "text_encoder_2"))
+    sd3_file = tiny_dit.save_dit_diffusers_lora(sd3, layers, tmp_path / "sd3-lora.safetensors", rank=4)
+    for pipe, path, message in ((sd3, files["a"], "a.safetensors: LoRA for flux, but the pipeline is sd3"),
+                                (flux, sd3_file, "sd3-lora.safetensors: LoRA for sd3, but the pipeline is flux")):
+        composer = ComposerPipeline(copy.deepcopy(pipe))
+        with pytest.raises(ComposerError, match=message):
+            composer("a red circle", loras=[(path, 1.0)], seed=0, progress=False, **CALL)
+        assert not composer.adapters and not composer.runtime.layers
