@@ -236,3 +236,32 @@ def save_flux_kohya_lora(layers, path, rank: int, alpha: float | None = None) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path))
     return path
+
+
+_XLABS = {"transformer_blocks": {"qkv_lora1": ("attn.to_q", "attn.to_k", "attn.to_v"), "proj_lora1": ("attn.to_out.0",),
+                                 "qkv_lora2": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                                 "proj_lora2": ("attn.to_add_out",)},
+          "single_transformer_blocks": {"qkv_lora": ("attn.to_q", "attn.to_k", "attn.to_v")}}
+
+
+def save_flux_xlabs_lora(layers, path) -> Path:
+    """Write the attention layers of FLUX ``layers`` (made with ``shared_down=True``: XLabs trains fused q, k, v)
+    in XLabs' keys, ``double_blocks.N.processor.qkv_lora1.down.weight``... (no alphas: scale 1)."""
+    from safetensors.torch import save_file
+
+    sd, out = layers["transformer"], {}
+    for kind, table in _XLABS.items():
+        bfl = "double_blocks" if kind == "transformer_blocks" else "single_blocks"
+        blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith(kind + ".")})
+        for i in blocks:
+            for name, modules in table.items():
+                downs = [sd[f"{kind}.{i}.{m}.lora_A.weight"] for m in modules]
+                if not all(torch.equal(d, downs[0]) for d in downs):
+                    raise ValueError(f"{kind}.{i}: XLabs fuses {', '.join(modules)} with one down weight")
+                out[f"{bfl}.{i}.processor.{name}.down.weight"] = downs[0].contiguous()
+                out[f"{bfl}.{i}.processor.{name}.up.weight"] = torch.cat(
+                    [sd[f"{kind}.{i}.{m}.lora_B.weight"] for m in modules]).contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path))
+    return path

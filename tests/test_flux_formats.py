@@ -185,3 +185,20 @@ def test_kohya_flux_parse_is_pure_and_keeps_alphas(tmp_path, template):
     torch.testing.assert_close(single.up, src["single_transformer_blocks.0.attn.to_k.lora_B.weight"])
     norm = ad.deltas["transformer.norm_out.linear"]
     torch.testing.assert_close(norm.up, src["norm_out.linear.lora_B.weight"])
+
+
+def test_xlabs_flux_matches_diffusers_reading_the_same_file(pipe, tmp_path):
+    paths = [tiny_dit.save_flux_xlabs_lora(_layers(pipe, seed=i + 6, shared_down=True), tmp_path / f"x{i}.safetensors")
+             for i in range(2)]
+    weights = [0.7, 0.3]
+    ref = copy.deepcopy(pipe)
+    for i, path in enumerate(paths):
+        ref.load_lora_weights(str(path), adapter_name=f"x{i}")
+    ref.set_adapters(["x0", "x1"], weights)
+    expected = _render(ref)
+    composer = ComposerPipeline(copy.deepcopy(pipe))
+    got = composer(PROMPT, loras=list(zip(paths, weights)), seed=0, progress=False, **CALL)
+    assert np.abs(got - expected).max() < 1e-4 and np.abs(expected - _render(pipe)).max() > 1e-3  # attention only
+    ad = composer.adapters["x0"]
+    assert ad.family == "flux" and ad.metadata.source_format == "xlabs"
+    assert "transformer.single_transformer_blocks.0.attn.to_v" in ad.deltas and len(ad.deltas) == 11

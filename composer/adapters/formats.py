@@ -85,7 +85,7 @@ def _example(keys) -> str:
 
 
 def detect_format(keys) -> str:
-    """``"kohya"``, ``"kohya-flux"`` or ``"diffusers"``; raises :class:`FormatError` otherwise."""
+    """``"kohya"``, ``"kohya-flux"``, ``"xlabs-flux"`` or ``"diffusers"``; raises :class:`FormatError` otherwise."""
     keys = list(keys)
     if not keys:
         raise FormatError("no tensors in file")
@@ -100,6 +100,8 @@ def detect_format(keys) -> str:
         if any("double_blocks" in k or "single_blocks" in k for k in keys):
             return "kohya-flux"
         return "kohya"
+    if all(k.removeprefix("diffusion_model.").startswith(("double_blocks.", "single_blocks.")) for k in keys):
+        return "xlabs-flux"
     diffusers_like = [
         k for k in keys if k.split(".", 1)[0] in COMPONENTS and k.endswith(_DIFFUSERS_SUFFIXES + _PEFT_KIND_SUFFIXES)
     ]
@@ -113,7 +115,7 @@ def detect_format(keys) -> str:
 
 
 def parse_state_dict(state_dict: dict[str, torch.Tensor], header: dict[str, str] | None = None):
-    """Canonical deltas and source format (``"diffusers"`` or ``"kohya"``) of a LoRA state dict.
+    """Canonical deltas and source format (``"diffusers"``, ``"kohya"`` or ``"xlabs"``) of a LoRA state dict.
 
     Pure: ``state_dict`` is not modified. Raises :class:`FormatError` with a one-line cause.
     """
@@ -126,6 +128,8 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], header: dict[str, str]
         return _parse_kohya(state_dict), "kohya"
     if fmt == "kohya-flux":
         return _parse_kohya_flux(state_dict), "kohya"
+    if fmt == "xlabs-flux":
+        return _parse_xlabs_flux(state_dict), "xlabs"
     return _parse_diffusers(state_dict, header), "diffusers"
 
 
@@ -307,6 +311,24 @@ def _parse_kohya_flux(state_dict):
         dropped = [n for n in groups if n not in own and not _converts(n, groups[n])]
         raise FormatError(f"unknown key format (key {(dropped or [_example(rest)])[0]!r})")
     return deltas
+
+
+def _parse_xlabs_flux(state_dict):
+    """XLabs FLUX files (``double_blocks.N.processor.qkv_lora1.down.weight``...): diffusers' converter, which is
+    right at any width (it splits fused q, k, v in three equal parts); no alphas (scale 1, as diffusers)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
+
+    odd = [k for k in state_dict if not k.endswith((".down.weight", ".up.weight")) or "_lora" not in k]
+    if odd:
+        raise FormatError(f"unknown key format in XLabs FLUX LoRA (key {odd[0]!r})")
+    try:
+        converted = _convert_xlabs_flux_lora_to_diffusers(dict(state_dict))
+    except Exception as e:  # noqa: BLE001 - the converter raises bare asserts, KeyErrors and AttributeErrors
+        raise FormatError(f"cannot convert XLabs FLUX LoRA: {type(e).__name__}: {e}") from None
+    sub = {k[len("transformer.") :]: v for k, v in converted.items() if k.startswith("transformer.")}
+    if len(sub) != len(converted) or not sub:
+        raise FormatError(f"unknown key format in XLabs FLUX LoRA (key {_example(state_dict)!r})")
+    return {module: _pair(module, d, u, None) for module, (d, u) in _collect("transformer", sub, {}).items()}
 
 
 def _converts(name: str, parts: dict[str, torch.Tensor]) -> bool:
