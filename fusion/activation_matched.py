@@ -16,7 +16,8 @@ them exactly as merge (one pass per step, fusable), then detaches them.
 ``lam = alpha * mean(diag(G))`` (``alpha``): small values follow the activations closely (when two LoRAs
 see the same inputs, their deltas are averaged there rather than summed); large values shrink every delta
 towards the base. Layers whose ``d_in`` exceeds ``max_features`` (default 4096: a float32 Gram of 64 MiB)
-keep their plain delta, as do SHiRA layers and layers outside ``scope`` (``all``, ``text``: the text
+keep their plain delta, as do SHiRA layers, layers of the other kinds (LoHa, LoKr, DoRA, IA3, OFT...) and
+layers outside ``scope`` (``all``, ``text``: the text
 encoders only, ``kv``: text encoders and cross-attention keys/values, ``unet``: the denoiser only).
 
 Cost: one profiling pass per LoRA (cached on disk by the file's sha256, the base model and the settings;
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from lora_composer.adapters.types import LayerDelta
 from lora_composer.fusion import activation_stats as stats
 from lora_composer.fusion.base import StepPlan, Strategy
 from lora_composer.vocab import TEXT_ENCODERS
@@ -81,7 +83,7 @@ class ActivationMatchedStrategy(Strategy):
         cfg = getattr(self, "context", None) and self.context.cfg
         guidance = self.guidance if self.guidance is not None else (5.0 if cfg or cfg is None else 1.0)
         return {"templates": list(self.templates), "steps": self.profile_steps, "images": self.profile_images,
-                "guidance": float(guidance), "max_features": self.max_features, "seed": 0}
+                "guidance": float(guidance), "max_features": self.max_features, "seed": 0, "layers": "lora"}
 
     def begin(self, adapters, weights, num_steps, context=None) -> None:
         super().begin(adapters, weights, num_steps, context)
@@ -103,8 +105,9 @@ class ActivationMatchedStrategy(Strategy):
                                           model=model, use_cache=self.cache)
         layers: dict[str, list[str]] = {}
         for name, g in grams.items():
+            deltas = ctx.adapter(name).deltas
             for key in g:
-                if _in_scope(key, self.scope):
+                if _in_scope(key, self.scope) and isinstance(deltas.get(key), LayerDelta):
                     layers.setdefault(key, []).append(name)
         for key, names in layers.items():
             adapters = [ctx.adapter(n) for n in names]

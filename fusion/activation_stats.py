@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lora_composer.adapters.types import LayerDelta
 from lora_composer.cache import cache_dir
 
 CACHE_VERSION = 1
@@ -160,7 +161,8 @@ def collect_grams(pipe, runtime, adapter, unet_weight: float, te_weight: float, 
     try:
         for key, delta in adapter.deltas.items():
             layer = runtime.layers.get(key)
-            if layer is None or delta.is_sparse or flat_down(delta.down).shape[1] > settings["max_features"]:
+            # plain (down, up) layers only: LoHa/LoKr/DoRA/IA3/OFT layers keep their own delta
+            if layer is None or not isinstance(delta, LayerDelta) or flat_down(delta.down).shape[1] > settings["max_features"]:
                 continue
             accs[key] = _Accumulator(layer.module)
         runtime.set_weights(unet={name: unet_weight}, text={name: te_weight})

@@ -49,6 +49,7 @@ import math
 
 import torch
 
+from lora_composer.adapters.kinds import has_factors
 from lora_composer.vocab import CROSS_ATTENTION_KV as KV_SUFFIXES
 from lora_composer.vocab import DENOISERS, layer_group
 from lora_composer.fusion.base import StepPlan, Strategy
@@ -73,7 +74,7 @@ def prompt_responses(adapters, groups: list[str], embeddings: torch.Tensor) -> t
         key
         for ad in adapters
         for key, d in ad.deltas.items()
-        if key.split(".", 1)[0] in DENOISERS and key.endswith(KV_SUFFIXES) and d.down.dim() == 2
+        if key.split(".", 1)[0] in DENOISERS and key.endswith(KV_SUFFIXES) and has_factors(d) and d.down.dim() == 2
         and d.down.shape[1] == width
     }
     by_group: dict[str, list[str]] = {}
@@ -90,7 +91,7 @@ def prompt_responses(adapters, groups: list[str], embeddings: torch.Tensor) -> t
             total = sum(
                 float(layer_response(d.down, d.up, d.scale, embeddings))
                 for d in (ad.deltas.get(k) for k in layer_keys)
-                if d is not None
+                if d is not None and has_factors(d)
             )
             r[g, i] = total / len(layer_keys)
     if has.any():

@@ -83,11 +83,10 @@ CREATE TABLE IF NOT EXISTS skipped (path TEXT PRIMARY KEY, size INTEGER, mtime_n
 
 def _loader_signature() -> str:
     """What the adapter loader reads and refuses: a skip remembered under another signature may not hold."""
-    from lora_composer import __version__
     from lora_composer.adapters.kinds import KINDS
     from lora_composer.adapters.lycoris import NOT_LOADED
 
-    return f"{__version__};{','.join(KINDS)};boft;refused:{','.join(f for f, _ in NOT_LOADED)}"
+    return f"{','.join(KINDS)};boft;refused:{','.join(f for f, _ in NOT_LOADED)}"
 
 
 @dataclass

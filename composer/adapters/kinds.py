@@ -464,6 +464,18 @@ for _cls in (LoHaDelta, LoKrDelta, FullDelta, GLoRADelta, OFTDelta):
 
 KINDS = ("lora", "loha", "lokr", "full", "dora", "ia3", "glora", "oft")
 
+def has_factors(d) -> bool:
+    """Whether a layer delta reads as ``scale * up @ down`` (LoRA, LoCon, LoHa, LoKr, full, DoRA's direction,
+    GLoRA's fixed part). IA3 and OFT scale or rotate the base weight and have no factors to read; SHiRA is
+    sparse. Code that reads factors (gates, activation statistics, the retriever's weight signal) skips them."""
+    if getattr(d, "is_sparse", False):
+        return False
+    try:
+        return d.down is not None
+    except AttributeError:
+        return False
+
+
 _LABELS = {"loha": "LoHa", "lokr": "LoKr", "full": "full", "dora": "DoRA", "ia3": "IA3", "glora": "GLoRA"}
 
 

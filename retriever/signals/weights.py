@@ -26,18 +26,16 @@ import math
 
 import numpy as np
 
+from lora_composer.adapters.kinds import has_factors
 from lora_composer.vocab import CROSS_ATTENTION_KV as KV_SUFFIXES
 from lora_composer.vocab import DENOISERS
 DIRECTIONS = 2
 
 
 def _has_factors(d) -> bool:
-    """Whether the delta reads as low-rank factors. IA3 and OFT scale or rotate the base weight: what they
+    """Whether the delta reads as 2-D low-rank factors. IA3 and OFT scale or rotate the base weight: what they
     respond to depends on that weight, which this signal does not read, so their layers are left out."""
-    try:
-        return d.down.dim() == 2
-    except AttributeError:
-        return False
+    return has_factors(d) and d.down.dim() == 2
 
 
 def kv_deltas(adapter):
