@@ -184,20 +184,25 @@ def test_alpha_other_than_rank_matches_lycoris_forward(sd15_pipe, preset, tmp_pa
     assert _rel(_unet(sd15_pipe, inputs), want) < 1e-4
 
 
-def test_sdxl_two_text_encoders(sdxl_pipe, preset, tmp_path):
-    """LyCORIS writes lora_te1_/lora_te2_ for SDXL's two text encoders; fused equals its merge."""
+@pytest.mark.parametrize("case", ["loha", "lokr-low-rank", "locon-tucker", "dora-locon", "glora", "diag-oft", "ia3"])
+def test_sdxl_two_text_encoders(sdxl_pipe, preset, tmp_path, case):
+    """LyCORIS writes lora_te1_/lora_te2_ for SDXL's two text encoders; fused equals its merge, for each family."""
+    algo, kw, kind = CASES[case]
+    kw = {"dim": 4, "alpha": 4.0, **kw}
+    dim, alpha = kw.pop("dim"), kw.pop("alpha")
     base = copy.deepcopy(sdxl_pipe)
     ref = copy.deepcopy(sdxl_pipe)
     tes = [ref.text_encoder, ref.text_encoder_2]
-    net = kohya.create_network(1.0, 4, 4.0, ref.vae, tes, ref.unet, preset=preset, algo="loha")
+    net = kohya.create_network(1.0, dim, alpha, ref.vae, tes, ref.unet, preset=preset, algo=algo, **kw)
     net.apply_to(tes, ref.unet, True, True)
     _randomise(net.named_parameters())
-    path = tmp_path / "xl-loha.safetensors"
+    path = tmp_path / f"xl-{case}.safetensors"
     net.save_weights(str(path), torch.float32, {})
     for lora in net.loras:
         lora.merge_to(1.0)
         lora.restore()
     adapter = load_adapter(path)
+    assert {type(d).__name__ for d in adapter.deltas.values()} == {kind}
     assert adapter.family == "sdxl" and {"unet", "text_encoder", "text_encoder_2"} <= adapter.components()
     rt = LoraRuntime(sdxl_pipe)
     rt.add(adapter)
