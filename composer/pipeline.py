@@ -337,8 +337,9 @@ class ComposerPipeline:
         strat = get_strategy(strategy, **(strategy_args or {}))
         if negative_prompt and float(pipe_kwargs.get("true_cfg_scale") or 1) > 1 and not strat.static:
             # FLUX's true CFG: two transformer calls per step, which a per-step plan (and its cache) would take for two
-            raise ComposerError(f"strategy '{strat.name}' cannot run with true CFG (negative_prompt and true_cfg_scale > 1): "
-                                "the transformer runs twice per step there; use merge, or leave true_cfg_scale at 1")
+            raise ComposerError(f"strategy '{strat.name}' cannot run with true CFG (negative_prompt and "
+                                "true_cfg_scale > 1): the transformer runs twice per step there; use merge, "
+                                "or leave true_cfg_scale at 1")
         chosen = self._attach(refs, allow_pickle)
 
         # Several requests for one file: the last one wins (as in A1111, one network per name).

@@ -150,7 +150,9 @@ def random_dit_lora_layers(
         layers[comp] = sd
     if shared_down:
         sd = layers["transformer"]
-        for fused in (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")):
+        fused_layers = (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+                        ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))
+        for fused in fused_layers:
             for key in [k for k in sd if k.endswith(f".{fused[0]}.lora_A.weight")]:
                 block = key[: -len(f"{fused[0]}.lora_A.weight")]
                 for other in fused[1:]:
@@ -178,7 +180,8 @@ _DOUBLE = {
     "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_proj": ("attn.to_out.0",),
     "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",), "img_mod_lin": ("norm1.linear",),
     "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "txt_attn_proj": ("attn.to_add_out",),
-    "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",), "txt_mod_lin": ("norm1_context.linear",),
+    "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",),
+    "txt_mod_lin": ("norm1_context.linear",),
 }
 _SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
            "modulation_lin": ("norm.linear",)}

@@ -100,7 +100,8 @@ class TextEncoder:
         """A DiT pipeline's CLIP token states (FLUX's and SD3's prompt embeddings are T5's, or CLIP's padded and
         joined with T5's, whose tokens do not line up with the CLIP tokenizer the signals count words with)."""
         limit = getattr(self.tokenizer, "model_max_length", 77)
-        ids = self.tokenizer(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+        ids = ids.input_ids
         return self.pipe.text_encoder(ids.to(device)).last_hidden_state.detach().float().cpu()
 
     def _lengths(self, texts: list[str]) -> list[int]:

@@ -39,7 +39,8 @@ def pipe(template):
 
 
 def _layers(pipe, seed, shared_down, text_encoders=("text_encoder",)):
-    layers = tiny_dit.random_dit_lora_layers(pipe, rank=4, seed=seed, shared_down=shared_down, text_encoders=text_encoders)
+    layers = tiny_dit.random_dit_lora_layers(pipe, rank=4, seed=seed, shared_down=shared_down,
+                                             text_encoders=text_encoders)
     # what kohya files hold: the blocks, the final layer and the text encoders (no embedders)
     layers["transformer"] = {k: v for k, v in layers["transformer"].items() if k.startswith(BLOCKS)}
     return layers
@@ -96,13 +97,15 @@ def test_kohya_flux_t5_keys_match_peft(pipe, tmp_path):
     w = 0.7
     ref = copy.deepcopy(pipe)
     rest = {k: v for k, v in layers.items() if k != "text_encoder_2"}
-    ref.load_lora_weights(str(tiny_dit.save_dit_diffusers_lora(pipe, rest, tmp_path / "rest.safetensors", 4, 8)), adapter_name="a")
+    rest_file = tiny_dit.save_dit_diffusers_lora(pipe, rest, tmp_path / "rest.safetensors", 4, 8)
+    ref.load_lora_weights(str(rest_file), adapter_name="a")
     ref.set_adapters(["a"], [w])
     t5 = layers["text_encoder_2"]
     targets = sorted({k.rsplit(".lora_", 1)[0] for k in t5})
     config = LoraConfig(r=4, lora_alpha=8 * w, target_modules=targets)  # weight w: alpha scaled by w
     inject_adapter_in_model(config, ref.text_encoder_2, adapter_name="t5")
-    set_peft_model_state_dict(ref.text_encoder_2, {k.replace(".weight", ".t5.weight"): v for k, v in t5.items()}, adapter_name="t5")
+    named = {k.replace(".weight", ".t5.weight"): v for k, v in t5.items()}
+    set_peft_model_state_dict(ref.text_encoder_2, named, adapter_name="t5")
     expected = _render(ref)
 
     composer = ComposerPipeline(copy.deepcopy(pipe))

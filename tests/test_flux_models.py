@@ -95,7 +95,8 @@ def test_unreadable_model_index_is_one_line(tmp_path):
 
 
 def test_true_cfg_runs_merge_and_refuses_per_step_strategies(flux, files):
-    """FLUX's true CFG calls the transformer twice per step: merge follows diffusers, per-step strategies are refused."""
+    """FLUX's true CFG calls the transformer twice per step: merge follows diffusers, per-step strategies are
+    refused."""
     call = dict(negative_prompt="blurry", true_cfg_scale=2.0, output_type="np", guidance_scale=3.5, **CALL)
     ref = copy.deepcopy(flux)
     ref.load_lora_weights(str(files["a"]), adapter_name="a")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_composer import tiny_dit
-from lora_composer.fusion import StrategyContext, get_strategy
+from lora_composer.fusion import StrategyContext
 from lora_composer.fusion.registry import available as strategy_names
 from lora_composer.pipeline import ComposerPipeline
 
@@ -50,7 +50,8 @@ def files(pipe, family, tmp_path):
     out = {}
     for i, (name, alpha) in enumerate((("a", 8), ("b", 4))):
         layers = tiny_dit.random_dit_lora_layers(pipe, rank=4, seed=i + 1, text_encoders=TEXT[family])
-        out[name] = tiny_dit.save_dit_diffusers_lora(pipe, layers, tmp_path / f"{name}.safetensors", rank=4, alpha=alpha)
+        path = tmp_path / f"{name}.safetensors"
+        out[name] = tiny_dit.save_dit_diffusers_lora(pipe, layers, path, rank=4, alpha=alpha)
     return out
 
 

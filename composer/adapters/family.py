@@ -39,7 +39,8 @@ def detect_family(deltas: dict[str, LayerDelta], keys=None) -> str:
 
     In order: FLUX keys; SD3 keys (a patch embedding, SD3.5's second attention, SD3's widths, a second CLIP or
     a third text encoder beside transformer keys); other transformer keys -> flux; a second text encoder or
-    SDXL's ``add_embedding`` -> sdxl; the UNet's cross-attention in-features (768 sd15, 1024 sd2, 2048 sdxl); the text encoder's width for
+    SDXL's ``add_embedding`` -> sdxl; the UNet's cross-attention in-features (768 sd15, 1024 sd2, 2048 sdxl);
+    the text encoder's width for
     text-encoder-only files; then structure for models of other widths: several transformer blocks
     per attention (SDXL's ``transformer_layers_per_block``) -> sdxl, any other SD-style UNet or text
     encoder key -> sd15.

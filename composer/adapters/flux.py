@@ -33,7 +33,8 @@ def is_own(name: str) -> bool:
     return bool(_SINGLE_LINEAR1.match(name)) or name in _FINAL or name.startswith("lora_te2_")
 
 
-def split_fused(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None, dims: list[int]) -> list[LayerDelta]:
+def split_fused(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None,
+                dims: list[int]) -> list[LayerDelta]:
     """One delta per output slice ``dims`` of a fused layer. The down weight is shared by every slice, unless
     the up weight is block-diagonal over equal rank slices (a fused file written from separate LoRAs): then
     each slice keeps its own rank columns. Either way the slices' deltas are exactly the fused delta's rows."""
@@ -70,13 +71,14 @@ def own_deltas(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, LayerDel
         single = _SINGLE_LINEAR1.match(name)
         if single:
             if up.dim() != 2 or up.shape[0] % 7:
-                raise FormatError(f"layer {name}: up weight {tuple(up.shape)} is not FLUX's fused q, k, v, mlp (rows = 7 x width)")
+                raise FormatError(f"layer {name}: up weight {tuple(up.shape)} is not FLUX's fused q, k, v, mlp "
+                                  "(rows = 7 x width)")
             d = up.shape[0] // 7
             prefix = f"transformer.single_transformer_blocks.{single.group(1)}"
             targets = [f"{prefix}.attn.to_q", f"{prefix}.attn.to_k", f"{prefix}.attn.to_v", f"{prefix}.proj_mlp"]
             deltas.update(zip(targets, split_fused(name, down, up, alpha, [d, d, d, 4 * d])))
         elif name in _FINAL:
-            if name.endswith("adaLN_modulation_1"):  # BFL: (shift, scale); diffusers' AdaLayerNormContinuous: (scale, shift)
+            if name.endswith("adaLN_modulation_1"):  # BFL: (shift, scale); diffusers' norm_out: (scale, shift)
                 shift, scale = up.chunk(2, dim=0)
                 up = torch.cat([scale, shift], dim=0)
             deltas[_FINAL[name]] = _pair(name, down, up, alpha)
