@@ -23,6 +23,22 @@ def test_convert_to_shira(sd15_pipe, make_lora, tmp_path, capsys):
         assert torch.allclose(d.dense()[d.dense() != 0], full[d.dense() != 0])
 
 
+def test_convert_to_shira_counts_the_conv_layers_it_leaves_out(sd15_pipe, make_lora, tmp_path, capsys):
+    import os
+
+    src = make_lora(sd15_pipe, "l", rank=4, seed=1, text_encoder=False, conv=True)
+    convs = sum(1 for d in load_adapter(src).deltas.values() if d.is_conv)
+    out = tmp_path / "s.safetensors"
+    assert cli.main(["convert", "--to", "shira", "--density", "0.05", "-q", str(src), str(out)]) == 0
+    summary = capsys.readouterr().out.splitlines()[0]
+    total = len(load_adapter(src).deltas)
+    assert convs > 0 and f"; {convs} Conv2d (LoCon) layer(s) of {total} left out" in summary, summary
+    assert len(load_adapter(out).deltas) == total - convs
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not 0600
+
+
 def test_convert_squeeze_rank_and_auto(sd15_pipe, make_lora, tmp_path, capsys):
     src = make_lora(sd15_pipe, "l", rank=8, seed=2, text_encoder=False)
     out = tmp_path / "r2.safetensors"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import functools
 import os
 import re
 from pathlib import Path
@@ -175,6 +176,14 @@ def save_adapter(adapter: Adapter, path) -> Path:
     return write_safetensors(tensors, p, header)
 
 
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask (read once: reading it means setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_safetensors(tensors: dict, path: Path, header: dict[str, str]) -> Path:
     """Write next to ``path`` and rename into place, so a failed save leaves no partial file."""
     from safetensors.torch import save_file
@@ -189,6 +198,7 @@ def write_safetensors(tensors: dict, path: Path, header: dict[str, str]) -> Path
         seen.add(tensors[k].data_ptr())
     try:
         save_file(tensors, str(tmp), metadata=header)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; a saved adapter is an ordinary file
         os.replace(tmp, path)
     finally:
         if tmp.exists():
