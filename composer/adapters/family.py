@@ -54,7 +54,7 @@ def detect_family(deltas: dict[str, LayerDelta], keys=None) -> str:
         return "flux"
     if transformer:
         widths = {_in_width(d) for n, d in deltas.items() if n.startswith("transformer.transformer_blocks.")
-                  and n.endswith(".attn.to_q")}
+                  and n.endswith((".attn.to_q", ".attn.to_k", ".attn.to_v", ".attn.to_out.0"))}
         if any(m in n for n in transformer for m in _SD3_MARKERS) or widths & _SD3_WIDTHS \
                 or any(_CLIP_LAYERS.match(n) or n.startswith("text_encoder_3.") for n in names):
             return "sd3"
