@@ -307,8 +307,26 @@ class DoRADelta(_Kind):
         return {**out, "magnitude": self.magnitude}
 
 
+class _NoFactors(_Kind):
+    """A kind that only acts through the base weight (IA3 scales it, OFT rotates it): no ``(down, up)`` view,
+    so code reading factors must skip it (:func:`has_factors`); the runtime adds its dense ``f(W0) - W0``."""
+
+    additive = False
+    rank = 0
+    is_conv = False
+    action = "changes"
+
+    def _view(self):
+        raise AttributeError(f"an {self.kind.upper()} delta has no low-rank factors (it {self.action} the base weight)")
+
+    down = up = property(lambda self: self._view())
+
+    def factors(self, shape=None):
+        return None
+
+
 @dataclass(eq=False)
-class IA3Delta(_Kind):
+class IA3Delta(_NoFactors):
     """IA3: the weight's input columns or output rows scaled by ``scale`` (the multiplier itself: PEFT's
     ``ia3_l``; LyCORIS stores ``scale - 1``). ``scale_bias``: an output scaling also scales the bias (PEFT)."""
 
@@ -316,17 +334,7 @@ class IA3Delta(_Kind):
     on_input: bool = False
     scale_bias: bool = False
     kind = "ia3"
-    additive = False
-    rank = 0
-    is_conv = False
-
-    def _view(self):
-        raise AttributeError("an IA3 delta has no low-rank factors (it scales the base weight)")
-
-    down = up = property(lambda self: self._view())
-
-    def factors(self, shape=None):
-        return None
+    action = "scales"
 
     def dense(self, weight, bias=None):
         axis = 1 if self.on_input else 0
@@ -386,7 +394,7 @@ class GLoRADelta(_Kind):
 
 
 @dataclass(eq=False)
-class OFTDelta(_Kind):
+class OFTDelta(_NoFactors):
     """OFT (LyCORIS ``oft_blocks``): output rows of the weight rotated by block-diagonal orthogonal matrices
     ``R = (I + Q)(I - Q)^-1`` (Cayley), ``Q = B - B^T``; ``constraint`` (LyCORIS's ``alpha``) times the output
     size caps ``||Q||``; ``rescale`` (``[out, 1, ...]``) scales the rows after. Multiplicative: ``dense`` is
@@ -400,17 +408,7 @@ class OFTDelta(_Kind):
     rescale: torch.Tensor | None = None
     constraint: float = 0.0  # LyCORIS's alpha: the cap on ||Q|| is constraint * out
     kind = "oft"
-    additive = False
-    rank = 0
-    is_conv = False
-
-    def _view(self):
-        raise AttributeError("an OFT delta has no low-rank factors (it rotates the base weight)")
-
-    down = up = property(lambda self: self._view())
-
-    def factors(self, shape=None):
-        return None
+    action = "rotates"
 
     @property
     def butterfly(self) -> bool:
