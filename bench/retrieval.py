@@ -61,7 +61,9 @@ def _synthetic_catalog(root: Path, n: int, d: int, seed: int = 0):
         fts.append((i + 1, f"lora-{i}", ", ".join(trig), "", desc))
         rows.append(Row(i + 1, f"/lib/lora-{i}.safetensors", f"{i:064x}", f"{i:012x}", f"lora-{i}", "sd15", 8, [], trig,
                         [], desc, None, None, None))
-    cat.db.executemany("INSERT INTO files VALUES (" + ",".join("?" * 20) + ")", files)
+    cols = ("id, path, sha256, short_hash, size, mtime_ns, side_mtime_ns, name, family, rank, targets, trigger_words, "
+            "tags, description, preferred_weight, preview, weight_dirs, weight_dim, weight_energy, indexed_at")
+    cat.db.executemany(f"INSERT INTO files ({cols}) VALUES (" + ",".join("?" * 20) + ")", files)
     cat.db.executemany("INSERT INTO fts (rowid, name, trigger_words, tags, description) VALUES (?,?,?,?,?)", fts)
     cat.db.commit()
     m = rng.standard_normal((n, d * (1 + DIRECTIONS)), dtype=np.float32)
