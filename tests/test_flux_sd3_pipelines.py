@@ -90,6 +90,29 @@ def test_merge_matches_diffusers(pipe, files, family):
         assert {"proj_mlp", "proj_out"} <= kinds  # single blocks
 
 
+def test_switch_matches_diffusers_callback_switching(pipe, files, family):
+    """Switch, one adapter per step in turn, against diffusers: the first adapter set before the call (the
+    prompt is encoded with it alone), the next step's one set in ``callback_on_step_end``."""
+    weights, names = [0.9, 0.6], list(files)
+    ref = copy.deepcopy(pipe)
+    for name, path in files.items():
+        ref.load_lora_weights(str(path), adapter_name=name)
+
+    def callback(p, step_index, timestep, callback_kwargs):
+        i = (step_index + 1) % 2
+        p.set_adapters([names[i]], [weights[i]])
+        return {}
+
+    ref.set_adapters([names[0]], [weights[0]])
+    expected = ref(prompt=PROMPT, generator=torch.Generator().manual_seed(0), callback_on_step_end=callback,
+                   **_call(family)).images
+    composer = ComposerPipeline(copy.deepcopy(pipe))
+    got = _run(composer, files, weights, family, strategy="switch", strategy_args={"every": 1})
+    assert [int(p.weights[0].argmax()) for p in composer.last_driver.history] == [0, 1]
+    assert np.abs(got - expected).max() < 1e-4
+    assert np.abs(got - _run(composer, files, weights, family)).max() > 1e-3  # not merge
+
+
 def composite_reference(pipe, files, weights, family, **kwargs):
     """PEFT adapters; the transformer's forward runs once per adapter alone (``set_adapters``) and averages."""
     ref = copy.deepcopy(pipe)
