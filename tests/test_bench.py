@@ -7,7 +7,7 @@ import diffusers
 import pytest
 import torch
 
-from bench import common, fuse_cycles, kinds, switch_weights
+from bench import common, dit, fuse_cycles, kinds, switch_weights
 
 
 def _check_table(result, columns, argv):
@@ -67,6 +67,22 @@ def test_kinds_tiny():
     assert [r["kind"] for r in result.rows] == ["LoHa", "LoKr", "DoRA"]
     for row in result.rows:
         assert row["max rel diff"] < 1e-4 and row["_change"] > 1e-3 and row["file (MB)"] > 0, row
+
+
+def test_dit_tiny():
+    """Every strategy composes on tiny FLUX.1 and SD3: finite pictures, merge's rows as the unit, the
+    multi-group strategies computing more rows and the per-step ones leaving merge's picture."""
+    from lora_composer.fusion.registry import available
+
+    argv = ["--tiny", "--no-write"]
+    result = dit.main(argv)
+    _check_table(result, dit.COLUMNS, argv)
+    for model in ("tiny FLUX.1", "tiny SD3"):
+        rows = {r["strategy"]: r for r in result.rows if r["model"] == model}
+        assert set(rows) == set(available()) and all(r["finite"] for r in rows.values())
+        assert rows["merge"]["rows vs merge"] == 1 and rows["composite"]["rows vs merge"] == 2
+        assert rows["switch"]["max abs diff vs merge"] > 1e-3
+    assert {r["rows per image"] for r in result.rows if r["strategy"] == "merge"} == {2, 4}  # FLUX: no CFG batch
 
 
 def test_gpu_bench_smoke_on_cpu():
