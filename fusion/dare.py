@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_composer.fusion.base import StepPlan, Strategy
+from lora_composer.fusion.base import Strategy
 from lora_composer.fusion.task_arithmetic import DerivedMerge, check_density, elect_and_share
 
 
@@ -33,7 +33,6 @@ class DareStrategy(DerivedMerge, Strategy):
             raise ValueError(f"rank must be >= 0 (0: dense deltas), got {rank}")
         self.rank = int(rank)
         self.seed = int(seed)
-        self._derived = None
         self._generator = None
 
     def rule(self, stack: torch.Tensor, names: list) -> torch.Tensor:
@@ -43,15 +42,8 @@ class DareStrategy(DerivedMerge, Strategy):
         return elect_and_share(stack, self.sign) if self.combine_rule == "ties" else stack
 
     def begin(self, adapters, weights, num_steps, context=None) -> None:
+        self._generator = torch.Generator().manual_seed(self.seed)  # the same masks for the same call
         super().begin(adapters, weights, num_steps, context)
-        self._generator = torch.Generator().manual_seed(self.seed)
-        self._derived = self.build_derived()
-
-    def derived_adapters(self) -> dict | None:
-        return self._derived or None
-
-    def plan(self, step: int, timestep: float | None) -> StepPlan:
-        return StepPlan(self.user_weights.unsqueeze(0))
 
     def describe(self) -> dict:
         return {"density": self.density, "combine": self.combine_rule, "sign": self.sign, "seed": self.seed, "rank": self.rank}

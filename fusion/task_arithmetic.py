@@ -24,6 +24,7 @@ import torch
 from lora_composer.adapters.kinds import FullDelta
 from lora_composer.adapters.shira import dense_delta
 from lora_composer.adapters.types import LayerDelta
+from lora_composer.fusion.base import StepPlan
 
 # ``rule(deltas [N, out, in], names) -> [N, out, in]``: one layer's rewritten deltas, in the names' order.
 Rule = Callable[[torch.Tensor, list], torch.Tensor]
@@ -102,13 +103,25 @@ def check_density(density: float) -> float:
 
 
 class DerivedMerge:
-    """Mixin for static strategies whose adapters are rewritten once per generation and then merged."""
+    """Mixin (before ``Strategy``) for static strategies whose adapters are rewritten once per generation by
+    :meth:`rule` and then merged at the user weights."""
 
     suffix = "~derived"
+    _derived = None
 
     @property
     def static(self) -> bool:
         return True
+
+    def begin(self, adapters, weights, num_steps, context=None) -> None:
+        super().begin(adapters, weights, num_steps, context)
+        self._derived = self.build_derived()
+
+    def derived_adapters(self) -> dict | None:
+        return self._derived or None
+
+    def plan(self, step: int, timestep: float | None) -> StepPlan:
+        return StepPlan(self.user_weights.unsqueeze(0))
 
     def rule(self, stack: torch.Tensor, names: list) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError

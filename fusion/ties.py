@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_composer.fusion.base import StepPlan, Strategy
+from lora_composer.fusion.base import Strategy
 from lora_composer.fusion.task_arithmetic import DerivedMerge, check_density, elect_and_share, top_magnitude_mask
 
 
@@ -28,21 +28,10 @@ class TiesStrategy(DerivedMerge, Strategy):
         if int(rank) < 0:
             raise ValueError(f"rank must be >= 0 (0: dense deltas), got {rank}")
         self.rank = int(rank)
-        self._derived = None
 
     def rule(self, stack: torch.Tensor, names: list) -> torch.Tensor:
         trimmed = torch.stack([t * top_magnitude_mask(t, self.density) for t in stack]) if self.density < 1 else stack
         return elect_and_share(trimmed, self.sign)
-
-    def begin(self, adapters, weights, num_steps, context=None) -> None:
-        super().begin(adapters, weights, num_steps, context)
-        self._derived = self.build_derived()
-
-    def derived_adapters(self) -> dict | None:
-        return self._derived or None
-
-    def plan(self, step: int, timestep: float | None) -> StepPlan:
-        return StepPlan(self.user_weights.unsqueeze(0))
 
     def describe(self) -> dict:
         return {"density": self.density, "sign": self.sign, "rank": self.rank}

@@ -65,3 +65,14 @@ def make_lora(tmp_path):
         raise ValueError(fmt)
 
     return _make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: layers as small as the tiny DiT pipelines' gain nothing from threads and
+    lose much to a busy machine's oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -18,13 +18,7 @@ from lora_composer.pnginfo import read_record
 CALL = dict(num_inference_steps=2, height=16, width=16, max_sequence_length=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Layers this small gain nothing from threads, and lose much to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny DiT layers run on one thread
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ GUIDANCE = {"flux": 3.5, "sd3": 5.0}  # FLUX.1-dev's distilled guidance (no CFG 
 TEXT = {"flux": ("text_encoder",), "sd3": ("text_encoder", "text_encoder_2")}  # what diffusers saves/loads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Layers this small gain nothing from threads, and lose much to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny DiT layers run on one thread
 
 
 @pytest.fixture(scope="module")
