@@ -163,16 +163,9 @@ def random_dit_lora_layers(
 
 def save_dit_diffusers_lora(pipe, layers, path, rank: int, alpha: float | None = None) -> Path:
     """Write ``layers`` with the pipeline class's own ``save_lora_weights`` (the reference writer)."""
-    from lora_composer.tiny import _lora_config
+    from lora_composer.tiny import save_diffusers_lora
 
-    alpha = rank if alpha is None else alpha
-    path = Path(path)
-    kwargs = {}
-    for comp, sd in layers.items():
-        kwargs[f"{comp}_lora_layers"] = sd
-        kwargs[f"{comp}_lora_adapter_metadata"] = _lora_config(sd, rank, alpha)
-    type(pipe).save_lora_weights(str(path.parent), weight_name=path.name, safe_serialization=True, **kwargs)
-    return path
+    return save_diffusers_lora(pipe, layers, path, rank=rank, alpha=alpha)
 
 
 # diffusers module (relative to a double block) -> BFL layer in kohya names; fused layers list their parts
