@@ -24,7 +24,7 @@ with ``W = einsum("i j ..., i p, j q -> p q ...", t, wa, wb)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
