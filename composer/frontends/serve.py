@@ -58,6 +58,15 @@ def parser() -> Parser:
     p.add_argument("--max-resident", type=int, default=64, metavar="N", help="attached LoRAs before the least recently "
                    "used are detached; on the CPU every layer's stack is reserved for this many (default 64)")
     p.add_argument("--drain-s", type=float, default=60.0, metavar="S", help="at shutdown, time given to accepted requests")
+    p.add_argument("--device", metavar="DEV", help="where the model runs (cuda, cuda:1; default: the CPU)")
+    ray = p.add_argument_group("Ray Serve (pip install 'ray[serve]')")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas, requests routed to the "
+                     "replica that holds their LoRA set")
+    ray.add_argument("--replicas", type=int, default=2, metavar="N", help="model replicas (default 2; one per GPU)")
+    ray.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (auto, ray://HOST:10001); "
+                     "default: start one on this machine")
+    ray.add_argument("--gpus-per-replica", type=float, default=0.0, metavar="G", help="GPUs each replica holds "
+                     "(1 on a GPU cluster; the replica then runs on cuda)")
     return p
 
 
@@ -68,7 +77,7 @@ def main(argv: list[str]) -> int:
     if not is_loopback(args.host) and not token:
         raise UsageError(f"--host {args.host} is reachable from other machines: set a bearer token "
                          "(--token-file FILE or $LORA_COMPOSER_TOKEN)")
-    for name in ("port", "max_queue", "max_batch", "max_steps", "max_pixels", "max_loras", "max_resident"):
+    for name in ("port", "max_queue", "max_batch", "max_steps", "max_pixels", "max_loras", "max_resident", "replicas"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     import uvicorn
@@ -82,10 +91,41 @@ def main(argv: list[str]) -> int:
                       default_steps=min(20, args.max_steps)),
         max_queue=args.max_queue, max_batch=args.max_batch, batching=not args.no_batching,
         cache_mb=args.cache_mb, resident_mb=args.resident_mb, max_resident=args.max_resident, drain_s=args.drain_s,
+        device=args.device or ("cuda" if args.ray and args.gpus_per_replica > 0 else None),
     )
+    if args.ray:
+        return serve_on_ray(args, config)
     server = Server(config)
     print(f"lora-composer serving on http://{args.host}:{args.port} (model {server.composer.model}, library "
           f"{server.names.library}; API page /docs)", file=sys.stderr, flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=int(args.drain_s) + 5)
+    return 0
+
+
+def serve_on_ray(args, config) -> int:
+    """Deploy the gateway and ``--replicas`` model replicas on Ray Serve, then wait for Ctrl-C."""
+    import time
+
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise UsageError("--ray needs Ray Serve: pip install 'ray[serve]'") from None
+    from lora_composer.serving.ray_serve import RayOptions, build_app, resolved
+
+    config = resolved(config)
+    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    options = RayOptions(replicas=args.replicas, gpus_per_replica=args.gpus_per_replica)
+    serve.run(build_app(config, options), name="lora-composer", route_prefix="/")
+    print(f"lora-composer serving on http://{args.host}:{args.port} through Ray Serve ({args.replicas} replicas of "
+          f"{config.model}, library {config.library}; API page /docs)", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()  # replicas finish what they accepted (up to --drain-s)
     return 0

@@ -41,6 +41,7 @@ PUBLIC = ("/v1/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 class ServerConfig:
     model: str | None = None
     library: str | None = None
+    device: str | None = None  # where the model runs ("cuda", "cuda:1"); None: the CPU
     token: str | None = None
     limits: Limits = field(default_factory=Limits)
     max_queue: int = 32
@@ -67,7 +68,7 @@ class Server:
             model, library = resolve(config.model, config.library)
             if library is None:
                 raise ComposerError("the server needs a LoRA library folder (--library DIR)")
-            composer = ComposerPipeline.from_pretrained(model, library=library)
+            composer = ComposerPipeline.from_pretrained(model, library=library, device=config.device)
         if composer.library is None:
             raise ComposerError("the server needs a LoRA library folder (--library DIR)")
         self.composer = composer
@@ -137,7 +138,7 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def _woken(job: Job):
+async def woken_by(job: Job):
     """``await woken(timeout)`` returns when ``job`` emits an event (or after ``timeout`` s), without a thread
     per waiting client: the worker's emit wakes the event loop."""
     loop = asyncio.get_running_loop()
@@ -159,7 +160,7 @@ async def _woken(job: Job):
         job.unsubscribe(wake)
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -178,6 +179,24 @@ def _validation_line(exc: RequestValidationError) -> str:
     return f"{where or 'body'}: {msg}"
 
 
+def guard(app: FastAPI, token: str | None, metrics: Metrics) -> None:
+    """The bearer token check (every route but ``PUBLIC``) and one-line 422s for bodies that do not parse."""
+
+    @app.middleware("http")
+    async def bearer(request: Request, call_next):
+        if token and request.url.path not in PUBLIC:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                metrics.reject(401)
+                return error(401, "authorization: a bearer token is required", {"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        metrics.reject(422)
+        return error(422, _validation_line(exc))
+
+
 def create_app(server: Server) -> FastAPI:
     """The FastAPI app over ``server``; closing the app (lifespan end) drains the server."""
 
@@ -190,41 +209,27 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="lora-composer", version="0.1.0", lifespan=lifespan,
                   description="Many users and many LoRAs on one text-to-image model.")
     app.state.server = server
-
-    @app.middleware("http")
-    async def bearer(request: Request, call_next):
-        token = server.config.token
-        if token and request.url.path not in PUBLIC:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                server.metrics.reject(401)
-                return _error(401, "authorization: a bearer token is required", {"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        server.metrics.reject(422)
-        return _error(422, _validation_line(exc))
+    guard(app, server.config.token, server.metrics)
 
     def submit(body: GenerateBody) -> Job | JSONResponse:
         try:
             return server.batcher.submit(server.spec(body))
         except RequestError as exc:
             server.metrics.reject(exc.status)
-            return _error(exc.status, str(exc))
+            return error(exc.status, str(exc))
         except QueueFull as exc:
             server.metrics.reject(429)
-            return _error(429, str(exc), {"Retry-After": str(int(exc.retry_after + 0.999))})
+            return error(429, str(exc), {"Retry-After": str(int(exc.retry_after + 0.999))})
         except ShuttingDown as exc:
             server.metrics.reject(503)
-            return _error(503, str(exc))
+            return error(503, str(exc))
 
     def result(job: Job) -> Response:
         if job.status == "done":
             return Response(job.png, media_type="image/png", headers={"X-Job-Id": job.id})
         if job.status in ("failed", "cancelled"):
-            return _error(job.http_status, job.error or job.status)
-        return _error(409, f"job {job.id} is {job.status}: not done yet")
+            return error(job.http_status, job.error or job.status)
+        return error(409, f"job {job.id} is {job.status}: not done yet")
 
     @app.post("/v1/generate", response_class=Response,
               responses={200: {"content": {"image/png": {}}, "description": "the PNG, with its generation record"}})
@@ -234,17 +239,17 @@ def create_app(server: Server) -> FastAPI:
             return job
         loop = asyncio.get_running_loop()
         deadline = loop.time() + server.config.request_timeout_s
-        async with _woken(job) as woken:
+        async with woken_by(job) as woken:
             while not job.done:
                 await woken(0.5)
                 if job.done:
                     break
                 if await request.is_disconnected():  # the client left: stop working for it
                     server.batcher.cancel(job.id)
-                    return _error(499, "cancelled: the client disconnected")
+                    return error(499, "cancelled: the client disconnected")
                 if loop.time() > deadline:
                     server.batcher.cancel(job.id)
-                    return _error(504, f"timeout: not done within {server.config.request_timeout_s:g} s (cancelled)")
+                    return error(504, f"timeout: not done within {server.config.request_timeout_s:g} s (cancelled)")
         return result(job)
 
     @app.post("/v1/jobs", status_code=202)
@@ -256,7 +261,7 @@ def create_app(server: Server) -> FastAPI:
 
     def find(job_id: str) -> Job | JSONResponse:
         job = server.batcher.jobs.get(job_id)
-        return job if job is not None else _error(404, f"job_id: no job {job_id!r} (finished jobs are kept a while)")
+        return job if job is not None else error(404, f"job_id: no job {job_id!r} (finished jobs are kept a while)")
 
     @app.get("/v1/jobs/{job_id}")
     async def job_state(job_id: str):
@@ -284,7 +289,7 @@ def create_app(server: Server) -> FastAPI:
 
         async def stream():
             index = 0
-            async with _woken(job) as woken:
+            async with woken_by(job) as woken:
                 while True:
                     events = job.events[index:]
                     for event in events:
@@ -304,7 +309,7 @@ def create_app(server: Server) -> FastAPI:
         try:
             items = await asyncio.get_running_loop().run_in_executor(None, server.loras, q.strip())
         except ShuttingDown as exc:
-            return _error(503, str(exc))
+            return error(503, str(exc))
         return {"loras": items}
 
     @app.get("/v1/health")
