@@ -43,6 +43,7 @@ class Outcome:
     png: bytes | None = None
     error: str = ""
     ok: bool | None = None
+    headers: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -128,11 +129,13 @@ class Running:
         return False
 
 
-def run_load(url: str, requests: list[tuple[dict, str | None]], clients: int, timeout: float = 600) -> tuple[list[Outcome], float]:
-    """Send every request from ``clients`` threads (each takes the next one when its last is answered)."""
+def run_load(url: str, requests: list[tuple[dict, str | None]], clients: int, timeout: float = 600,
+             outcomes: list[Outcome] | None = None) -> tuple[list[Outcome], float]:
+    """Send every request from ``clients`` threads (each takes the next one when its last is answered);
+    ``outcomes``: the list to fill in (others may watch it), else a new one."""
     import httpx
 
-    outcomes = [Outcome(body, kind) for body, kind in requests]
+    outcomes = [Outcome(body, kind) for body, kind in requests] if outcomes is None else outcomes
     index = iter(range(len(outcomes)))
     lock = threading.Lock()
 
@@ -147,6 +150,7 @@ def run_load(url: str, requests: list[tuple[dict, str | None]], clients: int, ti
                 start = time.perf_counter()
                 r = http.post("/v1/generate", json=o.body)
                 o.seconds = time.perf_counter() - start
+                o.headers = {k.lower(): v for k, v in r.headers.items()}
                 o.status = r.status_code
                 if r.status_code == 200:
                     o.png = r.content

@@ -164,3 +164,6 @@ def test_serve_command_refuses_an_open_bind_without_token(capsys, monkeypatch):
     assert "--host 0.0.0.0" in err and "token" in err and len(err.strip().splitlines()) == 1
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
     assert main(["serve", "--max-batch", "0"]) == 2
+    assert main(["serve", "--ray", "--replicas", "0"]) == 2
+    assert "--replicas must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--host", "0.0.0.0"]) == 2  # the token rule holds on Ray Serve too
