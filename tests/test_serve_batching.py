@@ -3,6 +3,7 @@ joins mid-way, and each image equals its solo render through ComposerPipeline (a
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 from lora_composer.pnginfo import RECORD_KEY, GenerationRecord
 from lora_composer.serving.adapter_cache import AdapterCache
 from lora_composer.serving.batcher import Batcher
-from lora_composer.serving.jobs import RenderSpec
+from lora_composer.serving.jobs import Job, RenderSpec
 from lora_composer.serving.residency import Residency
 
 
@@ -26,7 +27,7 @@ def world(home):
 
 def _solo(solo, spec: RenderSpec) -> np.ndarray:
     out = solo(spec.prompt, loras=[(str(p), w) for p, w in spec.loras], num_inference_steps=spec.steps,
-               guidance_scale=spec.guidance, seed=spec.seed, height=spec.height, width=spec.width,
+               strategy=spec.strategy, strategy_args=spec.strategy_args, guidance_scale=spec.guidance, seed=spec.seed, height=spec.height, width=spec.width,
                output_type="np", progress=False)
     return out[0]
 
@@ -136,5 +137,55 @@ def test_a_lora_that_does_not_fit_fails_alone(world, sd15_pipe, make_lora):
         assert good.status == "done" and bad.status == "failed" and bad.http_status == 422
         assert "other-model" in bad.error and "\n" not in bad.error
         assert "other-model" not in serving.runtime.adapters  # nothing of it stayed attached
+    finally:
+        batcher.close()
+
+
+def test_strategies_take_their_row_groups_in_the_shared_batch(world):
+    """Composite, conjunction, LoRAtorio, CMLoRA (which reuses predictions), switch and gated requests share
+    denoiser passes with a merge request; each image equals its own solo render through ComposerPipeline."""
+    serving, solo, library = world
+    serving.unload_all()
+    batcher = Batcher(serving, Residency(serving, max_bytes=64 << 20), max_batch=8)
+
+    def lib(name):
+        return library / f"{name}.safetensors"
+
+    pair = [(lib("star-shape"), 1.0), (lib("purple-colour"), 0.8)]
+    trio = [(lib("blinky-character"), 1.0), (lib("wavy-bg"), 0.9), (lib("orange-colour"), 0.7)]
+    specs = [
+        RenderSpec("a purple star", loras=pair, seed=21, steps=4, guidance=5.0),
+        RenderSpec("a purple star", loras=pair, strategy="composite", seed=22, steps=4, guidance=5.0),
+        RenderSpec("blinky, orange, wavy", loras=trio, strategy="conjunction", seed=23, steps=4, guidance=5.0),
+        RenderSpec("blinky, orange, wavy", loras=trio, strategy="loratorio", seed=24, steps=4, guidance=5.0),
+        RenderSpec("a purple star", loras=pair, strategy="cmlora", seed=25, steps=5, guidance=5.0),
+        RenderSpec("blinky, orange, wavy", loras=trio, strategy="switch", strategy_args={"every": 1}, seed=26,
+                   steps=4, guidance=5.0),
+        RenderSpec("a purple star", loras=pair, strategy="gated", seed=27, steps=3, guidance=5.0),
+    ]
+    try:
+        jobs = [batcher.submit(s) for s in specs]
+        for job in jobs:
+            assert job.wait(300), job.summary()
+        assert [j.status for j in jobs] == ["done"] * len(jobs), [j.error for j in jobs]
+        assert all(j.batched_with >= 1 for j in jobs)  # none ran alone
+        for job, spec in zip(jobs, specs):
+            want = _solo(solo, spec)
+            assert np.abs(job.array - want).max() < 1e-4, spec.strategy
+            record = GenerationRecord.from_json(Image.open(io.BytesIO(job.png)).text[RECORD_KEY])
+            assert record.strategy == spec.strategy
+        merged = _solo(solo, dataclasses.replace(specs[1], strategy="merge"))
+        assert np.abs(jobs[1].array - merged).max() > 1e-3  # composite is not merge: the plan really acted
+    finally:
+        batcher.close()
+
+
+def test_strategies_with_derived_adapters_run_alone(world):
+    serving, _, library = world
+    batcher = Batcher(serving, Residency(serving, max_bytes=64 << 20))
+    try:
+        ties = RenderSpec("a star", loras=[(library / "star-shape.safetensors", 1.0)], strategy="ties", steps=2)
+        assert not batcher._batchable(Job(ties))
+        assert batcher._batchable(Job(dataclasses.replace(ties, strategy="composite")))
     finally:
         batcher.close()

@@ -7,9 +7,13 @@ and the runtime's per-row mixing tensor gives each request's rows its own adapte
 request keeps its own scheduler object, generator and latents, so a request that arrives mid-way joins at
 the next step and leaves when its own steps are done, and its image is the one it would get alone.
 
-What cannot share a batch runs alone through :class:`~lora_composer.pipeline.ComposerPipeline` between
-batches: strategies other than ``merge`` (they plan per step and per row group), and pipelines this loop
-does not drive (anything but a plain UNet text-to-image pipeline: SDXL's extra conditioning, DiTs).
+Strategies take their rows in the same batch: each step a request's strategy plans its row groups (one per
+group, or only those it does not reuse), its rows carry each group's weights (per layer group too), and its
+own ``combine`` mixes its groups' predictions, as :class:`~lora_composer.driver.DenoiserDriver` does for a
+render alone. What cannot share a batch runs alone through :class:`~lora_composer.pipeline.ComposerPipeline`
+between batches: strategies that derive adapters of their own (ties, dare, klora, activation-matched attach
+them for one call), and pipelines this loop does not drive (anything but a plain UNet text-to-image pipeline:
+SDXL's extra conditioning, DiTs).
 Admission is first come, first served: a waiting request of another key stops new joins until the running
 batch drains, so nothing waits forever.
 """
@@ -27,6 +31,8 @@ import traceback
 import torch
 
 from lora_composer.errors import ComposerError
+from lora_composer.fusion import StrategyContext, get_strategy
+from lora_composer.fusion.base import StepPlan, Strategy
 from lora_composer.pnginfo import GenerationRecord, png_info, sampler_name
 from lora_composer.serving.jobs import Cancelled, Job, RenderSpec
 from lora_composer.serving.metrics import Metrics
@@ -70,10 +76,38 @@ class _Active:
         self.extra = extra
         self.index = 0
         self.timesteps = scheduler.timesteps
+        self.strategy: Strategy | None = None  # None: merge at the request's weights
+        self.cache: dict[int, torch.Tensor] = {}  # row group -> its last prediction (for plans that reuse)
+        self.plan: StepPlan | None = None
+        self.todo: list[int] = [0]  # row groups computed this step
 
     @property
     def rows(self) -> int:
         return 2 if self.cfg else 1
+
+    def plan_step(self, sample: torch.Tensor, t: torch.Tensor) -> None:
+        """This step's plan and the row groups to compute (those not reused from the cache)."""
+        if self.strategy is None:
+            self.plan, self.todo = StepPlan(torch.tensor([self.weights], dtype=torch.float32)), [0]
+            return
+        self.strategy.observe(self.index, float(t), {"sample": sample, "timestep": t,
+                                                     "encoder_hidden_states": self.embeds})
+        plan = self.strategy.plan(self.index, float(t))
+        if plan.row_groups == 0:  # no adapters at all: the base model
+            plan = StepPlan(torch.zeros(1, len(self.names)))
+        if self.cache and max(self.cache) >= plan.row_groups:
+            self.cache.clear()
+        reuse = plan.reuse if plan.reuse is not None else torch.zeros(plan.row_groups, dtype=torch.bool)
+        self.plan = plan
+        self.todo = [g for g in range(plan.row_groups) if not (bool(reuse[g]) and g in self.cache)]
+
+    def prediction(self, computed: torch.Tensor) -> torch.Tensor:
+        """The step's prediction from the computed groups' rows (``[len(todo) * rows, ...]``), before guidance."""
+        if self.strategy is None or (self.plan.row_groups == 1 and self.plan.reuse is None):
+            return computed
+        self.cache.update(zip(self.todo, computed.split(self.rows)))
+        predictions = torch.stack([self.cache[g] for g in range(self.plan.row_groups)])
+        return self.strategy.combine(predictions, self.plan).to(computed.dtype)
 
 
 class Batcher:
@@ -235,7 +269,15 @@ class Batcher:
             return self._queue.popleft()
 
     def _batchable(self, job: Job) -> bool:
-        return self.batching and job.spec.strategy == "merge"
+        """Everything but strategies that attach adapters of their own for one call (they run alone)."""
+        if not self.batching:
+            return False
+        if job.spec.strategy == "merge":
+            return True
+        from lora_composer.fusion.registry import STRATEGIES
+
+        cls = STRATEGIES.get(job.spec.strategy)
+        return cls is not None and cls.derived_adapters is Strategy.derived_adapters
 
     def _admit(self) -> None:
         while True:
@@ -272,10 +314,20 @@ class Batcher:
         names = self.residency.acquire([p for p, _ in loras])
         try:
             weights = [w for _, w in loras]
-            job.loras = [(n, self.composer.runtime.adapters[n], w) for n, w in zip(names, weights)]
+            runtime = self.composer.runtime
+            job.loras = [(n, runtime.adapters[n], w) for n, w in zip(names, weights)]
             device = pipe._execution_device
             cfg = spec.guidance > 1
-            self.composer.runtime.set_weights(text=dict(zip(names, weights)))
+            strategy, text = None, list(weights)
+            if spec.strategy != "merge":  # as ComposerPipeline begins it for a render alone
+                strategy = get_strategy(spec.strategy, **spec.strategy_args)
+                context = StrategyContext.from_pipeline(pipe, runtime, [runtime.adapters[n] for n in names],
+                                                        spec.guidance)
+                strategy.begin(names, weights, spec.steps, context)
+                mask = strategy.text_mask()
+                if mask is not None:
+                    text = [w * float(m) for w, m in zip(weights, mask)]
+            runtime.set_weights(text=dict(zip(names, text)))
             positive, negative = pipe.encode_prompt(spec.prompt, device, 1, cfg, spec.negative_prompt or None)
             embeds = torch.cat([negative, positive]) if cfg else positive
             scheduler = self._scheduler(spec.scheduler)
@@ -294,7 +346,9 @@ class Batcher:
             raise
         if self._active:
             job.batched_with = max(job.batched_with, len(self._active))
-        return _Active(job, names, weights, scheduler, generator, latents, embeds, cfg, extra)
+        act = _Active(job, names, weights, scheduler, generator, latents, embeds, cfg, extra)
+        act.strategy = strategy
+        return act
 
     def _scheduler(self, name: str):
         base = self.base_scheduler
@@ -313,28 +367,43 @@ class Batcher:
             return
         runtime = self.composer.runtime
         slots = runtime.denoiser_mix.slots
-        rows, samples, times, embeds = [], [], [], []
+
+        def slot_rows(act, weights: torch.Tensor) -> torch.Tensor:  # [groups, adapters] -> [groups * rows, slots]
+            out = torch.zeros(len(act.todo), slots)
+            for i, name in enumerate(act.names):
+                out[:, runtime.slots[name]] = weights[act.todo, i]
+            return out.repeat_interleave(act.rows, dim=0)
+
+        rows, samples, times, embeds, counts = [], [], [], [], []
         for act in active:
             t = act.timesteps[act.index]
             x = act.scheduler.scale_model_input(torch.cat([act.latents] * act.rows), t)
-            samples.append(x)
-            times.append(t.reshape(1).expand(act.rows))
-            embeds.append(act.embeds)
-            w = torch.zeros(slots)
-            for name, weight in zip(act.names, act.weights):
-                w[runtime.slots[name]] = weight
-            rows.append(w.expand(act.rows, slots))
-        runtime.set_denoiser_rows(torch.cat(rows))
+            act.plan_step(x, t)
+            groups = len(act.todo)
+            samples.append(x.repeat(groups, *[1] * (x.dim() - 1)))
+            times.append(t.reshape(1).expand(act.rows * groups))
+            embeds.append(act.embeds.repeat(groups, 1, 1))
+            rows.append(slot_rows(act, act.plan.weights))
+            counts.append(act.rows * groups)
+        layer_rows = {}
+        for key in {k for act in active for k in (act.plan.layer_weights or {})}:  # the others: their rows
+            layer_rows[key] = torch.cat([slot_rows(act, (act.plan.layer_weights or {}).get(key, act.plan.weights))
+                                         for act in active])
+        runtime.set_denoiser_rows(torch.cat(rows), layer_rows or None)
         start = time.perf_counter()
-        out = self.pipe.unet(torch.cat(samples), torch.cat(times), encoder_hidden_states=torch.cat(embeds),
-                             return_dict=False)[0]
+        if sum(counts):
+            out = self.pipe.unet(torch.cat(samples), torch.cat(times), encoder_hidden_states=torch.cat(embeds),
+                                 return_dict=False)[0]
+        else:  # every request reuses every group's prediction this step
+            out = torch.zeros(0, *active[0].latents.shape[1:], dtype=active[0].latents.dtype)
         self.metrics.step_seconds.observe(time.perf_counter() - start)
-        self.metrics.batch_rows.observe(sum(a.rows for a in active))
+        self.metrics.batch_rows.observe(sum(counts))
         self.metrics.batch_requests.observe(len(active))
         for act in active:
             act.job.batched_with = max(act.job.batched_with, len(active) - 1)
         keep = []
-        for act, pred in zip(active, out.split([a.rows for a in active])):
+        for act, computed in zip(active, out.split(counts)):
+            pred = act.prediction(computed)
             if act.cfg:
                 uncond, text = pred.chunk(2)
                 pred = uncond + act.job.spec.guidance * (text - uncond)
@@ -374,7 +443,8 @@ class Batcher:
             record = GenerationRecord(
                 prompt=spec.prompt, negative_prompt=spec.negative_prompt, steps=spec.steps,
                 guidance_scale=float(spec.guidance), seed=spec.seed, width=image.width, height=image.height,
-                strategy="merge", strategy_args=dict(spec.strategy_args), model=self.composer.model,
+                strategy=spec.strategy, model=self.composer.model,
+                strategy_args={**spec.strategy_args, **(act.strategy.describe() if act.strategy else {})},
                 loras=[{"name": n, "path": a.path, "te_weight": w, "unet_weight": w, "hash": a.metadata.short_hash}
                        for n, a, w in act.job.loras],
                 sampler=sampler_name(type(act.scheduler).__name__), scheduler=type(act.scheduler).__name__,
