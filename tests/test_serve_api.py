@@ -167,3 +167,30 @@ def test_serve_command_refuses_an_open_bind_without_token(capsys, monkeypatch):
     assert main(["serve", "--ray", "--replicas", "0"]) == 2
     assert "--replicas must be at least 1" in capsys.readouterr().err
     assert main(["serve", "--ray", "--host", "0.0.0.0"]) == 2  # the token rule holds on Ray Serve too
+
+
+def test_separate_text_and_denoiser_weights_are_served(world):
+    """``<lora:name:te:unet>`` and ``te_weight`` reach the text encoder and the denoiser apart, in the batch loop,
+    as ComposerPipeline renders them alone."""
+    import numpy as np
+
+    server = _server(world)
+    solo, library = world[1], world[2]
+    body = {"prompt": "a purple star <lora:star-shape:0.2:1>", "seed": 7, "guidance": 5.0,
+            "loras": [{"name": "purple-colour", "weight": 1.0, "te_weight": 0.4}], **SMALL}
+    with TestClient(create_app(server)) as client:
+        r = client.post("/v1/generate", json=body)
+        same = client.post("/v1/generate", json={**body, "prompt": "a purple star <lora:star-shape:1>",
+                                                 "loras": [{"name": "purple-colour", "weight": 1.0}]})
+    assert r.status_code == 200 and same.status_code == 200, r.text
+    record = GenerationRecord.from_json(Image.open(io.BytesIO(r.content)).text[RECORD_KEY])
+    assert {lo["name"]: (lo["te_weight"], lo["unet_weight"]) for lo in record.loras} == {
+        "purple-colour": (0.4, 1.0), "star-shape": (0.2, 1.0)}
+    want = solo("a purple star", loras=[(str(library / "purple-colour.safetensors"), 0.4, 1.0),
+                                        (str(library / "star-shape.safetensors"), 0.2, 1.0)],
+                num_inference_steps=2, guidance_scale=5.0, seed=7, height=64, width=64, output_type="np",
+                progress=False)[0]
+    got = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=np.float64)
+    assert np.abs(got - np.round(want * 255)).max() <= 1
+    other = np.asarray(Image.open(io.BytesIO(same.content)).convert("RGB"), dtype=np.float64)
+    assert np.abs(got - other).max() > 2  # the text-encoder weights changed the picture

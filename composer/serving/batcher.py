@@ -299,26 +299,27 @@ class Batcher:
                 self._finish(job, "failed", error=f"internal error: {_one_line(exc)}", http_status=500)
 
     def _resolve_loras(self, spec: RenderSpec) -> list[tuple]:
+        """``[(file, denoiser weight, text-encoder weight)]``, one per file."""
         loras = spec.loras
         if isinstance(loras, str):  # "auto": the retriever picks from the library (on this thread: SQLite)
             loras = self.composer.choose_loras(spec.prompt)
         by_path = {}
         for path, weight in loras:  # one adapter per file: the last weight given wins
-            by_path[str(path)] = float(weight)
-        return list(by_path.items())
+            by_path[str(path)] = (float(weight), float(spec.text_weights.get(str(path), weight)))
+        return [(path, unet, text) for path, (unet, text) in by_path.items()]
 
     def _prepare(self, job: Job) -> _Active:
         """Attach the request's adapters, encode its prompt with them, and set up its own sampler state."""
         spec, pipe = job.spec, self.pipe
         loras = self._resolve_loras(spec)
-        names = self.residency.acquire([p for p, _ in loras])
+        names = self.residency.acquire([p for p, _, _ in loras])
         try:
-            weights = [w for _, w in loras]
+            weights = [w for _, w, _ in loras]
             runtime = self.composer.runtime
-            job.loras = [(n, runtime.adapters[n], w) for n, w in zip(names, weights)]
+            job.loras = [(n, runtime.adapters[n], w, te) for n, (_, w, te) in zip(names, loras)]
             device = pipe._execution_device
             cfg = spec.guidance > 1
-            strategy, text = None, list(weights)
+            strategy, text = None, [te for _, _, te in loras]
             if spec.strategy != "merge":  # as ComposerPipeline begins it for a render alone
                 strategy = get_strategy(spec.strategy, **spec.strategy_args)
                 context = StrategyContext.from_pipeline(pipe, runtime, [runtime.adapters[n] for n in names],
@@ -326,7 +327,7 @@ class Batcher:
                 strategy.begin(names, weights, spec.steps, context)
                 mask = strategy.text_mask()
                 if mask is not None:
-                    text = [w * float(m) for w, m in zip(weights, mask)]
+                    text = [w * float(m) for w, m in zip(text, mask)]
             runtime.set_weights(text=dict(zip(names, text)))
             positive, negative = pipe.encode_prompt(spec.prompt, device, 1, cfg, spec.negative_prompt or None)
             embeds = torch.cat([negative, positive]) if cfg else positive
@@ -445,8 +446,8 @@ class Batcher:
                 guidance_scale=float(spec.guidance), seed=spec.seed, width=image.width, height=image.height,
                 strategy=spec.strategy, model=self.composer.model,
                 strategy_args={**spec.strategy_args, **(act.strategy.describe() if act.strategy else {})},
-                loras=[{"name": n, "path": a.path, "te_weight": w, "unet_weight": w, "hash": a.metadata.short_hash}
-                       for n, a, w in act.job.loras],
+                loras=[{"name": n, "path": a.path, "te_weight": te, "unet_weight": w, "hash": a.metadata.short_hash}
+                       for n, a, w, te in act.job.loras],
                 sampler=sampler_name(type(act.scheduler).__name__), scheduler=type(act.scheduler).__name__,
                 elapsed_s=round(time.monotonic() - act.job.started, 3),
             )
@@ -463,7 +464,7 @@ class Batcher:
         names: list[str] = []
         try:
             loras = self._resolve_loras(spec)
-            names = self.residency.acquire([p for p, _ in loras])
+            names = self.residency.acquire([p for p, _, _ in loras])
             if self.base_scheduler is not self.pipe.scheduler:
                 self.pipe.scheduler = self.base_scheduler
             if spec.scheduler and spec.scheduler != type(self.base_scheduler).__name__:
@@ -476,7 +477,7 @@ class Batcher:
                 return kwargs
 
             images = self.composer(
-                spec.prompt, negative_prompt=spec.negative_prompt or None, loras=[(p, w) for p, w in loras],
+                spec.prompt, negative_prompt=spec.negative_prompt or None, loras=[(p, te, w) for p, w, te in loras],
                 strategy=spec.strategy, strategy_args=spec.strategy_args, num_inference_steps=spec.steps,
                 guidance_scale=spec.guidance, seed=spec.seed, height=spec.height, width=spec.width,
                 progress=False, fuse="auto", callback_on_step_end=on_step, limits=False,

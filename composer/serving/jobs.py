@@ -24,6 +24,7 @@ class RenderSpec:
     prompt: str
     negative_prompt: str = ""
     loras: list[tuple[Path, float]] | str = field(default_factory=list)  # [(file, weight)] or "auto"
+    text_weights: dict[str, float] = field(default_factory=dict)  # file -> text-encoder weight, where not the weight
     strategy: str = "merge"
     strategy_args: dict = field(default_factory=dict)
     seed: int = 0

@@ -32,7 +32,9 @@ class RequestError(ValueError):
 class LoraItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=512, description="a LoRA of the library: its name or relative path")
-    weight: float = Field(1.0, ge=-10, le=10, description="strength (text encoder and denoiser)")
+    weight: float = Field(1.0, ge=-10, le=10, description="strength (the denoiser's, and the text encoder's unless "
+                          "te_weight is given)")
+    te_weight: float | None = Field(None, ge=-10, le=10, description="the text encoder's strength, if not weight")
 
 
 class GenerateBody(BaseModel):
@@ -111,16 +113,19 @@ def to_spec(body: GenerateBody, names: LibraryNames, limits: Limits, composer, s
             raise RequestError(field, f"{value} must be a multiple of {multiple} for this model")
     if width * height > limits.max_pixels:
         raise RequestError("width", f"{width}x{height} is above this server's limit of {limits.max_pixels} pixels")
+    text_weights: dict[str, float] = {}
     if isinstance(body.loras, str):
         loras = "auto"
         if tags:
             raise RequestError("loras", '"auto" cannot be combined with <lora:...> tags in the prompt')
     else:
-        loras = [(names.path(item.name, f"loras[{i}].name"), item.weight) for i, item in enumerate(body.loras)]
-        for tag in tags:
-            if tag.te_weight != tag.unet_weight:
-                raise RequestError("prompt", f"<lora:{tag.name}:...> with separate text and denoiser weights is not served")
+        loras = []
+        for i, item in enumerate(body.loras):
+            loras.append((names.path(item.name, f"loras[{i}].name"), item.weight))
+            text_weights[str(loras[-1][0])] = item.weight if item.te_weight is None else item.te_weight
+        for tag in tags:  # <lora:name:w> or <lora:name:te:unet>
             loras.append((names.path(tag.name, "prompt"), tag.unet_weight))
+            text_weights[str(loras[-1][0])] = tag.te_weight
         if len({p for p, _ in loras}) > limits.max_loras:
             raise RequestError("loras", f"{len(loras)} LoRAs is above this server's limit of {limits.max_loras}")
     guidance = composer.default_guidance if body.guidance is None else body.guidance
@@ -129,7 +134,11 @@ def to_spec(body: GenerateBody, names: LibraryNames, limits: Limits, composer, s
         known = {c.__name__ for c in getattr(composer.pipe.scheduler, "compatibles", [])}
         if body.scheduler not in known:
             raise RequestError("scheduler", f"{body.scheduler!r} is not a scheduler of this model")
-    return RenderSpec(prompt=clean.strip(), negative_prompt=body.negative_prompt, loras=loras, strategy=body.strategy,
+    if text_weights:  # kept only where they differ from the denoiser's weight (the last one given wins)
+        unet = {str(p): w for p, w in loras}
+        text_weights = {path: w for path, w in text_weights.items() if w != unet[path]}
+    return RenderSpec(prompt=clean.strip(), negative_prompt=body.negative_prompt, loras=loras, text_weights=text_weights,
+                      strategy=body.strategy,
                       strategy_args=dict(body.strategy_args), seed=seed, steps=steps, width=width, height=height,
                       guidance=float(guidance), scheduler=body.scheduler)
 
