@@ -24,6 +24,7 @@ with ``W = einsum("i j ..., i p, j q -> p q ...", t, wa, wb)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -395,18 +396,26 @@ class GLoRADelta(_Kind):
 
 @dataclass(eq=False)
 class OFTDelta(_NoFactors):
-    """OFT (LyCORIS ``oft_blocks``): output rows of the weight rotated by block-diagonal orthogonal matrices
-    ``R = (I + Q)(I - Q)^-1`` (Cayley), ``Q = B - B^T``; ``constraint`` (LyCORIS's ``alpha``) times the output
-    size caps ``||Q||``; ``rescale`` (``[out, 1, ...]``) scales the rows after. Multiplicative: ``dense`` is
+    """OFT: the weight rotated by block-diagonal orthogonal matrices ``R = (I + Q)(I - Q)^-1`` (Cayley),
+    ``Q = B - B^T``; ``rescale`` (``[out, 1, ...]``) scales the output rows after. Multiplicative: ``dense`` is
     ``f(W0) - W0``.
 
-    - Diagonal OFT, ``blocks`` ``[k, b, b]``: ``W' = R^T W`` per block of ``b`` rows.
+    - Diagonal OFT, ``blocks`` ``[k, b, b]``: ``W' = R^T W`` per block of ``b`` rows (LyCORIS's
+      ``oft_blocks``).
     - BOFT, ``blocks`` ``[m, k, b, b]``: ``m`` butterfly stages; stage ``i`` pairs rows ``2^i b / 2`` apart,
-      gathers them into blocks of ``b`` and applies ``R_i`` (``W <- R_i W`` per block), as LyCORIS does."""
+      gathers them into blocks of ``b`` and applies ``R_i`` (``W <- R_i W`` per block), as LyCORIS does.
+
+    ``constraint`` (LyCORIS's ``alpha``) times the output size caps ``||Q||``. PEFT's OFT and BOFT rotate the
+    layer's input instead (``on_input``: the same, on ``W^T`` flattened to ``[in * kh * kw, out]``), may share
+    one block across the axis (``shared``, its ``block_share``) and may replace the inverse by a truncated
+    Cayley-Neumann series ``sum_j series[j] Q^j`` (PEFT's ``I + 2Q + 2Q^2 + ...``; empty: the exact inverse)."""
 
     blocks: torch.Tensor
     rescale: torch.Tensor | None = None
     constraint: float = 0.0  # LyCORIS's alpha: the cap on ||Q|| is constraint * out
+    on_input: bool = False
+    shared: bool = False
+    series: tuple[float, ...] = ()
     kind = "oft"
     action = "rotates"
 
@@ -414,22 +423,32 @@ class OFTDelta(_NoFactors):
     def butterfly(self) -> bool:
         return self.blocks.dim() == 4
 
-    def _rotations(self, out: int) -> torch.Tensor:
+    def _rotations(self, size: int) -> torch.Tensor:
         b = self.blocks.float()
         q = b - b.transpose(-1, -2)
-        cap = self.constraint * out
+        cap = self.constraint * size
         if cap > 0:
             norm = torch.norm(q) + 1e-8
             if norm > cap:
                 q = q * cap / norm
         eye = torch.eye(b.shape[-1]).expand_as(q)
-        return (eye + q) @ torch.linalg.inv(eye - q)
+        if self.series:
+            r, power = self.series[0] * eye, eye
+            for c in self.series[1:]:
+                power = power @ q
+                r = r + c * power
+        else:
+            r = (eye + q) @ torch.linalg.inv(eye - q)
+        if self.shared:
+            r = r.expand(size // r.shape[-1], -1, -1)
+        return r
 
     def dense(self, weight, bias=None):
         w0 = weight.float()
-        r = self._rotations(w0.shape[0])
+        w = w0.reshape(w0.shape[0], -1).t() if self.on_input else w0
+        r = self._rotations(w.shape[0])
         if self.butterfly:
-            new, bs = w0, r.shape[-1]
+            new, bs = w, r.shape[-1]
             for i, stage in enumerate(r):
                 k = 2 ** i * (bs // 2)
                 new = new.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, bs))
@@ -437,17 +456,21 @@ class OFTDelta(_NoFactors):
                 new = new.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
         else:
             k, bs = r.shape[0], r.shape[1]
-            new = torch.einsum("k n m, k n ... -> k m ...", r, w0.reshape(k, bs, *w0.shape[1:])).reshape(w0.shape)
+            new = torch.einsum("k n m, k n ... -> k m ...", r, w.reshape(k, bs, *w.shape[1:])).reshape(w.shape)
+        if self.on_input:
+            new = new.t().reshape(w0.shape)
         if self.rescale is not None:
             new = self.rescale.float().reshape(-1, *([1] * (w0.dim() - 1))) * new
         return new - w0, None
 
     def check(self, shape):
-        k, bs = self.blocks.shape[-3], self.blocks.shape[-1]
-        if k * bs != shape[0]:
-            return f"OFT blocks cover {k}x{bs} outputs, layer has {shape[0]}"
+        bs = self.blocks.shape[-1]
+        size, side = (math.prod(shape[1:]), "inputs") if self.on_input else (shape[0], "outputs")
+        k = size // bs if self.shared else self.blocks.shape[-3]
+        if k * bs != size or (self.shared and self.blocks.shape[-3] != 1):
+            return f"OFT blocks cover {k}x{bs} {side}, layer has {size}"
         if self.butterfly and (bs % 2 or k % (2 ** (self.blocks.shape[0] - 1))):
-            return f"BOFT's {self.blocks.shape[0]} butterfly stages do not fit {k} blocks of {bs} rows"
+            return f"BOFT's {self.blocks.shape[0]} butterfly stages do not fit {k} blocks of {bs} {side}"
         if self.rescale is not None and self.rescale.numel() != shape[0]:
             return f"OFT rescale has {self.rescale.numel()} values, layer has {shape[0]} outputs"
         return None
