@@ -312,7 +312,7 @@ def _bad_files(tmp_path):
     tensors("dora", dora, "attn1.to_q has NaN or inf values in its magnitude")
     tensors("oft", {"lora_unet_x.oft_blocks": torch.zeros(2, 2, 3), "lora_unet_x.alpha": torch.tensor(1.0)},
             "oft_blocks: expected [blocks, b, b] (OFT) or [stages, blocks, b, b] (BOFT), got shape (2, 2, 3)")
-    tensors("peft-boft", {"base_model.model.x.boft_R.default": torch.zeros(2, 2, 2, 2)}, "PEFT BOFT (boft_R)")
+    tensors("peft-old-oft", {"unet.x.oft_r": torch.zeros(2, 4, 4)}, "PEFT OFT from before PEFT 0.14 (oft_r")
     tensors("nolayers", {}, "no tensors")
     return cases
 
@@ -326,7 +326,7 @@ def test_bad_inputs_raise_one_line_errors_naming_the_file(tmp_path):
         assert msg.startswith(f"{path}: "), (name, msg)
         assert "\n" not in msg, (name, msg)
         assert expect in msg, (name, msg)
-    for name in ("peft-boft",):
+    for name in ("peft-old-oft",):
         assert "not supported yet" in str(pytest.raises(AdapterLoadError, load_adapter, cases[name][0]).value)
 
 

@@ -4,8 +4,9 @@ Key renaming is delegated to diffusers' own converters (``lora_conversion_utils`
 ``state_dict_utils``) so that a file means here exactly what it means to ``load_lora_weights``.
 What this module adds: grouping keys per layer, alphas (``.alpha`` tensors, the
 ``lora_adapter_metadata`` header diffusers writes, or ``alpha = rank``), validation, the LyCORIS and
-PEFT kinds beyond ``(down, up)`` (LoHa, LoKr, Tucker LoCon, full/diff, DoRA, IA3: see :mod:`.lycoris`
-and :mod:`.kinds`), and clear refusals for what we do not load yet (PEFT OFT/BOFT, GLoRA with a Tucker core).
+PEFT kinds beyond ``(down, up)`` (LoHa, LoKr, Tucker LoCon, full/diff, DoRA, IA3, OFT, BOFT: see
+:mod:`.lycoris` and :mod:`.kinds`), and clear refusals for what we do not load yet (LyCORIS ``oft_diag``, PEFT
+OFT from before 0.14, GLoRA with a Tucker core).
 
 Canonical keys: ``<component>.<module path>`` with components ``unet``, ``text_encoder``,
 ``text_encoder_2`` and ``transformer``. Text-encoder keys never carry CLIP's ``text_model.``
@@ -19,6 +20,7 @@ import collections
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -360,6 +362,42 @@ def _adapter_config(header: dict[str, str]) -> dict[str, dict]:
     return out
 
 
+PEFT_PREFIX = "base_model.model."
+# PEFT's auto_mapping.base_model_class -> the pipeline component it adapts
+_PEFT_BASE_CLASSES = {
+    "UNet2DConditionModel": "unet", "CLIPTextModel": "text_encoder", "CLIPTextModelWithProjection": "text_encoder_2",
+    "FluxTransformer2DModel": "transformer", "SD3Transformer2DModel": "transformer",
+}
+
+
+def peft_folder(path) -> tuple[Path, dict] | None:
+    """``(adapter_model.safetensors, its adapter_config.json)`` of a folder PEFT's ``save_pretrained`` wrote, or
+    None when ``path`` is not one (an unreadable config is the caller's FormatError)."""
+    p = Path(path)
+    cfg, weights = p / "adapter_config.json", p / "adapter_model.safetensors"
+    if not (p.is_dir() and cfg.is_file() and weights.is_file()):
+        return None
+    try:
+        config = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{cfg.name} is not readable JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{cfg.name} is not a JSON object")
+    return weights, config
+
+
+def from_peft_folder(tensors: dict[str, torch.Tensor], config: dict, header: dict[str, str]):
+    """A PEFT folder's tensors (``base_model.model.<module>...``) and config as this module's diffusers/PEFT
+    keys and ``lora_adapter_metadata`` header: one model per folder, its component from the config's
+    ``auto_mapping`` (else the keys: CLIP's are a text encoder's, anything else the UNet's)."""
+    base = str((config.get("auto_mapping") or {}).get("base_model_class") or "")
+    rel = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
+    text = all(k.startswith(("text_model.", "encoder.layers.")) for k in rel)
+    comp = _PEFT_BASE_CLASSES.get(base) or ("text_encoder" if text else "unet")
+    meta = {f"{comp}.{k}": v for k, v in config.items() if k not in ("auto_mapping", "base_model_name_or_path")}
+    return {f"{comp}.{k}": v for k, v in rel.items()}, {**header, LORA_ADAPTER_METADATA_KEY: json.dumps(meta)}
+
+
 def _config_alpha(config: dict, rel: str, rank: int) -> float | None:
     """Alpha PEFT would use for module ``rel`` under ``config`` (None: the config does not say)."""
     from peft.utils.other import get_pattern_key
@@ -408,12 +446,17 @@ def _config_value(config: dict, rel: str, field: str, pattern_field: str):
 
 
 def _peft_kinds(comp: str, sub: dict[str, torch.Tensor], config: dict):
-    """LoHa/LoKr/IA3 deltas of one component's PEFT keys (``<module>.hada_w1_a`` ...), and the DoRA
+    """LoHa/LoKr/IA3/OFT/BOFT deltas of one component's PEFT keys (``<module>.hada_w1_a`` ...), and the DoRA
     magnitudes (``<module>.lora_magnitude_vector``), keyed by canonical module."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
     magnitudes: dict[str, torch.Tensor] = {}
     for rel, v in sub.items():
-        module, _, suffix = rel.removesuffix(".weight").rpartition(".") if "lora_magnitude_vector" in rel else rel.rpartition(".")
+        if rel.endswith(".oft_R.weight"):
+            module, suffix = rel[: -len(".oft_R.weight")], "oft_R.weight"
+        elif "lora_magnitude_vector" in rel:
+            module, _, suffix = rel.removesuffix(".weight").rpartition(".")
+        else:
+            module, _, suffix = rel.rpartition(".")
         module = module.removeprefix("base_model.model.")
         canonical = strip_text_model(f"{comp}.{module}")
         if suffix == "lora_magnitude_vector":
@@ -432,7 +475,7 @@ def _peft_kinds(comp: str, sub: dict[str, torch.Tensor], config: dict):
             ff = any(rel == n or rel.endswith("." + n) for n in names)
         try:
             deltas[module] = peft_delta(
-                module, parts, None if alpha is None else float(alpha), None if rank is None else int(rank), ff
+                module, parts, None if alpha is None else float(alpha), None if rank is None else int(rank), ff, config
             )
         except KindError as e:
             raise FormatError(str(e)) from None

@@ -18,7 +18,9 @@ import torch
 
 from ..errors import AdapterLoadError
 from .family import detect_family
-from .formats import LORA_ADAPTER_METADATA_KEY, FormatError, parse_state_dict, to_diffusers_state_dict
+from .formats import (
+    LORA_ADAPTER_METADATA_KEY, FormatError, from_peft_folder, parse_state_dict, peft_folder, to_diffusers_state_dict,
+)
 from .metadata import PREFERRED_WEIGHT_KEY, build_metadata
 from .types import Adapter, AdapterMetadata, LayerDelta
 
@@ -110,7 +112,14 @@ def load_adapter(path, name: str | None = None, allow_pickle: bool = False) -> A
 
     if Path(path).is_dir() and shira.peft_shira_dir(Path(path)) is not None:
         return shira.load_shira(path, name=name)
-    tensors, header, resolved = read_state_dict(path, allow_pickle=allow_pickle)
+    try:
+        folder = peft_folder(path)  # PEFT's save_pretrained folder: LoRA, LoHa, LoKr, IA3, OFT, BOFT
+    except FormatError as e:
+        raise _fail(path, e) from None
+    tensors, header, resolved = read_state_dict(folder[0] if folder else path, allow_pickle=allow_pickle)
+    if folder:
+        tensors, header = from_peft_folder(tensors, folder[1], header)
+        name = name or Path(path).name
     if shira.is_shira_state_dict(tensors):  # sparse (SHiRA) adapter: PEFT's keys or ours
         return shira.load_shira(path, name=name)
     try:

@@ -6,8 +6,9 @@ optional Tucker core ``lora_mid.weight``; LoHa ``hada_w1_a`` ... ``hada_t2``; Lo
 with ``on_input``; GLoRA ``a1``/``a2``/``b1``/``b2`` (``.weight``); each of LoCon/LoHa/LoKr with an optional ``dora_scale`` (DoRA). ``alpha`` scales by
 ``alpha / r`` (r: the factors' rank; a LoKr with both sides full has scale 1, as in LyCORIS and ComfyUI).
 
-PEFT suffixes: the same LoHa/LoKr names, ``ia3_l`` (IA3) and ``lora_magnitude_vector`` (DoRA beside
-``lora_A``/``lora_B``); alphas come from the adapter config (PEFT scales LoKr by ``alpha / r`` always).
+PEFT suffixes: the same LoHa/LoKr names, ``ia3_l`` (IA3), ``lora_magnitude_vector`` (DoRA beside
+``lora_A``/``lora_B``), ``oft_R.weight`` (OFT) and ``boft_R``/``boft_s`` (BOFT); alphas and OFT's settings come
+from the adapter config (PEFT scales LoKr by ``alpha / r`` always).
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"
 LOCON = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 GLORA = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
 KOHYA_SUFFIXES = LOHA + LOKR + LOCON + GLORA + ("alpha", "dora_scale", "diff", "diff_b", "weight", "on_input", "oft_blocks", "rescale")
-PEFT_SUFFIXES = LOHA + LOKR + ("ia3_l", "lora_magnitude_vector")
+PEFT_SUFFIXES = LOHA + LOKR + ("ia3_l", "lora_magnitude_vector", "oft_R.weight", "boft_R", "boft_s")
 
 # Key fragments of LyCORIS methods that are recognised but not loaded: (fragment, what it is).
 NOT_LOADED = (
     ("oft_diag", "OFT (oft_diag)"),
-    ("oft_r", "PEFT OFT (oft_r)"),
-    ("boft_R", "PEFT BOFT (boft_R)"),
+    (".oft_r", "PEFT OFT from before PEFT 0.14 (oft_r; PEFT itself no longer loads it)"),
     (".bm.weight", "LyCORIS GLoRA with a Tucker core (bm.weight)"),
 )
 
@@ -195,9 +195,16 @@ def kohya_delta(name: str, parts: dict, alpha: float | None):
     return DoRADelta(inner, dora, eps=EPS32)
 
 
-def peft_delta(name: str, parts: dict, alpha: float | None, rank: int | None, feedforward: bool | None = None):
-    """The delta one PEFT module's LoHa/LoKr/IA3 tensors make (``alpha``/``rank`` from its config)."""
+def peft_delta(
+    name: str, parts: dict, alpha: float | None, rank: int | None, feedforward: bool | None = None, config=None
+):
+    """The delta one PEFT module's LoHa/LoKr/IA3/OFT/BOFT tensors make (``alpha``/``rank``, OFT's settings from
+    its config)."""
     suffixes = set(parts)
+    if "oft_R.weight" in suffixes:
+        return peft_oft(name, parts, config or {})
+    if suffixes & {"boft_R", "boft_s"}:
+        return peft_boft(name, parts)
     if any(s.startswith("hada_") for s in suffixes):
         r = int(_need(name, parts, "hada_w1_b").shape[0])
         return loha(name, parts, r if alpha is None else alpha)
@@ -214,6 +221,91 @@ def peft_delta(name: str, parts: dict, alpha: float | None, rank: int | None, fe
             feedforward = vec.dim() == 2 and vec.shape[0] == 1 and vec.shape[1] > 1
         return IA3Delta(vec.float().reshape(-1), on_input=bool(feedforward), scale_bias=not feedforward)
     raise KindError(f"layer {name}: unknown PEFT tensors {', '.join(sorted(suffixes))}")
+
+
+def _finite(name: str, suffix: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise KindError(f"key {name}.{suffix} has NaN or inf values")
+
+
+def peft_oft(name: str, parts: dict, config: dict) -> OFTDelta:
+    """PEFT's OFT (0.14 on): ``oft_R.weight`` ``[k, b(b-1)/2]`` holds each block's upper triangle ``M``; PEFT
+    turns it into ``Q = M - M^T``, rotates the layer's input by ``R`` and merges ``W' = W R^T``.
+
+    Its settings come from the config: ``coft``/``eps`` project each block's ``Q`` to norm at most
+    ``eps / sqrt(k)`` (done here once, as PEFT does to the weight itself), ``block_share`` (one block for
+    the whole axis), ``use_cayley_neumann``/``num_cayley_neumann_terms`` (its series ``N(Q)``, else the exact
+    ``(I - Q)(I + Q)^-1``). Missing settings take PEFT's defaults."""
+    key = "oft_R.weight"
+    vec = _dims(name, parts, key, (2,))
+    _finite(name, key, vec)
+    n = int(vec.shape[1])
+    b = (1 + math.isqrt(1 + 8 * n)) // 2
+    if b * (b - 1) // 2 != n:  # 0 values: blocks of 1, which PEFT writes for a prime input size
+        raise KindError(f"key {name}.{key}: {n} values per block is not b(b-1)/2 for any block size b")
+    rows, cols = torch.triu_indices(b, b, 1)
+    v = vec.float()
+    if config.get("coft", False):  # PEFT's _project_batch, in its order of operations
+        m = torch.zeros(v.shape[0], b, b)
+        m[:, rows, cols] = v
+        q = m - m.transpose(-2, -1)
+        eps = float(config.get("eps", 6e-5)) * 1 / torch.sqrt(torch.tensor(q.shape[0]))
+        norm = torch.norm(q, dim=(1, 2), keepdim=True)
+        v = torch.where(norm <= eps, q, eps * (q / norm))[:, rows, cols]
+    m = torch.zeros(v.shape[0], b, b)
+    m[:, rows, cols] = v
+    # OFTDelta merges W' = W R with R = (I + Q)(I - Q)^-1 or N(Q), Q = B - B^T. PEFT's W R_peft^T is that with
+    # B = M for its exact branch ((I - Q)(I + Q)^-1 transposed) and B = -M for its series (N(Q)^T = N(-Q)).
+    series = _neumann_series(config) if config.get("use_cayley_neumann", True) else ()
+    shared = config.get("block_share")
+    shared = bool(shared) if shared is not None else v.shape[0] == 1
+    return OFTDelta(-m if series else m, on_input=True, shared=shared, series=series)
+
+
+def _neumann_series(config: dict) -> tuple[float, ...]:
+    """Coefficients of ``Q^0, Q^1, ...`` in PEFT's Cayley-Neumann series of ``num_cayley_neumann_terms`` n terms:
+    from PEFT 0.18 ``I + 2Q + 2Q^2 + ... + 2Q^(n-2) + Q^(n-1)`` (at least up to ``Q^3``), before it every power
+    up to ``Q^(n-1)`` times 2. A config without ``peft_version`` gets the current series, as PEFT computes it."""
+    n = int(config.get("num_cayley_neumann_terms", 5))
+    version = str(config.get("peft_version") or "").partition("@")[0]
+    if n <= 2:
+        return (1.0, 2.0)[: max(n, 1)]
+    if version and _older(version, (0, 18)):
+        return (1.0,) + (2.0,) * (n - 1)
+    return (1.0, 2.0, 2.0) + (2.0,) * max(0, n - 4) + (1.0,)
+
+
+def peft_boft(name: str, parts: dict) -> OFTDelta:
+    """PEFT's BOFT: ``boft_R`` ``[m, k, b, b]`` (``m`` butterfly factors) and ``boft_s`` (one scale per output).
+
+    PEFT rotates each block by ``(I - S)(I + S)^-1``, ``S = (B - B^T) / 2``, merges ``W' = s * (W M^T)`` with
+    ``M = P_{m-1} D_{m-1} P_{m-1}^T ... P_0 D_0 P_0^T``; its permutations pair inputs ``2^i b / 2`` apart as
+    LyCORIS's butterfly does, with each block's two halves one after the other where LyCORIS interleaves them."""
+    r = _dims(name, parts, "boft_R", (4,))
+    s = _need(name, parts, "boft_s")
+    if r.shape[-1] != r.shape[-2] or r.shape[-1] < 1:
+        raise KindError(f"key {name}.boft_R: expected [factors, blocks, b, b], got shape {tuple(r.shape)}")
+    if s.dim() != 2 or 1 not in s.shape:
+        raise KindError(f"key {name}.boft_s: expected [out, 1] or [1, out], got shape {tuple(s.shape)}")
+    _finite(name, "boft_R", r)
+    _finite(name, "boft_s", s)
+    m, b = int(r.shape[0]), int(r.shape[-1])
+    half = r.float() / 2
+    if m == 1:  # one factor is a diagonal OFT: W' = W R_peft^T, R_peft^T = Cayley(S), so B = (B_peft) / 2
+        return OFTDelta(half[0], rescale=s.reshape(-1, 1), on_input=True)
+    if b % 2:
+        raise KindError(f"key {name}.boft_R: {m} butterfly factors need an even block size, got {b}")
+    # LyCORIS's block position 2j + h holds PEFT's h * b/2 + j; R_peft = Cayley(-S), so B = -B_peft / 2
+    order = torch.tensor([h * (b // 2) + j for j in range(b // 2) for h in (0, 1)])
+    return OFTDelta(-half[..., order, :][..., :, order], rescale=s.reshape(-1, 1), on_input=True)
+
+
+def _older(version: str, than: tuple[int, ...]) -> bool:
+    parts = []
+    for piece in version.split(".")[: len(than)]:
+        digits = "".join(c for c in piece if c.isdigit()) or "0"
+        parts.append(int(digits[:6]))
+    return tuple(parts) < than
 
 
 def finite_alpha(name: str, value: float) -> float:
