@@ -12,8 +12,8 @@ group, or only those it does not reuse), its rows carry each group's weights (pe
 own ``combine`` mixes its groups' predictions, as :class:`~lora_composer.driver.DenoiserDriver` does for a
 render alone. What cannot share a batch runs alone through :class:`~lora_composer.pipeline.ComposerPipeline`
 between batches: strategies that derive adapters of their own (ties, dare, klora, activation-matched attach
-them for one call), and pipelines this loop does not drive (anything but a plain UNet text-to-image pipeline:
-SDXL's extra conditioning, DiTs).
+them for one call), and pipelines this loop does not drive (anything but SD1.5-family and SDXL UNet
+text-to-image pipelines: DiTs such as FLUX.1 and SD3).
 Admission is first come, first served: a waiting request of another key stops new joins until the running
 batch drains, so nothing waits forever.
 """
@@ -48,14 +48,19 @@ class ShuttingDown(Exception):
     pass
 
 
+_UNET_PIPELINES = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline": "text_time"}
+
+
 def batchable_pipeline(pipe) -> bool:
-    """Whether :class:`Batcher` can drive ``pipe``'s denoising loop itself (a UNet conditioned on text alone)."""
+    """Whether :class:`Batcher` can drive ``pipe``'s denoising loop itself: an SD1.5-family UNet (text alone) or
+    an SDXL one (text plus pooled embeddings and size ids), text to image."""
     unet = getattr(pipe, "unet", None)
     config = getattr(unet, "config", None)
+    name = type(pipe).__name__
     return (
         unet is not None
-        and type(pipe).__name__ == "StableDiffusionPipeline"
-        and getattr(config, "addition_embed_type", None) is None
+        and name in _UNET_PIPELINES
+        and getattr(config, "addition_embed_type", None) == _UNET_PIPELINES[name]
         and getattr(config, "time_cond_proj_dim", None) is None
     )
 
@@ -72,6 +77,7 @@ class _Active:
         self.generator = generator
         self.latents = latents
         self.embeds = embeds  # [rows, tokens, dim]: (negative, positive) under guidance
+        self.added: dict[str, torch.Tensor] = {}  # SDXL: text_embeds [rows, dim], time_ids [rows, 6]
         self.cfg = cfg
         self.extra = extra
         self.index = 0
@@ -90,8 +96,10 @@ class _Active:
         if self.strategy is None:
             self.plan, self.todo = StepPlan(torch.tensor([self.weights], dtype=torch.float32)), [0]
             return
-        self.strategy.observe(self.index, float(t), {"sample": sample, "timestep": t,
-                                                     "encoder_hidden_states": self.embeds})
+        inputs = {"sample": sample, "timestep": t, "encoder_hidden_states": self.embeds}
+        if self.added:
+            inputs["added_cond_kwargs"] = self.added
+        self.strategy.observe(self.index, float(t), inputs)
         plan = self.strategy.plan(self.index, float(t))
         if plan.row_groups == 0:  # no adapters at all: the base model
             plan = StepPlan(torch.zeros(1, len(self.names)))
@@ -329,8 +337,7 @@ class Batcher:
                 if mask is not None:
                     text = [w * float(m) for w, m in zip(text, mask)]
             runtime.set_weights(text=dict(zip(names, text)))
-            positive, negative = pipe.encode_prompt(spec.prompt, device, 1, cfg, spec.negative_prompt or None)
-            embeds = torch.cat([negative, positive]) if cfg else positive
+            embeds, added = self._encode(spec, device, cfg)
             scheduler = self._scheduler(spec.scheduler)
             scheduler.set_timesteps(spec.steps, device=device)
             generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(spec.seed)
@@ -338,7 +345,7 @@ class Batcher:
             shape = (1, pipe.unet.config.in_channels, spec.height // vae, spec.width // vae)
             from diffusers.utils.torch_utils import randn_tensor
 
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=positive.dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
             latents = latents * scheduler.init_noise_sigma
             params = set(inspect.signature(scheduler.step).parameters)
             extra = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in params}
@@ -348,8 +355,56 @@ class Batcher:
         if self._active:
             job.batched_with = max(job.batched_with, len(self._active))
         act = _Active(job, names, weights, scheduler, generator, latents, embeds, cfg, extra)
-        act.strategy = strategy
+        act.strategy, act.added = strategy, added
         return act
+
+    def _encode(self, spec: RenderSpec, device, cfg: bool) -> tuple[torch.Tensor, dict]:
+        """The prompt's rows (``[negative, positive]`` under guidance) and, for SDXL, the UNet's added
+        conditioning (pooled text embeddings and size ids), as the pipeline's own call computes them."""
+        pipe = self.pipe
+        negative_prompt = spec.negative_prompt or None
+        if self.pipe.unet.config.addition_embed_type != "text_time":
+            positive, negative = pipe.encode_prompt(spec.prompt, device, 1, cfg, negative_prompt)
+            return (torch.cat([negative, positive]) if cfg else positive), {}
+        positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=spec.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+            negative_prompt=negative_prompt)
+        encoder_2 = getattr(pipe, "text_encoder_2", None)
+        projection = int(pooled.shape[-1]) if encoder_2 is None else encoder_2.config.projection_dim
+        size = (spec.height, spec.width)
+        ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=positive.dtype, text_encoder_projection_dim=projection)
+        ids = ids.to(device)
+        if not cfg:
+            return positive, {"text_embeds": pooled, "time_ids": ids}
+        return torch.cat([negative, positive]), {"text_embeds": torch.cat([negative_pooled, pooled]),
+                                                 "time_ids": torch.cat([ids, ids])}
+
+    def _decode(self, act: _Active) -> torch.Tensor:
+        """The latents to an image tensor, as the pipeline decodes them (SDXL's latent statistics and fp16
+        upcast included)."""
+        vae = self.pipe.vae
+        latents = act.latents
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            view = (1, latents.shape[1], 1, 1)
+            mean = torch.tensor(mean).view(view).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(view).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+            latents = latents.float()
+        try:
+            if self.pipe.unet.config.addition_embed_type == "text_time":
+                image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+                watermark = getattr(self.pipe, "watermark", None)
+                return watermark.apply_watermark(image) if watermark is not None else image
+            return vae.decode(latents.to(vae.dtype), return_dict=False, generator=act.generator)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
 
     def _scheduler(self, name: str):
         base = self.base_scheduler
@@ -376,6 +431,7 @@ class Batcher:
             return out.repeat_interleave(act.rows, dim=0)
 
         rows, samples, times, embeds, counts = [], [], [], [], []
+        added: dict[str, list] = {}
         for act in active:
             t = act.timesteps[act.index]
             x = act.scheduler.scale_model_input(torch.cat([act.latents] * act.rows), t)
@@ -384,6 +440,8 @@ class Batcher:
             samples.append(x.repeat(groups, *[1] * (x.dim() - 1)))
             times.append(t.reshape(1).expand(act.rows * groups))
             embeds.append(act.embeds.repeat(groups, 1, 1))
+            for key, value in act.added.items():
+                added.setdefault(key, []).append(value.repeat(groups, 1))
             rows.append(slot_rows(act, act.plan.weights))
             counts.append(act.rows * groups)
         layer_rows = {}
@@ -393,8 +451,9 @@ class Batcher:
         runtime.set_denoiser_rows(torch.cat(rows), layer_rows or None)
         start = time.perf_counter()
         if sum(counts):
+            extra = {"added_cond_kwargs": {k: torch.cat(v) for k, v in added.items()}} if added else {}
             out = self.pipe.unet(torch.cat(samples), torch.cat(times), encoder_hidden_states=torch.cat(embeds),
-                                 return_dict=False)[0]
+                                 return_dict=False, **extra)[0]
         else:  # every request reuses every group's prediction this step
             out = torch.zeros(0, *active[0].latents.shape[1:], dtype=active[0].latents.dtype)
         self.metrics.step_seconds.observe(time.perf_counter() - start)
@@ -436,8 +495,7 @@ class Batcher:
     def _complete(self, act: _Active) -> None:
         pipe, spec = self.pipe, act.job.spec
         try:
-            image = pipe.vae.decode(act.latents / pipe.vae.config.scaling_factor, return_dict=False,
-                                    generator=act.generator)[0]
+            image = self._decode(act)
             array = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True])
             act.job.array = array[0]  # [h, w, 3] floats in [0, 1], what output_type="np" would give
             image = pipe.numpy_to_pil(array)[0]
