@@ -23,20 +23,62 @@ def test_convert_to_shira(sd15_pipe, make_lora, tmp_path, capsys):
         assert torch.allclose(d.dense()[d.dense() != 0], full[d.dense() != 0])
 
 
-def test_convert_to_shira_counts_the_conv_layers_it_leaves_out(sd15_pipe, make_lora, tmp_path, capsys):
+def test_convert_to_shira_keeps_the_conv_layers(sd15_pipe, make_lora, tmp_path, capsys):
     import os
 
     src = make_lora(sd15_pipe, "l", rank=4, seed=1, text_encoder=False, conv=True)
-    convs = sum(1 for d in load_adapter(src).deltas.values() if d.is_conv)
+    lora = load_adapter(src)
+    convs = sum(1 for d in lora.deltas.values() if d.is_conv)
     out = tmp_path / "s.safetensors"
     assert cli.main(["convert", "--to", "shira", "--density", "0.05", "-q", str(src), str(out)]) == 0
     summary = capsys.readouterr().out.splitlines()[0]
-    total = len(load_adapter(src).deltas)
-    assert convs > 0 and f"; {convs} Conv2d (LoCon) layer(s) of {total} left out" in summary, summary
-    assert len(load_adapter(out).deltas) == total - convs
+    total = len(lora.deltas)
+    assert convs > 0 and f"; kept {total - convs} Linear + {convs} Conv2d layers of {total}" in summary, summary
+    assert "left out" not in summary
+    shira = load_adapter(out)
+    assert set(shira.deltas) == set(lora.deltas)
+    for key, d in shira.deltas.items():
+        assert d.is_conv == lora.deltas[key].is_conv and abs(d.density - 0.05) < 1e-3
+        if d.is_conv:
+            assert d.shape == (lora.deltas[key].up.shape[0], *lora.deltas[key].down.shape[1:])
     umask = os.umask(0o022)
     os.umask(umask)
     assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not 0600
+
+
+def test_converted_star_lora_still_draws_a_star(tmp_path, capsys, one_thread):
+    """The mini world's star LoRA draws its star through its 36 conv (LoCon) layers as much as its Linear ones:
+    converted to SHiRA at density 0.3 the detector still sees a star in every image, as with the LoRA itself;
+    the same SHiRA file without its conv layers draws none."""
+    from lora_composer.adapters import save_shira
+    from lora_composer.adapters.types import Adapter
+    from lora_composer.miniworld import assets, world
+    from lora_composer.miniworld.detectors import load_detector
+    from lora_composer.pipeline import ComposerPipeline
+
+    src = assets.library_dir() / "star-shape.safetensors"
+    out = tmp_path / "star-shira.safetensors"
+    assert cli.main(["convert", "--to", "shira", "--density", "0.3", "-q", str(src), str(out)]) == 0
+    summary = capsys.readouterr().out.splitlines()[0]
+    assert "kept 78 Linear + 36 Conv2d layers of 114" in summary, summary
+    shira = load_adapter(out)
+    linear = save_shira(Adapter("linear-only", shira.family, {k: d for k, d in shira.deltas.items() if not d.is_conv}),
+                        tmp_path / "linear-only.safetensors")
+    pipe = ComposerPipeline.from_pretrained(assets.model_dir())
+    detector = load_detector(assets.detector_path())
+    star = list(world.CATEGORY["shape"].values).index("star")
+
+    def confidence(lora) -> torch.Tensor:
+        images = []
+        for seed, prompt in enumerate(["a red star on a plain background", "a blue star on a dotted background"]):
+            images += pipe(prompt, loras=[(str(lora), 1.0)], seed=seed, num_inference_steps=8,
+                           num_images_per_prompt=2, progress=False)
+        return detector.probs(images)["shape"][:, star]
+
+    original, converted, without_conv = confidence(src), confidence(out), confidence(linear)
+    assert original.min() > 0.9, original
+    assert converted.min() > 0.9 and converted.mean() >= original.mean() - 0.05, (converted, original)
+    assert without_conv.max() < 0.1, without_conv
 
 
 def test_convert_squeeze_rank_and_auto(sd15_pipe, make_lora, tmp_path, capsys):

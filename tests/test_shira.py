@@ -265,3 +265,145 @@ def test_squeeze_rank_and_energy():
     assert all(r.energy >= 0.99 - 1e-6 for r in reports)
     with pytest.raises(ValueError):
         squeeze_lora(lora)
+
+
+# -- Conv2d (LoCon) SHiRA ------------------------------------------------------------------------------------
+def _convs(unet):
+    return {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+
+def random_conv_shira(unet, name, seed, density=0.05, std=0.02) -> Adapter:
+    """Sparse deltas on every Conv2d of the UNet (3x3, 1x1, strided), shaped ``[out, in, kh, kw]``."""
+    g = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for path, m in _convs(unet).items():
+        shape = tuple(m.weight.shape)
+        cols = shape[1] * shape[2] * shape[3]
+        k = max(1, int(density * shape[0] * cols))
+        flat = torch.randperm(shape[0] * cols, generator=g)[:k]
+        deltas[f"unet.{path}"] = SparseDelta(torch.stack([flat // cols, flat % cols]),
+                                             torch.randn(k, generator=g) * std, shape)
+    return Adapter(name, "sd15", deltas)
+
+
+def test_conv_shira_fused_equals_formula_and_unfused_and_restores_exactly(sd15_pipe):
+    unet = sd15_pipe.unet
+    convs = _convs(unet)
+    base = {n: m.weight.detach().clone() for n, m in convs.items()}
+    adapter = random_conv_shira(unet, "c", seed=1)
+    assert all(d.is_conv for d in adapter.deltas.values()) and len(adapter.deltas) == len(convs)
+    plain = unet_call(unet)
+    rt = LoraRuntime(sd15_pipe)
+    rt.add(adapter)
+    rt.set_weights(unet={"c": 1.0})
+    unfused = unet_call(unet)
+    assert (unfused - plain).abs().max() > 1e-3  # it acts
+    rt.fuse()
+    for path, m in convs.items():  # W0 + scatter(indices, values), from the definition: row, flattened kernel column
+        d = adapter.deltas[f"unet.{path}"]
+        out_c, in_c, kh, kw = m.weight.shape
+        want = base[path].clone().reshape(out_c, in_c * kh * kw)
+        want[d.indices[0], d.indices[1]] += d.values
+        assert torch.equal(m.weight, want.reshape(out_c, in_c, kh, kw)), path
+    torch.testing.assert_close(unet_call(unet), unfused, atol=1e-5, rtol=0)
+    rt.set_weights(unet={"c": -0.6})  # a fused switch, then back to the base
+    rt.unfuse()
+    assert all(torch.equal(m.weight, base[n]) for n, m in convs.items())
+    rt.remove("c")
+    assert not rt.layers and all(torch.equal(m.weight, base[n]) for n, m in convs.items())
+
+
+def test_conv_and_linear_shira_weighted_and_per_row(sd15_pipe):
+    """Conv and Linear SHiRA adapters mixed with LoRA weights: fused equals unfused, per-row rows equal their runs."""
+    unet = sd15_pipe.unet
+    rt = LoraRuntime(sd15_pipe)
+    rt.add(random_conv_shira(unet, "c0", seed=2))
+    rt.add(random_conv_shira(unet, "c1", seed=3, density=0.1))
+    rt.add(random_shira(unet, "s", seed=4, density=0.02))
+    rt.set_weights(unet={"c0": 0.7, "c1": -0.4, "s": 0.05})
+    unfused = unet_call(unet)
+    rt.fuse()
+    torch.testing.assert_close(unet_call(unet), unfused, atol=1e-5, rtol=0)
+    rt.unfuse()
+    rt.set_denoiser_rows(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.05]]))
+    rows = unet_call(unet)
+    rt.set_weights(unet={"c0": 1.0})
+    torch.testing.assert_close(rows[0], unet_call(unet)[0], atol=1e-5, rtol=0)
+    rt.set_weights(unet={"c1": 0.5, "s": 0.05})
+    torch.testing.assert_close(rows[1], unet_call(unet)[1], atol=1e-5, rtol=0)
+
+
+def test_conv_shira_roundtrip_and_conversion_keeps_kernel_entries(sd15_pipe, tmp_path):
+    a = random_conv_shira(sd15_pipe.unet, "c", seed=5)
+    b = load_adapter(save_shira(a, tmp_path / "c.safetensors"))
+    for k, d in a.deltas.items():
+        assert b.deltas[k].shape == d.shape and b.deltas[k].is_conv and torch.equal(b.deltas[k].dense(), d.dense())
+    g = torch.Generator().manual_seed(0)
+    conv = LayerDelta(torch.randn(4, 6, 3, 3, generator=g), torch.randn(5, 4, 1, 1, generator=g), 2.0)
+    shira, (report,) = lora_to_shira(Adapter("l", "sd15", {"unet.x.conv1": conv}), density=0.1)
+    s = shira.deltas["unet.x.conv1"]
+    full = torch.einsum("or,rikl->oikl", conv.up[:, :, 0, 0], conv.down) * conv.scale  # the LoCon delta, 4-D
+    kept = s.dense()
+    assert s.shape == (5, 6, 3, 3) and s.nnz == round(0.1 * full.numel()) and kept.shape == full.shape
+    assert torch.allclose(kept[kept != 0], full[kept != 0], atol=1e-6)
+    assert full[kept == 0].abs().max() <= kept[kept != 0].abs().min() + 1e-6
+    assert abs(report.rel_error - float((full - kept).norm() / full.norm())) < 1e-5
+
+
+def _write_bad(tmp_path, name, unet, **change):
+    """A one-layer conv SHiRA file for ``up_blocks.0.resnets.0.conv1`` with one field made wrong."""
+    from safetensors.torch import save_file
+
+    key = "unet.up_blocks.0.resnets.0.conv1"
+    shape = list(_convs(unet)[key[5:]].weight.shape)
+    tensors = {f"{key}.shira_indices": torch.tensor([[0, 3], [5, 700]]),
+               f"{key}.shira_weight": torch.tensor([0.1, -0.2]),
+               f"{key}.shira_shape": torch.tensor(shape), f"{key}.alpha": torch.tensor(1.0)}
+    tensors.update({f"{key}.{k}": v for k, v in change.items()})
+    path = tmp_path / f"{name}.safetensors"
+    save_file(tensors, str(path), metadata={"lora_composer.format": "shira"})
+    return path, key
+
+
+@pytest.mark.parametrize("bad", ["index", "shape", "nan"])
+def test_malformed_conv_shira_fails_in_one_line_and_leaves_the_pipeline_as_it_was(sd15_pipe, tmp_path, bad):
+    from lora_composer.errors import ComposerError
+    from lora_composer.pipeline import ComposerPipeline
+
+    unet = sd15_pipe.unet
+    good, _ = _write_bad(tmp_path, "good", unet)
+    change = {"index": {"shira_indices": torch.tensor([[0, 3], [5, 64 * 128 * 9]])},  # column past in * kh * kw
+              "shape": {"shira_shape": torch.tensor([64, 128, 5, 5])},  # the layer is 3x3: refused when attached
+              "nan": {"shira_weight": torch.tensor([0.1, float("nan")])}}[bad]
+    path, key = _write_bad(tmp_path, bad, unet, **change)
+    pipe = ComposerPipeline(sd15_pipe)
+    pipe.load_lora(good)
+    pipe.runtime.set_weights(unet={"good": 1.0})
+    pipe.runtime.fuse()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(ComposerError) as exc:
+        pipe.load_lora(path)
+    msg = str(exc.value)
+    assert "\n" not in msg and str(path) in msg and key in msg, msg
+    assert set(pipe.adapters) == {"good"} and pipe.runtime.fused
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+
+
+def test_sparse_conv_delta_per_row_equals_dense_conv():
+    """Rows sharing values share a convolution, zero rows add nothing: each row still equals its dense conv."""
+    from lora_composer.kernels.sparse_ops import sparse_conv_delta
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 9, 9, generator=g)
+    shape, conv = (5, 6, 3, 3), dict(stride=(2, 2), padding=(1, 1), dilation=(1, 1))
+    idx = torch.randperm(270, generator=g)[:40].sort().values
+    v = torch.randn(40, generator=g)
+    values = torch.stack([v, v, torch.zeros(40), -0.5 * v])
+    got = sparse_conv_delta(x, idx, values, shape, conv)
+    for b in range(4):
+        kernel = torch.zeros(270)
+        kernel[idx] = values[b]
+        want = torch.nn.functional.conv2d(x[b : b + 1], kernel.view(shape), **conv)
+        torch.testing.assert_close(got[b : b + 1], want, atol=1e-6, rtol=0)
+    one_row = sparse_conv_delta(x, idx, values[:1], shape, conv)
+    torch.testing.assert_close(sparse_conv_delta(x, idx, v, shape, conv), one_row)

@@ -8,7 +8,9 @@ Two file layouts load into an :class:`Adapter` whose deltas are :class:`SparseDe
   paths with ``base_model.model.`` only, so the pipeline component (``unet`` by default) is an argument.
   PEFT does not store the layer shape: it is checked against the pipeline when attached.
 - ours (:func:`save_shira`): ``<component>.<module>.shira_indices`` / ``.shira_weight`` plus
-  ``.shira_shape`` (``[out, in]``) and ``.alpha`` (PEFT's ``scaling``), header ``lora_composer.format: shira``.
+  ``.shira_shape`` (``[out, in]``, or ``[out, in, kh, kw]`` for a Conv2d, whose column indexes the flattened
+  kernel) and ``.alpha`` (PEFT's ``scaling``), header ``lora_composer.format: shira``. PEFT's SHiRA (0.21)
+  targets ``nn.Linear`` only, so conv (LoCon) layers are stored in our format only.
 
 Also the LoRA -> SHiRA conversion (:func:`lora_to_shira`: the largest-magnitude entries of each layer's
 delta) and LoRA-Squeeze (:func:`squeeze_lora`: lower rank by randomized SVD of each layer's delta).
@@ -51,7 +53,7 @@ def peft_shira_dir(path: Path) -> Path | None:
 
 def _family(deltas: dict[str, SparseDelta], keys) -> str:
     # detect_family reads input widths from ``down``: give it shape-only stand-ins
-    proxy = {k: SimpleNamespace(down=torch.empty(0, d.shape[1])) for k, d in deltas.items()}
+    proxy = {k: SimpleNamespace(down=torch.empty(0, *d.shape[1:])) for k, d in deltas.items()}
     return detect_family(proxy, keys=keys)
 
 
@@ -72,7 +74,14 @@ def parse_shira_state_dict(tensors: dict[str, torch.Tensor], component: str = "u
         if not torch.isfinite(values).all():
             raise ValueError(f"{stem} has NaN or inf values")
         if f"{stem}.{SHAPE}" in tensors:
-            shape = tuple(int(v) for v in tensors[f"{stem}.{SHAPE}"].tolist())
+            raw = tensors[f"{stem}.{SHAPE}"]
+            shape = tuple(int(v) for v in raw.reshape(-1).tolist())
+            if raw.dim() != 1 or len(shape) not in (2, 4) or min(shape) < 1:
+                raise ValueError(f"{stem}.{SHAPE}: expected [out, in] or [out, in, kh, kw], got {raw.tolist()}")
+            columns = math.prod(shape[1:])
+            if idx.numel() and (int(idx[0].max()) >= shape[0] or int(idx[1].max()) >= columns):
+                raise ValueError(f"{key}: indices reach ({int(idx[0].max())}, {int(idx[1].max())}), outside the "
+                                 f"{shape[0]}x{columns} delta of shape {list(shape)}")
         else:  # PEFT stores no shape: the smallest that holds the indices (checked against the layer later)
             shape = (int(idx[0].max()) + 1, int(idx[1].max()) + 1) if idx.numel() else (0, 0)
         alpha = float(tensors[f"{stem}.{ALPHA}"]) if f"{stem}.{ALPHA}" in tensors else 1.0
@@ -126,7 +135,7 @@ def save_shira(adapter: Adapter, path) -> Path:
     for key, d in adapter.deltas.items():
         if not isinstance(d, SparseDelta):
             raise ValueError(f"{key}: not a sparse delta")
-        big = max(d.shape) >= 2**31
+        big = max(d.shape[0], d.columns) >= 2**31
         tensors[f"{key}.{INDICES}"] = d.indices.to(torch.int64 if big else torch.int32).contiguous()
         tensors[f"{key}.{VALUES}"] = d.values.float().contiguous()
         tensors[f"{key}.{SHAPE}"] = torch.tensor(list(d.shape), dtype=torch.int64)
@@ -162,9 +171,10 @@ class LayerReport:
 
 
 def lora_to_shira(adapter: Adapter, density: float = 0.02, name: str | None = None):
-    """SHiRA adapter keeping the ``density`` largest-magnitude entries of each Linear layer's LoRA delta.
+    """SHiRA adapter keeping the ``density`` largest-magnitude entries of each layer's LoRA delta.
 
-    Returns ``(adapter, reports)``; Conv2d (LoCon) layers are left out (reported with a note).
+    A Conv2d (LoCon) layer's ``[out, in, kh, kw]`` delta is ranked flattened like a Linear one: the kept
+    entries are the largest of the whole kernel, whatever their tap. Returns ``(adapter, reports)``.
     """
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
@@ -172,12 +182,9 @@ def lora_to_shira(adapter: Adapter, density: float = 0.02, name: str | None = No
     for key, d in adapter.deltas.items():
         if getattr(d, "is_sparse", False):
             deltas[key] = d
-            reports.append(LayerReport(key, d.nnz, d.shape[0] * d.shape[1], 0.0, 1.0, "already sparse"))
+            reports.append(LayerReport(key, d.nnz, d.shape[0] * d.columns, 0.0, 1.0, "already sparse"))
             continue
         _additive_or_fail(key, d, "--to shira")
-        if d.is_conv:
-            reports.append(LayerReport(key, 0, 0, 1.0, 0.0, "Conv2d layer left out"))
-            continue
         full = dense_delta(d)
         flat = full.reshape(-1)
         k = max(1, min(flat.numel(), round(density * flat.numel())))
@@ -188,10 +195,11 @@ def lora_to_shira(adapter: Adapter, density: float = 0.02, name: str | None = No
         rel = math.sqrt(max(norm2 - kept2, 0.0) / norm2) if norm2 > 0 else 0.0
         n_in = full.shape[1]
         indices = torch.stack([idx // n_in, idx % n_in])
-        deltas[key] = SparseDelta(indices, vals.clone(), (full.shape[0], n_in), 1.0)
+        shape = (full.shape[0], *d.down.shape[1:]) if d.is_conv else (full.shape[0], n_in)
+        deltas[key] = SparseDelta(indices, vals.clone(), shape, 1.0)
         reports.append(LayerReport(key, k, flat.numel(), rel, kept2 / norm2 if norm2 > 0 else 1.0))
     if not deltas:
-        raise ValueError(f"{adapter.name}: no Linear layer to convert")
+        raise ValueError(f"{adapter.name}: no layer to convert")
     meta = AdapterMetadata(
         trigger_words=list(adapter.metadata.trigger_words), description=adapter.metadata.description,
         preferred_weight=adapter.metadata.preferred_weight, source_format="shira",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,21 +39,31 @@ class LayerDelta:
 
 @dataclass
 class SparseDelta:
-    """Sparse (SHiRA) delta ``alpha * D`` for one Linear module, ``D[indices[0, i], indices[1, i]] = values[i]``.
+    """Sparse (SHiRA) delta ``alpha * D`` of one Linear or Conv2d, ``D[indices[0, i], indices[1, i]] = values[i]``.
 
     ``indices`` is ``[2, N]`` (row = output feature, column = input feature; PEFT's ``shira_indices``),
-    ``values`` ``[N]`` (PEFT's ``shira_weight``), ``shape`` the weight's ``(out, in)``. ``alpha`` is PEFT's
+    ``values`` ``[N]`` (PEFT's ``shira_weight``), ``shape`` the weight's ``(out, in)`` or, for a Conv2d,
+    ``(out, in, kh, kw)``: a conv delta's column indexes the flattened kernel ``(c * kh + i) * kw + j``, so
+    ``row * columns + column`` is the position in the weight's contiguous storage for both. ``alpha`` is PEFT's
     ``scaling`` (1 unless set). Fused by a scatter into the weight; the backup is only the overwritten values.
     """
 
     indices: torch.Tensor
     values: torch.Tensor
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     alpha: float = 1.0
 
     rank = 0  # not low-rank: no rank columns in the stack
-    is_conv = False
     is_sparse = True
+
+    @property
+    def is_conv(self) -> bool:
+        return len(self.shape) == 4
+
+    @property
+    def columns(self) -> int:
+        """Entries per output row: ``in`` (Linear) or ``in * kh * kw`` (Conv2d)."""
+        return math.prod(int(s) for s in self.shape[1:])
 
     @property
     def scale(self) -> float:
@@ -64,15 +75,15 @@ class SparseDelta:
 
     @property
     def density(self) -> float:
-        return self.nnz / float(self.shape[0] * self.shape[1])
+        return self.nnz / float(self.shape[0] * self.columns)
 
     def flat_index(self) -> torch.Tensor:
-        """Sorted, unique positions ``row * in + col`` in the flattened weight (duplicates are summed)."""
+        """Sorted, unique positions ``row * columns + col`` in the flattened weight (duplicates are summed)."""
         return self.coalesced()[0]
 
     def coalesced(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(flat positions, values)`` sorted with repeated positions summed (fp32)."""
-        flat = self.indices[0].long() * int(self.shape[1]) + self.indices[1].long()
+        flat = self.indices[0].long() * self.columns + self.indices[1].long()
         uniq, inv = torch.unique(flat, sorted=True, return_inverse=True)
         if uniq.numel() == flat.numel():
             order = torch.argsort(flat)
@@ -81,8 +92,8 @@ class SparseDelta:
         return uniq, vals
 
     def dense(self) -> torch.Tensor:
-        """The full ``alpha * D`` in fp32 (for conversion and tests)."""
-        out = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.float32)
+        """The full ``alpha * D`` in fp32, shaped like the weight (for conversion and tests)."""
+        out = torch.zeros(self.shape[0] * self.columns, dtype=torch.float32)
         flat, vals = self.coalesced()
         out.index_add_(0, flat, vals * self.scale)
         return out.view(*self.shape)

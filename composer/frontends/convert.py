@@ -63,10 +63,8 @@ def main(argv: list[str]) -> int:
             nnz = sum(r.kept for r in reports)
             total = sum(r.of for r in reports) or 1
             summary = _summary(reports, f"SHiRA at density {args.density:g}") + f"; {nnz:,} nonzeros ({nnz / total:.2%})"
-            left = sum(1 for r in reports if r.note == "Conv2d layer left out")
-            if left:  # the converted file does less than the original: say so in the line everyone reads
-                summary += (f"; {left} Conv2d (LoCon) layer(s) of {len(reports)} left out: SHiRA covers Linear layers "
-                            "here, so what they drew is lost (--rank keeps them)")
+            convs = sum(1 for d in out.deltas.values() if d.is_conv)  # what a LoCon draws lives in these
+            summary += f"; kept {len(out.deltas) - convs} Linear + {convs} Conv2d layers of {len(adapter.deltas)}"
         else:
             if args.rank is None:
                 raise ValueError("--to lora needs --rank R or --rank auto --energy E")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lora_composer.runtime.mixing import MixingState
 from lora_composer.kernels import fold_delta, sparse_delta, sparse_fold, sparse_restore, stacked_delta
-from lora_composer.kernels.sparse_ops import merge_sparse, merged_values
+from lora_composer.kernels.sparse_ops import merge_sparse, merged_values, sparse_conv_delta
 
 DOWN, UP = "_lora_composer_down", "_lora_composer_up"
 
@@ -349,7 +349,10 @@ class PatchedLayer:
             output = stacked_delta(args[0], self.down, self.up, s, self.conv, runs, out=output)
         if sparse is not None:
             idx, vals = sparse
-            output = output + sparse_delta(args[0], idx, vals, output.shape[-1])
+            if self.conv is None:
+                output = output + sparse_delta(args[0], idx, vals, output.shape[-1])
+            else:  # conv: the sparse kernel materialised, one dense convolution (kernels/sparse_ops.py)
+                output = output + sparse_conv_delta(args[0], idx, vals, tuple(self.module.weight.shape), self.conv)
         return output
 
     # -- fused mode -----------------------------------------------------------------------------

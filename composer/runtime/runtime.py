@@ -29,14 +29,18 @@ def _resolve(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
 
 
 def _check_sparse_fit(module: torch.nn.Module, delta) -> str | None:
-    """Why a SHiRA ``delta`` cannot patch ``module`` (Linear only; indices inside the weight), or None."""
-    if not isinstance(module, torch.nn.Linear):
-        return f"is a {type(module).__name__}; sparse (SHiRA) deltas patch Linear layers"
-    out_f, in_f = module.out_features, module.in_features
+    """Why a SHiRA ``delta`` cannot patch ``module`` (Linear or plain Conv2d; indices inside the weight), or None."""
+    if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        return f"is a {type(module).__name__}; sparse (SHiRA) deltas patch Linear and Conv2d layers"
+    if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
+        return f"is a grouped convolution (groups={module.groups})"
+    if len(delta.shape) == 4 and tuple(delta.shape) != tuple(module.weight.shape):
+        return f"conv sparse delta is {list(delta.shape)}, layer weight is {list(module.weight.shape)}"
+    out_f, in_f = module.weight.shape[0], module.weight[0].numel()  # a conv kernel flattened: in * kh * kw
     idx = delta.indices
     if idx.numel() and (int(idx[0].max()) >= out_f or int(idx[1].max()) >= in_f or int(idx.min()) < 0):
         return f"sparse indices reach ({int(idx[0].max())}, {int(idx[1].max())}), layer weight is {out_f}x{in_f}"
-    if tuple(delta.shape) not in ((out_f, in_f),) and (delta.shape[0] > out_f or delta.shape[1] > in_f):
+    if len(delta.shape) == 2 and (delta.shape[0] > out_f or delta.shape[1] > in_f):
         return f"sparse delta is {delta.shape[0]}x{delta.shape[1]}, layer weight is {out_f}x{in_f}"
     if not torch.isfinite(delta.values).all():
         return "holds NaN or inf values"
@@ -171,7 +175,7 @@ class LoraRuntime:
             delta = adapter.deltas[key]
             if delta.is_sparse:
                 # flat positions in this layer's weight (PEFT files carry no shape: use the module's)
-                flat = delta.indices[0].long() * module.in_features + delta.indices[1].long()
+                flat = delta.indices[0].long() * module.weight[0].numel() + delta.indices[1].long()
                 flat, order = torch.sort(flat)
                 values = delta.values.float()[order]
                 uniq, inv = torch.unique_consecutive(flat, return_inverse=True)
