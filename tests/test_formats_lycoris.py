@@ -518,7 +518,8 @@ def test_convert_rank_refactors_loha_lokr_full_by_svd(sd15_pipe, tmp_path, capsy
         assert load_adapter(low).ranks == {1}
     shira = tmp_path / "lokr-shira.safetensors"
     assert main(["convert", "--to", "shira", "--density", "0.5", str(files["lokr"][0]), str(shira), "-q"]) == 0
-    assert set(load_adapter(shira).deltas) == {f"unet.{TO_K}"}  # its 3x3 conv layer is left out, as a LoCon's is
+    kept = load_adapter(shira).deltas  # its 3x3 conv layer is kept, shaped like the kernel, as a LoCon's is
+    assert set(kept) == {f"unet.{TO_K}", f"unet.{CONV}"} and kept[f"unet.{CONV}"].shape == (32, 32, 3, 3)
     capsys.readouterr()
     assert main(["convert", "--rank", "1", str(files["dora"][0]), str(tmp_path / "x.safetensors"), "-q"]) != 0
     err = capsys.readouterr().err.strip()
