@@ -286,7 +286,7 @@ def random_conv_shira(unet, name, seed, density=0.05, std=0.02) -> Adapter:
     return Adapter(name, "sd15", deltas)
 
 
-def test_conv_shira_fused_equals_formula_and_unfused_and_restores_exactly(sd15_pipe):
+def test_conv_shira_fused_equals_formula_and_unfused_and_restores_exactly(sd15_pipe, one_thread):
     unet = sd15_pipe.unet
     convs = _convs(unet)
     base = {n: m.weight.detach().clone() for n, m in convs.items()}
@@ -313,7 +313,7 @@ def test_conv_shira_fused_equals_formula_and_unfused_and_restores_exactly(sd15_p
     assert not rt.layers and all(torch.equal(m.weight, base[n]) for n, m in convs.items())
 
 
-def test_conv_and_linear_shira_weighted_and_per_row(sd15_pipe):
+def test_conv_and_linear_shira_weighted_and_per_row(sd15_pipe, one_thread):
     """Conv and Linear SHiRA adapters mixed with LoRA weights: fused equals unfused, per-row rows equal their runs."""
     unet = sd15_pipe.unet
     rt = LoraRuntime(sd15_pipe)
