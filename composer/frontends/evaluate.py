@@ -3,6 +3,7 @@
     compose eval                          default protocol: 2, 3 and 4 LoRAs, 2 seeds, every strategy
     compose eval --sizes 2 --seeds 1 --strategies merge switch --out eval-out
     compose eval --write-doc docs/EVAL.md
+    compose eval --world two-objects      two objects per picture: bleeding between them counts as failure
 
 The protocol and its measures: :mod:`lora_composer.miniworld.evaluate`.
 """
@@ -17,15 +18,22 @@ from lora_composer.errors import ComposerError
 from lora_composer.frontends.args import Parser, UsageError, command, load_pipeline
 
 PROG = "compose eval"
+WORLDS = ("one-object", "two-objects")
+TWO_OBJECT_STRATEGIES = ("merge", "gated", "loratorio", "conjunction", "composite")  # the default two-object table
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description=__doc__.splitlines()[0],
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:6]))
+    p.add_argument("--world", choices=WORLDS, default=WORLDS[0],
+                   help="one-object (default) or two-objects (128x64, one object per half; docs/EVAL.md)")
+    p.add_argument("--per-kind", type=int, default=4, metavar="N",
+                   help="two-objects: combinations of each kind (default 4)")
     p.add_argument("--strategies", nargs="+", metavar="NAME", help="strategies to measure (default: every one in fusion/); NAME:ARGS measures a variant, "
                         "e.g. 'marginal:scale=0.5 until=0.3'")
     p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], metavar="K", help="combination sizes (default 2 3 4)")
-    p.add_argument("--seeds", type=int, default=2, metavar="N", help="images per combination and strategy (default 2)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="images per combination and strategy (default 2; two-objects: 1)")
     p.add_argument("--steps", type=int, default=20, metavar="N", help="denoising steps (default 20)")
     p.add_argument("--guidance", type=float, default=None, metavar="G", help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed of the renders (default 0)")
@@ -49,6 +57,9 @@ def main(argv: list[str]) -> int:
     from lora_composer.miniworld.evaluate import evaluate, markdown, write_doc
 
     args = build_parser().parse_args(argv)
+    if args.world == "two-objects":
+        return _two_objects(args, argv)
+    args.seeds = 2 if args.seeds is None else args.seeds
     strategies = args.strategies or available()
     unknown = [s for s in strategies if s.partition(":")[0] not in available()]
     if unknown:
@@ -73,4 +84,36 @@ def main(argv: list[str]) -> int:
     print(text)
     if args.write_doc:
         write_doc(args.write_doc, text)
+    return 0
+
+
+def _check_strategies(strategies) -> None:
+    from lora_composer.fusion.registry import available, get_strategy, parse_strategy_args
+
+    unknown = [s for s in strategies if s.partition(":")[0] not in available()]
+    if unknown:
+        raise UsageError(f"unknown strategy {unknown[0].partition(':')[0]!r} (known: {', '.join(available())})")
+    for spec in strategies:
+        name, _, text = spec.partition(":")
+        get_strategy(name, **parse_strategy_args(text))
+
+
+def _two_objects(args, argv: list[str]) -> int:
+    """``--world two-objects``: the two-object table (lora_composer.miniworld.two_objects)."""
+    from lora_composer.miniworld import assets, two_objects
+
+    if args.write_doc:
+        raise UsageError("--write-doc writes the one-object tables only; docs/EVAL.md quotes the two-object ones")
+    strategies = args.strategies or list(TWO_OBJECT_STRATEGIES)
+    _check_strategies(strategies)
+    if args.per_kind < 1:
+        raise UsageError("--per-kind must be at least 1")
+    judge = two_objects.default_judge(seeds=1 if args.seeds is None else args.seeds)
+    judge.steps = args.steps
+    judge.guidance = assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    result = two_objects.evaluate(judge, strategies, per_kind=args.per_kind, seed=args.seed, checks_too=args.checks,
+                                  progress=not args.quiet)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(two_objects.markdown(result, f"{PROG} {' '.join(argv)}".strip()))
     return 0

@@ -25,3 +25,8 @@ def library_dir() -> Path:
 
 def detector_path() -> Path:
     return WEIGHTS / "detectors.safetensors"
+
+
+def two_objects_dir() -> Path:
+    """The two-object world's fine-tuned UNet and training figures (the rest is the model above)."""
+    return WEIGHTS / "two-objects"
