@@ -134,10 +134,12 @@ class ComposerPipeline:
             raise ComposerError(f"{local}: not a diffusers model folder (no model_index.json)")
         name = model_class(local) if local.exists() else None
         loader = getattr(diffusers, name) if name in DIT_PIPELINES else AutoPipelineForText2Image
+        if torch_dtype is not None:  # diffusers >= 0.42 names it ``dtype`` (``torch_dtype`` warns); older ones not
+            from diffusers.pipelines import pipeline_utils
+
+            kwargs["dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"] = torch_dtype
         try:
-            pipe = loader.from_pretrained(
-                str(local) if local.exists() else model, torch_dtype=torch_dtype, **kwargs
-            )
+            pipe = loader.from_pretrained(str(local) if local.exists() else model, **kwargs)
         except OSError as exc:
             raise ComposerError(f"{model}: cannot load model ({str(exc).splitlines()[0]})") from None
         if device is not None:

@@ -29,10 +29,11 @@ def one_load(_loaded, monkeypatch):
     """Each model is loaded once for the module (the checks under test run before or around the load)."""
     real = cli.load_pipeline
 
-    def load(model, library=None):
-        if (model, library) not in _loaded:
-            _loaded[model, library] = real(model, library)
-        return _loaded[model, library]
+    def load(model, library=None, **kw):
+        key = (model, library, tuple(sorted(kw.items())))
+        if key not in _loaded:
+            _loaded[key] = real(model, library, **kw)
+        return _loaded[key]
 
     monkeypatch.setattr(cli, "load_pipeline", load)
 
@@ -286,3 +287,44 @@ def test_help_is_plain_and_complete(name, capsys, monkeypatch):
             first = next(line for line in block.splitlines() if line.strip().startswith(strategy + " "))
             assert " ".join(block.split()).count(" ".join(cls.measured.split())) == 1, strategy
             assert first.split()[0] == strategy
+
+
+# -- device and precision ------------------------------------------------------------------------
+
+
+def test_a_device_this_machine_lacks_is_one_line(out_dir, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _ = _compose(out_dir, "--device", "cuda")
+    _one_line_error(capsys, code, "cuda", "no CUDA device")
+    code, _ = _compose(out_dir, "--device", "tpu9")
+    _one_line_error(capsys, code, "tpu9", "not a device")
+    code, _ = _compose(out_dir, "--dtype", "fp8")
+    _one_line_error(capsys, code, "--dtype", "fp8")
+    _nothing_written(out_dir)
+
+
+def test_device_and_dtype_follow_the_machine_and_the_model(tmp_path, monkeypatch):
+    import json
+
+    from lora_composer.devices import device_and_dtype
+    from lora_composer.errors import ComposerError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert device_and_dtype("auto", "auto", "runwayml/stable-diffusion-v1-5") == ("cpu", torch.float32)
+    assert device_and_dtype("cpu", "bf16") == ("cpu", torch.bfloat16)  # asked for: given, even on the CPU
+    with pytest.raises(ComposerError, match="no CUDA device"):
+        device_and_dtype("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert device_and_dtype("auto", "auto", "stabilityai/stable-diffusion-xl-base-1.0") == ("cuda", torch.float16)
+    assert device_and_dtype("auto", "auto", str(flux)) == ("cuda", torch.bfloat16)  # a DiT: bf16, not fp16
+    assert device_and_dtype("auto", "auto", "black-forest-labs/FLUX.1-dev") == ("cuda", torch.bfloat16)
+    assert device_and_dtype("auto", "fp32", str(flux)) == ("cuda", torch.float32)
+
+
+def test_the_default_device_renders_on_this_machine(out_dir, capsys):
+    code, out = _compose(out_dir, "--device", "cpu", "--dtype", "fp32")
+    assert code == 0 and out.is_file(), capsys.readouterr().err

@@ -150,15 +150,28 @@ def model_source(model: str) -> dict:
     raise ComposerError(f"model {model}: neither a local folder nor reachable on the Hugging Face Hub ({why})")
 
 
-def load_pipeline(model: str, library=None):
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, shared by ``compose``, ``compose ui`` and ``compose serve``
+    (:func:`lora_composer.devices.device_and_dtype` reads them)."""
+    from lora_composer.devices import DTYPES
+
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="where the model runs: auto (cuda if there is one, else mps, else the CPU), cuda, cuda:1, mps, cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="the weights' precision: auto (fp32 on the CPU; on a GPU bf16 for FLUX.1 and SD3, fp16 for "
+                        "the others), fp32, fp16, bf16")
+
+
+def load_pipeline(model: str, library=None, device: str | None = None, dtype=None):
     """``ComposerPipeline.from_pretrained`` for a front end: a Hub id fails fast when the Hub is out of reach
-    (:func:`model_source`), loading bars hidden, library errors in one line."""
+    (:func:`model_source`), loading bars hidden, library errors in one line. ``device``/``dtype``: as
+    :func:`~lora_composer.devices.device_and_dtype` returns them (None: the CPU in float32)."""
     from lora_composer.pipeline import ComposerPipeline
 
     extra = model_source(model)
     try:
         with no_loading_bars():
-            return ComposerPipeline.from_pretrained(model, library=library, **extra)
+            return ComposerPipeline.from_pretrained(model, library=library, torch_dtype=dtype, device=device, **extra)
     except ComposerError:
         raise
     except Exception as exc:  # diffusers/transformers/hub errors: multi-line, not the user's traceback

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lora_composer.errors import ComposerError
 from lora_composer.frontends import catalog, convert, evaluate, profile, serve, ui
-from lora_composer.frontends.args import Parser, UsageError, command, load_pipeline
+from lora_composer.frontends.args import Parser, UsageError, add_device_args, command, load_pipeline
 
 PROG = "compose"
 
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle", dest="allow_pickle", action="store_true",
         help="allow pickle-based LoRA files (.pt/.ckpt/.bin): they can run code, only use files you trust",
     )
+    add_device_args(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notices")
     return p
 
@@ -240,7 +241,10 @@ def render(args) -> int:
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: the output is a PNG, name it .png")
 
-    pipe = load_pipeline(model, library)
+    from lora_composer.devices import device_and_dtype
+
+    device, dtype = device_and_dtype(args.device, args.dtype, model)
+    pipe = load_pipeline(model, library, device=device, dtype=dtype)
     try:
         pipe.check_size(s["height"], s["width"], s["steps"], limits=not args.no_limits)  # before any LoRA loads
         for path, _, _ in loras:  # attached once here; the call below reuses them

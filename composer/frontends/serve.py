@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from lora_composer.frontends.args import Parser, UsageError, command
+from lora_composer.frontends.args import Parser, UsageError, add_device_args, command
 
 
 def is_loopback(host: str) -> bool:
@@ -58,7 +58,7 @@ def parser() -> Parser:
     p.add_argument("--max-resident", type=int, default=64, metavar="N", help="attached LoRAs before the least recently "
                    "used are detached; on the CPU every layer's stack is reserved for this many (default 64)")
     p.add_argument("--drain-s", type=float, default=60.0, metavar="S", help="at shutdown, time given to accepted requests")
-    p.add_argument("--device", metavar="DEV", help="where the model runs (cuda, cuda:1; default: the CPU)")
+    add_device_args(p)  # with --ray, "auto" is resolved on each replica (a GPU replica runs on cuda)
     ray = p.add_argument_group("Ray Serve (pip install 'ray[serve]')")
     ray.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas, requests routed to the "
                      "replica that holds their LoRA set")
@@ -66,7 +66,7 @@ def parser() -> Parser:
     ray.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (auto, ray://HOST:10001); "
                      "default: start one on this machine")
     ray.add_argument("--gpus-per-replica", type=float, default=0.0, metavar="G", help="GPUs each replica holds "
-                     "(1 on a GPU cluster; the replica then runs on cuda)")
+                     "(1 on a GPU cluster; --device auto then runs each replica on its GPU)")
     return p
 
 
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
                       default_steps=min(20, args.max_steps)),
         max_queue=args.max_queue, max_batch=args.max_batch, batching=not args.no_batching,
         cache_mb=args.cache_mb, resident_mb=args.resident_mb, max_resident=args.max_resident, drain_s=args.drain_s,
-        device=args.device or ("cuda" if args.ray and args.gpus_per_replica > 0 else None),
+        device=args.device, dtype=args.dtype,
     )
     if args.ray:
         return serve_on_ray(args, config)

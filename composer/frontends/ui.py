@@ -32,7 +32,7 @@ import contextvars
 from pathlib import Path
 
 from lora_composer.errors import ComposerError
-from lora_composer.frontends.args import Parser, command
+from lora_composer.frontends.args import Parser, add_device_args, command
 from lora_composer.vocab import LORA_EXTENSIONS
 from lora_composer.fusion.registry import parse_strategy_args
 from lora_composer.frontends import ui_view
@@ -131,7 +131,7 @@ class ComposerUI:
     """The state behind the app: one pipeline, its library, a lock and an output folder."""
 
     def __init__(self, model=None, library=None, out_dir=None, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB,
-                 allow_uploads: bool = True, uploads_dir=None):
+                 allow_uploads: bool = True, uploads_dir=None, device: str = "auto", dtype: str = "auto"):
         from lora_composer.default_model import resolve
         from lora_composer.pipeline import ComposerPipeline
 
@@ -141,7 +141,10 @@ class ComposerUI:
         self.library = Path(library).expanduser().resolve()
         if not self.library.is_dir():
             raise ComposerError(f"LoRA library {self.library} is not a folder")
-        self.pipe = ComposerPipeline.from_pretrained(self.model, library=self.library)
+        from lora_composer.devices import device_and_dtype
+
+        device, dtype = device_and_dtype(device, dtype, str(self.model))
+        self.pipe = ComposerPipeline.from_pretrained(self.model, library=self.library, device=device, torch_dtype=dtype)
         self.default_guidance = self.pipe.default_guidance
         self.lock = threading.Lock()
         # Every pipeline call runs on this one thread: the retriever's SQLite catalog must stay on the thread
@@ -869,9 +872,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=7860, metavar="N", help="port (default 7860)")
     p.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB", help=f"largest LoRA upload accepted, in MB (default {DEFAULT_MAX_UPLOAD_MB})")
     p.add_argument("--no-uploads", action="store_true", help="do not offer LoRA uploads")
+    add_device_args(p)
     args = p.parse_args(argv)
     library = args.library or os.environ.get("LORA_COMPOSER_LIBRARY") or None
-    ui = ComposerUI(args.model, library, max_upload_mb=args.max_upload_mb, allow_uploads=not args.no_uploads)
+    ui = ComposerUI(args.model, library, max_upload_mb=args.max_upload_mb, allow_uploads=not args.no_uploads,
+                    device=args.device, dtype=args.dtype)
     print(f"lora-composer UI on http://{args.host}:{args.port} (model {ui.model}, library {ui.library})")
     launch(ui, host=args.host, port=args.port)
     return 0

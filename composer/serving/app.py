@@ -41,7 +41,8 @@ PUBLIC = ("/v1/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 class ServerConfig:
     model: str | None = None
     library: str | None = None
-    device: str | None = None  # where the model runs ("cuda", "cuda:1"); None: the CPU
+    device: str = "auto"  # where the model runs: auto, cuda, cuda:1, mps, cpu (resolved where the model loads)
+    dtype: str = "auto"  # auto, fp32, fp16, bf16 (lora_composer.devices)
     token: str | None = None
     limits: Limits = field(default_factory=Limits)
     max_queue: int = 32
@@ -68,7 +69,10 @@ class Server:
             model, library = resolve(config.model, config.library)
             if library is None:
                 raise ComposerError("the server needs a LoRA library folder (--library DIR)")
-            composer = ComposerPipeline.from_pretrained(model, library=library, device=config.device)
+            from lora_composer.devices import device_and_dtype
+
+            device, dtype = device_and_dtype(config.device, config.dtype, str(model))
+            composer = ComposerPipeline.from_pretrained(model, library=library, device=device, torch_dtype=dtype)
         if composer.library is None:
             raise ComposerError("the server needs a LoRA library folder (--library DIR)")
         self.composer = composer
