@@ -67,8 +67,13 @@ def stacked_delta(
     runs: list[tuple[int, int]] | None = None,
     out: torch.Tensor | None = None,
     backend: str | None = None,
+    row_runs: list[tuple[torch.Tensor, list[tuple[int, int]]]] | None = None,
 ) -> torch.Tensor:
     """``((x A^T) * s) B^T`` for stacked factors ``down`` (A) and ``up`` (B); with ``out``, ``out`` plus it.
+
+    ``row_runs`` (torch path): ``[(row indices, column runs)]``, each group of rows computed on its own
+    columns only (rows in no group get no delta); the result equals the dense product when the columns left
+    out have a zero scale in those rows.
 
     The one entry point the runtime calls. ``backend`` (or ``$LORA_COMPOSER_KERNELS``): ``"auto"``
     (Triton shrink/expand kernels for CUDA tensors of Linear layers, torch otherwise), ``"torch"`` or
@@ -77,6 +82,8 @@ def stacked_delta(
     ``out + delta``. See :func:`stacked_delta_torch` for the arguments.
     """
     if pick_backend(x, conv, backend) == "torch":
+        if row_runs is not None:
+            return _grouped_rows(x, down, up, scale, conv, row_runs, out)
         delta = stacked_delta_torch(x, down, up, scale, conv, runs)
         return delta if out is None else out + delta
     from lora_composer.kernels import triton_lora
@@ -91,6 +98,23 @@ def stacked_delta(
     elif not out.is_contiguous() or (torch.is_grad_enabled() and out.requires_grad):
         out = out.contiguous().clone()
     return triton_lora.lora_delta_triton(x, down, up, scale, out)
+
+
+def _grouped_rows(x, down, up, scale, conv, row_runs, out):
+    """:func:`stacked_delta_torch` per group of rows, each on its own column runs, written into the rows."""
+    scale2 = scale.reshape(-1, scale.shape[-1])
+    result = None
+    for rows, runs in row_runs:
+        rows = rows.to(x.device)
+        part = stacked_delta_torch(x.index_select(0, rows), down, up, scale2.index_select(0, rows.to(scale2.device)),
+                                   conv, runs)
+        if result is None:
+            result = out.clone() if out is not None else part.new_zeros((x.shape[0], *part.shape[1:]))
+        result.index_add_(0, rows, part.to(result.dtype))
+    if result is None:  # no row has a live adapter
+        delta = stacked_delta_torch(x, down, up, scale, conv)
+        return delta if out is None else out + delta
+    return result
 
 
 def stacked_delta_torch(

@@ -57,6 +57,7 @@ class PatchedLayer:
         self.offset = 0  # first column of this layer in the mixer's scale table
         self._cache_key = None
         self._cache = None
+        self._row_runs = None  # per-row column runs of the cached version (see row_runs)
         self._runs: dict[frozenset[int], list[tuple[int, int]]] = {}
         self._spans: dict[int, tuple[int, int]] = {}  # slot -> its columns in the stack
         # SHiRA adapters: slot -> (sorted unique flat positions, fp32 values times alpha), on the weight's device
@@ -257,7 +258,24 @@ class PatchedLayer:
                 runs = self.runs(mixer.active_slots)
                 if runs:
                     self._cache = (self._rank_scale(), runs)
+                    self._row_runs = self.row_runs(runs)
         return self._cache
+
+    def row_runs(self, runs: list[tuple[int, int]]) -> list[tuple[torch.Tensor, list[tuple[int, int]]]] | None:
+        """Per-row column runs when rows use different adapters and computing each row's own columns costs at
+        most half of every live column for every row; else None (one product over the live columns)."""
+        sets = self.mixer.row_sets(self.group)
+        if not sets:
+            return None
+        grouped = [(rows, self.runs(live)) for rows, live in sets]
+        grouped = [(rows, r) for rows, r in grouped if r]
+        if not grouped:
+            return None
+        width = (lambda rs: sum(b - a for a, b in rs))  # noqa: E731
+        rows_total = int(self.mixer.weights_for(self.group).shape[0])
+        if sum(len(rows) * width(r) for rows, r in grouped) > 0.5 * rows_total * width(runs):
+            return None
+        return grouped
 
     def _sparse_live(self) -> list[int]:
         live = self.mixer.active_slots  # computed once per weight change for all layers
@@ -346,7 +364,8 @@ class PatchedLayer:
             return output if dense is not None else None  # nothing acts: output is exactly the base layer's
         if active is not None:
             s, runs = active
-            output = stacked_delta(args[0], self.down, self.up, s, self.conv, runs, out=output)
+            output = stacked_delta(args[0], self.down, self.up, s, self.conv, runs, out=output,
+                                   row_runs=self._row_runs)
         if sparse is not None:
             idx, vals = sparse
             if self.conv is None:

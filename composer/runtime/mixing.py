@@ -29,6 +29,7 @@ class MixingState:
         self._columns: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (layout version, slots, alpha)
         self._tables: dict = {}
         self._rows_cache: dict = {}
+        self._row_sets: dict = {}
 
     # -- column table: every layer's rank columns, concatenated --------------------------------------
     def attach(self, layer) -> None:
@@ -82,6 +83,25 @@ class MixingState:
             if len(self._rows_cache) > 64:
                 self._rows_cache.clear()
             hit = self._rows_cache[key] = self.weights_for(group).tolist()
+        return hit
+
+    def row_sets(self, group: str | None) -> list[tuple[torch.Tensor, frozenset[int]]] | None:
+        """Rows grouped by which slots act in them: ``[(row indices, live slots)]`` (rows where nothing acts
+        left out), or None when every row has the same live slots. A batch of requests with different LoRA
+        sets then computes each row's own adapters only (punica's segmented idea, on whole rows)."""
+        key = (self.version, group if group in self.layer_weights else None)
+        hit = self._row_sets.get(key, False)
+        if hit is False:
+            if len(self._row_sets) > 64:
+                self._row_sets.clear()
+            weights = self.weights_for(group)
+            hit = None
+            if weights.shape[0] > 1:
+                support, inverse = torch.unique(weights != 0, dim=0, return_inverse=True)
+                if support.shape[0] > 1:
+                    hit = [(torch.nonzero(inverse == i).flatten(), frozenset(row.nonzero().flatten().tolist()))
+                           for i, row in enumerate(support) if bool(row.any())]
+            self._row_sets[key] = hit
         return hit
 
     @property
