@@ -371,9 +371,12 @@ _PEFT_BASE_CLASSES = {
 
 
 def peft_folder(path) -> tuple[Path, dict] | None:
-    """``(adapter_model.safetensors, its adapter_config.json)`` of a folder PEFT's ``save_pretrained`` wrote, or
-    None when ``path`` is not one (an unreadable config is the caller's FormatError)."""
+    """``(adapter_model.safetensors, its adapter_config.json)`` of a folder PEFT's ``save_pretrained`` wrote, given
+    the folder or that file (which is what a pipeline's ``loras=`` takes), or None when ``path`` is neither (an
+    unreadable config is the caller's FormatError)."""
     p = Path(path)
+    if p.name == "adapter_model.safetensors" and p.is_file():
+        p = p.parent
     cfg, weights = p / "adapter_config.json", p / "adapter_model.safetensors"
     if not (p.is_dir() and cfg.is_file() and weights.is_file()):
         return None

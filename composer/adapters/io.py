@@ -119,7 +119,7 @@ def load_adapter(path, name: str | None = None, allow_pickle: bool = False) -> A
     tensors, header, resolved = read_state_dict(folder[0] if folder else path, allow_pickle=allow_pickle)
     if folder:
         tensors, header = from_peft_folder(tensors, folder[1], header)
-        name = name or Path(path).name
+        name = name or folder[0].parent.name
     if shira.is_shira_state_dict(tensors):  # sparse (SHiRA) adapter: PEFT's keys or ours
         return shira.load_shira(path, name=name)
     try:
