@@ -102,3 +102,15 @@ def test_gpu_bench_smoke_on_cpu():
     if not torch.cuda.is_available():
         skipped = gpu.run()
         assert skipped.rows and all(r["status"] == "not run: no GPU was available" for r in skipped.rows)
+
+
+def test_row_groups_tiny():
+    """Grouping rows by their adapters gives the dense product's result on both layer kinds."""
+    from bench import row_groups
+
+    argv = ["--tiny", "--no-write"]
+    result = row_groups.main(argv)
+    _check_table(result, row_groups.COLUMNS, argv)
+    assert len(result.rows) == 2
+    for row in result.rows:
+        assert row["max abs diff"] < 1e-4 and row["dense (ms)"] > 0 and row["grouped (ms)"] > 0, row

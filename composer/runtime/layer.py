@@ -261,9 +261,14 @@ class PatchedLayer:
                     self._row_runs = self.row_runs(runs)
         return self._cache
 
-    def row_runs(self, runs: list[tuple[int, int]]) -> list[tuple[torch.Tensor, list[tuple[int, int]]]] | None:
-        """Per-row column runs when rows use different adapters and computing each row's own columns costs at
-        most half of every live column for every row; else None (one product over the live columns)."""
+    # Multiply-adds a group of rows must save to pay for its own products (index, two GEMMs or convolutions,
+    # scatter back), measured on one CPU thread: convolutions cost far more per call than matrix products.
+    GROUP_MIN_MACS = {"linear": 1e6, "conv": 1e7}
+
+    def row_runs(self, runs: list[tuple[int, int]]):
+        """``(groups, columns saved)`` when rows use different adapters and computing each row's own columns
+        at most halves the work (``groups``: ``[(row indices, column runs)]``; ``columns saved``: rank columns x
+        rows left out); else None (one product over the live columns). The hook decides with the row size."""
         sets = self.mixer.row_sets(self.group)
         if not sets:
             return None
@@ -272,10 +277,19 @@ class PatchedLayer:
         if not grouped:
             return None
         width = (lambda rs: sum(b - a for a, b in rs))  # noqa: E731
-        rows_total = int(self.mixer.weights_for(self.group).shape[0])
-        if sum(len(rows) * width(r) for rows, r in grouped) > 0.5 * rows_total * width(runs):
+        dense = int(self.mixer.weights_for(self.group).shape[0]) * width(runs)
+        own = sum(len(rows) * width(r) for rows, r in grouped)
+        return (grouped, dense - own) if own <= 0.5 * dense else None
+
+    def _grouped(self, x: torch.Tensor):
+        """The row groups of this call if they pay for themselves at this input's size (see GROUP_MIN_MACS)."""
+        if self._row_runs is None:
             return None
-        return grouped
+        groups, columns_saved = self._row_runs
+        macs_per_column = self.tokens * (self.down[0].numel() + self.up.shape[0])
+        if columns_saved * macs_per_column < len(groups) * self.GROUP_MIN_MACS["conv" if self.conv else "linear"]:
+            return None
+        return groups
 
     def _sparse_live(self) -> list[int]:
         live = self.mixer.active_slots  # computed once per weight change for all layers
@@ -365,7 +379,7 @@ class PatchedLayer:
         if active is not None:
             s, runs = active
             output = stacked_delta(args[0], self.down, self.up, s, self.conv, runs, out=output,
-                                   row_runs=self._row_runs)
+                                   row_runs=self._grouped(args[0]))
         if sparse is not None:
             idx, vals = sparse
             if self.conv is None:
