@@ -1,4 +1,5 @@
-"""A LoRA library is a folder of adapter files; names are file stems, matched case-insensitively."""
+"""A LoRA library is a folder of adapter files; names are file stems (or, for a file diffusers or PEFT saved
+into a folder, the folder's name), matched case-insensitively."""
 
 from __future__ import annotations
 
@@ -21,6 +22,30 @@ def _explicit_path(ref: str) -> bool:
     return os.path.isabs(ref) or ref.startswith(("./", "../", "~", ".\\", "..\\"))
 
 
+# What diffusers' ``save_lora_weights`` and PEFT's ``save_pretrained`` call the file inside a model's folder:
+# such a LoRA (as Hugging Face repos ship them) is named after its folder, not after the file.
+SAVED_NAMES = ("pytorch_lora_weights", "adapter_model")
+
+
+def lora_name(path: str | os.PathLike) -> str:
+    """A LoRA file's name: its stem (``ink-style``), or its folder's name for a file saved by diffusers or PEFT
+    (``ink-style/pytorch_lora_weights.safetensors`` -> ``ink-style``)."""
+    path = Path(path)
+    if path.stem.lower() in SAVED_NAMES and path.parent.name:
+        return path.parent.name
+    return path.stem
+
+
+def saved_file(folder: Path) -> Path | None:
+    """The LoRA file a diffusers/PEFT save folder holds (safetensors first), or None."""
+    for stem in SAVED_NAMES:
+        for ext in LORA_EXTENSIONS:
+            candidate = folder / f"{stem}{ext}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
 def list_loras(library: str | os.PathLike | None) -> list[Path]:
     """Every adapter file under ``library`` (recursively), sorted by name then path."""
     if library is None:
@@ -30,7 +55,7 @@ def list_loras(library: str | os.PathLike | None) -> list[Path]:
         p for p in root.rglob("*")
         if p.suffix.lower() in LORA_EXTENSIONS and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     ]
-    return sorted(found, key=lambda p: (p.stem.lower(), str(p)))
+    return sorted(found, key=lambda p: (lora_name(p).lower(), str(p)))
 
 
 def _check_library(library: str | os.PathLike) -> Path:
@@ -67,7 +92,11 @@ def resolve_lora(ref: str | os.PathLike, library: str | os.PathLike | None) -> P
     if path.is_file():
         return path
     if path.is_dir():
-        raise ComposerError(f"{path} is a folder, not a LoRA file")
+        saved = saved_file(path)
+        if saved is None:
+            raise ComposerError(f"{path} is a folder with no {' or '.join(n + '.safetensors' for n in SAVED_NAMES)}: "
+                                "give the LoRA file")
+        return saved
     if _explicit_path(text) or (library is None and _looks_like_path(text)):
         raise ComposerError(f"{text}: file not found")
     if library is None:
@@ -79,11 +108,12 @@ def resolve_lora(ref: str | os.PathLike, library: str | os.PathLike | None) -> P
     files = list_loras(root)
     want = lora_stem(text).replace("\\", "/").lower()
     if "/" in want:  # a sub-path inside the library: match the relative path without extension
-        matches = [p for p in files if p.relative_to(root).with_suffix("").as_posix().lower() == want]
+        matches = [p for p in files if p.relative_to(root).with_suffix("").as_posix().lower() == want
+                   or (lora_name(p) != p.stem and p.parent.relative_to(root).as_posix().lower() == want)]
     else:
-        matches = [p for p in files if p.stem.lower() == want]
+        matches = [p for p in files if lora_name(p).lower() == want]
     if matches:
-        exact = [p for p in matches if p.stem == Path(lora_stem(text)).name]
+        exact = [p for p in matches if lora_name(p) == Path(lora_stem(text)).name]
         matches = exact or matches
         best_ext = min(LORA_EXTENSIONS.index(p.suffix.lower()) for p in matches)
         matches = [p for p in matches if LORA_EXTENSIONS.index(p.suffix.lower()) == best_ext]
@@ -91,7 +121,7 @@ def resolve_lora(ref: str | os.PathLike, library: str | os.PathLike | None) -> P
             listed = ", ".join(p.relative_to(root).as_posix() for p in matches)
             raise ComposerError(f"LoRA name {text!r} is ambiguous in {root}: {listed}; give the path")
         return matches[0]
-    names = sorted({p.stem for p in files}, key=str.lower)
+    names = sorted({lora_name(p) for p in files}, key=str.lower)
     if _looks_like_path(text):
         raise ComposerError(
             f"{text}: file not found, and no LoRA of that name in {root} ({_suggest(Path(lora_stem(text)).name, names)})"

@@ -20,7 +20,7 @@ from lora_composer.adapters import load_adapter
 from lora_composer.adapters.types import Adapter
 from lora_composer.driver import DenoiserDriver
 from lora_composer.errors import ComposerError
-from lora_composer.library import resolve_lora
+from lora_composer.library import lora_name, resolve_lora
 from lora_composer.pnginfo import GenerationRecord, sampler_name
 from lora_composer.prompt_syntax import LoraRef, parse_prompt
 from lora_composer.runtime import LoraRuntime
@@ -162,7 +162,7 @@ class ComposerPipeline:
             if known[0] == key[0] and (name is None or name == attached):
                 self.unload_lora(attached)  # the file changed on disk: load it again
                 break
-        adapter = self.adapter_loader(path, name=name or self._free_name(path.stem), allow_pickle=allow_pickle)
+        adapter = self.adapter_loader(path, name=name or self._free_name(lora_name(path)), allow_pickle=allow_pickle)
         self.runtime.add(adapter)
         self._files[adapter.name] = key
         return adapter

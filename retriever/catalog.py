@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_composer.adapters.metadata import sidecar_paths, tags_from_frequency
-from lora_composer.library import list_loras
+from lora_composer.library import list_loras, lora_name
 
 CATALOG_DIR = ".lora-composer"
 CATALOG_NAME = "catalog.sqlite"
@@ -289,7 +289,7 @@ class Catalog:
                 preview = find_preview(p)
                 values = dict(
                     path=path, sha256=adapter.metadata.sha256, short_hash=adapter.metadata.short_hash,
-                    size=st.st_size, mtime_ns=st.st_mtime_ns, side_mtime_ns=side, name=p.stem,
+                    size=st.st_size, mtime_ns=st.st_mtime_ns, side_mtime_ns=side, name=lora_name(p),
                     family=adapter.family, kinds=kind_label(adapter), rank=ranks[-1] if ranks else None,
                     targets=json.dumps(sorted(adapter.deltas)), trigger_words=json.dumps(adapter.metadata.trigger_words),
                     tags=json.dumps(tags), description=_strip_html(adapter.metadata.description),

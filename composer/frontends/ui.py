@@ -32,6 +32,7 @@ import contextvars
 from pathlib import Path
 
 from lora_composer.errors import ComposerError
+from lora_composer.library import lora_name
 from lora_composer.frontends.args import Parser, add_device_args, command
 from lora_composer.vocab import LORA_EXTENSIONS
 from lora_composer.fusion.registry import parse_strategy_args
@@ -252,7 +253,7 @@ class ComposerUI:
             for ext in LORA_EXTENSIONS:
                 if stem.endswith(ext):
                     stem = stem[: -len(ext)]
-            hits = [p for rel, p in files.items() if Path(rel).stem.lower() == stem]
+            hits = [p for rel, p in files.items() if lora_name(rel).lower() == stem]
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lora_composer.errors import ComposerError
-from lora_composer.library import list_loras, lora_stem
+from lora_composer.library import list_loras, lora_name, lora_stem
 from lora_composer.prompt_syntax import parse_prompt
 from lora_composer.serving.jobs import RenderSpec
 
@@ -85,7 +85,7 @@ class LibraryNames:
             return files[text]
         if "/" not in text and "\\" not in text and not text.startswith("~"):
             stem = lora_stem(text).lower()
-            hits = [p for rel, p in files.items() if Path(rel).stem.lower() == stem]
+            hits = [p for rel, p in files.items() if lora_name(rel).lower() == stem]
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
