@@ -524,3 +524,45 @@ def test_convert_rank_refactors_loha_lokr_full_by_svd(sd15_pipe, tmp_path, capsy
     assert main(["convert", "--rank", "1", str(files["dora"][0]), str(tmp_path / "x.safetensors"), "-q"]) != 0
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "attn2.to_k: a dora delta depends on the base weight" in err
+
+
+def test_glora_with_a_tucker_core_matches_lycoris_formula(sd15_pipe, preset, tmp_path):
+    """GLoRA files from LyCORIS versions that wrote a Tucker core (``bm.weight`` between ``b1`` and a 1x1 ``b2``)
+    fold to ``W0 + (W0 a1 a2 + tucker(b1, b2, bm)) alpha / r``: LyCORIS's own ``_glora_weight`` is the reference."""
+    from lycoris.modules.glora import _glora_weight
+
+    path, _ = lycoris_file(sd15_pipe, preset, "glora", tmp_path / "glora.safetensors", merge=False)
+    sd = load_file(str(path))
+    convs = sorted(k[: -len(".b2.weight")] for k, v in sd.items() if k.endswith(".b2.weight") and v.dim() == 4
+                   and v.shape[-1] == 3)
+    assert convs
+    gen = torch.Generator().manual_seed(5)
+    for key in convs:
+        r, n_in = sd[f"{key}.b2.weight"].shape[:2]
+        sd[f"{key}.b2.weight"] = torch.randn(r, n_in, 1, 1, generator=gen) * 0.1
+        sd[f"{key}.bm.weight"] = torch.randn(r, r, 3, 3, generator=gen) * 0.1
+    tucker = tmp_path / "glora-tucker.safetensors"
+    save_file(sd, str(tucker))
+    adapter = load_adapter(tucker)
+    base = {k: v.detach().clone() for k, v in sd15_pipe.unet.named_parameters()}
+    rt = LoraRuntime(sd15_pipe)
+    rt.add(adapter)
+    rt.set_weights({adapter.name: 1.0}, {adapter.name: 1.0})
+    inputs = _unet_inputs(sd15_pipe)
+    unfused = _unet(sd15_pipe, inputs)
+    rt.fuse()
+    assert _rel(unfused, _unet(sd15_pipe, inputs)) < 1e-4
+    checked = 0
+    for key in convs:
+        module = key.removeprefix("lora_unet_")
+        name = next(n for n in base if n.endswith(".weight") and n[: -len(".weight")].replace(".", "_") == module)
+        t = {s: sd[f"{key}.{s}.weight"] for s in ("a1", "a2", "b1", "b2", "bm")}
+        alpha = float(sd[f"{key}.alpha"]) if f"{key}.alpha" in sd else float(t["a2"].shape[0])
+        want = base[name] + _glora_weight(base[name], t["a1"], t["a2"], t["b1"], t["b2"], t["bm"],
+                                          alpha / t["a2"].shape[0])
+        got = dict(sd15_pipe.unet.named_parameters())[name].detach()
+        assert _rel(got, want) < TOL, (key, _rel(got, want))
+        checked += 1
+    assert checked == len(convs)
+    rt.unfuse()
+    assert all(torch.equal(v, base[k]) for k, v in sd15_pipe.unet.named_parameters())

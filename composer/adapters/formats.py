@@ -6,7 +6,7 @@ What this module adds: grouping keys per layer, alphas (``.alpha`` tensors, the
 ``lora_adapter_metadata`` header diffusers writes, or ``alpha = rank``), validation, the LyCORIS and
 PEFT kinds beyond ``(down, up)`` (LoHa, LoKr, Tucker LoCon, full/diff, DoRA, IA3, OFT, BOFT: see
 :mod:`.lycoris` and :mod:`.kinds`), and clear refusals for what we do not load yet (LyCORIS ``oft_diag``, PEFT
-OFT from before 0.14, GLoRA with a Tucker core).
+OFT from before 0.14).
 
 Canonical keys: ``<component>.<module path>`` with components ``unet``, ``text_encoder``,
 ``text_encoder_2`` and ``transformer``. Text-encoder keys never carry CLIP's ``text_model.``

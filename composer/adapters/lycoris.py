@@ -23,7 +23,7 @@ from .types import LayerDelta
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 LOCON = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
-GLORA = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
+GLORA = ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight")
 KOHYA_SUFFIXES = LOHA + LOKR + LOCON + GLORA + ("alpha", "dora_scale", "diff", "diff_b", "weight", "on_input", "oft_blocks", "rescale")
 PEFT_SUFFIXES = LOHA + LOKR + ("ia3_l", "lora_magnitude_vector", "oft_R.weight", "boft_R", "boft_s")
 
@@ -31,7 +31,6 @@ PEFT_SUFFIXES = LOHA + LOKR + ("ia3_l", "lora_magnitude_vector", "oft_R.weight",
 NOT_LOADED = (
     ("oft_diag", "OFT (oft_diag)"),
     (".oft_r", "PEFT OFT from before PEFT 0.14 (oft_r; PEFT itself no longer loads it)"),
-    (".bm.weight", "LyCORIS GLoRA with a Tucker core (bm.weight)"),
 )
 
 EPS32 = float(torch.finfo(torch.float32).eps)
@@ -154,10 +153,20 @@ def full(name: str, parts: dict) -> FullDelta:
 
 
 def glora(name: str, parts: dict, alpha: float | None) -> GLoRADelta:
-    a1, a2, b1, b2 = (_dims(name, parts, s, (2, 4)) for s in GLORA)
+    """GLoRA; a Tucker core ``bm`` ``[r, r, kh, kw]`` (between ``b1`` and a 1x1 ``b2``) is folded into ``b2``
+    exactly, as Tucker LoCon's is: ``b2' = einsum(bm, b2)``."""
+    a1, a2, b1, b2 = (_dims(name, parts, s, (2, 4)) for s in GLORA[:4])
     _match(name, "rank", a1.shape[1], a2.shape[0], "a1.weight", "a2.weight")
-    _match(name, "rank", b1.shape[1], b2.shape[0], "b1.weight", "b2.weight")
     _match(name, "input size", a1.shape[0], a2.shape[1], "a1.weight", "a2.weight")
+    bm = parts.get("bm.weight")
+    if bm is not None:
+        if bm.dim() != 4 or b2.dim() != 4 or tuple(b2.shape[2:]) != (1, 1):
+            raise KindError(f"key {name}.bm.weight: expected a [r, r, kh, kw] core beside a 1x1 b2, got "
+                            f"{tuple(bm.shape)} and b2 {tuple(b2.shape)}")
+        _match(name, "rank", bm.shape[1], b2.shape[0], "b2.weight", "bm.weight")
+        _match(name, "rank", b1.shape[1], bm.shape[0], "bm.weight", "b1.weight")
+        b2 = torch.einsum("i j m n, j c -> i c m n", bm.float(), b2.reshape(b2.shape[0], -1).float())
+    _match(name, "rank", b1.shape[1], b2.shape[0], "b1.weight", "b2.weight")
     return GLoRADelta(a1, a2, b1, b2, _scale(alpha, int(a2.shape[0])))
 
 
