@@ -27,6 +27,9 @@ WIDTH, HEIGHT = 2 * world.SIZE, world.SIZE
 SIDES = ("left", "right")
 OBJECT_CATEGORIES = ("shape", "colour", "character")  # drawn per object; background and style are shared
 SHARED_CATEGORIES = ("background", "style")
+TOKEN_EMBEDDING = "token_embedding.weight"  # (name suffix) 9.5 MB: only the rows the captions use are shipped
+TEXT_LAYERS = "text_encoder_layers.safetensors"  # the rest of the text encoder, when fine-tuned
+ROW_IDS, ROWS = "token_rows.ids", "token_rows.weight"
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,17 @@ def load_pipeline(library=None, device: str | None = None, unet_dir: Path | None
     pipe = StableDiffusionPipeline.from_pretrained(assets.model_dir(), safety_checker=None, requires_safety_checker=False)
     pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir or weights_dir() / "unet", torch_dtype=torch.float32)
     pipe.register_modules(unet=pipe.unet)
+    layers = weights_dir() / TEXT_LAYERS
+    if unet_dir is None and layers.is_file():
+        from safetensors.torch import load_file
+
+        state = {k: v.float() for k, v in load_file(str(layers)).items()}
+        ids, rows = state.pop(ROW_IDS).long(), state.pop(ROWS)
+        missing, unexpected = pipe.text_encoder.load_state_dict(state, strict=False)
+        if unexpected or any(not k.endswith((TOKEN_EMBEDDING, "position_ids")) for k in missing):
+            raise ValueError(f"{layers}: not this text encoder's layers")
+        with torch.no_grad():
+            pipe.text_encoder.get_input_embeddings().weight[ids] = rows
     pipe.set_progress_bar_config(disable=True)
     if device:
         pipe.to(device)
@@ -131,12 +145,24 @@ def load_pipeline(library=None, device: str | None = None, unet_dir: Path | None
 
 
 # --------------------------------------------------------------------------------------------- training
+def text_layers_file(trained, shipped, min_change: float = 0.05) -> dict[str, torch.Tensor]:
+    """fp16 tensors of a fine-tuned text encoder: every layer but the token embedding, and of that only the
+    rows that moved (the captions' tokens; the others only felt weight decay, under 1%, and stay shipped)."""
+    out = {k: v.detach().to(torch.float16).contiguous() for k, v in trained.state_dict().items()
+           if not k.endswith(TOKEN_EMBEDDING)}
+    new, old = trained.get_input_embeddings().weight.detach(), shipped.get_input_embeddings().weight.detach()
+    ids = torch.nonzero((new - old).norm(dim=1) > min_change * old.norm(dim=1)).flatten()
+    out[ROW_IDS], out[ROWS] = ids.to(torch.int32), new[ids].to(torch.float16).contiguous()
+    return out
+
+
 def train(out: Path, seconds: float = 1200.0, max_steps: int = 100000, batch2: int = 16, batch1: int = 8,
-          lr: float = 3e-4, pictures: int = 4000, seed: int = 0) -> dict:
+          lr: float = 3e-4, pictures: int = 4000, seed: int = 0, text_layers: bool = False) -> dict:
     """Fine-tune the shipped UNet on two-object (128x64) and one-object (64x64) pictures of base concepts.
 
     The text encoder stays frozen (the LoRAs' text layers keep the inputs they were trained on, and nothing
-    of it needs shipping); each step is one two-object and one one-object batch. Stops after ``seconds``
+    of it needs shipping), or with ``text_layers`` all of it but the 9.5 MB token embedding trains too (shipped
+    as a small fp16 file); each step is one two-object and one one-object batch. Stops after ``seconds``
     of training (``max_steps`` at most): the budget, not a step count, is what the recipe fixes.
     """
     from diffusers import StableDiffusionPipeline
@@ -149,13 +175,16 @@ def train(out: Path, seconds: float = 1200.0, max_steps: int = 100000, batch2: i
     pipe = StableDiffusionPipeline.from_pretrained(assets.model_dir(), safety_checker=None, requires_safety_checker=False)
     vae, text_encoder, unet, tokenizer = pipe.vae.eval(), pipe.text_encoder.eval(), pipe.unet.train(), pipe.tokenizer
     text_encoder.requires_grad_(False)
+    if text_layers:
+        for name, p in text_encoder.named_parameters():
+            p.requires_grad_(not name.endswith(TOKEN_EMBEDDING))
     t0 = time.perf_counter()
     two_pics, _, pairs = sample(rng, pictures)
     one_pics, _, scenes = world.sample(rng, pictures // 2)
     lat2, lat1 = tr.encode(vae, two_pics, batch=64), tr.encode(vae, one_pics, batch=128)
     del two_pics, one_pics
     prep = time.perf_counter() - t0
-    params = list(unet.parameters())
+    params = list(unet.parameters()) + [p for p in text_encoder.parameters() if p.requires_grad]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = tr.noise_scheduler()
@@ -177,7 +206,7 @@ def train(out: Path, seconds: float = 1200.0, max_steps: int = 100000, batch2: i
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(0.998, (1 + step) / (10 + step)))
         losses.append(loss.item())
         step += 1
-        if step == 20:  # the cosine schedule's length, from the measured speed and the budget
+        if step == 50:  # the cosine schedule's length, from the measured speed and the budget
             expected = min(max_steps, int(seconds / ((time.perf_counter() - t0) / step)))
         if step % 100 == 0:
             print(f"step {step}/{expected} loss {np.mean(losses[-100:]):.4f} {time.perf_counter() - t0:.0f}s", flush=True)
@@ -187,10 +216,16 @@ def train(out: Path, seconds: float = 1200.0, max_steps: int = 100000, batch2: i
             p.copy_(e)
     out.mkdir(parents=True, exist_ok=True)
     unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
+    if text_layers:
+        from safetensors.torch import save_file
+
+        save_file(text_layers_file(text_encoder, StableDiffusionPipeline.from_pretrained(
+            assets.model_dir(), safety_checker=None, requires_safety_checker=False).text_encoder), str(out / TEXT_LAYERS))
     figures = {"steps": step, "batch": f"{batch2} two-object (128x64) + {batch1} one-object (64x64)", "lr": lr,
                "pictures": f"{pictures} two-object + {pictures // 2} one-object, base concepts only",
                "seconds_training": round(took, 1), "seconds_drawing_and_encoding": round(prep, 1),
-               "threads": torch.get_num_threads(), "text_encoder": "frozen (shipped)", "unet_file": "fp16",
+               "threads": torch.get_num_threads(),
+               "text_encoder": "layers fine-tuned, token embedding shipped" if text_layers else "frozen (shipped)", "unet_file": "fp16",
                "final_loss_100": round(float(np.mean(losses[-100:])), 4)}
     (out / "train.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
@@ -491,12 +526,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pictures", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--text-layers", action="store_true", help="train: fine-tune the text encoder but its token embedding")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "train":
         print(json.dumps(train(args.out or weights_dir(), seconds=args.seconds, batch2=args.batch2, batch1=args.batch1,
-                               lr=args.lr, pictures=args.pictures, seed=args.seed), indent=2))
+                               lr=args.lr, pictures=args.pictures, seed=args.seed,
+                               text_layers=args.text_layers), indent=2))
     elif args.what == "check":
         print(json.dumps(checks(seed=args.seed), indent=2))
     else:
