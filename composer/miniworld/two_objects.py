@@ -12,6 +12,7 @@ half is *bleeding*, the classic multi-subject failure, and it counts against a c
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import time
@@ -127,21 +128,27 @@ def load_pipeline(library=None, device: str | None = None, unet_dir: Path | None
     pipe = StableDiffusionPipeline.from_pretrained(assets.model_dir(), safety_checker=None, requires_safety_checker=False)
     pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir or weights_dir() / "unet", torch_dtype=torch.float32)
     pipe.register_modules(unet=pipe.unet)
-    layers = weights_dir() / TEXT_LAYERS
-    if unet_dir is None and layers.is_file():
-        from safetensors.torch import load_file
-
-        state = {k: v.float() for k, v in load_file(str(layers)).items()}
-        ids, rows = state.pop(ROW_IDS).long(), state.pop(ROWS)
-        missing, unexpected = pipe.text_encoder.load_state_dict(state, strict=False)
-        if unexpected or any(not k.endswith((TOKEN_EMBEDDING, "position_ids")) for k in missing):
-            raise ValueError(f"{layers}: not this text encoder's layers")
-        with torch.no_grad():
-            pipe.text_encoder.get_input_embeddings().weight[ids] = rows
+    if unet_dir is None:
+        apply_text_layers(pipe.text_encoder, weights_dir() / TEXT_LAYERS)
     pipe.set_progress_bar_config(disable=True)
     if device:
         pipe.to(device)
     return ComposerPipeline(pipe, library=library, model=str(assets.model_dir()))
+
+
+def apply_text_layers(text_encoder, layers: Path) -> None:
+    """Put a :func:`text_layers_file` into the one-object model's text encoder (nothing if there is none)."""
+    if not layers.is_file():
+        return
+    from safetensors.torch import load_file
+
+    state = {k: v.float() for k, v in load_file(str(layers)).items()}
+    ids, rows = state.pop(ROW_IDS).long(), state.pop(ROWS)
+    missing, unexpected = text_encoder.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith((TOKEN_EMBEDDING, "position_ids")) for k in missing):
+        raise ValueError(f"{layers}: not this text encoder's layers")
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight[ids] = rows
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -157,7 +164,8 @@ def text_layers_file(trained, shipped, min_change: float = 0.05) -> dict[str, to
 
 
 def train(out: Path, seconds: float = 1200.0, max_steps: int = 100000, batch2: int = 16, batch1: int = 8,
-          lr: float = 3e-4, pictures: int = 4000, seed: int = 0, text_layers: bool = False) -> dict:
+          lr: float = 3e-4, pictures: int = 4000, seed: int = 0, text_layers: bool = False,
+          resume: Path | None = None) -> dict:
     """Fine-tune the shipped UNet on two-object (128x64) and one-object (64x64) pictures of base concepts.
 
     The text encoder stays frozen (the LoRAs' text layers keep the inputs they were trained on, and nothing
@@ -173,6 +181,12 @@ def train(out: Path, seconds: float = 1200.0, max_steps: int = 100000, batch2: i
     rng = np.random.default_rng(seed + 7)
     gen = torch.Generator().manual_seed(seed)
     pipe = StableDiffusionPipeline.from_pretrained(assets.model_dir(), safety_checker=None, requires_safety_checker=False)
+    shipped_text = copy.deepcopy(pipe.text_encoder)  # the embedding rows ship as changes against this one
+    if resume is not None:  # continue a two-object fine-tune (its UNet and text layers)
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(resume / "unet", torch_dtype=torch.float32)
+        apply_text_layers(pipe.text_encoder, resume / TEXT_LAYERS)
     vae, text_encoder, unet, tokenizer = pipe.vae.eval(), pipe.text_encoder.eval(), pipe.unet.train(), pipe.tokenizer
     text_encoder.requires_grad_(False)
     if text_layers:
@@ -219,8 +233,7 @@ def train(out: Path, seconds: float = 1200.0, max_steps: int = 100000, batch2: i
     if text_layers:
         from safetensors.torch import save_file
 
-        save_file(text_layers_file(text_encoder, StableDiffusionPipeline.from_pretrained(
-            assets.model_dir(), safety_checker=None, requires_safety_checker=False).text_encoder), str(out / TEXT_LAYERS))
+        save_file(text_layers_file(text_encoder, shipped_text), str(out / TEXT_LAYERS))
     figures = {"steps": step, "batch": f"{batch2} two-object (128x64) + {batch1} one-object (64x64)", "lr": lr,
                "pictures": f"{pictures} two-object + {pictures // 2} one-object, base concepts only",
                "seconds_training": round(took, 1), "seconds_drawing_and_encoding": round(prep, 1),
@@ -503,6 +516,11 @@ def markdown(result: dict, command: str) -> str:
         lines.append(f"| {name} | {s['all_concepts']:.3f} | " + " | ".join(f"{s['by_kind'].get(k, 0):.3f}" for k in kinds)
                      + f" | {s['bleeding']:.3f} | {s['per_concept']:.3f} | {s['base_confidence']:.3f} | "
                      + (f"{rows / merge_rows:.2f}" if rows else "") + f" | {s['images_per_s']:.2f} |")
+    if "checks" in result:
+        b = result["checks"]["base_sanity"]
+        lines += ["", f"Base check (no LoRA, {b['images']} pictures; goal >= 0.80): every named concept on its half "
+                  f"{b['all_named_on_their_half']:.3f}; " + ", ".join(f"{k} {v:.2f}" for k, v in b["per_category"].items())
+                  + f"; halves showing the other object {b['halves_showing_the_other_object']:.2f}"]
     concepts = sorted({v for s in result["strategies"].values() for v in s["concepts"]})
     lines += ["", "Per concept, on its half (and, for object concepts, found on the other half):", "",
               "| strategy | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]
@@ -527,13 +545,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--text-layers", action="store_true", help="train: fine-tune the text encoder but its token embedding")
+    p.add_argument("--resume", type=Path, default=None, help="train: continue from this two-object weights folder")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "train":
         print(json.dumps(train(args.out or weights_dir(), seconds=args.seconds, batch2=args.batch2, batch1=args.batch1,
                                lr=args.lr, pictures=args.pictures, seed=args.seed,
-                               text_layers=args.text_layers), indent=2))
+                               text_layers=args.text_layers, resume=args.resume), indent=2))
     elif args.what == "check":
         print(json.dumps(checks(seed=args.seed), indent=2))
     else:
