@@ -4,7 +4,7 @@ Each 64x64 half is a one-object picture of :mod:`~lora_composer.miniworld.world`
 judge each half by cropping. Concepts named for one object must stay on it: a concept found on the other
 half is *bleeding*, the classic multi-subject failure, and it counts against a composition.
 
-    python -m lora_composer.miniworld.two_objects train --threads 1          # fine-tune the shipped UNet
+    python -m lora_composer.miniworld.two_objects train --threads 1 --text-layers --lr 1e-3   # the shipped base
     python -m lora_composer.miniworld.two_objects check --threads 1          # detectors on halves, base sanity
     python -m lora_composer.miniworld.two_objects alone --threads 1          # each LoRA alone on one side
 """
