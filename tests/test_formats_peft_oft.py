@@ -270,7 +270,7 @@ def test_malformed_files_are_refused_in_one_line_and_leave_the_pipeline(sd15_pip
     from peft import OFTConfig
 
     peft_folder(sd15_pipe.unet, OFTConfig(oft_block_size=8, r=0, target_modules=["to_k"]), tmp_path / "good")
-    good = tmp_path / "good" / "adapter_model.safetensors"  # a pipeline takes files (and names them by their stem)
+    good = tmp_path / "good" / "adapter_model.safetensors"  # named after its folder, as the library names it
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
     call = dict(IMAGE, num_inference_steps=1, height=32, width=32, progress=False)
     before = composer("a cat", loras=[(good, 0.8)], seed=0, **call)
@@ -281,7 +281,7 @@ def test_malformed_files_are_refused_in_one_line_and_leave_the_pipeline(sd15_pip
             composer("a cat", loras=[(good, 0.8), (path, 0.5)], seed=0, **call)
         message = str(err.value)
         assert "\n" not in message and path.name in message and key in message, (name, message)
-        assert set(composer.adapters) == {"adapter_model"}, name
+        assert set(composer.adapters) == {"good"}, name
         assert sum(len(m._forward_hooks) for m in composer.pipe.unet.modules()) == hooks, name
         assert all(torch.equal(composer.pipe.unet.state_dict()[k], v) for k, v in state.items()), name
     assert np.array_equal(composer("a cat", loras=[(good, 0.8)], seed=0, **call), before)
