@@ -24,7 +24,7 @@ LAYERS = [
     ["lora_composer.driver", "lora_composer.explain"],
     ["lora_composer.pipeline"],
     ["lora_composer.miniworld"],
-    ["lora_composer.default_model"],
+    ["lora_composer.default_model", "lora_composer.devices"],  # devices reads which pipeline class a model is
     ["lora_composer.serving"],
     ["lora_composer.frontends"],
     ["lora_composer", "lora_composer.__main__"],  # the public API's facade and `python -m lora_composer`
