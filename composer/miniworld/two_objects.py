@@ -56,17 +56,6 @@ def random_pair(rng: np.random.Generator, allowed: dict[str, tuple[str, ...]] | 
     return Pair(left, replace(right, **{c: getattr(left, c) for c in SHARED_CATEGORIES}))
 
 
-def _object_phrase(scene: world.Scene, said) -> str:
-    """The one-object caption's object part: ``"blinky, a red circle"``, ``"a square with a smiley face"``."""
-    noun = f"{scene.colour} {scene.shape}" if said("colour") else scene.shape
-    text = f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
-    if scene.character == "smiley" and said("character"):
-        text += " with a smiley face"
-    elif scene.character == "blinky" and said("character"):
-        text = f"blinky, {text}"
-    return text
-
-
 def caption(pair: Pair, rng: np.random.Generator | None = None, drop: float = 0.0) -> str:
     """``"a red circle on the left and blinky, a blue square on the right, on a striped background"``.
 
@@ -76,7 +65,7 @@ def caption(pair: Pair, rng: np.random.Generator | None = None, drop: float = 0.
     def said(_category: str) -> bool:
         return rng is None or drop <= 0 or rng.random() >= drop
 
-    text = f"{_object_phrase(pair.left, said)} on the left and {_object_phrase(pair.right, said)} on the right"
+    text = f"{world.object_phrase(pair.left, said)} on the left and {world.object_phrase(pair.right, said)} on the right"
     if said("background"):
         text += f", on a {pair.left.background} background"
     if pair.left.style != "filled" and said("style"):

@@ -61,6 +61,18 @@ class Scene:
         return [(c.name, getattr(self, c.name)) for c in CATEGORIES if getattr(self, c.name) in c.lora]
 
 
+def object_phrase(scene: Scene, said=lambda category: True) -> str:
+    """The caption's object part: ``"blinky, a red circle"``, ``"a square with a smiley face"``; ``said(category)``
+    says whether that category's phrase is kept (colour asked first, then character)."""
+    noun = f"{scene.colour} {scene.shape}" if said("colour") else scene.shape
+    text = f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+    if scene.character == "smiley" and said("character"):
+        text += " with a smiley face"
+    elif scene.character == "blinky" and said("character"):
+        text = f"blinky, {text}"
+    return text
+
+
 def caption(scene: Scene, rng: np.random.Generator | None = None, drop: float = 0.0, keep: str | None = None) -> str:
     """``"a red circle with a smiley face on a striped background, outline style"``.
 
@@ -70,12 +82,7 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, drop: float = 
     def said(category: str) -> bool:
         return rng is None or drop <= 0 or category == keep or rng.random() >= drop
 
-    noun = f"{scene.colour} {scene.shape}" if said("colour") else scene.shape
-    text = f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
-    if scene.character == "smiley" and said("character"):
-        text += " with a smiley face"
-    elif scene.character == "blinky" and said("character"):
-        text = f"blinky, {text}"
+    text = object_phrase(scene, said)
     if said("background"):
         text += f" on a {scene.background} background"
     if scene.style != "filled" and said("style"):
