@@ -51,20 +51,19 @@ def measure(url: str, requests, clients: int, solo, library, kill_after: int | N
     import ray
 
     retries_before = _gauge(url, "lora_composer_ray_retries_total")
+    outcomes = [serve_load.Outcome(body, kind) for body, kind in requests]  # filled in as answers come
     killed = []
-    if kill_after is not None:
 
-        def killer():
-            while sum(o.status != 0 for o in outcomes_box[0]) < kill_after:
-                time.sleep(0.05)
-            victim = next(o.headers.get("x-replica") for o in outcomes_box[0] if o.headers.get("x-replica"))
-            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=False)
-            killed.append(victim)
+    def killer():  # once kill_after answers are in, kill the replica that served the first of them
+        while sum(o.status != 0 for o in outcomes) < kill_after:
+            time.sleep(0.05)
+        victim = next(o.headers.get("x-replica") for o in outcomes if o.headers.get("x-replica"))
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=False)
+        killed.append(victim)
 
-    outcomes_box = [[serve_load.Outcome(body, kind) for body, kind in requests]]
     if kill_after is not None:
         threading.Thread(target=killer, daemon=True).start()
-    outcomes, wall = serve_load.run_load(url, requests, clients, outcomes=outcomes_box[0])
+    outcomes, wall = serve_load.run_load(url, requests, clients, outcomes=outcomes)
     serve_load.check(outcomes, solo, library)
     valid = [o for o in outcomes if not o.malformed]
     served = [o for o in valid if o.status == 200]

@@ -164,6 +164,27 @@ async def woken_by(job: Job):
         job.unsubscribe(wake)
 
 
+def event_stream(job: Job, request: Request) -> StreamingResponse:
+    """``job``'s events as server-sent events, from its first, until it is final or the client leaves."""
+
+    async def stream():
+        index = 0
+        async with woken_by(job) as woken:
+            while True:
+                events = job.events[index:]
+                for event in events:
+                    yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
+                index += len(events)
+                if job.done and index >= len(job.events):
+                    return
+                if not events:
+                    await woken(0.5)
+                    if await request.is_disconnected():
+                        return
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -291,22 +312,7 @@ def create_app(server: Server) -> FastAPI:
         if isinstance(job, JSONResponse):
             return job
 
-        async def stream():
-            index = 0
-            async with woken_by(job) as woken:
-                while True:
-                    events = job.events[index:]
-                    for event in events:
-                        yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
-                    index += len(events)
-                    if job.done and index >= len(job.events):
-                        return
-                    if not events:
-                        await woken(0.5)
-                        if await request.is_disconnected():
-                            return
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return event_stream(job, request)
 
     @app.get("/v1/loras")
     async def loras(q: str = ""):

@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from lora_composer.serving.adapter_cache import file_sha256
-from lora_composer.serving.app import Server, ServerConfig, error, guard, woken_by
+from lora_composer.serving.app import Server, ServerConfig, error, event_stream, guard, woken_by
 from lora_composer.serving.jobs import Job, RenderSpec
 from lora_composer.serving.metrics import Metrics
 from lora_composer.serving.requests import GenerateBody, LibraryNames, RequestError
@@ -215,10 +215,9 @@ class Gateway:
         return job
 
     def gauges(self) -> dict[str, float]:
-        out = {"replicas": self.replicas, "ray_retries_total": self.retries, "lora_set_hits_total": self.set_hits,
-               "lora_set_loads_total": self.set_loads,
-               "jobs_running": sum(not job.done for job, _ in self.jobs.values())}
-        return out
+        return {"replicas": self.replicas, "ray_retries_total": self.retries, "lora_set_hits_total": self.set_hits,
+                "lora_set_loads_total": self.set_loads,
+                "jobs_running": sum(not job.done for job, _ in self.jobs.values())}
 
 
 def result(job: Job) -> Response:
@@ -307,28 +306,8 @@ def build_app(config: ServerConfig, options: RayOptions):
 
         @app.get("/v1/jobs/{job_id}/events")
         async def job_events(self, job_id: str, request: Request):
-            import json
-
             job = self.find(job_id)
-            if isinstance(job, JSONResponse):
-                return job
-
-            async def stream():
-                index = 0
-                async with woken_by(job) as woken:
-                    while True:
-                        events = job.events[index:]
-                        for event in events:
-                            yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
-                        index += len(events)
-                        if job.done and index >= len(job.events):
-                            return
-                        if not events:
-                            await woken(0.5)
-                            if await request.is_disconnected():
-                                return
-
-            return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return job if isinstance(job, JSONResponse) else event_stream(job, request)
 
         @app.get("/v1/loras")
         async def loras(self, q: str = ""):
