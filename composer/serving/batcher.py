@@ -301,10 +301,10 @@ class Batcher:
             except Cancelled:
                 self._finish(job, "cancelled", error="cancelled", http_status=499)
             except (ComposerError, ValueError, KeyError, TypeError) as exc:
-                self._finish(job, "failed", error=_one_line(exc), http_status=422)
+                self._finish(job, "failed", error=one_line(exc), http_status=422)
             except Exception as exc:  # noqa: BLE001 (this request fails alone: the batch goes on)
                 traceback.print_exc()
-                self._finish(job, "failed", error=f"internal error: {_one_line(exc)}", http_status=500)
+                self._finish(job, "failed", error=f"internal error: {one_line(exc)}", http_status=500)
 
     def _resolve_loras(self, spec: RenderSpec) -> list[tuple]:
         """``[(file, denoiser weight, text-encoder weight)]``, one per file."""
@@ -512,7 +512,7 @@ class Batcher:
             self._finish(act.job, "done", png=_png(image, record), record=record)
         except Exception as exc:  # noqa: BLE001 (decoding one image fails that request only)
             traceback.print_exc()
-            self._finish(act.job, "failed", error=f"internal error: {_one_line(exc)}", http_status=500)
+            self._finish(act.job, "failed", error=f"internal error: {one_line(exc)}", http_status=500)
         finally:
             self.residency.release(act.names)
 
@@ -545,10 +545,10 @@ class Batcher:
         except Cancelled:
             self._finish(job, "cancelled", error="cancelled", http_status=499)
         except (ComposerError, ValueError, KeyError, TypeError) as exc:
-            self._finish(job, "failed", error=_one_line(exc), http_status=422)
+            self._finish(job, "failed", error=one_line(exc), http_status=422)
         except Exception as exc:  # noqa: BLE001 (the server keeps serving the others)
             traceback.print_exc()
-            self._finish(job, "failed", error=f"internal error: {_one_line(exc)}", http_status=500)
+            self._finish(job, "failed", error=f"internal error: {one_line(exc)}", http_status=500)
         finally:
             self.pipe.scheduler = self.base_scheduler
             self.residency.release(names)
@@ -560,6 +560,6 @@ def _png(image, record) -> bytes:
     return buf.getvalue()
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__

@@ -24,8 +24,10 @@ from dataclasses import dataclass, replace
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from lora_composer.errors import ComposerError
 from lora_composer.serving.adapter_cache import file_sha256
 from lora_composer.serving.app import Server, ServerConfig, error, event_stream, guard, woken_by
+from lora_composer.serving.batcher import QueueFull, ShuttingDown, one_line
 from lora_composer.serving.jobs import Job, RenderSpec
 from lora_composer.serving.metrics import Metrics
 from lora_composer.serving.requests import GenerateBody, LibraryNames, RequestError
@@ -102,10 +104,14 @@ class Renderer:
         except RequestError as exc:
             yield {"event": "refused", "status": exc.status, "error": str(exc)}
             return
-        except Exception as exc:  # noqa: BLE001 (QueueFull, ShuttingDown: the gateway answers for them)
-            retry = getattr(exc, "retry_after", None)
-            yield {"event": "refused", "status": 429 if retry is not None else 503, "error": str(exc),
-                   "retry_after": retry}
+        except QueueFull as exc:
+            yield {"event": "refused", "status": 429, "error": str(exc), "retry_after": exc.retry_after}
+            return
+        except ShuttingDown as exc:
+            yield {"event": "refused", "status": 503, "error": str(exc)}
+            return
+        except (ComposerError, ValueError, KeyError, TypeError) as exc:  # a LoRA that does not fit the model...
+            yield {"event": "refused", "status": 422, "error": one_line(exc)}
             return
         yield {"event": "accepted", "replica": self.replica, "lora_set": routed}
         try:
@@ -192,12 +198,15 @@ class Gateway:
                 stream.cancel()
                 job.finish("cancelled", error="cancelled", http_status=499)
                 raise
-            except (RayActorError, ActorUnavailableError) as exc:
+            except (RayActorError, ActorUnavailableError) as exc:  # the replica died: send it again
                 if attempt == RETRIES:
                     return job.finish("failed", error=f"replica lost {RETRIES + 1} times: {str(exc).splitlines()[0]}",
                                       http_status=503)
                 self.retries += 1
                 job.emit("retry", attempt=attempt + 1)
+            except Exception as exc:  # noqa: BLE001 (a fault on the replica fails this request alone, in one line)
+                self.metrics.count("failed")
+                return job.finish("failed", error=f"internal error: {one_line(exc)}", http_status=500)
         return None
 
     def submit(self, body: GenerateBody) -> Job:
