@@ -26,7 +26,8 @@ from lora_composer.adapters.shira import dense_delta
 from lora_composer.adapters.types import LayerDelta
 from lora_composer.fusion.base import StepPlan
 
-# ``rule(deltas [N, out, in], names) -> [N, out, in]``: one layer's rewritten deltas, in the names' order.
+# ``rule(deltas [N, out, in], names) -> [N, out, in]``: one layer's rewritten deltas, in the names' order;
+# or a list of ``(up [out, r], down [r, in])`` factor pairs (``None``: no delta) for rules whose result is low-rank.
 Rule = Callable[[torch.Tensor, list], torch.Tensor]
 
 
@@ -35,14 +36,19 @@ def readable(d) -> bool:
     return not getattr(d, "is_sparse", False) and getattr(d, "additive", True)
 
 
+def factored(up: torch.Tensor, down: torch.Tensor, like) -> LayerDelta:
+    """``up @ down`` (``[out, r]``, ``[r, in * kh * kw]``) as a ``LayerDelta`` shaped like the layer delta ``like``."""
+    r = int(down.shape[0])
+    if like.down.dim() == 4:  # a conv layer: factors shaped as LoCon's
+        down, up = down.reshape(r, *like.down.shape[1:]), up.reshape(up.shape[0], r, 1, 1)
+    return LayerDelta(down=down.contiguous(), up=up.contiguous(), alpha=float(r))
+
+
 def compressed(delta: torch.Tensor, rank: int, like):
     """``delta`` (2-D) as a rank-``rank`` ``LayerDelta`` (truncated SVD), shaped like the layer delta ``like``."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     r = min(int(rank), int(s.numel()))
-    down, up = vh[:r], u[:, :r] * s[:r]
-    if like.down.dim() == 4:  # a conv layer: factors shaped as LoCon's
-        down, up = down.reshape(r, *like.down.shape[1:]), up.reshape(up.shape[0], r, 1, 1)
-    return LayerDelta(down=down.contiguous(), up=up.contiguous(), alpha=float(r))
+    return factored(u[:, :r] * s[:r], vh[:r], like)
 
 
 def derive(adapters: list, rule: Rule, suffix: str, rank: int = 0) -> dict:
@@ -66,7 +72,12 @@ def derive(adapters: list, rule: Rule, suffix: str, rank: int = 0) -> dict:
         out = rule(stack, [ad.name for ad in adapters])
         for i in present:
             ad, delta = adapters[i], out[i]
-            if not bool(delta.any()):
+            if isinstance(delta, tuple) or delta is None:  # factors, kept as they are
+                if delta is None:
+                    new[ad.name].pop(key, None)
+                else:
+                    new[ad.name][key] = factored(*delta, like)
+            elif not bool(delta.any()):
                 new[ad.name].pop(key, None)
             elif rank > 0:
                 new[ad.name][key] = compressed(delta, rank, like)
