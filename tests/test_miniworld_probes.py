@@ -1,0 +1,82 @@
+"""The mini world's interference probes change exactly what they say, on the shipped model and LoRAs."""
+
+import pytest
+import torch
+
+from lora_composer.adapters.shira import dense_delta
+from lora_composer.miniworld import assets, probes
+from lora_composer.pipeline import ComposerPipeline
+
+PROMPT = "blinky, a purple star on a wavy background"
+NAMES = ["star-shape", "purple-colour", "blinky-character"]
+
+
+@pytest.fixture(scope="module")
+def cp():
+    pipe = ComposerPipeline.from_pretrained(assets.model_dir(), library=assets.library_dir())
+    pipe(PROMPT, loras=[(n, 1.0) for n in NAMES], num_inference_steps=1, progress=False)  # attach the three
+    pipe.runtime.set_weights(unet={n: 1.0 for n in NAMES}, text={n: 1.0 for n in NAMES})
+    return pipe
+
+
+def _encode(cp, text_weights):
+    cp.runtime.set_weights(text=text_weights)
+    return cp.pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, False)[0]
+
+
+def test_trigger_positions_find_each_word(cp):
+    tok = cp.pipe.tokenizer
+    ids = tok(PROMPT).input_ids
+    at = probes.trigger_positions(tok, PROMPT, ["purple", "wavy background"])
+    assert [tok.decode([ids[p]]).strip() for p in at] == ["purple", "wavy", "background"]
+
+
+def test_text_splice_takes_each_trigger_from_its_own_lora(cp):
+    merged = _encode(cp, {n: 1.0 for n in NAMES})
+    own = {n: _encode(cp, {m: float(m == n) for m in NAMES}) for n in NAMES}
+    cp.runtime.set_weights(text={n: 1.0 for n in NAMES})
+    with probes.text_splice(cp, NAMES):
+        got = cp.pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, False)[0]
+    assert "encode_prompt" not in vars(cp.pipe)  # restored
+    owned = set()
+    for n in NAMES:
+        at = probes.trigger_positions(cp.pipe.tokenizer, PROMPT, cp.runtime.adapters[n].metadata.trigger_words)
+        assert at and torch.equal(got[0, at], own[n][0, at])
+        assert not torch.allclose(own[n][0, at], merged[0, at], atol=1e-4)  # the splice changes something
+        owned |= set(at)
+    rest = [p for p in range(got.shape[1]) if p not in owned]
+    assert torch.equal(got[0, rest], merged[0, rest])
+
+
+def test_kv_route_keeps_only_the_owners_delta_at_its_tokens(cp):
+    rt = cp.runtime
+    key = next(k for k in rt.layers if k.endswith("attn2.to_v") and all(k in rt.adapters[n].deltas for n in NAMES))
+    module = rt.layers[key].module
+    x = torch.randn(2, 77, module.in_features, generator=torch.Generator().manual_seed(0))
+    rt.set_weights(unet={n: 1.0 for n in NAMES})
+    with torch.no_grad():
+        plain = module(x)
+        with probes.kv_route(cp, NAMES, PROMPT):
+            routed = module(x)
+        base = torch.nn.functional.linear(x, module.weight, module.bias)
+    deltas = [x @ dense_delta(rt.adapters[n].deltas[key]).T for n in NAMES]
+    assert torch.allclose(plain, base + sum(deltas), atol=1e-5)  # merge: every delta everywhere
+    assert torch.equal(routed[0], plain[0])  # unconditional half untouched
+    for j, n in enumerate(NAMES):
+        at = probes.trigger_positions(cp.pipe.tokenizer, PROMPT, rt.adapters[n].metadata.trigger_words)
+        assert torch.allclose(routed[1, at], base[1, at] + deltas[j][1, at], atol=1e-5)
+    free = [p for p in range(77) if p not in set(sum((probes.trigger_positions(
+        cp.pipe.tokenizer, PROMPT, rt.adapters[n].metadata.trigger_words) for n in NAMES), []))]
+    assert torch.equal(routed[1, free], plain[1, free])
+    with torch.no_grad():
+        assert torch.equal(module(x), plain)  # hooks removed
+
+
+def test_uncond_factor_scales_the_first_half_of_rows(cp):
+    rt = cp.runtime
+    rows = torch.ones(4, rt.denoiser_mix.slots)
+    with probes.uncond_factor(rt, 0.25):
+        rt.set_denoiser_rows(rows)
+        got = rt.denoiser_mix.weights.clone()
+    assert torch.equal(got[:2], torch.full_like(got[:2], 0.25)) and torch.equal(got[2:], torch.ones_like(got[2:]))
+    assert "set_denoiser_rows" not in vars(rt)
