@@ -420,7 +420,7 @@ def test_per_row_weights_route_every_kind(sd15_pipe, tmp_path):
         assert _rel(rows[i], alone[i]) < 1e-5, name
 
 
-@pytest.mark.parametrize("strategy", ["switch", "composite", "gated", "activation-matched", "ties", "klora"])
+@pytest.mark.parametrize("strategy", ["switch", "composite", "gated", "activation-matched", "ties", "klora", "tsv"])
 def test_strategies_run_with_lycoris_kinds(sd15_pipe, tmp_path, strategy):
     files = _hand_files(tmp_path)
     ia3 = tmp_path / "ia3.safetensors"

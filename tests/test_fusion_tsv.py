@@ -129,3 +129,27 @@ def test_tsv_matches_the_reference(sd15_pipe, make_lora):
     assert np.abs(np.asarray(plain) - expected).max() > 1e-3  # the reference is not merge
     again = pipe(PROMPT, loras=loras, strategy="merge", seed=0, progress=False, **CALL)
     assert np.array_equal(np.asarray(again), np.asarray(plain))  # the derived adapters left nothing behind
+
+
+def test_one_loha_with_a_flattened_conv_kernel_is_itself(sd15_pipe, tmp_path):
+    """LoHa stores a conv layer's factors flattened (``[r, in * kh * kw]``): the derived factors must land on
+    the 3x3 kernel as the original does, so tsv of one LoRA renders merge's picture."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(7)
+    sd = {}
+    for path, cols in (("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 32),
+                       ("down_blocks.0.resnets.0.conv1", 32 * 9)):
+        key = "lora_unet_" + path.replace(".", "_")
+        for n in ("1", "2"):
+            sd[f"{key}.hada_w{n}_a"] = 0.3 * torch.randn(32, 2, generator=g)
+            sd[f"{key}.hada_w{n}_b"] = 0.3 * torch.randn(2, cols, generator=g)
+        sd[f"{key}.alpha"] = torch.tensor(1.0)
+    save_file(sd, str(tmp_path / "loha.safetensors"))
+    pipe = ComposerPipeline(sd15_pipe)
+    loras = [(str(tmp_path / "loha.safetensors"), 0.8)]
+    merged = pipe(PROMPT, loras=loras, strategy="merge", seed=0, progress=False, **CALL)
+    got = pipe(PROMPT, loras=loras, strategy="tsv", seed=0, progress=False, **CALL)
+    base = pipe(PROMPT, seed=0, progress=False, **CALL)
+    assert np.abs(np.asarray(merged) - np.asarray(base)).max() > 1e-3
+    assert np.abs(np.asarray(got) - np.asarray(merged)).max() < 1e-4
