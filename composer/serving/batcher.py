@@ -11,7 +11,7 @@ Strategies take their rows in the same batch: each step a request's strategy pla
 group, or only those it does not reuse), its rows carry each group's weights (per layer group too), and its
 own ``combine`` mixes its groups' predictions, as :class:`~lora_composer.driver.DenoiserDriver` does for a
 render alone. What cannot share a batch runs alone through :class:`~lora_composer.pipeline.ComposerPipeline`
-between batches: strategies that derive adapters of their own (ties, dare, klora, activation-matched attach
+between batches: strategies that derive adapters of their own (ties, dare, klora, tsv, activation-matched attach
 them for one call), and pipelines this loop does not drive (anything but SD1.5-family and SDXL UNet
 text-to-image pipelines: DiTs such as FLUX.1 and SD3).
 Admission is first come, first served: a waiting request of another key stops new joins until the running

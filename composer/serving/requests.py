@@ -46,7 +46,7 @@ class GenerateBody(BaseModel):
     loras: list[LoraItem] | Literal["auto"] = Field(
         default_factory=list, description='[{"name", "weight"}] or "auto" (the retriever picks from the prompt)')
     strategy: str = Field("merge", max_length=64, description="merge, composite, switch...: all share denoiser batches "
-                          "but ties, dare, klora and activation-matched, which run alone")
+                          "but ties, dare, klora, tsv and activation-matched, which run alone")
     strategy_args: dict[str, float | int | str | bool] = Field(default_factory=dict)
     seed: int | None = Field(None, ge=0, lt=2**32, description="random (and returned in the PNG) when omitted")
     steps: int | None = Field(None, ge=1, description="denoising steps")
