@@ -16,7 +16,9 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 from lora_composer import tiny
 
-torch.set_num_threads(2)
+# The suite runs in two processes (``pytest -n 2``, README): one torch thread each keeps two workers off each
+# other's cores; run alone, a test gets two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")
