@@ -80,3 +80,25 @@ def test_uncond_factor_scales_the_first_half_of_rows(cp):
         got = rt.denoiser_mix.weights.clone()
     assert torch.equal(got[:2], torch.full_like(got[:2], 0.25)) and torch.equal(got[2:], torch.ones_like(got[2:]))
     assert "set_denoiser_rows" not in vars(rt)
+
+
+def _render(cp, names, strategy="merge", n=None):
+    from lora_composer.miniworld.probes import OwnInputs, own_inputs
+
+    loras = [(name, 1.0) for name in names]
+    call = dict(num_inference_steps=3, seed=1, progress=False, output_type="np")
+    if n is None:
+        return cp(PROMPT, loras=loras, **call)
+    with own_inputs(cp.runtime, n):
+        return cp(PROMPT, loras=loras, strategy=OwnInputs(), **call)
+
+
+def test_own_inputs_with_one_lora_is_merge_and_with_two_is_not(cp):
+    """One LoRA: its solo stream is the composed one, so the picture is merge's; two: each LoRA's delta is
+    computed on features the other did not change, which is not merge."""
+    one = ["purple-colour"]
+    assert abs(_render(cp, one, n=1) - _render(cp, one)).max() < 1e-4
+    two = ["purple-colour", "star-shape"]
+    merged = _render(cp, two)
+    assert abs(_render(cp, two, n=2) - merged).max() > 1e-2
+    assert abs(_render(cp, two) - merged).max() == 0  # the hooks are gone

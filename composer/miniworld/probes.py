@@ -12,6 +12,9 @@ as filled): the LoRA's push is lost, not garbled. Each probe changes one suspect
   tokens with all of them): do the LoRAs' text-encoder deltas disturb each other's words?
 - ``kv-route``: at one LoRA's trigger tokens only that LoRA's cross-attention key/value delta acts: do the
   LoRAs' K/V deltas disturb each other's words inside the UNet?
+- ``own-inputs``: in every UNet layer each LoRA's delta is computed on the input that layer gets with that
+  LoRA alone (one extra row group per LoRA, run beside the composed one), and the deltas are summed into the
+  composed rows: does each LoRA lose its concept because the others change the features it reads?
 
     python -m lora_composer.miniworld.probes [--sizes 3 4] [--seed 1000] [--threads 2] merge weight=0.8 kv-route
 """
@@ -26,6 +29,7 @@ import time
 import numpy as np
 import torch
 
+from lora_composer.fusion.base import StepPlan, Strategy
 from lora_composer.miniworld import assets, world
 from lora_composer.miniworld.evaluate import BASE_CATEGORIES, Evaluator, Tally, combinations, scene_for
 
@@ -121,6 +125,43 @@ def kv_route(cp, names: list[str], prompt: str):
             h.remove()
 
 
+class OwnInputs(Strategy):
+    """Row group 0 is the composed picture (no LoRA of its own: :func:`own_inputs` adds the others' deltas to
+    it); group ``1 + i`` runs LoRA ``i`` alone. Only group 0's prediction is used."""
+
+    name = "own-inputs"
+
+    def plan(self, step: int, timestep: float | None) -> StepPlan:
+        n = len(self.adapters)
+        weights = torch.cat([torch.zeros(1, n), torch.diag(self.user_weights)])
+        return StepPlan(weights, combine=torch.cat([torch.ones(1), torch.zeros(n)]))
+
+
+@contextlib.contextmanager
+def own_inputs(runtime, n: int):
+    """With :class:`OwnInputs`' ``n + 1`` row groups in one pass: in every UNet layer holding LoRAs, the
+    composed rows get the sum of the solo rows' deltas (each computed on its own row's input)."""
+
+    def hook(module, args, output):
+        if output.shape[0] % (n + 1):
+            return output
+        x, rows = args[0], output.shape[0] // (n + 1)
+        base = (module._conv_forward(x, module.weight, module.bias) if isinstance(module, torch.nn.Conv2d)
+                else torch.nn.functional.linear(x, module.weight, module.bias))
+        delta = (output - base)[rows:]
+        out = output.clone()
+        out[:rows] += delta.reshape(n, rows, *delta.shape[1:]).sum(0)
+        return out
+
+    handles = [layer.module.register_forward_hook(hook) for key, layer in runtime.layers.items()
+               if key.startswith("unet.")]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_probe(ev: Evaluator, detector, probe: str, sizes=(3, 4), seed: int = 1000) -> dict:
     """Merge on every combination of ``sizes`` with ``probe`` applied; one picture each (``compose eval``'s
     protocol with ``--seeds 1``). Returns the tally's summary plus the commonest misses (wanted -> drawn)."""
@@ -140,8 +181,10 @@ def run_probe(ev: Evaluator, detector, probe: str, sizes=(3, 4), seed: int = 100
         ev.guidance = float(value) if kind == "guidance" else guidance
         with (uncond_factor(cp.runtime, float(value)) if kind == "uncond" else
               text_splice(cp, names) if kind == "text-splice" else
-              kv_route(cp, names, prompt) if kind == "kv-route" else contextlib.nullcontext()):
-            images = ev.run(prompt, loras, "merge", seed + i, tally, wanted, base)
+              kv_route(cp, names, prompt) if kind == "kv-route" else
+              own_inputs(cp.runtime, len(names)) if kind == "own-inputs" else contextlib.nullcontext()):
+            strategy = OwnInputs() if kind == "own-inputs" else "merge"
+            images = ev.run(prompt, loras, strategy, seed + i, tally, wanted, base)
         probs = detector.probs(images)
         for c, v in wanted.items():
             drawn = order[c][int(probs[c][0].argmax())]
@@ -153,12 +196,12 @@ def run_probe(ev: Evaluator, detector, probe: str, sizes=(3, 4), seed: int = 100
     return out
 
 
-PROBES = ("merge", "weight", "guidance", "uncond", "text-splice", "kv-route")
+PROBES = ("merge", "weight", "guidance", "uncond", "text-splice", "kv-route", "own-inputs")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora_composer.miniworld.probes", description=__doc__.splitlines()[0])
-    p.add_argument("probes", nargs="+", help="merge, weight=W, guidance=G, uncond=F, text-splice, kv-route")
+    p.add_argument("probes", nargs="+", help="merge, weight=W, guidance=G, uncond=F, text-splice, kv-route, own-inputs")
     p.add_argument("--sizes", type=int, nargs="+", default=[3, 4])
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--threads", type=int, default=None)
@@ -166,7 +209,7 @@ def main(argv=None) -> int:
     for probe in args.probes:
         kind, eq, value = probe.partition("=")
         if kind not in PROBES or (kind in ("weight", "guidance", "uncond")) != bool(eq):
-            p.error(f"unknown probe {probe!r}: one of merge, weight=W, guidance=G, uncond=F, text-splice, kv-route")
+            p.error(f"unknown probe {probe!r}: one of merge, weight=W, guidance=G, uncond=F, text-splice, kv-route, own-inputs")
     if args.threads:
         torch.set_num_threads(args.threads)
     from lora_composer.miniworld.detectors import load_detector
