@@ -170,27 +170,28 @@ def run_probe(ev: Evaluator, detector, probe: str, sizes=(3, 4), seed: int = 100
     order = {c.name: list(c.values) for c in world.CATEGORIES}
     guidance = ev.guidance
     rng, t0 = np.random.default_rng(seed), time.perf_counter()
-    for i, combo in enumerate(combinations(sizes)):
-        scene = scene_for(combo, rng)
-        wanted = {s.category: s.value for s in combo}
-        base = {c: getattr(scene, c) for c in BASE_CATEGORIES if c not in wanted}
-        prompt, names = world.caption(scene), [s.name for s in combo]
-        weight = float(value) if kind == "weight" else 1.0
-        loras = [(n, weight) for n in names]
-        cp(prompt, loras=loras, num_inference_steps=1, progress=False)  # attach, so the probe can see them
-        ev.guidance = float(value) if kind == "guidance" else guidance
-        with (uncond_factor(cp.runtime, float(value)) if kind == "uncond" else
-              text_splice(cp, names) if kind == "text-splice" else
-              kv_route(cp, names, prompt) if kind == "kv-route" else
-              own_inputs(cp.runtime, len(names)) if kind == "own-inputs" else contextlib.nullcontext()):
-            strategy = OwnInputs() if kind == "own-inputs" else "merge"
-            images = ev.run(prompt, loras, strategy, seed + i, tally, wanted, base)
-        probs = detector.probs(images)
-        for c, v in wanted.items():
-            drawn = order[c][int(probs[c][0].argmax())]
-            if drawn != v:
-                misses[f"{v}->{drawn}"] += 1
-    ev.guidance = guidance
+    try:
+        for i, combo in enumerate(combinations(sizes)):
+            scene = scene_for(combo, rng)
+            wanted = {s.category: s.value for s in combo}
+            base = {c: getattr(scene, c) for c in BASE_CATEGORIES if c not in wanted}
+            prompt, names = world.caption(scene), [s.name for s in combo]
+            loras = [(n, float(value) if kind == "weight" else 1.0) for n in names]
+            cp(prompt, loras=loras, num_inference_steps=1, progress=False)  # attach, so the probe can see them
+            ev.guidance = float(value) if kind == "guidance" else guidance
+            with (uncond_factor(cp.runtime, float(value)) if kind == "uncond" else
+                  text_splice(cp, names) if kind == "text-splice" else
+                  kv_route(cp, names, prompt) if kind == "kv-route" else
+                  own_inputs(cp.runtime, len(names)) if kind == "own-inputs" else contextlib.nullcontext()):
+                strategy = OwnInputs() if kind == "own-inputs" else "merge"
+                images = ev.run(prompt, loras, strategy, seed + i, tally, wanted, base)
+            probs = detector.probs(images)
+            for c, v in wanted.items():
+                drawn = order[c][int(probs[c][0].argmax())]
+                if drawn != v:
+                    misses[f"{v}->{drawn}"] += 1
+    finally:
+        ev.guidance = guidance
     out = tally.summary()
     out.update(probe=probe, misses=dict(misses.most_common(6)), seconds=round(time.perf_counter() - t0, 1))
     return out
