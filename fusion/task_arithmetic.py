@@ -28,7 +28,7 @@ from lora_composer.fusion.base import StepPlan
 
 # ``rule(deltas [N, out, in], names) -> [N, out, in]``: one layer's rewritten deltas, in the names' order;
 # or a list of ``(up [out, r], down [r, in])`` factor pairs (``None``: no delta) for rules whose result is low-rank.
-Rule = Callable[[torch.Tensor, list], torch.Tensor]
+Rule = Callable[[torch.Tensor, list], "torch.Tensor | list"]
 
 
 def readable(d) -> bool:
@@ -72,13 +72,10 @@ def derive(adapters: list, rule: Rule, suffix: str, rank: int = 0) -> dict:
         out = rule(stack, [ad.name for ad in adapters])
         for i in present:
             ad, delta = adapters[i], out[i]
-            if isinstance(delta, tuple) or delta is None:  # factors, kept as they are
-                if delta is None:
-                    new[ad.name].pop(key, None)
-                else:
-                    new[ad.name][key] = factored(*delta, like)
-            elif not bool(delta.any()):
+            if delta is None or (torch.is_tensor(delta) and not bool(delta.any())):
                 new[ad.name].pop(key, None)
+            elif isinstance(delta, tuple):  # low-rank factors, kept as they are
+                new[ad.name][key] = factored(*delta, like)
             elif rank > 0:
                 new[ad.name][key] = compressed(delta, rank, like)
             else:

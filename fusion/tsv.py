@@ -32,7 +32,7 @@ def polar(m: torch.Tensor) -> torch.Tensor:
 def singular_parts(delta: torch.Tensor, tol: float = 1e-6):
     """``(U, S, V)`` of a 2-D delta without its (numerically) zero singular values."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    keep = s > tol * s.max() if s.numel() and float(s.max()) > 0 else torch.zeros_like(s, dtype=torch.bool)
+    keep = s > tol * s.max()  # an all-zero delta keeps nothing
     return u[:, keep], s[keep], vh[keep].T
 
 

@@ -6,17 +6,15 @@ concatenated left and right vectors by their orthogonal polar factors and sums `
 copy of the base model without adapters; its picture must equal the strategy's.
 """
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lora_composer.adapters.types import Adapter, LayerDelta
 from lora_composer.errors import ComposerError
 from lora_composer.fusion import StrategyContext, get_strategy
 from lora_composer.pipeline import ComposerPipeline
+from tests.test_fusion_ties_dare import _peft_merged_model
 
 PROMPT = "a red circle"
 CALL = dict(num_inference_steps=3, guidance_scale=5.0, height=64, width=64, output_type="np")
@@ -101,24 +99,12 @@ def test_bad_side_is_one_line():
 def test_tsv_matches_the_reference(sd15_pipe, make_lora):
     files = {n: make_lora(sd15_pipe, n, rank=4, alpha=4 + i, seed=i + 1, conv=True) for i, n in enumerate("abc")}
     weights = [1.0, 0.6, 0.8]
-    loaded = copy.deepcopy(sd15_pipe)
-    names = list(files)
-    for name, path in files.items():
-        loaded.load_lora_weights(str(path), adapter_name=name)
-    ref = copy.deepcopy(sd15_pipe)
-    changed = 0
-    for comp in ("unet", "text_encoder"):
-        for mod_name, module in getattr(loaded, comp).named_modules():
-            if not isinstance(module, BaseTunerLayer):
-                continue
-            deltas = [module.get_delta_weight(n).detach().double() for n in names]
-            shape = deltas[0].shape
-            merged = _reference([d.reshape(shape[0], -1).numpy() for d in deltas], weights)
-            target = getattr(ref, comp).get_submodule(mod_name)
-            with torch.no_grad():
-                target.weight += torch.from_numpy(merged).reshape(shape).to(target.weight.dtype)
-            changed += 1
-    assert changed > 20
+
+    def tsv(deltas, w):  # PEFT's per-layer deltas, conv kernels flattened for the formula
+        flat = [d.double().reshape(d.shape[0], -1).numpy() for d in deltas]
+        return torch.from_numpy(_reference(flat, w.tolist())).reshape(deltas[0].shape)
+
+    ref = _peft_merged_model(sd15_pipe, files, weights, tsv)
     expected = ref(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **CALL).images
 
     pipe = ComposerPipeline(sd15_pipe)

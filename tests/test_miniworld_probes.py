@@ -14,7 +14,8 @@ NAMES = ["star-shape", "purple-colour", "blinky-character"]
 @pytest.fixture(scope="module")
 def cp():
     pipe = ComposerPipeline.from_pretrained(assets.model_dir(), library=assets.library_dir())
-    pipe(PROMPT, loras=[(n, 1.0) for n in NAMES], num_inference_steps=1, progress=False)  # attach the three
+    for name in NAMES:
+        pipe.load_lora(name)
     pipe.runtime.set_weights(unet={n: 1.0 for n in NAMES}, text={n: 1.0 for n in NAMES})
     return pipe
 
@@ -102,3 +103,27 @@ def test_own_inputs_with_one_lora_is_merge_and_with_two_is_not(cp):
     merged = _render(cp, two)
     assert abs(_render(cp, two, n=2) - merged).max() > 1e-2
     assert abs(_render(cp, two) - merged).max() == 0  # the hooks are gone
+
+
+def test_own_inputs_gives_the_composed_rows_each_solo_rows_delta(cp):
+    """One layer, three row groups of one row (composed, star alone, purple alone): the composed row gets the
+    base output of its own input plus each LoRA's delta on that LoRA's row; the solo rows are left as they are."""
+    from lora_composer.miniworld.probes import own_inputs
+
+    rt, two = cp.runtime, NAMES[:2]
+    key = next(k for k in rt.layers if k.startswith("unet.") and k.endswith("attn1.to_q")
+               and all(k in rt.adapters[n].deltas for n in two))
+    module = rt.layers[key].module
+    x = torch.randn(3, 16, module.in_features, generator=torch.Generator().manual_seed(1))
+    rows = torch.zeros(3, rt.denoiser_mix.slots)
+    rows[1, rt.slots[two[0]]] = rows[2, rt.slots[two[1]]] = 1.0
+    rt.set_denoiser_rows(rows)
+    with torch.no_grad():
+        plain = module(x)
+        with own_inputs(rt, 2):
+            got = module(x)
+        base = torch.nn.functional.linear(x, module.weight, module.bias)
+    deltas = [x[i + 1] @ dense_delta(rt.adapters[n].deltas[key]).T for i, n in enumerate(two)]
+    assert torch.allclose(got[0], base[0] + deltas[0] + deltas[1], atol=1e-5)
+    assert torch.equal(got[1:], plain[1:])
+    assert torch.allclose(plain[0], base[0], atol=1e-6)  # without the probe the composed row has no LoRA

@@ -102,16 +102,17 @@ def kv_route(cp, names: list[str], prompt: str):
     for j, name in enumerate(names):
         owner[trigger_positions(cp.pipe.tokenizer, prompt, rt.adapters[name].metadata.trigger_words)] = j
 
+    elsewhere = [(owner >= 0) & (owner != j) for j in range(len(names))]  # tokens another LoRA owns
+
     def hook_for(key):
         deltas = [dense_delta(rt.adapters[n].deltas[key]) if key in rt.adapters[n].deltas else None for n in names]
 
         def hook(module, args, output):
             x, half = args[0], args[0].shape[0] // 2
             out = output.clone()
-            for j, d in enumerate(deltas):
-                elsewhere = (owner[: x.shape[1]] >= 0) & (owner[: x.shape[1]] != j)
-                if d is not None and bool(elsewhere.any()):
-                    out[half:, elsewhere] -= x[half:, elsewhere] @ d.to(x.dtype).T
+            for d, at in zip(deltas, elsewhere):
+                if d is not None and bool(at.any()):
+                    out[half:, at] -= x[half:, at] @ d.to(x.dtype).T
             return out
 
         return hook
@@ -177,7 +178,8 @@ def run_probe(ev: Evaluator, detector, probe: str, sizes=(3, 4), seed: int = 100
             base = {c: getattr(scene, c) for c in BASE_CATEGORIES if c not in wanted}
             prompt, names = world.caption(scene), [s.name for s in combo]
             loras = [(n, float(value) if kind == "weight" else 1.0) for n in names]
-            cp(prompt, loras=loras, num_inference_steps=1, progress=False)  # attach, so the probe can see them
+            for name in names:  # attached before the render, so the probe can see them
+                cp.load_lora(name)
             ev.guidance = float(value) if kind == "guidance" else guidance
             with (uncond_factor(cp.runtime, float(value)) if kind == "uncond" else
                   text_splice(cp, names) if kind == "text-splice" else
@@ -211,6 +213,10 @@ def main(argv=None) -> int:
         kind, eq, value = probe.partition("=")
         if kind not in PROBES or (kind in ("weight", "guidance", "uncond")) != bool(eq):
             p.error(f"unknown probe {probe!r}: one of merge, weight=W, guidance=G, uncond=F, text-splice, kv-route, own-inputs")
+        try:
+            float(value or 0)
+        except ValueError:
+            p.error(f"probe {probe!r}: {value!r} is not a number")
     if args.threads:
         torch.set_num_threads(args.threads)
     from lora_composer.miniworld.detectors import load_detector
