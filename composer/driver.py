@@ -6,7 +6,8 @@ Instead of swapping ``pipe.unet`` for a proxy object (which breaks attribute acc
 more hook in diffusers' own chain, it composes with group offloading and cache hooks registered before
 it: each of its passes runs through them. For each call the driver asks the strategy for a
 :class:`~lora_composer.fusion.base.StepPlan`, writes the mixing tensor, runs the row groups that need
-computing (batched, in chunks under ``max_batch`` rows), reuses cached predictions for the others, and
+computing (batched, in chunks under ``max_batch`` rows, each group with its own inputs where the plan gives
+them), reuses cached predictions for the others, and
 combines them into the prediction the pipeline expects (``strategy.combine``: the plan's linear ``combine``
 weights unless the strategy combines otherwise).
 
@@ -49,6 +50,14 @@ def _repeat(value, batch: int, groups: int):
     if isinstance(value, (list, tuple)):
         return type(value)(_repeat(v, batch, groups) for v in value)
     return value
+
+
+def _cat(values: list):
+    """Row groups' inputs one after another: tensors along the batch, dicts key by key (SDXL's
+    ``added_cond_kwargs``)."""
+    if isinstance(values[0], dict):
+        return {k: _cat([v[k] for v in values]) for k in values[0]}
+    return torch.cat(values, dim=0)
 
 
 def _as_float(t) -> float | None:
@@ -172,10 +181,15 @@ class DenoiserDriver:
 
         layer_rows = {g: rows_of(w) for g, w in (plan.layer_weights or {}).items()}
         self.runtime.set_denoiser_rows(rows_of(plan.weights), layer_rows or None)
+        own = plan.inputs[groups[0]].keys() if plan.inputs else ()
         if len(groups) > 1:
-            shared = {k: v for k, v in kwargs.items() if k in _SHARED_NAMES}
+            shared = {k: v for k, v in kwargs.items() if k in _SHARED_NAMES or k in own}
             kwargs = {**_repeat({k: v for k, v in kwargs.items() if k not in shared}, batch, len(groups)), **shared}
             args = _repeat(tuple(args), batch, len(groups))
+        for name in own:  # the row groups' own inputs, in the groups' order
+            if name not in kwargs:
+                raise ValueError(f"row-group input {name!r} is not a keyword input of this denoiser call")
+            kwargs[name] = _cat([plan.inputs[g][name] for g in groups])
         chunk = groups if plan.row_groups > 1 else None
         output = self._last_output = self._forward(chunk, args, kwargs)
         self.calls += 1

@@ -22,10 +22,11 @@ from lora_composer.driver import DenoiserDriver
 from lora_composer.errors import ComposerError
 from lora_composer.library import lora_name, resolve_lora
 from lora_composer.pnginfo import GenerationRecord, sampler_name
-from lora_composer.prompt_syntax import LoraRef, parse_prompt
+from lora_composer.prompt_syntax import LoraRef, parse_prompt, split_regions
 from lora_composer.runtime import LoraRuntime
 from lora_composer.vocab import DEFAULT_GUIDANCE, MODEL_DEFAULTS_FILE
 from lora_composer.fusion import StrategyContext, get_strategy
+from lora_composer.fusion.base import Region
 
 
 
@@ -286,6 +287,22 @@ class ComposerPipeline:
             self.runtime.set_weights(**weights)
         return derived, before
 
+    def _region(self, text: str, pairs, cfg: bool, negative_prompt: str | None, clip_skip=None) -> Region:
+        """One region of a regional prompt: its prompt (and the negative prompt) encoded with only its
+        adapters' text-encoder layers (``pairs``: its ``(Adapter, LoraRef)``); the caller restores the weights."""
+        if getattr(self.pipe, "unet", None) is None:
+            raise ComposerError(f"strategy 'regional' runs on UNet pipelines (Stable Diffusion 1.x/2.x, SDXL), not on "
+                                f"{type(self.pipe).__name__}: use another strategy there")
+        device = getattr(self.pipe, "_execution_device", None) or torch.device("cpu")
+        self.runtime.set_weights(text={a.name: r.te_weight for a, r in pairs})
+        with torch.no_grad():
+            out = self.pipe.encode_prompt(text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+                                          negative_prompt=negative_prompt, clip_skip=clip_skip)
+        embeds = {"positive": out[0], "negative": out[1]}
+        if len(out) == 4:  # SDXL: the pooled embeddings too
+            embeds.update(pooled_positive=out[2], pooled_negative=out[3])
+        return Region(text, {a.name: r.unet_weight for a, r in pairs}, embeds)
+
     def __call__(
         self,
         prompt: str,
@@ -331,18 +348,29 @@ class ComposerPipeline:
         if guidance_scale is None:
             guidance_scale = self.default_guidance
         start = time.perf_counter()
-        clean_prompt, tag_refs = parse_prompt(prompt)
+        strat = get_strategy(strategy, **(strategy_args or {}))
+        if strat.regional:  # "COMMON ADDCOMM A <lora:x> BREAK B": tags in a region act in it only
+            common, texts = split_regions(prompt)
+            clean_common, tag_refs = parse_prompt(common)
+            parts = [parse_prompt(text) for text in texts]
+            clean_prompt = " BREAK ".join(text for text, _ in parts)
+            clean_prompt = f"{clean_common} ADDCOMM {clean_prompt}" if clean_common else clean_prompt
+        else:
+            clean_prompt, tag_refs = parse_prompt(prompt)
         self.last_retrieval = []
         if isinstance(loras, str) and loras == "auto":  # top_k/min_score: see choose_loras
+            if strat.regional:
+                raise ComposerError('loras="auto" cannot tell which region a LoRA belongs to: name each '
+                                    "region's LoRAs with <lora:NAME> tags inside it")
             loras = self.choose_loras(clean_prompt, top_k, min_score)
         refs = [_as_ref(item) for item in loras] + tag_refs
-        strat = get_strategy(strategy, **(strategy_args or {}))
+        region_refs = [r for _, rs in parts for r in rs] if strat.regional else []
         if negative_prompt and float(pipe_kwargs.get("true_cfg_scale") or 1) > 1 and not strat.static:
             # FLUX's true CFG: two transformer calls per step, which a per-step plan (and its cache) would take for two
             raise ComposerError(f"strategy '{strat.name}' cannot run with true CFG (negative_prompt and "
                                 "true_cfg_scale > 1): the transformer runs twice per step there; use merge, "
                                 "or leave true_cfg_scale at 1")
-        chosen = self._attach(refs, allow_pickle)
+        chosen = self._attach(refs + region_refs, allow_pickle)
 
         # Several requests for one file: the last one wins (as in A1111, one network per name).
         by_name: dict[str, tuple[Adapter, LoraRef]] = {a.name: (a, r) for a, r in chosen}
@@ -351,7 +379,7 @@ class ComposerPipeline:
             unet={n: r.unet_weight for n, (a, r) in by_name.items()},
             text={n: r.te_weight for n, (a, r) in by_name.items()},
         )
-        if append_trigger_words:
+        if append_trigger_words and not strat.regional:
             words = [w for a, _ in by_name.values() for w in a.metadata.trigger_words]
             words = [w for w in dict.fromkeys(words) if w.lower() not in clean_prompt.lower()]
             if words:
@@ -379,6 +407,16 @@ class ComposerPipeline:
         device = getattr(self.pipe, "_execution_device", None) or torch.device("cpu")
         generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
         context = StrategyContext.from_pipeline(self.pipe, self.runtime, [by_name[n][0] for n in names], guidance_scale)
+        if strat.regional:
+            shared, own = chosen[: len(refs)], chosen[len(refs):]
+            for text, rs in parts:
+                mine, own = own[: len(rs)], own[len(rs):]
+                pairs = shared + mine
+                words = [w for a, _ in pairs for w in a.metadata.trigger_words] if append_trigger_words else []
+                text = ", ".join(p for p in [clean_common, text, *dict.fromkeys(words)] if p)
+                context.regions.append(self._region(text, pairs, bool(context.cfg), negative_prompt,
+                                                    pipe_kwargs.get("clip_skip")))
+            self.runtime.set_weights(text={n: r.te_weight for n, (a, r) in by_name.items()})
         try:
             strat.begin(names, [by_name[n][1].unet_weight for n in names], num_inference_steps, context)
         except ComposerError:

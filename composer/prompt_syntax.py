@@ -156,3 +156,27 @@ def parse_lora_spec(spec: str) -> LoraRef:
     if len(weights) == 1:
         return LoraRef(name, weights[0], weights[0])
     return LoraRef(name, weights[0], weights[1])
+
+
+# Regional Prompter's keywords (A1111 extension), upper case as there: ``BREAK`` separates regions and text
+# before ``ADDCOMM`` is common to every region.
+_BREAK_RE = re.compile(r"\bBREAK\b")
+_COMMON_RE = re.compile(r"\bADDCOMM\b")
+
+
+def split_regions(prompt: str) -> tuple[str, list[str]]:
+    """``"COMMON ADDCOMM LEFT BREAK RIGHT"`` -> ``("COMMON", ["LEFT", "RIGHT"])`` (tags left in place).
+
+    The regional prompt syntax of the Regional Prompter extension: regions in reading order (left to right,
+    or top to bottom), ``ADDCOMM`` at most once. An empty region raises :class:`ComposerError`.
+    """
+    parts = _COMMON_RE.split(prompt)
+    if len(parts) > 2:
+        raise ComposerError("ADDCOMM appears more than once in the prompt: put the common text once, before it")
+    common, body = (parts[0].strip(" ,\n"), parts[1]) if len(parts) == 2 else ("", parts[0])
+    regions = [r.strip(" ,\n") for r in _BREAK_RE.split(body)]
+    for i, text in enumerate(regions):
+        if not text:
+            raise ComposerError(f"region {i + 1} of {len(regions)} in the prompt is empty: write its text "
+                                "between the BREAKs")
+    return common, regions

@@ -34,17 +34,35 @@ class StepPlan:
     - ``combine``: optional ``[G]`` weights of the row groups' predictions (default: the mean).
     - ``reuse``: optional ``[G]`` booleans: reuse that row group's last prediction instead of computing it
       (the driver computes it anyway when nothing is cached yet).
+    - ``inputs``: optional, one dict per row group of denoiser keyword inputs that replace the call's for that
+      group's rows (e.g. its own ``encoder_hidden_states``), each with the call's batch as leading dimension.
     """
 
     weights: torch.Tensor
     layer_weights: dict[str, torch.Tensor] | None = None
     combine: torch.Tensor | None = None
     reuse: torch.Tensor | None = None
+    inputs: list[dict[str, torch.Tensor]] | None = None
 
     @property
     def row_groups(self) -> int:
         """Number of row groups (copies of the batch), not layer groups."""
         return int(self.weights.shape[0])
+
+
+@dataclass
+class Region:
+    """One region of a regional prompt, as the pipeline prepared it for a regional strategy.
+
+    - ``prompt``: the region's text (the common text first), without LoRA tags.
+    - ``adapters``: ``{name: denoiser weight}`` of the adapters acting in the region (its own and the common ones).
+    - ``embeds``: ``{"positive": [1, tokens, dim], "negative": [1, tokens, dim] or None}``, the region's prompt
+      encoded with only its adapters' text-encoder layers; SDXL adds ``pooled_positive`` and ``pooled_negative``.
+    """
+
+    prompt: str
+    adapters: dict[str, float]
+    embeds: dict[str, torch.Tensor | None]
 
 
 @dataclass
@@ -61,6 +79,7 @@ class StrategyContext:
     - ``cfg``: whether classifier-free guidance doubles the batch (``[negative, positive]``); ``None``
       when unknown.
     - ``pipe``: the diffusers pipeline, for anything else.
+    - ``regions``: the prompt's regions (:class:`Region`), for strategies with ``regional = True``.
     """
 
     adapters: list = field(default_factory=list)
@@ -69,6 +88,7 @@ class StrategyContext:
     num_train_timesteps: int = 1000
     cfg: bool | None = None
     pipe: Any = None
+    regions: list[Region] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.layer_groups and self.runtime is not None:
@@ -108,6 +128,8 @@ class Strategy(ABC):
     """Decides per-step, per-row-group (and optionally per-layer-group) adapter weights. Subclasses set ``name`` and implement ``plan``."""
 
     name: str = ""
+    # True: the prompt is split into regions (``BREAK``) and the pipeline gives them in ``context.regions``
+    regional: bool = False
     # What it measured on the mini world (docs/EVAL.md), one line: ``compose --help`` and the web UI show it,
     # so a user picks a strategy by what it did, not by its paper's claim.
     measured: str = ""

@@ -14,7 +14,7 @@ import re
 from lora_composer.errors import ComposerError
 from lora_composer.fusion.base import Strategy
 
-MODULES = ("merge", "switch", "composite", "cmlora", "gated", "conjunction", "loratorio", "activation_matched", "marginal", "ties", "dare", "klora", "tsv")
+MODULES = ("merge", "switch", "composite", "cmlora", "gated", "conjunction", "loratorio", "activation_matched", "marginal", "ties", "dare", "klora", "tsv", "regional")
 
 
 def _discover() -> dict[str, type[Strategy]]:

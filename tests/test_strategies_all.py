@@ -4,9 +4,11 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
 import lora_composer.fusion
 from lora_composer.frontends.cli import main
+from lora_composer.fusion.base import Region
 from lora_composer.pipeline import ComposerPipeline
 
 CALL = dict(num_inference_steps=3, height=64, width=64, output_type="np", progress=False)
@@ -19,7 +21,9 @@ def test_strategy_runs_on_both_families(request, make_lora, name, family):
     files = [make_lora(pipe, n, rank=4, seed=i + 1) for i, n in enumerate("ab")]
     composer = ComposerPipeline(copy.deepcopy(pipe))
     base = composer("a red circle", seed=0, **CALL)
-    got = composer("a red circle", loras=[(files[0], 0.8), (files[1], 0.6)], strategy=name, seed=0, **CALL)
+    prompt = "a red circle BREAK a red circle" if name == "regional" else "a red circle"  # regions: one per BREAK part
+    loras = [(files[0], 0.8), (files[1], 0.6)]
+    got = composer(prompt, loras=loras, strategy=name, seed=0, **CALL)
     assert np.isfinite(got).all()
     assert np.abs(got - base).max() > 1e-3  # the adapters acted
     assert composer.last_record.strategy == name
@@ -30,7 +34,7 @@ def test_strategy_runs_on_both_families(request, make_lora, name, family):
 def test_strategy_from_cli(home, tmp_path, capsys, name):
     out = tmp_path / f"{name}.png"
     code = main([
-        "--prompt", "a red star in pixel style", "--lora", "star-shape:0.8", "--lora", "pixel-style:0.6", "--strategy", name,
+        "--prompt", "a red star BREAK pixel style" if name == "regional" else "a red star in pixel style", "--lora", "star-shape:0.8", "--lora", "pixel-style:0.6", "--strategy", name,
         "--steps", "2", "--seed", "1", "--out", str(out), "--explain", "-q",
     ])
     assert code == 0, capsys.readouterr().err
@@ -40,7 +44,9 @@ def test_strategy_from_cli(home, tmp_path, capsys, name):
 @pytest.mark.parametrize("name", lora_composer.fusion.available())
 def test_strategy_begins_with_a_hand_built_context(name):
     strat = lora_composer.fusion.get_strategy(name)
-    strat.begin(["a", "b"], [1.0, 0.5], 4, lora_composer.fusion.StrategyContext())
+    embeds = {"positive": torch.zeros(1, 3, 4), "negative": None}
+    regions = [Region("a", {"a": 1.0}, embeds), Region("b", {"b": 0.5}, embeds)] if strat.regional else []
+    strat.begin(["a", "b"], [1.0, 0.5], 4, lora_composer.fusion.StrategyContext(regions=regions))
     plan = strat.plan(0, 999.0)
     assert plan.row_groups >= 1 and plan.weights.shape[1] == 2
     with pytest.raises(TypeError, match="StrategyContext"):
