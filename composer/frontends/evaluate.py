@@ -19,7 +19,7 @@ from lora_composer.frontends.args import Parser, UsageError, command, load_pipel
 
 PROG = "compose eval"
 WORLDS = ("one-object", "two-objects")
-TWO_OBJECT_STRATEGIES = ("merge", "gated", "loratorio", "conjunction", "composite")  # the default two-object table
+TWO_OBJECT_STRATEGIES = ("merge", "gated", "loratorio", "conjunction", "composite", "regional")  # the default two-object table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one-object (default) or two-objects (128x64, one object per half; docs/EVAL.md)")
     p.add_argument("--per-kind", type=int, default=4, metavar="N",
                    help="two-objects: combinations of each kind (default 4)")
+    p.add_argument("--base", choices=("one-object", "two-objects"), default="one-object",
+                   help="two-objects: the model rendering them, the one the LoRAs were trained on (one-object, "
+                        "default) or the base fine-tuned on two-object pictures (its text encoder changed)")
     p.add_argument("--strategies", nargs="+", metavar="NAME", help="strategies to measure (default: every one in fusion/); NAME:ARGS measures a variant, "
                         "e.g. 'marginal:scale=0.5 until=0.3'")
     p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], metavar="K", help="combination sizes (default 2 3 4)")
@@ -108,7 +111,7 @@ def _two_objects(args, argv: list[str]) -> int:
     _check_strategies(strategies)
     if args.per_kind < 1:
         raise UsageError("--per-kind must be at least 1")
-    judge = two_objects.default_judge(seeds=1 if args.seeds is None else args.seeds)
+    judge = two_objects.default_judge(seeds=1 if args.seeds is None else args.seeds, unet=args.base)
     judge.steps = args.steps
     judge.guidance = assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     result = two_objects.evaluate(judge, strategies, per_kind=args.per_kind, seed=args.seed, checks_too=args.checks,

@@ -73,6 +73,15 @@ def caption(pair: Pair, rng: np.random.Generator | None = None, drop: float = 0.
     return text
 
 
+def regional_prompt(pair: Pair, combo=()) -> tuple[str, list]:
+    """The pair as a regional prompt (``"LEFT <lora:..> BREAK RIGHT <lora:..>"``): each half described as its own
+    one-object picture with the LoRAs asked of its object; the ones asked of both (backgrounds) are returned
+    as the call's ``loras``."""
+    tags = {s: "".join(f" <lora:{spec.name}:1>" for side, spec in combo if side == s) for s in SIDES}
+    text = " BREAK ".join(world.caption(pair.side(s)) + tags[s] for s in SIDES)
+    return text, [(spec.name, 1.0) for side, spec in combo if side == "both"]
+
+
 def render(pair: Pair, rng: np.random.Generator) -> np.ndarray:
     """uint8 ``(64, 128, 3)``: each half drawn by the one-object world (so each is in its distribution)."""
     return np.concatenate([np.asarray(world.render(pair.left, rng)), np.asarray(world.render(pair.right, rng))], axis=1)
@@ -356,8 +365,10 @@ def base_named(pair: Pair, combo=()) -> dict[str, dict[str, str]]:
 class Judge:
     """Renders 128x64 pictures with a ComposerPipeline and scores each half with the detectors."""
 
-    def __init__(self, pipe, detector, steps: int = 20, guidance: float = assets.DEFAULT_GUIDANCE, seeds: int = 1):
+    def __init__(self, pipe, detector, steps: int = 20, guidance: float = assets.DEFAULT_GUIDANCE, seeds: int = 1,
+                 base: str = ""):
         self.pipe, self.detector, self.steps, self.guidance, self.seeds = pipe, detector, steps, guidance, seeds
+        self.base = base  # which base model renders (recorded with the results)
 
     def render(self, prompt: str, loras, strategy: str, seed: int):
         from lora_composer.fusion.registry import parse_strategy_args
@@ -369,7 +380,10 @@ class Judge:
 
     def run(self, tally: Tally, pair: Pair, combo, strategy: str, seed: int, kind: str = ""):
         t0 = time.perf_counter()
-        images = self.render(caption(pair), [(spec.name, 1.0) for _, spec in combo], strategy, seed)
+        if strategy.partition(":")[0] == "regional":
+            images = self.render(*regional_prompt(pair, combo), strategy, seed)
+        else:
+            images = self.render(caption(pair), [(spec.name, 1.0) for _, spec in combo], strategy, seed)
         tally.seconds += time.perf_counter() - t0
         tally.rows += int(getattr(getattr(self.pipe, "last_driver", None), "rows", 0) or 0)
         preds, probs = predict_halves(self.detector, images)
@@ -393,15 +407,17 @@ def detector_on_halves(detector, n: int = 1000, seed: int = 0) -> dict[str, dict
             for s in SIDES}
 
 
-def base_sanity(judge: Judge, prompts: int = 24, seed: int = 0) -> dict:
-    """No LoRA: does each half show the base concepts named for it (shape, colour, background, character)?"""
+def base_sanity(judge: Judge, prompts: int = 24, seed: int = 0, strategy: str = "merge") -> dict:
+    """No LoRA: does each half show the base concepts named for it (shape, colour, background, character)?
+    ``strategy="regional"``: each half described in its own region (:func:`regional_prompt`)."""
     rng = np.random.default_rng([seed, 3])
     ok, per, swaps, n = 0, {}, 0, 0
     for i in range(prompts):
         pair = pair_for((), rng)
         chars = rng.choice(world.CATEGORY["character"].base, 2)
         pair = Pair(replace(pair.left, character=str(chars[0])), replace(pair.right, character=str(chars[1])))
-        images = judge.render(caption(pair), [], "merge", seed + i)
+        prompt = regional_prompt(pair)[0] if strategy.partition(":")[0] == "regional" else caption(pair)
+        images = judge.render(prompt, [], strategy, seed + i)
         preds, _ = predict_halves(judge.detector, images)
         for j in range(len(images)):
             n += 1
@@ -443,10 +459,13 @@ def lora_alone(judge: Judge | None = None, prompts: int = 4, seed: int = 0) -> d
 
 
 def default_judge(seeds: int = 1, unet: str = "two-objects") -> Judge:
+    """``unet``: ``"two-objects"`` (the base fine-tuned here) or ``"one-object"`` (the LoRAs' own base)."""
     from lora_composer.miniworld.detectors import load_detector
 
     pipe = load_pipeline(assets.library_dir(), unet_dir=assets.model_dir() / "unet" if unet == "one-object" else None)
-    return Judge(pipe, load_detector(assets.detector_path()), seeds=seeds)
+    judge = Judge(pipe, load_detector(assets.detector_path()), seeds=seeds)
+    judge.base = unet
+    return judge
 
 
 def checks(seed: int = 0, prompts: int = 24) -> dict:
@@ -470,10 +489,11 @@ def evaluate(judge: Judge, strategies, per_kind: int = 4, seed: int = 0, checks_
     combos = [(kind, c) for kind, items in combinations().items() for c in pick(items, per_kind)]
     result: dict = {"protocol": {"world": "two-objects", "combinations": len(combos), "per_kind": per_kind,
                                  "seeds": judge.seeds, "seed": seed, "steps": judge.steps, "guidance": judge.guidance,
-                                 "size": f"{WIDTH}x{HEIGHT}", "strategies": list(strategies)}}
+                                 "size": f"{WIDTH}x{HEIGHT}", "strategies": list(strategies), "base": judge.base}}
     t_start = time.perf_counter()
     if checks_too:
-        result["checks"] = {"base_sanity": base_sanity(judge, 12, seed)}
+        result["checks"] = {"base_sanity": base_sanity(judge, 12, seed),
+                            "base_sanity, regions": base_sanity(judge, 12, seed, "regional")}
     bar = tqdm(total=len(combos) * len(strategies), desc="eval two-objects", unit="render", disable=not progress)
     result["strategies"] = {}
     for name in strategies:
@@ -496,6 +516,7 @@ def markdown(result: dict, command: str) -> str:
     merge_rows = p["steps"] * (2 if p["guidance"] > 1 else 1)
     lines = [f"Command: `{command}`", "",
              f"{p['combinations']} combinations ({p['per_kind']} per kind), {p['seeds']} image(s) each, seed {p['seed']}, "
+             + (f"the {p['base']} base, " if p.get("base") else "") +
              f"{p['size']}, {p['steps']} steps, guidance {p['guidance']}; {result['seconds']:.0f} s in all.", "",
              "| strategy | all concepts, no bleeding | " + " | ".join(f"all, {k}" for k in kinds)
              + " | bleeding | per concept | base-concept confidence | rows vs merge | images/s |",
@@ -505,11 +526,13 @@ def markdown(result: dict, command: str) -> str:
         lines.append(f"| {name} | {s['all_concepts']:.3f} | " + " | ".join(f"{s['by_kind'].get(k, 0):.3f}" for k in kinds)
                      + f" | {s['bleeding']:.3f} | {s['per_concept']:.3f} | {s['base_confidence']:.3f} | "
                      + (f"{rows / merge_rows:.2f}" if rows else "") + f" | {s['images_per_s']:.2f} |")
-    if "checks" in result:
-        b = result["checks"]["base_sanity"]
-        lines += ["", f"Base check (no LoRA, {b['images']} pictures; goal >= 0.80): every named concept on its half "
-                  f"{b['all_named_on_their_half']:.3f}; " + ", ".join(f"{k} {v:.2f}" for k, v in b["per_category"].items())
-                  + f"; halves showing the other object {b['halves_showing_the_other_object']:.2f}"]
+    for key, how in (("base_sanity", "one caption"), ("base_sanity, regions", "one region per object")):
+        b = result.get("checks", {}).get(key)
+        if b:
+            lines += ["", f"Base check, {how} (no LoRA, {b['images']} pictures; goal >= 0.80): every named concept on "
+                      f"its half {b['all_named_on_their_half']:.3f}; "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in b["per_category"].items())
+                      + f"; halves showing the other object {b['halves_showing_the_other_object']:.2f}"]
     concepts = sorted({v for s in result["strategies"].values() for v in s["concepts"]})
     lines += ["", "Per concept, on its half (and, for object concepts, found on the other half):", "",
               "| strategy | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]
