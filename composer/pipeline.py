@@ -441,7 +441,8 @@ class ComposerPipeline:
             if fused:
                 self.runtime.fuse()
             driven = [derived[n].name if n in derived else n for n in names]
-            with DenoiserDriver(self.runtime, denoiser, strat, driven, max_batch=max_batch) as driver:
+            with DenoiserDriver(self.runtime, denoiser, strat, driven, max_batch=max_batch) as driver, \
+                    strat.patched(denoiser):
                 out = self.pipe(
                     prompt=clean_prompt,
                     negative_prompt=negative_prompt,

@@ -17,6 +17,7 @@ Two kinds of groups, not to be confused:
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,6 +187,11 @@ class Strategy(ABC):
         batch is ``[negative, positive]``) override it."""
         weights = plan.combine if plan.combine is not None else torch.full((plan.row_groups,), 1.0 / plan.row_groups)
         return sum(float(weights[g]) * predictions[g] for g in range(plan.row_groups))
+
+    def patched(self, denoiser: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """Changes the strategy makes inside ``denoiser`` for one generation, undone exactly on exit (e.g. how
+        its attention layers run). Default: none."""
+        return contextlib.nullcontext()
 
     def describe(self) -> dict:
         """Parameters recorded with the image (override to add the strategy's own)."""

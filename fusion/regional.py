@@ -18,6 +18,9 @@ this way; here the LoRAs are routed per region as well.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 
 from lora_composer.fusion.base import StepPlan, Strategy
@@ -38,6 +41,52 @@ def region_masks(height: int, width: int, ratios: list[float], split: str = "col
     return masks
 
 
+def level_size(height: int, width: int, tokens: int) -> tuple[int, int] | None:
+    """The ``(h, w)`` of a UNet level with ``tokens`` positions under a ``height x width`` latent (each level
+    halves the sides, rounding up), or None when no level has that many."""
+    for k in range(8):
+        h, w = math.ceil(height / 2**k), math.ceil(width / 2**k)
+        if h * w == tokens:
+            return h, w
+    return None
+
+
+@contextlib.contextmanager
+def bounded_self_attention(denoiser: torch.nn.Module, groups_of):
+    """Every self-attention layer (``attn1``) attends within token groups only: ``groups_of(tokens)`` gives the
+    index tensors of a call's groups (None: attend as usual). The layer runs once per group on that group's
+    tokens, which is block-diagonal attention without a ``tokens x tokens`` mask. Instance ``forward``
+    attributes are restored exactly on exit."""
+    patched = []
+
+    def bounded(forward):
+        def call(hidden_states, *args, **kwargs):
+            groups = None
+            if hidden_states.dim() == 3 and not args and kwargs.get("encoder_hidden_states") is None \
+                    and kwargs.get("attention_mask") is None:
+                groups = groups_of(hidden_states.shape[1])
+            if groups is None:
+                return forward(hidden_states, *args, **kwargs)
+            out = torch.empty_like(hidden_states)
+            for idx in groups:
+                out[:, idx] = forward(hidden_states[:, idx], *args, **kwargs)
+            return out
+        return call
+
+    try:
+        for name, module in denoiser.named_modules():
+            if name.endswith("attn1"):
+                patched.append((module, module.__dict__.get("forward")))
+                module.forward = bounded(module.forward)
+        yield
+    finally:
+        for module, own in reversed(patched):
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
+
 class RegionalStrategy(Strategy):
     """One row group per region, combined by the regions' masks.
 
@@ -51,10 +100,12 @@ class RegionalStrategy(Strategy):
     measured = ("two-object world: the only strategy that keeps each object's concepts on it "
                 "(see docs/EVAL.md); needs a prompt split by BREAK")
 
-    def __init__(self, split: str = "cols", ratios: str | float | None = None):
+    def __init__(self, split: str = "cols", ratios: str | float | None = None, attention: str = "shared"):
         if split not in ("cols", "rows"):
             raise ValueError(f"split must be 'cols' or 'rows', got {split!r}")
-        self.split = split
+        if attention not in ("shared", "bounded"):
+            raise ValueError(f"attention must be 'shared' or 'bounded', got {attention!r}")
+        self.split, self.attention = split, attention
         self.ratios = None if ratios is None else [float(r) for r in str(ratios).split(",")]
         if self.ratios is not None and (not self.ratios or min(self.ratios) <= 0):
             raise ValueError(f"ratios must be positive numbers such as '2,1', got {ratios!r}")
@@ -74,12 +125,17 @@ class RegionalStrategy(Strategy):
             for i, name in enumerate(self.adapters):
                 self.weights[r, i] = float(region.adapters.get(name, 0.0))
         self._inputs: list[dict] | None = None
+        self._latent: tuple[int, int] | None = None
+        self._groups: dict[int, list[torch.Tensor] | None] = {}
 
     def observe(self, step, timestep, inputs):
         """Each region's embeddings in the place of the prompt's, for as many images as the call has."""
         hidden = inputs.get("encoder_hidden_states")
         if hidden is None:
             raise ValueError("the denoiser call has no encoder_hidden_states to give each region its prompt")
+        sample = next((inputs[k] for k in ("sample", "hidden_states") if k in inputs), None)
+        if sample is not None and sample.dim() == 4 and tuple(sample.shape[-2:]) != self._latent:
+            self._latent, self._groups = tuple(sample.shape[-2:]), {}
         halves = 2 if self.context.cfg else 1
         images = hidden.shape[0] // halves
 
@@ -100,6 +156,25 @@ class RegionalStrategy(Strategy):
     def plan(self, step, timestep):
         return StepPlan(self.weights.clone(), inputs=self._inputs)
 
+    def _token_groups(self, tokens: int) -> list[torch.Tensor] | None:
+        """Each region's token indices at the UNet level with ``tokens`` positions (row-major, as the
+        transformer blocks flatten them)."""
+        if tokens not in self._groups:
+            size = level_size(*self._latent, tokens) if self._latent else None
+            groups = None
+            if size is not None:
+                masks = region_masks(*size, self.ratios or [1.0] * len(self.context.regions), self.split)
+                groups = [torch.nonzero(m.flatten()).flatten() for m in masks]
+                groups = [g for g in groups if len(g)] or None
+            self._groups[tokens] = groups
+        return self._groups[tokens]
+
+    def patched(self, denoiser):
+        """``attention="bounded"``: self-attention stays within each region (cross-region leakage cut)."""
+        if self.attention != "bounded":
+            return contextlib.nullcontext()
+        return bounded_self_attention(denoiser, self._token_groups)
+
     def combine(self, predictions, plan):
         """``sum_r mask_r * e_r`` with masks at the prediction's height and width (every row alike)."""
         h, w = predictions.shape[-2:]
@@ -110,6 +185,8 @@ class RegionalStrategy(Strategy):
     def describe(self):
         out = {"regions": [{"prompt": r.prompt, "loras": r.adapters} for r in self.context.regions]}
         out["split"] = self.split
+        if self.attention != "shared":
+            out["attention"] = self.attention
         if self.ratios is not None:
             out["ratios"] = ",".join(f"{r:g}" for r in self.ratios)
         return out

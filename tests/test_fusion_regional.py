@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lora_composer.errors import ComposerError
-from lora_composer.fusion.regional import region_masks
+from lora_composer.fusion.regional import level_size, region_masks
 from lora_composer.pipeline import ComposerPipeline
 from lora_composer.prompt_syntax import split_regions
 
@@ -50,7 +50,29 @@ def test_region_masks_are_bands_in_reading_order(split, ratios, h, w):
     assert np.array_equal(masks.sum(0), np.ones((h, w)))
 
 
-def _reference(pipe, files, regions, split, bounds, negative=None, guidance=5.0):
+class _MaskedSelfAttention:
+    """diffusers' own attention with an additive block-diagonal mask: a token attends only to the tokens of its
+    region (``bounds`` along the columns, at each level's size)."""
+
+    def __init__(self, bounds, latent):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.inner, self.bounds, self.latent = AttnProcessor2_0(), bounds, latent
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        n = hidden_states.shape[1]
+        h, w = self.latent
+        while h * w > n:
+            h, w = (h + 1) // 2, (w + 1) // 2
+        region = torch.zeros(h, w, dtype=torch.long)
+        for r, (lo, hi) in enumerate(self.bounds):
+            region[:, round(lo * w):round(hi * w)] = r
+        same = region.flatten()[:, None] == region.flatten()[None, :]
+        bias = torch.zeros(n, n).masked_fill(~same, float("-inf"))
+        return self.inner(attn, hidden_states, None, bias.expand(hidden_states.shape[0], n, n), **kwargs)
+
+
+def _reference(pipe, files, regions, split, bounds, negative=None, guidance=5.0, bounded=False):
     """diffusers + PEFT. ``regions``: ``[(prompt, {adapter: weight})]``; ``bounds``: each region's band
     ``(start, stop)`` along the split's axis, as fractions of the latent's size."""
     ref = copy.deepcopy(pipe)
@@ -88,6 +110,10 @@ def _reference(pipe, files, regions, split, bounds, negative=None, guidance=5.0)
         return (out,) if isinstance(result, tuple) else type(result)(sample=out)
 
     unet.forward = regional
+    if bounded:
+        latent = (CALL["height"] // ref.vae_scale_factor, CALL["width"] // ref.vae_scale_factor)
+        unet.set_attn_processor({name: _MaskedSelfAttention(bounds, latent) if ".attn1." in name else proc
+                                 for name, proc in unet.attn_processors.items()})
     return ref(prompt="unused", negative_prompt=negative, generator=torch.Generator().manual_seed(0),
                **{**CALL, "guidance_scale": guidance}).images
 
@@ -114,6 +140,27 @@ def test_regional_matches_the_reference(sd15_pipe, files):
     merged = composer("a red circle, a blue square", loras=[(files[n], 1.0) for n in "abc"], seed=0, progress=False,
                       **CALL)
     assert np.abs(got - merged).max() > 1e-3  # not merge: the comparison means something
+
+
+def test_bounded_attention_matches_a_masked_reference(sd15_pipe, files):
+    """``attention=bounded``: self-attention within each region, against diffusers' attention under a mask."""
+    prompt = f"a red circle <lora:{files['a']}:0.8> BREAK a blue square <lora:{files['b']}>"
+    regions = [("a red circle", {"a": 0.8}), ("a blue square", {"b": 1.0})]
+    expected = _reference(sd15_pipe, files, regions, "cols", [(0, 0.5), (0.5, 1)], bounded=True)
+    composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
+    unet = composer.pipe.unet
+    got = composer(prompt, strategy="regional", strategy_args={"attention": "bounded"}, seed=0, progress=False, **CALL)
+    assert np.abs(got - expected).max() < 1e-4
+    assert composer.last_record.strategy_args["attention"] == "bounded"
+    assert not any("forward" in vars(m) for m in unet.modules())  # the layers are given back as they were
+    shared = composer(prompt, strategy="regional", seed=0, progress=False, **CALL)
+    assert np.abs(got - shared).max() > 1e-3
+
+
+def test_level_size():
+    assert level_size(8, 16, 128) == (8, 16) and level_size(8, 16, 8) == (2, 4)
+    assert level_size(5, 7, 12) == (3, 4)  # odd sides round up, as the UNet's downsampling does
+    assert level_size(8, 8, 77) is None  # text tokens: not a level
 
 
 def test_regional_on_sdxl_matches_the_reference(sdxl_pipe, make_lora):
@@ -169,3 +216,5 @@ def test_regional_input_errors_are_one_line(sd15_pipe, files):
         assert "\n" not in str(err.value)
     with pytest.raises(ComposerError, match="split must be 'cols' or 'rows'"):
         composer("a BREAK b", strategy="regional", strategy_args={"split": "diagonal"}, progress=False, **CALL)
+    with pytest.raises(ComposerError, match="attention must be 'shared' or 'bounded'"):
+        composer("a BREAK b", strategy="regional", strategy_args={"attention": "none"}, progress=False, **CALL)
