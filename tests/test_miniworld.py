@@ -183,6 +183,8 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     assert "unknown strategy 'nope'" in capsys.readouterr().err
     assert main(["eval", "--strategies", "marginal:scale=-1", "-q"]) != 0  # before anything renders
     assert "scale must be a number >= 0" in capsys.readouterr().err
+    assert main(["eval", "--strategies", "regional", "-q"]) == 2  # one object: no regions to give it
+    assert "regional needs a picture with regions: measure it with --world two-objects" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, missing", [

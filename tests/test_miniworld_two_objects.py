@@ -43,6 +43,22 @@ def test_caption_names_each_object_with_its_side_in_the_world_grammar():
         assert "circle on the left" in text and "square on the right" in text
 
 
+def test_regional_prompt_describes_each_half_in_its_region_with_its_loras():
+    from lora_composer.miniworld.library import LORAS
+    from lora_composer.prompt_syntax import parse_prompt, split_regions
+
+    spec = {s.value: s for s in LORAS}
+    combo = (("left", spec["star"]), ("left", spec["purple"]), ("right", spec["blinky"]), ("both", spec["wavy"]))
+    pair = two_objects.pair_for(combo, np.random.default_rng(0))
+    prompt, loras = two_objects.regional_prompt(pair, combo)
+    common, regions = split_regions(prompt)
+    assert common == "" and loras == [("wavy-bg", 1.0)]
+    texts = [parse_prompt(r) for r in regions]
+    assert [t for t, _ in texts] == [world.caption(pair.left), world.caption(pair.right)]
+    assert [[r.name for r in refs] for _, refs in texts] == [["star-shape", "purple-colour"], ["blinky-character"]]
+    assert texts[0][0].startswith("a purple star") and texts[1][0].startswith("blinky, a ")
+
+
 def test_a_concept_found_on_the_other_half_is_a_failure():
     wanted = {"left": {"shape": "star", "background": "wavy"}, "right": {"colour": "purple", "background": "wavy"}}
     clean = {"left": {"shape": "star", "colour": "red", "background": "wavy"},

@@ -95,6 +95,7 @@ def test_generate_jobs_events_and_refusals(world):
             "loras[0].weight": {"loras": [{"name": "star-shape", "weight": "heavy"}]},
             "sampler_typo": {"sampler_typo": 1},
             "strategy": {"strategy": "nope"},
+            "strategy ": {"strategy": "regional", "prompt": "a star BREAK a cross"},
             "strategy_args": {"strategy": "switch", "strategy_args": {"every": -3, "nonsense": 1}},
             "scheduler": {"scheduler": "NoSuchScheduler"},
         }

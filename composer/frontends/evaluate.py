@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command(PROG)
 def main(argv: list[str]) -> int:
-    from lora_composer.fusion.registry import available, get_strategy, parse_strategy_args
+    from lora_composer.fusion.registry import STRATEGIES, available, get_strategy, parse_strategy_args
     from lora_composer.miniworld import assets, world
     from lora_composer.miniworld.detectors import load_detector
     from lora_composer.miniworld.evaluate import evaluate, markdown, write_doc
@@ -63,10 +63,13 @@ def main(argv: list[str]) -> int:
     if args.world == "two-objects":
         return _two_objects(args, argv)
     args.seeds = 2 if args.seeds is None else args.seeds
-    strategies = args.strategies or available()
+    strategies = args.strategies or [s for s in available() if not STRATEGIES[s].regional]
     unknown = [s for s in strategies if s.partition(":")[0] not in available()]
     if unknown:
         raise UsageError(f"unknown strategy {unknown[0].partition(':')[0]!r} (known: {', '.join(available())})")
+    regional = [s for s in strategies if STRATEGIES[s.partition(":")[0]].regional]
+    if regional:
+        raise UsageError(f"{regional[0]} needs a picture with regions: measure it with --world two-objects")
     for spec in strategies:  # arguments checked before anything renders
         name, _, text = spec.partition(":")
         get_strategy(name, **parse_strategy_args(text))

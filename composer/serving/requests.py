@@ -100,6 +100,9 @@ def to_spec(body: GenerateBody, names: LibraryNames, limits: Limits, composer, s
     clean, tags = parse_prompt(body.prompt) if "<" in body.prompt else (body.prompt, [])
     if body.strategy not in strategies:
         raise RequestError("strategy", f"unknown strategy {body.strategy!r} (one of: {', '.join(sorted(strategies))})")
+    if body.strategy == "regional":  # its regions and their tags need the prompt whole, as compose reads it
+        raise RequestError("strategy", "regional is not served yet: render regional prompts with compose or "
+                           "ComposerPipeline")
     if body.strategy == "merge" and body.strategy_args:
         raise RequestError("strategy_args", "merge takes no arguments")
     steps = limits.default_steps if body.steps is None else body.steps
