@@ -13,7 +13,12 @@ Every group still sees the whole latent, so the picture stays one picture (share
 denoiser cannot see), while a concept asked of one object cannot act on the other: the remedy for *bleeding*
 between subjects, the multi-subject failure no single-prompt strategy can avoid. The Regional Prompter
 extension for AUTOMATIC1111 (hako-mikan/sd-webui-regional-prompter) and ComfyUI's masked conditioning work
-this way; here the LoRAs are routed per region as well.
+this way (``attention="shared"``); here the LoRAs are routed per region as well.
+
+Self-attention still mixes the regions: a model that learned one colour per picture pulls both objects to one
+blended colour (on the mini world a purple object beside a red one comes out brown-green). ``attention="bounded"``
+(the default) keeps each region's self-attention to its own tokens, as Bounded Attention (Dahary et al., ECCV
+2024) does for subjects; convolutions still cross the border, so the background stays continuous.
 """
 
 from __future__ import annotations
@@ -92,7 +97,12 @@ class RegionalStrategy(Strategy):
 
     Cost: one row group per region (two regions: twice merge's denoiser rows). The prompt must have at least
     one ``BREAK``; without ``ratios`` the regions are equal bands. Parameters: ``split`` (``cols``: regions
-    side by side, default; ``rows``: stacked) and ``ratios`` (e.g. ``"2,1"``). UNet pipelines (SD 1.x/2.x, SDXL).
+    side by side, default; ``rows``: stacked), ``ratios`` (e.g. ``"2,1"``) and ``attention`` (``bounded``,
+    default, or ``shared``). UNet pipelines (SD 1.x/2.x, SDXL).
+
+    When to choose it: two or more subjects, each with its own LoRAs or attributes, in a layout you can give as
+    bands. Measured on the two-object world (``docs/EVAL.md``) it is the only strategy that keeps each object's
+    concepts on it; within one object it composes like merge (two LoRAs on one object still lose one as often).
     """
 
     name = "regional"
@@ -100,7 +110,7 @@ class RegionalStrategy(Strategy):
     measured = ("two-object world: the only strategy that keeps each object's concepts on it "
                 "(see docs/EVAL.md); needs a prompt split by BREAK")
 
-    def __init__(self, split: str = "cols", ratios: str | float | None = None, attention: str = "shared"):
+    def __init__(self, split: str = "cols", ratios: str | float | None = None, attention: str = "bounded"):
         if split not in ("cols", "rows"):
             raise ValueError(f"split must be 'cols' or 'rows', got {split!r}")
         if attention not in ("shared", "bounded"):
@@ -185,8 +195,7 @@ class RegionalStrategy(Strategy):
     def describe(self):
         out = {"regions": [{"prompt": r.prompt, "loras": r.adapters} for r in self.context.regions]}
         out["split"] = self.split
-        if self.attention != "shared":
-            out["attention"] = self.attention
+        out["attention"] = self.attention
         if self.ratios is not None:
             out["ratios"] = ",".join(f"{r:g}" for r in self.ratios)
         return out

@@ -124,14 +124,14 @@ def files(sd15_pipe, make_lora):
 
 
 def test_regional_matches_the_reference(sd15_pipe, files):
-    """Two columns, each with its own LoRA; ``c`` passed outside the prompt acts in both."""
+    """Two columns, each with its own LoRA; ``c`` passed outside the prompt acts in both; shared attention."""
     prompt = f"a red circle <lora:{files['a']}:0.8> BREAK a blue square <lora:{files['b']}:1.2>"
     regions = [("a red circle", {"a": 0.8, "c": 0.7}), ("a blue square", {"b": 1.2, "c": 0.7})]
     expected = _reference(sd15_pipe, files, regions, "cols", [(0, 0.5), (0.5, 1)], negative="blurry")
 
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
-    got = composer(prompt, negative_prompt="blurry", loras=[(files["c"], 0.7)], strategy="regional", seed=0,
-                   progress=False, **CALL)
+    got = composer(prompt, negative_prompt="blurry", loras=[(files["c"], 0.7)], strategy="regional",
+                   strategy_args={"attention": "shared"}, seed=0, progress=False, **CALL)
     assert composer.last_driver.rows == STEPS * 2 * 2  # one pass a step: CFG's 2 rows x 2 regions
     assert np.abs(got - expected).max() < 1e-4
     record = composer.last_record.strategy_args
@@ -149,11 +149,11 @@ def test_bounded_attention_matches_a_masked_reference(sd15_pipe, files):
     expected = _reference(sd15_pipe, files, regions, "cols", [(0, 0.5), (0.5, 1)], bounded=True)
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
     unet = composer.pipe.unet
-    got = composer(prompt, strategy="regional", strategy_args={"attention": "bounded"}, seed=0, progress=False, **CALL)
+    got = composer(prompt, strategy="regional", seed=0, progress=False, **CALL)  # bounded: the default
     assert np.abs(got - expected).max() < 1e-4
     assert composer.last_record.strategy_args["attention"] == "bounded"
     assert not any("forward" in vars(m) for m in unet.modules())  # the layers are given back as they were
-    shared = composer(prompt, strategy="regional", seed=0, progress=False, **CALL)
+    shared = composer(prompt, strategy="regional", strategy_args={"attention": "shared"}, seed=0, progress=False, **CALL)
     assert np.abs(got - shared).max() > 1e-3
 
 
@@ -167,7 +167,7 @@ def test_regional_on_sdxl_matches_the_reference(sdxl_pipe, make_lora):
     """SDXL: each region's pooled prompt goes with its embeddings."""
     files = {n: make_lora(sdxl_pipe, n, rank=4, seed=i + 1) for i, n in enumerate("ab")}
     regions = [("a red circle", {"a": 1.0}), ("a blue square", {"b": 0.9})]
-    expected = _reference(sdxl_pipe, files, regions, "cols", [(0, 0.5), (0.5, 1)])
+    expected = _reference(sdxl_pipe, files, regions, "cols", [(0, 0.5), (0.5, 1)], bounded=True)
     composer = ComposerPipeline(copy.deepcopy(sdxl_pipe))
     prompt = f"a red circle <lora:{files['a']}> BREAK a blue square <lora:{files['b']}:0.9>"
     got = composer(prompt, strategy="regional", seed=0, progress=False, **CALL)
@@ -185,11 +185,10 @@ def test_regional_rows_ratios_and_common_text(sd15_pipe, files):
     expected = _reference(sd15_pipe, files, regions, "rows", [(0, 0.75), (0.75, 1)], guidance=1.0)
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
     kwargs = {**CALL, "guidance_scale": 1.0}
-    got = composer(prompt, strategy="regional", strategy_args={"split": "rows", "ratios": "3,1"}, seed=0,
-                   progress=False, **kwargs)
+    args = {"split": "rows", "ratios": "3,1", "attention": "shared"}
+    got = composer(prompt, strategy="regional", strategy_args=args, seed=0, progress=False, **kwargs)
     assert np.abs(got - expected).max() < 1e-4
-    chunked = composer(prompt, strategy="regional", strategy_args={"split": "rows", "ratios": "3,1"}, seed=0,
-                       progress=False, max_batch=1, **kwargs)
+    chunked = composer(prompt, strategy="regional", strategy_args=args, seed=0, progress=False, max_batch=1, **kwargs)
     assert composer.last_driver.calls == 2 * STEPS  # one region per pass, each with its own embeddings
     assert np.abs(chunked - got).max() < 1e-5
 
@@ -197,7 +196,8 @@ def test_regional_rows_ratios_and_common_text(sd15_pipe, files):
 def test_identical_regions_are_merge(sd15_pipe, files):
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
     tag = f"<lora:{files['a']}:0.9>"
-    got = composer(f"a red circle {tag} BREAK a red circle {tag}", strategy="regional", seed=0, progress=False, **CALL)
+    got = composer(f"a red circle {tag} BREAK a red circle {tag}", strategy="regional",
+                   strategy_args={"attention": "shared"}, seed=0, progress=False, **CALL)
     merged = composer(f"a red circle {tag}", seed=0, progress=False, **CALL)
     assert np.abs(got - merged).max() < 1e-5
 

@@ -492,8 +492,9 @@ def evaluate(judge: Judge, strategies, per_kind: int = 4, seed: int = 0, checks_
                                  "size": f"{WIDTH}x{HEIGHT}", "strategies": list(strategies), "base": judge.base}}
     t_start = time.perf_counter()
     if checks_too:
+        regional = next((s for s in strategies if s.partition(":")[0] == "regional"), "regional")
         result["checks"] = {"base_sanity": base_sanity(judge, 12, seed),
-                            "base_sanity, regions": base_sanity(judge, 12, seed, "regional")}
+                            "base_sanity, regions": {**base_sanity(judge, 12, seed, regional), "strategy": regional}}
     bar = tqdm(total=len(combos) * len(strategies), desc="eval two-objects", unit="render", disable=not progress)
     result["strategies"] = {}
     for name in strategies:
@@ -529,6 +530,7 @@ def markdown(result: dict, command: str) -> str:
     for key, how in (("base_sanity", "one caption"), ("base_sanity, regions", "one region per object")):
         b = result.get("checks", {}).get(key)
         if b:
+            how += f" ({b['strategy']})" if "strategy" in b else ""
             lines += ["", f"Base check, {how} (no LoRA, {b['images']} pictures; goal >= 0.80): every named concept on "
                       f"its half {b['all_named_on_their_half']:.3f}; "
                       + ", ".join(f"{k} {v:.2f}" for k, v in b["per_category"].items())
