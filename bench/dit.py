@@ -21,7 +21,7 @@ import torch
 
 from bench import common
 from lora_composer import tiny_dit
-from lora_composer.fusion.registry import available
+from lora_composer.fusion.registry import STRATEGIES, available
 from lora_composer.pipeline import ComposerPipeline
 
 NAME = "dit"
@@ -48,7 +48,8 @@ def run_model(family: str, steps: int, size: int, folder: Path) -> list[dict]:
     call = dict(num_inference_steps=steps, height=size, width=size, output_type="np", max_sequence_length=16,
                 guidance_scale=GUIDANCE[family], seed=0, progress=False)
     rows, merged, merge_rows = [], None, None
-    for name in ["merge", *[s for s in available() if s != "merge"]]:
+    # regional needs a UNet (SD 1.x/2.x, SDXL) and a prompt split into regions
+    for name in ["merge", *[s for s in available() if s != "merge" and not STRATEGIES[s].regional]]:
         t0 = time.perf_counter()
         image = composer(PROMPT, loras=loras, strategy=name, **call)
         seconds = time.perf_counter() - t0

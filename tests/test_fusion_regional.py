@@ -218,3 +218,13 @@ def test_regional_input_errors_are_one_line(sd15_pipe, files):
         composer("a BREAK b", strategy="regional", strategy_args={"split": "diagonal"}, progress=False, **CALL)
     with pytest.raises(ComposerError, match="attention must be 'shared' or 'bounded'"):
         composer("a BREAK b", strategy="regional", strategy_args={"attention": "none"}, progress=False, **CALL)
+
+
+def test_regional_refuses_a_dit_in_one_line():
+    from lora_composer import tiny_dit
+
+    composer = ComposerPipeline(tiny_dit.build_tiny_sd3_pipeline(seed=0))
+    with pytest.raises(ComposerError, match="runs on UNet pipelines .* not on StableDiffusion3Pipeline") as err:
+        composer("a red circle BREAK a blue square", strategy="regional", num_inference_steps=1, height=32, width=32,
+                 max_sequence_length=16, progress=False)
+    assert "\n" not in str(err.value)
