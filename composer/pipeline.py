@@ -287,6 +287,21 @@ class ComposerPipeline:
             self.runtime.set_weights(**weights)
         return derived, before
 
+    def _choose_per_region(self, common: str, parts: list, top_k, min_score) -> list:
+        """``loras="auto"`` with regions: each region's LoRAs chosen from its own text (the common text first) and
+        added to the ones tagged in it; ``last_retrieval`` holds every region's picks, one entry per file."""
+        from lora_composer.retriever.selection import Selection
+
+        out, picks, left_out, dropped, cap = [], {}, [], [], 0
+        for text, refs in parts:
+            found = self.choose_loras(", ".join(p for p in (common, text) if p), top_k, min_score)
+            sel = self.last_retrieval
+            picks.update((m.path, m) for m in sel)
+            left_out, dropped, cap = left_out + sel.left_out, dropped + sel.dropped, sel.top_k
+            out.append((text, refs + [LoraRef(str(path), w, w) for path, w in found]))
+        self.last_retrieval = Selection(picks.values(), left_out, dropped, cap)
+        return out
+
     def _region(self, text: str, pairs, cfg: bool, negative_prompt: str | None, clip_skip=None) -> Region:
         """One region of a regional prompt: its prompt (and the negative prompt) encoded with only its
         adapters' text-encoder layers (``pairs``: its ``(Adapter, LoraRef)``); the caller restores the weights."""
@@ -358,10 +373,9 @@ class ComposerPipeline:
         else:
             clean_prompt, tag_refs = parse_prompt(prompt)
         self.last_retrieval = []
-        if isinstance(loras, str) and loras == "auto":  # top_k/min_score: see choose_loras
-            if strat.regional:
-                raise ComposerError('loras="auto" cannot tell which region a LoRA belongs to: name each '
-                                    "region's LoRAs with <lora:NAME> tags inside it")
+        if isinstance(loras, str) and loras == "auto" and strat.regional:  # each region picks from its own text
+            parts, loras = self._choose_per_region(clean_common, parts, top_k, min_score), ()
+        elif isinstance(loras, str) and loras == "auto":  # top_k/min_score: see choose_loras
             loras = self.choose_loras(clean_prompt, top_k, min_score)
         refs = [_as_ref(item) for item in loras] + tag_refs
         region_refs = [r for _, rs in parts for r in rs] if strat.regional else []

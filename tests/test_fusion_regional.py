@@ -207,7 +207,6 @@ def test_regional_input_errors_are_one_line(sd15_pipe, files):
     cases = [
         (dict(prompt="a red circle"), "needs a prompt split into regions with BREAK"),
         (dict(prompt="a BREAK b", strategy_args={"ratios": "1,1,1"}), "ratios give 3 regions, the prompt has 2"),
-        (dict(prompt="a BREAK b", loras="auto"), "cannot tell which region"),
         (dict(prompt="a BREAK  BREAK b"), "region 2 of 3 in the prompt is empty"),
     ]
     for kwargs, message in cases:
@@ -228,3 +227,18 @@ def test_regional_refuses_a_dit_in_one_line():
         composer("a red circle BREAK a blue square", strategy="regional", num_inference_steps=1, height=32, width=32,
                  max_sequence_length=16, progress=False)
     assert "\n" not in str(err.value)
+
+
+def test_loras_auto_picks_each_regions_loras_from_its_words(home):
+    """On the mini world's library: the retriever reads each region's text (the common text first)."""
+    from lora_composer.miniworld import assets
+
+    composer = ComposerPipeline.from_pretrained(assets.model_dir(), library=assets.library_dir())
+    prompt = "on a wavy background ADDCOMM a purple star BREAK blinky, a red circle"
+    composer(prompt, loras="auto", strategy="regional", seed=0, num_inference_steps=1, width=128, height=64,
+             progress=False)
+    regions = composer.last_record.strategy_args["regions"]
+    assert [r["prompt"] for r in regions] == ["on a wavy background, a purple star", "on a wavy background, blinky, a red circle"]
+    assert [sorted(r["loras"]) for r in regions] == [["purple-colour", "star-shape", "wavy-bg"],
+                                                     ["blinky-character", "wavy-bg"]]
+    assert sorted(m.name for m in composer.last_retrieval) == ["blinky-character", "purple-colour", "star-shape", "wavy-bg"]

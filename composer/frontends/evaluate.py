@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", choices=("one-object", "two-objects"), default="one-object",
                    help="two-objects: the model rendering them, the one the LoRAs were trained on (one-object, "
                         "default) or the base fine-tuned on two-object pictures (its text encoder changed)")
+    p.add_argument("--auto", action="store_true",
+                   help="two-objects: every render picks its LoRAs with --loras auto from its words (regional: per region)")
     p.add_argument("--strategies", nargs="+", metavar="NAME", help="strategies to measure (default: every one in fusion/); NAME:ARGS measures a variant, "
                         "e.g. 'marginal:scale=0.5 until=0.3'")
     p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], metavar="K", help="combination sizes (default 2 3 4)")
@@ -115,6 +117,7 @@ def _two_objects(args, argv: list[str]) -> int:
     if args.per_kind < 1:
         raise UsageError("--per-kind must be at least 1")
     judge = two_objects.default_judge(seeds=1 if args.seeds is None else args.seeds, unet=args.base)
+    judge.auto = args.auto
     judge.steps = args.steps
     judge.guidance = assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     result = two_objects.evaluate(judge, strategies, per_kind=args.per_kind, seed=args.seed, checks_too=args.checks,

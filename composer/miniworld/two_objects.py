@@ -369,6 +369,7 @@ class Judge:
                  base: str = ""):
         self.pipe, self.detector, self.steps, self.guidance, self.seeds = pipe, detector, steps, guidance, seeds
         self.base = base  # which base model renders (recorded with the results)
+        self.auto = False  # True: every render picks its LoRAs with loras="auto" (regional: per region)
 
     def render(self, prompt: str, loras, strategy: str, seed: int):
         from lora_composer.fusion.registry import parse_strategy_args
@@ -380,7 +381,10 @@ class Judge:
 
     def run(self, tally: Tally, pair: Pair, combo, strategy: str, seed: int, kind: str = ""):
         t0 = time.perf_counter()
-        if strategy.partition(":")[0] == "regional":
+        regional = strategy.partition(":")[0] == "regional"
+        if self.auto:  # the words alone: the retriever finds the LoRAs (for regional, each region's own)
+            images = self.render(regional_prompt(pair)[0] if regional else caption(pair), "auto", strategy, seed)
+        elif regional:
             images = self.render(*regional_prompt(pair, combo), strategy, seed)
         else:
             images = self.render(caption(pair), [(spec.name, 1.0) for _, spec in combo], strategy, seed)
@@ -489,7 +493,8 @@ def evaluate(judge: Judge, strategies, per_kind: int = 4, seed: int = 0, checks_
     combos = [(kind, c) for kind, items in combinations().items() for c in pick(items, per_kind)]
     result: dict = {"protocol": {"world": "two-objects", "combinations": len(combos), "per_kind": per_kind,
                                  "seeds": judge.seeds, "seed": seed, "steps": judge.steps, "guidance": judge.guidance,
-                                 "size": f"{WIDTH}x{HEIGHT}", "strategies": list(strategies), "base": judge.base}}
+                                 "size": f"{WIDTH}x{HEIGHT}", "strategies": list(strategies), "base": judge.base,
+                                 "loras": "auto" if judge.auto else "by hand"}}
     t_start = time.perf_counter()
     if checks_too:
         regional = next((s for s in strategies if s.partition(":")[0] == "regional"), "regional")
@@ -517,7 +522,7 @@ def markdown(result: dict, command: str) -> str:
     merge_rows = p["steps"] * (2 if p["guidance"] > 1 else 1)
     lines = [f"Command: `{command}`", "",
              f"{p['combinations']} combinations ({p['per_kind']} per kind), {p['seeds']} image(s) each, seed {p['seed']}, "
-             + (f"the {p['base']} base, " if p.get("base") else "") +
+             + (f"the {p['base']} base, " if p.get("base") else "") + ("LoRAs chosen by loras=auto, " if p.get("loras") == "auto" else "") +
              f"{p['size']}, {p['steps']} steps, guidance {p['guidance']}; {result['seconds']:.0f} s in all.", "",
              "| strategy | all concepts, no bleeding | " + " | ".join(f"all, {k}" for k in kinds)
              + " | bleeding | per concept | base-concept confidence | rows vs merge | images/s |",
