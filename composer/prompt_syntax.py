@@ -122,6 +122,18 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraRef]]:
     return tidy_prompt(clean), refs
 
 
+def with_tag_names(prompt: str, names: list[str]) -> str:
+    """``prompt`` with its tags' names replaced by ``names``, in order, weights and places kept (a UI resolves
+    library names to files this way for prompts whose tags must stay where they are)."""
+    refs = iter(names)
+
+    def rename(match: re.Match) -> str:
+        ref = parse_tag_body(match.group(1).lower(), match.group(2), where=match.group(0))
+        return format_lora_tag(next(refs), ref.te_weight, ref.unet_weight)
+
+    return _TAG_RE.sub(rename, prompt)
+
+
 def find_tags(prompt: str) -> list[str]:
     """Names of the LoRA tags in ``prompt``, without validating their weights."""
     return [m.group(2).split(":")[0].strip() for m in _TAG_RE.finditer(prompt)]

@@ -191,3 +191,12 @@ def test_missing_library_and_no_library(tmp_path):
         resolve_lora(str(tmp_path / "missing.safetensors"), None)
     with pytest.raises(ComposerError, match="no LoRA files"):
         resolve_lora("ink", tmp_path)
+
+
+def test_with_tag_names_renames_tags_in_place():
+    from lora_composer.prompt_syntax import with_tag_names
+
+    prompt = "a <lora:x:0.5> b BREAK c <lyco:y:te=0.2:unet=1>, d"
+    assert with_tag_names(prompt, ["/l/x.safetensors", "/l/y.safetensors"]) == (
+        "a <lora:/l/x.safetensors:0.5> b BREAK c <lora:/l/y.safetensors:0.2:1>, d")
+    assert with_tag_names("no tags", []) == "no tags"

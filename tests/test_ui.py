@@ -332,3 +332,16 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     assert any(o.get("output_type") == "display_data" for o in outputs)  # the plots
     text = "\n".join(str(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
     assert "IProgress not found" not in text and "TqdmWarning" not in text, text[:2000]
+
+
+def test_regional_prompts_keep_their_tags_in_their_regions(ui):
+    """The UI passes a regional prompt's tags where they stand (named by their library files); a LoRA row that no
+    tag names acts in every region."""
+    prompt = "a purple circle <lora:purple-colour:0.9> BREAK blinky, a red square <lora:blinky-character>"
+    rows = [("wavy-bg.safetensors", 1.0, 1.0), ("purple-colour.safetensors", 0.9, 0.9)]
+    record = ui.render(prompt, loras=rows, strategy="regional", steps=1, width=128, height=64)["records"][0]
+    regions = record.strategy_args["regions"]
+    assert [r["prompt"] for r in regions] == ["a purple circle", "blinky, a red square"]
+    assert [r["loras"] for r in regions] == [{"wavy-bg": 1.0, "purple-colour": 0.9}, {"wavy-bg": 1.0, "blinky-character": 1.0}]
+    with pytest.raises(ComposerError, match="not in the library"):
+        ui.render("a BREAK b <lora:/etc/passwd>", strategy="regional", steps=1)

@@ -444,13 +444,19 @@ class ComposerUI:
         Returns ``{"images": [(path, caption)], "heatmaps": [path], "weights": [(steps x adapters, adapters,
         strategy)], "pngs": [path], "seed", "records"}``.
         """
-        from lora_composer.prompt_syntax import parse_prompt
         from lora_composer.fusion import available
+        from lora_composer.fusion.registry import STRATEGIES
+        from lora_composer.prompt_syntax import parse_prompt, with_tag_names
 
         prompt = prompt or ""
         clean, tag_refs = parse_prompt(prompt)
-        refs = [(str(self.lora_path(n)), float(te), float(unet)) for n, te, unet in loras if n]
-        refs += [(str(self.lora_path(r.name)), r.te_weight, r.unet_weight) for r in tag_refs]
+        rows = [(str(self.lora_path(n)), float(te), float(unet)) for n, te, unet in loras if n]
+        tagged = [(str(self.lora_path(r.name)), r.te_weight, r.unet_weight) for r in tag_refs]
+        refs = rows + tagged
+        # regional strategies read the tags where they stand (each acts in its region): the prompt keeps them,
+        # named by their library files, and only the rows no tag names act everywhere
+        regional_prompt = with_tag_names(prompt, [path for path, _, _ in tagged])
+        regional_rows = [r for r in rows if r[0] not in {path for path, _, _ in tagged}]
         steps = int(steps)
         guidance = self.default_guidance if guidance is None else float(guidance)
         if steps < 1 or steps > 200:
@@ -496,8 +502,10 @@ class ComposerUI:
                     if type(base) is not scheduler_cls:
                         self.pipe.pipe.scheduler = scheduler_cls.from_config(self.base_scheduler.config)
                     try:
+                        regional = STRATEGIES[name].regional
                         images = self.pipe(
-                            clean, negative_prompt=negative_prompt or None, loras=refs, strategy=name,
+                            regional_prompt if regional else clean, negative_prompt=negative_prompt or None,
+                            loras=regional_rows if regional else refs, strategy=name,
                             strategy_args=args or None, num_inference_steps=steps, guidance_scale=float(guidance),
                             seed=seed, width=int(width) if width else None, height=int(height) if height else None,
                             num_images_per_prompt=batch, progress=False, callback_on_step_end=on_step,
