@@ -95,7 +95,7 @@ def test_generate_jobs_events_and_refusals(world):
             "loras[0].weight": {"loras": [{"name": "star-shape", "weight": "heavy"}]},
             "sampler_typo": {"sampler_typo": 1},
             "strategy": {"strategy": "nope"},
-            "strategy ": {"strategy": "regional", "prompt": "a star BREAK a cross"},
+            "loras ": {"strategy": "regional", "prompt": "a star BREAK a cross", "loras": "auto"},
             "strategy_args": {"strategy": "switch", "strategy_args": {"every": -3, "nonsense": 1}},
             "scheduler": {"scheduler": "NoSuchScheduler"},
         }
@@ -195,3 +195,25 @@ def test_separate_text_and_denoiser_weights_are_served(world):
     assert np.abs(got - np.round(want * 255)).max() <= 1
     other = np.asarray(Image.open(io.BytesIO(same.content)).convert("RGB"), dtype=np.float64)
     assert np.abs(got - other).max() > 2  # the text-encoder weights changed the picture
+
+
+def test_regional_requests_keep_each_tag_in_its_region(world):
+    """A regional prompt's tags act in their regions (the server resolves them to library files in place); the
+    render is the pipeline's own, and a region naming a file outside the library is refused."""
+    server = _server(world)
+    prompt = "a purple circle <lora:purple-colour:0.9> BREAK blinky, a red square <lora:blinky-character>"
+    body = {"prompt": prompt, "loras": [{"name": "wavy-bg"}], "strategy": "regional", "seed": 3, "steps": 2,
+            "width": 128, "height": 64}
+    with TestClient(create_app(server)) as client:
+        r = client.post("/v1/generate", json=body)
+        assert r.status_code == 200, r.text
+        served = Image.open(io.BytesIO(r.content))
+        record = GenerationRecord.from_json(served.text[RECORD_KEY])
+        assert [g["loras"] for g in record.strategy_args["regions"]] == [
+            {"wavy-bg": 1.0, "purple-colour": 0.9}, {"wavy-bg": 1.0, "blinky-character": 1.0}]
+        bad = client.post("/v1/generate", json={**body, "prompt": "a BREAK b <lora:../../etc/passwd>"})
+        assert bad.status_code == 422 and bad.json()["error"].startswith("prompt")
+    composer = world[0]
+    alone = composer(prompt, loras=[("wavy-bg", 1.0)], strategy="regional", seed=3, num_inference_steps=2,
+                     width=128, height=64, progress=False)[0]
+    assert served.convert("RGB").tobytes() == alone.convert("RGB").tobytes()

@@ -277,7 +277,8 @@ class Batcher:
             return self._queue.popleft()
 
     def _batchable(self, job: Job) -> bool:
-        """Everything but strategies that attach adapters of their own for one call (they run alone)."""
+        """Everything but strategies that attach adapters of their own for one call, read the prompt's regions
+        or patch the denoiser's layers (they run alone)."""
         if not self.batching:
             return False
         if job.spec.strategy == "merge":
@@ -285,7 +286,8 @@ class Batcher:
         from lora_composer.fusion.registry import STRATEGIES
 
         cls = STRATEGIES.get(job.spec.strategy)
-        return cls is not None and cls.derived_adapters is Strategy.derived_adapters
+        return (cls is not None and cls.derived_adapters is Strategy.derived_adapters and not cls.regional
+                and cls.patched is Strategy.patched)
 
     def _admit(self) -> None:
         while True:
@@ -522,7 +524,7 @@ class Batcher:
         names: list[str] = []
         try:
             loras = self._resolve_loras(spec)
-            names = self.residency.acquire([p for p, _, _ in loras])
+            names = self.residency.acquire([p for p, _, _ in loras] + [str(p) for p in spec.region_loras])
             if self.base_scheduler is not self.pipe.scheduler:
                 self.pipe.scheduler = self.base_scheduler
             if spec.scheduler and spec.scheduler != type(self.base_scheduler).__name__:

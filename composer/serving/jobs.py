@@ -33,6 +33,7 @@ class RenderSpec:
     height: int = 64
     guidance: float = 5.0
     scheduler: str = ""  # a diffusers scheduler class name; "" for the model's own
+    region_loras: list[Path] = field(default_factory=list)  # regional: files tagged in the prompt's regions
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one denoiser batch (same latent shape and sampler)."""

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lora_composer.errors import ComposerError
 from lora_composer.library import list_loras, lora_name, lora_stem
-from lora_composer.prompt_syntax import parse_prompt
+from lora_composer.prompt_syntax import parse_prompt, with_tag_names
 from lora_composer.serving.jobs import RenderSpec
 
 
@@ -100,9 +100,7 @@ def to_spec(body: GenerateBody, names: LibraryNames, limits: Limits, composer, s
     clean, tags = parse_prompt(body.prompt) if "<" in body.prompt else (body.prompt, [])
     if body.strategy not in strategies:
         raise RequestError("strategy", f"unknown strategy {body.strategy!r} (one of: {', '.join(sorted(strategies))})")
-    if body.strategy == "regional":  # its regions and their tags need the prompt whole, as compose reads it
-        raise RequestError("strategy", "regional is not served yet: render regional prompts with compose or "
-                           "ComposerPipeline")
+    regional = body.strategy == "regional"  # its tags stay in the prompt: each acts in its region
     if body.strategy == "merge" and body.strategy_args:
         raise RequestError("strategy_args", "merge takes no arguments")
     steps = limits.default_steps if body.steps is None else body.steps
@@ -117,10 +115,21 @@ def to_spec(body: GenerateBody, names: LibraryNames, limits: Limits, composer, s
     if width * height > limits.max_pixels:
         raise RequestError("width", f"{width}x{height} is above this server's limit of {limits.max_pixels} pixels")
     text_weights: dict[str, float] = {}
+    region_loras: list[Path] = []
     if isinstance(body.loras, str):
         loras = "auto"
         if tags:
             raise RequestError("loras", '"auto" cannot be combined with <lora:...> tags in the prompt')
+        if regional:
+            raise RequestError("loras", '"auto" is not served with regional yet: tag each region\'s LoRAs in it')
+    elif regional:
+        loras = [(names.path(item.name, f"loras[{i}].name"), item.weight) for i, item in enumerate(body.loras)]
+        text_weights = {str(p): item.te_weight for (p, _), item in zip(loras, body.loras) if item.te_weight is not None}
+        region_loras = [names.path(tag.name, "prompt") for tag in tags]
+        clean = with_tag_names(body.prompt, [str(p) for p in region_loras])  # the files, in their places
+        if len({str(p) for p, _ in loras} | {str(p) for p in region_loras}) > limits.max_loras:
+            raise RequestError("loras", f"{len(loras) + len(region_loras)} LoRAs is above this server's limit of "
+                               f"{limits.max_loras}")
     else:
         loras = []
         for i, item in enumerate(body.loras):
@@ -143,7 +152,7 @@ def to_spec(body: GenerateBody, names: LibraryNames, limits: Limits, composer, s
     return RenderSpec(prompt=clean.strip(), negative_prompt=body.negative_prompt, loras=loras, text_weights=text_weights,
                       strategy=body.strategy,
                       strategy_args=dict(body.strategy_args), seed=seed, steps=steps, width=width, height=height,
-                      guidance=float(guidance), scheduler=body.scheduler)
+                      guidance=float(guidance), scheduler=body.scheduler, region_loras=region_loras)
 
 
 def check_strategy_args(strategy: str, args: dict) -> None:
