@@ -302,12 +302,18 @@ class ComposerPipeline:
         self.last_retrieval = Selection(picks.values(), left_out, dropped, cap)
         return out
 
-    def _region(self, text: str, pairs, cfg: bool, negative_prompt: str | None, clip_skip=None) -> Region:
-        """One region of a regional prompt: its prompt (and the negative prompt) encoded with only its
-        adapters' text-encoder layers (``pairs``: its ``(Adapter, LoraRef)``); the caller restores the weights."""
+    def _region(self, common: str, text: str, pairs, cfg: bool, negative_prompt: str | None,
+                append_trigger_words: bool = False, clip_skip=None) -> Region:
+        """One region of a regional prompt: the common text, its own and (when asked) its adapters' trigger words,
+        encoded with only its adapters' text-encoder layers, as is the negative prompt (``pairs``: its
+        ``(Adapter, LoraRef)``); the caller restores the text-encoder weights."""
         if getattr(self.pipe, "unet", None) is None:
             raise ComposerError(f"strategy 'regional' runs on UNet pipelines (Stable Diffusion 1.x/2.x, SDXL), not on "
                                 f"{type(self.pipe).__name__}: use another strategy there")
+        text = ", ".join(p for p in (common, text) if p)
+        if append_trigger_words:
+            words = dict.fromkeys(w for a, _ in pairs for w in a.metadata.trigger_words if w.lower() not in text.lower())
+            text = ", ".join([text, *words]) if words else text
         device = getattr(self.pipe, "_execution_device", None) or torch.device("cpu")
         self.runtime.set_weights(text={a.name: r.te_weight for a, r in pairs})
         with torch.no_grad():
@@ -423,13 +429,10 @@ class ComposerPipeline:
         context = StrategyContext.from_pipeline(self.pipe, self.runtime, [by_name[n][0] for n in names], guidance_scale)
         if strat.regional:
             shared, own = chosen[: len(refs)], chosen[len(refs):]
-            for text, rs in parts:
+            for text, rs in parts:  # each region: the shared adapters, then its own (in the order attached)
                 mine, own = own[: len(rs)], own[len(rs):]
-                pairs = shared + mine
-                words = [w for a, _ in pairs for w in a.metadata.trigger_words] if append_trigger_words else []
-                text = ", ".join(p for p in [clean_common, text, *dict.fromkeys(words)] if p)
-                context.regions.append(self._region(text, pairs, bool(context.cfg), negative_prompt,
-                                                    pipe_kwargs.get("clip_skip")))
+                context.regions.append(self._region(clean_common, text, shared + mine, bool(context.cfg),
+                                                    negative_prompt, append_trigger_words, pipe_kwargs.get("clip_skip")))
             self.runtime.set_weights(text={n: r.te_weight for n, (a, r) in by_name.items()})
         try:
             strat.begin(names, [by_name[n][1].unet_weight for n in names], num_inference_steps, context)

@@ -242,3 +242,9 @@ def test_loras_auto_picks_each_regions_loras_from_its_words(home):
     assert [sorted(r["loras"]) for r in regions] == [["purple-colour", "star-shape", "wavy-bg"],
                                                      ["blinky-character", "wavy-bg"]]
     assert sorted(m.name for m in composer.last_retrieval) == ["blinky-character", "purple-colour", "star-shape", "wavy-bg"]
+    words = composer.adapters["star-shape"].metadata.trigger_words
+    composer("a circle BREAK a square <lora:star-shape>", strategy="regional", append_trigger_words=True, seed=0,
+             num_inference_steps=1, width=128, height=64, progress=False)
+    regions = composer.last_record.strategy_args["regions"]
+    assert words and regions[0]["prompt"] == "a circle"  # each region gets its own LoRAs' trigger words only
+    assert regions[1]["prompt"] == ", ".join(["a square", *[w for w in dict.fromkeys(words) if w not in "a square"]])
