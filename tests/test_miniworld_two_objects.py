@@ -102,3 +102,26 @@ def test_compose_eval_refuses_an_unknown_world_in_one_line(capsys):
     assert main(["--world", "three-objects"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "three-objects" in err and "two-objects" in err
+
+
+def test_compose_eval_two_objects_writes_the_table_and_an_example_grid(tmp_path, capsys):
+    """One combination per kind, one step: the table, results.json and a grid of 128x64 cells (one row per
+    strategy); regional's rows are twice merge's."""
+    import json
+
+    from PIL import Image
+
+    from lora_composer.frontends.evaluate import main
+
+    out = tmp_path / "out"
+    argv = ["--world", "two-objects", "--per-kind", "1", "--steps", "1", "--strategies", "merge", "regional",
+            "--no-checks", "--out", str(out), "-q"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| regional |" in table and "the one-object base" in table
+    result = json.loads((out / "results.json").read_text())
+    assert result["protocol"]["base"] == "one-object" and result["protocol"]["loras"] == "by hand"
+    rows = {name: s["rows_per_image"] for name, s in result["strategies"].items()}
+    assert rows["regional"] == 2 * rows["merge"]
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (90 + 2 * 2 * two_objects.WIDTH, 60 + 2 * 2 * two_objects.HEIGHT)

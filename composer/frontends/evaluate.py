@@ -121,7 +121,7 @@ def _two_objects(args, argv: list[str]) -> int:
     judge.steps = args.steps
     judge.guidance = assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     result = two_objects.evaluate(judge, strategies, per_kind=args.per_kind, seed=args.seed, checks_too=args.checks,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, grid_path=args.out / "grid.png")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(two_objects.markdown(result, f"{PROG} {' '.join(argv)}".strip()))

@@ -434,21 +434,23 @@ def _grid_picks(combos, n: int = 8) -> set[int]:
 
 
 def save_grid(grid: dict[str, list], path: Path, scale: int = 2) -> Path:
-    """Rows: strategies; columns: the example combinations (their prompts written above)."""
+    """Rows: strategies; columns: the example combinations (their prompts written above); cells at the
+    pictures' own size times ``scale``."""
     from PIL import Image, ImageDraw
 
     names = list(grid)
     cols = max(len(v) for v in grid.values())
-    cell, label_w, head_h = world.SIZE * scale, 90, 60
-    out = Image.new("RGB", (label_w + cols * cell, head_h + len(names) * cell), "white")
+    first = grid[names[0]][0][1]
+    cell_w, cell_h, label_w, head_h = first.width * scale, first.height * scale, 90, 60
+    out = Image.new("RGB", (label_w + cols * cell_w, head_h + len(names) * cell_h), "white")
     draw = ImageDraw.Draw(out)
     for j, (prompt, _) in enumerate(grid[names[0]]):
-        for k, line in enumerate(_wrap(prompt, 22)[:5]):
-            draw.text((label_w + j * cell + 2, 2 + 11 * k), line, fill="black")
+        for k, line in enumerate(_wrap(prompt, 22 * cell_w // (world.SIZE * scale))[:5]):
+            draw.text((label_w + j * cell_w + 2, 2 + 11 * k), line, fill="black")
     for i, name in enumerate(names):
-        draw.text((4, head_h + i * cell + cell // 2 - 6), name, fill="black")
+        draw.text((4, head_h + i * cell_h + cell_h // 2 - 6), name, fill="black")
         for j, (_, img) in enumerate(grid[name]):
-            out.paste(img.resize((cell, cell), Image.NEAREST), (label_w + j * cell, head_h + i * cell))
+            out.paste(img.resize((cell_w, cell_h), Image.NEAREST), (label_w + j * cell_w, head_h + i * cell_h))
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)
     return path

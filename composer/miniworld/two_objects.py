@@ -484,11 +484,20 @@ def checks(seed: int = 0, prompts: int = 24) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- eval
+def _example(combo) -> str:
+    """What a combination asks of each half, for the example grid (``"left: purple, star / right: blinky"``)."""
+    wanted = wanted_of(combo)
+    return " / ".join(f"{s}: {', '.join(wanted[s].values()) or 'base'}" for s in SIDES)
+
+
 def evaluate(judge: Judge, strategies, per_kind: int = 4, seed: int = 0, checks_too: bool = False,
-             progress: bool = True) -> dict:
+             progress: bool = True, grid_path: Path | None = None) -> dict:
     """Every strategy on ``per_kind`` combinations of each kind (spread over :func:`combinations`), the same
-    pictures and seeds for each; ``judge.seeds`` images per combination."""
+    pictures and seeds for each; ``judge.seeds`` images per combination. ``grid_path``: also an example grid
+    (strategies by rows, up to 6 combinations of both kinds by columns)."""
     from tqdm.auto import tqdm
+
+    from lora_composer.miniworld.evaluate import save_grid
 
     combos = [(kind, c) for kind, items in combinations().items() for c in pick(items, per_kind)]
     result: dict = {"protocol": {"world": "two-objects", "combinations": len(combos), "per_kind": per_kind,
@@ -502,15 +511,21 @@ def evaluate(judge: Judge, strategies, per_kind: int = 4, seed: int = 0, checks_
                             "base_sanity, regions": {**base_sanity(judge, 12, seed, regional), "strategy": regional}}
     bar = tqdm(total=len(combos) * len(strategies), desc="eval two-objects", unit="render", disable=not progress)
     result["strategies"] = {}
+    examples = set(np.linspace(0, len(combos) - 1, min(6, len(combos))).round().astype(int).tolist())
+    grid: dict[str, list] = {}
     for name in strategies:
         tally = Tally()
         rng = np.random.default_rng([seed, 5])
         for i, (kind, combo) in enumerate(combos):
-            judge.run(tally, pair_for(combo, rng), combo, name, seed + i, kind)
+            images = judge.run(tally, pair_for(combo, rng), combo, name, seed + i, kind)
+            if i in examples:
+                grid.setdefault(name, []).append((_example(combo), images[0]))
             bar.set_postfix(strategy=name)
             bar.update()
         result["strategies"][name] = tally.summary()
     bar.close()
+    if grid_path is not None and grid:
+        result["grid"] = str(save_grid(grid, grid_path))
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     return result
 
