@@ -176,6 +176,11 @@ _BREAK_RE = re.compile(r"\bBREAK\b")
 _COMMON_RE = re.compile(r"\bADDCOMM\b")
 
 
+def has_regions(prompt: str) -> bool:
+    """Whether ``prompt`` is split into regions (a ``BREAK`` in it)."""
+    return bool(_BREAK_RE.search(prompt))
+
+
 def split_regions(prompt: str) -> tuple[str, list[str]]:
     """``"COMMON ADDCOMM LEFT BREAK RIGHT"`` -> ``("COMMON", ["LEFT", "RIGHT"])`` (tags left in place).
 

@@ -168,6 +168,9 @@ def test_prompt_tags_and_rows_stay_in_step():
     assert ui_view.prompt_with_slots("a star <lora:old:1>, ", rows) == "a star <lora:star-shape:0.5:1.2> <lora:pixel-style:1>"
     assert ui_view.slots_from_prompt("a star <lora:star-sha", str) is None  # a tag being typed: rows unchanged
     assert ui_view.slots_from_prompt(ui_view.prompt_with_slots("x", rows), lambda n: names.get(n, n)) == rows
+    # a regional prompt keeps each tag in its region: new weights in place, a removed row's tag gone, a new row last
+    regional = "a star <lora:star-shape:1>, red BREAK a square <lora:old:1>, blue"
+    assert ui_view.prompt_with_slots(regional, rows) == "a star <lora:star-shape:0.5:1.2>, red BREAK a square, blue <lora:pixel-style:1>"
 
 
 def test_a1111_parameters_are_parsed():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import re
 
-from lora_composer.prompt_syntax import format_lora_tag, parse_prompt
+from lora_composer.prompt_syntax import format_lora_tag, has_regions, parse_prompt, tidy_prompt
 
 DEFAULT_SLOT_WEIGHT = 0.8  # a new LoRA row's weights
 
@@ -36,9 +36,28 @@ def tag_name(name: str) -> str:
 
 
 def prompt_with_slots(prompt: str, slots: list[dict]) -> str:
-    """The prompt's text with one tag per named row, in the rows' order (the rows are the truth)."""
-    tags = [format_lora_tag(tag_name(s["name"]), s["te"], s["unet"]) for s in slots if s.get("name")]
-    return " ".join(p for p in [strip_tags(prompt), *tags] if p)
+    """The prompt's text with one tag per named row, in the rows' order (the rows are the truth).
+
+    A regional prompt (``BREAK``) keeps its tags where they stand, since there a tag's place says which region it
+    acts in: a row's tags get its weights in place, tags without a row go, rows without a tag are added at the end.
+    """
+    rows = {tag_name(s["name"]).lower(): s for s in slots if s.get("name")}
+    if not has_regions(prompt or ""):
+        tags = [format_lora_tag(tag_name(s["name"]), s["te"], s["unet"]) for s in rows.values()]
+        return " ".join(p for p in [strip_tags(prompt), *tags] if p)
+    placed = set()
+
+    def update(match: re.Match) -> str:
+        key = tag_name(match.group(0)[1:-1].split(":")[1].strip()).lower()
+        if key not in rows:
+            return " "
+        placed.add(key)
+        return format_lora_tag(tag_name(rows[key]["name"]), rows[key]["te"], rows[key]["unet"])
+
+    text = tidy_prompt(_TAG_RE.sub(update, prompt))
+    tags = [format_lora_tag(tag_name(s["name"]), s["te"], s["unet"]) for k, s in rows.items() if k not in placed]
+    return " ".join(p for p in [text, *tags] if p)
+
 
 
 def slots_from_prompt(prompt: str, resolve) -> list[dict] | None:
