@@ -108,7 +108,7 @@ class RegionalStrategy(Strategy):
     name = "regional"
     regional = True
     measured = ("two objects per picture: the only strategy that keeps each object's concepts on it, all concepts "
-                "0.42 / 0.71 vs merge 0.00 / 0.04 on two seeds, bleeding 4% vs 71-75%; needs a prompt split by BREAK")
+                "0.29-0.71 vs merge 0.00-0.04 on three seeds, bleeding 4-8% vs 71-83%; needs a prompt split by BREAK")
 
     def __init__(self, split: str = "cols", ratios: str | float | None = None, attention: str = "bounded"):
         if split not in ("cols", "rows"):
