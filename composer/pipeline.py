@@ -324,6 +324,18 @@ class ComposerPipeline:
             embeds.update(pooled_positive=out[2], pooled_negative=out[3])
         return Region(text, {a.name: r.unet_weight for a, r in pairs}, embeds)
 
+    @staticmethod
+    def _text_inputs(prompt: str, negative_prompt: str | None, regions: list[Region]) -> dict:
+        """The pipe's text inputs: the prompt, or with regions the first region's embeddings (every row group
+        replaces them with its own), so the whole regional text is not encoded (and truncated) once more."""
+        if not regions:
+            return {"prompt": prompt, "negative_prompt": negative_prompt}
+        e = regions[0].embeds
+        out = {"prompt_embeds": e["positive"], "negative_prompt_embeds": e["negative"]}
+        if "pooled_positive" in e:
+            out.update(pooled_prompt_embeds=e["pooled_positive"], negative_pooled_prompt_embeds=e["pooled_negative"])
+        return out
+
     def __call__(
         self,
         prompt: str,
@@ -461,8 +473,7 @@ class ComposerPipeline:
             with DenoiserDriver(self.runtime, denoiser, strat, driven, max_batch=max_batch) as driver, \
                     strat.patched(denoiser):
                 out = self.pipe(
-                    prompt=clean_prompt,
-                    negative_prompt=negative_prompt,
+                    **self._text_inputs(clean_prompt, negative_prompt, context.regions),
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
                     height=height,

@@ -116,6 +116,8 @@ class RegionalStrategy(Strategy):
         if attention not in ("shared", "bounded"):
             raise ValueError(f"attention must be 'shared' or 'bounded', got {attention!r}")
         self.split, self.attention = split, attention
+        if isinstance(ratios, (list, tuple)):  # --strategy-arg ratios=2,1 arrives as (2, 1)
+            ratios = ",".join(str(r) for r in ratios)
         self.ratios = None if ratios is None else [float(r) for r in str(ratios).split(",")]
         if self.ratios is not None and (not self.ratios or min(self.ratios) <= 0):
             raise ValueError(f"ratios must be positive numbers such as '2,1', got {ratios!r}")
@@ -128,15 +130,15 @@ class RegionalStrategy(Strategy):
                              "'a red circle BREAK a blue square' (regions left to right)")
         if self.ratios is not None and len(self.ratios) != len(regions):
             raise ValueError(f"ratios give {len(self.ratios)} regions, the prompt has {len(regions)}")
-        if self.context.pipe is not None and getattr(self.context.pipe, "unet", None) is None:
-            raise ValueError("runs on UNet pipelines (Stable Diffusion 1.x/2.x, SDXL) only")
         self.weights = torch.zeros(len(regions), len(self.adapters))
         for r, region in enumerate(regions):
             for i, name in enumerate(self.adapters):
                 self.weights[r, i] = float(region.adapters.get(name, 0.0))
         self._inputs: list[dict] | None = None
+        self._rows: dict[tuple, list[dict]] = {}  # per batch layout: each region's embeddings as the call's rows
         self._latent: tuple[int, int] | None = None
         self._groups: dict[int, list[torch.Tensor] | None] = {}
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
 
     def observe(self, step, timestep, inputs):
         """Each region's embeddings in the place of the prompt's, for as many images as the call has."""
@@ -146,22 +148,30 @@ class RegionalStrategy(Strategy):
         sample = next((inputs[k] for k in ("sample", "hidden_states") if k in inputs), None)
         if sample is not None and sample.dim() == 4 and tuple(sample.shape[-2:]) != self._latent:
             self._latent, self._groups = tuple(sample.shape[-2:]), {}
+        key = (hidden.shape[0], hidden.dtype, hidden.device)
+        if key not in self._rows:  # built once per generation (the batch layout does not change between steps)
+            self._rows[key] = [self._region_rows(region.embeds, hidden) for region in self.context.regions]
+        added = inputs.get("added_cond_kwargs")
+        self._inputs = []
+        for r in self._rows[key]:
+            own = {"encoder_hidden_states": r["encoder_hidden_states"]}
+            if "text_embeds" in r and added is not None:  # SDXL: the pooled prompt is the region's too
+                own["added_cond_kwargs"] = {**added, "text_embeds": r["text_embeds"]}
+            self._inputs.append(own)
+
+    def _region_rows(self, embeds: dict, hidden: torch.Tensor) -> dict:
+        """One region's embeddings as the call's rows: ``[negative x images, positive x images]`` under guidance."""
         halves = 2 if self.context.cfg else 1
         images = hidden.shape[0] // halves
 
-        def rows(positive, negative):  # [negative x images, positive x images] under guidance
+        def rows(positive, negative):
             parts = [negative, positive] if halves == 2 else [positive]
-            return torch.cat([p.to(hidden.device).expand(images, *p.shape[1:]) for p in parts], dim=0)
+            return torch.cat([p.expand(images, *p.shape[1:]) for p in parts], dim=0).to(hidden.device, hidden.dtype)
 
-        self._inputs = []
-        for region in self.context.regions:
-            e = region.embeds
-            own = {"encoder_hidden_states": rows(e["positive"], e["negative"]).to(hidden.dtype)}
-            added = inputs.get("added_cond_kwargs")
-            if "pooled_positive" in e and added is not None:  # SDXL: the pooled prompt is the region's too
-                text = rows(e["pooled_positive"], e["pooled_negative"]).to(added["text_embeds"].dtype)
-                own["added_cond_kwargs"] = {**added, "text_embeds": text}
-            self._inputs.append(own)
+        out = {"encoder_hidden_states": rows(embeds["positive"], embeds["negative"])}
+        if "pooled_positive" in embeds:
+            out["text_embeds"] = rows(embeds["pooled_positive"], embeds["pooled_negative"])
+        return out
 
     def plan(self, step, timestep):
         return StepPlan(self.weights.clone(), inputs=self._inputs)
@@ -188,9 +198,10 @@ class RegionalStrategy(Strategy):
     def combine(self, predictions, plan):
         """``sum_r mask_r * e_r`` with masks at the prediction's height and width (every row alike)."""
         h, w = predictions.shape[-2:]
-        ratios = self.ratios or [1.0] * plan.row_groups
-        masks = region_masks(h, w, ratios, self.split).to(predictions)
-        return (predictions * masks[:, None, None]).sum(0)
+        if (h, w) not in self._masks:
+            ratios = self.ratios or [1.0] * plan.row_groups
+            self._masks[h, w] = region_masks(h, w, ratios, self.split).to(predictions)[:, None, None]
+        return (predictions * self._masks[h, w]).sum(0)
 
     def describe(self):
         out = {"regions": [{"prompt": r.prompt, "loras": r.adapters} for r in self.context.regions]}

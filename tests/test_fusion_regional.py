@@ -157,6 +157,18 @@ def test_bounded_attention_matches_a_masked_reference(sd15_pipe, files):
     assert np.abs(got - shared).max() > 1e-3
 
 
+def test_command_line_arguments():
+    """``--strategy-arg ratios=2,1`` arrives as the tuple (2, 1)."""
+    from lora_composer.fusion import get_strategy
+    from lora_composer.fusion.registry import parse_strategy_args
+
+    strat = get_strategy("regional", **parse_strategy_args("ratios=2,1 split=rows attention=shared"))
+    assert (strat.ratios, strat.split, strat.attention) == ([2.0, 1.0], "rows", "shared")
+    assert get_strategy("regional", ratios="3,1").ratios == [3.0, 1.0]
+    with pytest.raises(ComposerError, match="ratios must be positive numbers"):
+        get_strategy("regional", **parse_strategy_args("ratios=2,0"))
+
+
 def test_level_size():
     assert level_size(8, 16, 128) == (8, 16) and level_size(8, 16, 8) == (2, 4)
     assert level_size(5, 7, 12) == (3, 4)  # odd sides round up, as the UNet's downsampling does

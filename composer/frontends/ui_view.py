@@ -59,7 +59,6 @@ def prompt_with_slots(prompt: str, slots: list[dict]) -> str:
     return " ".join(p for p in [text, *tags] if p)
 
 
-
 def slots_from_prompt(prompt: str, resolve) -> list[dict] | None:
     """The rows the prompt's tags describe (``resolve``: tag name -> library name, or the name unchanged
     when it is not in the library), or None while the prompt cannot be read (an unclosed tag being typed)."""

@@ -467,9 +467,7 @@ def default_judge(seeds: int = 1, unet: str = "two-objects") -> Judge:
     from lora_composer.miniworld.detectors import load_detector
 
     pipe = load_pipeline(assets.library_dir(), unet_dir=assets.model_dir() / "unet" if unet == "one-object" else None)
-    judge = Judge(pipe, load_detector(assets.detector_path()), seeds=seeds)
-    judge.base = unet
-    return judge
+    return Judge(pipe, load_detector(assets.detector_path()), seeds=seeds, base=unet)
 
 
 def checks(seed: int = 0, prompts: int = 24) -> dict:

@@ -122,24 +122,21 @@ def to_spec(body: GenerateBody, names: LibraryNames, limits: Limits, composer, s
             raise RequestError("loras", '"auto" cannot be combined with <lora:...> tags in the prompt')
         if regional:
             raise RequestError("loras", '"auto" is not served with regional yet: tag each region\'s LoRAs in it')
-    elif regional:
-        loras = [(names.path(item.name, f"loras[{i}].name"), item.weight) for i, item in enumerate(body.loras)]
-        text_weights = {str(p): item.te_weight for (p, _), item in zip(loras, body.loras) if item.te_weight is not None}
-        region_loras = [names.path(tag.name, "prompt") for tag in tags]
-        clean = with_tag_names(body.prompt, [str(p) for p in region_loras])  # the files, in their places
-        if len({str(p) for p, _ in loras} | {str(p) for p in region_loras}) > limits.max_loras:
-            raise RequestError("loras", f"{len(loras) + len(region_loras)} LoRAs is above this server's limit of "
-                               f"{limits.max_loras}")
     else:
         loras = []
         for i, item in enumerate(body.loras):
             loras.append((names.path(item.name, f"loras[{i}].name"), item.weight))
             text_weights[str(loras[-1][0])] = item.weight if item.te_weight is None else item.te_weight
-        for tag in tags:  # <lora:name:w> or <lora:name:te:unet>
-            loras.append((names.path(tag.name, "prompt"), tag.unet_weight))
-            text_weights[str(loras[-1][0])] = tag.te_weight
-        if len({p for p, _ in loras}) > limits.max_loras:
-            raise RequestError("loras", f"{len(loras)} LoRAs is above this server's limit of {limits.max_loras}")
+        if regional:  # the tags stay where they are, named by their files: each acts in its region
+            region_loras = [names.path(tag.name, "prompt") for tag in tags]
+            clean = with_tag_names(body.prompt, [str(p) for p in region_loras])
+        else:
+            for tag in tags:  # <lora:name:w> or <lora:name:te:unet>
+                loras.append((names.path(tag.name, "prompt"), tag.unet_weight))
+                text_weights[str(loras[-1][0])] = tag.te_weight
+        count = len({str(p) for p, _ in loras} | {str(p) for p in region_loras})
+        if count > limits.max_loras:
+            raise RequestError("loras", f"{count} LoRAs is above this server's limit of {limits.max_loras}")
     guidance = composer.default_guidance if body.guidance is None else body.guidance
     seed = random.randrange(2**32) if body.seed is None else body.seed
     if body.scheduler and body.scheduler != type(composer.pipe.scheduler).__name__:
