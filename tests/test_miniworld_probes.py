@@ -127,3 +127,72 @@ def test_own_inputs_gives_the_composed_rows_each_solo_rows_delta(cp):
     assert torch.allclose(got[0], base[0] + deltas[0] + deltas[1], atol=1e-5)
     assert torch.equal(got[1:], plain[1:])
     assert torch.allclose(plain[0], base[0], atol=1e-6)  # without the probe the composed row has no LoRA
+
+
+def _effects_render(cp, names):
+    from lora_composer.miniworld.probes import Effects, pushes
+
+    energy = torch.zeros(len(names), 2, dtype=torch.float64)
+    strategy = Effects(5.0)
+    with pushes(cp.runtime, names, energy):
+        image = cp(PROMPT, loras=[(n, 1.0) for n in names], strategy=strategy, num_inference_steps=3, seed=1,
+                   progress=False, output_type="np", guidance_scale=5.0)
+    return image, energy, strategy.effect
+
+
+def test_effects_with_one_lora_draw_merge_and_measure_one(cp):
+    """One LoRA: the stack is the LoRA alone, so it pushes as hard as alone and moves the prediction as much
+    (both ratios 1), and the picture is merge's."""
+    one = ["purple-colour"]
+    image, energy, effect = _effects_render(cp, one)
+    merged = cp(PROMPT, loras=[(one[0], 1.0)], num_inference_steps=3, seed=1, progress=False, output_type="np",
+                guidance_scale=5.0)
+    assert abs(image - merged).max() < 1e-4
+    assert energy[0, 1] > 0 and abs(float(energy[0, 0] / energy[0, 1]) - 1) < 1e-4
+    assert len(effect) == 3 and all(abs(e[0] - 1) < 1e-3 for e in effect)
+    _, energy2, effect2 = _effects_render(cp, NAMES[:2])
+    assert any(abs(float(energy2[i, 0] / energy2[i, 1]) - 1) > 1e-3 for i in range(2))  # the stack changes them
+    assert any(abs(e - 1) > 1e-2 for step in effect2 for e in step)
+
+
+def test_effects_combine_is_the_guided_leave_one_out_ratio():
+    """``|g_all - g_{all without i}| / |g_i - g_base|`` on ``g = u + s (c - u)``, written out per adapter."""
+    from lora_composer.fusion.base import StrategyContext
+    from lora_composer.miniworld.probes import Effects
+
+    n, scale = 2, 3.0
+    strategy = Effects(scale)
+    strategy.begin(["a", "b"], [1.0, 1.0], 1, StrategyContext(cfg=True))
+    plan = strategy.plan(0, 999.0)
+    assert plan.weights.tolist() == [[1, 1], [0, 1], [1, 0], [1, 0], [0, 1], [0, 0]]
+    p = torch.randn(2 * n + 2, 2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = strategy.combine(p, plan)
+    assert torch.equal(out, p[0])
+    g = [p[k, :1] + scale * (p[k, 1:] - p[k, :1]) for k in range(2 * n + 2)]
+    for i in range(n):
+        want = torch.linalg.vector_norm(g[0] - g[1 + i]) / torch.linalg.vector_norm(g[1 + n + i] - g[-1])
+        assert abs(strategy.effect[0][i] - float(want)) < 1e-5
+
+
+def test_pushes_measure_each_delta_on_the_stack_rows_and_on_its_solo_rows(cp):
+    """One convolution, six row groups of one row (Effects' order for two LoRAs): each LoRA's delta energy on
+    row 0 (the stack) and on its solo row (3 + i), from the dense deltas by hand; the output is untouched."""
+    from lora_composer.miniworld.probes import pushes
+
+    rt, two = cp.runtime, NAMES[:2]
+    key = next(k for k in rt.layers if k.startswith("unet.") and k.endswith("conv1")
+               and all(k in rt.adapters[n].deltas for n in two))
+    module = rt.layers[key].module
+    x = torch.randn(6, module.in_channels, 8, 8, generator=torch.Generator().manual_seed(2))
+    energy = torch.zeros(2, 2, dtype=torch.float64)
+    rt.set_denoiser_rows(torch.zeros(6, rt.denoiser_mix.slots))
+    with torch.no_grad():
+        plain = module(x)
+        with pushes(rt, two, energy):
+            got = module(x)
+    assert torch.equal(got, plain)
+    for i, n in enumerate(two):
+        d = dense_delta(rt.adapters[n].deltas[key]).reshape(module.weight.shape)
+        conv = [torch.nn.functional.conv2d(x[r:r + 1], d, None, module.stride, module.padding).pow(2).sum()
+                for r in (0, 3 + i)]
+        assert torch.allclose(energy[i], torch.stack(conv).double(), rtol=1e-4)

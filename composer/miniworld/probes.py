@@ -16,6 +16,13 @@ as filled): the LoRA's push is lost, not garbled. Each probe changes one suspect
   LoRA alone (one extra row group per LoRA, run beside the composed one), and the deltas are summed into the
   composed rows: does each LoRA lose its concept because the others change the features it reads?
 
+One probe changes nothing and measures instead (merge's own pictures, with ``2 N + 1`` row groups computed beside):
+
+- ``effects``: per LoRA, how hard it pushes inside the stack against alone (the energy of its deltas in every
+  UNet layer, on the stack's features / on its own), and how much it still moves the guided prediction (``|e_all -
+  e_{all without i}| / |e_i - e_base|``), for concepts drawn and concepts missed: is a missed concept's push
+  weakened inside the stack, or cancelled after it?
+
     python -m lora_composer.miniworld.probes [--sizes 3 4] [--seed 1000] [--threads 2] merge weight=0.8 kv-route
 """
 
@@ -163,11 +170,89 @@ def own_inputs(runtime, n: int):
             h.remove()
 
 
+class Effects(Strategy):
+    """Row group 0 is merge (its prediction is the only one used); then every adapter but ``i`` (``N`` groups),
+    adapter ``i`` alone (``N``) and the base. Each step appends, per adapter, ``|g_all - g_{all without i}| /
+    |g_i - g_base|`` on the guided predictions ``g`` (guidance ``scale``) to ``self.effect``."""
+
+    name = "effects"
+
+    def __init__(self, scale: float):
+        self.scale = float(scale)
+
+    def begin(self, adapters, weights, num_steps, context=None):
+        super().begin(adapters, weights, num_steps, context)
+        self.effect: list[list[float]] = []
+
+    def plan(self, step: int, timestep: float | None) -> StepPlan:
+        n, w = len(self.adapters), self.user_weights
+        weights = torch.cat([w[None], w.repeat(n, 1) * (1 - torch.eye(n)), torch.diag(w), torch.zeros(1, n)])
+        return StepPlan(weights, combine=torch.cat([torch.ones(1), torch.zeros(2 * n + 1)]))
+
+    def combine(self, predictions: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        g = predictions
+        if self.context.cfg:
+            uncond, cond = predictions.chunk(2, dim=1)
+            g = uncond + self.scale * (cond - uncond)
+        n = len(self.adapters)
+        self.effect.append([float((g[0] - g[1 + i]).norm() / (g[1 + n + i] - g[-1]).norm().clamp_min(1e-12))
+                            for i in range(n)])
+        return predictions[0]
+
+
+@contextlib.contextmanager
+def pushes(runtime, names: list[str], energy: torch.Tensor):
+    """With :class:`Effects`' row groups in one pass: adds, in every UNet layer, LoRA ``i``'s delta energy
+    ``|delta_i(x)|^2`` on merge's rows to ``energy[i, 0]`` and on its solo rows to ``energy[i, 1]``."""
+    from lora_composer.adapters.shira import dense_delta
+
+    n = len(names)
+
+    def hook_for(module, key):
+        deltas = [(i, dense_delta(runtime.adapters[name].deltas[key]).reshape(module.weight.shape))
+                  for i, name in enumerate(names) if key in runtime.adapters[name].deltas]
+
+        def apply(x, d):
+            if isinstance(module, torch.nn.Conv2d):
+                return torch.nn.functional.conv2d(x, d.to(x.dtype), None, module.stride, module.padding,
+                                                  module.dilation, module.groups)
+            return x @ d.to(x.dtype).T
+
+        def hook(mod, args, output):
+            x = args[0]
+            if x.shape[0] % (2 * n + 2):
+                return output
+            rows = x.shape[0] // (2 * n + 2)
+            for i, d in deltas:
+                energy[i, 0] += float(apply(x[:rows], d).pow(2).sum())
+                energy[i, 1] += float(apply(x[(1 + n + i) * rows:(2 + n + i) * rows], d).pow(2).sum())
+            return output
+
+        return hook
+
+    handles = [layer.module.register_forward_hook(hook_for(layer.module, key)) for key, layer in runtime.layers.items()
+               if key.startswith("unet.") and any(key in runtime.adapters[name].deltas for name in names)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def separation(drawn: list[float], missed: list[float]) -> float:
+    """The chance that a drawn concept's figure exceeds a missed one's (ties count half; 0.5: no signal)."""
+    if not drawn or not missed:
+        return float("nan")
+    d, m = np.asarray(drawn)[:, None], np.asarray(missed)[None]
+    return float((d > m).mean() + 0.5 * (d == m).mean())
+
+
 def run_probe(ev: Evaluator, detector, probe: str, sizes=(3, 4), seed: int = 1000) -> dict:
     """Merge on every combination of ``sizes`` with ``probe`` applied; one picture each (``compose eval``'s
     protocol with ``--seeds 1``). Returns the tally's summary plus the commonest misses (wanted -> drawn)."""
     kind, _, value = probe.partition("=")
     cp, tally, misses = ev.pipe, Tally(), collections.Counter()
+    measured = {"push": ([], []), "effect": ([], [])}  # per concept: (drawn, missed)
     order = {c.name: list(c.values) for c in world.CATEGORIES}
     guidance = ev.guidance
     rng, t0 = np.random.default_rng(seed), time.perf_counter()
@@ -181,30 +266,41 @@ def run_probe(ev: Evaluator, detector, probe: str, sizes=(3, 4), seed: int = 100
             for name in names:  # attached before the render, so the probe can see them
                 cp.load_lora(name)
             ev.guidance = float(value) if kind == "guidance" else guidance
+            energy = torch.zeros(len(names), 2, dtype=torch.float64)
             with (uncond_factor(cp.runtime, float(value)) if kind == "uncond" else
                   text_splice(cp, names) if kind == "text-splice" else
                   kv_route(cp, names, prompt) if kind == "kv-route" else
-                  own_inputs(cp.runtime, len(names)) if kind == "own-inputs" else contextlib.nullcontext()):
-                strategy = OwnInputs() if kind == "own-inputs" else "merge"
+                  own_inputs(cp.runtime, len(names)) if kind == "own-inputs" else
+                  pushes(cp.runtime, names, energy) if kind == "effects" else contextlib.nullcontext()):
+                strategy = (OwnInputs() if kind == "own-inputs" else Effects(ev.guidance) if kind == "effects"
+                            else "merge")
                 images = ev.run(prompt, loras, strategy, seed + i, tally, wanted, base)
             probs = detector.probs(images)
-            for c, v in wanted.items():
+            for j, (c, v) in enumerate(wanted.items()):
                 drawn = order[c][int(probs[c][0].argmax())]
                 if drawn != v:
                     misses[f"{v}->{drawn}"] += 1
+                if kind == "effects":
+                    measured["push"][drawn != v].append(float(energy[j, 0] / energy[j, 1]))
+                    measured["effect"][drawn != v].append(float(np.mean([e[j] for e in strategy.effect])))
     finally:
         ev.guidance = guidance
     out = tally.summary()
     out.update(probe=probe, misses=dict(misses.most_common(6)), seconds=round(time.perf_counter() - t0, 1))
+    if kind == "effects":
+        out["effects"] = {k: {"drawn": float(np.mean(d)) if d else None, "missed": float(np.mean(m)) if m else None,
+                              "concepts": (len(d), len(m)), "separation": separation(d, m)}
+                          for k, (d, m) in measured.items()}
     return out
 
 
-PROBES = ("merge", "weight", "guidance", "uncond", "text-splice", "kv-route", "own-inputs")
+PROBES = ("merge", "weight", "guidance", "uncond", "text-splice", "kv-route", "own-inputs", "effects")
+MEASURES = {"push": "push: its deltas' energy in the stack / alone", "effect": "effect: |e_all - e_{all without i}| / |e_i - e_base|"}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora_composer.miniworld.probes", description=__doc__.splitlines()[0])
-    p.add_argument("probes", nargs="+", help="merge, weight=W, guidance=G, uncond=F, text-splice, kv-route, own-inputs")
+    p.add_argument("probes", nargs="+", help="merge, weight=W, guidance=G, uncond=F, text-splice, kv-route, own-inputs, effects")
     p.add_argument("--sizes", type=int, nargs="+", default=[3, 4])
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--threads", type=int, default=None)
@@ -212,7 +308,8 @@ def main(argv=None) -> int:
     for probe in args.probes:
         kind, eq, value = probe.partition("=")
         if kind not in PROBES or (kind in ("weight", "guidance", "uncond")) != bool(eq):
-            p.error(f"unknown probe {probe!r}: one of merge, weight=W, guidance=G, uncond=F, text-splice, kv-route, own-inputs")
+            p.error(f"unknown probe {probe!r}: one of merge, weight=W, guidance=G, uncond=F, text-splice, kv-route, "
+                    "own-inputs, effects")
         try:
             float(value or 0)
         except ValueError:
@@ -227,11 +324,18 @@ def main(argv=None) -> int:
     ev = Evaluator(cp, detector, steps=20, guidance=assets.DEFAULT_GUIDANCE, seeds=1)
     print("| probe | " + " | ".join(f"all, {k} LoRAs" for k in args.sizes) + " | per concept | base-concept confidence | commonest misses |")
     print("|---|" + "---|" * (len(args.sizes) + 3))
+    effects = []
     for probe in args.probes:
         r = run_probe(ev, detector, probe, tuple(args.sizes), args.seed)
         sizes = " | ".join(f"{r['by_size'].get(k, 0):.3f}" for k in args.sizes)
         misses = ", ".join(f"{k} {n}" for k, n in r["misses"].items())
         print(f"| {probe} | {sizes} | {r['per_concept']:.3f} | {r['base_confidence']:.3f} | {misses} |", flush=True)
+        effects.append(r.get("effects"))
+    for r in filter(None, effects):
+        print("\n| each LoRA (effects) | drawn concepts | missed concepts | chance drawn > missed |\n|---|---|---|---|")
+        for k, m in r.items():
+            print(f"| {MEASURES[k]} | {m['drawn']:.3f} ({m['concepts'][0]}) | "
+                  f"{'-' if m['missed'] is None else format(m['missed'], '.3f')} ({m['concepts'][1]}) | {m['separation']:.2f} |")
     return 0
 
 
