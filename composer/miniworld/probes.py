@@ -253,6 +253,7 @@ def run_probe(ev: Evaluator, detector, probe: str, sizes=(3, 4), seed: int = 100
     kind, _, value = probe.partition("=")
     cp, tally, misses = ev.pipe, Tally(), collections.Counter()
     measured = {"push": ([], []), "effect": ([], [])}  # per concept: (drawn, missed)
+    by_concept = collections.defaultdict(lambda: ([], []))  # effect per concept value: (drawn, missed)
     order = {c.name: list(c.values) for c in world.CATEGORIES}
     guidance = ev.guidance
     rng, t0 = np.random.default_rng(seed), time.perf_counter()
@@ -283,6 +284,7 @@ def run_probe(ev: Evaluator, detector, probe: str, sizes=(3, 4), seed: int = 100
                 if kind == "effects":
                     measured["push"][drawn != v].append(float(energy[j, 0] / energy[j, 1]))
                     measured["effect"][drawn != v].append(float(np.mean([e[j] for e in strategy.effect])))
+                    by_concept[v][drawn != v].append(measured["effect"][drawn != v][-1])
     finally:
         ev.guidance = guidance
     out = tally.summary()
@@ -291,11 +293,13 @@ def run_probe(ev: Evaluator, detector, probe: str, sizes=(3, 4), seed: int = 100
         out["effects"] = {k: {"drawn": float(np.mean(d)) if d else None, "missed": float(np.mean(m)) if m else None,
                               "concepts": (len(d), len(m)), "separation": separation(d, m)}
                           for k, (d, m) in measured.items()}
+        out["effect_by_concept"] = {v: (float(np.mean(d)) if d else None, float(np.mean(m)) if m else None, len(m))
+                                    for v, (d, m) in sorted(by_concept.items())}
     return out
 
 
 PROBES = ("merge", "weight", "guidance", "uncond", "text-splice", "kv-route", "own-inputs", "effects")
-MEASURES = {"push": "push: its deltas' energy in the stack / alone", "effect": "effect: |e_all - e_{all without i}| / |e_i - e_base|"}
+MEASURES = {"push": "push: its deltas' energy in the stack / alone", "effect": "effect: norm(e_all - e_{all without i}) / norm(e_i - e_base)"}
 
 
 def main(argv=None) -> int:
@@ -330,12 +334,17 @@ def main(argv=None) -> int:
         sizes = " | ".join(f"{r['by_size'].get(k, 0):.3f}" for k in args.sizes)
         misses = ", ".join(f"{k} {n}" for k, n in r["misses"].items())
         print(f"| {probe} | {sizes} | {r['per_concept']:.3f} | {r['base_confidence']:.3f} | {misses} |", flush=True)
-        effects.append(r.get("effects"))
-    for r in filter(None, effects):
+        effects.append(r)
+    for r in effects:
+        if "effects" not in r:
+            continue
         print("\n| each LoRA (effects) | drawn concepts | missed concepts | chance drawn > missed |\n|---|---|---|---|")
-        for k, m in r.items():
+        for k, m in r["effects"].items():
             print(f"| {MEASURES[k]} | {m['drawn']:.3f} ({m['concepts'][0]}) | "
                   f"{'-' if m['missed'] is None else format(m['missed'], '.3f')} ({m['concepts'][1]}) | {m['separation']:.2f} |")
+        print("\neffect per concept, drawn / missed (times missed): " + ", ".join(
+            f"{v} {d:.2f} / {'-' if m is None else format(m, '.2f')} ({k})"
+            for v, (d, m, k) in r["effect_by_concept"].items()))
     return 0
 
 
