@@ -328,14 +328,14 @@ def main(argv=None) -> int:
     ev = Evaluator(cp, detector, steps=20, guidance=assets.DEFAULT_GUIDANCE, seeds=1)
     print("| probe | " + " | ".join(f"all, {k} LoRAs" for k in args.sizes) + " | per concept | base-concept confidence | commonest misses |")
     print("|---|" + "---|" * (len(args.sizes) + 3))
-    effects = []
+    results = []
     for probe in args.probes:
         r = run_probe(ev, detector, probe, tuple(args.sizes), args.seed)
         sizes = " | ".join(f"{r['by_size'].get(k, 0):.3f}" for k in args.sizes)
         misses = ", ".join(f"{k} {n}" for k, n in r["misses"].items())
         print(f"| {probe} | {sizes} | {r['per_concept']:.3f} | {r['base_confidence']:.3f} | {misses} |", flush=True)
-        effects.append(r)
-    for r in effects:
+        results.append(r)
+    for r in results:
         if "effects" not in r:
             continue
         print("\n| each LoRA (effects) | drawn concepts | missed concepts | chance drawn > missed |\n|---|---|---|---|")
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
             print(f"| {MEASURES[k]} | {m['drawn']:.3f} ({m['concepts'][0]}) | "
                   f"{'-' if m['missed'] is None else format(m['missed'], '.3f')} ({m['concepts'][1]}) | {m['separation']:.2f} |")
         print("\neffect per concept, drawn / missed (times missed): " + ", ".join(
-            f"{v} {d:.2f} / {'-' if m is None else format(m, '.2f')} ({k})"
+            f"{v} {'-' if d is None else format(d, '.2f')} / {'-' if m is None else format(m, '.2f')} ({k})"
             for v, (d, m, k) in r["effect_by_concept"].items()))
     return 0
 
