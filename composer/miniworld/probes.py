@@ -54,6 +54,18 @@ def trigger_positions(tokenizer, prompt: str, words) -> list[int]:
 
 
 @contextlib.contextmanager
+def forward_hooks(runtime, keys, hook_for):
+    """``hook_for(key, module)``'s forward hook on each of the runtime's layers ``keys``, removed on exit."""
+    handles = [runtime.layers[key].module.register_forward_hook(hook_for(key, runtime.layers[key].module))
+               for key in keys]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def uncond_factor(runtime, factor: float):
     """The denoiser's first half of rows (guidance's unconditional half) at ``factor`` times its LoRA weights."""
     original = runtime.set_denoiser_rows
@@ -98,7 +110,6 @@ def text_splice(cp, names: list[str]):
         del sd.encode_prompt
 
 
-@contextlib.contextmanager
 def kv_route(cp, names: list[str], prompt: str):
     """At LoRA j's trigger tokens the other LoRAs' cross-attention K/V deltas are taken back out
     (conditional half only; the unconditional prompt has no trigger words)."""
@@ -111,7 +122,7 @@ def kv_route(cp, names: list[str], prompt: str):
 
     elsewhere = [(owner >= 0) & (owner != j) for j in range(len(names))]  # tokens another LoRA owns
 
-    def hook_for(key):
+    def hook_for(key, module):
         deltas = [dense_delta(rt.adapters[n].deltas[key]) if key in rt.adapters[n].deltas else None for n in names]
 
         def hook(module, args, output):
@@ -124,13 +135,7 @@ def kv_route(cp, names: list[str], prompt: str):
 
         return hook
 
-    handles = [layer.module.register_forward_hook(hook_for(key)) for key, layer in rt.layers.items()
-               if key.endswith(KV)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return forward_hooks(rt, [key for key in rt.layers if key.endswith(KV)], hook_for)
 
 
 class OwnInputs(Strategy):
@@ -145,7 +150,6 @@ class OwnInputs(Strategy):
         return StepPlan(weights, combine=torch.cat([torch.ones(1), torch.zeros(n)]))
 
 
-@contextlib.contextmanager
 def own_inputs(runtime, n: int):
     """With :class:`OwnInputs`' ``n + 1`` row groups in one pass: in every UNet layer holding LoRAs, the
     composed rows get the sum of the solo rows' deltas (each computed on its own row's input)."""
@@ -161,13 +165,7 @@ def own_inputs(runtime, n: int):
         out[:rows] += delta.reshape(n, rows, *delta.shape[1:]).sum(0)
         return out
 
-    handles = [layer.module.register_forward_hook(hook) for key, layer in runtime.layers.items()
-               if key.startswith("unet.")]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return forward_hooks(runtime, [key for key in runtime.layers if key.startswith("unet.")], lambda key, module: hook)
 
 
 class Effects(Strategy):
@@ -200,7 +198,6 @@ class Effects(Strategy):
         return predictions[0]
 
 
-@contextlib.contextmanager
 def pushes(runtime, names: list[str], energy: torch.Tensor):
     """With :class:`Effects`' row groups in one pass: adds, in every UNet layer, LoRA ``i``'s delta energy
     ``|delta_i(x)|^2`` on merge's rows to ``energy[i, 0]`` and on its solo rows to ``energy[i, 1]``."""
@@ -208,15 +205,10 @@ def pushes(runtime, names: list[str], energy: torch.Tensor):
 
     n = len(names)
 
-    def hook_for(module, key):
+    def hook_for(key, module):
         deltas = [(i, dense_delta(runtime.adapters[name].deltas[key]).reshape(module.weight.shape))
                   for i, name in enumerate(names) if key in runtime.adapters[name].deltas]
-
-        def apply(x, d):
-            if isinstance(module, torch.nn.Conv2d):
-                return torch.nn.functional.conv2d(x, d.to(x.dtype), None, module.stride, module.padding,
-                                                  module.dilation, module.groups)
-            return x @ d.to(x.dtype).T
+        apply = runtime.layers[key].apply_dense
 
         def hook(mod, args, output):
             x = args[0]
@@ -224,19 +216,15 @@ def pushes(runtime, names: list[str], energy: torch.Tensor):
                 return output
             rows = x.shape[0] // (2 * n + 2)
             for i, d in deltas:
-                energy[i, 0] += float(apply(x[:rows], d).pow(2).sum())
-                energy[i, 1] += float(apply(x[(1 + n + i) * rows:(2 + n + i) * rows], d).pow(2).sum())
+                energy[i, 0] += float(apply(x[:rows], d, None).pow(2).sum())
+                energy[i, 1] += float(apply(x[(1 + n + i) * rows:(2 + n + i) * rows], d, None).pow(2).sum())
             return output
 
         return hook
 
-    handles = [layer.module.register_forward_hook(hook_for(layer.module, key)) for key, layer in runtime.layers.items()
-               if key.startswith("unet.") and any(key in runtime.adapters[name].deltas for name in names)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    keys = [key for key in runtime.layers
+            if key.startswith("unet.") and any(key in runtime.adapters[name].deltas for name in names)]
+    return forward_hooks(runtime, keys, hook_for)
 
 
 def separation(drawn: list[float], missed: list[float]) -> float:

@@ -344,7 +344,9 @@ class PatchedLayer:
                     self._dense_cache = (live, w.to(self.module.weight.device), dw, db, uniform)
         return self._dense_cache
 
-    def _apply(self, x: torch.Tensor, dw: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor:
+    def apply_dense(self, x: torch.Tensor, dw: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor:
+        """The output of a dense weight delta ``dw`` (the module's weight shape) and bias ``db`` on ``x``, with
+        the module's own convolution settings."""
         dw = dw.to(x.dtype)
         db = None if db is None else db.to(x.dtype)
         if self.conv is None:
@@ -354,13 +356,13 @@ class PatchedLayer:
     def _dense_delta(self, x: torch.Tensor, cache) -> torch.Tensor:
         live, w, dw, db, uniform = cache
         if uniform:
-            return self._apply(x, dw, db)
+            return self.apply_dense(x, dw, db)
         if x.shape[0] != w.shape[0]:
             raise ValueError(f"mixing tensor has {w.shape[0]} rows but the batch has {x.shape[0]}")
         total = None
         for i, s in enumerate(live):
             col = w[:, i].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-            part = self._apply(x, *self.dense[s]) * col
+            part = self.apply_dense(x, *self.dense[s]) * col
             total = part if total is None else total + part
         return total
 
