@@ -7,6 +7,11 @@ as usual.
 
 from __future__ import annotations
 
+if __name__ == "composer":  # top-level `composer` from the repository root: not ours (see source_tree)
+    from lora_composer.source_tree import defer_to_installed
+
+    defer_to_installed(__name__, __file__)
+
 import importlib
 
 TYPE_CHECKING = False  # mypy and pyright read this name as typing.TYPE_CHECKING; saves importing typing

@@ -10,6 +10,11 @@
 
 from __future__ import annotations
 
+if __name__ == "retriever":  # top-level `retriever` from the repository root: not ours (see source_tree)
+    from lora_composer.source_tree import defer_to_installed
+
+    defer_to_installed(__name__, __file__)
+
 from lora_composer.retriever.catalog import Catalog, IndexReport, default_catalog_path
 from lora_composer.retriever.search import DEFAULT_MIN_SCORE, DEFAULT_TOP_K, Match, Retriever
 from lora_composer.retriever.selection import Selection
