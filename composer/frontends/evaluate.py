@@ -4,6 +4,7 @@
     compose eval --sizes 2 --seeds 1 --strategies merge switch --out eval-out
     compose eval --write-doc docs/EVAL.md
     compose eval --world two-objects      two objects per picture: bleeding between them counts as failure
+    compose eval --world community        LoRAs that teach variants of what the base draws (community regime)
 
 The protocol and its measures: :mod:`lora_composer.miniworld.evaluate`.
 """
@@ -18,7 +19,7 @@ from lora_composer.errors import ComposerError
 from lora_composer.frontends.args import Parser, UsageError, command, load_pipeline
 
 PROG = "compose eval"
-WORLDS = ("one-object", "two-objects")
+WORLDS = ("one-object", "two-objects", "community")
 TWO_OBJECT_STRATEGIES = ("merge", "gated", "loratorio", "conjunction", "composite", "regional")  # the default two-object table
 
 
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description=__doc__.splitlines()[0],
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:6]))
     p.add_argument("--world", choices=WORLDS, default=WORLDS[0],
-                   help="one-object (default) or two-objects (128x64, one object per half; docs/EVAL.md)")
+                   help="one-object (default), two-objects (128x64, one object per half) or community (LoRAs teach "
+                        "variants of values the base knows); docs/EVAL.md")
     p.add_argument("--per-kind", type=int, default=4, metavar="N",
                    help="two-objects: combinations of each kind (default 4)")
     p.add_argument("--base", choices=("one-object", "two-objects"), default="one-object",
@@ -64,6 +66,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.world == "two-objects":
         return _two_objects(args, argv)
+    if args.world == "community":
+        return _community(args, argv)
     args.seeds = 2 if args.seeds is None else args.seeds
     strategies = args.strategies or [s for s in available() if not STRATEGIES[s].regional]
     unknown = [s for s in strategies if s.partition(":")[0] not in available()]
@@ -125,4 +129,25 @@ def _two_objects(args, argv: list[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(two_objects.markdown(result, f"{PROG} {' '.join(argv)}".strip()))
+    return 0
+
+
+def _community(args, argv: list[str]) -> int:
+    """``--world community``: the community world's table (lora_composer.miniworld.community_eval)."""
+    from lora_composer.miniworld import assets, community_eval
+
+    if args.write_doc:
+        raise UsageError("--write-doc writes the one-object tables only; docs/EVAL.md quotes the community ones")
+    strategies = args.strategies or list(community_eval.STRATEGIES)
+    _check_strategies(strategies)
+    if any(k < 1 or k > len(community_eval.LORAS) for k in args.sizes):
+        raise UsageError(f"--sizes must be between 1 and {len(community_eval.LORAS)}")
+    result = community_eval.evaluate(
+        community_eval.load_pipeline(), community_eval.load_judge(), strategies, sizes=tuple(args.sizes),
+        seeds=2 if args.seeds is None else args.seeds, steps=args.steps,
+        guidance=assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
+        grid_path=args.out / "grid.png", with_checks=args.checks, progress=not args.quiet)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(community_eval.markdown(result, f"{PROG} {' '.join(argv)}".strip()))
     return 0

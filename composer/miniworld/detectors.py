@@ -6,6 +6,10 @@ the way a diffusion model's output is (blur, noise, colour drift, smoothing) so 
 are still read by what they show, not by how clean they are.
 
     python -m lora_composer.miniworld.detectors --out detectors.safetensors [--steps N] [--threads 1]
+    python -m lora_composer.miniworld.detectors --world community --codec --out weights/community/detectors.safetensors
+
+Each world (``world``, ``community``: a module with ``CATEGORIES`` and ``sample``) has its own detector; the
+file records the categories it was trained for and is refused by another world.
 """
 
 from __future__ import annotations
@@ -48,14 +52,16 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class Detector(nn.Module):
-    """Four conv blocks (64 -> 4 pixels) shared by one linear head per category."""
+    """Four conv blocks (64 -> 4 pixels) shared by one linear head per category (``categories``: the world's,
+    default the one-object world's)."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 32, categories=None):
         super().__init__()
+        self.categories = tuple(categories or world.CATEGORIES)
         self.features = nn.Sequential(_block(3, width // 2), _block(width // 2, width), _block(width, 2 * width),
                                       _block(2 * width, 2 * width), nn.Flatten(), nn.Dropout(0.1))
         flat = 2 * width * (world.SIZE // 16) ** 2
-        self.heads = nn.ModuleDict({c.name: nn.Linear(flat, len(c.values)) for c in world.CATEGORIES})
+        self.heads = nn.ModuleDict({c.name: nn.Linear(flat, len(c.values)) for c in self.categories})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per category for float ``(n, 3, 64, 64)`` in [-1, 1]."""
@@ -73,7 +79,7 @@ class Detector(nn.Module):
             chunks = [self(x[i:i + batch].to(device)) for i in range(0, len(x), batch)]
         finally:
             self.train(was_training)
-        empty = {c.name: torch.zeros(0, len(c.values)) for c in world.CATEGORIES}
+        empty = {c.name: torch.zeros(0, len(c.values)) for c in self.categories}
         return {name: torch.cat([ch[name].cpu() for ch in chunks] or [logits]).softmax(-1)
                 for name, logits in empty.items()}
 
@@ -81,8 +87,8 @@ class Detector(nn.Module):
         """The most likely value of every category, per image."""
         probs = self.probs(images)
         n = len(next(iter(probs.values())))
-        best = {c.name: probs[c.name].argmax(-1).tolist() for c in world.CATEGORIES}
-        return [{c.name: c.values[best[c.name][i]] for c in world.CATEGORIES} for i in range(n)]
+        best = {c.name: probs[c.name].argmax(-1).tolist() for c in self.categories}
+        return [{c.name: c.values[best[c.name][i]] for c in self.categories} for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -113,14 +119,21 @@ def as_input(images) -> torch.Tensor:
     return x
 
 
-def _targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
-    return {c.name: torch.tensor([c.values.index(getattr(s, c.name)) for s in scenes]) for c in world.CATEGORIES}
+def _targets(scenes: list, categories=world.CATEGORIES) -> dict[str, torch.Tensor]:
+    return {c.name: torch.tensor([c.values.index(getattr(s, c.name)) for s in scenes]) for c in categories}
 
 
-def draw(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``n`` fresh pictures, every value of every category equally likely, and their labels."""
-    images, _, scenes = world.sample(rng, n, ALL_VALUES)
-    return to_tensor(images), _targets(scenes)
+def draw(rng: np.random.Generator, n: int, w=world) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``n`` fresh pictures of world ``w``, every value of every category equally likely, and their labels."""
+    images, _, scenes = w.sample(rng, n, {c.name: c.values for c in w.CATEGORIES})
+    return to_tensor(images), _targets(scenes, w.CATEGORIES)
+
+
+@torch.no_grad()
+def through_codec(vae, x: torch.Tensor) -> torch.Tensor:
+    """``x`` encoded and decoded by the model's VAE: the codec's own losses (thin lines, large tiles), which
+    every generated picture carries, shown to the detector with the true labels."""
+    return vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
 
 
 # ------------------------------------------------------------------------------------------ augmentation
@@ -173,21 +186,30 @@ def _lr(step: int, total: int, base: float) -> float:
 
 
 def train_detector(steps: int = DEFAULT_STEPS, batch: int = DEFAULT_BATCH, seed: int = 0, lr: float = 3e-3,
-                   progress: bool = True) -> Detector:
-    """A detector trained on ``steps`` batches of fresh, augmented pictures of every value."""
+                   progress: bool = True, w=None, codec=None, pool: int = 4096) -> Detector:
+    """A detector trained on ``steps`` batches of fresh, augmented pictures of every value of world ``w``
+    (default: the one-object world); with ``codec`` (a VAE) half of each batch is drawn from a pool of
+    ``pool`` pictures that went through it once (a round trip per step would cost more than the training)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, _TRAIN_STREAM])
     gen = torch.Generator().manual_seed(seed)
-    detector = Detector()
+    detector = Detector(categories=(w or world).CATEGORIES)
+    if codec is not None:
+        px, ptargets = draw(rng, pool) if w is None else draw(rng, pool, w)
+        px = torch.cat([through_codec(codec, px[i:i + 128]) for i in range(0, pool, 128)])
     opt = torch.optim.AdamW(detector.parameters(), lr=lr, weight_decay=1e-4)
     detector.train()
     bar = tqdm(range(steps), desc="detector", unit="step", dynamic_ncols=True, disable=not progress)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr)
-        x, targets = draw(rng, batch)
+        x, targets = draw(rng, batch) if w is None else draw(rng, batch, w)
+        if codec is not None:
+            pick = torch.from_numpy(rng.integers(0, pool, batch // 2))
+            x = torch.cat([px[pick], x[batch // 2:]])
+            targets = {k: torch.cat([ptargets[k][pick], v[batch // 2:]]) for k, v in targets.items()}
         loss = _loss(detector(augment(x, gen)), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -197,10 +219,14 @@ def train_detector(steps: int = DEFAULT_STEPS, batch: int = DEFAULT_BATCH, seed:
     return detector.eval()
 
 
-def accuracy(detector: Detector, n: int = 2000, seed: int = 0, degrade: bool = False) -> dict[str, float]:
+def accuracy(detector: Detector, n: int = 2000, seed: int = 0, degrade: bool = False, w=None,
+             codec=None) -> dict[str, float]:
     """Per-category accuracy on ``n`` fresh pictures of every value (a stream no training run draws from);
-    ``degrade`` applies the training augmentation to all of them first."""
-    x, targets = draw(np.random.default_rng([seed, _EVAL_STREAM]), n)
+    ``degrade`` applies the training augmentation to all of them first, ``codec`` (a VAE) its round trip."""
+    rng = np.random.default_rng([seed, _EVAL_STREAM])
+    x, targets = draw(rng, n) if w is None else draw(rng, n, w)
+    if codec is not None:
+        x = torch.cat([through_codec(codec, x[i:i + 256]) for i in range(0, len(x), 256)])
     if degrade:
         x = augment(x, torch.Generator().manual_seed(seed), p=1.0)
     probs = detector.probs(x)
@@ -208,8 +234,8 @@ def accuracy(detector: Detector, n: int = 2000, seed: int = 0, degrade: bool = F
 
 
 # --------------------------------------------------------------------------------------------------- files
-def _categories_metadata() -> str:
-    return json.dumps({c.name: list(c.values) for c in world.CATEGORIES})
+def _categories_metadata(categories=world.CATEGORIES) -> str:
+    return json.dumps({c.name: list(c.values) for c in categories})
 
 
 def save_detector(detector: Detector, path) -> Path:
@@ -217,7 +243,8 @@ def save_detector(detector: Detector, path) -> Path:
     from lora_composer.adapters.io import write_safetensors
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()}
-    return write_safetensors(tensors, Path(path), {"format": FORMAT, "categories": _categories_metadata()})
+    return write_safetensors(tensors, Path(path), {"format": FORMAT,
+                                                   "categories": _categories_metadata(detector.categories)})
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -243,8 +270,8 @@ def _mismatch(stored, current: dict[str, list[str]]) -> str:
     return "trained for other values: " + ", ".join(diffs)
 
 
-def load_detector(path) -> Detector:
-    """The detector in ``path``, refused unless it was trained for this mini world's categories and values."""
+def load_detector(path, w=world) -> Detector:
+    """The detector in ``path``, refused unless it was trained for world ``w``'s categories and values."""
     path = Path(path)
     tensors, header = _read(path)
     if header.get("format") != FORMAT:
@@ -253,11 +280,11 @@ def load_detector(path) -> Detector:
         stored = json.loads(header.get("categories", ""))
     except json.JSONDecodeError:
         raise DetectorFileError(path, "its 'categories' metadata is not JSON") from None
-    current = json.loads(_categories_metadata())
+    current = json.loads(_categories_metadata(w.CATEGORIES))
     if stored != current:
         raise DetectorFileError(path, f"{_mismatch(stored, current)}; retrain it "
                                       f"(python -m lora_composer.miniworld.detectors --out {path})")
-    detector = Detector()
+    detector = Detector(categories=w.CATEGORIES)
     try:
         detector.load_state_dict(tensors)
     except RuntimeError as e:
@@ -274,21 +301,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-images", type=int, default=2000, help="fresh pictures the accuracy is measured on")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    p.add_argument("--world", choices=("one-object", "community"), default="one-object")
+    p.add_argument("--codec", action="store_true",
+                   help="half of each batch through the model's VAE first (and accuracy reported on its round trip too)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.eval_images < 1:
         p.error("--steps, --batch and --eval-images must be positive")
     torch.set_num_threads(args.threads)
 
+    w, codec = None, None
+    if args.world == "community":
+        from lora_composer.miniworld import community as w
+    if args.codec:
+        from diffusers import AutoencoderKL
+
+        from lora_composer.miniworld import assets
+
+        codec = AutoencoderKL.from_pretrained(assets.model_dir() / "vae").eval()
     start = time.perf_counter()
-    detector = train_detector(args.steps, args.batch, args.seed)
+    detector = train_detector(args.steps, args.batch, args.seed, w=w, codec=codec)
     seconds = time.perf_counter() - start
-    acc = accuracy(detector, args.eval_images, seed=args.seed)
+    acc = accuracy(detector, args.eval_images, seed=args.seed, w=w)
     for name, value in acc.items():
         print(f"{name:>10}: {value:.2%}")
+    codec_acc = accuracy(detector, args.eval_images, seed=args.seed, w=w, codec=codec) if codec is not None else None
+    if codec_acc:
+        print("through the VAE: " + ", ".join(f"{k} {v:.2%}" for k, v in codec_acc.items()))
     print(f"trained {args.steps} steps in {seconds:.0f} s")
     save_detector(detector, args.out)
     report = {"accuracy": acc, "steps": args.steps, "seconds": round(seconds, 1), "batch": args.batch,
               "seed": args.seed, "eval_images": args.eval_images, "threads": args.threads}
+    if args.world != "one-object":
+        report["world"] = args.world
+    if codec_acc:
+        report["accuracy_through_vae"] = codec_acc
     Path(str(args.out) + ".json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -103,7 +103,7 @@ class Evaluator:
 
     def judge(self, tally: Tally, images, wanted: dict[str, str], base: dict[str, str]) -> None:
         probs = self.detector.probs(images)
-        order = {c.name: list(c.values) for c in world.CATEGORIES}
+        order = {c.name: list(c.values) for c in getattr(self.detector, "categories", world.CATEGORIES)}
         for i in range(len(images)):
             pred = {c: order[c][int(p[i].argmax())] for c, p in probs.items()}
             conf = {c: float(probs[c][i, order[c].index(v)]) for c, v in base.items()}

@@ -161,9 +161,9 @@ def _diffusion_loss(unet, text_encoder, sched, latents, ids, gen: torch.Generato
     return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
 
 
-def _scenes_captions(scenes, rng, drop, keep=None, uncond: float = 0.1) -> list[str]:
+def _scenes_captions(scenes, rng, drop, keep=None, uncond: float = 0.1, caption=world.caption) -> list[str]:
     """Captions with phrase dropout, and the empty caption for ``uncond`` of them (classifier-free guidance)."""
-    return ["" if rng.random() < uncond else world.caption(s, rng, drop, keep) for s in scenes]
+    return ["" if rng.random() < uncond else caption(s, rng, drop, keep) for s in scenes]
 
 
 def train_base(out: Path, steps: int = 4000, batch: int = 32, lr: float = 1e-3, images: int = 20000, seed: int = 0,
@@ -234,11 +234,13 @@ def save_pipeline(out: Path, vae, text_encoder, unet, tokenizer) -> Path:
 # ------------------------------------------------------------------------------------------------ LoRAs
 def train_lora(model_dir: Path, category: str, value: str, steps: int = 500, batch: int = 32, rank: int = 8,
                lr: float = 1e-3, images: int = 2000, seed: int = 0, device: str = "cpu", text_encoder_lora: bool = True,
-               uncond: float = 0.1) -> dict[str, dict]:
+               uncond: float = 0.1, w=world, allowed: dict | None = None, drop: float = 0.25) -> dict[str, dict]:
     """A PEFT LoRA (UNet and text-encoder attention) teaching ``value`` of ``category`` to the base model.
 
     ``uncond`` of the captions are empty, as in the base model's training: the LoRA acts on the
-    unconditional pass of classifier-free guidance too, and must keep it sound there.
+    unconditional pass of classifier-free guidance too, and must keep it sound there. ``w``: the world drawing
+    the pictures and captions (a module with ``sample`` and ``caption``), ``allowed`` its sampling rule
+    (default: the concept in its category, base values elsewhere), ``drop`` the phrase dropout.
     Returns PEFT-format layers per component (``{"unet": {...lora_A.weight: ...}, "text_encoder": {...}}``).
     """
     from diffusers import StableDiffusionPipeline
@@ -248,7 +250,7 @@ def train_lora(model_dir: Path, category: str, value: str, steps: int = 500, bat
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     pipe = StableDiffusionPipeline.from_pretrained(model_dir).to(device)
-    pics, _, scenes = world.sample(rng, images, world.concept_allowed(category, value))
+    pics, _, scenes = w.sample(rng, images, allowed or world.concept_allowed(category, value))
     latents = encode(pipe.vae, pics, device)
     unet, text_encoder = pipe.unet, pipe.text_encoder
     unet.requires_grad_(False)
@@ -264,7 +266,8 @@ def train_lora(model_dir: Path, category: str, value: str, steps: int = 500, bat
     for step in range(steps):
         _cosine_lr(opt, step, steps, lr, warmup=20)
         idx = rng.integers(0, len(scenes), batch)
-        ids = _tokenize(pipe.tokenizer, _scenes_captions([scenes[i] for i in idx], rng, 0.25, category, uncond), device)
+        caps = _scenes_captions([scenes[i] for i in idx], rng, drop, category, uncond, caption=w.caption)
+        ids = _tokenize(pipe.tokenizer, caps, device)
         loss = _diffusion_loss(unet, text_encoder, sched, latents[torch.from_numpy(idx).to(device)], ids, gen)
         _optimize(opt, loss, bar, loss=loss.item())
     bar.close()
