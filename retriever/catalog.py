@@ -204,6 +204,10 @@ class Catalog:
         if self.get_meta("loader") != loader:
             self.db.execute("DELETE FROM skipped")
             self.set_meta("loader", loader)
+        if self.get_meta("uid") is None:  # this catalog file's identity (a vector index belongs to one)
+            import uuid
+
+            self.set_meta("uid", uuid.uuid4().hex)
         if self.root is not None:
             self.set_meta("root", str(self.root.resolve()))
         self.db.commit()
@@ -368,6 +372,66 @@ class Catalog:
             args = (family,)
         return [self._row(r) for r in self.db.execute(sql + " ORDER BY id", args)]
 
+    def family_ids(self, family: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(file ids, indexed_at stamps)`` of a family's rows, by id: what a vector index must hold."""
+        sql = "SELECT id, indexed_at FROM files" + (" WHERE family = ?" if family else "") + " ORDER BY id"
+        got = self.db.execute(sql, (family,) if family else ()).fetchall()
+        if not got:
+            return np.zeros(0, np.int64), np.zeros(0, np.float64)
+        a = np.asarray(got, dtype=np.float64)
+        return a[:, 0].astype(np.int64), a[:, 1]
+
+    def rows_by_ids(self, ids) -> dict[int, Row]:
+        """``{id: Row}`` for the given ids (one query per 900 ids)."""
+        ids = [int(i) for i in ids]
+        out = {}
+        for a in range(0, len(ids), 900):
+            part = ids[a : a + 900]
+            sql = f"SELECT {self._ROW_COLS} FROM files WHERE id IN ({','.join('?' * len(part))})"
+            for r in self.db.execute(sql, part):
+                out[r[0]] = self._row(r)
+        return out
+
+    def word_rows(self, family: str | None = None):
+        """Light rows (id, name, trigger words, description) of a family, in id order: what the selection
+        vocabulary reads, without the weight blobs."""
+        from types import SimpleNamespace
+
+        sql = "SELECT id, name, trigger_words, description FROM files" + (" WHERE family = ?" if family else "") + " ORDER BY id"
+        for r in self.db.execute(sql, (family,) if family else ()):
+            yield SimpleNamespace(id=r[0], name=r[1], trigger_words=json.loads(r[2]), description=r[3])
+
+    def vectors_of(self, signal: str, encoder_id: str, ids) -> dict[int, np.ndarray | None]:
+        """Embeddings of ``signal`` for the given file ids (absent ids: no entry)."""
+        ids = [int(i) for i in ids]
+        out = {}
+        for a in range(0, len(ids), 900):
+            part = ids[a : a + 900]
+            sql = (f"SELECT file_id, vec FROM embeddings WHERE signal = ? AND encoder = ? AND file_id IN "
+                   f"({','.join('?' * len(part))})")
+            out.update((int(i), _unblob(v)) for i, v in self.db.execute(sql, (signal, encoder_id, *part)))
+        return out
+
+    def weight_dirs_of(self, ids) -> dict[int, np.ndarray]:
+        """The weight signal's directions ``[m, d]`` of the given file ids (rows without any: no entry)."""
+        ids = [int(i) for i in ids]
+        out = {}
+        for a in range(0, len(ids), 900):
+            part = ids[a : a + 900]
+            sql = (f"SELECT id, weight_dirs, weight_dim FROM files WHERE weight_dirs IS NOT NULL AND id IN "
+                   f"({','.join('?' * len(part))})")
+            out.update((int(i), _unblob(b).reshape(-1, int(w))) for i, b, w in self.db.execute(sql, part) if w)
+        return out
+
+    def missing(self, signal: str, encoder_id: str, family: str | None = None) -> list[Row]:
+        """Rows of ``family`` with no ``signal`` embedding for ``encoder_id`` yet (found in SQL, not by reading
+        every row)."""
+        sql = (f"SELECT {', '.join('f.' + c.strip() for c in self._ROW_COLS.split(','))} FROM files f LEFT JOIN "
+               "embeddings e ON e.file_id = f.id AND e.signal = ? AND e.encoder = ? WHERE e.file_id IS NULL"
+               + (" AND f.family = ?" if family else "") + " ORDER BY f.id")
+        args = (signal, encoder_id, family) if family else (signal, encoder_id)
+        return [self._row(r) for r in self.db.execute(sql, args)]
+
     def count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM files").fetchone()[0]
 
@@ -418,8 +482,7 @@ class Catalog:
         """Embed the text of every row of ``encoder``'s family that has none for this encoder yet."""
         self.encoder_mean(encoder)
         fam = family or encoder.family
-        have = self.embeddings("text", encoder.id)
-        todo = [r for r in self.rows(fam) if r.id not in have]
+        todo = self.missing("text", encoder.id, fam)
         if not todo:
             return 0
         out: dict[int, np.ndarray | None] = {}

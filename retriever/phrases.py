@@ -106,7 +106,9 @@ class Vocabulary:
         self._desc: dict[int, list[str]] = {}  # row id -> description content stems
         contexts: dict[str, set] = {}
         self._desc_df: dict[str, int] = {}
+        count = 0
         for r in rows:
+            count += 1
             ph = []
             for t in r.trigger_words:
                 c = content(t)
@@ -126,7 +128,7 @@ class Vocabulary:
                 self._desc_df[w] = self._desc_df.get(w, 0) + 1
         self.generic = {w for w, ctx in contexts.items() if len([c for c in ctx if c]) >= 2}
         self._named = set(contexts)
-        self._n = max(len(rows), 1)
+        self._n = max(count, 1)
         self._desc_words: dict[int, dict[str, float]] = {}
         self.category = {}
         self._index: dict[str, list[int]] = {}  # stem -> rows whose phrase needs it
@@ -225,3 +227,27 @@ def _match(words: list[str], generic: set, stems: list[str]) -> tuple[int, int, 
         if best is None or cand[2] > best[2]:
             best = cand
     return best
+
+
+def stored_vocabulary(catalog, family: str | None, folder) -> Vocabulary:
+    """The vocabulary of a large catalog, read from ``folder/vocabulary.pickle`` when it was built for the
+    catalog's current version, else built from the rows' words (no weight blobs read) and stored there."""
+    import pickle
+    from pathlib import Path
+
+    path = Path(folder) / "vocabulary.pickle"
+    version = catalog.version()
+    if path.is_file():
+        try:
+            with open(path, "rb") as fh:
+                stored_version, vocab = pickle.load(fh)
+            if stored_version == version:
+                return vocab
+        except Exception:  # noqa: BLE001 - a stale or broken file is rebuilt
+            pass
+    vocab = Vocabulary(catalog.word_rows(family))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        pickle.dump((version, vocab), fh, protocol=pickle.HIGHEST_PROTOCOL)
+    tmp.replace(path)
+    return vocab

@@ -6,16 +6,12 @@ open_clip width). A query is one matrix product with ``[D, C]`` (one column for 
 the learned block, one per prompt token and weight direction, one for the preview), then per-signal
 reductions, the lexical scores from FTS5, fusion and an exact top-k.
 
-The scan is two-stage. Stage 1 (over all rows): the product (torch) on a compact copy of the matrix, the
-calibrated per-signal scores and the fused score (numpy, in place), then ``argpartition`` keeps the best
-``max(RESCORE, 4 k)`` candidates. Stage 2 (numpy, candidates only): exact float32 rescoring and the final
-top-k. Up to :data:`BF16_ROWS` rows the compact copy is the float32 matrix itself (stage 1 is exact); above
-it, the copy is int8 with one scale per row and column block (a quarter of the float32 memory traffic,
-``torch._int_mm``; bfloat16 where int8 matmul is unavailable) when that is faster on this CPU than float32
-(probed once per load, :func:`_fastest_scan`: without VNNI ``_int_mm`` is ~10x slower). Quantisation
-moves a cosine by about 1e-3, so a row outside the candidates would have to be within that of the k-th
-best fused score *and* behind :data:`RESCORE` others: the final ranking and scores are the exact ones
-(``tests/test_retriever.py::test_bf16_scan_matches_exact_ranking``).
+Two stages. Stage 1 proposes candidates: up to :data:`~.vector_index.EXACT_ROWS` rows (a user's folder) the
+exact fused score of every row from the in-memory float32 matrix, ``argpartition`` keeping the best
+``max(RESCORE, 4 k)``; above, the family's FAISS index on disk (:mod:`.vector_index`), queried with the fused
+score read as one inner product (:meth:`Retriever._index_candidates`), plus every lexical hit. Stage 2 (the
+candidates only): exact float32 rescoring of every signal, fusion and the final top-k, the same code on both
+paths (``tests/test_retriever_index.py`` checks the index's top-20 against the exact scan).
 
 Fusion (noisy-OR of calibrated scores)::
 
@@ -30,20 +26,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from lora_composer.retriever.phrases import Vocabulary, tokens
+from lora_composer.retriever.phrases import Vocabulary, stored_vocabulary, tokens
+from lora_composer.retriever.row_vectors import CatalogVectors, LazyRows, RowCache, SlotMap
 from lora_composer.retriever.selection import Selection
 from lora_composer.retriever.selection import select as select_by_coverage
 from lora_composer.retriever.signals import lexical
 from lora_composer.retriever.signals import text as tsig
 from lora_composer.retriever.signals import weights as wsig
 from lora_composer.retriever.signals.weights import DIRECTIONS
+from lora_composer.retriever.vector_index import EXACT_ROWS, VectorIndex
 from lora_composer.vocab import DEFAULT_LORA_WEIGHT
 
 SIGNAL_WEIGHTS = {"lexical": 1.0, "weights": 1.0, "text": 0.8, "learned": 0.8, "preview": 0.8}
-BF16_ROWS = 20_000  # above this many rows stage 1 scans the compact (int8) copy
 RESCORE = 512
+INDEX_K = 48  # rows each vector-index query proposes (the union is rescored exactly)
 DEFAULT_MIN_SCORE = 0.3  # the fused-score floor of a plain ``search`` listing (selection uses per-kind thresholds)
 DEFAULT_TOP_K = 4
 
@@ -86,64 +83,37 @@ class Match:
 class Retriever:
     """Search one catalog for one pipeline family, with that pipeline's text encoder."""
 
-    def __init__(self, catalog, encoder, family: str | None = None, learned=None, preview=None):
+    def __init__(self, catalog, encoder, family: str | None = None, learned=None, preview=None, source=None):
         self.catalog = catalog
         self.encoder = encoder
-        self.family = family or encoder.family
+        self.family = family or getattr(encoder, "family", None) or getattr(source, "family", None)
         self.learned = learned
         self.preview = preview
         self._version = None
         self.rows: list = []
+        self._n = 0
+        self.index = None
+        self.source = source  # the rows' vectors (default: the catalog's, :class:`CatalogVectors`)
+        self.exact_rows = EXACT_ROWS
         from lora_composer.retriever import calibration
 
         self.thresholds = dict(calibration.DEFAULT_THRESHOLDS)  # claim kind -> floor (selection)
 
     # -- the matrix ------------------------------------------------------------------------------
     def refresh(self) -> None:
-        version = self.catalog.version()
-        if version == self._version:
+        if self.catalog.version() == self._version:
             return
-        self.catalog.ensure_text_embeddings(self.encoder, self.family)
-        rows = self.catalog.rows(self.family)
-        text = self.catalog.embeddings("text", self.encoder.id)
-        d = int(self.encoder.mean.shape[-1])
-        blocks: list[tuple[str, int]] = [("text", d), ("weights", DIRECTIONS * d)]
-        learned = None
-        if self.learned is not None:
-            if hasattr(self.learned, "ensure_embeddings"):
-                self.learned.ensure_embeddings(self.catalog, self.family)
-            learned = self.catalog.embeddings("learned", self.learned.id)
-            blocks.append(("learned", d))
-        preview = None
-        if self.preview is not None:
-            from lora_composer.retriever.signals import preview as preview_mod
-
-            preview_mod.ensure_embeddings(self.catalog, self.preview, self.family)
-            preview = self.catalog.embeddings("preview", self.preview.id)
-            blocks.append(("preview", self.preview.dim))
-        self.blocks, start = {}, 0
-        for name, width in blocks:
-            self.blocks[name] = (start, width)
-            start += width
-        n = len(rows)
-        m = np.zeros((n, start), np.float32)
-        present = {name: np.zeros(n, bool) for name, _ in blocks}
-
-        def put(name, i, vec):
-            a, w = self.blocks[name]
-            if vec is not None and vec.size == w:
-                m[i, a : a + w] = vec.reshape(-1)
-                present[name][i] = True
-
-        for i, r in enumerate(rows):
-            put("text", i, text.get(r.id))
-            if r.weight_dirs is not None and r.weight_dirs.shape[1] == d:
-                put("weights", i, r.weight_dirs[:DIRECTIONS])
-            if learned is not None:
-                put("learned", i, learned.get(r.id))
-            if preview is not None:
-                put("preview", i, preview.get(r.id))
-        self.set_matrix(rows, m, present, d)
+        src = self.source or CatalogVectors(self.catalog, self.encoder, self.family, self.learned, self.preview)
+        src.ensure()  # may embed rows (and so change the version)
+        version = self.catalog.version()
+        self.blocks = dict(src.blocks)
+        ids, stamps = self.catalog.family_ids(self.family)
+        if len(ids) > self.exact_rows:
+            self.open_index(src, ids, stamps)
+        else:
+            m, pres = src.fetch(ids)
+            present = {name: pres[:, b].copy() for b, name in enumerate(src.blocks)}
+            self.set_matrix(self.catalog.rows(self.family), m, present, src.dim)
         self._version = version
         from lora_composer.retriever import calibration
 
@@ -151,15 +121,52 @@ class Retriever:
         self.calibrated = calibration.load(self.catalog, self.encoder.id) is not None
 
     def set_matrix(self, rows, matrix: np.ndarray, present: dict[str, np.ndarray], dim: int) -> None:
-        """Install rows and their matrix (the benchmark builds synthetic ones directly)."""
+        """Install rows and their in-memory matrix: stage 1 is the exact scan (the benchmark and the tests
+        build synthetic ones directly)."""
+        self.index = None
         self.rows = rows
+        self._n = len(rows)
         self.by_id = {r.id: i for i, r in enumerate(rows)}
         self.rows_by_id = {r.id: r for r in rows}
         self.matrix = matrix
         self.present = present
         self.dim = dim
         self.vocab = Vocabulary(rows)
-        self.scan, self.row_scale = _compact(matrix, self.blocks, len(rows) > BF16_ROWS)  # row_scale: numpy
+
+    def open_index(self, src, ids, stamps, rebuild: bool = False) -> None:
+        """Stage 1 on the family's on-disk vector index (:mod:`.vector_index`), brought up to date with the
+        catalog incrementally (built the first time, or with ``rebuild``); rows, vocabulary and vectors are
+        read on demand, so opening a large catalog reads neither every row nor every vector."""
+        folder = self.catalog.path.parent / "vectors" / src.key
+        vi = VectorIndex(folder)
+        uid = self.catalog.get_meta("uid") or ""
+        fresh = rebuild or not vi.exists
+        if not fresh:
+            vi.open()
+            fresh = vi.meta.get("uid") != uid or vi.width != src.width or vi.meta.get("blocks") != {
+                k: list(v) for k, v in src.blocks.items()}
+        if fresh:
+            vi.build(ids, stamps, src.fetch, src.width, src.blocks, uid)
+        else:
+            vi.update(ids, stamps, src.fetch)
+        self.index = vi
+        cache = RowCache(self.catalog)
+        self.rows = LazyRows(vi.ids, cache)
+        self._n = len(vi.ids)
+        self.by_id = SlotMap(vi.ids)
+        self.rows_by_id = cache
+        self.matrix = vi.vectors
+        self.present = {name: vi.present[:, b] for b, name in enumerate(src.blocks)}
+        self.dim = src.dim
+        self.vocab = stored_vocabulary(self.catalog, self.family, folder)
+
+    def rebuild_index(self) -> None:
+        """Build the vector index again from the catalog (``compose index --rebuild``)."""
+        src = self.source or CatalogVectors(self.catalog, self.encoder, self.family, self.learned, self.preview)
+        src.ensure()
+        ids, stamps = self.catalog.family_ids(self.family)
+        self.open_index(src, ids, stamps, rebuild=True)
+        self._version = self.catalog.version()
 
     # -- scoring ---------------------------------------------------------------------------------
     def _query_matrix(self, enc, text_q, preview_q) -> tuple[np.ndarray, dict]:
@@ -223,8 +230,7 @@ class Retriever:
         ``signals`` restricts fusion to some signals (the benchmark's per-signal recall); ``include``: row
         positions also returned (after those, any score) wherever they rank."""
         self.refresh()
-        n = len(self.rows)
-        if n == 0:
+        if self._n == 0:
             return []
         enc = self.encoder.encode_one(prompt)
         text_q = enc.vector.numpy().astype(np.float32) if enc.vector is not None else None
@@ -232,28 +238,31 @@ class Retriever:
         return self.search_encoded(prompt, enc, text_q, preview_q, limit=limit, signals=signals, include=include)
 
     def search_encoded(self, prompt, enc, text_q, preview_q=None, limit=20, signals=None, include=()) -> list[Match]:
-        n = len(self.rows)
+        n = self._n
         q, cols = self._query_matrix(enc, text_q, preview_q)
         k = n if limit is None else min(n, max(limit, 1))
         c = min(n, max(RESCORE, 4 * k))
-        product = self._product(q, cols) if c < n and q.shape[1] else None
         lex = lexical.search(self.catalog, prompt, self.rows_by_id, family=self.family)
         lex_all = np.zeros(n, np.float32)
         for fid, (sc, _, bm) in lex.items():
-            lex_all[self.by_id[fid]] = sc + 1e-6 * min(bm, 100.0)
+            slot = self.by_id.get(fid)
+            if slot is not None:
+                lex_all[slot] = sc + 1e-6 * min(bm, 100.0)
         use = set(signals) if signals is not None else None
 
         def pick(sig: dict) -> dict:
             return {k: v for k, v in sig.items() if use is None or k.lstrip("_").replace("_raw", "") in use}
 
-        if product is not None:
-            cand = self._candidates(product, cols, lex_all, use, c)
+        if self.index is not None:  # stage 1 on the vector index, the lexical hits added
+            cand = np.union1d(self._index_candidates(q, cols, use, k), np.flatnonzero(lex_all))
+        elif c < n and q.shape[1]:
+            cand = self._candidates((self.matrix @ q, {}), cols, lex_all, use, c)
         elif c < n:  # no dense column: the lexical hits are all there is
             cand = np.argpartition(-lex_all, c - 1)[:c]
         else:
             cand = np.arange(n)
         include = np.asarray(sorted(set(int(i) for i in include)), dtype=np.int64)
-        if len(include) and c < n:
+        if len(include) and (c < n or self.index is not None):
             cand = np.union1d(cand, include)
         s_c = self.matrix[cand] @ q if q.shape[1] else np.zeros((len(cand), 0), np.float32)
         sig_c, best_tok = self._signals(s_c, cols, cand)
@@ -264,6 +273,8 @@ class Retriever:
         if len(include):  # the rows asked for, wherever they rank
             shown = set(top)
             top += [int(j) for j in np.flatnonzero(np.isin(cand, include)) if j not in shown]
+        if hasattr(self.rows, "prefetch"):
+            self.rows.prefetch(cand[top])
         out = []
         for j in top:
             i = int(cand[j])
@@ -294,37 +305,39 @@ class Retriever:
             out.append(m)
         return out
 
-    def _product(self, q: np.ndarray, cols: dict):
-        """Stage 1's product over all rows: ``(s [n, >= C], per-block factors for the reduced scores)``."""
-        order = sorted(self.blocks, key=lambda b: self.blocks[b][0])
-        block_of = {name: order.index("weights" if name.startswith("w") else name) for name in cols}
-        post: dict[str, np.ndarray] = {}
-        if self.scan.dtype == torch.int8:
-            qs = np.zeros(len(order), np.float32)  # one query scale per block (its columns are unit vectors)
-            for name, sl in cols.items():
-                qs[block_of[name]] = max(qs[block_of[name]], float(np.abs(q[:, sl]).max()) / 127.0)
-            qs[qs == 0] = 1.0
-            width = -(-q.shape[1] // 8) * 8  # _int_mm wants a multiple of 8 columns
-            qi = np.zeros((q.shape[0], width), np.int8)
-            for name, sl in cols.items():
-                qi[:, sl] = np.rint(q[:, sl] / qs[block_of[name]])
-            s = torch._int_mm(self.scan, torch.from_numpy(qi)).numpy()  # int32 [n, width]
-            for name in cols:
-                key = "weights" if name.startswith("w") else name
-                post[key] = self.row_scale[:, block_of[name]] * qs[block_of[name]]
-        elif self.scan.dtype == torch.float32:
-            s = self.matrix @ q
-        else:
-            s = torch.mm(self.scan, torch.from_numpy(q).to(self.scan.dtype)).float().numpy()
-        return s, post
+    def _index_candidates(self, q: np.ndarray, cols: dict, use, k: int) -> np.ndarray:
+        """Stage 1 on the vector index: the fused dense score read as one inner product. Each signal's
+        calibrated score is linear in its raw cosine above chance, so ``sum_s w_s c_s`` ranks like
+        ``<[w_text q_text, w_weights t, ...], row>``. The weight signal pairs one prompt token with one weight
+        direction of either sign (a delta has no sign), so there is one query per (token, direction, sign)
+        over the text (and learned, preview) part; the learned block, read as ``|cos|``, adds its mirrored
+        query. The union of their best :data:`INDEX_K` rows is rescored exactly by the caller."""
+        width = self.index.width
+        on = lambda name: use is None or name in use  # noqa: E731
+        base = np.zeros(width, np.float32)
+        if "text" in cols and on("text"):
+            base += SIGNAL_WEIGHTS["text"] / (1 - tsig.chance(self.dim)) * q[:, cols["text"].start]
+        if "preview" in cols and on("preview"):
+            base += SIGNAL_WEIGHTS["preview"] * q[:, cols["preview"].start]
+        queries = [base]
+        if "learned" in cols and on("learned"):
+            lq = SIGNAL_WEIGHTS["learned"] / (1 - tsig.chance(self.dim)) * q[:, cols["learned"].start]
+            queries = [base + lq, base - lq]
+        if "w0" in cols and on("weights"):
+            ww = SIGNAL_WEIGHTS["weights"] / (1 - wsig.chance(self.dim))
+            for j in range(DIRECTIONS):
+                toks = ww * q[:, cols[f"w{j}"]].T  # [T, width]
+                queries += [queries[0] + toks, queries[0] - toks]
+        queries = np.concatenate([np.atleast_2d(x) for x in queries])
+        queries = queries[np.abs(queries).sum(1) > 0]
+        return self.index.search(queries, max(INDEX_K, k))
 
     def _candidates(self, product, cols: dict, lex_all: np.ndarray, use, c: int) -> np.ndarray:
         """Stage 1: the ``c`` rows with the best fused score on the compact matrix.
 
-        The product runs in torch (its thread setting); the reductions over the ``[n, C]`` result run in
-        numpy, single-threaded on purpose: on a small shared machine a multi-threaded elementwise op over
+        The reductions over the ``[n, C]`` product run in numpy, single-threaded on purpose: on a small shared machine a multi-threaded elementwise op over
         100K rows waits for a second core's time slice (milliseconds each), more than the op itself."""
-        n = len(self.rows)
+        n = self._n
         s, post = product
 
         def column(name, col):
@@ -387,67 +400,6 @@ class Retriever:
         floor = (thresholds or {}).get("description", 0.0)
         include = [self.by_id[i] for i in self.vocab.rows_for(tokens(prompt), floor) if i in self.by_id]
         return self.search(prompt, limit=max(4 * top_k, 20), include=include)
-
-
-SCAN_DTYPE = None  # stage 1's compact copy above BF16_ROWS: None = the fastest here (probed), or "int8" / "bfloat16" / "float32"
-
-
-def _compact(matrix: np.ndarray, blocks: dict, compact: bool):
-    """The stage-1 copy of ``matrix``: itself (float32), or int8 with a float32 scale per row and block
-    ``[n, blocks]``, blocks in column order, or bfloat16. Which one: :data:`SCAN_DTYPE`, else the fastest on
-    a probe of 4,096 rows: int8 matmul is 4x less memory traffic where the CPU has an int8 dot product
-    (VNNI), but on a CPU without one ``torch._int_mm`` and bfloat16 run 10x slower than float32."""
-    t = torch.from_numpy(matrix)
-    if not compact or not len(matrix):
-        return t, None
-    kind = SCAN_DTYPE or _fastest_scan(matrix, blocks)
-    if kind == "int8":
-        q8, scale = _int8(matrix, blocks)
-        return torch.from_numpy(q8), scale
-    if kind == "bfloat16":
-        return t.to(torch.bfloat16), None
-    return t, None
-
-
-def _int8(matrix: np.ndarray, blocks: dict) -> tuple[np.ndarray, np.ndarray]:
-    spans = sorted(blocks.values())
-    n = matrix.shape[0]
-    q8 = np.empty(matrix.shape, np.int8)
-    scale = np.ones((n, len(spans)), np.float32)
-    for b, (a, w) in enumerate(spans):
-        blk = matrix[:, a : a + w]
-        sc = np.abs(blk).max(1) / 127.0
-        sc[sc == 0] = 1.0
-        scale[:, b] = sc
-        q8[:, a : a + w] = np.rint(blk / sc[:, None])
-    return q8, scale
-
-
-def _fastest_scan(matrix: np.ndarray, blocks: dict, rows: int = 4096, cols: int = 24) -> str:
-    """The stage-1 dtype with the fastest ``[rows, D] @ [D, cols]`` product on this machine (best of 3)."""
-    import time
-
-    sample = np.ascontiguousarray(matrix[:rows])
-    q = np.random.default_rng(0).standard_normal((matrix.shape[1], cols)).astype(np.float32)
-    runs = {"float32": lambda: sample @ q}
-    try:
-        s8 = torch.from_numpy(_int8(sample, blocks)[0])
-        q8 = torch.from_numpy(np.rint(np.clip(q * 40, -127, 127)).astype(np.int8))
-        torch._int_mm(s8[:32], q8)  # supported here?
-        runs["int8"] = lambda: torch._int_mm(s8, q8)
-    except Exception:  # noqa: BLE001 - no int8 matmul on this build
-        sb, qb = torch.from_numpy(sample).to(torch.bfloat16), torch.from_numpy(q).to(torch.bfloat16)
-        runs["bfloat16"] = lambda: torch.mm(sb, qb)
-    best = {}
-    for name, run in runs.items():
-        run()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-        best[name] = min(times)
-    return min(best, key=best.get)
 
 
 def format_table(matches: list[Match], root=None) -> str:

@@ -217,18 +217,21 @@ def test_fused_selection_top_k_duplicates_and_weights(retriever):
     assert retriever.select("a dragon", top_k=3, min_score=1.01) == []
 
 
-def test_bf16_scan_matches_exact_ranking(retriever, monkeypatch):
+def test_vector_index_path_matches_exact_ranking(retriever):
+    """The same catalog through the on-disk vector index (threshold 0) ranks and scores as the exact scan,
+    and selects the same adapters."""
     exact = retriever.search("a robot in a forest", limit=5)
-    rs = importlib.import_module("lora_composer.retriever.search")
-    monkeypatch.setattr(rs, "BF16_ROWS", 0)
-    retriever._version = None
+    chosen = [m.name for m in retriever.select("a dragon drawn as an ink sketch, monochrome", top_k=3)]
+    retriever.exact_rows, retriever._version = 0, None
     try:
         fast = retriever.search("a robot in a forest", limit=5)
+        assert retriever.index is not None
+        picked = [m.name for m in retriever.select("a dragon drawn as an ink sketch, monochrome", top_k=3)]
     finally:
-        monkeypatch.undo()
-        retriever._version = None
+        retriever.exact_rows, retriever._version = 20_000, None
     assert names(fast) == names(exact)
     assert [m.score for m in fast] == pytest.approx([m.score for m in exact], abs=1e-5)
+    assert picked == chosen
 
 
 def test_pipeline_loras_auto_chooses_and_says_why(pipe, library, catalog):
@@ -285,34 +288,3 @@ def test_cli_index_search_and_loras_auto(tmp_path, monkeypatch, capsys, pipe):
     assert main(["--prompt", "x", "--loras", "auto", "--lora", "pix", "--library", str(lib), "--model", str(model),
                  "-q"]) == 2
     assert "leave out --lora" in capsys.readouterr().err
-
-
-def test_int8_prefilter_keeps_the_exact_top_k(tmp_path, monkeypatch):
-    """Stage 1 on the int8 copy, stage 2 exact: same ranking and scores as the all-float32 scan, on a
-    synthetic catalog of random rows (many near ties)."""
-    import numpy as np
-
-    from bench.retrieval import _Encoded, _synthetic_catalog
-
-    rs = importlib.import_module("lora_composer.retriever.search")
-    d = 64
-    cat, rows, m, present = _synthetic_catalog(tmp_path, 3000, d)
-    results = {}
-    for compact in (False, True):
-        monkeypatch.setattr(rs, "BF16_ROWS", 0 if compact else 10**9)
-        monkeypatch.setattr(rs, "SCAN_DTYPE", "int8")
-        r = Retriever(cat, encoder=None, family="sd15")
-        r.blocks = {"text": (0, d), "weights": (d, m.shape[1] - d)}
-        r.set_matrix(rows, m, present, d)
-        assert (r.scan.dtype == torch.int8) == compact
-        got = []
-        for q in range(5):
-            tokens = np.random.default_rng(q).standard_normal((6, d)).astype(np.float32)
-            tokens /= np.linalg.norm(tokens, axis=1, keepdims=True)
-            text_q = tokens.mean(0) / np.linalg.norm(tokens.mean(0))
-            enc = _Encoded(torch.from_numpy(tokens), ["t"] * 6)
-            found = r.search_encoded(f"neon glow w{q}", enc, text_q, limit=20)
-            got.append([(m_.name, round(m_.score, 5)) for m_ in found])
-        results[compact] = got
-    cat.close()
-    assert results[True] == results[False] and all(len(g) == 20 for g in results[True])

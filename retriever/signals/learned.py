@@ -172,8 +172,7 @@ class LearnedEncoder:
 
     def ensure_embeddings(self, catalog, family: str) -> int:
         """Embed the rows of ``family`` that have no embedding from this model yet."""
-        have = catalog.embeddings("learned", self.id)
-        todo = [r for r in catalog.rows(family) if r.id not in have]
+        todo = catalog.missing("learned", self.id, family)
         if not todo:
             return 0
         vecs = self.embed([_row_features(catalog, r, self.dim) for r in todo])

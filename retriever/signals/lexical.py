@@ -76,7 +76,10 @@ def search(catalog, prompt: str, rows_by_id: dict, family: str | None = None, li
     pw = words(prompt)
     pc = content_words(prompt)
     out = {}
-    for fid, bm25 in catalog.fts_search(pc, family=family, limit=limit):
+    hits = catalog.fts_search(pc, family=family, limit=limit)
+    if hasattr(rows_by_id, "prefetch"):  # rows read on demand (a vector-indexed catalog): one query for all
+        rows_by_id.prefetch([fid for fid, _ in hits])
+    for fid, bm25 in hits:
         row = rows_by_id.get(fid)
         if row is None:
             continue

@@ -66,8 +66,7 @@ def load_available() -> PreviewEncoder | None:
 
 
 def ensure_embeddings(catalog, encoder: PreviewEncoder, family: str) -> int:
-    have = catalog.embeddings("preview", encoder.id)
-    todo = [r for r in catalog.rows(family) if r.id not in have]
+    todo = catalog.missing("preview", encoder.id, family)
     if not todo:
         return 0
     vecs = encoder.encode_images([r.preview or "" for r in todo])
