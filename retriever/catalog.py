@@ -392,13 +392,13 @@ class Catalog:
                 out[r[0]] = self._row(r)
         return out
 
-    def word_rows(self, family: str | None = None):
+    def word_rows(self, family: str | None = None, min_id: int = 0):
         """Light rows (id, name, trigger words, description) of a family, in id order: what the selection
         vocabulary reads, without the weight blobs."""
         from types import SimpleNamespace
 
-        sql = "SELECT id, name, trigger_words, description FROM files" + (" WHERE family = ?" if family else "") + " ORDER BY id"
-        for r in self.db.execute(sql, (family,) if family else ()):
+        sql = "SELECT id, name, trigger_words, description FROM files WHERE id >= ?" + (" AND family = ?" if family else "")
+        for r in self.db.execute(sql + " ORDER BY id", (min_id, family) if family else (min_id,)):
             yield SimpleNamespace(id=r[0], name=r[1], trigger_words=json.loads(r[2]), description=r[3])
 
     def vectors_of(self, signal: str, encoder_id: str, ids) -> dict[int, np.ndarray | None]:

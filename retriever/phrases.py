@@ -106,29 +106,23 @@ class Vocabulary:
         self._desc: dict[int, list[str]] = {}  # row id -> description content stems
         contexts: dict[str, set] = {}
         self._desc_df: dict[str, int] = {}
-        count = 0
+        count, max_id = 0, -1
         for r in rows:
-            count += 1
-            ph = []
-            for t in r.trigger_words:
-                c = content(t)
-                if c:
-                    ph.append(("trigger", c, t))
-            name = [s for w, s in tokens(_NAME_SEP.sub(" ", r.name)) if not NAME_NOISE.match(w.lower())]
-            if name:
-                ph.append(("name", list(dict.fromkeys(name)), r.name))
+            count, max_id = count + 1, max(max_id, r.id)
+            ph, desc = row_words(r)
             self.phrases[r.id] = ph
             for _, words, _ in ph:
                 fw = frozenset(words)
                 for w in words:
                     contexts.setdefault(w, set()).add(fw - {w})
-            desc = content(r.description)
             self._desc[r.id] = desc
             for w in desc:
                 self._desc_df[w] = self._desc_df.get(w, 0) + 1
+        self._contexts = contexts
         self.generic = {w for w, ctx in contexts.items() if len([c for c in ctx if c]) >= 2}
         self._named = set(contexts)
         self._n = max(count, 1)
+        self._count, self._max_id = count, max_id
         self._desc_words: dict[int, dict[str, float]] = {}
         self.category = {}
         self._index: dict[str, list[int]] = {}  # stem -> rows whose phrase needs it
@@ -136,11 +130,78 @@ class Vocabulary:
         for rid, ph in self.phrases.items():
             own = {w for _, words, _ in ph for w in words}
             self.category[rid] = frozenset(w for w in own if w in self.generic)
-            for w in {w for _, words, _ in ph for w in ([x for x in words if x not in self.generic] or words)}:
+            for w in self._needs(ph):
                 self._index.setdefault(w, []).append(rid)
             for w in self._desc[rid]:
                 if w not in self._named:
                     self._desc_index.setdefault(w, []).append(rid)
+
+    def _needs(self, ph) -> set[str]:
+        """The words under which the phrase index lists a row: each phrase's non-generic words (all its words
+        when every one is generic)."""
+        return {w for _, words, _ in ph for w in ([x for x in words if x not in self.generic] or words)}
+
+    # -- large catalogs: stored compact, per-row parts read from the catalog on demand ---------------
+    def compact(self) -> "Vocabulary":
+        """Drop the per-row maps (a million rows' phrases) and keep the word indexes as arrays: what is stored
+        beside a vector-indexed catalog. :meth:`attach` gives it the rows to read per-row parts from."""
+        import numpy as np
+
+        self.phrases = self._desc = self.category = None
+        self._index = {w: np.asarray(v, np.int64) for w, v in self._index.items()}
+        self._desc_index = {w: np.asarray(v, np.int64) for w, v in self._desc_index.items()}
+        self._desc_words = {}
+        return self
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if state.get("phrases") is None or isinstance(state.get("phrases"), _PerRow):
+            for key in ("phrases", "_desc", "category", "_rows"):
+                state[key] = None
+            state["_desc_words"] = {}
+        return state
+
+    def attach(self, rows) -> "Vocabulary":
+        """``rows``: ``{id: row}``-like (``.get``), where a compact vocabulary reads a row's words."""
+        self._rows = rows
+        self.phrases, self._desc, self.category = _PerRow(self, 0), _PerRow(self, 1), _PerRow(self, 2)
+        return self
+
+    def add_rows(self, rows) -> bool:
+        """Add new rows (ids above every known one) to a compact vocabulary in time proportional to them.
+        False when they would turn a word generic (a rebuild is cheaper to get right than an edit of every
+        row that uses it); the caller then rebuilds."""
+        import numpy as np
+
+        rows = list(rows)
+        news: dict[str, list] = {}
+        desc_new: dict[str, list] = {}
+        for r in rows:
+            ph, desc = row_words(r)
+            for _, words, _ in ph:
+                fw = frozenset(words)
+                for w in words:
+                    ctx = self._contexts.setdefault(w, set())
+                    ctx.add(fw - {w})
+                    if w not in self.generic and len([c for c in ctx if c]) >= 2:
+                        return False
+                    if w not in self._named:  # a description word that is now a phrase word: never a desc claim
+                        self._named.add(w)
+                        self._desc_index.pop(w, None)
+            for w in self._needs(ph):
+                news.setdefault(w, []).append(r.id)
+            for w in desc:
+                self._desc_df[w] = self._desc_df.get(w, 0) + 1
+                if w not in self._named:
+                    desc_new.setdefault(w, []).append(r.id)
+            self._count += 1
+            self._max_id = max(self._max_id, r.id)
+        for index, new in ((self._index, news), (self._desc_index, desc_new)):
+            for w, ids in new.items():
+                index[w] = np.concatenate([np.asarray(index.get(w, ()), np.int64), np.asarray(ids, np.int64)])
+        self._n = max(self._count, 1)
+        self._desc_words = {}  # idf moved with n and df
+        return True
 
     def idf(self, word: str) -> float:
         """A description word's weight in [0, 1]: ``log(1 + n / df) / log(1 + n)`` (1: one row has it)."""
@@ -196,6 +257,44 @@ class Vocabulary:
         return out
 
 
+def row_words(r) -> tuple[list, list[str]]:
+    """A row's phrases ``[(kind, stems, text)]`` (trigger words, file name) and description stems."""
+    ph = []
+    for t in r.trigger_words:
+        c = content(t)
+        if c:
+            ph.append(("trigger", c, t))
+    name = [s for w, s in tokens(_NAME_SEP.sub(" ", r.name)) if not NAME_NOISE.match(w.lower())]
+    if name:
+        ph.append(("name", list(dict.fromkeys(name)), r.name))
+    return ph, content(r.description)
+
+
+class _PerRow:
+    """One per-row map of a compact :class:`Vocabulary` (0: phrases, 1: description stems, 2: category),
+    worked out from the catalog row when asked."""
+
+    def __init__(self, vocab, part: int):
+        self.vocab, self.part = vocab, part
+
+    def get(self, rid, default=None):
+        row = self.vocab._rows.get(int(rid))
+        if row is None:
+            return default
+        ph, desc = row_words(row)
+        if self.part == 0:
+            return ph
+        if self.part == 1:
+            return desc
+        return frozenset(w for _, words, _ in ph for w in words if w in self.vocab.generic)
+
+    def __getitem__(self, rid):
+        got = self.get(rid)
+        if got is None:
+            raise KeyError(rid)
+        return got
+
+
 def _match(words: list[str], generic: set, stems: list[str]) -> tuple[int, int, float] | None:
     """``(start, end, score)`` of ``words`` in ``stems``: every non-generic word (or every word, when all are
     generic) within a window of ``len(words) + 3``; 1 for the phrase in order, 0.95 for all its words in
@@ -229,25 +328,33 @@ def _match(words: list[str], generic: set, stems: list[str]) -> tuple[int, int, 
     return best
 
 
-def stored_vocabulary(catalog, family: str | None, folder) -> Vocabulary:
-    """The vocabulary of a large catalog, read from ``folder/vocabulary.pickle`` when it was built for the
-    catalog's current version, else built from the rows' words (no weight blobs read) and stored there."""
+def stored_vocabulary(catalog, family: str | None, folder, rows) -> Vocabulary:
+    """The compact vocabulary of a large catalog (``rows``: where it reads per-row words), from
+    ``folder/vocabulary.pickle``: as stored when the catalog has not changed, brought up to date when rows
+    were only added (:meth:`Vocabulary.add_rows`), else built again from the rows' words and stored."""
     import pickle
     from pathlib import Path
 
     path = Path(folder) / "vocabulary.pickle"
     version = catalog.version()
+    vocab = None
     if path.is_file():
         try:
             with open(path, "rb") as fh:
                 stored_version, vocab = pickle.load(fh)
-            if stored_version == version:
-                return vocab
-        except Exception:  # noqa: BLE001 - a stale or broken file is rebuilt
-            pass
-    vocab = Vocabulary(catalog.word_rows(family))
+        except Exception:  # noqa: BLE001 - a broken file is rebuilt
+            vocab = None
+    if vocab is not None and stored_version == version:
+        return vocab.attach(rows)
+    if vocab is not None:
+        ids = catalog.family_ids(family)[0]
+        new = ids[ids > vocab._max_id]
+        if len(ids) != vocab._count + len(new) or not vocab.add_rows(catalog.word_rows(family, min_id=vocab._max_id + 1)):
+            vocab = None
+    if vocab is None:
+        vocab = Vocabulary(catalog.word_rows(family)).compact()
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
         pickle.dump((version, vocab), fh, protocol=pickle.HIGHEST_PROTOCOL)
     tmp.replace(path)
-    return vocab
+    return vocab.attach(rows)

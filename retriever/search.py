@@ -158,7 +158,7 @@ class Retriever:
         self.matrix = vi.vectors
         self.present = {name: vi.present[:, b] for b, name in enumerate(src.blocks)}
         self.dim = src.dim
-        self.vocab = stored_vocabulary(self.catalog, self.family, folder)
+        self.vocab = stored_vocabulary(self.catalog, self.family, folder, cache)
 
     def rebuild_index(self) -> None:
         """Build the vector index again from the catalog (``compose index --rebuild``)."""
@@ -304,6 +304,37 @@ class Retriever:
                 m.reasons["preview"] = f"preview image matches ({m.signals['preview']:.2f})"
             out.append(m)
         return out
+
+    def scan_all(self, prompt, enc, text_q, preview_q=None, limit: int = 20, chunk: int = 50_000) -> list[int]:
+        """The reference the vector index is measured against: the exact fused score of every live row (read in
+        chunks, never mapped whole), file ids of the best ``limit`` with a positive score, best first."""
+        self.refresh()
+        q, cols = self._query_matrix(enc, text_q, preview_q)
+        lex = lexical.search(self.catalog, prompt, self.rows_by_id, family=self.family)
+        lex_all = np.zeros(self._n, np.float32)
+        for fid, (sc, _, bm) in lex.items():
+            slot = self.by_id.get(fid)
+            if slot is not None:
+                lex_all[slot] = sc + 1e-6 * min(bm, 100.0)
+        scores, slots = np.zeros(0, np.float32), np.zeros(0, np.int64)
+        for a in range(0, self._n, chunk):
+            idx = np.arange(a, min(self._n, a + chunk))
+            if self.index is not None:
+                with open(self.index.folder / "vectors.f32", "rb") as fh:
+                    fh.seek(a * self.index.width * 4)
+                    block = np.fromfile(fh, np.float32, len(idx) * self.index.width).reshape(len(idx), -1)
+            else:
+                block = self.matrix[a : a + len(idx)]
+            sig, _ = self._signals(block @ q, cols, idx)
+            sig["lexical"] = lex_all[idx]
+            fused = self._fuse(sig, len(idx))
+            if self.index is not None:
+                fused[~self.index.live[idx]] = 0
+            top = np.argsort(-fused, kind="stable")[:limit]
+            scores, slots = np.concatenate([scores, fused[top]]), np.concatenate([slots, idx[top]])
+            keep = np.argsort(-scores, kind="stable")[:limit]
+            scores, slots = scores[keep], slots[keep]
+        return [self.rows[int(i)].id for i, sc in zip(slots, scores) if sc > 0]
 
     def _index_candidates(self, q: np.ndarray, cols: dict, use, k: int) -> np.ndarray:
         """Stage 1 on the vector index: the fused dense score read as one inner product. Each signal's
