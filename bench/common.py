@@ -361,7 +361,7 @@ def cli(name: str, doc: str, run, argv: list[str] | None, options=None) -> Resul
     tiny, write = args.pop("tiny"), not args.pop("no_write")
     apply_threads(args.pop("threads"))
     result = run(tiny=tiny, argv=sys.argv[1:] if argv is None else argv, **args)
-    return report(name, result, write=write)
+    return report(result.name or name, result, write=write)  # a run may name its own section (a variant)
 
 
 def log(msg: str) -> None:

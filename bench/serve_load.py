@@ -7,8 +7,11 @@ out of range, a wrong type, an unknown field). Every valid answer must be the PN
 (``ComposerPipeline`` on a second copy of the model, rendered after the timed phase; 8-bit pixels equal within
 one level), every malformed one a 4xx naming the field, and the server must answer health checks after. Run
 once with step-level batching and once one request at a time (``--no-batching`` on the server).
+``--family flux`` / ``sd3`` serves a tiny FLUX.1 / SD3 pipeline (16x16) with a library of eight random LoRAs
+instead, written to a section of its own.
 
     python -m bench.serve_load [--no-write] [--requests 200] [--clients 8] [--steps 4] [--malformed 0.1]
+                               [--family miniworld|flux|sd3]
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ class LoadResult:
     rows: dict = field(default_factory=dict)
 
 
-def make_requests(names: list[str], n: int, malformed: float, steps: int, seed: int) -> list[tuple[dict, str | None]]:
+def make_requests(names: list[str], n: int, malformed: float, steps: int, seed: int,
+                  size: int = 64) -> list[tuple[dict, str | None]]:
     """``n`` request bodies (deterministic for ``seed``), about ``malformed`` of them broken in one field."""
     rng = random.Random(seed)
     out = []
@@ -64,7 +68,7 @@ def make_requests(names: list[str], n: int, malformed: float, steps: int, seed: 
         body = {
             "prompt": rng.choice(PROMPTS).format(c=rng.choice(COLOURS), s=rng.choice(SHAPES), b=rng.choice(BACKGROUNDS)),
             "loras": [{"name": p, "weight": rng.choice((0.6, 0.8, 1.0))} for p in picks],
-            "seed": rng.randrange(10_000), "steps": steps, "width": 64, "height": 64,
+            "seed": rng.randrange(10_000), "steps": steps, "width": size, "height": size,
         }
         kind = None
         if rng.random() < malformed:
@@ -76,7 +80,7 @@ def make_requests(names: list[str], n: int, malformed: float, steps: int, seed: 
             elif kind == "absolute lora":
                 body["loras"][0]["name"] = "/etc/hostname"
             elif kind == "odd width":
-                body["width"] = 60
+                body["width"] = size + 1
             elif kind == "steps 0":
                 body["steps"] = 0
             elif kind == "steps over limit":
@@ -236,34 +240,67 @@ def row(mode: str, result: LoadResult) -> dict:
     }
 
 
-def run(tiny: bool, argv: list[str], requests: int, clients: int, steps: int, malformed: float, seed: int):
-    from lora_composer.default_model import ensure_default_model
-    from lora_composer.library import list_loras
+DIT_SIZE = 16  # the tiny FLUX.1 / SD3 pipelines' size (pixels per side)
+
+
+def _world(family: str, folder):
+    """``(serving composer, solo composer, library, size, setup line)`` for ``family``."""
+    import copy
+
     from lora_composer.pipeline import ComposerPipeline
+
+    if family == "miniworld":
+        from lora_composer.default_model import ensure_default_model
+
+        model, library = ensure_default_model()
+        return (ComposerPipeline.from_pretrained(model, library=library),
+                ComposerPipeline.from_pretrained(model, library=library), library, 64,
+                "Model: the mini world (64x64, guidance 5)")
+    from lora_composer import tiny_dit
+
+    pipe = tiny_dit.build_tiny_flux_pipeline(seed=0) if family == "flux" else tiny_dit.build_tiny_sd3_pipeline(seed=0)
+    text = ("text_encoder", "text_encoder_2") if family == "sd3" else ("text_encoder",)
+    library = folder / "loras"
+    for i in range(8):  # more than the server's 6 per request, for the "too many loras" case
+        layers = tiny_dit.random_dit_lora_layers(pipe, seed=i + 1, text_encoders=text)
+        tiny_dit.save_dit_diffusers_lora(pipe, layers, library / f"lora-{i + 1}.safetensors", rank=4)
+    composer = ComposerPipeline(pipe, library=library)
+    label = {"flux": "FLUX.1 (guidance 3.5, one row per image)", "sd3": "SD3 (guidance 7, CFG rows)"}[family]
+    return (composer, ComposerPipeline(copy.deepcopy(pipe), library=library), library, DIT_SIZE,
+            f"Model: a tiny {label}, {DIT_SIZE}x{DIT_SIZE}, a library of eight random rank-4 LoRAs")
+
+
+def run(tiny: bool, argv: list[str], requests: int, clients: int, steps: int, malformed: float, seed: int,
+        family: str = "miniworld"):
+    import tempfile
+    from pathlib import Path
+
+    from lora_composer.library import list_loras
 
     if tiny:
         requests, clients = min(requests, 12), min(clients, 3)
-    model, library = ensure_default_model()
-    composer = ComposerPipeline.from_pretrained(model, library=library)
-    solo = ComposerPipeline.from_pretrained(model, library=library)
-    names = [p.stem for p in list_loras(library)]
-    reqs = make_requests(names, requests, malformed, steps, seed)
-    rows = []
-    for mode, batching in (("batched (step-level, up to 8 requests per pass)", True), ("one at a time", False)):
-        result = measure(composer, solo, library, reqs, clients, batching)
-        rows.append(row(mode, result))
-        common.log(f"[{NAME}] {rows[-1]}")
-        if not result.healthy:
-            raise RuntimeError("the server stopped answering health checks")
+    with tempfile.TemporaryDirectory() as folder:
+        composer, solo, library, size, model = _world(family, Path(folder))
+        names = [p.stem for p in list_loras(library)]
+        reqs = make_requests(names, requests, malformed, steps, seed, size=size)
+        rows = []
+        for mode, batching in (("batched (step-level, up to 8 requests per pass)", True), ("one at a time", False)):
+            result = measure(composer, solo, library, reqs, clients, batching)
+            rows.append(row(mode, result))
+            common.log(f"[{NAME}] {rows[-1]}")
+            if not result.healthy:
+                raise RuntimeError("the server stopped answering health checks")
     speed = rows[0]["images/s"] / rows[1]["images/s"]
     notes = [f"Step-level batching serves {speed:.2f}x the images per second of one request at a time here; every "
              "valid answer is checked against its solo render, every malformed one must be a 4xx whose one-line "
              "error names the field ('wrong' counts those that are not)."]
     return common.Result(
-        name=NAME, title="compose serve under load (loopback)", columns=COLUMNS, rows=rows, notes=notes,
-        setup=[f"Model: the mini world (64x64, {steps} steps, guidance 5), fp32; {requests} requests from {clients} "
-               f"concurrent clients, 1-3 random LoRAs of its library each, {malformed:.0%} malformed; server and "
-               "clients in one process (uvicorn on 127.0.0.1)"],
+        name=NAME if family == "miniworld" else f"{NAME}_{family}",
+        title="compose serve under load (loopback)" + ("" if family == "miniworld" else f", tiny {family}"),
+        columns=COLUMNS, rows=rows, notes=notes,
+        setup=[f"{model}, {steps} steps, fp32; {requests} requests from {clients} concurrent clients, 1-3 random "
+               f"LoRAs of its library each, {malformed:.0%} malformed; server and clients in one process (uvicorn "
+               "on 127.0.0.1)"],
         command=common.command(f"bench.{NAME}", argv),
     )
 
@@ -274,6 +311,8 @@ def options(parser) -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--malformed", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=("miniworld", "flux", "sd3"), default="miniworld",
+                        help="the model served: the mini world, or a tiny FLUX.1 / SD3 pipeline")
 
 
 def main(argv: list[str] | None = None):

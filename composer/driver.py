@@ -38,25 +38,25 @@ from lora_composer.fusion.base import StepPlan, Strategy
 HOOK_NAME = "lora_composer_driver"
 _SAMPLE_NAMES = ("sample", "hidden_states", "x")
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
-_SHARED_NAMES = ("img_ids", "txt_ids")  # [tokens, 3] position ids: never repeated, even when tokens == batch
+SHARED_INPUTS = ("img_ids", "txt_ids")  # FLUX's [tokens, 3] position ids: never repeated, even when tokens == batch
 
 
-def _repeat(value, batch: int, groups: int):
+def repeat_rows(value, batch: int, groups: int):
     """Repeat every tensor whose leading dimension is the batch, through dicts, lists and tuples."""
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
         return torch.cat([value] * groups, dim=0)
     if isinstance(value, dict):
-        return {k: _repeat(v, batch, groups) for k, v in value.items()}
+        return {k: repeat_rows(v, batch, groups) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_repeat(v, batch, groups) for v in value)
+        return type(value)(repeat_rows(v, batch, groups) for v in value)
     return value
 
 
-def _cat(values: list):
+def cat_rows(values: list):
     """Row groups' inputs one after another: tensors along the batch, dicts key by key (SDXL's
     ``added_cond_kwargs``)."""
     if isinstance(values[0], dict):
-        return {k: _cat([v[k] for v in values]) for k in values[0]}
+        return {k: cat_rows([v[k] for v in values]) for k in values[0]}
     return torch.cat(values, dim=0)
 
 
@@ -124,6 +124,68 @@ def _state_managers(module: torch.nn.Module) -> list[StateManager]:
     return list(found.values())
 
 
+class RowGroups:
+    """One render's row groups, step by step: the strategy's plan, which groups to compute (the others reuse
+    their last prediction), each group's weights as mixing-tensor rows, and the combined prediction.
+
+    :class:`DenoiserDriver` keeps one for a render through the pipeline's own loop; the server's batcher keeps
+    one per request in its shared batch, so the two cannot plan, reuse or combine differently.
+    """
+
+    def __init__(self, runtime, strategy: Strategy, adapters: list[str]):
+        self.runtime = runtime
+        self.strategy = strategy
+        self.adapters = list(adapters)
+        self.plan: StepPlan | None = None
+        self.todo: list[int] = [0]  # the groups computed this step
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def next(self, step: int, timestep: float | None, inputs: dict) -> StepPlan:
+        """The plan for this denoiser call (``inputs``: the call's arguments by name, for ``observe``)."""
+        self.strategy.observe(step, timestep, inputs)
+        plan = self.strategy.plan(step, timestep)
+        if plan.row_groups == 0:  # no adapters at all: the base model
+            plan = StepPlan(torch.zeros(1, len(self.adapters)))
+        if self._cache and max(self._cache) >= plan.row_groups:
+            self._cache.clear()
+        reuse = plan.reuse if plan.reuse is not None else torch.zeros(plan.row_groups, dtype=torch.bool)
+        self.plan = plan
+        self.todo = [g for g in range(plan.row_groups) if not (bool(reuse[g]) and g in self._cache)]
+        return plan
+
+    @property
+    def single(self) -> bool:
+        """One group, never reused: its pass's output is the prediction (nothing to cache or combine)."""
+        return self.plan.row_groups == 1 and self.plan.reuse is None
+
+    def slot_rows(self, weights: torch.Tensor, groups: list[int], rows: int) -> torch.Tensor:
+        """``weights[groups]`` (``[groups, adapters]`` in strategy order) as mixing-tensor rows: each group's
+        row repeated ``rows`` times (the render's batch), other slots at 0."""
+        out = torch.zeros(len(groups), self.runtime.denoiser_mix.slots)
+        for i, name in enumerate(self.adapters):
+            out[:, self.runtime.slots[name]] = weights[groups, i]
+        return out.repeat_interleave(rows, dim=0)
+
+    def mixing_rows(self, groups: list[int], rows: int, layer_keys=()) -> tuple[torch.Tensor, dict]:
+        """The mixing rows of ``groups`` and, per layer group in ``layer_keys`` or the plan's, its own rows
+        (this plan's weights where it gives that layer group none)."""
+        layer = self.plan.layer_weights or {}
+        keys = set(layer_keys) | set(layer)
+        return (self.slot_rows(self.plan.weights, groups, rows),
+                {k: self.slot_rows(layer.get(k, self.plan.weights), groups, rows) for k in keys})
+
+    def store(self, groups: list[int], predictions) -> None:
+        self._cache.update(zip(groups, predictions))
+
+    def combine(self) -> torch.Tensor:
+        """Every group's latest prediction mixed by the strategy (the plan's combine weights by default)."""
+        predictions = torch.stack([self._cache[g] for g in range(self.plan.row_groups)])
+        return self.strategy.combine(predictions, self.plan)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
 class DenoiserDriver:
     """Context manager: while active, every denoiser call follows ``strategy``.
 
@@ -143,20 +205,13 @@ class DenoiserDriver:
         self.history: list[StepPlan] = []
         self.calls = 0
         self.rows = 0
-        self._cache: dict[int, torch.Tensor] = {}
+        self.groups = RowGroups(runtime, strategy, adapters)
         self._last_output = None
         self._signature = _Signature(denoiser)
         self._hook: _DriverHook | None = None
         self._had_registry = False
         self._saved_forward = None
         self._managers: list[StateManager] = []
-
-    def _slot_rows(self, weights: torch.Tensor) -> torch.Tensor:
-        """``[row groups, adapters]`` in strategy order -> ``[row groups, slots]`` (other slots at 0)."""
-        rows = torch.zeros(weights.shape[0], self.runtime.denoiser_mix.slots)
-        for i, name in enumerate(self.adapters):
-            rows[:, self.runtime.slots[name]] = weights[:, i]
-        return rows
 
     def _forward(self, chunk: list[int] | None, args, kwargs):
         """The rest of the hook chain; with ``chunk``, under a cache context of its own (module doc)."""
@@ -176,20 +231,17 @@ class DenoiserDriver:
 
     def _run(self, plan: StepPlan, groups: list[int], args, kwargs, batch: int):
         """One denoiser pass over row ``groups`` of one batch; returns (output, per-group samples)."""
-        def rows_of(w):
-            return self._slot_rows(w[groups]).repeat_interleave(batch, dim=0)
-
-        layer_rows = {g: rows_of(w) for g, w in (plan.layer_weights or {}).items()}
-        self.runtime.set_denoiser_rows(rows_of(plan.weights), layer_rows or None)
+        rows, layer_rows = self.groups.mixing_rows(groups, batch)
+        self.runtime.set_denoiser_rows(rows, layer_rows or None)
         own = plan.inputs[groups[0]].keys() if plan.inputs else ()
         if len(groups) > 1:
-            shared = {k: v for k, v in kwargs.items() if k in _SHARED_NAMES or k in own}
-            kwargs = {**_repeat({k: v for k, v in kwargs.items() if k not in shared}, batch, len(groups)), **shared}
-            args = _repeat(tuple(args), batch, len(groups))
+            shared = {k: v for k, v in kwargs.items() if k in SHARED_INPUTS or k in own}
+            kwargs = {**repeat_rows({k: v for k, v in kwargs.items() if k not in shared}, batch, len(groups)), **shared}
+            args = repeat_rows(tuple(args), batch, len(groups))
         for name in own:  # the row groups' own inputs, in the groups' order
             if name not in kwargs:
                 raise ValueError(f"row-group input {name!r} is not a keyword input of this denoiser call")
-            kwargs[name] = _cat([plan.inputs[g][name] for g in groups])
+            kwargs[name] = cat_rows([plan.inputs[g][name] for g in groups])
         chunk = groups if plan.row_groups > 1 else None
         output = self._last_output = self._forward(chunk, args, kwargs)
         self.calls += 1
@@ -199,33 +251,24 @@ class DenoiserDriver:
     def __call__(self, *args, **kwargs):
         inputs = self._signature.inputs(args, kwargs)
         timestep = _as_float(inputs.get(self._signature.timestep))
-        self.strategy.observe(self.step, timestep, inputs)
-        plan = self.strategy.plan(self.step, timestep)
-        if plan.row_groups == 0:  # no adapters at all: the base model
-            plan = StepPlan(torch.zeros(1, len(self.adapters)))
+        plan = self.groups.next(self.step, timestep, inputs)
         self.history.append(plan)
         self.step += 1
         sample = inputs[self._signature.sample]
         batch = sample.shape[0]
-        if plan.row_groups == 1 and plan.reuse is None:
+        if self.groups.single:
             return self._run(plan, [0], args, kwargs, batch)[0]
 
-        if len(self._cache) and max(self._cache) >= plan.row_groups:
-            self._cache.clear()
-        reuse = plan.reuse if plan.reuse is not None else torch.zeros(plan.row_groups, dtype=torch.bool)
-        todo = [g for g in range(plan.row_groups) if not (bool(reuse[g]) and g in self._cache)]
+        todo = self.groups.todo
         per_pass = max(1, (self.max_batch or batch * plan.row_groups) // batch)
         output = None
         for start in range(0, len(todo), per_pass):
             chunk = todo[start : start + per_pass]
             output, samples = self._run(plan, chunk, args, kwargs, batch)
-            self._cache.update(zip(chunk, samples))
+            self.groups.store(chunk, samples)
         if output is None:  # every group reused: no pass this step, same output type as the last one
             output = self._last_output
-        predictions = torch.stack([self._cache[g] for g in range(plan.row_groups)])
-        combine = getattr(self.strategy, "combine", None) or (lambda p, pl: Strategy.combine(self.strategy, p, pl))
-        mixed = combine(predictions, plan)
-        return _with_sample(output, mixed.to(sample.dtype))
+        return _with_sample(output, self.groups.combine().to(sample.dtype))
 
     def __enter__(self):
         self._had_registry = hasattr(self.denoiser, "_diffusers_hook")
@@ -243,6 +286,6 @@ class DenoiserDriver:
             self.denoiser.__dict__.pop("forward", None)  # remove_hook leaves a bound method on the instance
         if not self._had_registry and not registry.hooks:
             del self.denoiser._diffusers_hook
-        self._cache.clear()
+        self.groups.clear()
         self._managers = []
         return False

@@ -19,10 +19,11 @@ import torch
 from lora_composer.adapters import load_adapter
 from lora_composer.adapters.types import Adapter
 from lora_composer.driver import DenoiserDriver
-from lora_composer.errors import ComposerError
+from lora_composer.errors import ComposerError, one_line
 from lora_composer.library import lora_name, resolve_lora
-from lora_composer.pnginfo import GenerationRecord, sampler_name
+from lora_composer.pnginfo import GenerationRecord
 from lora_composer.prompt_syntax import LoraRef, parse_prompt, split_regions
+from lora_composer.render import generation_record
 from lora_composer.runtime import LoraRuntime
 from lora_composer.vocab import DEFAULT_GUIDANCE, MODEL_DEFAULTS_FILE
 from lora_composer.fusion import StrategyContext, get_strategy
@@ -82,7 +83,7 @@ def model_class(folder: Path) -> str | None:
     try:
         name = json.loads(path.read_text(encoding="utf-8")).get("_class_name")
     except (OSError, ValueError, AttributeError) as exc:
-        raise ComposerError(f"{path}: cannot read the model index ({str(exc).splitlines()[0]})") from None
+        raise ComposerError(f"{path}: cannot read the model index ({one_line(exc)})") from None
     return name if isinstance(name, str) else None
 
 
@@ -142,7 +143,7 @@ class ComposerPipeline:
         try:
             pipe = loader.from_pretrained(str(local) if local.exists() else model, **kwargs)
         except OSError as exc:
-            raise ComposerError(f"{model}: cannot load model ({str(exc).splitlines()[0]})") from None
+            raise ComposerError(f"{model}: cannot load model ({one_line(exc)})") from None
         if device is not None:
             pipe.to(device)
         return cls(pipe, library=library, model=model)
@@ -451,7 +452,7 @@ class ComposerPipeline:
         except ComposerError:
             raise
         except (ValueError, TypeError, KeyError) as exc:
-            raise ComposerError(f"strategy '{strat.name}': {str(exc).splitlines()[0]}") from None
+            raise ComposerError(f"strategy '{strat.name}': {one_line(exc)}") from None
         mask = strat.text_mask()
         if mask is not None:
             self.runtime.set_weights(text={n: by_name[n][1].te_weight * float(m) for n, m in zip(names, mask)})
@@ -495,31 +496,12 @@ class ComposerPipeline:
             size = images.shape[1:3] if images.shape[-1] in (1, 3, 4) else images.shape[2:4]
         else:
             size = (images[0].height, images[0].width) if len(images) else (height, width)
-        record = GenerationRecord(
-            prompt=clean_prompt,
-            negative_prompt=negative_prompt or "",
-            steps=num_inference_steps,
-            guidance_scale=float(guidance_scale),
-            seed=seed,
-            width=int(size[1]) if size[1] else None,
-            height=int(size[0]) if size[0] else None,
-            strategy=strat.name,
+        record = generation_record(
+            self.model, prompt=clean_prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
+            guidance=guidance_scale, seed=seed, size=size, strategy=strat.name,
             strategy_args={**(strategy_args or {}), **strat.describe()},
-            model=self.model,
-            loras=[
-                {
-                    "name": a.name,
-                    "path": a.path,
-                    "te_weight": r.te_weight,
-                    "unet_weight": r.unet_weight,
-                    "hash": a.metadata.short_hash,
-                }
-                for a, r in by_name.values()
-            ],
-            sampler=sampler_name(type(self.pipe.scheduler).__name__),
-            scheduler=type(self.pipe.scheduler).__name__,
-            elapsed_s=round(time.perf_counter() - start, 3),
-        )
+            loras=[(a, r.te_weight, r.unet_weight) for a, r in by_name.values()], scheduler=self.pipe.scheduler,
+            elapsed_s=time.perf_counter() - start)
         self.last_record = record
         for image in images:
             if hasattr(image, "info"):

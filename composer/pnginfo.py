@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from lora_composer.errors import ComposerError
+from lora_composer.errors import ComposerError, one_line
 from lora_composer.prompt_syntax import find_tags, format_lora_tag, format_weight
 
 PARAMETERS_KEY = "parameters"
@@ -206,4 +206,4 @@ def read_record(path: str | os.PathLike) -> GenerationRecord:
     try:
         return GenerationRecord.from_json(raw)
     except (ValueError, TypeError) as exc:
-        raise ComposerError(f"{path}: damaged lora-composer metadata ({str(exc).splitlines()[0]})") from None
+        raise ComposerError(f"{path}: damaged lora-composer metadata ({one_line(exc)})") from None

@@ -11,7 +11,7 @@ import importlib.util
 import inspect
 import re
 
-from lora_composer.errors import ComposerError
+from lora_composer.errors import ComposerError, one_line
 from lora_composer.fusion.base import Strategy
 
 MODULES = ("merge", "switch", "composite", "cmlora", "gated", "conjunction", "loratorio", "activation_matched", "marginal", "ties", "dare", "klora", "tsv", "regional")
@@ -95,4 +95,4 @@ def get_strategy(name: str | Strategy, **args) -> Strategy:
     try:
         return STRATEGIES[name](**args)
     except (TypeError, ValueError) as exc:
-        raise ComposerError(f"strategy '{name}': {str(exc).splitlines()[0]}") from None
+        raise ComposerError(f"strategy '{name}': {one_line(exc)}") from None

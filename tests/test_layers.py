@@ -21,7 +21,7 @@ LAYERS = [
     ["lora_composer.adapters", "lora_composer.pnginfo", "lora_composer.tiny_dit"],
     ["lora_composer.runtime"],
     ["lora_composer.fusion", "lora_composer.retriever"],
-    ["lora_composer.driver", "lora_composer.explain"],
+    ["lora_composer.driver", "lora_composer.explain", "lora_composer.render"],
     ["lora_composer.pipeline"],
     ["lora_composer.miniworld"],
     ["lora_composer.default_model", "lora_composer.devices"],  # devices reads which pipeline class a model is

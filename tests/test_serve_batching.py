@@ -225,3 +225,82 @@ def test_sdxl_requests_share_batches_and_equal_their_solo_renders(sdxl_pipe, mak
         assert np.abs(jobs[0].array - base).max() > 1e-3  # the LoRA acted
     finally:
         batcher.close()
+
+
+def _dit_pipe(family: str):
+    from lora_composer import tiny_dit
+
+    if family == "kontext":  # the same weights as a FluxKontextPipeline (text to image: no input image)
+        from diffusers import FluxKontextPipeline
+
+        pipe = FluxKontextPipeline(**tiny_dit.build_tiny_flux_pipeline(seed=0).components)
+        pipe.default_sample_size = 16
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return tiny_dit.build_tiny_flux_pipeline(seed=0) if family == "flux" else tiny_dit.build_tiny_sd3_pipeline(seed=0)
+
+
+@pytest.mark.parametrize("family", ["flux", "kontext", "sd3"])
+def test_dit_requests_share_batches_and_equal_their_solo_renders(family, tmp_path):
+    """FLUX.1 (guidance as an input, packed latents, shared position ids), Kontext without an input image and SD3
+    (joint attention, classifier-free guidance): requests with different LoRA sets, strategies, prompts and
+    guidance share transformer passes, and each equals its render alone through the pipeline's own loop."""
+    import copy
+
+    from lora_composer import tiny_dit
+    from lora_composer.pipeline import ComposerPipeline
+
+    pipe = _dit_pipe(family)
+    text = ("text_encoder", "text_encoder_2") if family == "sd3" else ("text_encoder",)  # as diffusers saves them
+    a, b = (tiny_dit.save_dit_diffusers_lora(pipe, tiny_dit.random_dit_lora_layers(pipe, seed=i, text_encoders=text),
+                                             tmp_path / f"{name}.safetensors", rank=4) for i, name in ((1, "a"), (2, "b")))
+    solo = ComposerPipeline(copy.deepcopy(pipe))
+    serving = ComposerPipeline(pipe)
+    batcher = Batcher(serving, Residency(serving, max_bytes=64 << 20), max_batch=4)
+    assert batcher.batching
+    size = dict(width=16, height=16)
+    specs = [RenderSpec("a cat", loras=[(a, 1.0)], seed=41, steps=3, guidance=3.5, **size),
+             RenderSpec("a dog", loras=[(a, 0.7), (b, 1.0)], strategy="composite", seed=42, steps=3, guidance=5.0,
+                        negative_prompt="blurry", **size),
+             RenderSpec("a bird", loras=[(b, 1.2)], seed=43, steps=2, guidance=1.0, **size)]
+    try:
+        jobs = [batcher.submit(s) for s in specs]
+        for job in jobs:
+            assert job.wait(120), job.summary()
+        assert [j.status for j in jobs] == ["done"] * 3, [j.error for j in jobs]
+        assert all(j.batched_with >= 1 for j in jobs)  # none ran alone
+        for job, spec in zip(jobs, specs):
+            want = solo(spec.prompt, negative_prompt=spec.negative_prompt or None,
+                        loras=[(str(p), w) for p, w in spec.loras], strategy=spec.strategy,
+                        num_inference_steps=spec.steps, guidance_scale=spec.guidance, seed=spec.seed, output_type="np",
+                        progress=False, **size)[0]
+            assert job.array.shape == want.shape and np.abs(job.array - want).max() < 1e-4, (family, spec.prompt)
+        base = solo("a cat", num_inference_steps=3, guidance_scale=3.5, seed=41, output_type="np", progress=False,
+                    **size)[0]
+        assert np.abs(jobs[0].array - base).max() > 1e-3  # the LoRA acted
+    finally:
+        batcher.close()
+
+
+def test_an_internal_failure_fails_its_request_and_is_logged(world, monkeypatch, caplog):
+    """A fault inside the server fails that request with a one-line 500 and goes to the library's logger with
+    its traceback (``compose serve --log-level``), never to a bare print."""
+    import logging
+
+    serving, _, library = world
+    batcher = Batcher(serving, Residency(serving, max_bytes=64 << 20))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder on fire\nsecond line")
+
+    monkeypatch.setattr(batcher.render, "decode", broken)
+    try:
+        with caplog.at_level(logging.ERROR, logger="lora_composer"):
+            job = batcher.submit(RenderSpec("a star", loras=[(library / "star-shape.safetensors", 1.0)], steps=2))
+            assert job.wait(120), job.summary()
+        assert job.status == "failed" and job.http_status == 500 and job.error == "internal error: decoder on fire"
+        records = [r for r in caplog.records if r.name == "lora_composer.serving.batcher"]
+        assert records and records[0].levelno == logging.ERROR and job.id in records[0].getMessage()
+        assert records[0].exc_info is not None and "decoder on fire" in str(records[0].exc_info[1])
+    finally:
+        batcher.close()

@@ -28,6 +28,7 @@ from .lycoris import KOHYA_SUFFIXES, NOT_LOADED, PEFT_SUFFIXES, KindError, kohya
 from .kinds import DoRADelta
 from .types import LayerDelta
 
+from ..errors import ComposerError
 from ..vocab import COMPONENTS
 from ..vocab import TEXT_ENCODERS as TEXT_COMPONENTS
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -47,7 +48,7 @@ _DIFFUSERS_SUFFIXES = (
 )
 
 
-class FormatError(ValueError):
+class FormatError(ComposerError, ValueError):
     """The state dict is not a LoRA we can load; the message is the one-line cause."""
 
 

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from ..errors import ComposerError
 from .kinds import DoRADelta, FullDelta, GLoRADelta, IA3Delta, LoHaDelta, LoKrDelta, OFTDelta
 from .types import LayerDelta
 
@@ -36,7 +37,7 @@ NOT_LOADED = (
 EPS32 = float(torch.finfo(torch.float32).eps)
 
 
-class KindError(ValueError):
+class KindError(ComposerError, ValueError):
     """One layer's tensors do not make a delta; the message names the key and the cause."""
 
 

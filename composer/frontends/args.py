@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from lora_composer.errors import ComposerError
+from lora_composer.errors import ComposerError, one_line
 
 HUB_TIMEOUT_S = 3.0  # how long a Hub id waits for the Hub to answer before failing
 
@@ -31,7 +31,7 @@ def plain(text: str) -> str:
     return _RST.sub(lambda m: m.group(3).rsplit(".", 1)[-1] if m.group(2) else m.group(3), text)
 
 
-class UsageError(Exception):
+class UsageError(ComposerError):
     """The command line cannot be run as typed."""
 
 
@@ -44,15 +44,6 @@ class Parser(argparse.ArgumentParser):
 
     def format_help(self):
         return plain(super().format_help())
-
-
-def one_line(exc: BaseException) -> str:
-    """The first non-empty line of ``exc`` (naming the file for an ``OSError`` that does not)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
-        text = f"{exc.filename}: {text}"
-    return text
 
 
 def command(prog: str):
@@ -148,6 +139,31 @@ def model_source(model: str) -> dict:
     if cached:
         return {"local_files_only": True}
     raise ComposerError(f"model {model}: neither a local folder nor reachable on the Hugging Face Hub ({why})")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def configure_logging(level: str) -> None:
+    """Send the library's log records at ``level`` and above to stderr, one line each (other libraries'
+    loggers are left as they are)."""
+    import logging
+
+    logger = logging.getLogger("lora_composer")
+    logger.setLevel(level.upper())
+    if not any(getattr(h, "_lora_composer", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._lora_composer = True
+        logger.addHandler(handler)
+
+
+def add_log_args(p: argparse.ArgumentParser, default: str = "warning") -> None:
+    """``--log-level``, shared by ``compose``, ``compose ui`` and ``compose serve`` (each passes it to
+    :func:`configure_logging` once parsed)."""
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=default,
+                   help=f"what the library logs to stderr (default {default}; a request that fails inside the "
+                        "server is logged with its traceback at error)")
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

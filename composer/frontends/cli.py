@@ -20,7 +20,8 @@ from pathlib import Path
 
 from lora_composer.errors import ComposerError
 from lora_composer.frontends import catalog, convert, evaluate, profile, serve, ui
-from lora_composer.frontends.args import Parser, UsageError, add_device_args, command, load_pipeline
+from lora_composer.frontends.args import (Parser, UsageError, add_device_args, add_log_args, command, configure_logging,
+                                          load_pipeline)
 
 PROG = "compose"
 
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle", dest="allow_pickle", action="store_true",
         help="allow pickle-based LoRA files (.pt/.ckpt/.bin): they can run code, only use files you trust",
     )
+    add_log_args(p)
     add_device_args(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notices")
     return p
@@ -307,7 +309,9 @@ COMMANDS = {
 
 @command(PROG)
 def _render_command(argv: list[str]) -> int:
-    return render(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    return render(args)
 
 
 def main(argv: list[str] | None = None) -> int:

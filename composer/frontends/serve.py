@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from lora_composer.frontends.args import Parser, UsageError, add_device_args, command
+from lora_composer.frontends.args import Parser, UsageError, add_device_args, add_log_args, command, configure_logging
 
 
 def is_loopback(host: str) -> bool:
@@ -58,6 +58,7 @@ def parser() -> Parser:
     p.add_argument("--max-resident", type=int, default=64, metavar="N", help="attached LoRAs before the least recently "
                    "used are detached; on the CPU every layer's stack is reserved for this many (default 64)")
     p.add_argument("--drain-s", type=float, default=60.0, metavar="S", help="at shutdown, time given to accepted requests")
+    add_log_args(p, default="info")
     add_device_args(p)  # with --ray, "auto" is resolved on each replica (a GPU replica runs on cuda)
     ray = p.add_argument_group("Ray Serve (pip install 'ray[serve]')")
     ray.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas, requests routed to the "
@@ -73,6 +74,7 @@ def parser() -> Parser:
 @command("compose serve")
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    configure_logging(args.log_level)
     token = read_token(args)
     if not is_loopback(args.host) and not token:
         raise UsageError(f"--host {args.host} is reachable from other machines: set a bearer token "

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from lora_composer.errors import ComposerError
 from lora_composer.library import lora_name
-from lora_composer.frontends.args import Parser, add_device_args, command
+from lora_composer.frontends.args import Parser, add_device_args, add_log_args, command, configure_logging
 from lora_composer.vocab import LORA_EXTENSIONS
 from lora_composer.fusion.registry import parse_strategy_args
 from lora_composer.frontends import ui_view
@@ -881,8 +881,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=7860, metavar="N", help="port (default 7860)")
     p.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB", help=f"largest LoRA upload accepted, in MB (default {DEFAULT_MAX_UPLOAD_MB})")
     p.add_argument("--no-uploads", action="store_true", help="do not offer LoRA uploads")
+    add_log_args(p)
     add_device_args(p)
     args = p.parse_args(argv)
+    configure_logging(args.log_level)
     library = args.library or os.environ.get("LORA_COMPOSER_LIBRARY") or None
     ui = ComposerUI(args.model, library, max_upload_mb=args.max_upload_mb, allow_uploads=not args.no_uploads,
                     device=args.device, dtype=args.dtype)

@@ -10,10 +10,12 @@ the next step and leaves when its own steps are done, and its image is the one i
 Strategies take their rows in the same batch: each step a request's strategy plans its row groups (one per
 group, or only those it does not reuse), its rows carry each group's weights (per layer group too), and its
 own ``combine`` mixes its groups' predictions, as :class:`~lora_composer.driver.DenoiserDriver` does for a
-render alone. What cannot share a batch runs alone through :class:`~lora_composer.pipeline.ComposerPipeline`
-between batches: strategies that derive adapters of their own (ties, dare, klora, tsv, activation-matched attach
-them for one call), and pipelines this loop does not drive (anything but SD1.5-family and SDXL UNet
-text-to-image pipelines: DiTs such as FLUX.1 and SD3).
+render alone (both through :class:`~lora_composer.driver.RowGroups`). The family's pieces (encoding, latents,
+timesteps, the denoiser's inputs, guidance, decoding) come from :mod:`lora_composer.render`: SD1.5-family
+and SDXL UNets, FLUX.1 (Kontext without an input image) and SD3. What cannot share a batch runs alone
+through :class:`~lora_composer.pipeline.ComposerPipeline` between batches: strategies that derive adapters
+of their own (ties, dare, klora, tsv, activation-matched attach them for one call), regional prompts, and
+pipelines :func:`~lora_composer.render.render_for` does not cover.
 Admission is first come, first served: a waiting request of another key stops new joins until the running
 batch drains, so nothing waits forever.
 """
@@ -22,100 +24,50 @@ from __future__ import annotations
 
 import collections
 import copy
-import inspect
 import io
+import logging
 import threading
 import time
-import traceback
 
 import torch
 
-from lora_composer.errors import ComposerError
+from lora_composer.driver import SHARED_INPUTS, RowGroups, cat_rows, repeat_rows
+from lora_composer.errors import ComposerError, one_line
 from lora_composer.fusion import StrategyContext, get_strategy
-from lora_composer.fusion.base import StepPlan, Strategy
-from lora_composer.pnginfo import GenerationRecord, png_info, sampler_name
+from lora_composer.fusion.base import Strategy
+from lora_composer.pnginfo import png_info
+from lora_composer.render import FamilyRender, generation_record, render_for
 from lora_composer.serving.jobs import Cancelled, Job, RenderSpec
 from lora_composer.serving.metrics import Metrics
 
+log = logging.getLogger(__name__)
 
-class QueueFull(Exception):
+class QueueFull(ComposerError):
     def __init__(self, retry_after: float):
         super().__init__(f"the queue is full; retry in about {retry_after:.0f} s")
         self.retry_after = retry_after
 
 
-class ShuttingDown(Exception):
+class ShuttingDown(ComposerError):
     pass
 
 
-_UNET_PIPELINES = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline": "text_time"}
-
-
-def batchable_pipeline(pipe) -> bool:
-    """Whether :class:`Batcher` can drive ``pipe``'s denoising loop itself: an SD1.5-family UNet (text alone) or
-    an SDXL one (text plus pooled embeddings and size ids), text to image."""
-    unet = getattr(pipe, "unet", None)
-    config = getattr(unet, "config", None)
-    name = type(pipe).__name__
-    return (
-        unet is not None
-        and name in _UNET_PIPELINES
-        and getattr(config, "addition_embed_type", None) == _UNET_PIPELINES[name]
-        and getattr(config, "time_cond_proj_dim", None) is None
-    )
-
-
 class _Active:
-    """One request inside the running batch: its scheduler, generator, latents and prompt rows."""
+    """One request inside the running batch: its scheduler, generator, latents, per-row inputs and row groups."""
 
-    def __init__(self, job: Job, names: list[str], weights: list[float], scheduler, generator, latents, embeds,
-                 cfg: bool, extra: dict):
+    def __init__(self, job: Job, names: list[str], groups: RowGroups, scheduler, generator, latents, cond: dict,
+                 rows: int, extra: dict):
         self.job = job
         self.names = names
-        self.weights = weights
+        self.groups = groups
         self.scheduler = scheduler
         self.generator = generator
         self.latents = latents
-        self.embeds = embeds  # [rows, tokens, dim]: (negative, positive) under guidance
-        self.added: dict[str, torch.Tensor] = {}  # SDXL: text_embeds [rows, dim], time_ids [rows, 6]
-        self.cfg = cfg
-        self.extra = extra
+        self.cond = cond  # the denoiser's inputs with one entry per row ((negative, positive) under guidance)
+        self.rows = rows
+        self.extra = extra  # scheduler.step's eta / generator
         self.index = 0
         self.timesteps = scheduler.timesteps
-        self.strategy: Strategy | None = None  # None: merge at the request's weights
-        self.cache: dict[int, torch.Tensor] = {}  # row group -> its last prediction (for plans that reuse)
-        self.plan: StepPlan | None = None
-        self.todo: list[int] = [0]  # row groups computed this step
-
-    @property
-    def rows(self) -> int:
-        return 2 if self.cfg else 1
-
-    def plan_step(self, sample: torch.Tensor, t: torch.Tensor) -> None:
-        """This step's plan and the row groups to compute (those not reused from the cache)."""
-        if self.strategy is None:
-            self.plan, self.todo = StepPlan(torch.tensor([self.weights], dtype=torch.float32)), [0]
-            return
-        inputs = {"sample": sample, "timestep": t, "encoder_hidden_states": self.embeds}
-        if self.added:
-            inputs["added_cond_kwargs"] = self.added
-        self.strategy.observe(self.index, float(t), inputs)
-        plan = self.strategy.plan(self.index, float(t))
-        if plan.row_groups == 0:  # no adapters at all: the base model
-            plan = StepPlan(torch.zeros(1, len(self.names)))
-        if self.cache and max(self.cache) >= plan.row_groups:
-            self.cache.clear()
-        reuse = plan.reuse if plan.reuse is not None else torch.zeros(plan.row_groups, dtype=torch.bool)
-        self.plan = plan
-        self.todo = [g for g in range(plan.row_groups) if not (bool(reuse[g]) and g in self.cache)]
-
-    def prediction(self, computed: torch.Tensor) -> torch.Tensor:
-        """The step's prediction from the computed groups' rows (``[len(todo) * rows, ...]``), before guidance."""
-        if self.strategy is None or (self.plan.row_groups == 1 and self.plan.reuse is None):
-            return computed
-        self.cache.update(zip(self.todo, computed.split(self.rows)))
-        predictions = torch.stack([self.cache[g] for g in range(self.plan.row_groups)])
-        return self.strategy.combine(predictions, self.plan).to(computed.dtype)
 
 
 class Batcher:
@@ -130,7 +82,8 @@ class Batcher:
         self.metrics = metrics or Metrics()
         self.max_queue = int(max_queue)
         self.max_batch = max(1, int(max_batch))  # requests per denoiser pass
-        self.batching = batching and batchable_pipeline(self.pipe)
+        self.render: FamilyRender | None = render_for(self.pipe)
+        self.batching = batching and self.render is not None
         self.keep_results = keep_results
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._queue: collections.deque[Job] = collections.deque()
@@ -254,9 +207,9 @@ class Batcher:
                 if self._active:
                     self._step()
             except Exception as exc:  # a fault of the loop itself: fail the batch, keep serving
-                traceback.print_exc()
+                log.exception("the batch loop failed: its %d requests fail, the server goes on", len(self._active))
                 for act in self._active:
-                    self._finish(act.job, "failed", error=f"internal error: {str(exc).splitlines()[0]}",
+                    self._finish(act.job, "failed", error=f"internal error: {one_line(exc)}",
                                  http_status=500)
                     self.residency.release(act.names)
                 self._active = []
@@ -305,7 +258,7 @@ class Batcher:
             except (ComposerError, ValueError, KeyError, TypeError) as exc:
                 self._finish(job, "failed", error=one_line(exc), http_status=422)
             except Exception as exc:  # noqa: BLE001 (this request fails alone: the batch goes on)
-                traceback.print_exc()
+                log.exception("request %s failed", job.id)
                 self._finish(job, "failed", error=f"internal error: {one_line(exc)}", http_status=500)
 
     def _resolve_loras(self, spec: RenderSpec) -> list[tuple]:
@@ -319,94 +272,36 @@ class Batcher:
         return [(path, unet, text) for path, (unet, text) in by_path.items()]
 
     def _prepare(self, job: Job) -> _Active:
-        """Attach the request's adapters, encode its prompt with them, and set up its own sampler state."""
-        spec, pipe = job.spec, self.pipe
+        """Attach the request's adapters, begin its strategy, encode its prompt with them, and set up its own
+        sampler state (as ComposerPipeline does for a render alone)."""
+        spec, render = job.spec, self.render
         loras = self._resolve_loras(spec)
         names = self.residency.acquire([p for p, _, _ in loras])
         try:
             weights = [w for _, w, _ in loras]
             runtime = self.composer.runtime
-            job.loras = [(n, runtime.adapters[n], w, te) for n, (_, w, te) in zip(names, loras)]
-            device = pipe._execution_device
-            cfg = spec.guidance > 1
-            strategy, text = None, [te for _, _, te in loras]
-            if spec.strategy != "merge":  # as ComposerPipeline begins it for a render alone
-                strategy = get_strategy(spec.strategy, **spec.strategy_args)
-                context = StrategyContext.from_pipeline(pipe, runtime, [runtime.adapters[n] for n in names],
-                                                        spec.guidance)
-                strategy.begin(names, weights, spec.steps, context)
-                mask = strategy.text_mask()
-                if mask is not None:
-                    text = [w * float(m) for w, m in zip(text, mask)]
+            adapters = [runtime.adapters[n] for n in names]
+            job.loras = [(a, te, w) for a, (_, w, te) in zip(adapters, loras)]
+            strategy = get_strategy(spec.strategy, **spec.strategy_args)
+            strategy.begin(names, weights, spec.steps,
+                           StrategyContext.from_pipeline(self.pipe, runtime, adapters, spec.guidance))
+            text, mask = [te for _, _, te in loras], strategy.text_mask()
+            if mask is not None:
+                text = [w * float(m) for w, m in zip(text, mask)]
             runtime.set_weights(text=dict(zip(names, text)))
-            embeds, added = self._encode(spec, device, cfg)
+            cond = render.encode(spec.prompt, spec.negative_prompt, spec.guidance, spec.height, spec.width)
             scheduler = self._scheduler(spec.scheduler)
-            scheduler.set_timesteps(spec.steps, device=device)
+            device = render.device
             generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(spec.seed)
-            vae = int(pipe.vae_scale_factor)
-            shape = (1, pipe.unet.config.in_channels, spec.height // vae, spec.width // vae)
-            from diffusers.utils.torch_utils import randn_tensor
-
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
-            latents = latents * scheduler.init_noise_sigma
-            params = set(inspect.signature(scheduler.step).parameters)
-            extra = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in params}
+            dtype = cond["encoder_hidden_states"].dtype
+            latents, own = render.start(scheduler, spec.steps, spec.height, spec.width, generator, dtype)
         except BaseException:
             self.residency.release(names)
             raise
         if self._active:
             job.batched_with = max(job.batched_with, len(self._active))
-        act = _Active(job, names, weights, scheduler, generator, latents, embeds, cfg, extra)
-        act.strategy, act.added = strategy, added
-        return act
-
-    def _encode(self, spec: RenderSpec, device, cfg: bool) -> tuple[torch.Tensor, dict]:
-        """The prompt's rows (``[negative, positive]`` under guidance) and, for SDXL, the UNet's added
-        conditioning (pooled text embeddings and size ids), as the pipeline's own call computes them."""
-        pipe = self.pipe
-        negative_prompt = spec.negative_prompt or None
-        if self.pipe.unet.config.addition_embed_type != "text_time":
-            positive, negative = pipe.encode_prompt(spec.prompt, device, 1, cfg, negative_prompt)
-            return (torch.cat([negative, positive]) if cfg else positive), {}
-        positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=spec.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-            negative_prompt=negative_prompt)
-        encoder_2 = getattr(pipe, "text_encoder_2", None)
-        projection = int(pooled.shape[-1]) if encoder_2 is None else encoder_2.config.projection_dim
-        size = (spec.height, spec.width)
-        ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=positive.dtype, text_encoder_projection_dim=projection)
-        ids = ids.to(device)
-        if not cfg:
-            return positive, {"text_embeds": pooled, "time_ids": ids}
-        return torch.cat([negative, positive]), {"text_embeds": torch.cat([negative_pooled, pooled]),
-                                                 "time_ids": torch.cat([ids, ids])}
-
-    def _decode(self, act: _Active) -> torch.Tensor:
-        """The latents to an image tensor, as the pipeline decodes them (SDXL's latent statistics and fp16
-        upcast included)."""
-        vae = self.pipe.vae
-        latents = act.latents
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            view = (1, latents.shape[1], 1, 1)
-            mean = torch.tensor(mean).view(view).to(latents.device, latents.dtype)
-            std = torch.tensor(std).view(view).to(latents.device, latents.dtype)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        if upcast:
-            vae.to(torch.float32)
-            latents = latents.float()
-        try:
-            if self.pipe.unet.config.addition_embed_type == "text_time":
-                image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-                watermark = getattr(self.pipe, "watermark", None)
-                return watermark.apply_watermark(image) if watermark is not None else image
-            return vae.decode(latents.to(vae.dtype), return_dict=False, generator=act.generator)[0]
-        finally:
-            if upcast:
-                vae.to(torch.float16)
+        return _Active(job, names, RowGroups(runtime, strategy, names), scheduler, generator, latents,
+                       {**cond, **own}, render.rows(spec.guidance), render.step_extra(scheduler, generator))
 
     def _scheduler(self, name: str):
         base = self.base_scheduler
@@ -423,39 +318,29 @@ class Batcher:
         self._active = active
         if not active:
             return
-        runtime = self.composer.runtime
-        slots = runtime.denoiser_mix.slots
-
-        def slot_rows(act, weights: torch.Tensor) -> torch.Tensor:  # [groups, adapters] -> [groups * rows, slots]
-            out = torch.zeros(len(act.todo), slots)
-            for i, name in enumerate(act.names):
-                out[:, runtime.slots[name]] = weights[act.todo, i]
-            return out.repeat_interleave(act.rows, dim=0)
-
-        rows, samples, times, embeds, counts = [], [], [], [], []
-        added: dict[str, list] = {}
-        for act in active:
+        render, runtime = self.render, self.composer.runtime
+        calls = []
+        for act in active:  # each request's inputs and plan; its row groups to compute repeat its rows
             t = act.timesteps[act.index]
-            x = act.scheduler.scale_model_input(torch.cat([act.latents] * act.rows), t)
-            act.plan_step(x, t)
-            groups = len(act.todo)
-            samples.append(x.repeat(groups, *[1] * (x.dim() - 1)))
-            times.append(t.reshape(1).expand(act.rows * groups))
-            embeds.append(act.embeds.repeat(groups, 1, 1))
-            for key, value in act.added.items():
-                added.setdefault(key, []).append(value.repeat(groups, 1))
-            rows.append(slot_rows(act, act.plan.weights))
-            counts.append(act.rows * groups)
-        layer_rows = {}
-        for key in {k for act in active for k in (act.plan.layer_weights or {})}:  # the others: their rows
-            layer_rows[key] = torch.cat([slot_rows(act, (act.plan.layer_weights or {}).get(key, act.plan.weights))
-                                         for act in active])
-        runtime.set_denoiser_rows(torch.cat(rows), layer_rows or None)
+            kwargs = render.inputs(act.scheduler, act.latents, t, act.rows, act.cond)
+            act.groups.next(act.index, float(t), kwargs)
+            calls.append(kwargs)
+        layer_keys = {k for act in active for k in (act.groups.plan.layer_weights or {})}
+        rows, layer_rows, inputs, counts = [], collections.defaultdict(list), [], []
+        for act, kwargs in zip(active, calls):
+            todo = act.groups.todo
+            mix, per_layer = act.groups.mixing_rows(todo, act.rows, layer_keys)
+            rows.append(mix)
+            for key, value in per_layer.items():
+                layer_rows[key].append(value)
+            if todo:
+                inputs.append(repeat_rows({k: v for k, v in kwargs.items() if k not in SHARED_INPUTS}, act.rows, len(todo)))
+            counts.append(act.rows * len(todo))
+        runtime.set_denoiser_rows(torch.cat(rows), {k: torch.cat(v) for k, v in layer_rows.items()} or None)
         start = time.perf_counter()
-        if sum(counts):
-            extra = {"added_cond_kwargs": {k: torch.cat(v) for k, v in added.items()}} if added else {}
-            out = self.pipe.unet(torch.cat(samples), torch.cat(times), encoder_hidden_states=torch.cat(embeds),
-                                 return_dict=False, **extra)[0]
+        if inputs:
+            shared = {k: v for k, v in calls[0].items() if k in SHARED_INPUTS}
+            out = render.denoise({**cat_rows(inputs), **shared})
         else:  # every request reuses every group's prediction this step
             out = torch.zeros(0, *active[0].latents.shape[1:], dtype=active[0].latents.dtype)
         self.metrics.step_seconds.observe(time.perf_counter() - start)
@@ -465,10 +350,12 @@ class Batcher:
             act.job.batched_with = max(act.job.batched_with, len(active) - 1)
         keep = []
         for act, computed in zip(active, out.split(counts)):
-            pred = act.prediction(computed)
-            if act.cfg:
-                uncond, text = pred.chunk(2)
-                pred = uncond + act.job.spec.guidance * (text - uncond)
+            if act.groups.single:
+                pred = computed
+            else:
+                act.groups.store(act.groups.todo, computed.split(act.rows))
+                pred = act.groups.combine().to(computed.dtype)
+            pred = render.guide(pred, act.job.spec.guidance)
             t = act.timesteps[act.index]
             act.latents = act.scheduler.step(pred, t, act.latents, **act.extra, return_dict=False)[0]
             act.index += 1
@@ -495,25 +382,18 @@ class Batcher:
         self.residency.release(act.names)
 
     def _complete(self, act: _Active) -> None:
-        pipe, spec = self.pipe, act.job.spec
+        spec = act.job.spec
         try:
-            image = self._decode(act)
-            array = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True])
-            act.job.array = array[0]  # [h, w, 3] floats in [0, 1], what output_type="np" would give
-            image = pipe.numpy_to_pil(array)[0]
-            record = GenerationRecord(
-                prompt=spec.prompt, negative_prompt=spec.negative_prompt, steps=spec.steps,
-                guidance_scale=float(spec.guidance), seed=spec.seed, width=image.width, height=image.height,
-                strategy=spec.strategy, model=self.composer.model,
-                strategy_args={**spec.strategy_args, **(act.strategy.describe() if act.strategy else {})},
-                loras=[{"name": n, "path": a.path, "te_weight": te, "unet_weight": w, "hash": a.metadata.short_hash}
-                       for n, a, w, te in act.job.loras],
-                sampler=sampler_name(type(act.scheduler).__name__), scheduler=type(act.scheduler).__name__,
-                elapsed_s=round(time.monotonic() - act.job.started, 3),
-            )
+            image = self.render.decode(act.latents, act.generator, spec.height, spec.width)
+            act.job.array, image = self.render.postprocess(image)  # the array: what output_type="np" gives
+            record = generation_record(
+                self.composer.model, prompt=spec.prompt, negative_prompt=spec.negative_prompt, steps=spec.steps,
+                guidance=spec.guidance, seed=spec.seed, size=(image.height, image.width), strategy=spec.strategy,
+                strategy_args={**spec.strategy_args, **act.groups.strategy.describe()}, loras=act.job.loras,
+                scheduler=act.scheduler, elapsed_s=time.monotonic() - act.job.started)
             self._finish(act.job, "done", png=_png(image, record), record=record)
         except Exception as exc:  # noqa: BLE001 (decoding one image fails that request only)
-            traceback.print_exc()
+            log.exception("request %s failed", act.job.id)
             self._finish(act.job, "failed", error=f"internal error: {one_line(exc)}", http_status=500)
         finally:
             self.residency.release(act.names)
@@ -549,7 +429,7 @@ class Batcher:
         except (ComposerError, ValueError, KeyError, TypeError) as exc:
             self._finish(job, "failed", error=one_line(exc), http_status=422)
         except Exception as exc:  # noqa: BLE001 (the server keeps serving the others)
-            traceback.print_exc()
+            log.exception("request %s failed", job.id)
             self._finish(job, "failed", error=f"internal error: {one_line(exc)}", http_status=500)
         finally:
             self.pipe.scheduler = self.base_scheduler
@@ -562,6 +442,3 @@ def _png(image, record) -> bytes:
     return buf.getvalue()
 
 
-def one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

@@ -24,10 +24,10 @@ from dataclasses import dataclass, replace
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from lora_composer.errors import ComposerError
+from lora_composer.errors import ComposerError, one_line
 from lora_composer.serving.adapter_cache import file_sha256
 from lora_composer.serving.app import Server, ServerConfig, error, event_stream, guard, woken_by
-from lora_composer.serving.batcher import QueueFull, ShuttingDown, one_line
+from lora_composer.serving.batcher import QueueFull, ShuttingDown
 from lora_composer.serving.jobs import Job, RenderSpec
 from lora_composer.serving.metrics import Metrics
 from lora_composer.serving.requests import GenerateBody, LibraryNames, RequestError
@@ -200,7 +200,7 @@ class Gateway:
                 raise
             except (RayActorError, ActorUnavailableError) as exc:  # the replica died: send it again
                 if attempt == RETRIES:
-                    return job.finish("failed", error=f"replica lost {RETRIES + 1} times: {str(exc).splitlines()[0]}",
+                    return job.finish("failed", error=f"replica lost {RETRIES + 1} times: {one_line(exc)}",
                                       http_status=503)
                 self.retries += 1
                 job.emit("retry", attempt=attempt + 1)

@@ -14,13 +14,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lora_composer.errors import ComposerError
+from lora_composer.errors import ComposerError, one_line
 from lora_composer.library import list_loras, lora_name, lora_stem
 from lora_composer.prompt_syntax import parse_prompt, with_tag_names
 from lora_composer.serving.jobs import RenderSpec
 
 
-class RequestError(ValueError):
+class RequestError(ComposerError, ValueError):
     """A request the server will not run: ``field`` and one line of why (HTTP 4xx)."""
 
     def __init__(self, field: str, message: str, status: int = 422):
@@ -159,4 +159,4 @@ def check_strategy_args(strategy: str, args: dict) -> None:
     try:
         get_strategy(strategy, **args)
     except (ComposerError, ValueError, TypeError) as exc:
-        raise RequestError("strategy_args", str(exc).splitlines()[0]) from None
+        raise RequestError("strategy_args", one_line(exc)) from None
