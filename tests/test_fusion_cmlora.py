@@ -195,7 +195,7 @@ def test_profile_is_cached_by_file_hash(sd15_pipe, make_lora, tmp_path, monkeypa
 
 def test_arguments_from_the_command_line_are_parsed():
     from lora_composer.errors import ComposerError
-    from lora_composer.fusion import StrategyContext, get_strategy
+    from lora_composer.fusion import get_strategy
 
     s = get_strategy("cmlora", cache_intervals="2,2,4", cache_bounds="0.25, 0.75", frequency_scores="a:0.1,b:0.9")
     assert s.cache_intervals == (2, 2, 4) and s.cache_bounds == (0.25, 0.75)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lora_composer.errors import ComposerError
-from lora_composer.fusion import StepPlan, Strategy, StrategyContext, get_strategy
+from lora_composer.fusion import StepPlan, StrategyContext, get_strategy
 from lora_composer.fusion.loratorio import loratorio_combine, patch_cosine, softmin_map
 from lora_composer.fusion.registry import parse_strategy_args
 from lora_composer.pipeline import ComposerPipeline
