@@ -240,11 +240,17 @@ def _categories_metadata(categories=world.CATEGORIES) -> str:
 
 def save_detector(detector: Detector, path) -> Path:
     """Write ``path`` (safetensors, atomically) with the category/value lists it was trained for in its header."""
-    from lora_composer.adapters.io import write_safetensors
+    import os
 
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()}
-    return write_safetensors(tensors, Path(path), {"format": FORMAT,
-                                                   "categories": _categories_metadata(detector.categories)})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "categories": _categories_metadata(detector.categories)})
+    os.replace(tmp, path)
+    return path
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
