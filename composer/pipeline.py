@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import random
 import time
@@ -25,7 +26,7 @@ from lora_composer.pnginfo import GenerationRecord
 from lora_composer.prompt_syntax import LoraRef, parse_prompt, split_regions
 from lora_composer.render import generation_record
 from lora_composer.runtime import LoraRuntime
-from lora_composer.vocab import DEFAULT_GUIDANCE, MODEL_DEFAULTS_FILE
+from lora_composer.vocab import DEFAULT_GUIDANCE, MAX_SEED, MODEL_DEFAULTS_FILE
 from lora_composer.fusion import StrategyContext, get_strategy
 from lora_composer.fusion.base import Region
 
@@ -376,11 +377,19 @@ class ComposerPipeline:
         model's (:meth:`check_size`); ``limits=False`` lifts the pixel x step budget.
         Non-finite latents (an extreme LoRA weight) raise :class:`ComposerError` at the step they appear.
         """
+        if (height is None) != (width is None):  # diffusers would reset both to the model's size: only the other is
+            native = self.size_rules()[1]
+            if native is not None:
+                height, width = height or native[0], width or native[1]
         self.check_size(height, width, num_inference_steps, num_images_per_prompt, limits=limits)
         if height and width and "max_area" not in pipe_kwargs and _takes(self.pipe, "max_area"):
             pipe_kwargs["max_area"] = int(height) * int(width)  # Kontext rescales any size to max_area (1 MP)
         if guidance_scale is None:
             guidance_scale = self.default_guidance
+        if not math.isfinite(float(guidance_scale)):
+            raise ComposerError(f"guidance_scale={guidance_scale}: must be a finite number")
+        if seed is not None and not 0 <= int(seed) <= MAX_SEED:
+            raise ComposerError(f"seed={seed}: must be between 0 and {MAX_SEED}")
         start = time.perf_counter()
         strat = get_strategy(strategy, **(strategy_args or {}))
         if strat.regional:  # "COMMON ADDCOMM A <lora:x> BREAK B": tags in a region act in it only

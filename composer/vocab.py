@@ -24,6 +24,7 @@ LORA_EXTENSIONS = SAFE_EXTENSIONS + PICKLE_EXTENSIONS
 # ``{"name": "miniworld", "guidance_scale": 5.0}`` in this file beside ``model_index.json``.
 MODEL_DEFAULTS_FILE = "lora-composer.json"
 DEFAULT_GUIDANCE = 7.5  # any other model (diffusers' Stable Diffusion default)
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 
 # The weight of a LoRA nobody gave a weight for: a bare ``<lora:name>`` tag, a name on the command line, an
 # automatic pick whose file states no preferred weight. AUTOMATIC1111's default multiplier.

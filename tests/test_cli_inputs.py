@@ -328,3 +328,34 @@ def test_device_and_dtype_follow_the_machine_and_the_model(tmp_path, monkeypatch
 def test_the_default_device_renders_on_this_machine(out_dir, capsys):
     code, out = _compose(out_dir, "--device", "cpu", "--dtype", "fp32")
     assert code == 0 and out.is_file(), capsys.readouterr().err
+
+
+# -- numbers that slip through ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_guidance_must_be_finite(out_dir, capsys, value, monkeypatch):
+    loads = []
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: loads.append(1))  # refused before any load
+    code, _ = _compose(out_dir, "--guidance", value)
+    _one_line_error(capsys, code, f"compose: error: --guidance {value}: must be a finite number")
+    assert loads == []
+    _nothing_written(out_dir)
+
+
+def test_seed_beyond_the_generators_range_is_one_line(out_dir, capsys):
+    code, _ = _compose(out_dir, "--seed", "99999999999999999999999")
+    _one_line_error(capsys, code, "--seed 99999999999999999999999: must be between 0 and 18446744073709551615")
+    code, _ = _compose(out_dir, "--seed", "-1")
+    _one_line_error(capsys, code, "--seed -1: must be between 0 and")
+    _nothing_written(out_dir)
+
+
+@pytest.mark.parametrize("flag, size", [("--width", (64, 128)), ("--height", (128, 64))])
+def test_one_side_given_keeps_it_and_the_other_is_the_models(out_dir, capsys, flag, size):
+    from PIL import Image
+
+    code, out = _compose(out_dir, flag, "128")
+    assert code == 0, capsys.readouterr().err
+    with Image.open(out) as image:
+        assert (image.height, image.width) == size  # the mini world's native side is 64

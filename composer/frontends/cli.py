@@ -11,6 +11,7 @@ are the table :data:`COMMANDS`, dispatched on the first argument. The library's 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import secrets
@@ -22,6 +23,7 @@ from lora_composer.errors import ComposerError
 from lora_composer.frontends import catalog, convert, evaluate, profile, serve, ui
 from lora_composer.frontends.args import (Parser, UsageError, add_device_args, add_log_args, command, configure_logging,
                                           load_pipeline)
+from lora_composer.vocab import MAX_SEED
 
 PROG = "compose"
 
@@ -207,6 +209,10 @@ def _settings(args) -> dict:
         raise UsageError("--prompt is required (or --from-image PNG)")
     if s["steps"] < 1:
         raise UsageError("--steps must be at least 1")
+    if s["guidance"] is not None and not math.isfinite(s["guidance"]):
+        raise UsageError(f"--guidance {s['guidance']}: must be a finite number (the model's default when omitted)")
+    if s["seed"] is not None and not 0 <= s["seed"] <= MAX_SEED:
+        raise UsageError(f"--seed {s['seed']}: must be between 0 and {MAX_SEED}")
     for key in ("width", "height"):  # the model's multiple is checked once it is loaded
         if s[key] is not None and s[key] < 1:
             raise UsageError(f"--{key} {s[key]}: must be a positive number of pixels")
