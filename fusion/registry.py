@@ -1,29 +1,35 @@
 """Strategies by name, with one-line errors that list what is valid.
 
-Each strategy lives in its own module of this package (``fusion/merge.py``, ``fusion/switch.py``...)
-and is found here by its ``name``.
+Each strategy lives in its own module of this package (``fusion/merge.py``, ``fusion/switch.py``...) and is
+found here by its ``name``: adding a strategy is adding its module.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
+import pkgutil
 import re
 
 from lora_composer.errors import ComposerError, one_line
 from lora_composer.fusion.base import Strategy
 
-MODULES = ("merge", "switch", "composite", "cmlora", "gated", "conjunction", "loratorio", "activation_matched", "marginal", "ties", "dare", "klora", "tsv", "regional")
-
 
 def _discover() -> dict[str, type[Strategy]]:
+    """Every strategy class of every module in this package. A module that fails to import stops here with
+    its name (``compose --help`` fails with it), rather than its strategy silently going missing."""
+    package = importlib.import_module("lora_composer.fusion")
     found: dict[str, type[Strategy]] = {}
-    for module in MODULES:
-        if importlib.util.find_spec(f"lora_composer.fusion.{module}") is None:
-            continue
-        for obj in vars(importlib.import_module(f"lora_composer.fusion.{module}")).values():
-            if inspect.isclass(obj) and issubclass(obj, Strategy) and obj.name and obj.__module__ == f"lora_composer.fusion.{module}":
+    for info in pkgutil.iter_modules(package.__path__):
+        name = f"lora_composer.fusion.{info.name}"
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any import failure of a strategy module is reported with its name
+            raise ImportError(f"strategy module {name} fails to import: {one_line(exc)}") from exc
+        for obj in vars(module).values():
+            if inspect.isclass(obj) and issubclass(obj, Strategy) and obj.name and obj.__module__ == name:
+                if obj.name in found:
+                    raise ImportError(f"strategy name '{obj.name}' is taken twice: {found[obj.name].__module__}, {name}")
                 found[obj.name] = obj
     return found
 

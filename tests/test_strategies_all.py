@@ -1,6 +1,7 @@
 """Every registered strategy runs end to end on SD1.5- and SDXL-shaped pipelines, in Python and from the CLI."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,3 +63,19 @@ def test_context_from_pipeline(sd15_pipe):
     assert ctx.cfg is True and ctx.runtime is rt and ctx.pipe is sd15_pipe
     assert ctx.layer_groups == rt.layer_groups()
     assert lora_composer.fusion.StrategyContext.from_pipeline(sd15_pipe, rt, [], guidance_scale=1.0).cfg is False
+
+
+def test_every_strategy_module_is_found_and_a_broken_one_is_named(tmp_path, monkeypatch):
+    """Strategies are discovered from the package's modules (no list to forget one in); a module that fails to
+    import stops the discovery with its name instead of its strategy silently going missing."""
+    import lora_composer.fusion as fusion
+    from lora_composer.fusion import registry
+
+    files = {p.stem for p in Path(fusion.__file__).parent.glob("*.py")}
+    assert {cls.__module__.rsplit(".", 1)[-1] for cls in registry.STRATEGIES.values()} <= files
+    assert registry._discover().keys() == registry.STRATEGIES.keys()
+    (tmp_path / "broken_strategy.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.setattr(fusion, "__path__", [*fusion.__path__, str(tmp_path)])
+    with pytest.raises(ImportError, match=r"strategy module lora_composer\.fusion\.broken_strategy fails to import: "
+                                          r"No module named 'no_such_dependency_xyz'"):
+        registry._discover()
