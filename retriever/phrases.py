@@ -142,6 +142,46 @@ class Vocabulary:
         return {w for _, words, _ in ph for w in ([x for x in words if x not in self.generic] or words)}
 
     # -- large catalogs: stored compact, per-row parts read from the catalog on demand ---------------
+    @classmethod
+    def compact_from(cls, rows) -> "Vocabulary":
+        """What ``Vocabulary(rows()).compact()`` gives, built in two streaming passes over ``rows()`` (a
+        callable returning an iterable): no per-row maps are held, so a million rows fit in little memory."""
+        from array import array
+
+        import numpy as np
+
+        self = cls.__new__(cls)
+        contexts: dict[str, set] = {}
+        df: dict[str, int] = {}
+        count, max_id = 0, -1
+        for r in rows():
+            count, max_id = count + 1, max(max_id, r.id)
+            ph, desc = row_words(r)
+            for _, words, _ in ph:
+                fw = frozenset(words)
+                for w in words:
+                    contexts.setdefault(w, set()).add(fw - {w})
+            for w in desc:
+                df[w] = df.get(w, 0) + 1
+        self._contexts, self._desc_df = contexts, df
+        self.generic = {w for w, ctx in contexts.items() if len([c for c in ctx if c]) >= 2}
+        self._named = set(contexts)
+        self._n, self._count, self._max_id = max(count, 1), count, max_id
+        index: dict[str, array] = {}
+        desc_index: dict[str, array] = {}
+        for r in rows():
+            ph, desc = row_words(r)
+            for w in self._needs(ph):
+                index.setdefault(w, array("q")).append(r.id)
+            for w in desc:
+                if w not in self._named:
+                    desc_index.setdefault(w, array("q")).append(r.id)
+        self._index = {w: np.frombuffer(a, np.int64).copy() for w, a in index.items()}
+        self._desc_index = {w: np.frombuffer(a, np.int64).copy() for w, a in desc_index.items()}
+        self.phrases = self._desc = self.category = None
+        self._desc_words = {}
+        return self
+
     def compact(self) -> "Vocabulary":
         """Drop the per-row maps (a million rows' phrases) and keep the word indexes as arrays: what is stored
         beside a vector-indexed catalog. :meth:`attach` gives it the rows to read per-row parts from."""
@@ -156,7 +196,7 @@ class Vocabulary:
     def __getstate__(self):
         state = dict(self.__dict__)
         if state.get("phrases") is None or isinstance(state.get("phrases"), _PerRow):
-            for key in ("phrases", "_desc", "category", "_rows"):
+            for key in ("phrases", "_desc", "category", "_rows", "_memo"):
                 state[key] = None
             state["_desc_words"] = {}
         return state
@@ -164,6 +204,7 @@ class Vocabulary:
     def attach(self, rows) -> "Vocabulary":
         """``rows``: ``{id: row}``-like (``.get``), where a compact vocabulary reads a row's words."""
         self._rows = rows
+        self._memo: dict = {}
         self.phrases, self._desc, self.category = _PerRow(self, 0), _PerRow(self, 1), _PerRow(self, 2)
         return self
 
@@ -224,12 +265,21 @@ class Vocabulary:
         work is the prompt's words and the rows that can claim them: at most ``n^0.42`` rows per description
         word at the 0.35 floor (121 of 100,000), not the catalog."""
         out: set[int] = set()
+        for rows in self.rows_by_word(prompt, desc_floor).values():
+            out.update(rows)
+        return out
+
+    def rows_by_word(self, prompt: list[tuple[str, str]], desc_floor: float = 0.0) -> dict:
+        """:meth:`rows_for`, per word (a prompt stem or prefix, ``"desc:"`` before a description word)."""
+        out = {}
         for _, s in prompt:
             for key in [s] + [s[:i] for i in range(5, len(s))]:
-                out.update(self._index.get(key, ()))
+                rows = self._index.get(key)
+                if rows is not None and len(rows):
+                    out[key] = rows
                 rows = self._desc_index.get(key)
-                if rows and KIND_WEIGHT["description"] * self.idf(key) >= desc_floor:
-                    out.update(rows)
+                if rows is not None and len(rows) and KIND_WEIGHT["description"] * self.idf(key) >= desc_floor:
+                    out["desc:" + key] = rows
         return out
 
     def claims(self, row_id: int, prompt: list[tuple[str, str]]) -> list[Claim]:
@@ -278,10 +328,17 @@ class _PerRow:
         self.vocab, self.part = vocab, part
 
     def get(self, rid, default=None):
-        row = self.vocab._rows.get(int(rid))
-        if row is None:
-            return default
-        ph, desc = row_words(row)
+        rid = int(rid)
+        memo = self.vocab._memo  # shared by the three maps; bounded
+        got = memo.get(rid)
+        if got is None:
+            row = self.vocab._rows.get(rid)
+            if row is None:
+                return default
+            if len(memo) > 100_000:
+                memo.clear()
+            got = memo[rid] = row_words(row)
+        ph, desc = got
         if self.part == 0:
             return ph
         if self.part == 1:
@@ -352,7 +409,7 @@ def stored_vocabulary(catalog, family: str | None, folder, rows) -> Vocabulary:
         if len(ids) != vocab._count + len(new) or not vocab.add_rows(catalog.word_rows(family, min_id=vocab._max_id + 1)):
             vocab = None
     if vocab is None:
-        vocab = Vocabulary(catalog.word_rows(family)).compact()
+        vocab = Vocabulary.compact_from(lambda: catalog.word_rows(family))
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
         pickle.dump((version, vocab), fh, protocol=pickle.HIGHEST_PROTOCOL)

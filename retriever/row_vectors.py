@@ -138,6 +138,13 @@ class SlotMap:
         self._ids = ids[live][order]
         self._slots = live[order]
 
+    def slots_of(self, fids) -> np.ndarray:
+        """The slots of those ``fids`` that are live (vectorised ``get``)."""
+        fids = np.asarray(list(fids), np.int64)
+        i = np.minimum(np.searchsorted(self._ids, fids), max(len(self._ids) - 1, 0))
+        ok = self._ids[i] == fids if len(self._ids) else np.zeros(len(fids), bool)
+        return self._slots[i[ok]]
+
     def get(self, fid, default=None):
         i = int(np.searchsorted(self._ids, fid))
         return int(self._slots[i]) if i < len(self._ids) and self._ids[i] == fid else default

@@ -41,6 +41,7 @@ from lora_composer.vocab import DEFAULT_LORA_WEIGHT
 SIGNAL_WEIGHTS = {"lexical": 1.0, "weights": 1.0, "text": 0.8, "learned": 0.8, "preview": 0.8}
 RESCORE = 512
 INDEX_K = 48  # rows each vector-index query proposes (the union is rescored exactly)
+INCLUDE_PER_WORD = 32  # a large catalog's rows named by one prompt word that selection sees (the best fused)
 DEFAULT_MIN_SCORE = 0.3  # the fused-score floor of a plain ``search`` listing (selection uses per-kind thresholds)
 DEFAULT_TOP_K = 4
 
@@ -142,7 +143,14 @@ class Retriever:
         uid = self.catalog.get_meta("uid") or ""
         fresh = rebuild or not vi.exists
         if not fresh:
-            vi.open()
+            try:
+                vi.open()
+            except ValueError as e:  # derived data: rebuilt from the catalog, and said why
+                import sys
+
+                print(f"lora-composer: {e}", file=sys.stderr)
+                fresh = True
+        if not fresh:
             fresh = vi.meta.get("uid") != uid or vi.width != src.width or vi.meta.get("blocks") != {
                 k: list(v) for k, v in src.blocks.items()}
         if fresh:
@@ -261,21 +269,33 @@ class Retriever:
             cand = np.argpartition(-lex_all, c - 1)[:c]
         else:
             cand = np.arange(n)
+        groups = [np.asarray(g, np.int64) for g in include] if include and not np.isscalar(include[0]) else None
+        if groups is not None:
+            include = np.unique(np.concatenate(groups)) if groups else np.zeros(0, np.int64)
         include = np.asarray(sorted(set(int(i) for i in include)), dtype=np.int64)
         if len(include) and (c < n or self.index is not None):
             cand = np.union1d(cand, include)
-        s_c = self.matrix[cand] @ q if q.shape[1] else np.zeros((len(cand), 0), np.float32)
+        rows_c = self.index.gather(cand) if self.index is not None else self.matrix[cand]
+        s_c = rows_c @ q if q.shape[1] else np.zeros((len(cand), 0), np.float32)
         sig_c, best_tok = self._signals(s_c, cols, cand)
         sig_c["lexical"] = lex_all[cand]
         fused_c = self._fuse(pick(sig_c), len(cand))
         order = np.argsort(-fused_c, kind="stable")
         top = [int(j) for j in order[:k] if fused_c[j] > 0]
+        if groups is not None:  # per group, its best INCLUDE_PER_WORD rows (by fused score)
+            best = {int(cand[j]) for j in order[:k]}
+            keep = set()
+            for g in groups:
+                gp = np.searchsorted(cand, g)
+                keep.update(int(x) for x in g[np.argsort(-fused_c[gp], kind="stable")[:INCLUDE_PER_WORD]])
+            include = np.asarray(sorted(keep - best), np.int64)
         if len(include):  # the rows asked for, wherever they rank
             shown = set(top)
             top += [int(j) for j in np.flatnonzero(np.isin(cand, include)) if j not in shown]
         if hasattr(self.rows, "prefetch"):
             self.rows.prefetch(cand[top])
         out = []
+        tok = enc.tokens.numpy() if enc is not None else None
         for j in top:
             i = int(cand[j])
             row = self.rows[i]
@@ -296,7 +316,7 @@ class Retriever:
                 m.tokens["weights"] = word
             if "text" in m.signals and enc is not None and enc.tokens.shape[0] and "text" in self.blocks:
                 a, w = self.blocks["text"]
-                t = int((enc.tokens.numpy() @ self.matrix[i, a : a + w]).argmax())
+                t = int((tok @ rows_c[j, a : a + w]).argmax())
                 m.tokens["text"] = enc.words[t] if t < len(enc.words) else None
             if "learned" in m.signals:
                 m.reasons["learned"] = f"learned weight embedding close to the prompt ({m.signals['learned']:.2f})"
@@ -305,9 +325,10 @@ class Retriever:
             out.append(m)
         return out
 
-    def scan_all(self, prompt, enc, text_q, preview_q=None, limit: int = 20, chunk: int = 50_000) -> list[int]:
+    def scan_all(self, prompt, enc, text_q, preview_q=None, limit: int = 20, chunk: int = 50_000) -> list[tuple]:
         """The reference the vector index is measured against: the exact fused score of every live row (read in
-        chunks, never mapped whole), file ids of the best ``limit`` with a positive score, best first."""
+        chunks, never mapped whole), ``(file id, score)`` of the best ``limit`` with a positive score, best
+        first."""
         self.refresh()
         q, cols = self._query_matrix(enc, text_q, preview_q)
         lex = lexical.search(self.catalog, prompt, self.rows_by_id, family=self.family)
@@ -334,15 +355,17 @@ class Retriever:
             scores, slots = np.concatenate([scores, fused[top]]), np.concatenate([slots, idx[top]])
             keep = np.argsort(-scores, kind="stable")[:limit]
             scores, slots = scores[keep], slots[keep]
-        return [self.rows[int(i)].id for i, sc in zip(slots, scores) if sc > 0]
+        return [(self.rows[int(i)].id, float(sc)) for i, sc in zip(slots, scores) if sc > 0]
 
     def _index_candidates(self, q: np.ndarray, cols: dict, use, k: int) -> np.ndarray:
         """Stage 1 on the vector index: the fused dense score read as one inner product. Each signal's
         calibrated score is linear in its raw cosine above chance, so ``sum_s w_s c_s`` ranks like
         ``<[w_text q_text, w_weights t, ...], row>``. The weight signal pairs one prompt token with one weight
         direction of either sign (a delta has no sign), so there is one query per (token, direction, sign)
-        over the text (and learned, preview) part; the learned block, read as ``|cos|``, adds its mirrored
-        query. The union of their best :data:`INDEX_K` rows is rescored exactly by the caller."""
+        over the text (and learned, preview) part, and one without it (rows without text sit in inverted
+        lists whose centres have none, which a text-weighted query does not probe); the learned block, read
+        as ``|cos|``, adds its mirrored query. The union of their best :data:`INDEX_K` rows is rescored
+        exactly by the caller."""
         width = self.index.width
         on = lambda name: use is None or name in use  # noqa: E731
         base = np.zeros(width, np.float32)
@@ -359,6 +382,8 @@ class Retriever:
             for j in range(DIRECTIONS):
                 toks = ww * q[:, cols[f"w{j}"]].T  # [T, width]
                 queries += [queries[0] + toks, queries[0] - toks]
+                if base.any():  # and alone: an inverted list is probed by its centre, and the lists of rows
+                    queries += [toks, -toks]  # without text (undescribed files) score low on a text query
         queries = np.concatenate([np.atleast_2d(x) for x in queries])
         queries = queries[np.abs(queries).sum(1) > 0]
         return self.index.search(queries, max(INDEX_K, k))
@@ -429,8 +454,25 @@ class Retriever:
         with the rest. The work grows with these candidates, not with the catalog."""
         self.refresh()
         floor = (thresholds or {}).get("description", 0.0)
-        include = [self.by_id[i] for i in self.vocab.rows_for(tokens(prompt), floor) if i in self.by_id]
+        if self.index is None:
+            named = self.vocab.rows_for(tokens(prompt), floor)
+            include = [self.by_id[i] for i in named if i in self.by_id]
+        else:  # per prompt word: a word a thousand files share keeps its best INCLUDE_PER_WORD (by fused score)
+            include = [self.by_id.slots_of(rows) for rows in self.vocab.rows_by_word(tokens(prompt), floor).values()]
         return self.search(prompt, limit=max(4 * top_k, 20), include=include)
+
+
+def recall_at(found: list, exact: list[tuple], digits: int = 5) -> float:
+    """Tie-aware recall of a ranking against the exact one (``scan_all``): the share of the exact top rows
+    whose score the found list holds too (scores rounded to ``digits``; of several rows with one score,
+    which one comes first is arbitrary, so any of them counts). ``found``: ``Match``es, rescored exactly."""
+    from collections import Counter
+
+    if not exact:
+        return 1.0
+    have = Counter(round(m.score, digits) for m in found)
+    want = Counter(round(s, digits) for _, s in exact)
+    return sum((have & want).values()) / len(exact)
 
 
 def format_table(matches: list[Match], root=None) -> str:

@@ -109,5 +109,15 @@ def _conflict(c: Claim, m, chosen: list, vocab: Vocabulary) -> str | None:
 
 
 def _dup_key(row) -> str:
+    cached = getattr(row, "__dict__", {}).get("_dup_key")
+    if cached is not None:
+        return cached
+    key = _dup_key_of(row)
+    if hasattr(row, "__dict__"):
+        row.__dict__["_dup_key"] = key
+    return key
+
+
+def _dup_key_of(row) -> str:
     words = sorted({w.strip().lower() for w in row.trigger_words if w.strip()})
     return "trigger:" + "|".join(words) if words else "sha:" + row.sha256

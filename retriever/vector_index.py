@@ -23,7 +23,8 @@ Files (one folder per family and embedding space, ``<catalog dir>/vectors/<key>/
 - ``meta.json``: width, blocks, catalog uid, slot count.
 
 Updates are incremental: new or changed rows are appended (their vectors written, ``add_with_ids``), removed
-ones dropped from the index (``remove_ids``) and marked dead; :meth:`VectorIndex.build` (``compose index
+ones marked dead (a tombstone: searches skip them; FAISS's ``remove_ids`` on fast-scan lists damaged the
+codes of rows added after it, ``tests/test_retriever_index.py``); :meth:`VectorIndex.build` (``compose index
 --rebuild``) starts over, which also reclaims dead slots.
 """
 
@@ -39,7 +40,8 @@ import numpy as np
 
 EXACT_ROWS = 20_000  # up to this many rows of a family, stage 1 is the exact in-memory scan
 SUBVECTOR = 8  # dims per PQ sub-quantizer (4-bit codes: 4 bits per 8 dims)
-CHUNK = 20_000  # rows fetched, encoded and added at a time (bounded memory for 1M-row builds)
+NPROBE = 24  # lists searched per query
+CHUNK = 10_000  # rows fetched, encoded and added at a time (bounded memory for 1M-row builds)
 
 
 def nlist_for(n: int) -> int:
@@ -75,14 +77,17 @@ class VectorIndex:
         """Read the index (memory-mapped where FAISS can) and map the vectors read-only."""
         import faiss
 
-        path = self.folder / "meta.json"
-        try:
-            self.meta = json.loads(path.read_text())
-            slots = np.load(self.folder / "slots.npz")
-            self.ids, self.stamps, self.present = slots["ids"], slots["stamps"], slots["present"]
-            self.index = faiss.read_index(str(self.folder / "index.faiss"), faiss.IO_FLAG_MMAP if mmap else 0)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ValueError(f"{self.folder}: unreadable vector index ({e}); compose index --rebuild rebuilds it") from e
+        def read(name, how):
+            try:
+                return how(self.folder / name)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                why = " ".join(str(e).split())[:200]
+                raise ValueError(f"{self.folder / name}: unreadable ({why}); compose index --rebuild rebuilds it") from e
+
+        self.meta = read("meta.json", lambda p: json.loads(p.read_text()))
+        slots = read("slots.npz", lambda p: dict(np.load(p)))
+        self.ids, self.stamps, self.present = slots["ids"], slots["stamps"], slots["present"]
+        self.index = read("index.faiss", lambda p: faiss.read_index(str(p), faiss.IO_FLAG_MMAP if mmap else 0))
         if len(self.ids) != self.meta["slots"] or self.present.shape[0] != len(self.ids):
             raise ValueError(f"{self.folder / 'slots.npz'}: slots: {len(self.ids)} rows, meta.json says {self.meta['slots']}")
         self._map()
@@ -94,6 +99,9 @@ class VectorIndex:
         if f.stat().st_size < n * width * 4:
             raise ValueError(f"{f}: {f.stat().st_size} bytes, {n} slots x {width} float32 need {n * width * 4}")
         self.vectors = np.memmap(f, np.float32, "r", shape=(n, width)) if n else np.zeros((0, width), np.float32)
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+        self._fd = os.open(f, os.O_RDONLY)
 
     def _write_state(self) -> None:
         import faiss
@@ -155,7 +163,7 @@ class VectorIndex:
 
     def update(self, ids, stamps, fetch) -> tuple[int, int]:
         """Bring the index to exactly the live rows ``ids`` (with ``stamps``): rows whose id or stamp is new are
-        appended, rows no longer there (or re-stamped) removed. Returns ``(added, removed)``. Work: the changed
+        appended, rows no longer there (or re-stamped) marked dead. Returns ``(added, removed)``. Work: the changed
         rows (plus one write of the index file)."""
         ids = np.asarray(ids, np.int64)
         stamps = np.asarray(stamps, np.float64)
@@ -167,11 +175,9 @@ class VectorIndex:
         if not gone and not new:
             return 0, 0
         self.index = self._writable()
-        if gone:
-            gone_arr = np.asarray(sorted(gone), np.int64)
-            self.index.remove_ids(gone_arr)
+        if gone:  # tombstones: FAISS's remove_ids on fast-scan lists corrupted codes of rows added after it
             self.ids = self.ids.copy()
-            self.ids[gone_arr] = -1
+            self.ids[np.asarray(sorted(gone), np.int64)] = -1
         if new:
             sel = np.asarray(new, np.int64)
             self._append(ids[sel], stamps[sel], fetch)
@@ -216,12 +222,27 @@ class VectorIndex:
         out[:, : x.shape[1]] = x
         return out
 
+    def gather(self, slots) -> np.ndarray:
+        """The exact rows of ``slots`` (float32), read with ``pread`` into one buffer: a query's candidates
+        cost one read each, and the process maps none of the file (its pages stay in the shared page cache,
+        not in this process's resident memory)."""
+        slots = np.asarray(slots, np.int64)
+        width = self.width
+        out = np.empty((len(slots), width), np.float32)
+        view = memoryview(out).cast("B")
+        row = width * 4
+        for k, s in enumerate(slots.tolist()):
+            os.preadv(self._fd, [view[k * row : (k + 1) * row]], s * row)
+        return out
+
     # -- searching -------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> np.ndarray:
         """The slots of the ``k`` best rows for each query (``[nq, width]``, inner product), as one sorted set."""
         if self.index is None or not self.index.ntotal or not len(queries):
             return np.zeros(0, np.int64)
-        self.index.nprobe = int(nprobe or min(self.meta["nlist"], 24))
-        _, found = self.index.search(self._pad(queries), int(k))
+        self.index.nprobe = int(nprobe or min(self.meta["nlist"], NPROBE))
+        dead = len(self.ids) - int(self.live.sum())
+        _, found = self.index.search(self._pad(queries), int(k) + min(dead, int(k)))
         found = np.unique(found)
-        return found[found >= 0]
+        found = found[found >= 0]
+        return found[self.live[found]]
