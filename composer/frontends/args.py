@@ -141,6 +141,18 @@ def model_source(model: str) -> dict:
     raise ComposerError(f"model {model}: neither a local folder nor reachable on the Hugging Face Hub ({why})")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (``compose ui`` / ``serve`` guard other binds)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

@@ -9,21 +9,12 @@ It binds 127.0.0.1 unless ``--host`` says otherwise; any other address needs a b
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 from pathlib import Path
 
-from lora_composer.frontends.args import Parser, UsageError, add_device_args, add_log_args, command, configure_logging
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from lora_composer.frontends.args import (Parser, UsageError, add_device_args, add_log_args, command, configure_logging,
+                                          is_loopback)
 
 
 def read_token(args) -> str | None:

@@ -33,7 +33,8 @@ from pathlib import Path
 
 from lora_composer.errors import ComposerError
 from lora_composer.library import lora_name
-from lora_composer.frontends.args import Parser, add_device_args, add_log_args, command, configure_logging
+from lora_composer.frontends.args import (Parser, UsageError, add_device_args, add_log_args, command, configure_logging,
+                                          is_loopback)
 from lora_composer.vocab import LORA_EXTENSIONS
 from lora_composer.fusion.registry import parse_strategy_args
 from lora_composer.frontends import ui_view
@@ -881,13 +882,42 @@ def main(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=7860, metavar="N", help="port (default 7860)")
     p.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB", help=f"largest LoRA upload accepted, in MB (default {DEFAULT_MAX_UPLOAD_MB})")
     p.add_argument("--no-uploads", action="store_true", help="do not offer LoRA uploads")
+    p.add_argument("--uploads", action="store_true", help="offer LoRA uploads on a --host reachable from other "
+                   "machines too (off there by default)")
+    p.add_argument("--auth-file", metavar="FILE", help=f"USER:PASSWORD on one line: the login the page asks for "
+                   f"(else ${AUTH_ENV}); required with a --host reachable from other machines")
     add_log_args(p)
     add_device_args(p)
     args = p.parse_args(argv)
     configure_logging(args.log_level)
+    auth, open_bind = read_auth(args.auth_file), not is_loopback(args.host)
+    if open_bind and auth is None:
+        raise UsageError(f"--host {args.host} is reachable from other machines: set a login (--auth-file FILE "
+                         f"holding USER:PASSWORD, or ${AUTH_ENV})")
+    if args.uploads and args.no_uploads:
+        raise UsageError("--uploads and --no-uploads contradict each other")
+    uploads = not args.no_uploads and (args.uploads or not open_bind)
     library = args.library or os.environ.get("LORA_COMPOSER_LIBRARY") or None
-    ui = ComposerUI(args.model, library, max_upload_mb=args.max_upload_mb, allow_uploads=not args.no_uploads,
+    ui = ComposerUI(args.model, library, max_upload_mb=args.max_upload_mb, allow_uploads=uploads,
                     device=args.device, dtype=args.dtype)
-    print(f"lora-composer UI on http://{args.host}:{args.port} (model {ui.model}, library {ui.library})")
-    launch(ui, host=args.host, port=args.port)
+    print(f"lora-composer UI on http://{args.host}:{args.port} (model {ui.model}, library {ui.library}"
+          f"{', login required' if auth else ''}{', uploads on' if uploads else ', uploads off'})")
+    launch(ui, host=args.host, port=args.port, auth=auth)
     return 0
+
+
+AUTH_ENV = "LORA_COMPOSER_UI_AUTH"
+
+
+def read_auth(path: str | None) -> tuple[str, str] | None:
+    """The UI's login, ``(user, password)``, from ``path`` or ``$LORA_COMPOSER_UI_AUTH`` (``USER:PASSWORD``)."""
+    where = f"--auth-file {path}" if path else f"${AUTH_ENV}"
+    text = Path(path).expanduser().read_text(encoding="utf-8").strip() if path else os.environ.get(AUTH_ENV, "")
+    if not text:
+        if path:
+            raise UsageError(f"{where}: the file is empty (expected USER:PASSWORD)")
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user.strip() or not password:
+        raise UsageError(f"{where}: expected USER:PASSWORD on one line")
+    return user.strip(), password
