@@ -81,7 +81,7 @@ def train_base(out: Path, seconds: float = 1000.0, batch: int = 32, lr: float = 
                "final_loss_100": round(float(np.mean(losses[-100:])), 4)}
     log = out / "base-train.json"
     stages = json.loads(log.read_text()) if resume and log.exists() else {}
-    stages[f"stage {len(stages) + 1}"] = figures
+    stages[f"stage {len(stages) + 1}"] = figures  # a stage-1 file written by this function holds {"stage 1": ...}
     log.write_text(json.dumps(stages, indent=2) + "\n")
     return figures
 
