@@ -338,13 +338,15 @@ def bench_recall(pipe, concepts, distractors: int, epochs: int = 100) -> tuple[l
             cat.index(progress=False)
             cat.encoder_mean(enc)
             _, train = learned.train_for_library(cat, root, enc, epochs=epochs)
-            r = Retriever(cat, enc, learned=learned.load_for(cat, root, enc))
+            with_learned = Retriever(cat, enc, learned=learned.load_for(cat, root, enc))
+            default = Retriever(cat, enc)  # what retriever_for builds: the learned signal is opt-in
             rows = []
-            for signal in ("lexical", "text", "weights", "learned", "fused"):
+            for signal in ("lexical", "text", "weights", "learned", "fused (default)", "fused + learned"):
+                r = default if signal == "fused (default)" else with_learned
                 hits = {True: [], False: []}
                 for word, (name, described) in label.items():
                     for t in TEMPLATES:
-                        found = r.search(t.format(word), limit=3, signals=None if signal == "fused" else [signal])
+                        found = r.search(t.format(word), limit=3, signals=None if signal.startswith("fused") else [signal])
                         hits[described].append(name in [m.name for m in found])
                 allh = hits[True] + hits[False]
                 rows.append({

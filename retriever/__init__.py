@@ -54,7 +54,7 @@ def retriever_for(
         cat = Catalog(path, root=library)
         enc = TextEncoder(pipe)
         cat.encoder_mean(enc)
-        learned = learned_mod.load_for(cat, library, enc)
+        learned = learned_mod.load_for(cat, library, enc) if learned_mod.enabled() else None
         preview = preview_mod.load_available()
         hit = (pipe, Retriever(cat, enc, family=family, learned=learned, preview=preview))
         _CACHE[key] = hit

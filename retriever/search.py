@@ -40,7 +40,7 @@ from lora_composer.vocab import DEFAULT_LORA_WEIGHT
 
 SIGNAL_WEIGHTS = {"lexical": 1.0, "weights": 1.0, "text": 0.8, "learned": 0.8, "preview": 0.8}
 RESCORE = 512
-INDEX_K = 48  # rows each vector-index query proposes (the union is rescored exactly)
+INDEX_K = 32  # rows each vector-index query proposes (the union is rescored exactly)
 INCLUDE_PER_WORD = 32  # a large catalog's rows named by one prompt word that selection sees (the best fused)
 DEFAULT_MIN_SCORE = 0.3  # the fused-score floor of a plain ``search`` listing (selection uses per-kind thresholds)
 DEFAULT_TOP_K = 4

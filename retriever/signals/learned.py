@@ -19,7 +19,8 @@ axis it acts along; search scores the learned block with ``|cos|`` too.
 Saved as ``LIBRARY/.lora-composer/learned-encoder.pt`` (weights, configuration, the text encoder it was
 trained against); :func:`load_for` returns it when it exists and matches the text encoder, and
 :class:`lora_composer.retriever.search.Retriever` then builds the ``learned`` block of its matrix from it (adapters indexed
-later are embedded on the next refresh).
+later are embedded on the next refresh). ``retriever_for`` (``compose search``, ``--loras auto``) uses it only
+with ``LORA_COMPOSER_LEARNED=1`` (:func:`enabled`): measured on adapters it never saw, it is at chance.
 """
 
 from __future__ import annotations
@@ -247,6 +248,18 @@ def load(path, encoder_id: str | None = None) -> LearnedEncoder | None:
     model.load_state_dict(blob["state"])
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:16]
     return LearnedEncoder(model, blob["encoder"], "learned:" + digest)
+
+
+ENV = "LORA_COMPOSER_LEARNED"
+
+
+def enabled() -> bool:
+    """Whether ``retriever_for`` fuses the learned signal: opt-in (``LORA_COMPOSER_LEARNED=1``). On adapters
+    it was not trained on it ranks no better than chance (``bench.retrieval``, docs/BENCHMARKS.md), and a
+    signal at chance only adds noise to the fused score."""
+    import os
+
+    return os.environ.get(ENV, "").strip().lower() in ("1", "on", "yes", "true")
 
 
 def load_for(catalog, library, encoder):
