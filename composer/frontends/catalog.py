@@ -70,6 +70,9 @@ def index(argv: list[str]) -> int:
 
             enc = TextEncoder(_load_pipe(args.model))
             n = cat.ensure_text_embeddings(enc)
+            from lora_composer.retriever.search import Retriever
+
+            Retriever(cat, enc).refresh()  # a large family's vector index: built (or brought up to date) now
             if not args.quiet:
                 print(f"embedded {n} description(s) with {args.model}'s text encoder", file=sys.stderr)
         _print_report(report, root, args.quiet)
@@ -139,5 +142,5 @@ def train(argv: list[str]) -> int:
         f"{info['epochs']} epochs, InfoNCE {info['loss_before']:.3f} -> {info['loss_after']:.3f} "
         f"in {info['seconds']:.1f} s; embedded {info['embedded']} adapter(s)"
     )
-    print(f"model: {path} (used by compose search and --loras auto from now on)")
+    print(f"model: {path} (used by compose search and --loras auto with LORA_COMPOSER_LEARNED=1)")
     return 0
