@@ -101,6 +101,11 @@ def test_cli_train_retriever_writes_the_model_and_search_uses_it(tmp_path, monke
     out = capsys.readouterr().out
     assert "on 3 described sd15 adapter(s), 3 epochs" in out and "embedded 4 adapter(s)" in out
     assert (lib / ".lora-composer" / learned.FILE_NAME).is_file()
+    assert "LORA_COMPOSER_LEARNED=1" in out
+    assert main(["search", "glowing neon signs", "--library", str(lib), "--model", str(model), "-q", "--limit", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "lea=" not in out, out  # opt-in: at chance on unseen adapters, so not in the default fused score
+    monkeypatch.setenv("LORA_COMPOSER_LEARNED", "1")
     assert main(["search", "glowing neon signs", "--library", str(lib), "--model", str(model), "-q", "--limit", "4"]) == 0
     out = capsys.readouterr().out
     assert "lea=" in out, out  # the learned signal is in the table
