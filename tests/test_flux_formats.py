@@ -199,3 +199,89 @@ def test_xlabs_flux_matches_diffusers_reading_the_same_file(pipe, tmp_path):
     ad = composer.adapters["x0"]
     assert ad.family == "flux" and ad.metadata.source_format == "xlabs"
     assert "transformer.single_transformer_blocks.0.attn.to_v" in ad.deltas and len(ad.deltas) == 11
+
+
+# -- other trainers' layouts: BFL / ComfyUI names and OneTrainer ------------------------------------------
+
+# kohya's FLUX layer names are BFL's module names spelled with underscores; this is BFL's spelling of each
+BFL = {"img_attn_qkv": "img_attn.qkv", "img_attn_proj": "img_attn.proj", "img_mlp_0": "img_mlp.0",
+       "img_mlp_2": "img_mlp.2", "img_mod_lin": "img_mod.lin", "txt_attn_qkv": "txt_attn.qkv",
+       "txt_attn_proj": "txt_attn.proj", "txt_mlp_0": "txt_mlp.0", "txt_mlp_2": "txt_mlp.2",
+       "txt_mod_lin": "txt_mod.lin", "linear1": "linear1", "linear2": "linear2", "modulation_lin": "modulation.lin"}
+
+
+def _bfl_name(kohya_layer: str) -> str:
+    rest = kohya_layer.removeprefix("lora_unet_")
+    if rest.startswith("final_layer_"):
+        return {"final_layer_linear": "final_layer.linear",
+                "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1"}[rest]
+    kind, _, tail = rest.partition("_blocks_")
+    index, _, layer = tail.partition("_")
+    return f"{kind}_blocks.{index}.{BFL[layer]}"
+
+
+def _same_deltas(got, want):
+    assert set(got.deltas) == set(want.deltas)
+    for module, d in want.deltas.items():
+        g = got.deltas[module]
+        expected, actual = d.scale * d.up @ d.down, g.scale * g.up @ g.down
+        assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-7 * float(expected.abs().max())), module
+
+
+@pytest.mark.parametrize("spelling", ["diffusion_model+lora_A", "lora_down+alpha", "base_model.model+lora_A"])
+def test_bfl_comfyui_names_load_as_their_kohya_twin(pipe, tmp_path, spelling):
+    """Files named after BFL's modules (what ComfyUI and several trainers write) load as the same factors in
+    kohya keys do (those equal diffusers: the tests above), fused q, k, v split and alphas kept."""
+    layers = _layers(pipe, seed=5, shared_down=False, text_encoders=())
+    kohya_path = tiny_dit.save_flux_kohya_lora(layers, tmp_path / "kohya.safetensors", 4, alpha=2)
+    from safetensors.torch import load_file
+
+    kohya = load_file(str(kohya_path))
+    bfl = {}
+    prefix = {"diffusion_model+lora_A": "diffusion_model.", "lora_down+alpha": "diffusion_model.",
+              "base_model.model+lora_A": "base_model.model."}[spelling]
+    for key, value in kohya.items():
+        layer, _, suffix = key.partition(".")
+        if spelling.endswith("lora_A"):
+            if suffix == "alpha":
+                continue  # PEFT-style files carry no alphas: fold alpha / rank into the up weight
+            if suffix == "lora_up.weight":
+                value = value * float(kohya[f"{layer}.alpha"]) / kohya[f"{layer}.lora_down.weight"].shape[0]
+            suffix = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}[suffix]
+        bfl[f"{prefix}{_bfl_name(layer)}.{suffix}"] = value
+    save_file(bfl, str(tmp_path / "bfl.safetensors"))
+    got, want = load_adapter(tmp_path / "bfl.safetensors"), load_adapter(kohya_path)
+    assert got.family == "flux" and got.metadata.source_format == "bfl"
+    _same_deltas(got, want)
+
+
+def test_onetrainer_names_load_as_the_same_factors_in_diffusers_keys(pipe, tmp_path):
+    """OneTrainer's ``lora_transformer_<diffusers module with underscores>`` keys (embedders included) and kohya
+    CLIP keys load as the same factors written in diffusers keys by the pipeline's own save_lora_weights."""
+    targets = (*tiny_dit.FLUX_TARGETS, "x_embedder", "context_embedder", "linear_1", "linear_2")
+    layers = tiny_dit.random_dit_lora_layers(pipe, rank=4, seed=6, targets=targets)
+    assert any(k.startswith("x_embedder") for k in layers["transformer"])
+    assert any(k.startswith("time_text_embed") for k in layers["transformer"])
+    want = load_adapter(tiny_dit.save_dit_diffusers_lora(pipe, layers, tmp_path / "d.safetensors", 4, alpha=8))
+    kohya_te = load_file_of(tiny_dit.save_flux_kohya_lora({"text_encoder": layers["text_encoder"]},
+                                                          tmp_path / "te.safetensors", 4, alpha=8))
+    onetrainer = dict(kohya_te)
+    for key, value in layers["transformer"].items():
+        module, _, which = key.rpartition(".lora_")
+        name = "lora_transformer_" + module.replace(".", "_")
+        onetrainer[f"{name}.{'lora_down' if which == 'A.weight' else 'lora_up'}.weight"] = value
+        onetrainer[f"{name}.alpha"] = torch.tensor(8.0)
+    save_file(onetrainer, str(tmp_path / "onetrainer.safetensors"))
+    got = load_adapter(tmp_path / "onetrainer.safetensors")
+    assert got.metadata.source_format == "onetrainer"
+    _same_deltas(got, want)
+    onetrainer["lora_transformer_transformer_blocks_0_attn_to_qq.alpha"] = torch.tensor(1.0)
+    save_file(onetrainer, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(ComposerError, match="unknown key format in OneTrainer FLUX LoRA .*to_qq.alpha"):
+        load_adapter(tmp_path / "odd.safetensors")
+
+
+def load_file_of(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

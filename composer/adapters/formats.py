@@ -29,6 +29,7 @@ from .kinds import DoRADelta
 from .types import LayerDelta
 
 from ..errors import ComposerError
+from .flux_layouts import ONETRAINER_PREFIX, bfl_to_kohya, onetrainer_to_diffusers
 from ..vocab import COMPONENTS
 from ..vocab import TEXT_ENCODERS as TEXT_COMPONENTS
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -88,7 +89,8 @@ def _example(keys) -> str:
 
 
 def detect_format(keys) -> str:
-    """``"kohya"``, ``"kohya-flux"``, ``"xlabs-flux"`` or ``"diffusers"``; raises :class:`FormatError` otherwise."""
+    """``"kohya"``, ``"kohya-flux"``, ``"bfl-flux"``, ``"onetrainer-flux"``, ``"xlabs-flux"`` or ``"diffusers"``;
+    raises :class:`FormatError` otherwise."""
     keys = list(keys)
     if not keys:
         raise FormatError("no tensors in file")
@@ -96,6 +98,11 @@ def detect_format(keys) -> str:
         hit = [k for k in keys if fragment in k]
         if hit:
             raise FormatError(f"{what} adapters are not supported yet (key {hit[0]!r})")
+    if bfl_to_kohya(keys) is not None:  # before XLabs: both start with double_blocks / single_blocks
+        return "bfl-flux"
+    if any(k.startswith(ONETRAINER_PREFIX) for k in keys) and all(
+            k.startswith((ONETRAINER_PREFIX, *KOHYA_PREFIXES[1:])) for k in keys):
+        return "onetrainer-flux"
     if all(k.startswith(KOHYA_PREFIXES) for k in keys):
         odd = [k for k in keys if not k.split(".", 1)[-1] in KOHYA_SUFFIXES or "." not in k]
         if odd:
@@ -118,7 +125,8 @@ def detect_format(keys) -> str:
 
 
 def parse_state_dict(state_dict: dict[str, torch.Tensor], header: dict[str, str] | None = None):
-    """Canonical deltas and source format (``"diffusers"``, ``"kohya"`` or ``"xlabs"``) of a LoRA state dict.
+    """Canonical deltas and source format (``"diffusers"``, ``"kohya"``, ``"bfl"``, ``"onetrainer"`` or
+    ``"xlabs"``) of a LoRA state dict.
 
     Pure: ``state_dict`` is not modified. Raises :class:`FormatError` with a one-line cause.
     """
@@ -131,6 +139,11 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], header: dict[str, str]
         return _parse_kohya(state_dict), "kohya"
     if fmt == "kohya-flux":
         return _parse_kohya_flux(state_dict), "kohya"
+    if fmt == "bfl-flux":
+        names = bfl_to_kohya(state_dict)
+        return _parse_kohya_flux({names[k]: v for k, v in state_dict.items()}), "bfl"
+    if fmt == "onetrainer-flux":
+        return _parse_onetrainer_flux(state_dict), "onetrainer"
     if fmt == "xlabs-flux":
         return _parse_xlabs_flux(state_dict), "xlabs"
     return _parse_diffusers(state_dict, header), "diffusers"
@@ -313,6 +326,19 @@ def _parse_kohya_flux(state_dict):
     if kept < expected:
         dropped = [n for n in groups if n not in own and not _converts(n, groups[n])]
         raise FormatError(f"unknown key format (key {(dropped or [_example(rest)])[0]!r})")
+    return deltas
+
+
+def _parse_onetrainer_flux(state_dict):
+    """OneTrainer FLUX files: transformer keys renamed to diffusers keys (:mod:`.flux_layouts`), text-encoder
+    keys as kohya's."""
+    names, bad = onetrainer_to_diffusers(state_dict, lambda k: k.startswith(KOHYA_PREFIXES[1:]))
+    if bad is not None:
+        raise FormatError(f"unknown key format in OneTrainer FLUX LoRA (key {bad!r})")
+    deltas = _parse_diffusers({names[k]: v for k, v in state_dict.items() if k in names}, {})
+    text = {k: v for k, v in state_dict.items() if k not in names}
+    if text:
+        deltas.update(_parse_kohya_flux(text))
     return deltas
 
 

@@ -106,7 +106,7 @@ class AdapterMetadata:
     trigger_words: list[str] = field(default_factory=list)
     description: str = ""
     preferred_weight: float | None = None
-    source_format: str = ""  # "diffusers" or "kohya"
+    source_format: str = ""  # "diffusers", "kohya", "bfl", "onetrainer" or "xlabs"
     sha256: str = ""
     file_metadata: dict[str, str] = field(default_factory=dict)  # raw safetensors header metadata
 
