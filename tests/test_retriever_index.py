@@ -175,3 +175,29 @@ def test_compact_vocabulary_adds_rows_as_a_fresh_build_would():
     # a second "... background" phrase makes "background" generic: that needs a rebuild, and says so
     flip = Vocabulary(ROWS).compact()
     assert not flip.add_rows([_Row(7, "wavy", ["wavy background"], "")])
+
+
+def test_compose_index_with_a_model_builds_the_vector_index(tmp_path, monkeypatch, capsys):
+    """``compose index DIR --model M`` on a family above the (lowered) threshold leaves the vector index on disk
+    beside the catalog, and ``--rebuild`` starts it over."""
+    import importlib
+
+    from lora_composer import tiny
+    from lora_composer.frontends.cli import main
+
+    monkeypatch.setattr(importlib.import_module("lora_composer.retriever.search"), "EXACT_ROWS", 0)
+    monkeypatch.setenv("LORA_COMPOSER_HOME", str(tmp_path / "home"))
+    pipe = tiny.build_tiny_sd15_pipeline(seed=0)
+    model = tmp_path / "model"
+    pipe.save_pretrained(str(model))
+    lib = tmp_path / "lib"
+    for i in range(3):
+        tiny.save_diffusers_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=i, text_encoder=False),
+                                 lib / f"l{i}.safetensors", rank=2)
+    assert main(["index", str(lib), "--model", str(model), "-q"]) == 0
+    metas = list((lib / ".lora-composer" / "vectors").glob("*/meta.json"))
+    assert len(metas) == 1 and json.loads(metas[0].read_text())["slots"] == 3
+    uid = json.loads(metas[0].read_text())["uid"]
+    assert main(["index", str(lib), "--model", str(model), "--rebuild", "-q"]) == 0
+    assert json.loads(metas[0].read_text())["uid"] != uid  # a new catalog, a new index
+    capsys.readouterr()
