@@ -285,3 +285,40 @@ def load_file_of(path):
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def test_kohya_flux_embedders_load_beside_the_blocks(pipe, tmp_path):
+    """kohya FLUX files that also train BFL's embedders (img_in, txt_in, time_in, vector_in, guidance_in): each
+    is one Linear of diffusers' transformer, its delta alpha / rank * up @ down by hand; alone or beside the
+    blocks they load as FLUX, attach, and act."""
+    t = pipe.transformer
+    embed = t.time_text_embed
+    modules = {"img_in": ("x_embedder", t.x_embedder), "txt_in": ("context_embedder", t.context_embedder),
+               "time_in_in_layer": ("time_text_embed.timestep_embedder.linear_1", embed.timestep_embedder.linear_1),
+               "time_in_out_layer": ("time_text_embed.timestep_embedder.linear_2", embed.timestep_embedder.linear_2),
+               "vector_in_in_layer": ("time_text_embed.text_embedder.linear_1", embed.text_embedder.linear_1),
+               "vector_in_out_layer": ("time_text_embed.text_embedder.linear_2", embed.text_embedder.linear_2),
+               "guidance_in_in_layer": ("time_text_embed.guidance_embedder.linear_1", embed.guidance_embedder.linear_1),
+               "guidance_in_out_layer": ("time_text_embed.guidance_embedder.linear_2", embed.guidance_embedder.linear_2)}
+    gen = torch.Generator().manual_seed(7)
+    embedders, by_hand = {}, {}
+    for i, (name, (module, linear)) in enumerate(modules.items()):
+        down, up = torch.randn(4, linear.in_features, generator=gen), torch.randn(linear.out_features, 4, generator=gen)
+        alpha = float(i + 1)
+        embedders.update({f"lora_unet_{name}.lora_down.weight": down, f"lora_unet_{name}.lora_up.weight": up,
+                          f"lora_unet_{name}.alpha": torch.tensor(alpha)})
+        by_hand[f"transformer.{module}"] = alpha / 4 * up @ down
+    layers = _layers(pipe, seed=8, shared_down=True, text_encoders=())
+    layers["transformer"] = {k: v for k, v in layers["transformer"].items() if k.startswith("transformer_blocks")}
+    blocks = load_file_of(tiny_dit.save_flux_kohya_lora(layers, tmp_path / "blocks.safetensors", 4, alpha=2))
+    for name, tensors in (("alone", embedders), ("beside", {**embedders, **blocks})):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        ad = load_adapter(tmp_path / f"{name}.safetensors")
+        assert ad.family == "flux", name
+        for module, delta in by_hand.items():
+            d = ad.deltas[module]
+            assert torch.allclose(d.scale * d.up @ d.down, delta, rtol=1e-5, atol=1e-6), (name, module)
+    assert len(ad.deltas) == len(by_hand) + len(load_adapter(tmp_path / "blocks.safetensors").deltas)
+    composer = ComposerPipeline(copy.deepcopy(pipe))
+    got = composer(PROMPT, loras=[(tmp_path / "alone.safetensors", 0.5)], seed=0, progress=False, **CALL)
+    assert np.abs(got - _render(pipe)).max() > 1e-3

@@ -1,6 +1,6 @@
 """Kohya (sd-scripts) FLUX.1 LoRA keys that diffusers' converter gets wrong, converted here.
 
-``_convert_kohya_flux_lora_to_diffusers`` is right for the double blocks, the embedders and CLIP, and
+``_convert_kohya_flux_lora_to_diffusers`` is right for the double blocks and CLIP, and
 :mod:`.formats` uses it for them. Three things it is not right for:
 
 - ``single_blocks_N_linear1`` (BFL's fused q, k, v and MLP input): it splits the up weight at FLUX.1-dev's
@@ -8,7 +8,9 @@
   (FLUX's MLP ratio is 4), so a FLUX-shaped model of any width loads (and a wrong width fails on the layer);
 - ``final_layer_*``: it ignores their alphas (``proj_out``, and ``norm_out.linear`` with BFL's shift/scale
   halves swapped to diffusers' scale/shift);
-- T5 (``lora_te2_encoder_block_N_layer_M_...``): it drops them with a log line.
+- T5 (``lora_te2_encoder_block_N_layer_M_...``): it drops them with a log line;
+- the embedders (``img_in``, ``txt_in``, ``time_in_*``, ``vector_in_*``, ``guidance_in_*``) beside the blocks:
+  one Linear each, mapped here by name.
 
 Alphas stay alphas here (the delta is ``alpha / rank * up @ down``), not baked into the factors.
 """
@@ -25,12 +27,22 @@ from .types import LayerDelta
 _SINGLE_LINEAR1 = re.compile(r"^lora_unet_single_blocks_(\d+)_linear1$")
 _FINAL = {"lora_unet_final_layer_linear": "transformer.proj_out",
           "lora_unet_final_layer_adaLN_modulation_1": "transformer.norm_out.linear"}
+_EMBED = "transformer.time_text_embed"
+EMBEDDERS = {  # BFL's embedders (kohya names) -> diffusers' modules: plain Linears, one to one
+    "lora_unet_img_in": "transformer.x_embedder", "lora_unet_txt_in": "transformer.context_embedder",
+    "lora_unet_time_in_in_layer": f"{_EMBED}.timestep_embedder.linear_1",
+    "lora_unet_time_in_out_layer": f"{_EMBED}.timestep_embedder.linear_2",
+    "lora_unet_vector_in_in_layer": f"{_EMBED}.text_embedder.linear_1",
+    "lora_unet_vector_in_out_layer": f"{_EMBED}.text_embedder.linear_2",
+    "lora_unet_guidance_in_in_layer": f"{_EMBED}.guidance_embedder.linear_1",
+    "lora_unet_guidance_in_out_layer": f"{_EMBED}.guidance_embedder.linear_2",
+}
 _T5 = re.compile(r"^lora_te2_encoder_block_(\d+)_layer_(\d+)_(SelfAttention|DenseReluDense)_(q|k|v|o|wi_0|wi_1|wi|wo)$")
 
 
 def is_own(name: str) -> bool:
     """Whether kohya layer ``name`` is converted here rather than by diffusers."""
-    return bool(_SINGLE_LINEAR1.match(name)) or name in _FINAL or name.startswith("lora_te2_")
+    return bool(_SINGLE_LINEAR1.match(name)) or name in _FINAL or name in EMBEDDERS or name.startswith("lora_te2_")
 
 
 def split_fused(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None,
@@ -82,6 +94,8 @@ def own_deltas(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, LayerDel
                 shift, scale = up.chunk(2, dim=0)
                 up = torch.cat([scale, shift], dim=0)
             deltas[_FINAL[name]] = _pair(name, down, up, alpha)
+        elif name in EMBEDDERS:
+            deltas[EMBEDDERS[name]] = _pair(name, down, up, alpha)
         else:
             deltas[_t5_module(name)] = _pair(name, down, up, alpha)
     return deltas

@@ -18,6 +18,10 @@ _BFL_WRAPPERS = ("base_model.model.", "diffusion_model.")
 _TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
              "lora_down.weight": "lora_down.weight", "lora_up.weight": "lora_up.weight", "alpha": "alpha"}
 
+# kohya layer names that only a FLUX.1 transformer has, beside its double and single blocks
+KOHYA_FLUX_LAYERS = ("lora_unet_img_in.", "lora_unet_txt_in.", "lora_unet_time_in_", "lora_unet_vector_in_",
+                     "lora_unet_guidance_in_", "lora_unet_final_layer_")
+
 ONETRAINER_PREFIX = "lora_transformer_"
 _TO_DIFFUSERS = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}
 # the parts of FluxTransformer2DModel's Linear module names, longest first where one begins another

@@ -29,7 +29,7 @@ from .kinds import DoRADelta
 from .types import LayerDelta
 
 from ..errors import ComposerError
-from .flux_layouts import ONETRAINER_PREFIX, bfl_to_kohya, onetrainer_to_diffusers
+from .flux_layouts import KOHYA_FLUX_LAYERS, ONETRAINER_PREFIX, bfl_to_kohya, onetrainer_to_diffusers
 from ..vocab import COMPONENTS
 from ..vocab import TEXT_ENCODERS as TEXT_COMPONENTS
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -107,7 +107,7 @@ def detect_format(keys) -> str:
         odd = [k for k in keys if not k.split(".", 1)[-1] in KOHYA_SUFFIXES or "." not in k]
         if odd:
             raise FormatError(f"unknown key format (key {odd[0]!r})")
-        if any("double_blocks" in k or "single_blocks" in k for k in keys):
+        if any("double_blocks" in k or "single_blocks" in k or k.startswith(KOHYA_FLUX_LAYERS) for k in keys):
             return "kohya-flux"
         return "kohya"
     if all(k.removeprefix("diffusion_model.").startswith(("double_blocks.", "single_blocks.")) for k in keys):
