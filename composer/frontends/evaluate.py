@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. 'marginal:scale=0.5 until=0.3'")
     p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], metavar="K", help="combination sizes (default 2 3 4)")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="images per combination and strategy (default 2; two-objects: 1)")
+                   help="images per combination and strategy (default 2; two-objects, community: 1)")
     p.add_argument("--steps", type=int, default=20, metavar="N", help="denoising steps (default 20)")
     p.add_argument("--guidance", type=float, default=None, metavar="G", help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed of the renders (default 0)")
@@ -144,7 +144,7 @@ def _community(args, argv: list[str]) -> int:
         raise UsageError(f"--sizes must be between 1 and {len(community_eval.LORAS)}")
     result = community_eval.evaluate(
         community_eval.load_pipeline(), community_eval.load_judge(), strategies, sizes=tuple(args.sizes),
-        seeds=2 if args.seeds is None else args.seeds, steps=args.steps,
+        seeds=1 if args.seeds is None else args.seeds, steps=args.steps,
         guidance=assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
         grid_path=args.out / "grid.png", with_checks=args.checks, progress=not args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,7 @@ def checks(ev: Evaluator, base_prompts: int = 24, lora_prompts: int = 8, seed: i
             "base_renders_generic": generic_by_base, "lora_alone": alone}
 
 
-def evaluate(pipe, detector, strategies=STRATEGIES, sizes=(2, 3, 4), seeds: int = 2, scenes: int = 1,
+def evaluate(pipe, detector, strategies=STRATEGIES, sizes=(2, 3, 4), seeds: int = 1, scenes: int = 1,
              steps: int = 20, guidance: float = assets.DEFAULT_GUIDANCE, seed: int = 0, grid_path: Path | None = None,
              with_checks: bool = True, progress: bool = True) -> dict:
     """The strategy table: every combination on ``scenes`` prompts, ``seeds`` images each, every strategy on the
