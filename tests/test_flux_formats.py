@@ -322,3 +322,22 @@ def test_kohya_flux_embedders_load_beside_the_blocks(pipe, tmp_path):
     composer = ComposerPipeline(copy.deepcopy(pipe))
     got = composer(PROMPT, loras=[(tmp_path / "alone.safetensors", 0.5)], seed=0, progress=False, **CALL)
     assert np.abs(got - _render(pipe)).max() > 1e-3
+
+
+def test_a_text_encoder_only_lora_fits_any_pipeline_whose_encoder_it_fits(pipe, tmp_path):
+    """A FLUX LoRA that trains only CLIP (kohya ``lora_te1_*`` keys, no transformer layer) is not "a LoRA for
+    sd15": it attaches to the FLUX pipeline whose CLIP it fits, acts, and a misfit still fails on its shapes."""
+    layers = tiny_dit.random_dit_lora_layers(pipe, rank=4, seed=9, targets=("no-transformer-layer",))
+    path = tiny_dit.save_flux_kohya_lora({"text_encoder": layers["text_encoder"]}, tmp_path / "clip.safetensors", 4)
+    composer = ComposerPipeline(copy.deepcopy(pipe))
+    got = composer(PROMPT, loras=[(path, 1.0)], seed=0, progress=False, **CALL)
+    assert np.abs(got - _render(pipe)).max() > 1e-3
+    sd15 = tiny.build_tiny_sd15_pipeline(seed=0)  # CLIP of another width: refused on the first layer's shape
+    wide = tiny.save_kohya_lora(tiny.random_lora_layers(sd15, rank=4, seed=1, text_encoder=True), tmp_path / "w.safetensors")
+    text_only = {k: v for k, v in load_file_of(wide).items() if k.startswith("lora_te")}
+    for k in list(text_only):  # make the text encoder layers twice as wide as the FLUX pipeline's CLIP
+        if k.endswith("lora_down.weight"):
+            text_only[k] = torch.randn(text_only[k].shape[0], 2 * text_only[k].shape[1])
+    save_file(text_only, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ComposerError, match="wide.safetensors"):
+        composer.load_lora(tmp_path / "wide.safetensors")

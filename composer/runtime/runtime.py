@@ -135,7 +135,9 @@ class LoraRuntime:
     def _plan(self, adapter: Adapter) -> list[tuple[str, torch.nn.Module]]:
         """Match every delta to a module, or raise naming the first that does not fit."""
         where = adapter.path or adapter.name
-        if adapter.family not in ("unknown", self.family) and self.family != "unknown":
+        # a text-encoder-only file fits any pipeline whose text encoder it fits (the shapes below decide)
+        text_only = all(key.partition(".")[0] in TEXT_ENCODERS for key in adapter.deltas)
+        if adapter.family not in ("unknown", self.family) and self.family != "unknown" and not text_only:
             raise AdapterMismatchError(where, f"LoRA for {adapter.family}, but the pipeline is {self.family}")
         components = self._components()
         plan = []
