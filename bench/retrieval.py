@@ -245,6 +245,50 @@ def scale_one(n: int, d: int, queries: int, folder: Path, add: int = 1000, recal
     return out
 
 
+def bench_libraries(n: int = 20_000, d: int = 768, queries: int = 50) -> list[dict]:
+    """Which library for stage 1: FAISS IVF-PQ fast-scan against usearch HNSW (int8), one thread each, on
+    ``n`` clustered rows of the catalog's width: build time, time per query, and recall@20 of the inner
+    product after an exact rescore of each one's best 200 (the retriever's use)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    vec = SyntheticVectors(d)
+    x, _ = vec.fetch(np.arange(1, n + 1))
+    rng = np.random.default_rng(0)
+    q = x[rng.integers(0, n, queries)] + (0.5 / np.sqrt(d)) * rng.standard_normal((queries, x.shape[1])).astype(np.float32)
+    exact = np.argsort(-(q @ x.T), 1)[:, :20]
+
+    def recall(found):
+        top = [c[np.argsort(-(x[c] @ qq))][:20] for c, qq in zip(found, q)]
+        return float(np.mean([len(set(a) & set(b)) / 20 for a, b in zip(top, exact)]))
+
+    out = []
+    t0 = time.perf_counter()
+    index = faiss.index_factory(x.shape[1], f"IVF{max(16, int(np.sqrt(n)))},PQ{x.shape[1] // 8}x4fs", faiss.METRIC_INNER_PRODUCT)
+    index.train(x[:: max(1, n // 10_000)])
+    index.add(x)
+    build = time.perf_counter() - t0
+    index.nprobe = 24
+    t0 = time.perf_counter()
+    _, found = index.search(q, 200)
+    out.append({"library": f"faiss-cpu {faiss.__version__} IVF-PQ 4-bit fast-scan", "rows": f"{n:,}", "build (s)": build,
+                "query (ms)": (time.perf_counter() - t0) * 1000 / queries, "recall@20 (rescored top 200)": recall(found)})
+    try:
+        import usearch
+        from usearch.index import Index
+    except ImportError:
+        return out
+    t0 = time.perf_counter()
+    u = Index(ndim=x.shape[1], metric="ip", dtype="i8")
+    u.add(np.arange(n), x, threads=1)
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    found = u.search(q, 200, threads=1).keys.astype(np.int64)
+    out.append({"library": f"usearch {usearch.__version__} HNSW int8", "rows": f"{n:,}", "build (s)": build,
+                "query (ms)": (time.perf_counter() - t0) * 1000 / queries, "recall@20 (rescored top 200)": recall(found)})
+    return out
+
+
 def bench_scale(sizes, d: int, queries: int, add: int) -> list[dict]:
     """Each size: build in one fresh Python process, measure in another (resident memory is the query
     process's own); catalogs in a temporary folder."""
@@ -387,7 +431,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--add", type=int, default=1000, help="rows added to each catalog for the incremental figure")
     parser.add_argument("--index-files", type=int, default=None)
-    parser.add_argument("--parts", nargs="+", default=["scale", "recall", "selection"], choices=["scale", "recall", "selection"])
+    parser.add_argument("--parts", nargs="+", default=["scale", "recall", "selection"],
+                        choices=["scale", "recall", "selection", "libraries"])
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     common.apply_threads(args.threads)
     sizes = args.sizes or ([1000, 30000] if args.tiny else [1000, 10000, 100000, 1000000])
@@ -430,6 +475,13 @@ def main(argv: list[str] | None = None):
                 ("load < 5 s", row["load (s)"] < 5), ("RSS < 2 GB", row["RSS after queries (MB)"] < 2048)]
             res.notes.append(f"Goals at {n:,} rows: " + ", ".join(f"{g} {'met' if ok else 'NOT met'}" for g, ok in goals) + ".")
     res.extra = {"scale": scale}
+    if "libraries" in args.parts:
+        libs = bench_libraries(2000 if args.tiny else 20_000, d)
+        res.notes.append(
+            "Stage-1 library, measured (`bench_libraries`: clustered rows of this width, one thread, 50 queries, "
+            "exact rescore of each one's best 200):\n\n" + common.Result(NAME, "", list(libs[0]), libs, machine={}).table()
+        )
+        res.extra["libraries"] = libs
     if "recall" in args.parts:
         pipe = _identity_pipe()
         index = bench_index(pipe, files)

@@ -191,24 +191,23 @@ class VectorIndex:
         return faiss.read_index(str(self.folder / "index.faiss"))
 
     def _append(self, ids: np.ndarray, stamps: np.ndarray, fetch) -> None:
+        """Write the rows' vectors at the end of ``vectors.f32`` (plain writes: a mapping would keep every
+        written page in this process's resident memory) and add them to the index, a chunk at a time."""
         width = self.width
         start = len(self.ids)
         f = self.folder / "vectors.f32"
-        with open(f, "r+b") as fh:
-            fh.truncate((start + len(ids)) * width * 4)
-        out = np.memmap(f, np.float32, "r+", shape=(start + len(ids), width)) if len(ids) else None
         present = []
-        for a in range(0, len(ids), CHUNK):
-            vecs, pres = fetch(ids[a : a + CHUNK])
-            vecs = np.ascontiguousarray(vecs, np.float32)
-            if vecs.shape != (min(CHUNK, len(ids) - a), width):
-                raise ValueError(f"{f}: vectors of shape {vecs.shape}, expected ({min(CHUNK, len(ids) - a)}, {width})")
-            out[start + a : start + a + len(vecs)] = vecs
-            self.index.add_with_ids(self._pad(vecs), np.arange(start + a, start + a + len(vecs), dtype=np.int64))
-            present.append(np.asarray(pres, bool))
-        if out is not None:
-            out.flush()
-            del out
+        with open(f, "r+b") as fh:
+            fh.truncate(start * width * 4)  # drop a tail an interrupted update may have left
+            fh.seek(start * width * 4)
+            for a in range(0, len(ids), CHUNK):
+                vecs, pres = fetch(ids[a : a + CHUNK])
+                vecs = np.ascontiguousarray(vecs, np.float32)
+                if vecs.shape != (min(CHUNK, len(ids) - a), width):
+                    raise ValueError(f"{f}: vectors of shape {vecs.shape}, expected ({min(CHUNK, len(ids) - a)}, {width})")
+                fh.write(vecs.tobytes())
+                self.index.add_with_ids(self._pad(vecs), np.arange(start + a, start + a + len(vecs), dtype=np.int64))
+                present.append(np.asarray(pres, bool))
         self.ids = np.concatenate([self.ids, ids])
         self.stamps = np.concatenate([self.stamps, stamps])
         if present:
