@@ -508,6 +508,14 @@ def main(argv: list[str] | None = None):
             "measured on its training set and its 'undescribed' column on adapters it never saw (chance: 3 of "
             f"{n_lib} adapters = {3 / n_lib:.2f})."
         )
+        unseen = next(row["recall@3 (undescribed)"] for row in recall if row["signal"] == "learned")
+        res.notes.append(
+            f"On adapters it never saw the learned signal finds {unseen:.2f} at recall@3 against {3 / n_lib:.2f} by "
+            + ("chance: at chance, it only adds noise to the fused score, so `retriever_for` (`compose search`, "
+               "`--loras auto`) leaves it out unless `LORA_COMPOSER_LEARNED=1`; the weight signal alone finds every "
+               "undescribed adapter here." if unseen <= 1.5 * 3 / n_lib else
+               "chance: above chance; it is still opt-in (`LORA_COMPOSER_LEARNED=1`).")
+        )
         res.extra.update({"index": index, "recall": recall, "learned_training": train})
     if "selection" in args.parts:
         selection, thresholds = bench_selection(args.tiny)

@@ -372,10 +372,18 @@ class Catalog:
             args = (family,)
         return [self._row(r) for r in self.db.execute(sql + " ORDER BY id", args)]
 
-    def family_ids(self, family: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(file ids, indexed_at stamps)`` of a family's rows, by id: what a vector index must hold."""
-        sql = "SELECT id, indexed_at FROM files" + (" WHERE family = ?" if family else "") + " ORDER BY id"
-        got = self.db.execute(sql, (family,) if family else ()).fetchall()
+    def family_count(self, family: str | None = None, min_id: int = 0) -> int:
+        """How many rows of ``family`` (with an id of at least ``min_id``)."""
+        sql = "SELECT COUNT(*) FROM files WHERE id >= ?" + (" AND family = ?" if family else "")
+        return int(self.db.execute(sql, (min_id, family) if family else (min_id,)).fetchone()[0])
+
+    def family_ids(self, family: str | None = None, since: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(file ids, indexed_at stamps)`` of a family's rows (indexed after ``since``), by id: what a vector
+        index must hold."""
+        where = [w for w in ("family = ?" if family else None, "indexed_at > ?" if since is not None else None) if w]
+        args = tuple(a for a in (family, since) if a is not None)
+        sql = "SELECT id, indexed_at FROM files" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
+        got = self.db.execute(sql, args).fetchall()
         if not got:
             return np.zeros(0, np.int64), np.zeros(0, np.float64)
         a = np.asarray(got, dtype=np.float64)

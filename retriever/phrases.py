@@ -403,10 +403,10 @@ def stored_vocabulary(catalog, family: str | None, folder, rows) -> Vocabulary:
             vocab = None
     if vocab is not None and stored_version == version:
         return vocab.attach(rows)
-    if vocab is not None:
-        ids = catalog.family_ids(family)[0]
-        new = ids[ids > vocab._max_id]
-        if len(ids) != vocab._count + len(new) or not vocab.add_rows(catalog.word_rows(family, min_id=vocab._max_id + 1)):
+    if vocab is not None:  # only rows added (ids above every known one, and the counts agree): extend it
+        new = catalog.family_count(family, min_id=vocab._max_id + 1)
+        if catalog.family_count(family) != vocab._count + new or not vocab.add_rows(
+                catalog.word_rows(family, min_id=vocab._max_id + 1)):
             vocab = None
     if vocab is None:
         vocab = Vocabulary.compact_from(lambda: catalog.word_rows(family))

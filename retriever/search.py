@@ -108,10 +108,10 @@ class Retriever:
         src.ensure()  # may embed rows (and so change the version)
         version = self.catalog.version()
         self.blocks = dict(src.blocks)
-        ids, stamps = self.catalog.family_ids(self.family)
-        if len(ids) > self.exact_rows:
-            self.open_index(src, ids, stamps)
+        if self.catalog.family_count(self.family) > self.exact_rows:
+            self.open_index(src)
         else:
+            ids, _ = self.catalog.family_ids(self.family)
             m, pres = src.fetch(ids)
             present = {name: pres[:, b].copy() for b, name in enumerate(src.blocks)}
             self.set_matrix(self.catalog.rows(self.family), m, present, src.dim)
@@ -134,7 +134,7 @@ class Retriever:
         self.dim = dim
         self.vocab = Vocabulary(rows)
 
-    def open_index(self, src, ids, stamps, rebuild: bool = False) -> None:
+    def open_index(self, src, rebuild: bool = False) -> None:
         """Stage 1 on the family's on-disk vector index (:mod:`.vector_index`), brought up to date with the
         catalog incrementally (built the first time, or with ``rebuild``); rows, vocabulary and vectors are
         read on demand, so opening a large catalog reads neither every row nor every vector."""
@@ -154,9 +154,10 @@ class Retriever:
             fresh = vi.meta.get("uid") != uid or vi.width != src.width or vi.meta.get("blocks") != {
                 k: list(v) for k, v in src.blocks.items()}
         if fresh:
+            ids, stamps = self.catalog.family_ids(self.family)
             vi.build(ids, stamps, src.fetch, src.width, src.blocks, uid)
         else:
-            vi.update(ids, stamps, src.fetch)
+            vi.sync(self.catalog, self.family, src.fetch)
         self.index = vi
         cache = RowCache(self.catalog)
         self.rows = LazyRows(vi.ids, cache)
@@ -172,8 +173,7 @@ class Retriever:
         """Build the vector index again from the catalog (``compose index --rebuild``)."""
         src = self.source or CatalogVectors(self.catalog, self.encoder, self.family, self.learned, self.preview)
         src.ensure()
-        ids, stamps = self.catalog.family_ids(self.family)
-        self.open_index(src, ids, stamps, rebuild=True)
+        self.open_index(src, rebuild=True)
         self._version = self.catalog.version()
 
     # -- scoring ---------------------------------------------------------------------------------

@@ -185,6 +185,24 @@ class VectorIndex:
         self._map()
         return len(new), len(gone)
 
+    def sync(self, catalog, family: str | None, fetch) -> tuple[int, int]:
+        """:meth:`update` from the catalog, reading only the rows indexed after the newest one held when that
+        is all that changed (rows added: the common case, work proportional to them); any removal or change
+        of a held row makes the counts disagree, and then every id and stamp is compared."""
+        live = int(self.live.sum())
+        newest = float(self.stamps[self.live].max()) if live else float("-inf")
+        ids, stamps = catalog.family_ids(family, since=newest if live else None)
+        if not live or live + len(ids) != catalog.family_count(family) or (len(ids) and ids.min() <= self.ids.max()):
+            ids, stamps = catalog.family_ids(family)
+            return self.update(ids, stamps, fetch)
+        if not len(ids):
+            return 0, 0
+        self.index = self._writable()
+        self._append(ids, stamps, fetch)
+        self._write_state()
+        self._map()
+        return len(ids), 0
+
     def _writable(self):
         import faiss
 

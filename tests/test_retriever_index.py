@@ -99,6 +99,24 @@ def test_incremental_update_adds_changes_and_removes_in_place(catalog, monkeypat
     assert N + 150 in [m.row.id for m in _top(r, f"cluster{new_cluster} x")]
 
 
+def test_adding_rows_reads_only_the_new_rows(catalog, monkeypatch):
+    """Rows only added: the update reads the rows indexed after the newest one held, never every id."""
+    vec = SyntheticVectors(D)
+    r = _retriever(catalog, vec)
+    r.refresh()
+    synthetic_catalog(catalog.path, 100, start=N + 1).close()
+    calls = []
+    real = Catalog.family_ids
+    monkeypatch.setattr(Catalog, "family_ids", lambda self, family=None, since=None: (calls.append(since), real(self, family, since))[1])
+    monkeypatch.setattr(Vocabulary, "compact_from", classmethod(lambda *a: pytest.fail("adding rows must not rebuild the vocabulary")))
+    r.refresh()
+    assert calls and all(c is not None for c in calls)  # no full read of ids
+    assert len(r.index.ids) == N + 100 and r.by_id.get(N + 100) == N + 99
+    assert {int(i) for i in r.vocab.rows_for(tokens("lora 3050"))} == set()  # name words: noise, no phrase
+    e = r.encoder.encode_one(f"cluster{int(vec.cluster([N + 50])[0])} x")
+    assert N + 50 in [m.row.id for m in r.search_encoded("x", e, e.vector.numpy(), limit=20)]
+
+
 def test_reopening_reads_the_stored_index_and_vocabulary(catalog, monkeypatch):
     vec = SyntheticVectors(D)
     r = _retriever(catalog, vec)
