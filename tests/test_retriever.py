@@ -9,7 +9,6 @@ files have no name, trigger word or description that says what they do.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 
