@@ -33,7 +33,7 @@ Rule = Callable[[torch.Tensor, list], "torch.Tensor | list"]
 
 def readable(d) -> bool:
     """Whether a layer delta is a fixed additive matrix (LoRA, LoCon, LoHa, LoKr, full)."""
-    return not getattr(d, "is_sparse", False) and getattr(d, "additive", True)
+    return not d.is_sparse and d.additive
 
 
 def factored(up: torch.Tensor, down: torch.Tensor, like) -> LayerDelta:

@@ -404,3 +404,17 @@ def test_save_refuses_other_extensions(tmp_path):
     with pytest.raises(ValueError):
         save_adapter(a, tmp_path / "x.pt")
     assert not list(tmp_path.iterdir())
+
+
+def test_every_delta_kind_answers_the_delta_protocol():
+    """Code reads ``kind`` / ``additive`` / ``is_sparse`` from any layer delta instead of probing its type."""
+    from lora_composer.adapters import kinds
+    from lora_composer.adapters.types import LayerDelta, SparseDelta
+
+    classes = [LayerDelta, SparseDelta, kinds.LoHaDelta, kinds.LoKrDelta, kinds.FullDelta, kinds.DoRADelta,
+               kinds.IA3Delta, kinds.GLoRADelta, kinds.OFTDelta]
+    for cls in classes:
+        assert isinstance(cls.kind, str) and isinstance(cls.additive, bool) and isinstance(cls.is_sparse, bool), cls
+    assert sorted(cls.kind for cls in classes) == sorted([*kinds.KINDS, "shira"])
+    assert [cls.kind for cls in classes if not cls.additive] == ["dora", "ia3", "glora", "oft"]
+    assert [cls.kind for cls in classes if cls.is_sparse] == ["shira"]

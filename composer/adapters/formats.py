@@ -598,7 +598,7 @@ def to_diffusers_state_dict(deltas: dict[str, LayerDelta]) -> tuple[dict[str, to
     """
     tensors: dict[str, torch.Tensor] = {}
     for key, d in deltas.items():
-        if not getattr(d, "additive", True):
+        if not d.additive:
             raise ValueError(f"{key}: a {d.kind} delta depends on the base weight and cannot be written as a LoRA")
         comp, _, rel = key.partition(".")
         if comp not in COMPONENTS:

@@ -489,7 +489,7 @@ def has_factors(d) -> bool:
     """Whether a layer delta reads as ``scale * up @ down`` (LoRA, LoCon, LoHa, LoKr, full, DoRA's direction,
     GLoRA's fixed part). IA3 and OFT scale or rotate the base weight and have no factors to read; SHiRA is
     sparse. Code that reads factors (gates, activation statistics, the retriever's weight signal) skips them."""
-    if getattr(d, "is_sparse", False):
+    if d.is_sparse:
         return False
     try:
         return d.down is not None
@@ -506,11 +506,11 @@ def kind_label(adapter) -> str:
     seen: list[str] = []
     plain_conv = False
     for d in adapter.deltas.values():
-        if getattr(d, "is_sparse", False):
+        if d.is_sparse:
             label = "SHiRA"
         elif isinstance(d, OFTDelta):
             label = "BOFT" if d.butterfly else "OFT"
-        elif isinstance(d, _Kind):
+        elif d.kind != "lora":
             label = _LABELS.get(d.kind, d.kind)
         else:
             label = "LoRA"

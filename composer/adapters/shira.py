@@ -22,7 +22,6 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -52,8 +51,8 @@ def peft_shira_dir(path: Path) -> Path | None:
 
 
 def _family(deltas: dict[str, SparseDelta], keys) -> str:
-    # detect_family reads input widths from ``down``: give it shape-only stand-ins
-    proxy = {k: SimpleNamespace(down=torch.empty(0, *d.shape[1:])) for k, d in deltas.items()}
+    # detect_family reads input widths from ``down``: give it shape-only (rank 0) low-rank stand-ins
+    proxy = {k: LayerDelta(torch.empty(0, *d.shape[1:]), torch.empty(d.shape[0], 0), 0.0) for k, d in deltas.items()}
     return detect_family(proxy, keys=keys)
 
 
@@ -149,7 +148,7 @@ def save_shira(adapter: Adapter, path) -> Path:
 # -- conversions -----------------------------------------------------------------------------------------
 def _additive_or_fail(key: str, d, what: str) -> None:
     """DoRA and IA3 scale the base weight: without it they are no fixed delta to re-factor."""
-    if not getattr(d, "additive", True):
+    if not d.additive:
         raise ValueError(f"layer {key}: a {d.kind} delta depends on the base weight; {what} takes LoRA, LoHa, LoKr and full layers")
 
 
@@ -180,7 +179,7 @@ def lora_to_shira(adapter: Adapter, density: float = 0.02, name: str | None = No
         raise ValueError(f"density must be in (0, 1], got {density}")
     deltas, reports = {}, []
     for key, d in adapter.deltas.items():
-        if getattr(d, "is_sparse", False):
+        if d.is_sparse:
             deltas[key] = d
             reports.append(LayerReport(key, d.nnz, d.shape[0] * d.columns, 0.0, 1.0, "already sparse"))
             continue
@@ -228,7 +227,7 @@ def squeeze_lora(adapter: Adapter, rank: int | None = None, energy: float | None
     try:
         deltas, reports = {}, []
         for key, d in adapter.deltas.items():
-            if getattr(d, "is_sparse", False):
+            if d.is_sparse:
                 deltas[key] = d
                 reports.append(LayerReport(key, 0, 0, 0.0, 1.0, "sparse layer kept"))
                 continue

@@ -7,7 +7,27 @@ from dataclasses import dataclass, field
 
 import torch
 
+from typing import ClassVar, Protocol
+
 from ..vocab import FAMILIES  # noqa: F401 (re-exported: the families we tell apart from keys and shapes)
+
+
+class Delta(Protocol):
+    """What every layer delta answers, whatever its kind, so code reads attributes instead of probing types.
+
+    ``kind``: ``"lora"``, ``"loha"``, ``"lokr"``, ``"full"``, ``"dora"``, ``"ia3"``, ``"glora"``, ``"oft"`` or
+    ``"shira"``; ``additive``: the patched weight is ``W + delta`` (False where the kind rescales, rotates or
+    renormalises ``W``: DoRA, IA3, GLoRA, OFT); ``is_sparse``: SHiRA's scattered entries (no rank columns);
+    ``is_conv``: it patches a Conv2d. :class:`LayerDelta`, :class:`SparseDelta` and the kinds of
+    :mod:`.kinds` implement it.
+    """
+
+    kind: str
+    additive: bool
+    is_sparse: bool
+
+    @property
+    def is_conv(self) -> bool: ...
 
 
 @dataclass
@@ -22,7 +42,9 @@ class LayerDelta:
     up: torch.Tensor
     alpha: float
 
-    is_sparse = False
+    kind: ClassVar[str] = "lora"
+    additive: ClassVar[bool] = True
+    is_sparse: ClassVar[bool] = False
 
     @property
     def rank(self) -> int:
@@ -54,7 +76,9 @@ class SparseDelta:
     alpha: float = 1.0
 
     rank = 0  # not low-rank: no rank columns in the stack
-    is_sparse = True
+    kind: ClassVar[str] = "shira"
+    additive: ClassVar[bool] = True
+    is_sparse: ClassVar[bool] = True
 
     @property
     def is_conv(self) -> bool:
@@ -133,12 +157,12 @@ class Adapter:
 
     @property
     def ranks(self) -> set[int]:
-        return {d.rank for d in self.deltas.values() if not getattr(d, "is_sparse", False)}
+        return {d.rank for d in self.deltas.values() if not d.is_sparse}
 
     @property
     def is_sparse(self) -> bool:
         """True for SHiRA adapters (every delta a :class:`SparseDelta`)."""
-        return bool(self.deltas) and all(getattr(d, "is_sparse", False) for d in self.deltas.values())
+        return bool(self.deltas) and all(d.is_sparse for d in self.deltas.values())
 
     def __repr__(self) -> str:
         ranks = sorted(self.ranks)

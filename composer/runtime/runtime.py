@@ -49,7 +49,7 @@ def _check_sparse_fit(module: torch.nn.Module, delta) -> str | None:
 
 def _check_fit(module: torch.nn.Module, delta) -> str | None:
     """Why ``delta`` cannot patch ``module``, or None if it fits."""
-    if getattr(delta, "is_sparse", False):
+    if delta.is_sparse:
         return _check_sparse_fit(module, delta)
     if not isinstance(delta, LayerDelta):  # LoHa, LoKr, full, DoRA, IA3
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
