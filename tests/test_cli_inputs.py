@@ -359,3 +359,24 @@ def test_one_side_given_keeps_it_and_the_other_is_the_models(out_dir, capsys, fl
     assert code == 0, capsys.readouterr().err
     with Image.open(out) as image:
         assert (image.height, image.width) == size  # the mini world's native side is 64
+
+
+def test_a_torchvision_that_does_not_fit_torch_is_named_in_one_line(tmp_path):
+    """A torchvision built for another torch breaks transformers' and peft's imports (80 lines ending in
+    ``BloomPreTrainedModel``): compose names the mismatch and the install that fixes it, exit 2, no file."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(tmp_path / "site")}
+    out = tmp_path / "x.png"
+    proc = subprocess.run([sys.executable, "-m", "lora_composer", "--prompt", "a star", "--steps", "1", "--out",
+                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith("compose: error: torchvision ") and "operator torchvision::nms" in errors[0]
+    assert "pip install" in errors[0] and "torchvision==0." in errors[0]
+    assert not out.exists()

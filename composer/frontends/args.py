@@ -190,10 +190,35 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                         "the others), fp32, fp16, bf16")
 
 
+def check_torchvision() -> None:
+    """A torchvision built for another torch (what a CPU install gets when the CPU index is out of reach) breaks
+    every transformers / peft import in a long traceback; say so in one line with the install that fixes it."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any failure here is the mismatch (or a broken install)
+        import torch
+
+        major, minor, patch = (torch.__version__.split("+")[0].split(".") + ["0", "0"])[:3]
+        want = f"0.{int(minor) + 15}.{patch}" if major == "2" else "the release made for it"
+        try:
+            have = importlib.metadata.version("torchvision")
+        except importlib.metadata.PackageNotFoundError:
+            have = "?"
+        fix = f"pip install --force-reinstall torchvision=={want}" if have == want else f"pip install torchvision=={want}"
+        raise ComposerError(f"torchvision {have} does not work with torch {torch.__version__} ({one_line(exc)}): "
+                            f"install the matching one from the same index as torch, {fix}") from None
+
+
 def load_pipeline(model: str, library=None, device: str | None = None, dtype=None):
     """``ComposerPipeline.from_pretrained`` for a front end: a Hub id fails fast when the Hub is out of reach
     (:func:`model_source`), loading bars hidden, library errors in one line. ``device``/``dtype``: as
     :func:`~lora_composer.devices.device_and_dtype` returns them (None: the CPU in float32)."""
+    check_torchvision()
     from lora_composer.pipeline import ComposerPipeline
 
     extra = model_source(model)
