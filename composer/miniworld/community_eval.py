@@ -124,7 +124,7 @@ def evaluate(pipe, detector, strategies=STRATEGIES, sizes=(2, 3, 4), seeds: int 
         tally, by_combo = Tally(), {}
         rng = np.random.default_rng(seed)  # the same prompts and seeds for every strategy
         for i, combo in enumerate(combos):
-            hits, images = tally.all_hit, tally.images
+            hits, shown = tally.all_hit, tally.images
             for j in range(scenes):
                 scene = scene_for(combo, rng)
                 wanted = {s.category: s.value for s in combo}
@@ -135,7 +135,7 @@ def evaluate(pipe, detector, strategies=STRATEGIES, sizes=(2, 3, 4), seeds: int 
                     grid.setdefault(name, []).append((prompt, images[0]))
                 bar.set_postfix(strategy=name)
                 bar.update()
-            by_combo["+".join(s.value for s in combo)] = [tally.all_hit - hits, tally.images - images]
+            by_combo["+".join(s.value for s in combo)] = [tally.all_hit - hits, tally.images - shown]
         result["strategies"][name] = {**tally.summary(), "by_combination": by_combo}
     bar.close()
     result["seconds"] = round(time.perf_counter() - t_start, 1)
