@@ -7,8 +7,10 @@ tensor write; ``unload_lora``/``unload_all`` give the base pipeline back exactly
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import logging
 import math
 import os
 import random
@@ -30,6 +32,34 @@ from lora_composer.vocab import DEFAULT_GUIDANCE, MAX_SEED, MODEL_DEFAULTS_FILE
 from lora_composer.fusion import StrategyContext, get_strategy
 from lora_composer.fusion.base import Region
 
+
+
+class _TruncationInOneLine(logging.Filter):
+    """diffusers echoes the whole cut-off part of a long prompt (33 KB for a 5,000-word one): one line says
+    where the cut is and how much is dropped."""
+
+    PREFIX = "The following part of your input was truncated"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX):
+            head, _, dropped = message.partition(" tokens: ")
+            record.msg = f"{head} tokens: the rest of the prompt is dropped ({len(dropped):,} characters as decoded)"
+            record.args = None
+        return True
+
+
+@contextlib.contextmanager
+def _truncation_in_one_line():
+    """While rendering, diffusers' own log handlers print long-prompt truncation in one line."""
+    handlers, one_line_filter = list(logging.getLogger("diffusers").handlers), _TruncationInOneLine()
+    for handler in handlers:
+        handler.addFilter(one_line_filter)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(one_line_filter)
 
 
 def _as_ref(item) -> LoraRef:
@@ -481,7 +511,7 @@ class ComposerPipeline:
                 self.runtime.fuse()
             driven = [derived[n].name if n in derived else n for n in names]
             with DenoiserDriver(self.runtime, denoiser, strat, driven, max_batch=max_batch) as driver, \
-                    strat.patched(denoiser):
+                    strat.patched(denoiser), _truncation_in_one_line():
                 out = self.pipe(
                     **self._text_inputs(clean_prompt, negative_prompt, context.regions),
                     num_inference_steps=num_inference_steps,

@@ -108,3 +108,24 @@ def test_default_model_is_recorded_by_name_and_renders_at_its_guidance(sd15_pipe
     assert mini.last_record.guidance_scale == 2.0
     other = ComposerPipeline(sd15_pipe, model="some/model")
     assert other.model == "some/model" and other.default_guidance == 7.5
+
+
+def test_a_very_long_prompt_is_cut_with_a_one_line_note(sd15_pipe):
+    """A 5,000-word prompt: the text encoder reads its first 77 tokens, and diffusers' note about the rest is one
+    line (it echoes the whole dropped text otherwise: tens of kilobytes)."""
+    import io
+    import logging
+
+    from lora_composer.pipeline import ComposerPipeline
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)  # beside diffusers' own handler, which the note passes through too
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        ComposerPipeline(sd15_pipe)(" ".join(["star"] * 5000), num_inference_steps=1, seed=0, height=64, width=64,
+                                    progress=False, output_type="np")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    notes = [line for line in stream.getvalue().splitlines() if "truncated" in line]
+    assert len(notes) == 1 and len(notes[0]) < 300, stream.getvalue()[:500]
+    assert "up to 77 tokens: the rest of the prompt is dropped (" in notes[0] and "star" not in notes[0]
