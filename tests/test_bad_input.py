@@ -146,3 +146,28 @@ def test_sizes_are_checked_against_the_model(setup):
     composer.check_size(64, 64, 50)
     composer.check_size(4096, 4096, 50, limits=False)
     assert set(composer.adapters) == {"good"}
+
+
+def test_a_lora_for_a_larger_model_of_the_same_kind_says_so(sd15_pipe, tmp_path):
+    """A real SD1.5 LoRA (320-wide layers, 768-wide cross-attention) on a small SD1.5-shaped model: one line
+    saying what it was made for and the first layer that does not fit, and nothing stays attached."""
+    from lora_composer import tiny
+    from lora_composer.errors import AdapterMismatchError
+    from lora_composer.pipeline import ComposerPipeline
+
+    layers = tiny.random_lora_layers(sd15_pipe, rank=4, seed=3, text_encoder=False)
+    wide = {}
+    for key, value in layers["unet"].items():
+        if key.endswith("lora_A.weight"):  # SD1.5's widths: 768 into cross-attention K/V, 320 elsewhere
+            value = torch.randn(value.shape[0], 768 if ".attn2.to_k." in key or ".attn2.to_v." in key else 320)
+        wide[f"unet.{key}"] = value
+    from safetensors.torch import save_file
+
+    save_file(wide, str(tmp_path / "real-sd15.safetensors"))
+    composer = ComposerPipeline(sd15_pipe)
+    with pytest.raises(AdapterMismatchError) as info:
+        composer.load_lora(tmp_path / "real-sd15.safetensors")
+    message = str(info.value)
+    assert "\n" not in message and "real-sd15.safetensors: made for SD1.5-sized layers: " in message
+    assert "-wide unet." in message and "does not fit this model's" in message and "(a LoRA for another model)" in message
+    assert composer.adapters == {}

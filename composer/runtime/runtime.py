@@ -82,6 +82,28 @@ def _check_fit(module: torch.nn.Module, delta) -> str | None:
     return None
 
 
+_FAMILY_NAMES = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL", "flux": "FLUX.1", "sd3": "SD3"}
+
+
+def _another_model(adapter, components: dict) -> str | None:
+    """One line for a file made for the same kind of model at other widths (a real SD1.5 LoRA on a small
+    SD1.5-shaped model, a FLUX.1-dev LoRA on a narrower FLUX): most of its layers' input widths differ from the
+    model's. Names what it was made for and the first misfit; None for a file with a stray bad layer."""
+    misfits = []
+    for key, delta in adapter.deltas.items():
+        comp, _, path = key.partition(".")
+        module = _resolve(components[comp], path) if comp in components else None
+        width = getattr(module, "in_features", getattr(module, "in_channels", None))
+        down = None if delta.is_sparse or delta.kind in ("ia3", "oft") else delta.down
+        if width is not None and down is not None and down.dim() >= 2 and down.shape[1] != width:
+            misfits.append((key, int(down.shape[1]), int(width)))
+    if not misfits or 2 * len(misfits) <= len(adapter.deltas):
+        return None
+    key, theirs, ours = misfits[0]
+    made = _FAMILY_NAMES.get(adapter.family, "another model")
+    return f"made for {made}-sized layers: {theirs}-wide {key} does not fit this model's {ours}-wide one (a LoRA for another model)"
+
+
 def _finite(delta) -> bool:
     parts = delta.tensors().values() if hasattr(delta, "tensors") else (delta.down, delta.up)
     return all(bool(torch.isfinite(t).all()) for t in parts if t.is_floating_point())
@@ -150,7 +172,7 @@ class LoraRuntime:
                 raise AdapterMismatchError(where, f"layer {key} does not exist in the pipeline")
             why = _check_fit(module, delta)
             if why:
-                raise AdapterMismatchError(where, f"layer {key}: {why}")
+                raise AdapterMismatchError(where, _another_model(adapter, components) or f"layer {key}: {why}")
             if not delta.is_sparse and not _finite(delta):
                 raise AdapterMismatchError(where, f"layer {key} holds NaN or inf values")
             plan.append((key, module))
