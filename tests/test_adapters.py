@@ -418,3 +418,22 @@ def test_every_delta_kind_answers_the_delta_protocol():
     assert sorted(cls.kind for cls in classes) == sorted([*kinds.KINDS, "shira"])
     assert [cls.kind for cls in classes if not cls.additive] == ["dora", "ia3", "glora", "oft"]
     assert [cls.kind for cls in classes if cls.is_sparse] == ["shira"]
+
+
+def test_save_attn_procs_files_without_the_unet_prefix(tmp_path):
+    """``UNet2DConditionModel.save_attn_procs`` writes the UNet's keys without ``unet.``: they load as the same
+    file with the prefix does."""
+    gen = torch.Generator().manual_seed(1)
+    down, up = torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen)
+    sd = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": down,
+          "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight": up,
+          "mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.down.weight": down.clone(),
+          "mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.up.weight": up.clone()}
+    save_file(sd, str(tmp_path / "procs.safetensors"))
+    save_file({f"unet.{k}": v for k, v in sd.items()}, str(tmp_path / "prefixed.safetensors"))
+    got, want = load_adapter(tmp_path / "procs.safetensors"), load_adapter(tmp_path / "prefixed.safetensors")
+    assert set(got.deltas) == set(want.deltas) == {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                                                   "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"}
+    for key, d in want.deltas.items():
+        assert torch.equal(got.deltas[key].down, d.down) and torch.equal(got.deltas[key].up, d.up)
+        assert got.deltas[key].alpha == d.alpha

@@ -39,6 +39,7 @@ LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 _UNSUPPORTED = NOT_LOADED
 
 _KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+_UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding")
 _PEFT_KIND_SUFFIXES = tuple("." + s for s in PEFT_SUFFIXES) + (".lora_magnitude_vector.weight",)
 _DIFFUSERS_SUFFIXES = (
     ".lora_A.weight", ".lora_B.weight",  # PEFT
@@ -112,6 +113,8 @@ def detect_format(keys) -> str:
         return "kohya"
     if all(k.removeprefix("diffusion_model.").startswith(("double_blocks.", "single_blocks.")) for k in keys):
         return "xlabs-flux"
+    if all(k.split(".", 1)[0] in _UNET_ROOTS and k.endswith(_DIFFUSERS_SUFFIXES) for k in keys):
+        return "unet-no-prefix"  # UNet2DConditionModel.save_attn_procs: the UNet's keys without "unet."
     diffusers_like = [
         k for k in keys if k.split(".", 1)[0] in COMPONENTS and k.endswith(_DIFFUSERS_SUFFIXES + _PEFT_KIND_SUFFIXES)
     ]
@@ -139,6 +142,8 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], header: dict[str, str]
         return _parse_kohya(state_dict), "kohya"
     if fmt == "kohya-flux":
         return _parse_kohya_flux(state_dict), "kohya"
+    if fmt == "unet-no-prefix":
+        return _parse_diffusers({f"unet.{k}": v for k, v in state_dict.items()}, header), "diffusers"
     if fmt == "bfl-flux":
         names = bfl_to_kohya(state_dict)
         return _parse_kohya_flux({names[k]: v for k, v in state_dict.items()}), "bfl"
