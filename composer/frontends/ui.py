@@ -579,7 +579,7 @@ def _params_text(strategy: str) -> str:
         params = strategy_params(strategy)
     except KeyError:
         return ""
-    measured = f"Measured on the mini world: {STRATEGIES[strategy].measured}.\n\n" if STRATEGIES[strategy].measured else ""
+    measured = f"Measured: {STRATEGIES[strategy].measured}.\n\n" if STRATEGIES[strategy].measured else ""
     if not params:
         return f"{measured}`{strategy}` has no parameters."
     return measured + f"`{strategy}` parameters (defaults): " + ", ".join(f"`{k}={v!r}`" for k, v in params.items())
