@@ -348,3 +348,14 @@ def test_regional_prompts_keep_their_tags_in_their_regions(ui):
     assert [r["loras"] for r in regions] == [{"wavy-bg": 1.0, "purple-colour": 0.9}, {"wavy-bg": 1.0, "blinky-character": 1.0}]
     with pytest.raises(ComposerError, match="not in the library"):
         ui.render("a BREAK b <lora:/etc/passwd>", strategy="regional", steps=1)
+
+
+def test_size_sliders_follow_the_model(ui):
+    """Width and height go from the model's multiple to its budget (4x its native side), not to 1536."""
+    from lora_composer.frontends.ui import build_app
+
+    multiple, (native_h, native_w) = ui.pipe.size_rules()
+    props = {c["props"].get("elem_id"): c["props"] for c in build_app(ui).config["components"] if "props" in c}
+    assert (props["width"]["minimum"], props["width"]["maximum"], props["width"]["step"]) == (multiple, 4 * native_w, multiple)
+    assert (props["height"]["minimum"], props["height"]["maximum"]) == (multiple, 4 * native_h)
+    assert props["width"]["value"] == native_w == 64  # the mini world's native side

@@ -701,8 +701,12 @@ def build_app(ui: ComposerUI):
                         guidance = gr.Slider(0, 20, value=ui.default_guidance, step=0.5, label="Guidance",
                                              elem_id="guidance")
                     with gr.Row():
-                        width = gr.Slider(64, 1536, value=max(64, ui.default_size), step=8, label="Width", elem_id="width")
-                        height = gr.Slider(64, 1536, value=max(64, ui.default_size), step=8, label="Height",
+                        # sizes follow the model: its multiple, up to its budget (4x its native side at 50 steps)
+                        multiple, native = ui.pipe.size_rules()
+                        native_h, native_w = native or (ui.default_size, ui.default_size)
+                        width = gr.Slider(multiple, 4 * native_w, value=native_w, step=multiple, label="Width",
+                                          elem_id="width")
+                        height = gr.Slider(multiple, 4 * native_h, value=native_h, step=multiple, label="Height",
                                            elem_id="height")
                         batch = gr.Slider(1, 8, value=1, step=1, label="Batch", elem_id="batch")
                     with gr.Row():
