@@ -193,13 +193,53 @@ class Vocabulary:
         self._desc_words = {}
         return self
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        if state.get("phrases") is None or isinstance(state.get("phrases"), _PerRow):
-            for key in ("phrases", "_desc", "category", "_rows", "_memo"):
-                state[key] = None
-            state["_desc_words"] = {}
-        return state
+    def save(self, path, version: str) -> None:
+        """Store a compact vocabulary as ``path`` (``.npz``: the word indexes as id arrays, the rest as JSON;
+        nothing a load would execute, unlike a pickle in a folder others may hand around)."""
+        import json
+
+        import numpy as np
+
+        def packed(index):
+            words = sorted(index)
+            ids = [np.asarray(index[w], np.int64) for w in words]
+            offsets = np.cumsum([0, *(len(a) for a in ids)]).astype(np.int64)
+            return words, (np.concatenate(ids) if ids else np.zeros(0, np.int64)), offsets
+
+        index_words, index_ids, index_offsets = packed(self._index)
+        desc_words, desc_ids, desc_offsets = packed(self._desc_index)
+        meta = {"version": version, "n": self._n, "count": self._count, "max_id": self._max_id,
+                "contexts": {w: sorted(sorted(c) for c in ctx) for w, ctx in self._contexts.items()},
+                "desc_df": self._desc_df, "index_words": index_words, "desc_words": desc_words}
+        with open(path, "wb") as fh:
+            np.savez(fh, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), index_ids=index_ids,
+                     index_offsets=index_offsets, desc_ids=desc_ids, desc_offsets=desc_offsets)
+
+    @classmethod
+    def load(cls, path) -> tuple[str, "Vocabulary"]:
+        """``(catalog version, compact vocabulary)`` from :meth:`save`'s file (no pickles are read)."""
+        import json
+
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(data["meta"].tobytes())
+            arrays = {k: data[k] for k in ("index_ids", "index_offsets", "desc_ids", "desc_offsets")}
+
+        def unpacked(words, ids, offsets):
+            return {w: ids[offsets[i]:offsets[i + 1]].copy() for i, w in enumerate(words)}
+
+        self = cls.__new__(cls)
+        self._contexts = {w: {frozenset(c) for c in ctx} for w, ctx in meta["contexts"].items()}
+        self._desc_df = meta["desc_df"]
+        self.generic = {w for w, ctx in self._contexts.items() if len([c for c in ctx if c]) >= 2}
+        self._named = set(self._contexts)
+        self._n, self._count, self._max_id = meta["n"], meta["count"], meta["max_id"]
+        self._index = unpacked(meta["index_words"], arrays["index_ids"], arrays["index_offsets"])
+        self._desc_index = unpacked(meta["desc_words"], arrays["desc_ids"], arrays["desc_offsets"])
+        self.phrases = self._desc = self.category = None
+        self._desc_words = {}
+        return meta["version"], self
 
     def attach(self, rows) -> "Vocabulary":
         """``rows``: ``{id: row}``-like (``.get``), where a compact vocabulary reads a row's words."""
@@ -387,18 +427,17 @@ def _match(words: list[str], generic: set, stems: list[str]) -> tuple[int, int, 
 
 def stored_vocabulary(catalog, family: str | None, folder, rows) -> Vocabulary:
     """The compact vocabulary of a large catalog (``rows``: where it reads per-row words), from
-    ``folder/vocabulary.pickle``: as stored when the catalog has not changed, brought up to date when rows
-    were only added (:meth:`Vocabulary.add_rows`), else built again from the rows' words and stored."""
-    import pickle
+    ``folder/vocabulary.npz`` (:meth:`Vocabulary.save`): as stored when the catalog has not changed, brought up
+    to date when rows were only added (:meth:`Vocabulary.add_rows`), else built again from the rows' words and
+    stored."""
     from pathlib import Path
 
-    path = Path(folder) / "vocabulary.pickle"
+    path = Path(folder) / "vocabulary.npz"
     version = catalog.version()
     vocab = None
     if path.is_file():
         try:
-            with open(path, "rb") as fh:
-                stored_version, vocab = pickle.load(fh)
+            stored_version, vocab = Vocabulary.load(path)
         except Exception:  # noqa: BLE001 - a broken file is rebuilt
             vocab = None
     if vocab is not None and stored_version == version:
@@ -411,7 +450,6 @@ def stored_vocabulary(catalog, family: str | None, folder, rows) -> Vocabulary:
     if vocab is None:
         vocab = Vocabulary.compact_from(lambda: catalog.word_rows(family))
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        pickle.dump((version, vocab), fh, protocol=pickle.HIGHEST_PROTOCOL)
+    vocab.save(tmp, version)
     tmp.replace(path)
     return vocab.attach(rows)

@@ -195,6 +195,21 @@ def test_compact_vocabulary_adds_rows_as_a_fresh_build_would():
     assert not flip.add_rows([_Row(7, "wavy", ["wavy background"], "")])
 
 
+def test_the_stored_vocabulary_is_data_not_a_pickle(tmp_path):
+    """Stored beside the catalog (a folder users hand around), the vocabulary loads with numpy's
+    allow_pickle=False and answers as the one it was saved from, extended rows included."""
+    import numpy as np
+
+    grown = Vocabulary(ROWS).compact()
+    assert grown.add_rows(MORE)
+    grown.save(tmp_path / "vocabulary.npz", "v7")
+    with np.load(tmp_path / "vocabulary.npz", allow_pickle=False) as data:
+        assert {"meta", "index_ids", "index_offsets", "desc_ids", "desc_offsets"} <= set(data.files)
+    version, loaded = Vocabulary.load(tmp_path / "vocabulary.npz")
+    assert version == "v7"
+    _same(loaded, Vocabulary(ROWS + MORE), ROWS + MORE)
+
+
 def test_compose_index_with_a_model_builds_the_vector_index(tmp_path, monkeypatch, capsys):
     """``compose index DIR --model M`` on a family above the (lowered) threshold leaves the vector index on disk
     beside the catalog, and ``--rebuild`` starts it over."""
