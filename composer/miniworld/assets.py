@@ -1,7 +1,7 @@
 """Where the trained mini world ships: the model, its concept LoRA library and the detectors.
 
-They are committed with the project (``composer/miniworld/weights``, under 30 MB), so ``compose`` renders
-meaningful pictures offline on a fresh clone. ``python -m lora_composer.miniworld.train all --out DIR`` and
+They are committed with the project (``composer/miniworld/weights``, under 40 MB; ``weights/community``
+holds the community world's), so ``compose`` renders meaningful pictures offline on a fresh clone. ``python -m lora_composer.miniworld.train all --out DIR`` and
 ``python -m lora_composer.miniworld.detectors --out DIR/detectors.safetensors`` rebuild them.
 """
 
