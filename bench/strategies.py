@@ -250,7 +250,7 @@ class Bench:
                 plan = strat.plan(step, t)
 
                 def rows_of(w):
-                    return driver._slot_rows(w[[0]]).repeat_interleave(batch, dim=0)
+                    return driver.groups.slot_rows(w, [0], batch)
 
                 layer_rows = {g: rows_of(w) for g, w in (plan.layer_weights or {}).items()}
                 rt.set_denoiser_rows(rows_of(plan.weights), layer_rows or None)
