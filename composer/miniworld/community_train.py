@@ -14,7 +14,6 @@ in fp16 and the text encoder's layers plus the embedding rows that moved (as the
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import time
