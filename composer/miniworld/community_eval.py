@@ -19,7 +19,7 @@ import torch
 
 from lora_composer.miniworld import assets, community
 from lora_composer.miniworld.community_library import LORAS, library_dir
-from lora_composer.miniworld.evaluate import Evaluator, Tally, _grid_picks, save_grid
+from lora_composer.miniworld.evaluate import Evaluator, Tally, _grid_picks, save_grid, strategy_tables
 
 BASE_CATEGORIES = ("shape", "colour", "background")  # drawn per prompt from the base values
 STRATEGIES = ("merge", "gated", "switch", "composite", "cmlora", "loratorio", "klora", "conjunction", "marginal",
@@ -153,23 +153,7 @@ def markdown(result: dict, command: str) -> str:
              f"{p['combinations']} combinations (sizes {', '.join(map(str, sizes))}) x {p['scenes']} prompts x "
              f"{p['seeds']} images, seed {p['seed']}, {p['steps']} steps, guidance {p['guidance']}; "
              f"{result['seconds']:.0f} s in all.", "",
-             "| strategy | all concepts | " + " | ".join(f"all, {k} LoRAs" for k in sizes)
-             + " | per concept | base-concept confidence | rows vs merge | images/s |",
-             "|---|" + "---|" * (len(sizes) + 5)]
-    merge_rows = p["steps"] * (2 if p["guidance"] > 1 else 1)
-    for name, s in result["strategies"].items():
-        by = s["by_size"]
-        rows = s.get("rows_per_image")
-        lines.append(f"| {name} | {s['all_concepts']:.3f} | "
-                     + " | ".join(f"{by.get(k, by.get(str(k))):.3f}" for k in sizes)
-                     + f" | {s['per_concept']:.3f} | {s['base_confidence']:.3f} | "
-                     + (f"{rows / merge_rows:.2f}" if rows else "") + f" | {s['images_per_s']:.1f} |")
-    concepts = [spec.value for spec in LORAS]
-    lines += ["", "Per concept (share of the images asking for it that show it):", "",
-              "| strategy | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]
-    for name, s in result["strategies"].items():
-        lines.append(f"| {name} | " + " | ".join(
-            f"{s['concepts'][v]:.2f}" if s["concepts"].get(v) is not None else "" for v in concepts) + " |")
+             *strategy_tables(result, [spec.value for spec in LORAS])]
     if "checks" in result:
         c = result["checks"]
         b = c["base_on_base"]

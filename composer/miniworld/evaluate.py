@@ -467,14 +467,12 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + ([line] if line else [])
 
 
-def markdown(result: dict, command: str) -> str:
-    """The strategy table, the per-size breakdown, the checks and retrieval, as Markdown."""
+def strategy_tables(result: dict, concepts: list[str]) -> list[str]:
+    """Markdown lines: the strategy table (all concepts, per size, per concept, base-concept confidence, denoiser
+    rows per image over merge's, speed), then the per-concept table over ``concepts`` (left out when empty)."""
     p = result["protocol"]
     sizes = p["sizes"]
-    lines = [f"Command: `{command}`", "",
-             f"{p['combinations']} combinations (sizes {', '.join(map(str, sizes))}), {p['seeds']} seeds each, "
-             f"{p['steps']} steps, guidance {p['guidance']}; {result['seconds']:.0f} s in all.", "",
-             "| strategy | all concepts | " + " | ".join(f"all, {k} LoRAs" for k in sizes)
+    lines = ["| strategy | all concepts | " + " | ".join(f"all, {k} LoRAs" for k in sizes)
              + " | per concept | base-concept confidence | rows vs merge | images/s |",
              "|---|" + "---|" * (len(sizes) + 5)]
     merge_rows = p["steps"] * (2 if p["guidance"] > 1 else 1)  # one pass per step, both halves of guidance
@@ -485,13 +483,23 @@ def markdown(result: dict, command: str) -> str:
                      + " | ".join(f"{by.get(k, by.get(str(k))):.3f}" for k in sizes)
                      + f" | {s['per_concept']:.3f} | {s['base_confidence']:.3f} | "
                      + (f"{rows / merge_rows:.2f}" if rows else "") + f" | {s['images_per_s']:.1f} |")
-    concepts = sorted({v for s in result["strategies"].values() for v in s["concepts"]})
     if concepts:
         lines += ["", "Per concept (share of the images asking for it that show it):", "",
                   "| strategy | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]
         for name, s in result["strategies"].items():
             lines.append(f"| {name} | " + " | ".join(
                 f"{s['concepts'][v]:.2f}" if s["concepts"].get(v) is not None else "" for v in concepts) + " |")
+    return lines
+
+
+def markdown(result: dict, command: str) -> str:
+    """The strategy table, the per-size breakdown, the checks and retrieval, as Markdown."""
+    p = result["protocol"]
+    sizes = p["sizes"]
+    lines = [f"Command: `{command}`", "",
+             f"{p['combinations']} combinations (sizes {', '.join(map(str, sizes))}), {p['seeds']} seeds each, "
+             f"{p['steps']} steps, guidance {p['guidance']}; {result['seconds']:.0f} s in all.", "",
+             *strategy_tables(result, sorted({v for s in result["strategies"].values() for v in s["concepts"]}))]
     if "checks" in result:
         c = result["checks"]
         b = c["base_on_base"]
