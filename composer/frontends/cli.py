@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from lora_composer.errors import ComposerError
-from lora_composer.frontends import catalog, convert, evaluate, profile, serve, ui
+from lora_composer.frontends import catalog, convert, evaluate, grid, profile, serve, ui
 from lora_composer.frontends.args import (Parser, UsageError, add_device_args, add_log_args, command, configure_logging,
                                           load_pipeline)
 from lora_composer.vocab import MAX_SEED
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default 20)")
     p.add_argument("--guidance", "--cfg", dest="guidance", type=float, metavar="G", help="guidance scale (default 7.5; 5 for the mini world model)")
-    p.add_argument("--seed", type=int, metavar="S", help="random seed (default: random, recorded in the PNG)")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed (default, or -1: random, recorded in the PNG)")
     p.add_argument("--width", type=int, metavar="W", help="image width in pixels, a multiple of the model's (default: the model's, 64 for the mini world)")
     p.add_argument("--height", type=int, metavar="H", help="image height in pixels, a multiple of the model's (default: the model's)")
     p.add_argument(
@@ -211,8 +211,10 @@ def _settings(args) -> dict:
         raise UsageError("--steps must be at least 1")
     if s["guidance"] is not None and not math.isfinite(s["guidance"]):
         raise UsageError(f"--guidance {s['guidance']}: must be a finite number (the model's default when omitted)")
+    if s["seed"] == -1:  # A1111's meaning, as in the web UI: a random seed (the one drawn is recorded)
+        s["seed"] = None
     if s["seed"] is not None and not 0 <= s["seed"] <= MAX_SEED:
-        raise UsageError(f"--seed {s['seed']}: must be between 0 and {MAX_SEED}")
+        raise UsageError(f"--seed {s['seed']}: must be between 0 and {MAX_SEED} (or -1: random)")
     for key in ("width", "height"):  # the model's multiple is checked once it is loaded
         if s[key] is not None and s[key] < 1:
             raise UsageError(f"--{key} {s[key]}: must be a positive number of pixels")
@@ -308,6 +310,7 @@ COMMANDS = {
     "convert": ("convert a LoRA: --to shira --density D (sparse) or --rank R|auto (LoRA-Squeeze)", convert.main),
     "profile": ("score LoRAs' high-frequency energy for --strategy cmlora", profile.main),
     "eval": ("measure every strategy and the retriever on the mini world (ground-truth detectors)", evaluate.main),
+    "grid": ("an X/Y/Z plot: --x \"weight:LORA=0.4,0.7,1\" --y \"strategy=merge,regional\" [--z \"seed=1,2\"]", grid.main),
     "ui": ("start the web UI (Gradio) on 127.0.0.1", ui.main),
     "serve": ("serve renders over HTTP (FastAPI), many LoRAs batched per step, on 127.0.0.1", serve.main),
 }
