@@ -69,6 +69,19 @@ def test_combinations_are_one_lora_per_category():
     assert sorted(tuple(s.name for s in c) for c in combos) == sorted(tuple(s.name for s in c) for c in expected)
 
 
+def test_drawn_combinations_are_seeded_per_size_and_a_subset():
+    combos = evaluate.combinations((2, 3))
+    drawn = evaluate.draw(combos, 3, seed=1000)
+    assert [len(c) for c in drawn].count(2) == 3 and [len(c) for c in drawn].count(3) == 3
+    assert drawn == evaluate.draw(combos, 3, seed=1000)  # the same for every strategy and run with that seed
+    assert drawn != evaluate.draw(combos, 3, seed=3000)
+    order = [combos.index(c) for c in drawn]
+    assert order == sorted(order)  # a subsequence of the full list
+    assert evaluate.draw(combos, None) == combos and len(evaluate.draw(combos, 10**6)) == len(combos)
+    with pytest.raises(ValueError, match="at least 1"):
+        evaluate.draw(combos, 0)
+
+
 def test_tally_rates():
     t = evaluate.Tally()
     wanted = {"shape": "star", "colour": "purple"}
@@ -179,6 +192,12 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     assert next(r for r in table if r[0] == "| merge")[col] == "1.00"
     concept_header = [r for r in table if r[0] == "| strategy"][1]  # the per-concept table follows
     assert set(result["strategies"]["merge"]["concepts"]) == {c.strip(" |") for c in concept_header[1:]}
+    code = main(["eval", "--sizes", "2", "3", "--combos", "1", "--seeds", "1", "--steps", "1", "--strategies", "merge",
+                 "--no-checks", "--no-retrieval", "--seed", "7", "--out", str(tmp_path / "drawn"), "-q"])
+    assert code == 0, capsys.readouterr().err
+    drawn = json.loads((tmp_path / "drawn" / "results.json").read_text())
+    assert drawn["strategies"]["merge"]["images"] == 2 and drawn["protocol"]["per_size"] == 1
+    assert main(["eval", "--combos", "0", "-q"]) == 2 and "--combos must be at least 1" in capsys.readouterr().err
     assert main(["eval", "--strategies", "nope", "-q"]) == 2
     assert "unknown strategy 'nope'" in capsys.readouterr().err
     assert main(["eval", "--strategies", "marginal:scale=-1", "-q"]) != 0  # before anything renders

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", nargs="+", metavar="NAME", help="strategies to measure (default: every one in fusion/); NAME:ARGS measures a variant, "
                         "e.g. 'marginal:scale=0.5 until=0.3'")
     p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], metavar="K", help="combination sizes (default 2 3 4)")
+    p.add_argument("--combos", type=int, default=None, metavar="K",
+                   help="one-object, community: K combinations of each size, drawn with --seed (the same for every "
+                        "strategy of the run and every run with that seed); default: all")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="images per combination and strategy (default 2; two-objects, community: 1)")
     p.add_argument("--steps", type=int, default=20, metavar="N", help="denoising steps (default 20)")
@@ -64,6 +67,9 @@ def main(argv: list[str]) -> int:
     from lora_composer.miniworld.evaluate import evaluate, markdown, write_doc
 
     args = build_parser().parse_args(argv)
+    if args.combos is not None and (args.combos < 1 or args.world == "two-objects"):
+        raise UsageError("--combos must be at least 1" if args.combos < 1 else
+                         "--combos draws one-object or community combinations; two-objects takes --per-kind")
     if args.world == "two-objects":
         return _two_objects(args, argv)
     if args.world == "community":
@@ -89,7 +95,7 @@ def main(argv: list[str]) -> int:
     result = evaluate(pipe, detector, strategies, sizes=tuple(args.sizes), seeds=args.seeds, steps=args.steps,
                       guidance=assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
                       grid_path=args.out / "grid.png", checks=args.checks, progress=not args.quiet,
-                      retrieval=args.retrieval, auto_per_size=max(args.auto_combos, 0))
+                      retrieval=args.retrieval, auto_per_size=max(args.auto_combos, 0), per_size=args.combos)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result, f"{PROG} {' '.join(argv)}".strip())
@@ -146,7 +152,7 @@ def _community(args, argv: list[str]) -> int:
         community_eval.load_pipeline(), community_eval.load_judge(), strategies, sizes=tuple(args.sizes),
         seeds=1 if args.seeds is None else args.seeds, steps=args.steps,
         guidance=assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
-        grid_path=args.out / "grid.png", with_checks=args.checks, progress=not args.quiet)
+        grid_path=args.out / "grid.png", with_checks=args.checks, progress=not args.quiet, per_size=args.combos)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(community_eval.markdown(result, f"{PROG} {' '.join(argv)}".strip()))

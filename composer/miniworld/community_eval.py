@@ -19,7 +19,7 @@ import torch
 
 from lora_composer.miniworld import assets, community
 from lora_composer.miniworld.community_library import LORAS, library_dir
-from lora_composer.miniworld.evaluate import Evaluator, Tally, _grid_picks, save_grid, strategy_tables
+from lora_composer.miniworld.evaluate import Evaluator, Tally, _grid_picks, draw, save_grid, strategy_tables
 
 BASE_CATEGORIES = ("shape", "colour", "background")  # drawn per prompt from the base values
 STRATEGIES = ("merge", "gated", "switch", "composite", "cmlora", "loratorio", "klora", "conjunction", "marginal",
@@ -102,17 +102,17 @@ def checks(ev: Evaluator, base_prompts: int = 24, lora_prompts: int = 8, seed: i
 
 def evaluate(pipe, detector, strategies=STRATEGIES, sizes=(2, 3, 4), seeds: int = 1, scenes: int = 1,
              steps: int = 20, guidance: float = assets.DEFAULT_GUIDANCE, seed: int = 0, grid_path: Path | None = None,
-             with_checks: bool = True, progress: bool = True) -> dict:
-    """The strategy table: every combination on ``scenes`` prompts, ``seeds`` images each, every strategy on the
-    same prompts and seeds; plus the checks."""
+             with_checks: bool = True, progress: bool = True, per_size: int | None = None) -> dict:
+    """The strategy table: every combination (or ``per_size`` of each size, drawn by :func:`draw`) on ``scenes``
+    prompts, ``seeds`` images each, every strategy on the same prompts and seeds; plus the checks."""
     from tqdm.auto import tqdm
 
-    combos = combinations(sizes)
+    combos = draw(combinations(sizes), per_size, seed)
     ev = Evaluator(pipe, detector, steps=steps, guidance=guidance, seeds=seeds)
     bar = tqdm(total=len(combos) * scenes * len(strategies) + (24 + len(LORAS) if with_checks else 0), desc="eval",
                unit="render", disable=not progress, dynamic_ncols=True)
     result: dict = {"world": community.NAME, "protocol": {
-        "sizes": list(sizes), "combinations": len(combos), "scenes": scenes, "seeds": seeds, "steps": steps,
+        "sizes": list(sizes), "combinations": len(combos), "per_size": per_size, "scenes": scenes, "seeds": seeds, "steps": steps,
         "guidance": guidance, "seed": seed, "strategies": list(strategies)}}
     t_start = time.perf_counter()
     if with_checks:
@@ -150,7 +150,8 @@ def markdown(result: dict, command: str) -> str:
     p = result["protocol"]
     sizes = p["sizes"]
     lines = [f"Command: `{command}`", "",
-             f"{p['combinations']} combinations (sizes {', '.join(map(str, sizes))}) x {p['scenes']} prompts x "
+             f"{p['combinations']} combinations (sizes {', '.join(map(str, sizes))}"
+             + (f"; {p['per_size']} drawn per size" if p.get("per_size") else "") + f") x {p['scenes']} prompts x "
              f"{p['seeds']} images, seed {p['seed']}, {p['steps']} steps, guidance {p['guidance']}; "
              f"{result['seconds']:.0f} s in all.", "",
              *strategy_tables(result, [spec.value for spec in LORAS])]

@@ -37,6 +37,24 @@ def combinations(sizes=(2, 3, 4)) -> list[tuple[LoraSpec, ...]]:
     return out
 
 
+def draw(combos: list[tuple], per_size: int | None, seed: int = 0) -> list[tuple]:
+    """``per_size`` combinations of each size drawn from ``combos`` (seeded by ``seed``, so every strategy of a run
+    and every run with that seed gets the same ones), in their original order; ``None``: all of them. Lets a costly
+    strategy (a fitted one) be measured on a sample the cheap ones are measured on too."""
+    if per_size is None:
+        return list(combos)
+    if per_size < 1:
+        raise ValueError(f"combinations per size must be at least 1, got {per_size}")
+    rng = np.random.default_rng([seed, 0xC0B05])
+    by_size: dict[int, list[int]] = {}
+    for i, combo in enumerate(combos):
+        by_size.setdefault(len(combo), []).append(i)
+    keep: set[int] = set()
+    for indices in by_size.values():
+        keep.update(int(i) for i in rng.choice(indices, size=min(per_size, len(indices)), replace=False))
+    return [combo for i, combo in enumerate(combos) if i in keep]
+
+
 def scene_for(combo, rng: np.random.Generator) -> world.Scene:
     """The LoRAs' concepts, base values drawn for the other shape/colour/background, plain style."""
     fields = {c.name: c.base[0] for c in world.CATEGORIES}
@@ -383,17 +401,19 @@ def auto_markdown(rep: dict) -> str:
 
 def evaluate(pipe, detector, strategies, sizes=(2, 3, 4), seeds: int = 2, steps: int = 20,
              guidance: float = assets.DEFAULT_GUIDANCE, seed: int = 0, grid_path: Path | None = None, checks: bool = True, retrieval: bool = True,
-             progress: bool = True, auto_per_size: int = 0) -> dict:
+             progress: bool = True, auto_per_size: int = 0, per_size: int | None = None) -> dict:
     """The strategy table (and the checks, the retriever's figures); ``auto_per_size`` > 0 adds
-    :func:`auto_vs_hand` with that many combinations per size 1-4 (``2 x 2 x 4 x auto_per_size`` renders)."""
+    :func:`auto_vs_hand` with that many combinations per size 1-4 (``2 x 2 x 4 x auto_per_size`` renders);
+    ``per_size``: that many combinations of each size (:func:`draw`), else all."""
     from tqdm.auto import tqdm
 
-    combos = combinations(sizes)
+    combos = draw(combinations(sizes), per_size, seed)
     ev = Evaluator(pipe, detector, steps=steps, guidance=guidance, seeds=seeds)
     auto_per_size = auto_per_size if retrieval and pipe.library is not None else 0
     total = len(combos) * len(strategies) + (24 + len(LORAS) if checks else 0) + 16 * auto_per_size
     bar = tqdm(total=total, desc="eval", unit="render", disable=not progress, dynamic_ncols=True)
-    result: dict = {"protocol": {"sizes": list(sizes), "combinations": len(combos), "seeds": seeds, "steps": steps,
+    result: dict = {"protocol": {"sizes": list(sizes), "combinations": len(combos), "per_size": per_size,
+                                 "seed": seed, "seeds": seeds, "steps": steps,
                                  "guidance": guidance, "strategies": list(strategies)}}
     t_start = time.perf_counter()
     if checks:
@@ -497,7 +517,9 @@ def markdown(result: dict, command: str) -> str:
     p = result["protocol"]
     sizes = p["sizes"]
     lines = [f"Command: `{command}`", "",
-             f"{p['combinations']} combinations (sizes {', '.join(map(str, sizes))}), {p['seeds']} seeds each, "
+             f"{p['combinations']} combinations (sizes {', '.join(map(str, sizes))}"
+             + (f"; {p['per_size']} drawn per size, seed {p['seed']}" if p.get("per_size") else "")
+             + f"), {p['seeds']} seeds each, "
              f"{p['steps']} steps, guidance {p['guidance']}; {result['seconds']:.0f} s in all.", "",
              *strategy_tables(result, sorted({v for s in result["strategies"].values() for v in s["concepts"]}))]
     if "checks" in result:
