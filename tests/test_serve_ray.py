@@ -1,11 +1,14 @@
 """``compose serve --ray`` on a local Ray cluster: two model replicas behind the gateway. Requests with the same
 LoRA set land on the replica that already holds it (each set loaded once), every image equals its solo render,
-and killing a replica under load loses no accepted request."""
+killing a replica under load loses no accepted request, and neither does killing the gateway: its successor
+answers every job from the job store and runs the unfinished ones again with their stored seeds."""
 
 from __future__ import annotations
 
 import io
+import json
 import socket
+import sqlite3
 import threading
 import time
 
@@ -39,14 +42,15 @@ def cluster(home):
     from tests.serve_world import pipelines
 
     _, solo, library = pipelines()
-    config = resolved(ServerConfig(library=str(library), limits=Limits(default_steps=STEPS), max_batch=4))
+    config = resolved(ServerConfig(library=str(library), limits=Limits(default_steps=STEPS), max_batch=4,
+                                   jobs_url=str(home / "serve-jobs.sqlite")))
     port = _free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "LORA_COMPOSER_HOME": str(home)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config, RayOptions(replicas=2, cpus_per_replica=1)), name="lc-test", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", solo
+        yield f"http://127.0.0.1:{port}", solo, config.jobs_url
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -77,7 +81,7 @@ def _png(content: bytes) -> np.ndarray:
 
 
 def test_same_lora_set_same_replica_each_set_loaded_once(cluster):
-    url, solo = cluster
+    url, solo, _ = cluster
     order = ["star", "blinky", "purple"] * 3
     seen: dict[str, set] = {}
     states = []
@@ -101,7 +105,7 @@ def test_same_lora_set_same_replica_each_set_loaded_once(cluster):
 
 
 def test_killing_a_replica_under_load_loses_no_accepted_request(cluster):
-    url, solo = cluster
+    url, solo, _ = cluster
     bodies = [_body(name, seed=200 + i) for i, name in enumerate(["star", "blinky", "purple", "star", "blinky", "star"])]
     with httpx.Client(base_url=url, timeout=300) as client:
         ids = []
@@ -142,3 +146,47 @@ def test_killing_a_replica_under_load_loses_no_accepted_request(cluster):
             assert np.abs(_png(png.content) - _solo(solo, body)).max() <= 1
         metrics = _metrics(client.get("/metrics").text)
     assert metrics["lora_composer_ray_retries_total"] >= 1  # the killed replica's requests were sent again
+
+
+def test_a_gateway_restart_loses_no_job(cluster):
+    """Kill the gateway's actor while it holds accepted jobs: Serve starts another, which answers every job id
+    (none is a 404) and runs the unfinished ones again with their stored seeds."""
+    url, solo, jobs_url = cluster
+    steps = 20
+    bodies = [{**_body(name, seed=300 + i), "steps": steps} for i, name in enumerate(["star", "blinky", "purple",
+                                                                                        "star"])]
+    del bodies[1]["seed"]  # the gateway fixes it and stores it
+    with httpx.Client(base_url=url, timeout=60) as client:
+        ids = []
+        for body in bodies:
+            r = client.post("/v1/jobs", json=body)
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        gateway = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "#Gateway#" in a["name"])
+        ray.kill(ray.get_actor(gateway["name"], namespace=gateway["namespace"]), no_restart=False)
+        with sqlite3.connect(jobs_url) as db:
+            stored = {job_id: (status, json.loads(request)["seed"]) for job_id, status, request
+                      in db.execute(f"SELECT id, status, request FROM jobs WHERE id IN ({','.join('?' * len(ids))})",
+                                    ids)}
+        assert set(stored) == set(ids) and stored[ids[1]][1] is not None
+        unfinished = [j for j in ids if stored[j][0] in ("queued", "running")]
+        assert unfinished, stored  # the gateway died with work in hand
+        states: dict = {}
+        deadline = time.monotonic() + 240
+        while len(states) < len(ids) and time.monotonic() < deadline:
+            for job_id in ids:
+                try:
+                    r = client.get(f"/v1/jobs/{job_id}")
+                except httpx.TransportError:
+                    continue  # the proxy while no gateway is up
+                assert r.status_code != 404, r.text  # a job forgotten
+                if r.status_code == 200 and r.json()["status"] in ("done", "failed", "cancelled"):
+                    states[job_id] = r.json()
+            time.sleep(0.3)
+        assert all(states.get(j, {}).get("status") == "done" for j in ids), states
+        for job_id, body in zip(ids, bodies):
+            png = client.get(f"/v1/jobs/{job_id}/result")
+            assert png.status_code == 200
+            assert np.abs(_png(png.content) - _solo(solo, {**body, "seed": stored[job_id][1]})).max() <= 1
+        metrics = _metrics(client.get("/metrics").text)
+    assert metrics["lora_composer_jobs_resumed_total"] == len(unfinished)

@@ -49,6 +49,9 @@ def parser() -> Parser:
     p.add_argument("--max-resident", type=int, default=64, metavar="N", help="attached LoRAs before the least recently "
                    "used are detached; on the CPU every layer's stack is reserved for this many (default 64)")
     p.add_argument("--drain-s", type=float, default=60.0, metavar="S", help="at shutdown, time given to accepted requests")
+    p.add_argument("--jobs-url", default="", metavar="URL", help="where accepted /v1/jobs requests are kept, so a restart "
+                   "answers them and runs the unfinished ones again: a SQLite file (default: serve/jobs-PORT.sqlite in "
+                   "the data folder), redis://HOST:PORT/DB (pip install 'lora-composer[redis]'), or none (memory only)")
     add_log_args(p, default="info")
     add_device_args(p)  # with --ray, "auto" is resolved on each replica (a GPU replica runs on cuda)
     ray = p.add_argument_group("Ray Serve (pip install 'ray[serve]')")
@@ -76,6 +79,7 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     from lora_composer.serving.app import Server, ServerConfig, create_app
+    from lora_composer.serving.job_store import open_store, resolve_url
     from lora_composer.serving.requests import Limits
 
     config = ServerConfig(
@@ -84,8 +88,10 @@ def main(argv: list[str]) -> int:
                       default_steps=min(20, args.max_steps)),
         max_queue=args.max_queue, max_batch=args.max_batch, batching=not args.no_batching,
         cache_mb=args.cache_mb, resident_mb=args.resident_mb, max_resident=args.max_resident, drain_s=args.drain_s,
-        device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype, jobs_url=resolve_url(args.jobs_url, args.port),
     )
+    if config.jobs_url:  # a store that cannot be opened is said in one line before the model loads
+        open_store(config.jobs_url).close()
     if args.ray:
         return serve_on_ray(args, config)
     server = Server(config)

@@ -18,7 +18,10 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,13 +29,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from lora_composer.errors import ComposerError
+from lora_composer.errors import ComposerError, one_line
 from lora_composer.serving.adapter_cache import AdapterCache
 from lora_composer.serving.batcher import Batcher, QueueFull, ShuttingDown
+from lora_composer.serving.job_store import JobRecord, JobStoreError, Recorder, open_store
 from lora_composer.serving.jobs import Job
 from lora_composer.serving.metrics import Metrics
 from lora_composer.serving.requests import GenerateBody, LibraryNames, Limits, RequestError, check_strategy_args, to_spec
 from lora_composer.serving.residency import Residency
+
+log = logging.getLogger(__name__)
 
 PUBLIC = ("/v1/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 
@@ -53,6 +59,7 @@ class ServerConfig:
     max_resident: int = 64
     drain_s: float = 60.0  # at shutdown: how long accepted requests may take to finish
     request_timeout_s: float = 600.0
+    jobs_url: str | None = None  # the job store (a SQLite file or redis://...); None: jobs live in memory only
 
 
 class Server:
@@ -88,6 +95,71 @@ class Server:
         self.metrics = Metrics()
         self.batcher = Batcher(composer, self.residency, self.metrics, max_queue=config.max_queue,
                                max_batch=config.max_batch, batching=config.batching)
+        self.store = open_store(config.jobs_url) if config.jobs_url else None
+        self.reruns: dict[str, Job] = {}  # a stored job's id -> its rerun (the batcher gave it a new id)
+        self.resumed = 0
+        if self.store is not None:
+            threading.Thread(target=self.resume, name="lora-composer-resume", daemon=True).start()
+
+    def accept(self, body: GenerateBody, keep: bool = True) -> Job:
+        """Check ``body`` and queue it; with ``keep`` (``/v1/jobs``) and a store, the job is stored with its
+        request, seed fixed, so that it survives a restart."""
+        spec = self.spec(body)
+        job = self.batcher.submit(spec)
+        if keep and self.store is not None:
+            request = body.model_copy(update={"seed": spec.seed}).model_dump(mode="json")
+            try:
+                self.store.put(JobRecord(id=job.id, request=request, steps=spec.steps))
+            except JobStoreError as exc:
+                log.warning("job %s: not saved: %s", job.id, exc)
+            else:
+                Recorder(self.store, job)()  # and what happened since it was queued
+        return job
+
+    def resume(self) -> None:
+        """Run again every stored job that was accepted but not finished (on its own thread: a full queue
+        waits for room). Its stored seed makes the image the one the first run would have made."""
+        try:
+            records = self.store.unfinished()
+        except JobStoreError as exc:
+            log.warning("stored jobs not resumed: %s", exc)
+            return
+        for record in records:
+            try:
+                spec = self.spec(GenerateBody(**record.request))
+            except (ComposerError, ValueError, TypeError) as exc:  # the library or the limits changed meanwhile
+                self.store.update(record.id, status="failed", error=f"request: {one_line(exc)}", http_status=422)
+                continue
+            while True:
+                try:
+                    job = self.batcher.submit(spec)
+                    break
+                except QueueFull as exc:
+                    time.sleep(min(exc.retry_after, 5.0))
+                except ShuttingDown:
+                    return
+            self.reruns[record.id] = job
+            while len(self.reruns) > self.batcher.keep_results:
+                oldest = next(iter(self.reruns))
+                if not self.reruns[oldest].done:
+                    break
+                del self.reruns[oldest]
+            self.resumed += 1
+            log.info("job %s: accepted before a restart, run again (seed %d)", record.id, spec.seed)
+            with contextlib.suppress(JobStoreError):
+                self.store.update(record.id, status="queued", step=0)
+            Recorder(self.store, job, record.id)()
+
+    def find(self, job_id: str) -> Job | JobRecord | None:
+        """A live job (or the rerun of a stored one), else the store's record of a finished one."""
+        job = self.batcher.jobs.get(job_id) or self.reruns.get(job_id)
+        if job is not None or self.store is None:
+            return job
+        try:
+            return self.store.get(job_id)
+        except JobStoreError as exc:
+            log.warning("job %s: not read: %s", job_id, exc)
+            return None
 
     def spec(self, body: GenerateBody):
         spec = to_spec(body, self.names, self.config.limits, self.composer, self.strategies)
@@ -106,6 +178,7 @@ class Server:
             "adapter_cache_misses_total": self.cache.misses,
             "adapter_cache_bytes": self.cache.bytes,
             "adapter_cache_entries": len(self.cache),
+            "jobs_resumed_total": self.resumed,
         }
 
     def loras(self, query: str) -> list[dict]:
@@ -185,6 +258,21 @@ def event_stream(job: Job, request: Request) -> StreamingResponse:
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def record_stream(record: JobRecord) -> StreamingResponse:
+    """A stored job's story as server-sent events: all that is left of it is its last state."""
+    event = {"event": record.status, "job": record.id, **({"error": record.error} if record.error else {})}
+
+    async def stream():
+        yield f"event: {record.status}\ndata: {json.dumps(event)}\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def summary(job: Job | JobRecord, job_id: str) -> dict:
+    """``job``'s state under the id its client knows (a rerun's live job has another)."""
+    return {**job.summary(), "id": job_id}
+
+
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -230,15 +318,17 @@ def create_app(server: Server) -> FastAPI:
         yield
         await asyncio.get_running_loop().run_in_executor(
             None, lambda: server.batcher.close(drain=True, timeout=server.config.drain_s))
+        if server.store is not None:  # jobs past the drain stay unfinished there: the next start runs them
+            server.store.close()
 
     app = FastAPI(title="lora-composer", version="0.1.0", lifespan=lifespan,
                   description="Many users and many LoRAs on one text-to-image model.")
     app.state.server = server
     guard(app, server.config.token, server.metrics)
 
-    def submit(body: GenerateBody) -> Job | JSONResponse:
+    def submit(body: GenerateBody, keep: bool = True) -> Job | JSONResponse:
         try:
-            return server.batcher.submit(server.spec(body))
+            return server.accept(body, keep)
         except RequestError as exc:
             server.metrics.reject(exc.status)
             return error(exc.status, str(exc))
@@ -249,17 +339,17 @@ def create_app(server: Server) -> FastAPI:
             server.metrics.reject(503)
             return error(503, str(exc))
 
-    def result(job: Job) -> Response:
+    def result(job: Job | JobRecord, job_id: str | None = None) -> Response:
         if job.status == "done":
-            return Response(job.png, media_type="image/png", headers={"X-Job-Id": job.id})
+            return Response(job.png, media_type="image/png", headers={"X-Job-Id": job_id or job.id})
         if job.status in ("failed", "cancelled"):
             return error(job.http_status, job.error or job.status)
-        return error(409, f"job {job.id} is {job.status}: not done yet")
+        return error(409, f"job {job_id or job.id} is {job.status}: not done yet")
 
     @app.post("/v1/generate", response_class=Response,
               responses={200: {"content": {"image/png": {}}, "description": "the PNG, with its generation record"}})
     async def generate(body: GenerateBody, request: Request):
-        job = submit(body)
+        job = submit(body, keep=False)  # its client waits on this connection: a restart answers it with an error
         if isinstance(job, JSONResponse):
             return job
         loop = asyncio.get_running_loop()
@@ -284,35 +374,35 @@ def create_app(server: Server) -> FastAPI:
             return job
         return JSONResponse(job.summary(), status_code=202)
 
-    def find(job_id: str) -> Job | JSONResponse:
-        job = server.batcher.jobs.get(job_id)
+    def find(job_id: str) -> Job | JobRecord | JSONResponse:
+        job = server.find(job_id)
         return job if job is not None else error(404, f"job_id: no job {job_id!r} (finished jobs are kept a while)")
 
     @app.get("/v1/jobs/{job_id}")
     async def job_state(job_id: str):
         job = find(job_id)
-        return job if isinstance(job, JSONResponse) else job.summary()
+        return job if isinstance(job, JSONResponse) else summary(job, job_id)
 
     @app.get("/v1/jobs/{job_id}/result", response_class=Response)
     async def job_result(job_id: str):
         job = find(job_id)
-        return job if isinstance(job, JSONResponse) else result(job)
+        return job if isinstance(job, JSONResponse) else result(job, job_id)
 
     @app.delete("/v1/jobs/{job_id}")
     async def job_cancel(job_id: str):
         job = find(job_id)
         if isinstance(job, JSONResponse):
             return job
-        server.batcher.cancel(job_id)
-        return job.summary()
+        if isinstance(job, Job):
+            server.batcher.cancel(job.id)
+        return summary(job, job_id)
 
     @app.get("/v1/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request):
         job = find(job_id)
         if isinstance(job, JSONResponse):
             return job
-
-        return event_stream(job, request)
+        return event_stream(job, request) if isinstance(job, Job) else record_stream(job)
 
     @app.get("/v1/loras")
     async def loras(q: str = ""):

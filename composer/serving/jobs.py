@@ -48,8 +48,8 @@ _counter = itertools.count(1)
 
 
 class Job:
-    def __init__(self, spec: RenderSpec):
-        self.id = f"{next(_counter):06d}-{secrets.token_hex(4)}"
+    def __init__(self, spec: RenderSpec, job_id: str | None = None):
+        self.id = job_id or f"{next(_counter):06d}-{secrets.token_hex(4)}"  # a stored job keeps its id on a rerun
         self.spec = spec
         self.status = "queued"
         self.created = time.monotonic()

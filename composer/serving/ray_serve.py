@@ -16,6 +16,7 @@ again, with the seed it fixed before the first try, so the image is the one the 
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import random
 import time
@@ -26,11 +27,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from lora_composer.errors import ComposerError, one_line
 from lora_composer.serving.adapter_cache import file_sha256
-from lora_composer.serving.app import Server, ServerConfig, error, event_stream, guard, woken_by
+from lora_composer.serving.app import (Server, ServerConfig, error, event_stream, guard, record_stream, summary,
+                                       woken_by)
 from lora_composer.serving.batcher import QueueFull, ShuttingDown
+from lora_composer.serving.job_store import JobRecord, JobStoreError, Recorder, open_store, resolve_url
 from lora_composer.serving.jobs import Job, RenderSpec
 from lora_composer.serving.metrics import Metrics
 from lora_composer.serving.requests import GenerateBody, LibraryNames, RequestError
+
+log = logging.getLogger(__name__)
 
 RETRIES = 3  # tries of one request on replicas that died under it
 
@@ -156,11 +161,42 @@ class Gateway:
         self.names = LibraryNames(config.library)
         self.metrics = Metrics()
         self.jobs: dict[str, tuple[Job, asyncio.Task]] = {}
-        self.retries = self.set_hits = self.set_loads = 0
+        self.retries = self.set_hits = self.set_loads = self.resumed = 0
         self.by_replica: dict[str, int] = {}
+        self.store = open_store(config.jobs_url) if config.jobs_url else None
+        self._resuming = None
+        with contextlib.suppress(RuntimeError):  # Serve builds the gateway on its event loop: resume at once
+            asyncio.get_running_loop()
+            self.resume()
 
-    async def run(self, body: GenerateBody, job: Job) -> None:
-        """Render ``body`` on a replica, its events into ``job``; a died replica's request is sent again."""
+    def resume(self) -> None:
+        """Run again every stored job that an earlier gateway accepted and did not finish, under its id and with
+        its stored seed (so its image is the one the first run would have made). Once per gateway."""
+        if self.store is None or self._resuming is not None:
+            return
+        self._resuming = True
+        try:
+            records = self.store.unfinished()
+        except JobStoreError as exc:
+            log.warning("stored jobs not resumed: %s", exc)
+            return
+        for record in records:
+            try:
+                body = GenerateBody(**record.request)
+            except ValueError as exc:
+                with contextlib.suppress(JobStoreError):
+                    self.store.update(record.id, status="failed", error=f"request: {one_line(exc)}", http_status=422)
+                continue
+            with contextlib.suppress(JobStoreError):
+                self.store.update(record.id, status="queued", step=0)
+            job = self.start(body, record.id, resumed=True)
+            Recorder(self.store, job)
+            self.resumed += 1
+            log.info("job %s: accepted before the gateway restarted, run again (seed %d)", record.id, body.seed)
+
+    async def run(self, body: GenerateBody, job: Job, patient: bool = False) -> None:
+        """Render ``body`` on a replica, its events into ``job``; a died replica's request is sent again.
+        ``patient`` (a job run again after a restart): a full queue is waited out, not answered with 429."""
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         try:
@@ -170,11 +206,15 @@ class Gateway:
             self.metrics.reject(exc.status)
             return job.finish("failed", error=str(exc), http_status=exc.status)
         payload = body.model_dump()
-        for attempt in range(RETRIES + 1):
+        attempt = 0
+        while True:
             stream = self.renderer.options(multiplexed_model_id=key, stream=True).render.remote(payload)
             try:
                 async for event in stream:
                     kind = event["event"]
+                    if kind == "refused" and patient and event["status"] == 429:
+                        await asyncio.sleep(min(float(event.get("retry_after") or 1.0), 5.0))
+                        break
                     if kind == "refused":
                         self.metrics.reject(event["status"])
                         job.retry_after = event.get("retry_after")
@@ -192,29 +232,50 @@ class Gateway:
                         self.metrics.count(kind)
                         return job.finish(kind, png=event.get("png"), error=event.get("error"),
                                           http_status=event.get("status", 200))
-                return job.finish("failed", error="internal error: the replica ended the stream early",
-                                  http_status=500)
+                else:
+                    return job.finish("failed", error="internal error: the replica ended the stream early",
+                                      http_status=500)
+                continue  # a full queue, waited out: not a lost replica
             except asyncio.CancelledError:
                 stream.cancel()
-                job.finish("cancelled", error="cancelled", http_status=499)
+                if job.cancel.is_set():  # its client's DELETE, or its client left
+                    job.finish("cancelled", error="cancelled", http_status=499)
+                else:  # the gateway is stopping: a stored job stays unfinished, to be run again at the next start
+                    job.finish("cancelled", error="the gateway shut down", http_status=503)
                 raise
             except (RayActorError, ActorUnavailableError) as exc:  # the replica died: send it again
                 if attempt == RETRIES:
                     return job.finish("failed", error=f"replica lost {RETRIES + 1} times: {one_line(exc)}",
                                       http_status=503)
                 self.retries += 1
-                job.emit("retry", attempt=attempt + 1)
+                attempt += 1
+                job.emit("retry", attempt=attempt)
             except Exception as exc:  # noqa: BLE001 (a fault on the replica fails this request alone, in one line)
                 self.metrics.count("failed")
                 return job.finish("failed", error=f"internal error: {one_line(exc)}", http_status=500)
-        return None
 
-    def submit(self, body: GenerateBody) -> Job:
-        if body.seed is None:  # fixed here, so a retry on another replica renders the same image
+    def submit(self, body: GenerateBody, keep: bool = True) -> Job:
+        """Start ``body`` as a job; with ``keep`` (``/v1/jobs``) and a store, the job is stored first, its seed
+        fixed, so a gateway restart runs it again rather than forgetting it."""
+        self.resume()
+        if body.seed is None:  # fixed here, so a retry on another replica (or a rerun) renders the same image
             body = body.model_copy(update={"seed": random.randrange(2**32)})
         job = Job(RenderSpec(prompt=body.prompt, steps=body.steps or self.config.limits.default_steps))
+        if keep and self.store is not None:
+            try:
+                self.store.put(JobRecord(id=job.id, request=body.model_dump(mode="json"), steps=job.spec.steps))
+                Recorder(self.store, job)
+            except JobStoreError as exc:
+                log.warning("job %s: not saved: %s", job.id, exc)
+        return self.start(body, job.id, job=job)
+
+    def start(self, body: GenerateBody, job_id: str, job: Job | None = None, resumed: bool = False) -> Job:
+        if job is None:
+            job = Job(RenderSpec(prompt=body.prompt, steps=body.steps or self.config.limits.default_steps), job_id)
         job.replica = job.lora_set = job.retry_after = None
-        task = asyncio.get_running_loop().create_task(self.run(body, job))
+        if resumed:
+            job.emit("resumed")
+        task = asyncio.get_running_loop().create_task(self.run(body, job, patient=resumed))
         self.jobs[job.id] = (job, task)
         while len(self.jobs) > 256:
             oldest = next(iter(self.jobs))
@@ -225,11 +286,11 @@ class Gateway:
 
     def gauges(self) -> dict[str, float]:
         return {"replicas": self.replicas, "ray_retries_total": self.retries, "lora_set_hits_total": self.set_hits,
-                "lora_set_loads_total": self.set_loads,
+                "lora_set_loads_total": self.set_loads, "jobs_resumed_total": self.resumed,
                 "jobs_running": sum(not job.done for job, _ in self.jobs.values())}
 
 
-def result(job: Job) -> Response:
+def result(job: Job | JobRecord) -> Response:
     headers = {"X-Job-Id": job.id, "X-Replica": job.replica or "", "X-LoRA-Set": job.lora_set or ""}
     if job.status == "done":
         return Response(job.png, media_type="image/png", headers=headers)
@@ -268,7 +329,7 @@ def build_app(config: ServerConfig, options: RayOptions):
 
         @app.post("/v1/generate", response_class=Response)
         async def generate(self, body: GenerateBody, request: Request):
-            job = self.submit(body)
+            job = self.submit(body, keep=False)  # its client waits on this connection
             deadline = time.monotonic() + self.config.request_timeout_s
             async with woken_by(job) as woken:
                 while not job.done:
@@ -276,6 +337,7 @@ def build_app(config: ServerConfig, options: RayOptions):
                     if job.done:
                         break
                     if await request.is_disconnected() or time.monotonic() > deadline:
+                        job.cancel.set()
                         self.jobs[job.id][1].cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await self.jobs[job.id][1]
@@ -289,13 +351,22 @@ def build_app(config: ServerConfig, options: RayOptions):
             return JSONResponse(self.submit(body).summary(), status_code=202)
 
         def find(self, job_id: str):
+            self.resume()
             entry = self.jobs.get(job_id)
-            return entry[0] if entry else error(404, f"job_id: no job {job_id!r} (finished jobs are kept a while)")
+            if entry:
+                return entry[0]
+            record = None
+            if self.store is not None:
+                try:
+                    record = self.store.get(job_id)
+                except JobStoreError as exc:
+                    log.warning("job %s: not read: %s", job_id, exc)
+            return record or error(404, f"job_id: no job {job_id!r} (finished jobs are kept a while)")
 
         @app.get("/v1/jobs/{job_id}")
         async def job_state(self, job_id: str):
             job = self.find(job_id)
-            return job if isinstance(job, JSONResponse) else {**job.summary(), "replica": job.replica}
+            return job if isinstance(job, JSONResponse) else {**summary(job, job_id), "replica": job.replica}
 
         @app.get("/v1/jobs/{job_id}/result", response_class=Response)
         async def job_result(self, job_id: str):
@@ -305,9 +376,10 @@ def build_app(config: ServerConfig, options: RayOptions):
         @app.delete("/v1/jobs/{job_id}")
         async def job_cancel(self, job_id: str):
             job = self.find(job_id)
-            if isinstance(job, JSONResponse):
-                return job
+            if isinstance(job, JSONResponse) or isinstance(job, JobRecord):
+                return job if isinstance(job, JSONResponse) else job.summary()
             task = self.jobs[job_id][1]
+            job.cancel.set()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -316,7 +388,9 @@ def build_app(config: ServerConfig, options: RayOptions):
         @app.get("/v1/jobs/{job_id}/events")
         async def job_events(self, job_id: str, request: Request):
             job = self.find(job_id)
-            return job if isinstance(job, JSONResponse) else event_stream(job, request)
+            if isinstance(job, JSONResponse):
+                return job
+            return event_stream(job, request) if isinstance(job, Job) else record_stream(job)
 
         @app.get("/v1/loras")
         async def loras(self, q: str = ""):
@@ -347,4 +421,7 @@ def resolved(config: ServerConfig) -> ServerConfig:
         raise ComposerError("the server needs a LoRA library folder (--library DIR)")
     if model and os.path.exists(str(model)):
         model = os.path.abspath(str(model))
-    return replace(config, model=str(model), library=os.path.abspath(str(library)))
+    jobs_url = config.jobs_url
+    if jobs_url:  # a path as every node reads it (the gateway may start on another node after a restart)
+        jobs_url = resolve_url(jobs_url)
+    return replace(config, model=str(model), library=os.path.abspath(str(library)), jobs_url=jobs_url)
