@@ -179,6 +179,22 @@ def test_default_seed_is_random_and_recorded(default, tmp_path, monkeypatch, cap
     assert out.name == f"compose-{read_record(out).seed}.png"
 
 
+def test_seed_minus_one_is_random_and_recorded(default, tmp_path, monkeypatch, capsys):
+    """-1 is A1111's random seed, as in the web UI: each render draws one and records it (PNG and name)."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert main(["--prompt", "a red circle", "--steps", "1", "--seed", "-1", "-q"]) == 0, capsys.readouterr().err
+    outs = sorted(tmp_path.glob("compose-*.png"))
+    seeds = [read_record(out).seed for out in outs]
+    assert len(outs) == 2 and seeds[0] != seeds[1] and all(0 <= s < 2**32 for s in seeds)
+    assert [out.name for out in outs] == [f"compose-{s}.png" for s in seeds]
+    # --from-image with --seed -1: the image's settings, a new random seed
+    again = tmp_path / "again.png"
+    assert main(["--from-image", str(outs[0]), "--seed", "-1", "--out", str(again), "-q"]) == 0
+    assert read_record(again).seed not in (-1, seeds[0])
+    assert f"seed {read_record(again).seed}," in capsys.readouterr().out
+
+
 def _assert_one_line_error(capsys, code, *fragments):
     err = capsys.readouterr().err
     assert code == 2

@@ -346,8 +346,8 @@ def test_guidance_must_be_finite(out_dir, capsys, value, monkeypatch):
 def test_seed_beyond_the_generators_range_is_one_line(out_dir, capsys):
     code, _ = _compose(out_dir, "--seed", "99999999999999999999999")
     _one_line_error(capsys, code, "--seed 99999999999999999999999: must be between 0 and 18446744073709551615")
-    code, _ = _compose(out_dir, "--seed", "-1")
-    _one_line_error(capsys, code, "--seed -1: must be between 0 and")
+    code, _ = _compose(out_dir, "--seed", "-2")  # -1 means random (A1111, the web UI); other negatives are wrong
+    _one_line_error(capsys, code, "--seed -2: must be between 0 and", "(or -1: random)")
     _nothing_written(out_dir)
 
 

@@ -359,3 +359,11 @@ def test_size_sliders_follow_the_model(ui):
     assert (props["width"]["minimum"], props["width"]["maximum"], props["width"]["step"]) == (multiple, 4 * native_w, multiple)
     assert (props["height"]["minimum"], props["height"]["maximum"]) == (multiple, 4 * native_h)
     assert props["width"]["value"] == native_w == 64  # the mini world's native side
+
+
+def test_seed_minus_one_is_random_as_on_the_command_line(ui):
+    seeds = [ui.render("a red circle", steps=1, seed=-1)["records"][0].seed for _ in range(2)]
+    assert seeds[0] != seeds[1] and all(0 <= s < 2**32 for s in seeds)  # drawn per render and recorded
+    assert ui.render("a red circle", steps=1, seed=3)["records"][0].seed == 3
+    with pytest.raises(ComposerError, match=r"seed -2: must be between 0 and \d+ \(or -1: random\)"):
+        ui.render("a red circle", steps=1, seed=-2)

@@ -35,7 +35,7 @@ from lora_composer.errors import ComposerError
 from lora_composer.library import lora_name
 from lora_composer.frontends.args import (Parser, UsageError, add_device_args, add_log_args, command, configure_logging,
                                           is_loopback)
-from lora_composer.vocab import LORA_EXTENSIONS
+from lora_composer.vocab import LORA_EXTENSIONS, MAX_SEED
 from lora_composer.fusion.registry import parse_strategy_args
 from lora_composer.frontends import ui_view
 
@@ -468,7 +468,10 @@ class ComposerUI:
         batch = int(batch)
         if batch < 1 or batch > 8:
             raise ComposerError("batch must be between 1 and 8")
-        seed = random.randrange(2**32) if seed is None or int(seed) < 0 else int(seed)
+        seed = -1 if seed is None or seed == "" else int(seed)
+        if seed != -1 and not 0 <= seed <= MAX_SEED:  # -1 is random, as on the command line (A1111's meaning)
+            raise ComposerError(f"seed {seed}: must be between 0 and {MAX_SEED} (or -1: random)")
+        seed = random.randrange(2**32) if seed == -1 else seed
         runs = [(strategy or "merge", strategy_args or {})]
         if compare_strategy:
             runs.append((compare_strategy, compare_args if compare_args is not None else {}))
