@@ -46,6 +46,21 @@ DEFAULT_MIN_SCORE = 0.3  # the fused-score floor of a plain ``search`` listing (
 DEFAULT_TOP_K = 4
 
 
+class _Laps:
+    """Adds the milliseconds since the previous lap to ``stages[name]``."""
+
+    def __init__(self, stages: dict):
+        import time
+
+        self.stages, self.clock = stages, time.perf_counter
+        self.t = self.clock()
+
+    def __call__(self, name: str) -> None:
+        t = self.clock()
+        self.stages[name] = self.stages.get(name, 0.0) + (t - self.t) * 1000
+        self.t = t
+
+
 @dataclass
 class Match:
     row: object  # catalog.Row
@@ -96,6 +111,7 @@ class Retriever:
         self.index = None
         self.source = source  # the rows' vectors (default: the catalog's, :class:`CatalogVectors`)
         self.exact_rows = EXACT_ROWS
+        self.stages: dict[str, float] = {}  # the last query's milliseconds per stage (the benchmark reports them)
         from lora_composer.retriever import calibration
 
         self.thresholds = dict(calibration.DEFAULT_THRESHOLDS)  # claim kind -> floor (selection)
@@ -247,6 +263,7 @@ class Retriever:
 
     def search_encoded(self, prompt, enc, text_q, preview_q=None, limit=20, signals=None, include=()) -> list[Match]:
         n = self._n
+        lap = _Laps(self.stages)
         q, cols = self._query_matrix(enc, text_q, preview_q)
         k = n if limit is None else min(n, max(limit, 1))
         c = min(n, max(RESCORE, 4 * k))
@@ -256,6 +273,7 @@ class Retriever:
             slot = self.by_id.get(fid)
             if slot is not None:
                 lex_all[slot] = sc + 1e-6 * min(bm, 100.0)
+        lap("lexical")
         use = set(signals) if signals is not None else None
 
         def pick(sig: dict) -> dict:
@@ -269,6 +287,7 @@ class Retriever:
             cand = np.argpartition(-lex_all, c - 1)[:c]
         else:
             cand = np.arange(n)
+        lap("stage 1")
         groups = [np.asarray(g, np.int64) for g in include] if include and not np.isscalar(include[0]) else None
         if groups is not None:
             include = np.unique(np.concatenate(groups)) if groups else np.zeros(0, np.int64)
@@ -276,10 +295,12 @@ class Retriever:
         if len(include) and (c < n or self.index is not None):
             cand = np.union1d(cand, include)
         rows_c = self.index.gather(cand) if self.index is not None else self.matrix[cand]
+        lap("gather")
         s_c = rows_c @ q if q.shape[1] else np.zeros((len(cand), 0), np.float32)
         sig_c, best_tok = self._signals(s_c, cols, cand)
         sig_c["lexical"] = lex_all[cand]
         fused_c = self._fuse(pick(sig_c), len(cand))
+        lap("rescore")
         order = np.argsort(-fused_c, kind="stable")
         top = [int(j) for j in order[:k] if fused_c[j] > 0]
         if groups is not None:  # per group, its best INCLUDE_PER_WORD rows (by fused score)
@@ -323,6 +344,7 @@ class Retriever:
             if "preview" in m.signals:
                 m.reasons["preview"] = f"preview image matches ({m.signals['preview']:.2f})"
             out.append(m)
+        lap("rows")
         return out
 
     def scan_all(self, prompt, enc, text_q, preview_q=None, limit: int = 20, chunk: int = 50_000) -> list[tuple]:
@@ -439,7 +461,11 @@ class Retriever:
         """The adapters the prompt names, by coverage (:mod:`.selection`), at most ``top_k``; ``min_score``
         replaces every calibrated per-kind threshold."""
         thresholds = self.thresholds_for(min_score)
-        return select_by_coverage(prompt, self.candidates(prompt, top_k, thresholds), self.vocab, top_k, thresholds)
+        found = self.candidates(prompt, top_k, thresholds)
+        lap = _Laps(self.stages)
+        out = select_by_coverage(prompt, found, self.vocab, top_k, thresholds)
+        lap("selection")
+        return out
 
     def thresholds_for(self, min_score: float | None = None) -> dict:
         self.refresh()
@@ -454,11 +480,14 @@ class Retriever:
         with the rest. The work grows with these candidates, not with the catalog."""
         self.refresh()
         floor = (thresholds or {}).get("description", 0.0)
+        self.stages.clear()
+        lap = _Laps(self.stages)
         if self.index is None:
             named = self.vocab.rows_for(tokens(prompt), floor)
             include = [self.by_id[i] for i in named if i in self.by_id]
         else:  # per prompt word: a word a thousand files share keeps its best INCLUDE_PER_WORD (by fused score)
             include = [self.by_id.slots_of(rows) for rows in self.vocab.rows_by_word(tokens(prompt), floor).values()]
+        lap("vocabulary")
         return self.search(prompt, limit=max(4 * top_k, 20), include=include)
 
 

@@ -18,17 +18,22 @@ assignment per row (minutes at 1M on two cores; HNSW's graph build grows faster)
 
 Files (one folder per family and embedding space, ``<catalog dir>/vectors/<key>/``):
 
-- ``index.faiss``: the IVF-PQ index, ids = slots;
-- ``vectors.f32``: every slot's exact float32 row, append-only, opened as a read-only ``np.memmap`` (only the
-  candidates' pages are read);
-- ``slots.npz``: per slot the catalog file id (-1 once removed), its ``indexed_at`` stamp, the per-block
-  ``present`` flags;
-- ``meta.json``: width, blocks, catalog uid, slot count.
+- ``index.faiss``: the IVF-PQ index of the rows present at the last build or compaction, ids = slots;
+- ``seg-<k>.faiss``: the rows added since, in a few small indexes of the same trained quantizer and codebooks
+  (``trained.faiss``: that index with no rows), searched beside ``index.faiss`` and their results merged;
+- ``vectors.f32``: every slot's exact float32 row, append-only, read with ``pread`` (only the candidates);
+- ``ids.i64``, ``stamps.f64``, ``present.u8``: per slot the catalog file id (-1 once removed), its
+  ``indexed_at`` stamp, the per-block ``present`` flags; raw arrays, appended to;
+- ``meta.json``: width, blocks, catalog uid, slot count, the rows in ``index.faiss``, the segment files.
 
-Updates are incremental: new or changed rows are appended (their vectors written, ``add_with_ids``), removed
-ones marked dead (a tombstone: searches skip them; FAISS's ``remove_ids`` on fast-scan lists damaged the
-codes of rows added after it, ``tests/test_retriever_index.py``); :meth:`VectorIndex.build` (``compose index
---rebuild``) starts over, which also reclaims dead slots.
+Updates are incremental and write in proportion to the rows they touch: new or changed rows are appended (to
+the four per-slot files and as a new segment file: ``index.faiss``, 160 MB at 1M rows, is not rewritten), and
+removed ones marked dead in place (a tombstone: searches skip them; FAISS's ``remove_ids`` on fast-scan lists
+damaged the codes of rows added after it, ``tests/test_retriever_index.py``). More than
+:data:`MAX_SEGMENTS` segments are merged into one (work: the rows added since the build); once they hold more
+than :data:`COMPACT_SHARE` of the rows in ``index.faiss`` they are folded into it (one rewrite, amortised over
+that many added rows). :meth:`VectorIndex.build` (``compose index --rebuild``) starts over, which also
+reclaims dead slots.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ EXACT_ROWS = 20_000  # up to this many rows of a family, stage 1 is the exact in
 SUBVECTOR = 8  # dims per PQ sub-quantizer (4-bit codes: 4 bits per 8 dims)
 NPROBE = 24  # lists searched per query
 CHUNK = 10_000  # rows fetched, encoded and added at a time (bounded memory for 1M-row builds)
+MAX_SEGMENTS = 4  # segment files of added rows before they are merged into one
+COMPACT_SHARE = 0.25  # segments holding this share of index.faiss's rows are folded into it
+FORMAT = 2
+SLOT_FILES = {"ids": ("ids.i64", np.int64), "stamps": ("stamps.f64", np.float64), "present": ("present.u8", np.uint8)}
 
 
 def nlist_for(n: int) -> int:
@@ -68,31 +77,55 @@ class VectorIndex:
         self.ids = np.zeros(0, np.int64)
         self.stamps = np.zeros(0, np.float64)
         self.present = np.zeros((0, 0), bool)
-        self.index = None
+        self.index = None  # index.faiss
+        self.segments: list = []  # the seg-<k>.faiss indexes
         self.vectors = None
+        self._fd = None
 
     # -- files -----------------------------------------------------------------------------------
     @property
     def exists(self) -> bool:
         return (self.folder / "meta.json").is_file() and (self.folder / "index.faiss").is_file()
 
-    def open(self, mmap: bool = True) -> "VectorIndex":
-        """Read the index (memory-mapped where FAISS can) and map the vectors read-only."""
+    @property
+    def ntotal(self) -> int:
+        """Rows in FAISS (index.faiss and the segments), dead slots included."""
+        return int(self.index.ntotal) + sum(int(g.ntotal) for g in self.segments) if self.index is not None else 0
+
+    def _read(self, name, how):
+        try:
+            return how(self.folder / name)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            why = " ".join(str(e).split())[:200]
+            raise ValueError(f"{self.folder / name}: unreadable ({why}); compose index --rebuild rebuilds it") from e
+
+    def _faiss(self, name: str, mmap: bool = True):
         import faiss
 
-        def read(name, how):
-            try:
-                return how(self.folder / name)
-            except (OSError, ValueError, KeyError, RuntimeError) as e:
-                why = " ".join(str(e).split())[:200]
-                raise ValueError(f"{self.folder / name}: unreadable ({why}); compose index --rebuild rebuilds it") from e
+        return self._read(name, lambda p: faiss.read_index(str(p), faiss.IO_FLAG_MMAP if mmap else 0))
 
-        self.meta = read("meta.json", lambda p: json.loads(p.read_text()))
-        slots = read("slots.npz", lambda p: dict(np.load(p)))
-        self.ids, self.stamps, self.present = slots["ids"], slots["stamps"], slots["present"]
-        self.index = read("index.faiss", lambda p: faiss.read_index(str(p), faiss.IO_FLAG_MMAP if mmap else 0))
-        if len(self.ids) != self.meta["slots"] or self.present.shape[0] != len(self.ids):
-            raise ValueError(f"{self.folder / 'slots.npz'}: slots: {len(self.ids)} rows, meta.json says {self.meta['slots']}")
+    def open(self, mmap: bool = True) -> "VectorIndex":
+        """Read the index and its segments (memory-mapped where FAISS can), the per-slot arrays, and open
+        the vectors for reading."""
+        self.meta = self._read("meta.json", lambda p: json.loads(p.read_text()))
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{self.folder / 'meta.json'}: format {self.meta.get('format')} of an older version, "
+                             f"this one reads {FORMAT}; it is rebuilt")
+        n = int(self.meta["slots"])
+        nb = len(self.meta["blocks"])
+        got = {}
+        for key, (name, dtype) in SLOT_FILES.items():
+            count = n * (nb if key == "present" else 1)
+            arr = self._read(name, lambda p, dt=dtype, c=count: np.fromfile(p, dt, c))
+            if len(arr) != count:
+                raise ValueError(f"{self.folder / name}: {len(arr)} entries, meta.json's {n} slots need {count}")
+            got[key] = arr
+        self.ids, self.stamps = got["ids"], got["stamps"]
+        self.present = got["present"].reshape(n, nb).astype(bool)
+        self.index = self._faiss("index.faiss", mmap)
+        self.segments = [self._faiss(name, mmap) for name in self.meta["segments"]]
+        if self.ntotal != n:
+            raise ValueError(f"{self.folder / 'index.faiss'}: {self.ntotal} rows with its segments, meta.json says {n}")
         self._map()
         return self
 
@@ -102,22 +135,21 @@ class VectorIndex:
         if f.stat().st_size < n * width * 4:
             raise ValueError(f"{f}: {f.stat().st_size} bytes, {n} slots x {width} float32 need {n * width * 4}")
         self.vectors = np.memmap(f, np.float32, "r", shape=(n, width)) if n else np.zeros((0, width), np.float32)
-        if getattr(self, "_fd", None) is not None:
+        if self._fd is not None:
             os.close(self._fd)
         self._fd = os.open(f, os.O_RDONLY)
 
-    def _write_state(self) -> None:
-        import faiss
-
-        tmp = self.folder / "index.faiss.tmp"
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, self.folder / "index.faiss")
-        with open(self.folder / "slots.tmp.npz", "wb") as fh:
-            np.savez(fh, ids=self.ids, stamps=self.stamps, present=self.present)
-        os.replace(self.folder / "slots.tmp.npz", self.folder / "slots.npz")
+    def _write_meta(self) -> None:
         self.meta["slots"] = int(len(self.ids))
         (self.folder / "meta.tmp.json").write_text(json.dumps(self.meta))
         os.replace(self.folder / "meta.tmp.json", self.folder / "meta.json")
+
+    def _write_faiss(self, index, name: str) -> None:
+        import faiss
+
+        tmp = self.folder / (name + ".tmp")
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, self.folder / name)
 
     # -- building and updating -------------------------------------------------------------------
     @property
@@ -140,8 +172,9 @@ class VectorIndex:
         self.folder.mkdir(parents=True)
         n = len(ids)
         self.meta = {"width": int(width), "blocks": {k: list(v) for k, v in blocks.items()}, "uid": uid, "slots": 0,
-                     "nlist": nlist_for(n), "format": 1}
-        (self.folder / "vectors.f32").write_bytes(b"")
+                     "nlist": nlist_for(n), "format": FORMAT, "main_rows": 0, "segments": [], "next_segment": 0}
+        for name in ["vectors.f32", *(f for f, _ in SLOT_FILES.values())]:
+            (self.folder / name).write_bytes(b"")
         self.ids = np.zeros(0, np.int64)
         self.stamps = np.zeros(0, np.float64)
         self.present = np.zeros((0, len(blocks)), bool)
@@ -159,15 +192,18 @@ class VectorIndex:
                 sample = reps + 1e-3 * rng.standard_normal(reps.shape).astype(np.float32)
             index.train(sample)
         del sample
-        self.index = index
-        self._append(ids, np.asarray(stamps, np.float64), fetch)
-        self._write_state()
+        self._write_faiss(index, "trained.faiss")  # the empty trained index: what each segment starts from
+        self.index, self.segments = index, []
+        self._append(ids, np.asarray(stamps, np.float64), fetch, index)
+        self._write_faiss(index, "index.faiss")
+        self.meta["main_rows"] = len(self.ids)
+        self._write_meta()
         self._map()
 
     def update(self, ids, stamps, fetch) -> tuple[int, int]:
         """Bring the index to exactly the live rows ``ids`` (with ``stamps``): rows whose id or stamp is new are
-        appended, rows no longer there (or re-stamped) marked dead. Returns ``(added, removed)``. Work: the changed
-        rows (plus one write of the index file)."""
+        appended, rows no longer there (or re-stamped) marked dead. Returns ``(added, removed)``. Work and
+        writes: the changed rows."""
         ids = np.asarray(ids, np.int64)
         stamps = np.asarray(stamps, np.float64)
         live = np.flatnonzero(self.live)
@@ -177,14 +213,20 @@ class VectorIndex:
         new = [i for i, (fid, st) in enumerate(zip(ids.tolist(), stamps.tolist())) if have.get(fid, (None, None))[1] != st]
         if not gone and not new:
             return 0, 0
-        self.index = self._writable()
         if gone:  # tombstones: FAISS's remove_ids on fast-scan lists corrupted codes of rows added after it
             self.ids = self.ids.copy()
-            self.ids[np.asarray(sorted(gone), np.int64)] = -1
+            dead = np.asarray(sorted(gone), np.int64)
+            self.ids[dead] = -1
+            fd = os.open(self.folder / "ids.i64", os.O_WRONLY)
+            try:
+                for slot in dead.tolist():
+                    os.pwrite(fd, np.int64(-1).tobytes(), slot * 8)
+            finally:
+                os.close(fd)
         if new:
             sel = np.asarray(new, np.int64)
-            self._append(ids[sel], stamps[sel], fetch)
-        self._write_state()
+            self._add_segment(ids[sel], stamps[sel], fetch)
+        self._write_meta()
         self._map()
         return len(new), len(gone)
 
@@ -200,20 +242,63 @@ class VectorIndex:
             return self.update(ids, stamps, fetch)
         if not len(ids):
             return 0, 0
-        self.index = self._writable()
-        self._append(ids, stamps, fetch)
-        self._write_state()
+        self._add_segment(ids, stamps, fetch)
+        self._write_meta()
         self._map()
         return len(ids), 0
 
-    def _writable(self):
-        import faiss
+    def _add_segment(self, ids: np.ndarray, stamps: np.ndarray, fetch) -> None:
+        """Append rows as a new segment file; merge the segments when there are too many, fold them into
+        index.faiss when they hold a large share of its rows."""
+        seg = self._empty()
+        self._append(ids, stamps, fetch, seg)
+        self._new_segment(seg)
+        main = int(self.meta["main_rows"])
+        added = len(self.ids) - main
+        if main and added > COMPACT_SHARE * main:  # fold: one rewrite of index.faiss per COMPACT_SHARE x its rows
+            index = self._faiss("index.faiss", mmap=False)
+            self._readd(index, main, len(self.ids))
+            self._write_faiss(index, "index.faiss")
+            self.index, self.meta["main_rows"] = index, len(self.ids)
+            self._drop_segments()
+        elif len(self.segments) > MAX_SEGMENTS:  # merge the segments (work: the rows added since the build)
+            seg = self._empty()
+            self._readd(seg, main, len(self.ids))
+            self._drop_segments()
+            self._new_segment(seg)
 
-        return faiss.read_index(str(self.folder / "index.faiss"))
+    def _empty(self):
+        return self._faiss("trained.faiss", mmap=False)
 
-    def _append(self, ids: np.ndarray, stamps: np.ndarray, fetch) -> None:
+    def _new_segment(self, seg) -> None:
+        k = int(self.meta["next_segment"])
+        name = f"seg-{k}.faiss"
+        self._write_faiss(seg, name)
+        self.meta["next_segment"] = k + 1
+        self.meta["segments"] = [*self.meta["segments"], name]
+        self.segments = [*self.segments, seg]
+
+    def _drop_segments(self) -> None:
+        old = list(self.meta["segments"])
+        self.meta["segments"], self.segments = [], []
+        self._write_meta()  # the files go only once meta.json no longer names them
+        for name in old:
+            (self.folder / name).unlink(missing_ok=True)
+
+    def _readd(self, index, a: int, b: int) -> None:
+        """Add slots ``a .. b - 1`` (from vectors.f32, dead ones too: ntotal stays the slot count) to ``index``."""
+        width = self.width
+        with open(self.folder / "vectors.f32", "rb") as fh:
+            for s in range(a, b, CHUNK):
+                e = min(b, s + CHUNK)
+                fh.seek(s * width * 4)
+                vecs = np.fromfile(fh, np.float32, (e - s) * width).reshape(e - s, width)
+                index.add_with_ids(self._pad(vecs), np.arange(s, e, dtype=np.int64))
+
+    def _append(self, ids: np.ndarray, stamps: np.ndarray, fetch, index) -> None:
         """Write the rows' vectors at the end of ``vectors.f32`` (plain writes: a mapping would keep every
-        written page in this process's resident memory) and add them to the index, a chunk at a time."""
+        written page in this process's resident memory) and of the per-slot files, and add them to ``index``,
+        a chunk at a time."""
         width = self.width
         start = len(self.ids)
         f = self.folder / "vectors.f32"
@@ -227,12 +312,20 @@ class VectorIndex:
                 if vecs.shape != (min(CHUNK, len(ids) - a), width):
                     raise ValueError(f"{f}: vectors of shape {vecs.shape}, expected ({min(CHUNK, len(ids) - a)}, {width})")
                 fh.write(vecs.tobytes())
-                self.index.add_with_ids(self._pad(vecs), np.arange(start + a, start + a + len(vecs), dtype=np.int64))
+                index.add_with_ids(self._pad(vecs), np.arange(start + a, start + a + len(vecs), dtype=np.int64))
                 present.append(np.asarray(pres, bool))
+        new_present = np.concatenate(present) if present else np.zeros((0, self.present.shape[1]), bool)
+        nb = len(self.meta["blocks"])
+        for key, arr in (("ids", ids.astype(np.int64)), ("stamps", stamps.astype(np.float64)),
+                         ("present", new_present.astype(np.uint8).reshape(-1))):
+            name, dtype = SLOT_FILES[key]
+            with open(self.folder / name, "r+b") as fh:
+                fh.truncate(start * (nb if key == "present" else 1) * np.dtype(dtype).itemsize)
+                fh.seek(0, 2)
+                fh.write(np.ascontiguousarray(arr, dtype).tobytes())
         self.ids = np.concatenate([self.ids, ids])
         self.stamps = np.concatenate([self.stamps, stamps])
-        if present:
-            self.present = np.concatenate([self.present, *present])
+        self.present = np.concatenate([self.present, new_present])
 
     def _pad(self, x: np.ndarray) -> np.ndarray:
         dp = padded(x.shape[1])
@@ -243,26 +336,40 @@ class VectorIndex:
         return out
 
     def gather(self, slots) -> np.ndarray:
-        """The exact rows of ``slots`` (float32), read with ``pread`` into one buffer: a query's candidates
-        cost one read each, and the process maps none of the file (its pages stay in the shared page cache,
-        not in this process's resident memory)."""
+        """The exact rows of ``slots`` (float32, sorted), read with ``pread`` into one buffer, one call per
+        run of consecutive slots: the process maps none of the file (its pages stay in the shared page
+        cache, not in this process's resident memory)."""
         slots = np.asarray(slots, np.int64)
         width = self.width
         out = np.empty((len(slots), width), np.float32)
+        if not len(slots):
+            return out
         view = memoryview(out).cast("B")
         row = width * 4
-        for k, s in enumerate(slots.tolist()):
-            os.preadv(self._fd, [view[k * row : (k + 1) * row]], s * row)
+        if np.all(slots[1:] > slots[:-1]):
+            cut = np.flatnonzero(np.diff(slots) != 1) + 1
+            starts = np.concatenate([[0], cut]).tolist()
+            ends = np.concatenate([cut, [len(slots)]]).tolist()
+            for a, b in zip(starts, ends):
+                os.preadv(self._fd, [view[a * row : b * row]], int(slots[a]) * row)
+        else:
+            for k, s in enumerate(slots.tolist()):
+                os.preadv(self._fd, [view[k * row : (k + 1) * row]], s * row)
         return out
 
     # -- searching -------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> np.ndarray:
-        """The slots of the ``k`` best rows for each query (``[nq, width]``, inner product), as one sorted set."""
-        if self.index is None or not self.index.ntotal or not len(queries):
+        """The slots of the ``k`` best rows for each query (``[nq, width]``, inner product) in index.faiss and
+        in each segment, as one sorted set."""
+        if self.index is None or not self.ntotal or not len(queries):
             return np.zeros(0, np.int64)
-        self.index.nprobe = int(nprobe or min(self.meta["nlist"], NPROBE))
         dead = len(self.ids) - int(self.live.sum())
-        _, found = self.index.search(self._pad(queries), int(k) + min(dead, int(k)))
-        found = np.unique(found)
+        q = self._pad(queries)
+        found = []
+        for index in (self.index, *self.segments):
+            if index.ntotal:
+                index.nprobe = int(nprobe or min(self.meta["nlist"], NPROBE))
+                found.append(index.search(q, int(k) + min(dead, int(k)))[1].ravel())
+        found = np.unique(np.concatenate(found))
         found = found[found >= 0]
         return found[self.live[found]]

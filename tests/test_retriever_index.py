@@ -89,7 +89,8 @@ def test_incremental_update_adds_changes_and_removes_in_place(catalog, monkeypat
     assert len(r.index.ids) == slots_before + 250
     live = set(r.index.ids[r.index.live].tolist())
     assert live == set(catalog.family_ids("sd15")[0].tolist()) and not live & set(gone)
-    assert r.index.index.ntotal == len(r.index.ids)  # dead slots stay in FAISS (tombstones), never returned
+    assert r.index.ntotal == len(r.index.ids)  # dead slots stay in FAISS (tombstones), never returned
+    assert r.index.index.ntotal == N and len(r.index.segments) == 1  # index.faiss untouched: a segment holds the new rows
     for prompt in _prompts(vec, N + 200, seed=5):  # the new clusters too
         got = [m.row.id for m in _top(r, prompt)]
         assert not set(got) & set(gone)
