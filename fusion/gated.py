@@ -41,21 +41,49 @@ is read off the adapters themselves, once per generation, from how strongly each
 Every step's gates are kept in ``trace`` (``[layer groups, adapters]``, order in ``layer_groups``) and, as
 weights, in the driver's ``history`` (``plan.layer_weights``): a layer-group x adapter heatmap per step.
 Text-encoder weights are not gated.
+
+**DiT pipelines (FLUX.1, SD3).** They have no ``attn2``: the prompt enters through the joint attention, where
+image and text tokens attend to each other in one softmax (FLUX.1's double-stream blocks, whose
+``add_k_proj`` projects the text tokens, and its single-stream blocks, where the first tokens of the one
+sequence are the text; SD3's joint blocks). There the response of step 1 is read off that attention, per
+block and per denoiser call, from the adapters' trigger words (``metadata.trigger_words``)::
+
+    r[g, i] = mean over conditional rows, heads, image queries q, and the text positions k of adapter i's
+              trigger words in the prompt, of  softmax over all keys(q . k / sqrt(d))[k]
+
+the attention one image token pays one of the adapter's trigger tokens, with the queries and keys the
+block's attention itself computed (its projections with the adapters acting, its q/k norms, FLUX's
+rotary embedding). An adapter whose trigger words are all absent from the prompt gets 0 (gated down); one
+without trigger words gets a neutral gate 1 and takes no part in the softmax; with fewer than two adapters
+that have trigger words every gate is 1. Groups without joint attention get the mean of the measured
+ones. Step 2 is ``gates_from_responses(r, temperature, per_adapter=False)``: attention shares are already
+comparable across adapters (fractions of one softmax), so ``per_adapter`` applies to the UNet path only.
+A gate is measured during one denoiser call and acts from the next (the attention that measures it runs
+through the weights it sets): the first call runs at the user's weights. Steps 3 and 4 are unchanged.
+The measure runs in ``patched()``: each joint attention's processor is wrapped (the original computes the
+output, untouched) and forward hooks on its ``to_q``/``to_k``/``add_k_proj`` keep their outputs for the
+measure; the pipeline's ``encode_prompt`` is wrapped to read the prompt whose token positions are needed.
+All three are undone on exit (the very same processor objects back, hooks removed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+import re
 
 import torch
 
 from lora_composer.adapters.kinds import has_factors
 from lora_composer.vocab import CROSS_ATTENTION_KV as KV_SUFFIXES
-from lora_composer.vocab import DENOISERS, layer_group
+from lora_composer.vocab import DENOISERS, layer_group, pipeline_family
 from lora_composer.fusion.base import StepPlan, Strategy
 
 SCHEDULES = ("early", "late", "constant")
 _FLOOR = 1e-6  # responses below this (relative) count as "no reaction" rather than log(0)
+_CHUNK = 1 << 24  # attention probabilities held at once while measuring (elements; queries are chunked)
+JOINT_BLOCKS = ("transformer_blocks", "single_transformer_blocks")  # FLUX.1 / SD3 joint, FLUX.1 single stream
 
 
 def layer_response(down: torch.Tensor, up: torch.Tensor, scale: float, embeddings: torch.Tensor) -> torch.Tensor:
@@ -115,6 +143,163 @@ def gates_from_responses(responses: torch.Tensor, temperature: float = 1.0, per_
     return (n * torch.softmax(logits, dim=1)).float()
 
 
+# -- DiT pipelines: gates from the joint attention's text tokens ------------------------------------------
+def trigger_spans(prompt: str, words) -> list[tuple[int, int]]:
+    """Character spans of ``words`` in ``prompt`` (case-insensitive, whole words: "red" not in "redo")."""
+    spans = []
+    for word in words:
+        word = word.strip()
+        if word:
+            pattern = r"(?<!\w)" + re.escape(word) + r"(?!\w)"
+            spans += [m.span() for m in re.finditer(pattern, prompt, flags=re.IGNORECASE)]
+    return spans
+
+
+def token_positions(tokenizer, text: str, spans, max_length: int) -> list[int]:
+    """Positions of the tokens covering ``spans``, tokenized as the pipelines do (padded to ``max_length``)."""
+    if not spans:
+        return []
+    try:
+        enc = tokenizer(text, padding="max_length", max_length=max_length, truncation=True,
+                        return_offsets_mapping=True)
+    except (NotImplementedError, ValueError):  # a tokenizer without offsets: positions unknown
+        return []
+    return [j for j, (s, e) in enumerate(enc["offset_mapping"]) if e > s and any(s < b and e > a for a, b in spans)]
+
+
+def text_stream_positions(pipe, call: dict, words, text_len: int) -> list[int] | None:
+    """Where ``words`` sit among the ``text_len`` text tokens the transformer receives, for the arguments of
+    the pipeline's ``encode_prompt`` call (``call``). FLUX.1: T5 tokens only; SD3: the CLIP tokens (both CLIPs
+    side by side, 77 positions) then T5's. ``None`` when the layout is not one of these."""
+    prompt = call.get("prompt")
+    if not isinstance(prompt, str):
+        return None
+    family = pipeline_family(pipe)
+    length = int(call.get("max_sequence_length") or 0)
+    if family == "flux":
+        parts = [(0, getattr(pipe, "tokenizer_2", None), call.get("prompt_2") or prompt, length)]
+        total = length
+    elif family == "sd3":
+        clip = int(getattr(pipe, "tokenizer_max_length", 77))
+        parts = [(0, getattr(pipe, "tokenizer", None), prompt, clip),
+                 (0, getattr(pipe, "tokenizer_2", None), call.get("prompt_2") or prompt, clip)]
+        if getattr(pipe, "text_encoder_3", None) is not None:
+            parts.append((clip, getattr(pipe, "tokenizer_3", None), call.get("prompt_3") or prompt, length))
+        total = clip + length if getattr(pipe, "text_encoder_3", None) is not None else text_len
+    else:
+        return None
+    if total != text_len or any(tok is None for _, tok, _, _ in parts):
+        return None
+    positions = {offset + j for offset, tok, text, n in parts for j in token_positions(tok, text, trigger_spans(text, words), n)}
+    return sorted(p for p in positions if p < text_len)
+
+
+def trigger_attention(queries: torch.Tensor, keys: torch.Tensor, positions) -> torch.Tensor:
+    """``[adapters]``: mean over rows, heads and queries of the mean attention probability on each adapter's
+    key ``positions`` (``queries [rows, q, heads, d]``, ``keys [rows, k, heads, d]``; softmax over all keys,
+    scale ``1/sqrt(d)`` as in scaled dot-product attention). An empty position list gives 0."""
+    q = queries.transpose(1, 2).float()
+    k = keys.transpose(1, 2).float()
+    rows, heads, n_q, d = q.shape
+    sums = torch.zeros(len(positions), dtype=torch.float64)
+    index = [torch.as_tensor(p, dtype=torch.long, device=k.device) for p in positions]
+    step = max(1, _CHUNK // max(1, rows * heads * k.shape[2]))
+    for start in range(0, n_q, step):
+        probs = torch.softmax(q[:, :, start : start + step] @ k.transpose(-1, -2) * d**-0.5, dim=-1)
+        for i, idx in enumerate(index):
+            if idx.numel():
+                sums[i] += float(probs.index_select(-1, idx).mean(-1).sum())
+    return (sums / (rows * heads * n_q)).float()
+
+
+def joint_attentions(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Module, bool]]:
+    """``(layer group, attention, single stream)`` for every joint attention of a FLUX.1/SD3 transformer whose
+    processor is a plain object (a processor that is a module, such as an IP-Adapter's, is left alone)."""
+    found = []
+    for name, module in denoiser.named_modules():
+        parts = name.split(".")
+        if (len(parts) == 3 and parts[0] in JOINT_BLOCKS and parts[2] == "attn" and hasattr(module, "processor")
+                and not isinstance(module.processor, torch.nn.Module) and hasattr(module, "to_k")):
+            single = parts[0] == "single_transformer_blocks"
+            if single or getattr(module, "add_k_proj", None) is not None:
+                found.append((layer_group(f"{DENOISERS[1]}.{name}.to_q"), module, single))
+    return found
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (heads, -1))
+
+
+def _rope(x: torch.Tensor, rotary, start: int) -> torch.Tensor:
+    """FLUX's rotary embedding on ``x [rows, tokens, heads, d]``, whose tokens are positions ``start...``."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    n = x.shape[1]
+    if isinstance(rotary, (tuple, list)):
+        rotary = tuple(r[start : start + n] for r in rotary)
+    else:
+        rotary = rotary[start : start + n]
+    return apply_rotary_emb(x, rotary, sequence_dim=1)
+
+
+class _AttentionProbe:
+    """Stands in for one joint attention's processor: the original computes the output (untouched), then the
+    attention image tokens pay each adapter's trigger tokens is measured from the queries and keys the
+    original computed (kept by forward hooks on the projections)."""
+
+    def __init__(self, strategy: "GatedStrategy", group: str, processor, single: bool):
+        self.strategy = strategy
+        self.group = group
+        self.processor = processor
+        self.single = single
+        self.kept: dict[str, torch.Tensor] = {}
+
+    def keep(self, name: str):
+        def hook(module, args, output):
+            self.kept[name] = output
+        return hook
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 **kwargs):
+        self.kept = {}
+        if image_rotary_emb is not None:  # FLUX calls positionally, SD3 by keyword: call the original alike
+            out = self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
+        else:
+            out = self.processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                 attention_mask=attention_mask, **kwargs)
+        kept, self.kept = self.kept, {}
+        positions = self.strategy._positions
+        if attention_mask is None and positions and any(p for p in positions if p) and "to_q" in kept:
+            with torch.no_grad():
+                self.measure(attn, kept, encoder_hidden_states, image_rotary_emb, positions)
+        return out
+
+    def measure(self, attn, kept, encoder_hidden_states, rotary, positions) -> None:
+        heads = attn.heads
+        q, k = _heads(kept["to_q"], heads), _heads(kept["to_k"], heads)
+        if getattr(attn, "norm_q", None) is not None:
+            q = attn.norm_q(q)
+        if getattr(attn, "norm_k", None) is not None:
+            k = attn.norm_k(k)
+        if self.single:  # one sequence, text first
+            n_text = self.strategy._text_len
+            if n_text is None or n_text >= q.shape[1]:
+                return
+            q = q[:, n_text:]
+        else:
+            if encoder_hidden_states is None or "add_k_proj" not in kept:
+                return
+            n_text = encoder_hidden_states.shape[1]
+            text_k = _heads(kept["add_k_proj"], heads)
+            if getattr(attn, "norm_added_k", None) is not None:
+                text_k = attn.norm_added_k(text_k)
+            k = torch.cat([text_k, k], dim=1)  # text first, as FLUX orders them (SD3's order does not matter)
+        if rotary is not None:  # FLUX: rotary positions run over [text, image]
+            q, k = _rope(q, rotary, n_text), _rope(k, rotary, 0)
+        rows = self.strategy._conditional_rows(q.shape[0])
+        self.strategy._record(self.group, trigger_attention(q[rows], k[rows], [p or [] for p in positions]))
+
+
 class GatedStrategy(Strategy):
     """Per layer group, per timestep adapter weights from each adapter's response to the prompt.
 
@@ -155,6 +340,11 @@ class GatedStrategy(Strategy):
         self.responses: torch.Tensor | None = None
         self.gates: torch.Tensor | None = None
         self.trace: list[torch.Tensor] = []
+        self.attention: list[torch.Tensor] = []  # DiT: each call's r[g, i] from the joint attention
+        self._dit = False
+        # On the instance, not the class: the server batches strategies whose class keeps the default
+        # ``patched`` (composer/serving/batcher.py), and on a UNet this one patches nothing.
+        self.patched = self._patched
 
     def begin(self, adapters, weights, num_steps, context=None) -> None:
         super().begin(adapters, weights, num_steps, context)
@@ -163,6 +353,12 @@ class GatedStrategy(Strategy):
         self.trace = []
         self.layer_groups = list(self.context.layer_groups)
         self.train_timesteps = int(self.context.num_train_timesteps or 1000)
+        self.attention = []
+        self._dit = False
+        self._prompt_call: dict | None = None  # the arguments of the pipeline's encode_prompt call
+        self._positions: list[list[int] | None] | None = None  # per adapter; None: no trigger words known
+        self._text_len: int | None = None
+        self._measured: dict[str, list[torch.Tensor]] = {}
 
     def _adapter_objects(self) -> list:
         try:
@@ -179,7 +375,60 @@ class GatedStrategy(Strategy):
             return embeddings[embeddings.shape[0] // 2 :]
         return embeddings
 
+    def _conditional_rows(self, rows: int) -> slice:
+        """The conditional rows of a batch of ``rows`` (see :meth:`_conditional`)."""
+        cfg = self.context.cfg
+        if cfg is None:
+            cfg = rows % 2 == 0 and rows > 1
+        return slice(rows // 2, rows) if cfg and rows > 1 else slice(0, rows)
+
+    def _record(self, group: str, values: torch.Tensor) -> None:
+        self._measured.setdefault(group, []).append(values)
+
+    def _trigger_positions(self) -> list[list[int] | None]:
+        """Per adapter, its trigger words' positions in the transformer's text tokens (``None``: none known)."""
+        out: list[list[int] | None] = []
+        for ad in self._adapter_objects() or [None] * len(self.adapters):
+            words = [w for w in getattr(getattr(ad, "metadata", None), "trigger_words", []) if w.strip()]
+            found = None  # no trigger words, or the prompt or its token layout unknown: a neutral gate
+            if words and self._prompt_call and self._text_len is not None:
+                found = text_stream_positions(self.context.pipe, self._prompt_call, words, self._text_len)
+            out.append(found)
+        return out
+
+    def dit_gates(self, responses: torch.Tensor) -> torch.Tensor:
+        """Gates from the joint attention's responses: the adapters with trigger words share a softmax, the
+        others stay at 1 (module doc)."""
+        gates = torch.ones(len(self.layer_groups), len(self.adapters))
+        known = [i for i, p in enumerate(self._positions or []) if p is not None]
+        if len(known) > 1:
+            gates[:, known] = gates_from_responses(responses[:, known], self.temperature, per_adapter=False)
+        return gates
+
+    def _observe_dit(self, inputs: dict) -> None:
+        """Gates for this call from the attention measured during the previous one (module doc)."""
+        text = inputs.get("encoder_hidden_states")
+        if isinstance(text, torch.Tensor) and text.dim() == 3:
+            self._text_len = int(text.shape[1])
+        if self._positions is None:
+            self._positions = self._trigger_positions()
+        measured, self._measured = self._measured, {}
+        rows = {g: torch.stack(v).mean(0) for g, v in measured.items() if g in self.layer_groups}
+        if rows:
+            r = torch.zeros(len(self.layer_groups), len(self.adapters))
+            has = torch.zeros(len(self.layer_groups), dtype=torch.bool)
+            for g, values in rows.items():
+                r[self.layer_groups.index(g)], has[self.layer_groups.index(g)] = values, True
+            r[~has] = r[has].mean(dim=0)
+            self.responses = r
+            self.attention.append(r)
+            self.gates = self.dit_gates(r)
+        elif self.gates is None:  # nothing measured yet: the user's weights
+            self.gates = torch.ones(len(self.layer_groups), len(self.adapters))
+
     def observe(self, step: int, timestep: float | None, inputs: dict) -> None:
+        if self._dit:
+            return self._observe_dit(inputs)
         if self.responses is not None:
             return
         embeddings = inputs.get("encoder_hidden_states")
@@ -194,6 +443,59 @@ class GatedStrategy(Strategy):
         else:  # nothing to react to: neutral gates
             self.responses = torch.ones(len(self.layer_groups), len(self.adapters))
         self.gates = gates_from_responses(self.responses, self.temperature, self.per_adapter)
+
+    def _patched(self, denoiser: torch.nn.Module):
+        """On a FLUX.1/SD3 transformer: the joint attentions measured (module doc); on a UNet: nothing."""
+        found = joint_attentions(denoiser)
+        if not found:
+            return contextlib.nullcontext()
+        return self._probing(found)
+
+    @contextlib.contextmanager
+    def _probing(self, found):
+        saved, handles = [], []
+        pipe = self.context.pipe
+        own = pipe is not None and "encode_prompt" in vars(pipe)
+        before = vars(pipe).get("encode_prompt") if pipe is not None else None
+        try:
+            for group, attn, single in found:
+                probe = _AttentionProbe(self, group, attn.processor, single)
+                saved.append((attn, attn.processor))
+                attn.processor = probe
+                for name in ("to_q", "to_k", "add_k_proj"):
+                    layer = getattr(attn, name, None)
+                    if isinstance(layer, torch.nn.Module):
+                        handles.append(layer.register_forward_hook(probe.keep(name)))
+            if pipe is not None and callable(getattr(pipe, "encode_prompt", None)):
+                vars(pipe)["encode_prompt"] = self._prompt_tap(pipe.encode_prompt)
+            self._dit = True
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for attn, processor in saved:
+                attn.processor = processor
+            if pipe is not None:
+                if own:
+                    vars(pipe)["encode_prompt"] = before
+                else:
+                    vars(pipe).pop("encode_prompt", None)
+
+    def _prompt_tap(self, encode_prompt):
+        """``encode_prompt`` that first keeps its arguments (the first call: the prompt, not a negative one)."""
+        signature = inspect.signature(encode_prompt)
+
+        def tap(*args, **kwargs):
+            if self._prompt_call is None:
+                try:
+                    bound = signature.bind(*args, **kwargs)
+                    bound.apply_defaults()
+                    self._prompt_call = dict(bound.arguments)
+                except TypeError:
+                    self._prompt_call = {}
+            return encode_prompt(*args, **kwargs)
+
+        return tap
 
     def blend(self, step: int, timestep: float | None) -> float:
         """``s(t)``: 0 = merge, 1 = the full gates."""
