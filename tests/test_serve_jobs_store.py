@@ -167,7 +167,7 @@ def test_bad_urls_and_a_missing_redis_client_are_one_line(tmp_path, monkeypatch)
 
 # -- a real restart: `compose serve` killed (SIGKILL) mid-job, then started again on the same store -----------
 
-STEPS = 24
+STEPS = 10
 
 
 def _free_port() -> int:
@@ -215,8 +215,7 @@ def test_a_killed_server_answers_every_job_after_a_restart(home, tmp_path):
     bodies = [{"prompt": "a purple star", "loras": [{"name": "star-shape", "weight": 1.0},
                                                     {"name": "purple-colour", "weight": 0.8}], "seed": 11},
               {"prompt": "blinky on a wavy background", "loras": [{"name": "blinky-character", "weight": 1.0}]},
-              {"prompt": "a purple square", "loras": [{"name": "purple-colour", "weight": 1.0}], "seed": 13},
-              {"prompt": "a star", "loras": [{"name": "star-shape", "weight": 0.9}], "seed": 14}]
+              {"prompt": "a purple square", "loras": [{"name": "purple-colour", "weight": 1.0}], "seed": 13}]
     first = _start(port, jobs, home)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:

@@ -73,7 +73,7 @@ class Renderer:
     def __init__(self, config: ServerConfig):
         import ray
 
-        self.server = Server(config)
+        self.server = Server(replace(config, jobs_url=None))  # the job store is the gateway's alone
         self.replica = ray.get_runtime_context().get_actor_name() or f"pid-{os.getpid()}"  # Ray's actor name
         self.loads = 0
         self._paths: dict[str, list] = {}
