@@ -309,7 +309,10 @@ class GatedStrategy(Strategy):
     - ``schedule`` ("early"): when the gates act, ``early`` (full at high noise, merge at the end),
       ``late`` (the reverse) or ``constant``.
     - ``power`` (1.0): shape of the schedule's ramp (1 linear, larger = the gates act over a shorter span).
-    - ``per_adapter`` (True): compare where adapters react rather than how loud they are.
+    - ``per_adapter`` (True): compare where adapters react rather than how loud they are (UNet path).
+
+    On FLUX.1 and SD3 the responses come from the joint attention on each adapter's trigger words, measured
+    while ``patched()`` is active (module doc); ``attention`` keeps each call's ``[layer groups, adapters]``.
     """
 
     name = "gated"
