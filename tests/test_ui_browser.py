@@ -130,6 +130,40 @@ def assert_fully_visible(page, image) -> dict:
     return v
 
 
+def assert_whole(page, selector: str) -> None:
+    """Every image under ``selector`` is drawn whole: not cut by any ancestor (the history once showed a strip
+    of each image), object-fit contain, at least its own size, and its caption (if any) below it, not over
+    its corner."""
+    images = page.locator(f"{selector} img")
+    assert images.count() > 0
+    for i in range(images.count()):
+        v = images.nth(i).evaluate(IMAGE_VIEW)
+        assert not v["clipped"] and v["fit"] == "contain", (selector, v)
+        assert min(v["width"], v["height"]) >= 64, (selector, v)  # drawn whole (contain), at least its own size
+        caption = images.nth(i).evaluate(
+            "img => { const c = img.parentElement.querySelector('.caption-label');"
+            " return c ? c.getBoundingClientRect().top : null; }")
+        assert caption is None or caption >= v["bottom"] - 1, (selector, caption, v)
+
+
+def assert_layout(page) -> None:
+    """The history shows whole images; the sizes follow the model (the mini world: multiples of 8 up to 4x its
+    native 64, not 1536), each size box beside its label; the sampler's name is not cut."""
+    assert_whole(page, "#gallery")
+    assert_whole(page, "#history")
+    for key in ("width", "height"):
+        slider = page.locator(f"#{key} input[type=range]").first
+        assert (slider.get_attribute("min"), slider.get_attribute("max"), slider.get_attribute("step")) == ("8", "256", "8")
+        label = page.locator(f"#{key}").get_by_text(key.capitalize(), exact=True).first.bounding_box()
+        box = page.locator(f"#{key} input[type=number]").first.bounding_box()
+        assert abs((label["y"] + label["height"] / 2) - (box["y"] + box["height"] / 2)) < 12, (key, label, box)
+        ends = page.locator(f"#{key}").get_by_text("256", exact=True).first
+        assert ends.evaluate("e => e.scrollWidth <= e.clientWidth + 1")  # the maximum's label is whole
+    sampler = page.locator("#sampler input").first
+    assert sampler.input_value() == "DPM++ 2M"
+    assert sampler.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), "the sampler's name is cut"
+
+
 def assert_heatmap_labelled(page, steps: int, adapters: list[str]) -> None:
     heat = page.locator("#heatmap .heat").first
     box = heat.bounding_box()
@@ -193,6 +227,7 @@ def test_results_in_view_at_1280x800(server, browser, tmp_path):
         assert float(page.locator("#guidance input[type=number]").first.input_value()) == 5.0  # the mini world's
         assert downloaded(page).shape == (64, 64, 3)
         assert page.locator("#history img").count() == 1  # made since the page opened
+        assert_layout(page)
 
         seed = int(info.split("seed ")[1].split(",")[0])
         set_number(page, "seed", -1)
@@ -312,5 +347,72 @@ def test_strategy_parameters_are_widgets(server, browser):
             "el => el.value.includes('every=2')", arg=args.element_handle(), timeout=10_000
         )
         assert args.input_value().strip() == "every=2"
+    finally:
+        page.close()
+
+
+def test_no_stale_output_after_an_error_and_unknown_tags_marked_at_once(server, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        render(page, server, "a purple star <lora:star-shape:1>", steps=2)
+        # Auto: its picks table is on the screen, not below the fold
+        page.locator("#auto").click()
+        table = page.locator("#auto-result table").first
+        table.wait_for(state="visible", timeout=60_000)
+        page.wait_for_timeout(800)  # the page scrolls it into view once the rows are drawn
+        box = table.bounding_box()
+        assert box["y"] >= 0 and box["y"] + box["height"] <= 800, box
+
+        # a tag naming no library file: its row is marked as soon as it is typed, before any Generate
+        page.locator("#prompt textarea").fill("a purple star <lora:no-such-lora:0.7>")
+        page.locator(".lora-unknown").first.wait_for(timeout=15_000)
+        assert page.get_by_text("LoRA 1: not in the library").first.is_visible()
+
+        # a request that fails: the last render's image, caption, heatmap and Auto table are not left on screen
+        page.locator("#prompt textarea").fill("a purple star <lora:star-shape:1")
+        page.locator("#generate").click()
+        page.get_by_text("unclosed tag").first.wait_for(timeout=30_000)
+        page.locator("#info").get_by_text("Nothing rendered").first.wait_for(timeout=15_000)
+        info = page.locator("#info").inner_text()
+        assert "unclosed tag" in info and "seed" not in info, info
+        assert page.locator("#gallery img").count() == 0
+        assert page.locator("#heatmap .heat-grid").count() == 0
+        assert page.locator("#auto-result table").count() == 0
+        assert page.locator("#download a").count() == 0
+    finally:
+        page.close()
+
+
+def test_grid_tab_makes_a_labelled_grid(app, browser, tmp_path):
+    import json
+
+    from lora_composer.frontends.grid import GRID_KEY
+
+    url, ui = app
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        page.goto(url)
+        page.locator("#prompt textarea").fill("a purple star <lora:purple-colour:1>")
+        set_number(page, "seed", 4)
+        set_number(page, "steps", 2)
+        page.get_by_role("tab", name="Grid").click()
+        page.locator("#grid-x textarea").fill("weight:star-shape=0,0.6,1")
+        page.locator("#grid-y textarea").fill("guidance=3,5")
+        page.locator("#grid-run").click()
+        image = page.locator("#grid-gallery img").first
+        image.wait_for(state="visible", timeout=120_000)
+        page.locator("#grid-info").get_by_text("6 cells").first.wait_for(timeout=30_000)
+        assert "6 of them shared denoiser passes" in page.locator("#grid-info").inner_text()
+        assert_whole(page, "#grid-gallery")
+        shot = artifacts(tmp_path) / "ui-grid-1280x800.png"
+        page.screenshot(path=str(shot))
+        href = page.locator("#grid-download a").first.get_attribute("href")
+        import io
+
+        png = Image.open(io.BytesIO(page.request.get(href).body()))
+        data = json.loads(png.text[GRID_KEY])
+        records = [c["record"] for row in data["cells"] for c in row]
+        assert len(records) == 6 and {r["seed"] for r in records} == {4} and {r["steps"] for r in records} == {2}
+        assert sorted({lo["unet_weight"] for r in records for lo in r["loras"] if lo["name"] == "star-shape"}) == [0, 0.6, 1]
     finally:
         page.close()

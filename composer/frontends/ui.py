@@ -37,6 +37,7 @@ from lora_composer.frontends.args import (Parser, UsageError, add_device_args, a
                                           is_loopback)
 from lora_composer.vocab import LORA_EXTENSIONS, MAX_SEED
 from lora_composer.fusion.registry import parse_strategy_args
+from lora_composer.frontends import grid as gridmod
 from lora_composer.frontends import ui_view
 
 MAX_TOP_K = 8  # the Auto button's "at most" slider
@@ -167,45 +168,31 @@ class ComposerUI:
         self.base_scheduler = self.pipe.pipe.scheduler
         self.samplers = self._samplers()
         self._stops: dict[str, threading.Event] = {}  # session -> its Stop button's flag
+        self.last_errors: dict[str, str] = {}  # session -> its last request's error, shown in place of its output
         self.step = 0  # steps done by the render in progress (tests and the Stop message read it)
         self.last_stop: dict | None = None  # {"requested_at": step, "stopped_at": step, "steps": total}
 
     def _samplers(self) -> dict[str, type]:
         """``{scheduler class name: class}``: the model's scheduler and the diffusers schedulers compatible
         with it that load here (some need optional packages)."""
-        base = self.base_scheduler
-        out = {type(base).__name__: type(base)}
-        for cls in getattr(base, "compatibles", []):
-            if cls.__name__.startswith("EDM"):  # another noise parametrisation, not a drop-in sampler
-                continue
-            try:
-                cls.from_config(base.config)
-            except Exception:  # an optional dependency missing (scipy, torchsde)
-                continue
-            out[cls.__name__] = cls
-        return out
+        return gridmod.samplers(self.base_scheduler)
 
     def sampler_choices(self) -> list[tuple[str, str]]:
-        """``[(A1111 name, scheduler class name)]`` for a dropdown, the model's own first."""
+        """``[(A1111 name, scheduler class name)]`` for a dropdown, the model's own first; the class name is
+        shown only where two classes share an A1111 name (a long label is cut in the box)."""
+        from collections import Counter
+
         from lora_composer.pnginfo import sampler_name
 
         names = list(self.samplers)
         first, rest = names[0], sorted(names[1:], key=lambda n: sampler_name(n).lower())
-        return [(f"{sampler_name(n)} ({n})" if sampler_name(n) != n else n, n) for n in [first, *rest]]
+        shared = Counter(sampler_name(n) for n in names)
+        return [(f"{sampler_name(n)} ({n})" if shared[sampler_name(n)] > 1 else sampler_name(n), n)
+                for n in [first, *rest]]
 
     def sampler_class(self, name: str | None) -> str:
         """The scheduler class name for a class name or an A1111 sampler name (``Euler a``)."""
-        from lora_composer.pnginfo import sampler_name
-
-        if not name:
-            return type(self.base_scheduler).__name__
-        if name in self.samplers:
-            return name
-        for cls_name in self.samplers:
-            if sampler_name(cls_name).lower() == str(name).strip().lower():
-                return cls_name
-        raise ComposerError(f"sampler {name!r} is not available for this model (available: "
-                            + ", ".join(self.samplers) + ")")
+        return gridmod.sampler_class(self.samplers, name, type(self.base_scheduler).__name__)
 
     # -- stop ---------------------------------------------------------------------------------------
     def stop(self, key: str = "") -> None:
@@ -525,6 +512,70 @@ class ComposerUI:
                 del self._stops[stop_key]
         return result
 
+    def grid(self, prompt, negative_prompt="", loras=(), strategy="merge", strategy_args=None, seed=-1, steps=20,
+             guidance=None, width=None, height=None, sampler=None, x="", y="", z="", progress=None,
+             stop_key=None) -> dict:
+        """An X/Y/Z plot of these settings (``x``, ``y``, ``z``: axes as ``compose grid`` takes them,
+        ``weight:NAME=0.4,0.7,1``, ``strategy=merge,regional``...; ``y`` and ``z`` optional). Cells share
+        denoiser passes as there (:mod:`lora_composer.frontends.grid`). Returns ``{"images": [(path, caption)],
+        "pngs": [path], "cells", "seconds", "batched"}``: one labelled PNG per Z value, each holding every
+        cell's record."""
+        import time
+
+        axes = {}
+        for flag, text in (("X axis", x), ("Y axis", y), ("Z axis", z)):
+            axes[flag] = gridmod.parse_axis(text, flag) if (text or "").strip() else None
+        if axes["X axis"] is None:
+            raise ComposerError("give an X axis, e.g. weight:star-shape=0.4,0.7,1 or strategy=merge,composite")
+        gridmod.check_axes(axes)
+        if int(steps) < 1 or int(steps) > 200:
+            raise ComposerError("steps must be between 1 and 200")
+        seed = -1 if seed is None or seed == "" else int(seed)
+        if seed != -1 and not 0 <= seed <= MAX_SEED:
+            raise ComposerError(f"seed {seed}: must be between 0 and {MAX_SEED} (or -1: random)")
+        base = {"prompt": prompt or "", "negative_prompt": negative_prompt or "",
+                "loras": [(self.lora_path(n), float(te), float(unet)) for n, te, unet in loras if n],
+                "strategy": strategy or "merge", "strategy_args": strategy_args or {},
+                "seed": random.randrange(2**32) if seed == -1 else seed, "steps": int(steps),
+                "guidance": self.default_guidance if guidance is None else float(guidance),
+                "sampler": self.sampler_class(sampler), "width": int(width) if width else None,
+                "height": int(height) if height else None}
+        for c in axes.values():
+            if c is not None and c.kind == "sampler":
+                for name in c.values:
+                    self.sampler_class(name)
+        plot = gridmod.plan(base, axes["X axis"], axes["Y axis"], axes["Z axis"], self.lora_path)
+        gridmod.fill_defaults(self.pipe, plot)
+        stop = threading.Event()
+        if stop_key is not None:
+            self._stops[stop_key] = stop
+
+        def report(done, total):
+            self.step = done
+            if progress is not None:
+                progress(done / max(1, total), desc=f"grid of {len(plot.flat())}: step {done}/{total}")
+
+        job = Path(tempfile.mkdtemp(prefix="grid-", dir=self.out_dir))
+        started = time.perf_counter()
+        try:
+            self._run(lambda: gridmod.run(self.pipe, plot, progress=report, stop=stop.is_set))
+        except ComposerError:
+            if stop.is_set():
+                raise Stopped("stopped: the grid was not finished") from None
+            raise
+        finally:
+            if stop_key is not None and self._stops.get(stop_key) is stop:
+                del self._stops[stop_key]
+        seconds = time.perf_counter() - started
+        result = {"images": [], "pngs": [], "cells": len(plot.flat()), "seconds": seconds,
+                  "batched": sum(1 for c in plot.flat() if c.batched_with)}
+        for k, path in enumerate(gridmod.out_paths(job / "grid.png", plot)):
+            gridmod.save_grid(plot, k, path)
+            caption = plot.z.label(plot.z.values[k]) if plot.z else f"{len(plot.flat())} cells"
+            result["images"].append((str(path), caption))
+            result["pngs"].append(str(path))
+        return result
+
     def _keep(self, job, result, k, name, seed, batch, images, record, driver):
         from lora_composer.explain import effective_weights, save_explanation
         from lora_composer.pnginfo import save_png
@@ -547,8 +598,23 @@ class ComposerUI:
 # -- the Gradio app -------------------------------------------------------------------------------
 CSS = """
 #gallery img, #history img, #auto-previews img { image-rendering: crisp-edges; image-rendering: pixelated; }
-#gallery img, #history img { object-fit: contain !important; }
+#gallery img, #history img, #grid-gallery img { object-fit: contain !important; }
 #gallery .thumbnail-item { max-height: 380px; max-width: 380px; margin: 0 auto; }
+/* captions under the images, not over their corner */
+#gallery .thumbnail-item, #history .thumbnail-item, #grid-gallery .thumbnail-item { display: flex;
+  flex-direction: column; aspect-ratio: auto; overflow: visible; }
+#gallery .thumbnail-item > img, #history .thumbnail-item > img, #grid-gallery .thumbnail-item > img {
+  flex: 1 1 auto; min-height: 0; }
+#gallery .caption-label, #history .caption-label, #grid-gallery .caption-label { position: static; flex: none;
+  max-width: 100%; border: 0; background: none; opacity: 0.8; padding: 2px 4px; }
+/* history: whole small images in a wrapping row, never one wide cropped strip */
+#history .grid-container { grid-template-columns: repeat(auto-fill, minmax(96px, 120px)) !important;
+  grid-template-rows: none !important; grid-auto-rows: auto !important; }
+#history .thumbnail-item { width: 100%; height: auto; }
+#history .thumbnail-item > img { width: 100%; height: auto; aspect-ratio: 1 / 1; }
+#history .grid-wrap { overflow-y: auto; }
+.lora-unknown input { color: #b91c1c !important; }
+.lora-unknown { border-color: #b91c1c !important; }
 .heat { font-size: 12px; overflow-x: auto; }
 .heat-title { font-weight: 600; margin: 4px 0; }
 .heat-grid { display: grid; gap: 1px; align-items: center; min-width: 0; }
@@ -563,6 +629,10 @@ CSS = """
 .auto-table th, .auto-table td.auto-name, .auto-table td.auto-num { white-space: nowrap; }
 .lora-row { align-items: end; }
 """
+
+SCROLL_TO_AUTO = """() => setTimeout(() => { const el = document.getElementById('auto-result');
+  if (!el) return; const r = el.getBoundingClientRect();
+  if (r.bottom > window.innerHeight || r.top < 0) el.scrollIntoView({block: 'nearest'}); }, 400)"""
 
 SCROLL_TO_RESULTS = """() => { const el = document.getElementById('results');
   if (el && el.getBoundingClientRect().top > window.innerHeight * 0.5) el.scrollIntoView({block: 'start'}); }"""
@@ -633,122 +703,152 @@ def build_app(ui: ComposerUI):
         last_seed = gr.State(None)
         gr.Markdown(f"**lora-composer** · model {_model_label(ui)} · {len(names)} LoRAs in the library",
                     elem_id="header")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=5, min_width=340, elem_id="controls"):
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                    placeholder="a castle at dusk <lora:name:0.8> (tags and the LoRA rows stay in step)")
-                with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
-                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Generate", id="generate-tab", elem_id="generate-tab"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=5, min_width=340, elem_id="controls"):
+                        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                            placeholder="a castle at dusk <lora:name:0.8> (tags and the LoRA rows stay in step)")
+                        with gr.Row():
+                            run = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                            stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
+                        negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
 
-                gr.Markdown("**LoRAs**")
+                        gr.Markdown("**LoRAs**")
 
-                @gr.render(inputs=slots_state, triggers=[layout.change, demo.load])
-                def lora_rows(slots):
-                    for i, slot in enumerate(slots):
-                        with gr.Row(elem_classes="lora-row", key=f"row-{i}"):
-                            name = gr.Dropdown([NONE, *ui.library_names()], value=slot["name"], label=f"LoRA {i + 1}",
-                                               filterable=True, allow_custom_value=True, elem_id=f"lora-{i}", interactive=True,
-                                               scale=3, min_width=140, key=f"name-{i}")
-                            unet_w = gr.Number(value=slot["unet"], label="denoiser", step=0.05, elem_id=f"unet-{i}",
-                                               interactive=True, scale=1, min_width=70, key=f"unet-{i}")
-                            te_w = gr.Number(value=slot["te"], label="text enc.", step=0.05, elem_id=f"te-{i}",
-                                             interactive=True, scale=1, min_width=70, key=f"te-{i}")
-                            remove = gr.Button("✕", elem_id=f"lora-remove-{i}", scale=0, min_width=40,
-                                               key=f"remove-{i}")
+                        @gr.render(inputs=slots_state, triggers=[layout.change, demo.load])
+                        def lora_rows(slots):
+                            known = ui.library_names()
+                            for i, slot in enumerate(slots):
+                                # a name typed in a tag that is no library file is marked now, not only at Generate
+                                unknown = bool(slot["name"]) and slot["name"] not in known
+                                with gr.Row(elem_classes="lora-row", key=f"row-{i}"):
+                                    name = gr.Dropdown([NONE, *known], value=slot["name"],
+                                                       label=f"LoRA {i + 1}: not in the library" if unknown else f"LoRA {i + 1}",
+                                                       filterable=True, allow_custom_value=True, elem_id=f"lora-{i}", interactive=True,
+                                                       scale=3, min_width=140, key=f"name-{i}",
+                                                       elem_classes=["lora-unknown"] if unknown else None)
+                                    unet_w = gr.Number(value=slot["unet"], label="denoiser", step=0.05, elem_id=f"unet-{i}",
+                                                       interactive=True, scale=1, min_width=70, key=f"unet-{i}")
+                                    te_w = gr.Number(value=slot["te"], label="text enc.", step=0.05, elem_id=f"te-{i}",
+                                                     interactive=True, scale=1, min_width=70, key=f"te-{i}")
+                                    remove = gr.Button("✕", elem_id=f"lora-remove-{i}", scale=0, min_width=40,
+                                                       key=f"remove-{i}")
 
-                        def set_field(field, i=i):
-                            def fn(value, prompt_text, slots):
-                                slots = [dict(s) for s in slots]
-                                if i >= len(slots):
-                                    return gr.skip(), gr.skip()
-                                if field == "name":
-                                    slots[i]["name"] = (value or "").strip()
-                                else:
-                                    try:
-                                        slots[i][field] = float(value)
-                                    except (TypeError, ValueError):
-                                        return gr.skip(), gr.skip()
-                                return slots, ui_view.prompt_with_slots(prompt_text, slots)
-                            return fn
+                                def set_field(field, i=i):
+                                    def fn(value, prompt_text, slots):
+                                        slots = [dict(s) for s in slots]
+                                        if i >= len(slots):
+                                            return gr.skip(), gr.skip()
+                                        if field == "name":
+                                            slots[i]["name"] = (value or "").strip()
+                                        else:
+                                            try:
+                                                slots[i][field] = float(value)
+                                            except (TypeError, ValueError):
+                                                return gr.skip(), gr.skip()
+                                        return slots, ui_view.prompt_with_slots(prompt_text, slots)
+                                    return fn
 
-                        name.input(set_field("name"), [name, prompt, slots_state], [slots_state, prompt],
-                                   api_name=False, concurrency_limit=None, show_progress="hidden")
-                        for comp, field in ((unet_w, "unet"), (te_w, "te")):
-                            comp.input(set_field(field), [comp, prompt, slots_state], [slots_state, prompt],
-                                       api_name=False, concurrency_limit=None, show_progress="hidden")
+                                name.input(set_field("name"), [name, prompt, slots_state], [slots_state, prompt],
+                                           api_name=False, concurrency_limit=None, show_progress="hidden")
+                                for comp, field in ((unet_w, "unet"), (te_w, "te")):
+                                    comp.input(set_field(field), [comp, prompt, slots_state], [slots_state, prompt],
+                                               api_name=False, concurrency_limit=None, show_progress="hidden")
 
-                        def drop(prompt_text, slots, version, i=i):
-                            slots = [dict(s) for j, s in enumerate(slots) if j != i]
-                            return slots, ui_view.prompt_with_slots(prompt_text, slots), version + 1
+                                def drop(prompt_text, slots, version, i=i):
+                                    slots = [dict(s) for j, s in enumerate(slots) if j != i]
+                                    return slots, ui_view.prompt_with_slots(prompt_text, slots), version + 1
 
-                        remove.click(drop, [prompt, slots_state, layout], [slots_state, prompt, layout], api_name=False, concurrency_limit=None, show_progress="hidden")
+                                remove.click(drop, [prompt, slots_state, layout], [slots_state, prompt, layout], api_name=False, concurrency_limit=None, show_progress="hidden")
 
-                with gr.Row():
-                    add = gr.Button("+ Add LoRA", elem_id="add-lora", size="sm")
-                    auto = gr.Button("Auto: let the retriever pick", elem_id="auto", size="sm")
-                    top_k = gr.Slider(1, MAX_TOP_K, value=_default_top_k(), step=1, label="at most", elem_id="top-k", min_width=120)
-                auto_html = gr.HTML(elem_id="auto-result")
-                auto_previews = gr.Gallery(label="Previews", columns=4, height=120, visible=False,
-                                           elem_id="auto-previews")
+                        with gr.Row():
+                            add = gr.Button("+ Add LoRA", elem_id="add-lora", size="sm")
+                            auto = gr.Button("Auto: let the retriever pick", elem_id="auto", size="sm")
+                            top_k = gr.Slider(1, MAX_TOP_K, value=_default_top_k(), step=1, label="at most", elem_id="top-k", min_width=120)
+                        auto_html = gr.HTML(elem_id="auto-result")
+                        auto_previews = gr.Gallery(label="Previews", columns=4, height=120, visible=False,
+                                                   elem_id="auto-previews")
 
-                with gr.Accordion("Settings", open=True):
-                    with gr.Row():
-                        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="seed", min_width=120)
-                        reuse = gr.Button("♻ Reuse seed", elem_id="reuse-seed", size="sm", scale=0, min_width=110)
-                        sampler = gr.Dropdown(ui.sampler_choices(), value=base_sampler, label="Sampler",
-                                              elem_id="sampler", min_width=160)
-                    with gr.Row():
-                        steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="steps")
-                        guidance = gr.Slider(0, 20, value=ui.default_guidance, step=0.5, label="Guidance",
-                                             elem_id="guidance")
-                    with gr.Row():
-                        # sizes follow the model: its multiple, up to its budget (4x its native side at 50 steps)
-                        multiple, native = ui.pipe.size_rules()
-                        native_h, native_w = native or (ui.default_size, ui.default_size)
-                        width = gr.Slider(multiple, 4 * native_w, value=native_w, step=multiple, label="Width",
-                                          elem_id="width")
-                        height = gr.Slider(multiple, 4 * native_h, value=native_h, step=multiple, label="Height",
-                                           elem_id="height")
-                        batch = gr.Slider(1, 8, value=1, step=1, label="Batch", elem_id="batch")
-                    with gr.Row():
-                        strategy = gr.Dropdown(strategies, value=initial, label="Strategy", elem_id="strategy")
-                        compare = gr.Dropdown([NONE, *strategies], value=NONE, label="Side by side with (same seed)",
-                                              elem_id="compare")
-                    params_md = gr.Markdown(_params_text(initial))
-                    param_groups, param_widgets = {}, {}
-                    for sname in strategies:
-                        params = _strategy_params(sname)
-                        if not params:
-                            continue
-                        with gr.Row(visible=sname == initial) as group:
-                            param_widgets[sname] = [(k, d, _param_widget(sname, k, d)) for k, d in params.items()]
-                        param_groups[sname] = group
-                    strategy_args = gr.Textbox(label="Strategy parameters (KEY=VALUE, space or newline separated)",
-                                               placeholder="set by the widgets above, or typed: every=2",
-                                               elem_id="strategy-args")
-                with gr.Accordion("PNG info: restore the settings of an image", open=False):
-                    png_in = gr.File(label="A PNG made here, by compose or by AUTOMATIC1111", file_types=[".png"],
-                                     type="filepath", elem_id="png-info")
-                    png_md = gr.Markdown(elem_id="png-info-result")
-                with gr.Accordion("Library", open=False):
-                    search = gr.Textbox(label="Search (name or trigger words)", elem_id="search")
-                    table = gr.Dataframe(headers=["name", "kind", "MB", "trigger words"], value=ui.catalog_rows(),
-                                         interactive=False)
-                    if ui.allow_uploads:
-                        upload = gr.File(label=f"Add a .safetensors LoRA (at most {ui.max_upload_bytes // 2**20} MB)",
-                                         file_types=[".safetensors"], type="filepath")
-                        upload_md = gr.Markdown()
-            with gr.Column(scale=6, min_width=340, elem_id="results"):
-                gallery = gr.Gallery(label="Images", columns=1, format="png", elem_id="gallery", height=440,
-                                     object_fit="contain", allow_preview=True)
-                info = gr.Markdown(elem_id="info")
-                heatmap = gr.HTML(elem_id="heatmap")
-                files = gr.File(label="PNG with metadata, weights heatmap PNG", file_count="multiple",
-                                elem_id="download")
-                history = gr.Gallery(label="Made since this page opened", columns=6, height=180, format="png",
-                                     object_fit="contain", elem_id="history", allow_preview=True)
+                        with gr.Accordion("Settings", open=True):
+                            with gr.Row():
+                                seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="seed", min_width=120)
+                                reuse = gr.Button("♻ Reuse seed", elem_id="reuse-seed", size="sm", scale=0, min_width=110)
+                                sampler = gr.Dropdown(ui.sampler_choices(), value=base_sampler, label="Sampler",
+                                                      elem_id="sampler", min_width=160)
+                            with gr.Row():
+                                steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="steps")
+                                guidance = gr.Slider(0, 20, value=ui.default_guidance, step=0.5, label="Guidance",
+                                                     elem_id="guidance")
+                            with gr.Row():
+                                # sizes follow the model: its multiple, up to its budget (4x its native side at 50 steps)
+                                multiple, native = ui.pipe.size_rules()
+                                native_h, native_w = native or (ui.default_size, ui.default_size)
+                                width = gr.Slider(multiple, 4 * native_w, value=native_w, step=multiple, label="Width",
+                                                  elem_id="width")
+                                height = gr.Slider(multiple, 4 * native_h, value=native_h, step=multiple, label="Height",
+                                                   elem_id="height")
+                                batch = gr.Slider(1, 8, value=1, step=1, label="Batch", elem_id="batch")
+                            with gr.Row():
+                                strategy = gr.Dropdown(strategies, value=initial, label="Strategy", elem_id="strategy")
+                                compare = gr.Dropdown([NONE, *strategies], value=NONE, label="Side by side with (same seed)",
+                                                      elem_id="compare")
+                            params_md = gr.Markdown(_params_text(initial))
+                            param_groups, param_widgets = {}, {}
+                            for sname in strategies:
+                                params = _strategy_params(sname)
+                                if not params:
+                                    continue
+                                with gr.Row(visible=sname == initial) as group:
+                                    param_widgets[sname] = [(k, d, _param_widget(sname, k, d)) for k, d in params.items()]
+                                param_groups[sname] = group
+                            strategy_args = gr.Textbox(label="Strategy parameters (KEY=VALUE, space or newline separated)",
+                                                       placeholder="set by the widgets above, or typed: every=2",
+                                                       elem_id="strategy-args")
+                        with gr.Accordion("PNG info: restore the settings of an image", open=False):
+                            png_in = gr.File(label="A PNG made here, by compose or by AUTOMATIC1111", file_types=[".png"],
+                                             type="filepath", elem_id="png-info")
+                            png_md = gr.Markdown(elem_id="png-info-result")
+                        with gr.Accordion("Library", open=False):
+                            search = gr.Textbox(label="Search (name or trigger words)", elem_id="search")
+                            table = gr.Dataframe(headers=["name", "kind", "MB", "trigger words"], value=ui.catalog_rows(),
+                                                 interactive=False)
+                            if ui.allow_uploads:
+                                upload = gr.File(label=f"Add a .safetensors LoRA (at most {ui.max_upload_bytes // 2**20} MB)",
+                                                 file_types=[".safetensors"], type="filepath")
+                                upload_md = gr.Markdown()
+                    with gr.Column(scale=6, min_width=340, elem_id="results"):
+                        gallery = gr.Gallery(label="Images", columns=1, format="png", elem_id="gallery", height=440,
+                                             object_fit="contain", allow_preview=True)
+                        info = gr.Markdown(elem_id="info")
+                        heatmap = gr.HTML(elem_id="heatmap")
+                        files = gr.File(label="PNG with metadata, weights heatmap PNG", file_count="multiple",
+                                        elem_id="download")
+                        history = gr.Gallery(label="Made since this page opened", columns=6, height=280, format="png",
+                                             object_fit="contain", elem_id="history", allow_preview=True)
+            with gr.Tab("Grid", id="grid-tab", elem_id="grid-tab"):
+                gr.Markdown("An X/Y/Z plot of the **Generate** tab's prompt, LoRAs and settings: each axis is "
+                            "`KIND=V1,V2,...` with KIND `weight:LORA`, `strategy`, `seed`, `steps`, `guidance` or "
+                            "`sampler`. Cells that differ in LoRA weights (and seeds, steps, guidance, strategies that "
+                            "plan row groups) share one denoiser pass per step; one PNG per Z value, every cell's "
+                            "settings in its metadata (`compose grid` makes the same).")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=4, min_width=300):
+                        grid_x = gr.Textbox(label="X axis (columns)", elem_id="grid-x",
+                                            placeholder="weight:star-shape=0.4,0.7,1")
+                        grid_y = gr.Textbox(label="Y axis (rows, optional)", elem_id="grid-y",
+                                            placeholder="strategy=merge,composite")
+                        grid_z = gr.Textbox(label="Z axis (one grid per value, optional)", elem_id="grid-z",
+                                            placeholder="seed=1,2")
+                        with gr.Row():
+                            grid_run = gr.Button("Make grid", variant="primary", elem_id="grid-run", scale=3)
+                            grid_stop = gr.Button("Stop", variant="stop", elem_id="grid-stop", scale=1)
+                        grid_info = gr.Markdown(elem_id="grid-info")
+                    with gr.Column(scale=7, min_width=340):
+                        grid_gallery = gr.Gallery(label="Grids", columns=1, format="png", elem_id="grid-gallery",
+                                                  height=560, object_fit="contain", allow_preview=True)
+                        grid_files = gr.File(label="Grid PNGs (every cell's settings inside)", file_count="multiple",
+                                             elem_id="grid-download")
 
         # -- strategy parameters
         strategy.change(_params_text, strategy, params_md, api_name=False)
@@ -791,19 +891,35 @@ def build_app(ui: ComposerUI):
                                 compare_args=args if compare == strategy else {}, progress=progress,
                                 sampler=sampler, stop_key=getattr(request, "session_hash", None) or "")
             except Exception as exc:  # shown in the page, one line in the log; the server keeps serving
-                raise user_error(exc) from None
+                error = user_error(exc)
+                ui.last_errors[getattr(request, "session_hash", None) or ""] = error.message
+                raise error from None
             heat = "".join(ui_view.heatmap_html(w, a, f"{s}: weight of each LoRA per step") for w, a, s in res["weights"])
             history_items = [*(history_items or []), *res["images"]]
             return (res["images"], _record_markdown(res["records"]), heat, res["pngs"] + res["heatmaps"],
                     history_items, history_items, res["seed"])
 
         generate.__annotations__["request"] = gr.Request  # (annotations are strings in this module)
+        # The previous render's caption, heatmap and files go when a new one starts; if it fails, its image
+        # and the Auto table go too, and the caption says what failed: nothing on screen reads as its result.
         gen_event = run.click(
+            lambda: ("*Rendering…*", "", None), None, [info, heatmap, files], api_name=False, queue=False,
+            show_progress="hidden",
+        ).then(
             generate, [prompt, negative, strategy, strategy_args, compare, sampler, seed, steps, guidance, width,
                        height, batch, slots_state, history_state],
             [gallery, info, heatmap, files, history_state, history, last_seed],
             api_name="generate", concurrency_limit=1, show_progress_on=[gallery],
         )
+
+        def failed(request: gr.Request):
+            why = ui.last_errors.pop(getattr(request, "session_hash", None) or "", "")
+            return (None, f"**Nothing rendered**: {html.escape(why, quote=False) or 'the request failed'}", "", None,
+                    "", gr.update(value=None, visible=False))
+
+        failed.__annotations__["request"] = gr.Request
+        gen_event.failure(failed, None, [gallery, info, heatmap, files, auto_html, auto_previews], api_name=False,
+                          queue=False, show_progress="hidden")
         run.click(None, None, None, js=SCROLL_TO_RESULTS, api_name=False)
 
         def stop_render(request: gr.Request):
@@ -830,7 +946,34 @@ def build_app(ui: ComposerUI):
                     ui_view.prompt_with_slots(prompt_text, new), version + 1)
 
         auto.click(pick, [prompt, top_k, slots_state, layout], [auto_html, auto_previews, slots_state, prompt, layout],
-                   api_name="auto", concurrency_limit=1)
+                   api_name="auto", concurrency_limit=1).then(None, None, None, js=SCROLL_TO_AUTO, api_name=False)
+
+        # -- Grid
+        def make_grid(prompt, negative, strategy, args_text, sampler, seed, steps, guidance, width, height, slots,
+                      x, y, z, request: gr.Request, progress=gr.Progress()):
+            try:
+                loras = [(s["name"], s["te"], s["unet"]) for s in (slots or []) if s.get("name")]
+                res = ui.grid(prompt, negative, loras, strategy, parse_strategy_args(args_text), seed, steps,
+                              guidance, width, height, sampler, x, y, z, progress=progress,
+                              stop_key=getattr(request, "session_hash", None) or "")
+            except Exception as exc:
+                raise user_error(exc) from None
+            note = (f"{res['cells']} cells in {res['seconds']:.1f} s; {res['batched']} of them shared denoiser "
+                    "passes with others.")
+            return res["images"], note, res["pngs"]
+
+        make_grid.__annotations__["request"] = gr.Request
+        grid_event = grid_run.click(
+            lambda: (None, "*Rendering the grid…*", None), None, [grid_gallery, grid_info, grid_files],
+            api_name=False, queue=False, show_progress="hidden",
+        ).then(
+            make_grid, [prompt, negative, strategy, strategy_args, sampler, seed, steps, guidance, width, height,
+                        slots_state, grid_x, grid_y, grid_z], [grid_gallery, grid_info, grid_files],
+            api_name="grid", concurrency_limit=1, show_progress_on=[grid_gallery],
+        )
+        grid_event.failure(lambda: "**Nothing rendered**: see the message.", None, grid_info, api_name=False,
+                           queue=False, show_progress="hidden")
+        grid_stop.click(stop_render, None, grid_info, cancels=[grid_event], api_name=False, concurrency_limit=None)
 
         # -- PNG info
         def restore(path, version):
