@@ -1,5 +1,5 @@
 """The job store that outlives ``compose serve``: SQLite (a file) and Redis (through fakeredis, which speaks the
-same commands), then a server killed mid-job and started again on the same store: every accepted job is
+same commands, and a real ``redis-server`` where one is installed), then a server killed mid-job and started again on the same store: every accepted job is
 answered, the unfinished ones run again with their stored seed, each image equal to its solo render."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -27,24 +28,47 @@ from lora_composer.serving.jobs import Job, RenderSpec
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))  # bytes a text column would mangle
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "fakeredis", "redis-server"])
 def reopen(request, tmp_path):
     """``reopen()`` -> a store on the same data each time it is called (a new connection, as after a restart)."""
-    opened = []
+    opened, server = [], None
     if request.param == "sqlite":
         def make(**kw):
             opened.append(SQLiteJobStore(tmp_path / "jobs.sqlite", **kw))
             return opened[-1]
-    else:
+    elif request.param == "fakeredis":
         fakeredis = pytest.importorskip("fakeredis")
-        server = fakeredis.FakeServer()
+        fake = fakeredis.FakeServer()
 
         def make(**kw):
-            opened.append(RedisJobStore("redis://fake", client=fakeredis.FakeRedis(server=server), **kw))
+            opened.append(RedisJobStore("redis://fake", client=fakeredis.FakeRedis(server=fake), **kw))
+            return opened[-1]
+    else:
+        pytest.importorskip("redis")
+        if shutil.which("redis-server") is None:
+            pytest.skip("no redis-server on this machine")
+        url = f"redis://127.0.0.1:{_free_port()}/0"
+        server = subprocess.Popen(["redis-server", "--port", url.rsplit(":", 1)[1].split("/")[0], "--bind",
+                                   "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                RedisJobStore(url).close()
+                break
+            except JobStoreError:
+                assert time.monotonic() < deadline and server.poll() is None, "redis-server did not start"
+                time.sleep(0.1)
+
+        def make(**kw):
+            opened.append(RedisJobStore(url, **kw))
             return opened[-1]
     yield make
     for store in opened:
         store.close()
+    if server is not None:
+        server.terminate()
+        server.wait(10)
 
 
 def _record(i: int, **kw) -> JobRecord:
@@ -257,6 +281,10 @@ def test_a_killed_server_answers_every_job_after_a_restart(home, tmp_path):
             assert all(states.get(j, {}).get("status") == "done" for j in ids), states
             assert all(states[j]["id"] == j for j in ids)
             images = {j: client.get(f"/v1/jobs/{j}/result") for j in ids}
+            for job_id in ids:  # the story under the id the client knows, whether run again or read back
+                events = [json.loads(line[6:]) for line in client.get(f"/v1/jobs/{job_id}/events").text.splitlines()
+                          if line.startswith("data: ")]
+                assert events[-1]["event"] == "done" and {e["job"] for e in events} == {job_id}, events
             metrics = client.get("/metrics").text
     finally:
         second.send_signal(signal.SIGINT)

@@ -237,8 +237,9 @@ async def woken_by(job: Job):
         job.unsubscribe(wake)
 
 
-def event_stream(job: Job, request: Request) -> StreamingResponse:
-    """``job``'s events as server-sent events, from its first, until it is final or the client leaves."""
+def event_stream(job: Job, request: Request, job_id: str | None = None) -> StreamingResponse:
+    """``job``'s events as server-sent events, from its first, until it is final or the client leaves (under
+    ``job_id``, the id its client knows, where a rerun's live job has another)."""
 
     async def stream():
         index = 0
@@ -246,6 +247,8 @@ def event_stream(job: Job, request: Request) -> StreamingResponse:
             while True:
                 events = job.events[index:]
                 for event in events:
+                    if job_id and event.get("job") != job_id:
+                        event = {**event, "job": job_id}
                     yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
                 index += len(events)
                 if job.done and index >= len(job.events):
@@ -402,7 +405,7 @@ def create_app(server: Server) -> FastAPI:
         job = find(job_id)
         if isinstance(job, JSONResponse):
             return job
-        return event_stream(job, request) if isinstance(job, Job) else record_stream(job)
+        return event_stream(job, request, job_id) if isinstance(job, Job) else record_stream(job)
 
     @app.get("/v1/loras")
     async def loras(q: str = ""):
