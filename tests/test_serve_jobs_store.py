@@ -189,6 +189,21 @@ def test_bad_urls_and_a_missing_redis_client_are_one_line(tmp_path, monkeypatch)
     assert resolve_url("", port=8123).endswith("serve/jobs-8123.sqlite")
 
 
+def test_serve_command_says_a_bad_store_in_one_line_before_loading(tmp_path, monkeypatch, capsys):
+    from lora_composer.frontends.cli import main
+
+    monkeypatch.setitem(sys.modules, "redis", None)
+    (tmp_path / "a-file").write_text("x")
+    for url, says in [("ftp://x", "jobs-url ftp://x: not a store"),
+                      ("redis://127.0.0.1:6379/0", "pip install 'lora-composer[redis]'"),
+                      (str(tmp_path / "a-file" / "j.sqlite"), "cannot open the job store")]:
+        started = time.monotonic()
+        assert main(["serve", "--jobs-url", url]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("compose serve: error: jobs-url") and says in err and len(err.splitlines()) == 1, err
+        assert time.monotonic() - started < 20  # refused before any model is loaded
+
+
 # -- a real restart: `compose serve` killed (SIGKILL) mid-job, then started again on the same store -----------
 
 STEPS = 10
