@@ -51,7 +51,6 @@ def _in_scope(key: str, scope: str) -> bool:
 
 class ActivationMatchedStrategy(Strategy):
     name = "activation-matched"
-    measured = "collapses on the mini world (0.4% all concepts): the LoRAs' inputs overlap, so their deltas get averaged"
 
     def __init__(self, alpha: float = 0.1, profile_steps: int = 10, profile_images: int = 2,
                  templates: tuple | str = ("{trigger}", "a picture of {trigger}"), scope: str = "all",
@@ -129,6 +128,3 @@ class ActivationMatchedStrategy(Strategy):
 
     def plan(self, step: int, timestep: float | None) -> StepPlan:
         return StepPlan(self.user_weights.unsqueeze(0))
-
-    def describe(self) -> dict:
-        return {"alpha": self.alpha, "profile_steps": self.profile_steps, "scope": self.scope}

@@ -18,6 +18,8 @@ Two kinds of groups, not to be confused:
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,15 +127,38 @@ class StrategyContext:
         return getattr(self.runtime, "adapters", {})[name]
 
 
+def _plain(value):
+    """A recorded value as JSON holds it: tuples as lists, infinities as text, paths and the rest as text."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+class _Measured:
+    """``Strategy.measured``: the strategy's line from the recorded results, looked up by its ``name``."""
+
+    def __get__(self, obj, owner) -> str:
+        from lora_composer import measured
+
+        return measured.line(owner.name)
+
+
 class Strategy(ABC):
     """Decides per-step, per-row-group (and optionally per-layer-group) adapter weights. Subclasses set ``name`` and implement ``plan``."""
 
     name: str = ""
     # True: the prompt is split into regions (``BREAK``) and the pipeline gives them in ``context.regions``
     regional: bool = False
-    # What it measured on the mini world (docs/EVAL.md), one line: ``compose --help`` and the web UI show it,
-    # so a user picks a strategy by what it did, not by its paper's claim.
-    measured: str = ""
+    # What it measured on the mini worlds, one line read from the recorded ``compose eval`` runs
+    # (lora_composer.measured): ``compose --help`` and the web UI show it, so a user picks a strategy by what it
+    # did, not by its paper's claim.
+    measured: str = _Measured()
 
     def begin(
         self, adapters: list[str], weights: list[float], num_steps: int, context: StrategyContext | None = None
@@ -194,5 +219,21 @@ class Strategy(ABC):
         return contextlib.nullcontext()
 
     def describe(self) -> dict:
-        """Parameters recorded with the image (override to add the strategy's own)."""
+        """Parameters recorded with the image: every constructor argument, read from the attribute of its name
+        (its default where there is none), then what :meth:`resolved` adds. Built from the signature so a new
+        argument is recorded without listing it twice."""
+        out = {}
+        for param in list(inspect.signature(type(self).__init__).parameters.values())[1:]:
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            value = getattr(self, param.name, param.default)
+            if callable(value):  # an argument named like a method (dare's ``combine``): resolved() records it
+                continue
+            out[param.name] = _plain(value)
+        out.update({k: _plain(v) for k, v in self.resolved().items()})
+        return out
+
+    def resolved(self) -> dict:
+        """What this generation decided that its arguments do not say (an order it chose, a value it derived);
+        recorded with the image, overriding the argument of the same name. Default: nothing."""
         return {}

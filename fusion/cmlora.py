@@ -59,7 +59,6 @@ from lora_composer.fusion.base import StepPlan, Strategy
 
 class CMLoRAStrategy(Strategy):
     name = "cmlora"
-    measured = 'like composite (9% per concept), cheaper'
 
     def __init__(
         self,
@@ -171,14 +170,10 @@ class CMLoRAStrategy(Strategy):
             reuse[dom] = False
         return StepPlan(weights, combine=combine, reuse=reuse)
 
-    def describe(self) -> dict:
-        return {
-            "order": [self.adapters[i] for i in getattr(self, "order", [])],
-            "order_source": getattr(self, "order_source", "given"),
-            "switch_every": getattr(self, "switch_every", self.switch_every_arg),
-            "dom_weight": getattr(self, "dom_weight", self.dom_weight_arg),
-            "dom_decay": self.dom_decay,
-            "cache": self.cache,
-            "cache_intervals": list(self.cache_intervals),
-            "cache_bounds": list(self.cache_bounds),
-        }
+    def resolved(self) -> dict:
+        """The order and switch interval this generation chose (frequency scores or the order given)."""
+        out = {"order": [self.adapters[i] for i in getattr(self, "order", [])],
+               "order_source": getattr(self, "order_source", "given")}
+        for name in ("switch_every", "dom_weight"):
+            out[name] = getattr(self, name, getattr(self, f"{name}_arg"))
+        return out

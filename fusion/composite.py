@@ -35,12 +35,8 @@ class CompositeStrategy(Strategy):
     """
 
     name = "composite"
-    measured = 'renders almost none of the concepts on the mini world (7% per concept): the average of single-LoRA pictures is a base picture'
 
     def plan(self, step: int, timestep: float | None) -> StepPlan:
         if not len(self.adapters):
             return StepPlan(torch.zeros(1, 0))  # nothing to compose: the base model, one group
         return StepPlan(torch.diag(self.user_weights))
-
-    def describe(self) -> dict:
-        return {}

@@ -17,7 +17,6 @@ from lora_composer.fusion.task_arithmetic import DerivedMerge, check_density, el
 
 class DareStrategy(DerivedMerge, Strategy):
     name = "dare"
-    measured = "below merge (0.52 vs 0.68 at 3 LoRAs): dropping entries adds noise and takes no interference away"
     suffix = "~dare"
 
     def __init__(self, density: float = 0.5, combine: str = "linear", sign: str = "total", seed: int = 0,
@@ -45,5 +44,5 @@ class DareStrategy(DerivedMerge, Strategy):
         self._generator = torch.Generator().manual_seed(self.seed)  # the same masks for the same call
         super().begin(adapters, weights, num_steps, context)
 
-    def describe(self) -> dict:
-        return {"density": self.density, "combine": self.combine_rule, "sign": self.sign, "seed": self.seed, "rank": self.rank}
+    def resolved(self) -> dict:
+        return {"combine": self.combine_rule}  # ``combine`` is also the strategy's method

@@ -49,7 +49,6 @@ def layer_winners(adapters: list, weights: list[float], top_k: int, keep: int) -
 
 class KLoraStrategy(Strategy):
     name = "klora"
-    measured = "loses every concept a layer gives away: 0.02 vs merge 0.68 at 3 LoRAs; keep=2: 0.48"
 
     def __init__(self, top_k: int = 64, keep: int = 1):
         if int(top_k) < 1 or int(keep) < 1:
@@ -80,6 +79,3 @@ class KLoraStrategy(Strategy):
 
     def plan(self, step: int, timestep: float | None) -> StepPlan:
         return StepPlan(self.user_weights.unsqueeze(0))
-
-    def describe(self) -> dict:
-        return {"top_k": self.top_k, "keep": self.keep}

@@ -151,7 +151,6 @@ class LoRAtorioStrategy(Strategy):
     """
 
     name = "loratorio"
-    measured = 'keeps concepts on their own pixels, loses those sharing the object (pixel style 0.11): 0.30 vs merge 0.68 at 3 LoRAs; N + 1 times the rows'
 
     def __init__(self, patch_size: int = 2, temperature: float = 0.1, top_k: int | None = None,
                  uncond: str = "map", base_uncond: float = 0.5):
@@ -182,7 +181,3 @@ class LoRAtorioStrategy(Strategy):
             self.top_k, self.uncond, self.base_uncond,
         )
         return mixed
-
-    def describe(self) -> dict:
-        return {"patch_size": self.patch_size, "temperature": self.temperature, "top_k": self.top_k,
-                "uncond": self.uncond, "base_uncond": self.base_uncond}

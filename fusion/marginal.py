@@ -40,7 +40,6 @@ class MarginalStrategy(Strategy):
     """
 
     name = "marginal"
-    measured = 'below merge: lifts the weakest concept but over-drives the picture; until=0.3: 0.51 vs 0.56 at 3-4 LoRAs'
 
     def __init__(self, scale: float = 1.0, until: float = 1.0):
         if not isinstance(scale, (int, float)) or scale < 0:
@@ -58,6 +57,3 @@ class MarginalStrategy(Strategy):
         leave_out = self.user_weights.repeat(n, 1) * (1 - torch.eye(n))
         combine = torch.cat([torch.tensor([1.0 + self.scale * n]), torch.full((n,), -self.scale)])
         return StepPlan(torch.cat([merged, leave_out]), combine=combine)
-
-    def describe(self) -> dict:
-        return {"scale": self.scale, "until": self.until}

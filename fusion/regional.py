@@ -107,8 +107,6 @@ class RegionalStrategy(Strategy):
 
     name = "regional"
     regional = True
-    measured = ("two objects per picture: the only strategy that keeps each object's concepts on it, all concepts "
-                "0.29-0.71 vs merge 0.00-0.04 on three seeds, bleeding 4-8% vs 71-83%; needs a prompt split by BREAK")
 
     def __init__(self, split: str = "cols", ratios: str | float | None = None, attention: str = "bounded"):
         if split not in ("cols", "rows"):
@@ -203,10 +201,6 @@ class RegionalStrategy(Strategy):
             self._masks[h, w] = region_masks(h, w, ratios, self.split).to(predictions)[:, None, None]
         return (predictions * self._masks[h, w]).sum(0)
 
-    def describe(self):
-        out = {"regions": [{"prompt": r.prompt, "loras": r.adapters} for r in self.context.regions]}
-        out["split"] = self.split
-        out["attention"] = self.attention
-        if self.ratios is not None:
-            out["ratios"] = ",".join(f"{r:g}" for r in self.ratios)
-        return out
+    def resolved(self) -> dict:
+        """Each region's text and LoRAs, as the prompt split them."""
+        return {"regions": [{"prompt": r.prompt, "loras": r.adapters} for r in getattr(getattr(self, "context", None), "regions", [])]}

@@ -64,7 +64,6 @@ class SwitchStrategy(Strategy):
     """
 
     name = "switch"
-    measured = "each step undoes the last one's concept (17% per concept)"
 
     def __init__(self, every: int = 5, order: str | list | None = None):
         if isinstance(every, bool) or not isinstance(every, (int, float)) or int(every) != every:
@@ -107,6 +106,3 @@ class SwitchStrategy(Strategy):
         if self.rotation:
             mask[self.rotation[0]] = 1.0
         return mask
-
-    def describe(self) -> dict:
-        return {"every": self.every, "order": list(self.order) if self.order else None}

@@ -17,7 +17,6 @@ from lora_composer.fusion.task_arithmetic import DerivedMerge, check_density, el
 
 class TiesStrategy(DerivedMerge, Strategy):
     name = "ties"
-    measured = "collapses on the mini world (0.04 vs merge 0.68 at 3 LoRAs): trimming and the disjoint mean erase the low-rank deltas"
     suffix = "~ties"
 
     def __init__(self, density: float = 0.2, sign: str = "total", rank: int = 0):
@@ -32,6 +31,3 @@ class TiesStrategy(DerivedMerge, Strategy):
     def rule(self, stack: torch.Tensor, names: list) -> torch.Tensor:
         trimmed = torch.stack([t * top_magnitude_mask(t, self.density) for t in stack]) if self.density < 1 else stack
         return elect_and_share(trimmed, self.sign)
-
-    def describe(self) -> dict:
-        return {"density": self.density, "sign": self.sign, "rank": self.rank}

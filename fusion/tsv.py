@@ -61,7 +61,6 @@ def tsv_layer(stack: torch.Tensor, side: str = "both") -> list:
 
 class TsvStrategy(DerivedMerge, Strategy):
     name = "tsv"
-    measured = "below merge with both sides (0.52 vs 0.68 at 3 LoRAs); side=in level with it (0.70): decorrelating the LoRAs' vectors takes no loss away"
     suffix = "~tsv"
 
     def __init__(self, side: str = "both"):
@@ -71,6 +70,3 @@ class TsvStrategy(DerivedMerge, Strategy):
 
     def rule(self, stack: torch.Tensor, names: list) -> list:
         return tsv_layer(stack, self.side)
-
-    def describe(self) -> dict:
-        return {"side": self.side}

@@ -16,7 +16,8 @@ import pytest
 
 # Bottom to top. Units on one line are peers: they may not import each other.
 LAYERS = [
-    ["lora_composer.vocab", "lora_composer.errors", "lora_composer.cache", "lora_composer.source_tree"],
+    ["lora_composer.vocab", "lora_composer.errors", "lora_composer.cache", "lora_composer.source_tree",
+     "lora_composer.measured"],
     ["lora_composer.kernels", "lora_composer.prompt_syntax", "lora_composer.library", "lora_composer.tiny"],
     ["lora_composer.adapters", "lora_composer.pnginfo", "lora_composer.tiny_dit"],
     ["lora_composer.runtime"],

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lora_composer.errors import ComposerError
+from lora_composer.errors import ComposerError, one_line
 from lora_composer.frontends.args import Parser, UsageError, command, load_pipeline
 
 PROG = "compose eval"
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--loras auto vs hand-picked (merge), end to end: N combinations per size 1-4, captions and "
                         "paraphrases, seed 2000 (16 N renders; default 6; 0: skip)")
     p.add_argument("--out", type=Path, default=Path("eval-out"), metavar="DIR", help="folder for results.json and grid.png (default eval-out)")
+    p.add_argument("--record", type=Path, metavar="JSON",
+                   help="also add this run to a record file (the package's results/<world>.json is what --help, the "
+                        "web UI and --strategy auto quote)")
     p.add_argument("--write-doc", type=Path, metavar="MD", help="also write the tables into this Markdown file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p
@@ -96,13 +99,25 @@ def main(argv: list[str]) -> int:
                       guidance=assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
                       grid_path=args.out / "grid.png", checks=args.checks, progress=not args.quiet,
                       retrieval=args.retrieval, auto_per_size=max(args.auto_combos, 0), per_size=args.combos)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    _save(args, argv, result)
     text = markdown(result, f"{PROG} {' '.join(argv)}".strip())
     print(text)
     if args.write_doc:
         write_doc(args.write_doc, text)
     return 0
+
+
+def _save(args, argv: list[str], result: dict) -> None:
+    """results.json in ``--out``; with ``--record``, the run added to that record file."""
+    from lora_composer import measured
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.record:
+        try:
+            measured.record(args.record, result, f"{PROG} {' '.join(argv)}".strip(), args.world)
+        except (ValueError, OSError) as exc:
+            raise ComposerError(f"--record {args.record}: {one_line(exc)}") from None
 
 
 def _check_strategies(strategies) -> None:
@@ -132,8 +147,7 @@ def _two_objects(args, argv: list[str]) -> int:
     judge.guidance = assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     result = two_objects.evaluate(judge, strategies, per_kind=args.per_kind, seed=args.seed, checks_too=args.checks,
                                   progress=not args.quiet, grid_path=args.out / "grid.png")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    _save(args, argv, result)
     print(two_objects.markdown(result, f"{PROG} {' '.join(argv)}".strip()))
     return 0
 
@@ -153,7 +167,6 @@ def _community(args, argv: list[str]) -> int:
         seeds=1 if args.seeds is None else args.seeds, steps=args.steps,
         guidance=assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
         grid_path=args.out / "grid.png", with_checks=args.checks, progress=not args.quiet, per_size=args.combos)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    _save(args, argv, result)
     print(community_eval.markdown(result, f"{PROG} {' '.join(argv)}".strip()))
     return 0
