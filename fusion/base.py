@@ -218,6 +218,11 @@ class Strategy(ABC):
         its attention layers run). Default: none."""
         return contextlib.nullcontext()
 
+    def patches(self, denoiser: torch.nn.Module) -> bool:
+        """Whether :meth:`patched` changes ``denoiser``: a render that patches it cannot share a denoiser pass
+        with other renders (the server runs it alone). Default: whether the class overrides :meth:`patched`."""
+        return type(self).patched is not Strategy.patched
+
     def describe(self) -> dict:
         """Parameters recorded with the image: every constructor argument, read from the attribute of its name
         (its default where there is none), then what :meth:`resolved` adds. Built from the signature so a new

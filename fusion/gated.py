@@ -345,9 +345,6 @@ class GatedStrategy(Strategy):
         self.trace: list[torch.Tensor] = []
         self.attention: list[torch.Tensor] = []  # DiT: each call's r[g, i] from the joint attention
         self._dit = False
-        # On the instance, not the class: the server batches strategies whose class keeps the default
-        # ``patched`` (composer/serving/batcher.py), and on a UNet this one patches nothing.
-        self.patched = self._patched
 
     def begin(self, adapters, weights, num_steps, context=None) -> None:
         super().begin(adapters, weights, num_steps, context)
@@ -447,7 +444,12 @@ class GatedStrategy(Strategy):
             self.responses = torch.ones(len(self.layer_groups), len(self.adapters))
         self.gates = gates_from_responses(self.responses, self.temperature, self.per_adapter)
 
-    def _patched(self, denoiser: torch.nn.Module):
+    def patches(self, denoiser: torch.nn.Module) -> bool:
+        """Only a FLUX.1/SD3 transformer is patched (its joint attentions measured); a UNet is left as it is, so
+        UNet renders share the server's denoiser passes."""
+        return bool(joint_attentions(denoiser))
+
+    def patched(self, denoiser: torch.nn.Module):
         """On a FLUX.1/SD3 transformer: the joint attentions measured (module doc); on a UNet: nothing."""
         found = joint_attentions(denoiser)
         if not found:

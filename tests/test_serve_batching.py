@@ -191,6 +191,26 @@ def test_strategies_with_derived_adapters_run_alone(world):
         batcher.close()
 
 
+def test_a_strategy_that_patches_this_denoiser_runs_alone(world):
+    """gated measures a DiT's joint attention by patching it (a shared pass would mix requests) but leaves a UNet
+    as it is: alone on FLUX.1, in the shared batch on a UNet; bad strategy arguments run alone (and fail there)."""
+    from lora_composer import tiny_dit
+    from lora_composer.pipeline import ComposerPipeline
+
+    serving, _, library = world
+    unet = Batcher(serving, Residency(serving, max_bytes=64 << 20))
+    flux = ComposerPipeline(tiny_dit.build_tiny_flux_pipeline(seed=0))
+    dit = Batcher(flux, Residency(flux, max_bytes=64 << 20))
+    try:
+        gated = RenderSpec("a star", loras=[(library / "star-shape.safetensors", 1.0)], strategy="gated", steps=2)
+        assert unet._batchable(Job(gated)) and not dit._batchable(Job(gated))
+        assert dit._batchable(Job(dataclasses.replace(gated, strategy="composite")))
+        assert not unet._batchable(Job(dataclasses.replace(gated, strategy_args={"power": -1})))
+    finally:
+        unet.close()
+        dit.close()
+
+
 def test_sdxl_requests_share_batches_and_equal_their_solo_renders(sdxl_pipe, make_lora, tmp_path):
     """SDXL's added conditioning (pooled embeddings, size ids) rides along each request's rows: a merge and a
     composite request with different LoRAs and prompts, batched, equal their renders alone."""

@@ -239,8 +239,12 @@ class Batcher:
         from lora_composer.fusion.registry import STRATEGIES
 
         cls = STRATEGIES.get(job.spec.strategy)
-        return (cls is not None and cls.derived_adapters is Strategy.derived_adapters and not cls.regional
-                and cls.patched is Strategy.patched)
+        if cls is None or cls.derived_adapters is not Strategy.derived_adapters or cls.regional:
+            return False
+        try:
+            return not get_strategy(cls.name, **job.spec.strategy_args).patches(self.render.denoiser)
+        except ComposerError:  # bad arguments: the render alone says so
+            return False
 
     def _admit(self) -> None:
         while True:
