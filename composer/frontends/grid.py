@@ -293,10 +293,8 @@ def run(composer, grid: Grid, progress=None, max_batch: int | None = None, stop=
     cells = grid.flat()
     if not cells:
         return grid
-    pipe = composer.pipe
-    available = samplers(pipe.scheduler)
-    base = type(pipe.scheduler).__name__
-    specs = [_spec(c.settings, sampler_class(available, c.settings.get("sampler"), base)) for c in cells]
+    resolve_samplers(composer, grid)
+    specs = [_spec(c.settings, c.settings["sampler"]) for c in cells]
     for c in cells:  # what the pipeline refuses, refused before anything runs
         s = c.settings
         composer.check_size(s["height"], s["width"], s["steps"], limits=not s.get("no_limits"))
@@ -576,10 +574,7 @@ def main(argv: list[str]) -> int:
     device, dtype = device_and_dtype(args.device, args.dtype, model)
     composer = load_pipeline(model, library, device=device, dtype=dtype)
     fill_defaults(composer, grid)
-    available = samplers(composer.pipe.scheduler)
-    base_name = type(composer.pipe.scheduler).__name__
-    for c in grid.flat():  # a sampler this model lacks: one line before anything renders
-        sampler_class(available, c.settings.get("sampler"), base_name)
+    resolve_samplers(composer, grid)  # a sampler this model lacks: one line before anything renders
     for path in {p for c in grid.flat() for p, _, _ in c.settings["loras"]}:
         composer.load_lora(path, allow_pickle=args.allow_pickle)
 
@@ -607,6 +602,21 @@ def main(argv: list[str]) -> int:
         _write_atomically(path, lambda tmp, k=k: save_grid(grid, k, tmp))
     print(f"wrote {', '.join(str(p) for p in paths)} in {elapsed:.1f} s ({len(grid.flat())} cells)")
     return 0
+
+
+def resolve_samplers(composer, grid: Grid) -> None:
+    """Each cell's sampler as a scheduler class name of this model (the model's own where none is given);
+    the compatible schedulers are only built when a cell names another one (building them takes seconds)."""
+    base = type(composer.pipe.scheduler).__name__
+    available = None
+    for c in grid.flat():
+        name = c.settings.get("sampler")
+        if not name or name == base:
+            c.settings["sampler"] = base
+            continue
+        if available is None:
+            available = samplers(composer.pipe.scheduler)
+        c.settings["sampler"] = sampler_class(available, name, base)
 
 
 def fill_defaults(composer, grid: Grid) -> None:
