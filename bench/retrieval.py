@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import sys
@@ -36,6 +37,7 @@ CONCEPTS = (
     "flower", "tiger", "mountain", "guitar", "rocket", "samurai", "bridge", "owl", "volcano", "lantern",
 )
 TEMPLATES = ("a {} on a hill at night", "a beautiful painting of a {} in the snow", "photo of an old {}, detailed")
+PASSES = 3  # passes of the --loras auto queries per size (each pass's p50 reported)
 VOCAB = "ink pixel anime watercolor portrait neon glow retro gothic pastel film grain studio light cozy dark".split()
 
 
@@ -178,6 +180,19 @@ def scale_build(n: int, d: int, folder: Path) -> dict:
     return {"build (s)": build, "build peak RSS (MB)": _peak_mb()}
 
 
+def _written() -> int:
+    """Bytes this process has handed to write() so far (``/proc/self/io`` wchar)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _index_mb(path: Path):
+    got = list((path.parent / "vectors").glob("*/index.faiss"))
+    return got[0].stat().st_size / 2**20 if got else None
+
+
 def _peak_mb() -> float:
     import resource
 
@@ -205,41 +220,62 @@ def scale_one(n: int, d: int, queries: int, folder: Path, add: int = 1000, recal
     n_clusters = int(vec.cluster([n])[0])
     prompts = [f"cluster{int(c)} " + " ".join(rng.choice(VOCAB, 3)) + f" w{int(rng.integers(5000))}"
                for c in rng.integers(0, n_clusters, queries + 3)]
-    encoded, times = {}, {"encode": [], "search": [], "select": []}
+    encoded, times = {}, {"encode": [], "search": [], "select": [], "cpu": []}
     r.encoder = type("Cached", (), {"encode_one": staticmethod(lambda p: encoded[p]), "family": "sd15", "id": "synthetic"})()
     for i, prompt in enumerate(prompts):
         t0 = time.perf_counter()
         encoded[prompt] = enc.encode_one(prompt)
         times["encode"].append((time.perf_counter() - t0) * 1000)
-        for kind, run in (("search", lambda: r.search(prompt, limit=20)), ("select", lambda: r.select(prompt, top_k))):
-            t0 = time.perf_counter()
-            run()
+        t0 = time.perf_counter()
+        r.search(prompt, limit=20)
+        if i >= 3:
+            times["search"].append((time.perf_counter() - t0) * 1000)
+    # --loras auto: several passes over the prompts (the first 3 are warm-up), each pass's p50 kept apart
+    stages, passes = {}, []
+    for _ in range(PASSES):
+        one = []
+        for i, prompt in enumerate(prompts):
+            c0, t0 = time.process_time(), time.perf_counter()
+            r.select(prompt, top_k)
+            wall, cpu = (time.perf_counter() - t0) * 1000, (time.process_time() - c0) * 1000
             if i >= 3:
-                times[kind].append((time.perf_counter() - t0) * 1000)
+                one.append(wall)
+                times["cpu"].append(cpu)
+                for k, v in r.stages.items():
+                    stages.setdefault(k, []).append(v)
+        passes.append(statistics.median(one))
+        times["select"] += one
+    load_q = os.getloadavg()[0]
     rss = _rss_mb()
     recall = None
     if r.index is not None:  # the index's top-20 against the exact scan of every row
-        hits = []
-        for prompt in prompts[3 : 3 + recall_queries]:
-            e = encoded[prompt]
-            text_q = e.vector.numpy()
-            hits.append(recall_at(r.search_encoded(prompt, e, text_q, limit=20), r.scan_all(prompt, e, text_q, limit=20)))
+        chosen = prompts[3 : 3 + recall_queries]
+        exact = r.scan_all_many([(p, encoded[p], encoded[p].vector.numpy(), None) for p in chosen], limit=20)
+        hits = [recall_at(r.search_encoded(p, encoded[p], encoded[p].vector.numpy(), limit=20), ex)
+                for p, ex in zip(chosen, exact)]
         recall = float(np.mean(hits))
-    added = None
+    added = written = None
     if add:
-        synthetic_catalog(path, add, start=n + 1).close()
+        first = int(cat.db.execute("SELECT MAX(id) FROM files").fetchone()[0]) + 1  # a kept catalog grew before
+        synthetic_catalog(path, add, start=first).close()
+        w0 = _written()
         t0 = time.perf_counter()
         r.refresh()
         added = time.perf_counter() - t0
-        assert r.by_id.get(n + add) is not None
+        written = (_written() - w0) / 2**20
+        assert r.by_id.get(first + add - 1) is not None
     sel = sorted(times["select"])
     out = {
         "catalog rows": f"{n:,}", "stage 1": "FAISS IVF-PQ" if r.index is not None else "exact scan",
         "load (s)": load, "encode (ms)": statistics.median(times["encode"]),
         "search top-20 (ms)": statistics.median(times["search"]), "--loras auto p50 (ms)": statistics.median(sel),
         "--loras auto p95 (ms)": sel[min(len(sel) - 1, int(round(0.95 * (len(sel) - 1))))],
+        "p50 per pass (ms)": " / ".join(f"{x:.1f}" for x in passes), "CPU p50 (ms)": statistics.median(times["cpu"]),
+        "stages p50 (ms)": ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in stages.items()),
+        "load avg (queries)": load_q,
         "recall@20 vs exact": recall if recall is not None else "exact", "RSS after open (MB)": rss_open,
-        "RSS after queries (MB)": rss, "RSS before open (MB)": rss0, f"add {add:,} (s)": added, "queries": len(sel),
+        "RSS after queries (MB)": rss, "RSS before open (MB)": rss0, f"add {add:,} (s)": added,
+        f"add {add:,} written (MB)": written, "index.faiss (MB)": _index_mb(path), "queries": len(sel),
     }
     cat.close()
     return out
@@ -289,20 +325,28 @@ def bench_libraries(n: int = 20_000, d: int = 768, queries: int = 50) -> list[di
     return out
 
 
-def bench_scale(sizes, d: int, queries: int, add: int) -> list[dict]:
+def bench_scale(sizes, d: int, queries: int, add: int, keep: Path | None = None, threads: int | None = None) -> list[dict]:
     """Each size: build in one fresh Python process, measure in another (resident memory is the query
-    process's own); catalogs in a temporary folder."""
+    process's own); catalogs in a temporary folder, or in ``keep``, where a catalog already built (and grown
+    by earlier runs' adds) is reused and its build not timed again."""
+    import contextlib
     import subprocess
 
     out = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with (contextlib.nullcontext(str(keep)) if keep else tempfile.TemporaryDirectory()) as tmp:
         for n in sizes:
             row = {}
-            for call in (f"scale_build({n}, {d}, Path({str(tmp)!r}))",
-                         f"scale_one({n}, {d}, {queries}, Path({str(tmp)!r}), add={add})"):
+            reuse = keep is not None and (Path(tmp) / f"n{n}" / "catalog.sqlite").is_file()
+            if reuse:
+                row.update({"build (s)": "kept", "build peak RSS (MB)": "kept"})
+            for call in ([] if reuse else [f"scale_build({n}, {d}, Path({str(tmp)!r}))"]) + [
+                    f"scale_one({n}, {d}, {queries}, Path({str(tmp)!r}), add={add})"]:
                 code = (f"import json, sys; from pathlib import Path; from bench.retrieval import scale_build, scale_one; "
                         f"print('RESULT' + json.dumps({call}))")
-                proc = subprocess.run([sys.executable, "-c", code], cwd=common.ROOT, capture_output=True, text=True)
+                env = dict(os.environ)
+                if threads:  # numpy's BLAS and FAISS's OpenMP: on a shared 2-core machine extra threads wait for slices
+                    env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+                proc = subprocess.run([sys.executable, "-c", code], cwd=common.ROOT, capture_output=True, text=True, env=env)
                 sys.stderr.write(proc.stderr[-3000:])
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT")), None)
                 if proc.returncode or line is None:
@@ -425,12 +469,49 @@ def bench_selection(tiny: bool) -> tuple[list[dict], list[dict]]:
     return rows, [{"library": lib, **rep["thresholds"]} for lib, rep in reports]
 
 
+NOTE_PREFIXES = {  # how the notes of each part begin (a run of some parts keeps the others' notes)
+    "libraries": ("Stage-1 library, measured", "FAISS for stage 1:"),
+    "recall": ("Index throughput,", "Recall@3 on the labelled set", "Undescribed files have no lexical",
+               "On adapters it never saw"),
+    "selection": ("Selection (`--loras auto`",),
+}
+
+
+def _kept_notes(parts: list[str]) -> list[str]:
+    """The notes of ``parts`` from the section now in docs/BENCHMARKS.md, headed by the run they come from."""
+    import re
+
+    text = common.DOCS.read_text() if common.DOCS.exists() else ""
+    m = re.search(f"<!-- bench:{NAME} -->(.*?)<!-- /bench:{NAME} -->", text, re.S)
+    if not m or not parts:
+        return []
+    body = m.group(1)
+    every = [x for ps in NOTE_PREFIXES.values() for x in ps]
+    starts = sorted(i.start() for x in every for i in re.finditer("^" + re.escape(x), body, re.M))
+    want = tuple(x for p in parts for x in NOTE_PREFIXES[p])
+    notes = []
+    for a, b in zip(starts, [*starts[1:], len(body)]):
+        if body.startswith(want, a):
+            notes.append(body[a:b].strip())
+    if not notes:
+        return []
+    date = re.search(r"^- Date: (.*)$", body, re.M)
+    command = re.search(r"^- Command: (.*)$", body, re.M)
+    origin = f"{date.group(1) if date else '?'}, {command.group(1) if command else '?'}"
+    earlier = re.search(r"kept from the earlier run \((.*?)\); this run", body)  # kept twice: the first run's
+    head = (f"The notes below ({', '.join(parts)}) are kept from the earlier run "
+            f"({earlier.group(1) if earlier else origin}); this run did not repeat them.")
+    return [head, *notes]
+
+
 def main(argv: list[str] | None = None):
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--add", type=int, default=1000, help="rows added to each catalog for the incremental figure")
     parser.add_argument("--index-files", type=int, default=None)
+    parser.add_argument("--catalogs", type=Path, default=None,
+                        help="keep the synthetic catalogs here and reuse those already built (their build is not retimed)")
     parser.add_argument("--parts", nargs="+", default=["scale", "recall", "selection"],
                         choices=["scale", "recall", "selection", "libraries"])
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -441,7 +522,8 @@ def main(argv: list[str] | None = None):
     import os
 
     load_before = os.getloadavg()
-    scale = bench_scale(sizes, d, 5 if args.tiny else args.queries, args.add) if "scale" in args.parts else []
+    scale = bench_scale(sizes, d, 5 if args.tiny else args.queries, args.add, args.catalogs,
+                        args.threads) if "scale" in args.parts else []
     load_after = os.getloadavg()
     res = common.Result(
         NAME, "Retrieval: catalog scale (vector index), index throughput, recall@3, selection",
@@ -450,20 +532,30 @@ def main(argv: list[str] | None = None):
         setup=[
             f"Scale: synthetic catalogs (`SyntheticVectors`: clusters of near-duplicates, sizes 1-30, a quarter "
             f"undescribed; SQLite rows with FTS5 text), text width d = {d} (SD1.5's), row = text block + 2 weight "
-            "directions; each size built in one fresh process and measured in another. *stage 1*: up to 20,000 rows the exact in-memory scan, above "
+            "directions; each size built in one fresh process and measured in another (with `--threads N`: "
+            "OMP_NUM_THREADS / OPENBLAS_NUM_THREADS = N there, numpy's BLAS and FAISS). *stage 1*: up to 20,000 rows the exact in-memory scan, above "
             "the FAISS IVF-PQ index on disk (`retriever/vector_index.py`). *build*: the first open (vectors written, "
             "index trained and filled, vocabulary built and stored); *load*: opening the catalog again (index read, "
             "vectors memory-mapped, vocabulary read); *encode*: the stand-in prompt encoder, timed apart; *search "
             "top-20*: FTS5 + stage 1 + exact rescore + fusion; *--loras auto*: `Retriever.select` (top_k 4: the "
             "search's candidates plus the rows the prompt's words name, then selection by coverage), p50/p95 over "
-            "the queries after 3 warm-up ones, each prompt naming one cluster; *recall@20 vs exact*: the search's "
+            f"{PASSES} passes of the queries (3 warm-up ones not counted), each prompt naming one cluster, each "
+            "pass's p50 apart, *CPU p50* the query process's CPU time per query (all its threads: less sensitive "
+            "to other jobs than wall time), *stages p50*: `Retriever.stages` (wall ms; on the vector-index path "
+            "*lexical* runs in a worker thread during *stage 1*, *lexical wait* is what stage 1 waited for it "
+            "after its own search, *vocabulary*: the rows the prompt's words name; *rows*: building the matches); "
+            "*recall@20 vs exact*: the search's "
             "top 20 against the exact fused score of every row (`Retriever.scan_all`), on 10 prompts, tie-aware "
             "(`search.recall_at`: an exact top-20 row counts as found when the found top 20 holds its score); "
             f"*RSS*: the query process's resident memory (before open: with torch imported), the build's peak apart; *add*: "
             f"{args.add:,} rows added to the catalog, then the next query's refresh (index, vectors, vocabulary "
-            "updated in place).",
+            "updated in place); *written*: the bytes that refresh handed to write() (`/proc/self/io` wchar), "
+            "beside the size of `index.faiss`, which an add no longer rewrites (rows added go to a segment file). "
+            "*build* \"kept\": a catalog kept from an earlier run (`--catalogs`), its build not timed again.",
             f"Load average (1/5/15 min) before the scale runs {'/'.join(f'{x:.2f}' for x in load_before)}, after "
-            f"{'/'.join(f'{x:.2f}' for x in load_after)} ({os.cpu_count()} cores, shared with other jobs).",
+            f"{'/'.join(f'{x:.2f}' for x in load_after)} ({os.cpu_count()} cores, shared with other jobs; "
+            "*load avg (queries)*: the 1-minute figure after each size's queries): with the machine shared, every "
+            "time here is an upper bound.",
         ],
     )
     for row in scale:
@@ -473,6 +565,9 @@ def main(argv: list[str] | None = None):
                 ("p50 < 50 ms", row["--loras auto p50 (ms)"] < 50), ("p95 < 100 ms", row["--loras auto p95 (ms)"] < 100),
                 ("recall@20 >= 0.99", isinstance(row["recall@20 vs exact"], float) and row["recall@20 vs exact"] >= 0.99),
                 ("load < 5 s", row["load (s)"] < 5), ("RSS < 2 GB", row["RSS after queries (MB)"] < 2048)]
+            written, size = row.get(f"add {args.add:,} written (MB)"), row.get("index.faiss (MB)")
+            if written is not None and size:
+                goals.append((f"add {args.add:,} writes {written:.1f} MB, not index.faiss's {size:.0f} MB", written < size / 4))
             res.notes.append(f"Goals at {n:,} rows: " + ", ".join(f"{g} {'met' if ok else 'NOT met'}" for g, ok in goals) + ".")
     res.extra = {"scale": scale}
     if "libraries" in args.parts:
@@ -538,6 +633,9 @@ def main(argv: list[str] | None = None):
             f"its catalog):\n\n{th_table}"
         )
         res.extra.update({"selection": selection, "thresholds": thresholds})
+    kept = [] if args.tiny else _kept_notes([p for p in NOTE_PREFIXES if p not in args.parts])
+    if kept:
+        res.notes += kept
     if not args.no_write:
         common.write_section(NAME, res.markdown())
     res.print()

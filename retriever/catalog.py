@@ -191,6 +191,10 @@ class Catalog:
         self.db.execute("PRAGMA foreign_keys = ON")
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.executescript(_SCHEMA)
+        try:  # rows indexed since a stamp (a vector index's incremental update) without reading every row
+            self.db.execute("CREATE INDEX IF NOT EXISTS files_family_stamp ON files(family, indexed_at)")
+        except sqlite3.OperationalError:  # a read-only catalog: the update reads every row's stamp instead
+            pass
         version = self.get_meta("schema")
         if version is None:
             self.set_meta("schema", str(SCHEMA_VERSION))
@@ -215,6 +219,15 @@ class Catalog:
     @classmethod
     def for_library(cls, library, path=None) -> "Catalog":
         return cls(path or default_catalog_path(library), root=library)
+
+    def reader(self) -> "Catalog":
+        """This catalog on a second, read-only connection that any thread may use (the retriever's FTS5
+        query runs beside the vector search)."""
+        import copy
+
+        other = copy.copy(self)
+        other.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        return other
 
     def close(self) -> None:
         self.db.close()
@@ -446,8 +459,10 @@ class Catalog:
     def skipped(self) -> list[tuple[str, str]]:
         return list(self.db.execute("SELECT path, reason FROM skipped ORDER BY path"))
 
-    def fts_search(self, words: list[str], family: str | None = None, limit: int = 500) -> list[tuple[int, float]]:
-        """``[(file id, bm25)]`` best first (bm25 here is positive: larger is better)."""
+    def fts_search(self, words: list[str], family: str | None = None, limit: int = 500,
+                   with_words: bool = False) -> list[tuple]:
+        """``[(file id, bm25)]`` best first (bm25 here is positive: larger is better); ``with_words``: ``(file id,
+        bm25, name, trigger words JSON, tags JSON, description)``."""
         words = [w for w in words if w]
         if not words:
             return []
@@ -460,6 +475,10 @@ class Catalog:
             + " ORDER BY s DESC LIMIT ?"
         )
         args = (query, family, limit) if family else (query, limit)
+        if with_words:  # the hits' words in the same query: no second read of whole rows (weight blobs and all)
+            sql = (f"SELECT h.rowid, h.s, f.name, f.trigger_words, f.tags, f.description FROM ({sql}) AS h "
+                   "JOIN files AS f ON f.id = h.rowid ORDER BY h.s DESC")
+            return [(int(r[0]), float(r[1]), *r[2:]) for r in self.db.execute(sql, args)]
         return [(int(i), float(s)) for i, s in self.db.execute(sql, args)]
 
     def _families(self) -> list[str]:

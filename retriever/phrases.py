@@ -425,31 +425,44 @@ def _match(words: list[str], generic: set, stems: list[str]) -> tuple[int, int, 
     return best
 
 
-def stored_vocabulary(catalog, family: str | None, folder, rows) -> Vocabulary:
+RESAVE_SHARE = 0.05  # rows added since the stored vocabulary was written, as a share of it, before it is rewritten
+
+
+def stored_vocabulary(catalog, family: str | None, folder, rows, held: Vocabulary | None = None) -> Vocabulary:
     """The compact vocabulary of a large catalog (``rows``: where it reads per-row words), from
     ``folder/vocabulary.npz`` (:meth:`Vocabulary.save`): as stored when the catalog has not changed, brought up
-    to date when rows were only added (:meth:`Vocabulary.add_rows`), else built again from the rows' words and
-    stored."""
+    to date when rows were only added (:meth:`Vocabulary.add_rows`; the file is rewritten only once they exceed
+    :data:`RESAVE_SHARE` of it, so adding a thousand rows to a million writes nothing here), else built again
+    from the rows' words and stored."""
     from pathlib import Path
 
     path = Path(folder) / "vocabulary.npz"
     version = catalog.version()
     vocab = None
-    if path.is_file():
+    if held is not None and getattr(held, "_stored", None) is not None:  # this process's copy: no file read
+        vocab, stored_version = held, None
+        held._stored = None  # extended in place below (or dropped): a failed extension leaves it unusable
+    elif path.is_file():
         try:
             stored_version, vocab = Vocabulary.load(path)
         except Exception:  # noqa: BLE001 - a broken file is rebuilt
             vocab = None
     if vocab is not None and stored_version == version:
+        vocab._stored = path
         return vocab.attach(rows)
     if vocab is not None:  # only rows added (ids above every known one, and the counts agree): extend it
+        stored_count = vocab._count
         new = catalog.family_count(family, min_id=vocab._max_id + 1)
         if catalog.family_count(family) != vocab._count + new or not vocab.add_rows(
                 catalog.word_rows(family, min_id=vocab._max_id + 1)):
             vocab = None
+        elif new <= RESAVE_SHARE * stored_count:  # a few rows: read again from the catalog at each open (work
+            vocab._stored = path  # proportional to them) rather than rewriting the whole file per add
+            return vocab.attach(rows)
     if vocab is None:
         vocab = Vocabulary.compact_from(lambda: catalog.word_rows(family))
     tmp = path.with_suffix(".tmp")
     vocab.save(tmp, version)
     tmp.replace(path)
+    vocab._stored = path
     return vocab.attach(rows)

@@ -145,6 +145,15 @@ class SlotMap:
         ok = self._ids[i] == fids if len(self._ids) else np.zeros(len(fids), bool)
         return self._slots[i[ok]]
 
+    def lookup(self, fids) -> tuple[np.ndarray, np.ndarray]:
+        """``(slots, found)``: the slots of the live ones among ``fids`` and which of ``fids`` they are."""
+        fids = np.asarray(fids, np.int64)
+        if not len(self._ids):
+            return np.zeros(0, np.int64), np.zeros(len(fids), bool)
+        i = np.minimum(np.searchsorted(self._ids, fids), len(self._ids) - 1)
+        ok = self._ids[i] == fids
+        return self._slots[i[ok]], ok
+
     def get(self, fid, default=None):
         i = int(np.searchsorted(self._ids, fid))
         return int(self._slots[i]) if i < len(self._ids) and self._ids[i] == fid else default

@@ -9,9 +9,12 @@ reductions, the lexical scores from FTS5, fusion and an exact top-k.
 Two stages. Stage 1 proposes candidates: up to :data:`~.vector_index.EXACT_ROWS` rows (a user's folder) the
 exact fused score of every row from the in-memory float32 matrix, ``argpartition`` keeping the best
 ``max(RESCORE, 4 k)``; above, the family's FAISS index on disk (:mod:`.vector_index`), queried with the fused
-score read as one inner product (:meth:`Retriever._index_candidates`), plus every lexical hit. Stage 2 (the
-candidates only): exact float32 rescoring of every signal, fusion and the final top-k, the same code on both
-paths (``tests/test_retriever_index.py`` checks the index's top-20 against the exact scan).
+score read as one inner product (:meth:`Retriever._index_candidates`), plus every lexical hit (the best
+:data:`LEXICAL_HITS_INDEXED` by BM25, scored from the words the FTS5 query returns, on a second read-only
+connection in a worker thread while FAISS searches: both release the GIL). Stage 2 (the candidates only):
+exact float32 rescoring of every signal, fusion and the final top-k, the same code on both paths
+(``tests/test_retriever_index.py`` checks the index's top-20 against the exact scan). ``Retriever.stages``
+holds the last query's milliseconds per stage.
 
 Fusion (noisy-OR of calibrated scores)::
 
@@ -41,6 +44,7 @@ from lora_composer.vocab import DEFAULT_LORA_WEIGHT
 SIGNAL_WEIGHTS = {"lexical": 1.0, "weights": 1.0, "text": 0.8, "learned": 0.8, "preview": 0.8}
 RESCORE = 512
 INDEX_K = 32  # rows each vector-index query proposes (the union is rescored exactly)
+LEXICAL_HITS_INDEXED = 500  # FTS5 hits (best BM25 first) scored lexically on the vector-index path
 INCLUDE_PER_WORD = 32  # a large catalog's rows named by one prompt word that selection sees (the best fused)
 DEFAULT_MIN_SCORE = 0.3  # the fused-score floor of a plain ``search`` listing (selection uses per-kind thresholds)
 DEFAULT_TOP_K = 4
@@ -183,7 +187,9 @@ class Retriever:
         self.matrix = vi.vectors
         self.present = {name: vi.present[:, b] for b, name in enumerate(src.blocks)}
         self.dim = src.dim
-        self.vocab = stored_vocabulary(self.catalog, self.family, folder, cache)
+        held = getattr(self, "vocab", None) if getattr(self, "_index_folder", None) == folder else None
+        self.vocab = stored_vocabulary(self.catalog, self.family, folder, cache, held=held)
+        self._index_folder = folder
 
     def rebuild_index(self) -> None:
         """Build the vector index again from the catalog (``compose index --rebuild``)."""
@@ -267,36 +273,43 @@ class Retriever:
         q, cols = self._query_matrix(enc, text_q, preview_q)
         k = n if limit is None else min(n, max(limit, 1))
         c = min(n, max(RESCORE, 4 * k))
-        lex = lexical.search(self.catalog, prompt, self.rows_by_id, family=self.family)
-        lex_all = np.zeros(n, np.float32)
-        for fid, (sc, _, bm) in lex.items():
-            slot = self.by_id.get(fid)
-            if slot is not None:
-                lex_all[slot] = sc + 1e-6 * min(bm, 100.0)
-        lap("lexical")
+        if self.index is not None:  # FTS5 (its own connection, a worker thread) beside the vector search
+            pending = self._worker().submit(self._timed_lexical, prompt)
+        else:
+            lex, lex_all = self._lexical(prompt)
+            lap("lexical")
         use = set(signals) if signals is not None else None
 
         def pick(sig: dict) -> dict:
             return {k: v for k, v in sig.items() if use is None or k.lstrip("_").replace("_raw", "") in use}
 
         if self.index is not None:  # stage 1 on the vector index, the lexical hits added
-            cand = np.union1d(self._index_candidates(q, cols, use, k), np.flatnonzero(lex_all))
+            dense = self._index_candidates(q, cols, use, k)
+            lap("stage 1")
+            lex, lex_all, ms = pending.result()
+            self.stages["lexical"] = self.stages.get("lexical", 0.0) + ms
+            lap("lexical wait")
+            cand = np.union1d(dense, np.flatnonzero(lex_all))
         elif c < n and q.shape[1]:
             cand = self._candidates((self.matrix @ q, {}), cols, lex_all, use, c)
         elif c < n:  # no dense column: the lexical hits are all there is
             cand = np.argpartition(-lex_all, c - 1)[:c]
         else:
             cand = np.arange(n)
-        lap("stage 1")
+        if self.index is None:
+            lap("stage 1")
         groups = [np.asarray(g, np.int64) for g in include] if include and not np.isscalar(include[0]) else None
         if groups is not None:
             include = np.unique(np.concatenate(groups)) if groups else np.zeros(0, np.int64)
-        include = np.asarray(sorted(set(int(i) for i in include)), dtype=np.int64)
+        include = np.unique(np.asarray(include, np.int64).reshape(-1))
         if len(include) and (c < n or self.index is not None):
             cand = np.union1d(cand, include)
         rows_c = self.index.gather(cand) if self.index is not None else self.matrix[cand]
         lap("gather")
-        s_c = rows_c @ q if q.shape[1] else np.zeros((len(cand), 0), np.float32)
+        if not q.shape[1]:
+            s_c = np.zeros((len(cand), 0), np.float32)
+        else:
+            s_c = rows_c @ q
         sig_c, best_tok = self._signals(s_c, cols, cand)
         sig_c["lexical"] = lex_all[cand]
         fused_c = self._fuse(pick(sig_c), len(cand))
@@ -347,19 +360,55 @@ class Retriever:
         lap("rows")
         return out
 
+    def _worker(self):
+        """One thread and one read-only catalog connection for the lexical stage of the vector-index path."""
+        if getattr(self, "_pool", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lora-composer-fts")
+            self._reader = self.catalog.reader()
+        return self._pool
+
+    def _timed_lexical(self, prompt: str):
+        import time
+
+        t0 = time.perf_counter()
+        lex, lex_all = self._lexical(prompt, self._reader)
+        return lex, lex_all, (time.perf_counter() - t0) * 1000
+
+    def _lexical(self, prompt: str, catalog=None) -> tuple[dict, np.ndarray]:
+        """The lexical hits ``{file id: (score, reason, bm25)}`` and their scores by slot (0 elsewhere; ties
+        broken by BM25)."""
+        limit = LEXICAL_HITS_INDEXED if self.index is not None else 500
+        lex = lexical.search(catalog or self.catalog, prompt, self.rows_by_id, family=self.family, limit=limit)
+        lex_all = np.zeros(self._n, np.float32)
+        if not lex:
+            return lex, lex_all
+        vals = np.asarray([sc + 1e-6 * min(bm, 100.0) for sc, _, bm in lex.values()], np.float32)
+        if hasattr(self.by_id, "lookup"):
+            slots, ok = self.by_id.lookup(list(lex))
+            lex_all[slots] = vals[ok]
+        else:
+            for v, fid in zip(vals, lex):
+                slot = self.by_id.get(fid)
+                if slot is not None:
+                    lex_all[slot] = v
+        return lex, lex_all
+
     def scan_all(self, prompt, enc, text_q, preview_q=None, limit: int = 20, chunk: int = 50_000) -> list[tuple]:
         """The reference the vector index is measured against: the exact fused score of every live row (read in
         chunks, never mapped whole), ``(file id, score)`` of the best ``limit`` with a positive score, best
         first."""
+        return self.scan_all_many([(prompt, enc, text_q, preview_q)], limit, chunk)[0]
+
+    def scan_all_many(self, queries, limit: int = 20, chunk: int = 50_000) -> list[list[tuple]]:
+        """:meth:`scan_all` of several ``(prompt, enc, text_q, preview_q)`` in one read of the rows."""
         self.refresh()
-        q, cols = self._query_matrix(enc, text_q, preview_q)
-        lex = lexical.search(self.catalog, prompt, self.rows_by_id, family=self.family)
-        lex_all = np.zeros(self._n, np.float32)
-        for fid, (sc, _, bm) in lex.items():
-            slot = self.by_id.get(fid)
-            if slot is not None:
-                lex_all[slot] = sc + 1e-6 * min(bm, 100.0)
-        scores, slots = np.zeros(0, np.float32), np.zeros(0, np.int64)
+        qs = []
+        for prompt, enc, text_q, preview_q in queries:
+            q, cols = self._query_matrix(enc, text_q, preview_q)
+            qs.append((q, cols, self._lexical(prompt)[1]))
+        best = [(np.zeros(0, np.float32), np.zeros(0, np.int64)) for _ in qs]
         for a in range(0, self._n, chunk):
             idx = np.arange(a, min(self._n, a + chunk))
             if self.index is not None:
@@ -368,16 +417,17 @@ class Retriever:
                     block = np.fromfile(fh, np.float32, len(idx) * self.index.width).reshape(len(idx), -1)
             else:
                 block = self.matrix[a : a + len(idx)]
-            sig, _ = self._signals(block @ q, cols, idx)
-            sig["lexical"] = lex_all[idx]
-            fused = self._fuse(sig, len(idx))
-            if self.index is not None:
-                fused[~self.index.live[idx]] = 0
-            top = np.argsort(-fused, kind="stable")[:limit]
-            scores, slots = np.concatenate([scores, fused[top]]), np.concatenate([slots, idx[top]])
-            keep = np.argsort(-scores, kind="stable")[:limit]
-            scores, slots = scores[keep], slots[keep]
-        return [(self.rows[int(i)].id, float(sc)) for i, sc in zip(slots, scores) if sc > 0]
+            for j, (q, cols, lex_all) in enumerate(qs):
+                sig, _ = self._signals(block @ q, cols, idx)
+                sig["lexical"] = lex_all[idx]
+                fused = self._fuse(sig, len(idx))
+                if self.index is not None:
+                    fused[~self.index.live[idx]] = 0
+                top = np.argsort(-fused, kind="stable")[:limit]
+                scores, slots = np.concatenate([best[j][0], fused[top]]), np.concatenate([best[j][1], idx[top]])
+                keep = np.argsort(-scores, kind="stable")[:limit]
+                best[j] = (scores[keep], slots[keep])
+        return [[(self.rows[int(i)].id, float(sc)) for i, sc in zip(slots, scores) if sc > 0] for scores, slots in best]
 
     def _index_candidates(self, q: np.ndarray, cols: dict, use, k: int) -> np.ndarray:
         """Stage 1 on the vector index: the fused dense score read as one inner product. Each signal's

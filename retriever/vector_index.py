@@ -158,7 +158,17 @@ class VectorIndex:
 
     @property
     def live(self) -> np.ndarray:
-        return self.ids >= 0
+        """``ids >= 0`` (kept while ``ids`` is the same array: every query reads it)."""
+        got = getattr(self, "_live", None)
+        if got is None or got[0] is not self.ids:
+            mask = self.ids >= 0
+            got = self._live = (self.ids, mask, int(mask.sum()))
+        return got[1]
+
+    @property
+    def dead(self) -> int:
+        self.live
+        return len(self.ids) - self._live[2]
 
     def build(self, ids, stamps, fetch, width: int, blocks: dict, uid: str, threads: int | None = None) -> None:
         """Start over with rows ``ids`` (``fetch(ids) -> (float32 [n, width], bool present [n, blocks])``)."""
@@ -214,7 +224,7 @@ class VectorIndex:
         if not gone and not new:
             return 0, 0
         if gone:  # tombstones: FAISS's remove_ids on fast-scan lists corrupted codes of rows added after it
-            self.ids = self.ids.copy()
+            self.ids = self.ids.copy()  # a new array: the cached live mask is recomputed
             dead = np.asarray(sorted(gone), np.int64)
             self.ids[dead] = -1
             fd = os.open(self.folder / "ids.i64", os.O_WRONLY)
@@ -363,7 +373,7 @@ class VectorIndex:
         in each segment, as one sorted set."""
         if self.index is None or not self.ntotal or not len(queries):
             return np.zeros(0, np.int64)
-        dead = len(self.ids) - int(self.live.sum())
+        dead = self.dead
         q = self._pad(queries)
         found = []
         for index in (self.index, *self.segments):

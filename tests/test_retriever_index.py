@@ -235,3 +235,42 @@ def test_compose_index_with_a_model_builds_the_vector_index(tmp_path, monkeypatc
     assert main(["index", str(lib), "--model", str(model), "--rebuild", "-q"]) == 0
     assert json.loads(metas[0].read_text())["uid"] != uid  # a new catalog, a new index
     capsys.readouterr()
+
+
+def test_adds_write_segments_not_the_index_file(catalog, monkeypatch):
+    """Rows added go to small segment files: index.faiss and vocabulary.npz are not rewritten; past
+    MAX_SEGMENTS the segments become one; past COMPACT_SHARE of index.faiss's rows they are folded into it;
+    every state answers as the exact scan does, and reopens from disk."""
+    import importlib
+
+    vi_mod = importlib.import_module("lora_composer.retriever.vector_index")
+    vec = SyntheticVectors(D)
+    r = _retriever(catalog, vec)
+    r.refresh()
+    folder = r.index.folder
+    stamp = lambda name: (folder / name).stat().st_mtime_ns  # noqa: E731
+    index_at, vocab_at = stamp("index.faiss"), stamp("vocabulary.npz")
+    start = N + 1
+    for step in range(vi_mod.MAX_SEGMENTS + 1):
+        synthetic_catalog(catalog.path, 50, start=start).close()
+        start += 50
+        r.refresh()
+        assert stamp("index.faiss") == index_at and stamp("vocabulary.npz") == vocab_at
+        assert len(r.index.segments) == (step + 1 if step < vi_mod.MAX_SEGMENTS else 1)
+        assert r.index.ntotal == len(r.index.ids) == start - 1
+    assert sorted(p.name for p in folder.glob("seg-*.faiss")) == r.index.meta["segments"]
+    new_cluster = int(vec.cluster([start - 10])[0])
+    assert start - 10 in [m.row.id for m in _top(r, f"cluster{new_cluster} x")]
+    monkeypatch.setattr(vi_mod, "COMPACT_SHARE", 0.05)  # the next add folds the segments into index.faiss
+    synthetic_catalog(catalog.path, 50, start=start).close()
+    r.refresh()
+    assert stamp("index.faiss") != index_at and r.index.segments == [] and not list(folder.glob("seg-*.faiss"))
+    assert r.index.index.ntotal == len(r.index.ids) == start + 49
+    prompts = _prompts(vec, start + 49, count=4, seed=9)
+    before = [[(m.row.id, m.score) for m in _top(r, p)] for p in prompts]
+    again = _retriever(Catalog(catalog.path), vec)
+    again.refresh()
+    assert [[(m.row.id, m.score) for m in _top(again, p)] for p in prompts] == before
+    for p in prompts:
+        e = again.encoder.encode_one(p)
+        assert recall_at(_top(again, p), again.scan_all(p, e, e.vector.numpy())) >= 0.9

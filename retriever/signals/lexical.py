@@ -76,14 +76,44 @@ def search(catalog, prompt: str, rows_by_id: dict, family: str | None = None, li
     pw = words(prompt)
     pc = content_words(prompt)
     out = {}
+    if hasattr(rows_by_id, "prefetch"):  # rows read on demand (a vector-indexed catalog): the words come with
+        return _search_light(catalog, pw, pc, family, limit, rows_by_id)  # the hits, never whole rows
     hits = catalog.fts_search(pc, family=family, limit=limit)
-    if hasattr(rows_by_id, "prefetch"):  # rows read on demand (a vector-indexed catalog): one query for all
-        rows_by_id.prefetch([fid for fid, _ in hits])
     for fid, bm25 in hits:
         row = rows_by_id.get(fid)
         if row is None:
             continue
         s, why = score_row(pw, set(pc), row)
+        if s > 0:
+            out[fid] = (s, why, bm25)
+    return out
+
+
+class _Words:
+    """What :func:`score_row` reads of a row."""
+
+    def __init__(self, name, trigger_words, tags, description):
+        self.name, self.trigger_words, self.tags, self.description = name, trigger_words, tags, description
+
+
+def _search_light(catalog, pw, pc, family, limit, cache) -> dict:
+    """:func:`search` on the hits' words as FTS5 returns them (one query), each hit's tokenised words kept in
+    ``cache.lex_words`` (bounded) for the next query."""
+    import json
+
+    memo = cache.__dict__.setdefault("lex_words", {})
+    if len(memo) > 200_000:
+        memo.clear()
+    out = {}
+    content = set(pc)
+    for fid, bm25, name, trig, tags, desc in catalog.fts_search(pc, family=family, limit=limit, with_words=True):
+        row = _Words(name, json.loads(trig), json.loads(tags), desc)
+        words = memo.get(fid)
+        if words is None:
+            words = memo[fid] = _row_words(row)
+        else:
+            row.__dict__["_lex_words"] = words
+        s, why = score_row(pw, content, row)
         if s > 0:
             out[fid] = (s, why, bm25)
     return out
