@@ -135,6 +135,8 @@ def test_grid_png_is_labelled_and_holds_every_cell(world, tmp_path, monkeypatch,
     (["--x", "strategy=merge,regional"], "needs a prompt split into regions with BREAK"),
     (["--x", "sampler=Euler a,Warp drive"], "sampler 'Warp drive' is not available for this model"),
     (["--x", "steps=1", "--out", "plot.jpg"], "the output is a PNG"),
+    (["--x", "loras=star-shape+,none"], "--x: an empty LoRA name in 'star-shape+'"),
+    (["--x", "loras=star-shape:heavy"], "--x: weight 'heavy' of star-shape is not a number"),
 ])
 def test_bad_axes_are_one_line_exit_2_nothing_written(world, tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -150,3 +152,45 @@ def test_seed_minus_one_on_an_axis_is_random():
     assert seeds[1] == 7 and 0 <= seeds[0] < 2**32
     with pytest.raises(UsageError, match="seed -2 must be between 0 and"):
         gridmod.parse_axis("seed=-2", "--z")
+
+
+def test_plan_puts_each_axis_value_in_its_cell(tmp_path):
+    """No model: the cells' settings. Tags join the LoRAs (last one per file wins), a weight axis overrides a
+    tag's weight or adds its LoRA; a regional cell keeps its tags in place, the swept one at the axis's value."""
+    def resolve(name):
+        return tmp_path / f"{name}.safetensors"
+
+    base = {"prompt": "a star <lora:purple-colour:0.5> BREAK a circle <lora:star-shape:0.3>", "negative_prompt": "",
+            "loras": [(resolve("pixel-style"), 0.2, 0.4)], "strategy": "merge", "strategy_args": {"x": 1}, "seed": 1,
+            "steps": 2, "guidance": 5.0, "sampler": None, "width": 64, "height": 64}
+    x = gridmod.parse_axis("weight:star-shape=0,1", "--x")
+    y = gridmod.parse_axis("strategy=merge,regional", "--y")
+    z = gridmod.parse_axis("steps=2,3", "--z")
+    grid = gridmod.plan(base, x, y, z, resolve)
+    assert [len(grid.cells), len(grid.cells[0]), len(grid.cells[0][0])] == [2, 2, 2]
+    merge, regional = grid.cells[1][0][1].settings, grid.cells[1][1][1].settings
+    assert merge["steps"] == 3 and merge["strategy_args"] == {"x": 1}
+    assert merge["prompt"] == "a star BREAK a circle"
+    assert {p.stem: (te, unet) for p, te, unet in merge["loras"]} == {
+        "pixel-style": (0.2, 0.4), "purple-colour": (0.5, 0.5), "star-shape": (1.0, 1.0)}
+    assert regional["strategy"] == "regional" and regional["strategy_args"] == {}
+    assert f"<lora:{resolve('star-shape')}:1>" in regional["prompt"]
+    assert f"<lora:{resolve('purple-colour')}:0.5>" in regional["prompt"]
+    assert [p.stem for p, _, _ in regional["loras"]] == ["pixel-style"]  # the tagged ones act in their regions
+    assert sorted(p.stem for p in regional["region_loras"]) == ["purple-colour", "star-shape"]
+    assert f"<lora:{resolve('star-shape')}:0>" in grid.cells[0][1][0].settings["prompt"]
+
+
+def test_a_lora_set_axis_replaces_the_given_loras(tmp_path):
+    def resolve(name):
+        return tmp_path / f"{name}.safetensors"
+
+    x = gridmod.parse_axis("loras=star-shape+purple-colour:0.8,pixel-style,none", "--x")
+    assert [x.label(v) for v in x.values] == ["star-shape + purple-colour 0.8", "pixel-style", "no LoRA"]
+    base = {"prompt": "a star <lora:wavy-bg:0.5>", "negative_prompt": "", "loras": [(resolve("orange-colour"), 1, 1)],
+            "strategy": "merge", "strategy_args": {}, "seed": 1, "steps": 2, "guidance": 5.0, "sampler": None,
+            "width": 64, "height": 64}
+    cells = gridmod.plan(base, x, None, None, resolve).flat()
+    assert [{p.stem: unet for p, _, unet in c.settings["loras"]} for c in cells] == [
+        {"star-shape": 1.0, "purple-colour": 0.8, "wavy-bg": 0.5}, {"pixel-style": 1.0, "wavy-bg": 0.5},
+        {"wavy-bg": 0.5}]  # the prompt's tags stay in every cell

@@ -367,3 +367,24 @@ def test_seed_minus_one_is_random_as_on_the_command_line(ui):
     assert ui.render("a red circle", steps=1, seed=3)["records"][0].seed == 3
     with pytest.raises(ComposerError, match=r"seed -2: must be between 0 and \d+ \(or -1: random\)"):
         ui.render("a red circle", steps=1, seed=-2)
+
+
+def test_grid_of_the_pages_settings(ui):
+    import json
+
+    from lora_composer.frontends.grid import GRID_KEY
+
+    res = ui.grid("a purple star <lora:purple-colour:1>", steps=1, seed=3, x="weight:star-shape=0,1", z="seed=3,4")
+    assert res["cells"] == 4 and res["batched"] == 4 and len(res["pngs"]) == 2  # one grid per Z value
+    for seed, path in zip((3, 4), res["pngs"]):
+        data = json.loads(Image.open(path).text[GRID_KEY])
+        records = [c["record"] for row in data["cells"] for c in row]
+        assert [r["seed"] for r in records] == [seed, seed]
+        assert [{lo["name"]: lo["unet_weight"] for lo in r["loras"]} for r in records] == [
+            {"purple-colour": 1.0, "star-shape": 0.0}, {"purple-colour": 1.0, "star-shape": 1.0}]
+    with pytest.raises(ComposerError, match=r"^X axis 'colour=1': expected KIND=V1,V2,\.\.\. with KIND one of"):
+        ui.grid("a star", x="colour=1")
+    with pytest.raises(ComposerError, match="give an X axis"):
+        ui.grid("a star", y="seed=1,2")
+    with pytest.raises(ComposerError, match="is not in the library"):  # confined to the library, as the rows are
+        ui.grid("a star", x="weight:../evil=0,1")

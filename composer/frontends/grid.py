@@ -30,7 +30,7 @@ from lora_composer.errors import ComposerError
 from lora_composer.frontends.args import UsageError, command
 from lora_composer.vocab import MAX_SEED
 
-AXES = ("weight", "strategy", "seed", "steps", "guidance", "sampler")
+AXES = ("weight", "loras", "strategy", "seed", "steps", "guidance", "sampler")
 GRID_KEY = "lora-composer-grid"  # the PNG text chunk holding the grid's axes and every cell's record
 MAX_CELLS = 400
 _TAG_RE = re.compile(r"<(lora|lyco):([^<>]*)>", re.IGNORECASE)
@@ -52,6 +52,8 @@ class Axis:
         """How a value reads on the grid: ``star-shape 0.7``, ``merge``, ``seed 3``, ``20 steps``..."""
         if self.kind == "weight":
             return f"{Path(self.lora).stem} {value:g}"
+        if self.kind == "loras":
+            return " + ".join(f"{Path(n).stem}" + ("" if w == 1 else f" {w:g}") for n, w in value) or "no LoRA"
         if self.kind == "seed":
             return f"seed {value}"
         if self.kind == "steps":
@@ -61,6 +63,8 @@ class Axis:
         return str(value)
 
     def to_dict(self) -> dict:
+        if self.kind == "loras":
+            return {"axis": self.name, "values": [[{"name": n, "weight": w} for n, w in v] for v in self.values]}
         return {"axis": self.name, "values": list(self.values)}
 
 
@@ -87,7 +91,7 @@ def parse_axis(text: str, flag: str = "--x") -> Axis:
     kind, lora = kind.strip().lower(), lora.strip()
     if not sep or kind not in AXES:
         raise UsageError(f"{flag} {text!r}: expected KIND=V1,V2,... with KIND one of "
-                         "weight:LORA, strategy, seed, steps, guidance, sampler")
+                         "weight:LORA, loras, strategy, seed, steps, guidance, sampler")
     if kind == "weight" and not lora:
         raise UsageError(f"{flag} {text!r}: a weight axis names its LoRA, as in weight:star-shape=0.4,0.7,1")
     if kind != "weight" and lora:
@@ -105,11 +109,32 @@ def parse_axis(text: str, flag: str = "--x") -> Axis:
         values = tuple(items)
     elif kind == "sampler":
         values = tuple(items)  # checked against the model's samplers once it is loaded
+    elif kind == "loras":  # sets: "star-shape+purple-colour:0.8,star-shape,none"
+        values = tuple(_lora_set(v, flag) for v in items)
     else:
         values = tuple(_number(kind, v, flag) for v in items)
         if kind == "seed":
             values = tuple(secrets.randbelow(2**32) if v == -1 else v for v in values)
     return Axis(kind, values, lora)
+
+
+def _lora_set(text: str, flag: str) -> tuple:
+    """``"a+b:0.8"`` -> ``(("a", 1.0), ("b", 0.8))``; ``none`` -> ``()``."""
+    if text.lower() == "none":
+        return ()
+    out = []
+    for part in text.split("+"):
+        name, _, weight = part.strip().partition(":")
+        if not name.strip():
+            raise UsageError(f"{flag}: an empty LoRA name in {text!r} (sets are NAME[:W]+NAME[:W], or none)")
+        try:
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise UsageError(f"{flag}: weight {weight.strip()!r} of {name.strip()} is not a number") from None
+        if not math.isfinite(w):
+            raise UsageError(f"{flag}: weight {weight.strip()!r} of {name.strip()} must be a finite number")
+        out.append((name.strip(), w))
+    return tuple(out)
 
 
 def check_axes(axes: dict[str, Axis | None]) -> None:
@@ -218,6 +243,10 @@ def plan(base: dict, x: Axis | None, y: Axis | None, z: Axis | None, resolve) ->
 
     axes = [a for a in (x, y, z) if a is not None]
     swept = {a.lora: str(Path(resolve(a.lora))) for a in axes if a.kind == "weight"}
+    for a in axes:  # every set's names resolved before anything loads
+        for value in a.values if a.kind == "loras" else ():
+            for name, _ in value:
+                resolve(name)
     clean, tag_refs = parse_prompt(base["prompt"])
     tagged = [(str(Path(resolve(r.name))), r.te_weight, r.unet_weight) for r in tag_refs]
     grid = Grid(x, y, z)
@@ -233,6 +262,8 @@ def plan(base: dict, x: Axis | None, y: Axis | None, z: Axis | None, resolve) ->
                         continue
                     if axis.kind == "weight":
                         weights[swept[axis.lora]] = float(value)
+                    elif axis.kind == "loras":  # this set instead of the base LoRAs (the prompt's tags stay)
+                        s["loras"] = [(Path(resolve(n)), w, w) for n, w in value]
                     elif axis.kind == "strategy":
                         if value != s["strategy"]:
                             s["strategy_args"] = {}  # the base arguments belong to the base strategy
@@ -459,6 +490,7 @@ def build_parser():
                            "guidance or row-group strategies) run as rows of one denoiser batch per step.",
                epilog="axes: KIND=V1,V2,... with KIND one of\n"
                       "  weight:LORA   that LoRA's weight (text encoder and denoiser; added if not given)\n"
+                      "  loras         LoRA sets instead of --lora: NAME[:W]+NAME[:W],...; none: no LoRA\n"
                       "  strategy      merge, regional, composite... (compose --help lists them)\n"
                       "  seed          seeds (-1: a random one)\n"
                       "  steps         denoising steps\n"

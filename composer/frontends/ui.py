@@ -828,8 +828,8 @@ def build_app(ui: ComposerUI):
                                              object_fit="contain", elem_id="history", allow_preview=True)
             with gr.Tab("Grid", id="grid-tab", elem_id="grid-tab"):
                 gr.Markdown("An X/Y/Z plot of the **Generate** tab's prompt, LoRAs and settings: each axis is "
-                            "`KIND=V1,V2,...` with KIND `weight:LORA`, `strategy`, `seed`, `steps`, `guidance` or "
-                            "`sampler`. Cells that differ in LoRA weights (and seeds, steps, guidance, strategies that "
+                            "`KIND=V1,V2,...` with KIND `weight:LORA`, `loras` (sets: `a+b:0.8,a,none`), `strategy`, "
+                            "`seed`, `steps`, `guidance` or `sampler`. Cells that differ in LoRA weights (and seeds, steps, guidance, strategies that "
                             "plan row groups) share one denoiser pass per step; one PNG per Z value, every cell's "
                             "settings in its metadata (`compose grid` makes the same).")
                 with gr.Row(equal_height=False):
