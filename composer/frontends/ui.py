@@ -892,7 +892,7 @@ def build_app(ui: ComposerUI):
                                 sampler=sampler, stop_key=getattr(request, "session_hash", None) or "")
             except Exception as exc:  # shown in the page, one line in the log; the server keeps serving
                 error = user_error(exc)
-                ui.last_errors[getattr(request, "session_hash", None) or ""] = error.message
+                ui.last_errors[getattr(request, "session_hash", None) or ""] = html.unescape(error.message)
                 raise error from None
             heat = "".join(ui_view.heatmap_html(w, a, f"{s}: weight of each LoRA per step") for w, a, s in res["weights"])
             history_items = [*(history_items or []), *res["images"]]
