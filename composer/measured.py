@@ -51,7 +51,8 @@ def _rates(summary: dict) -> dict[str, float]:
 
 
 def world_line(world: str, strategy: str) -> str | None:
-    """``"community world, seed 3000: all concepts 0.35 / 0.20 at 3 / 4 LoRAs (merge 0.40 / 0.25)"``, or None."""
+    """``"community world, seed 3000, 25 pictures each: all concepts 0.35 / 0.20 at 3 / 4 LoRAs (merge 0.40 /
+    0.25)"``, or None."""
     run = best_run(world, strategy)
     if run is None:
         return None
@@ -60,7 +61,8 @@ def world_line(world: str, strategy: str) -> str | None:
     if not sizes:
         return None
     unit = "LoRAs" if world != "two-objects" else "(two-object kinds)"
-    line = (f"{world} world, seed {run['seed']}: all concepts {' / '.join(f'{mine[k]:.2f}' for k in sizes)} at "
+    per = (run["strategies"][strategy].get("images") or 0) // max(1, len(mine))
+    line = (f"{world} world, seed {run['seed']}, {per} pictures each: all concepts {' / '.join(f'{mine[k]:.2f}' for k in sizes)} at "
             f"{' / '.join(sizes)} {unit}")
     merge = _rates(run["strategies"].get("merge", {}))
     if strategy != "merge" and all(k in merge for k in sizes):

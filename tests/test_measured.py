@@ -34,16 +34,16 @@ def test_a_recorded_run_is_quoted_beside_merge_from_the_same_run(results):
     assert [r["seed"] for r in data["runs"]] == [3000, 1000]
     assert "by_combination" not in data["runs"][0]["strategies"]["merge"]  # the summary only
     # the run with the most pictures of the strategy wins, and its own merge figures are quoted
-    assert measured.line("switch") == "community world, seed 3000: all concepts 0.30 / 0.10 at 3 / 4 LoRAs (merge 0.40 / 0.25)"
-    assert measured.line("merge") == "community world, seed 3000: all concepts 0.40 / 0.25 at 3 / 4 LoRAs"
+    assert measured.line("switch") == "community world, seed 3000, 10 pictures each: all concepts 0.30 / 0.10 at 3 / 4 LoRAs (merge 0.40 / 0.25)"
+    assert measured.line("merge") == "community world, seed 3000, 10 pictures each: all concepts 0.40 / 0.25 at 3 / 4 LoRAs"
     assert measured.line("ties") == "not measured on the mini worlds yet"
 
 
 def test_every_world_recorded_is_quoted_in_order(results):
     measured.record(results / "community.json", _result(3000, 5, merge=(0.4, 0.2)), "c", "community")
     measured.record(results / "one-object.json", _result(3000, 5, merge=(0.5, 0.3)), "o", "one-object")
-    assert measured.line("merge").split("; ") == ["one-object world, seed 3000: all concepts 0.50 / 0.30 at 3 / 4 LoRAs",
-                                                  "community world, seed 3000: all concepts 0.40 / 0.20 at 3 / 4 LoRAs"]
+    assert measured.line("merge").split("; ") == ["one-object world, seed 3000, 2 pictures each: all concepts 0.50 / 0.30 at 3 / 4 LoRAs",
+                                                  "community world, seed 3000, 2 pictures each: all concepts 0.40 / 0.20 at 3 / 4 LoRAs"]
     with pytest.raises(ValueError, match="records the 'community' world"):
         measured.record(results / "community.json", _result(1, 1, merge=(0, 0)), "x", "one-object")
 
@@ -59,7 +59,7 @@ def test_best_picks_the_highest_rate_with_merge_winning_a_tie(results):
 
 def test_strategies_read_their_line_from_the_records(results):
     measured.record(results / "one-object.json", _result(7, 5, merge=(0.5, 0.3), klora=(0.1, 0.05)), "o", "one-object")
-    assert STRATEGIES["klora"].measured == "one-object world, seed 7: all concepts 0.10 / 0.05 at 3 / 4 LoRAs (merge 0.50 / 0.30)"
+    assert STRATEGIES["klora"].measured == "one-object world, seed 7, 2 pictures each: all concepts 0.10 / 0.05 at 3 / 4 LoRAs (merge 0.50 / 0.30)"
     assert STRATEGIES["klora"]().measured == STRATEGIES["klora"].measured
 
 

@@ -49,7 +49,9 @@ def load_pipeline(library=None, device: str | None = None):
     pipe.set_progress_bar_config(disable=True)
     if device:
         pipe.to(device)
-    return ComposerPipeline(pipe, library=library or library_dir(), model=str(assets.model_dir()))
+    composer = ComposerPipeline(pipe, library=library or library_dir(), model=str(assets.model_dir()))
+    composer.world = community.NAME  # --strategy auto picks from this world's recorded runs
+    return composer
 
 
 def load_judge():
