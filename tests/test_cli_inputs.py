@@ -281,12 +281,17 @@ def test_help_is_plain_and_complete(name, capsys, monkeypatch):
         # the strategies, each with what it measured (one line per name, wrapped lines indented)
         from lora_composer.fusion.registry import STRATEGIES
 
-        block = text.split("by what each measured on the mini world")[1]
+        block = text.split("by what each measured on the mini world")[1].split("\n", 1)[1]
+        entries: dict[str, list[str]] = {}  # name -> its words (a line "  NAME  TEXT", wrapped lines indented)
+        for line in block.splitlines():
+            if line.startswith("  ") and not line.startswith("   ") and line.split():
+                entries[line.split()[0]] = line.split()[1:]
+            elif line.strip() and entries:
+                entries[list(entries)[-1]] += line.split()
+        assert sorted(entries) == sorted(STRATEGIES)  # one entry per strategy, each under its own name
         for strategy, cls in STRATEGIES.items():
             assert cls.measured, f"{strategy} says nothing about what it measured"
-            first = next(line for line in block.splitlines() if line.strip().startswith(strategy + " "))
-            assert " ".join(block.split()).count(" ".join(cls.measured.split())) == 1, strategy
-            assert first.split()[0] == strategy
+            assert entries[strategy] == cls.measured.split(), strategy
 
 
 # -- device and precision ------------------------------------------------------------------------
