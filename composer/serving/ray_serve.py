@@ -320,7 +320,8 @@ def build_app(config: ServerConfig, options: RayOptions):
         ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
     ).bind(config)
 
-    @serve.deployment(name="Gateway", max_ongoing_requests=1000)
+    # a dead gateway is noticed within seconds (Serve's default checks every 10 s): its successor resumes the jobs
+    @serve.deployment(name="Gateway", max_ongoing_requests=1000, health_check_period_s=2)
     @serve.ingress(app)
     class GatewayDeployment(Gateway):
         def __init__(self, renderer, config, replicas):
