@@ -76,13 +76,19 @@ def line(strategy: str) -> str:
     return "; ".join(parts) if parts else "not measured on the mini worlds yet"
 
 
+BASE_KEPT = 0.05  # how much base-concept confidence below merge's a pick may lose (it must not wreck the picture)
+
+
 def best(world: str, size: int, candidates) -> str | None:
     """The candidate with the highest all-concepts rate at ``size`` LoRAs in ``world``'s best-sampled run that
-    measured merge (merge breaks ties), or None when nothing is recorded."""
+    measured merge (merge breaks ties), among those that keep the base model's named concepts (base-concept
+    confidence at most :data:`BASE_KEPT` below merge's); None when nothing is recorded."""
     run = best_run(world, "merge")
     if run is None:
         return None
-    scores = {name: _rates(s).get(str(size)) for name, s in run["strategies"].items() if name in set(candidates)}
+    floor = (run["strategies"]["merge"].get("base_confidence") or 0.0) - BASE_KEPT
+    scores = {name: _rates(s).get(str(size)) for name, s in run["strategies"].items()
+              if name in set(candidates) and (s.get("base_confidence") is None or s["base_confidence"] >= floor)}
     scores = {k: v for k, v in scores.items() if v is not None}
     return max(scores, key=lambda k: (scores[k], k == "merge")) if scores else None
 

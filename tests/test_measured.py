@@ -55,6 +55,10 @@ def test_best_picks_the_highest_rate_with_merge_winning_a_tie(results):
     assert measured.best("community", 4, ["merge", "switch", "tsv"]) == "tsv"
     assert measured.best("community", 4, ["switch"]) == "switch"
     assert measured.best("one-object", 4, ["merge"]) is None
+    over = _result(1, 5, merge=(0.4, 0.2), marginal=(0.9, 0.9))
+    over["strategies"]["merge"]["base_confidence"], over["strategies"]["marginal"]["base_confidence"] = 0.95, 0.5
+    measured.record(results / "one-object.json", over, "o", "one-object")
+    assert measured.best("one-object", 3, ["merge", "marginal"]) == "merge"  # it loses the base's own concepts
 
 
 def test_strategies_read_their_line_from_the_records(results):
