@@ -43,8 +43,8 @@ from lora_composer.vocab import DEFAULT_LORA_WEIGHT
 
 SIGNAL_WEIGHTS = {"lexical": 1.0, "weights": 1.0, "text": 0.8, "learned": 0.8, "preview": 0.8}
 RESCORE = 512
-INDEX_K = 32  # rows each vector-index query proposes (the union is rescored exactly)
-LEXICAL_HITS_INDEXED = 500  # FTS5 hits (best BM25 first) scored lexically on the vector-index path
+INDEX_K = 16  # rows each vector-index query proposes (the union is rescored exactly; 32 before, same recall)
+LEXICAL_HITS_INDEXED = 200  # FTS5 hits (best BM25 first) scored lexically on the vector-index path (500 below)
 INCLUDE_PER_WORD = 32  # a large catalog's rows named by one prompt word that selection sees (the best fused)
 DEFAULT_MIN_SCORE = 0.3  # the fused-score floor of a plain ``search`` listing (selection uses per-kind thresholds)
 DEFAULT_TOP_K = 4
