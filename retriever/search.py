@@ -273,8 +273,9 @@ class Retriever:
         q, cols = self._query_matrix(enc, text_q, preview_q)
         k = n if limit is None else min(n, max(limit, 1))
         c = min(n, max(RESCORE, 4 * k))
-        if self.index is not None:  # FTS5 (its own connection, a worker thread) beside the vector search
-            pending = self._worker().submit(self._timed_lexical, prompt)
+        pending = None
+        if self.index is not None and self._worker() is not None:  # FTS5 (own connection, a worker thread)
+            pending = self._worker().submit(self._timed_lexical, prompt)  # beside the vector search
         else:
             lex, lex_all = self._lexical(prompt)
             lap("lexical")
@@ -286,9 +287,10 @@ class Retriever:
         if self.index is not None:  # stage 1 on the vector index, the lexical hits added
             dense = self._index_candidates(q, cols, use, k)
             lap("stage 1")
-            lex, lex_all, ms = pending.result()
-            self.stages["lexical"] = self.stages.get("lexical", 0.0) + ms
-            lap("lexical wait")
+            if pending is not None:
+                lex, lex_all, ms = pending.result()
+                self.stages["lexical"] = self.stages.get("lexical", 0.0) + ms
+                lap("lexical wait")
             cand = np.union1d(dense, np.flatnonzero(lex_all))
         elif c < n and q.shape[1]:
             cand = self._candidates((self.matrix @ q, {}), cols, lex_all, use, c)
@@ -363,11 +365,16 @@ class Retriever:
     def _worker(self):
         """One thread and one read-only catalog connection for the lexical stage of the vector-index path."""
         if getattr(self, "_pool", None) is None:
+            import sqlite3
             from concurrent.futures import ThreadPoolExecutor
 
+            try:
+                self._reader = self.catalog.reader()
+            except sqlite3.Error:  # e.g. a WAL catalog in a folder this process cannot write: FTS5 in line
+                self._pool = False
+                return None
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="lora-composer-fts")
-            self._reader = self.catalog.reader()
-        return self._pool
+        return self._pool or None
 
     def _timed_lexical(self, prompt: str):
         import time

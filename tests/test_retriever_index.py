@@ -274,3 +274,26 @@ def test_adds_write_segments_not_the_index_file(catalog, monkeypatch):
     for p in prompts:
         e = again.encoder.encode_one(p)
         assert recall_at(_top(again, p), again.scan_all(p, e, e.vector.numpy())) >= 0.9
+
+
+def test_lexical_stage_in_a_worker_thread_or_in_line_gives_the_same_ranking(catalog, monkeypatch):
+    """The vector-index path runs FTS5 on a second read-only connection in a worker thread; where that
+    connection cannot be opened it runs in line, with the same result."""
+    import sqlite3
+
+    vec = SyntheticVectors(D)
+    threaded = _retriever(catalog, vec)
+    threaded.refresh()
+    prompts = _prompts(vec, N, count=3, seed=11)
+    got = [[(m.row.id, m.score, m.signals.get("lexical")) for m in _top(threaded, p)] for p in prompts]
+    assert threaded._pool and "lexical wait" in threaded.stages
+    assert any(lex for row in got for _, _, lex in row)  # the lexical signal took part
+
+    def refuse(self):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(Catalog, "reader", refuse)
+    inline = _retriever(Catalog(catalog.path), vec)
+    inline.refresh()
+    assert [[(m.row.id, m.score, m.signals.get("lexical")) for m in _top(inline, p)] for p in prompts] == got
+    assert inline._pool is False and "lexical wait" not in inline.stages
