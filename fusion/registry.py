@@ -36,9 +36,32 @@ def _discover() -> dict[str, type[Strategy]]:
 
 STRATEGIES: dict[str, type[Strategy]] = _discover()
 
+# Not a strategy but a choice of one, made per call by ComposerPipeline from the prompt's regions, the model's
+# measured world and the number of LoRAs (lora_composer.measured.auto); the image records the strategy used.
+AUTO = "auto"
+AUTO_HELP = ("regional when the prompt has BREAK regions; otherwise the strategy that measured best at that many "
+             "LoRAs in the model's mini world (the lines below), merge for any other model; the image records the "
+             "strategy used")
+
 
 def available() -> list[str]:
     return sorted(STRATEGIES)
+
+
+def choices() -> list[str]:
+    """What a front end offers: ``auto`` and every strategy."""
+    return [AUTO, *available()]
+
+
+def resolve_auto(prompt: str, loras: int, world: str = "") -> tuple[str, str]:
+    """``auto`` for one call: ``(strategy, why)`` from the prompt's regions (``BREAK``), the number of LoRAs and
+    the model's measured world (``""``: none)."""
+    from lora_composer import measured
+    from lora_composer.prompt_syntax import split_regions
+
+    regions = len(split_regions(prompt)[1]) > 1
+    candidates = [name for name, cls in STRATEGIES.items() if not cls.regional]
+    return measured.auto(world, int(loras), regions, candidates)
 
 
 def strategy_params(name: str) -> dict[str, object]:
@@ -91,6 +114,9 @@ def get_strategy(name: str | Strategy, **args) -> Strategy:
     """``get_strategy("switch", every=5)``; a ready ``Strategy`` instance is returned as is."""
     if isinstance(name, Strategy):
         return name
+    if name == AUTO:
+        raise ComposerError("strategy 'auto' is chosen per call from the prompt and its LoRAs: give it to "
+                            "ComposerPipeline (strategy='auto'), which records the strategy it used")
     if name not in STRATEGIES:
         raise ComposerError(f"unknown strategy '{name}'; valid: {', '.join(available())}")
     valid = strategy_params(name)

@@ -279,7 +279,7 @@ def test_help_is_plain_and_complete(name, capsys, monkeypatch):
         for sub, (help_, _) in COMMANDS.items():
             assert any(line.strip().startswith(f"compose {sub} ") and line.strip().endswith(help_) for line in lines), sub
         # the strategies, each with what it measured (one line per name, wrapped lines indented)
-        from lora_composer.fusion.registry import STRATEGIES
+        from lora_composer.fusion.registry import AUTO, AUTO_HELP, STRATEGIES
 
         block = text.split("by what each measured on the mini world")[1].split("\n", 1)[1]
         entries: dict[str, list[str]] = {}  # name -> its words (a line "  NAME  TEXT", wrapped lines indented)
@@ -288,7 +288,8 @@ def test_help_is_plain_and_complete(name, capsys, monkeypatch):
                 entries[line.split()[0]] = line.split()[1:]
             elif line.strip() and entries:
                 entries[list(entries)[-1]] += line.split()
-        assert sorted(entries) == sorted(STRATEGIES)  # one entry per strategy, each under its own name
+        assert sorted(entries) == sorted([AUTO, *STRATEGIES])  # auto, then one entry per strategy, each its name
+        assert entries.pop(AUTO) == AUTO_HELP.split()
         for strategy, cls in STRATEGIES.items():
             assert cls.measured, f"{strategy} says nothing about what it measured"
             assert entries[strategy] == cls.measured.split(), strategy

@@ -144,19 +144,19 @@ def _weights_text(te: float, unet: float) -> str:
 def _strategy_lines() -> str:
     import textwrap
 
-    from lora_composer.fusion.registry import STRATEGIES
+    from lora_composer.fusion.registry import AUTO, AUTO_HELP, STRATEGIES
 
     width = max(len(name) for name in STRATEGIES)
-    return "".join(
+    return "\n" + textwrap.fill(AUTO_HELP, 100, initial_indent=f"  {AUTO:<{width}}  ", subsequent_indent=" " * (width + 4)) + "".join(
         "\n" + textwrap.fill(cls.measured or "-", 100, initial_indent=f"  {name:<{width}}  ",
                              subsequent_indent=" " * (width + 4))
         for name, cls in sorted(STRATEGIES.items()))
 
 
 def _strategies() -> list[str]:
-    from lora_composer.fusion import available
+    from lora_composer.fusion.registry import choices
 
-    return available()
+    return choices()
 
 
 def _settings(args) -> dict:

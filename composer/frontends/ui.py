@@ -432,7 +432,7 @@ class ComposerUI:
         Returns ``{"images": [(path, caption)], "heatmaps": [path], "weights": [(steps x adapters, adapters,
         strategy)], "pngs": [path], "seed", "records"}``.
         """
-        from lora_composer.fusion import available
+        from lora_composer.fusion.registry import choices
         from lora_composer.fusion.registry import STRATEGIES
         from lora_composer.prompt_syntax import parse_prompt, with_tag_names
 
@@ -463,8 +463,8 @@ class ComposerUI:
         if compare_strategy:
             runs.append((compare_strategy, compare_args if compare_args is not None else {}))
         for name, _ in runs:
-            if name not in available():
-                raise ComposerError(f"unknown strategy '{name}'; valid: {', '.join(available())}")
+            if name not in choices():
+                raise ComposerError(f"unknown strategy '{name}'; valid: {', '.join(choices())}")
         scheduler_cls = self.samplers[self.sampler_class(sampler)]
         stop = threading.Event()
         if stop_key is not None:
@@ -646,8 +646,10 @@ def _default_top_k() -> int:
 
 
 def _params_text(strategy: str) -> str:
-    from lora_composer.fusion.registry import STRATEGIES, strategy_params
+    from lora_composer.fusion.registry import AUTO, AUTO_HELP, STRATEGIES, strategy_params
 
+    if strategy == AUTO:
+        return f"`{AUTO}`: {AUTO_HELP}."
     try:
         params = strategy_params(strategy)
     except KeyError:
@@ -679,10 +681,10 @@ def build_app(ui: ComposerUI):
     """The Gradio Blocks app for ``ui`` (queue enabled; call ``.launch()``, with ``css=CSS``)."""
     import gradio as gr
 
-    from lora_composer.fusion import available
+    from lora_composer.fusion.registry import choices
 
     names = ui.library_names()
-    strategies = available()
+    strategies = choices()
     initial = "merge" if "merge" in strategies else strategies[0]
     base_sampler = type(ui.base_scheduler).__name__
 

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lora_composer.errors import ComposerError, one_line
+from lora_composer.fusion.registry import AUTO, resolve_auto
 from lora_composer.library import list_loras, lora_name, lora_stem
 from lora_composer.prompt_syntax import parse_prompt, with_tag_names
 from lora_composer.serving.jobs import RenderSpec
@@ -45,7 +46,7 @@ class GenerateBody(BaseModel):
     negative_prompt: str = Field("", max_length=4000)
     loras: list[LoraItem] | Literal["auto"] = Field(
         default_factory=list, description='[{"name", "weight"}] or "auto" (the retriever picks from the prompt)')
-    strategy: str = Field("merge", max_length=64, description="merge, composite, switch...: all share denoiser batches "
+    strategy: str = Field("merge", max_length=64, description="auto, merge, composite, switch...: all share denoiser batches "
                           "but ties, dare, klora, tsv and activation-matched, which run alone")
     strategy_args: dict[str, float | int | str | bool] = Field(default_factory=dict)
     seed: int | None = Field(None, ge=0, lt=2**32, description="random (and returned in the PNG) when omitted")
@@ -98,10 +99,19 @@ def to_spec(body: GenerateBody, names: LibraryNames, limits: Limits, composer, s
     if not body.prompt.strip():
         raise RequestError("prompt", "must not be empty")
     clean, tags = parse_prompt(body.prompt) if "<" in body.prompt else (body.prompt, [])
-    if body.strategy not in strategies:
+    strategy = body.strategy
+    if strategy == AUTO:  # chosen here, so the queue batches by the strategy that runs and the record names it
+        if body.strategy_args:
+            raise RequestError("strategy_args", "auto takes no arguments (it picks a strategy with its defaults)")
+        named = {item.name for item in body.loras} if not isinstance(body.loras, str) else set()
+        try:
+            strategy, _ = resolve_auto(body.prompt, len(named | {tag.name for tag in tags}), getattr(composer, "world", ""))
+        except ComposerError as exc:
+            raise RequestError("prompt", one_line(exc)) from None
+    if strategy not in strategies:
         raise RequestError("strategy", f"unknown strategy {body.strategy!r} (one of: {', '.join(sorted(strategies))})")
-    regional = body.strategy == "regional"  # its tags stay in the prompt: each acts in its region
-    if body.strategy == "merge" and body.strategy_args:
+    regional = strategy == "regional"  # its tags stay in the prompt: each acts in its region
+    if strategy == "merge" and body.strategy_args:
         raise RequestError("strategy_args", "merge takes no arguments")
     steps = limits.default_steps if body.steps is None else body.steps
     if steps > limits.max_steps:
@@ -147,7 +157,7 @@ def to_spec(body: GenerateBody, names: LibraryNames, limits: Limits, composer, s
         unet = {str(p): w for p, w in loras}
         text_weights = {path: w for path, w in text_weights.items() if w != unet[path]}
     return RenderSpec(prompt=clean.strip(), negative_prompt=body.negative_prompt, loras=loras, text_weights=text_weights,
-                      strategy=body.strategy,
+                      strategy=strategy,
                       strategy_args=dict(body.strategy_args), seed=seed, steps=steps, width=width, height=height,
                       guidance=float(guidance), scheduler=body.scheduler, region_loras=region_loras)
 
