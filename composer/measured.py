@@ -104,6 +104,7 @@ def auto(world: str, loras: int, regions: bool, candidates) -> tuple[str, str]:
     size = min(max(loras, 2), 4)
     name = best(world, size, candidates) if world else None
     if name is None:
-        return "merge", "no measurement for this model: merge, the baseline"
+        where = f"in the {world} world at {size} LoRAs" if world and runs(world) else "for this model"
+        return "merge", f"no measurement {where}: merge, the baseline"
     run = best_run(world, "merge")
     return name, f"the best in the {world} world at {size} LoRAs (seed {run['seed']})"
