@@ -22,13 +22,8 @@ _EXTRA_TRANSFORMER_BLOCK = re.compile(r"\.transformer_blocks\.([1-9]\d*)\.")
 
 
 def _in_width(d) -> int:
-    """In-features of a Linear delta (IA3 scales only one side: its vector's length when it scales inputs;
-    OFT rotates outputs: -1, unknown)."""
-    if d.kind == "ia3":
-        return int(d.scale_vec.numel()) if d.on_input else -1
-    if d.kind == "oft":  # rotates output rows: says nothing about the input width
-        return -1
-    return int(d.down.shape[1])
+    """In-features of a Linear delta as its tensors tell them (-1: they do not; IA3 on outputs, OFT)."""
+    return int(d.in_width)
 
 
 def detect_family(deltas: dict[str, LayerDelta], keys=None) -> str:

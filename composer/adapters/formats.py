@@ -5,7 +5,7 @@ Key renaming is delegated to diffusers' own converters (``lora_conversion_utils`
 What this module adds: grouping keys per layer, alphas (``.alpha`` tensors, the
 ``lora_adapter_metadata`` header diffusers writes, or ``alpha = rank``), validation, the LyCORIS and
 PEFT kinds beyond ``(down, up)`` (LoHa, LoKr, Tucker LoCon, full/diff, DoRA, IA3, OFT, BOFT: see
-:mod:`.lycoris` and :mod:`.kinds`), and clear refusals for what we do not load yet (LyCORIS ``oft_diag``, PEFT
+:mod:`.kinds`, one file per kind), and clear refusals for what we do not load yet (LyCORIS ``oft_diag``, PEFT
 OFT from before 0.14).
 
 Canonical keys: ``<component>.<module path>`` with components ``unet``, ``text_encoder``,
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .lycoris import KOHYA_SUFFIXES, NOT_LOADED, PEFT_SUFFIXES, KindError, kohya_delta, peft_delta
-from .kinds import DoRADelta
+from . import kinds
+from .kinds import NOT_LOADED, KindError, PeftLayer
 from .types import LayerDelta
 
 from ..errors import ComposerError
@@ -40,7 +40,6 @@ _UNSUPPORTED = NOT_LOADED
 
 _KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 _UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding")
-_PEFT_KIND_SUFFIXES = tuple("." + s for s in PEFT_SUFFIXES) + (".lora_magnitude_vector.weight",)
 _DIFFUSERS_SUFFIXES = (
     ".lora_A.weight", ".lora_B.weight",  # PEFT
     ".lora.down.weight", ".lora.up.weight",  # older diffusers (LoCon, generic layers)
@@ -105,7 +104,8 @@ def detect_format(keys) -> str:
             k.startswith((ONETRAINER_PREFIX, *KOHYA_PREFIXES[1:])) for k in keys):
         return "onetrainer-flux"
     if all(k.startswith(KOHYA_PREFIXES) for k in keys):
-        odd = [k for k in keys if not k.split(".", 1)[-1] in KOHYA_SUFFIXES or "." not in k]
+        known = kinds.kohya_suffixes()
+        odd = [k for k in keys if not k.split(".", 1)[-1] in known or "." not in k]
         if odd:
             raise FormatError(f"unknown key format (key {odd[0]!r})")
         if any("double_blocks" in k or "single_blocks" in k or k.startswith(KOHYA_FLUX_LAYERS) for k in keys):
@@ -115,9 +115,8 @@ def detect_format(keys) -> str:
         return "xlabs-flux"
     if all(k.split(".", 1)[0] in _UNET_ROOTS and k.endswith(_DIFFUSERS_SUFFIXES) for k in keys):
         return "unet-no-prefix"  # UNet2DConditionModel.save_attn_procs: the UNet's keys without "unet."
-    diffusers_like = [
-        k for k in keys if k.split(".", 1)[0] in COMPONENTS and k.endswith(_DIFFUSERS_SUFFIXES + _PEFT_KIND_SUFFIXES)
-    ]
+    ends = _DIFFUSERS_SUFFIXES + tuple("." + s for s in kinds.peft_suffixes())
+    diffusers_like = [k for k in keys if k.split(".", 1)[0] in COMPONENTS and k.endswith(ends)]
     if len(diffusers_like) == len(keys):
         return "diffusers"
     odd = [k for k in keys if k not in set(diffusers_like)]
@@ -244,7 +243,7 @@ def _parse_kohya(state_dict):
         if not set(parts) <= set(_KOHYA_SUFFIXES):  # a LyCORIS kind: LoHa, LoKr, Tucker LoCon, DoRA, IA3, full
             alpha = _alpha_value(lora_name, parts["alpha"]) if "alpha" in parts else None
             try:
-                delta = kohya_delta(lora_name, parts, alpha)
+                delta = kinds.kohya_delta(lora_name, parts, alpha)
             except KindError as e:
                 raise FormatError(str(e)) from None
             module = _kohya_module(lora_name)
@@ -481,40 +480,28 @@ def _config_value(config: dict, rel: str, field: str, pattern_field: str):
 
 
 def _peft_kinds(comp: str, sub: dict[str, torch.Tensor], config: dict):
-    """LoHa/LoKr/IA3/OFT/BOFT deltas of one component's PEFT keys (``<module>.hada_w1_a`` ...), and the DoRA
-    magnitudes (``<module>.lora_magnitude_vector``), keyed by canonical module."""
+    """Deltas of one component's PEFT keys of a kind (``<module>.hada_w1_a`` ...), and the tensors of kinds that
+    wrap the module's LoRA (DoRA's ``lora_magnitude_vector``), keyed by canonical module."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    magnitudes: dict[str, torch.Tensor] = {}
     for rel, v in sub.items():
-        if rel.endswith(".oft_R.weight"):
-            module, suffix = rel[: -len(".oft_R.weight")], "oft_R.weight"
-        elif "lora_magnitude_vector" in rel:
-            module, _, suffix = rel.removesuffix(".weight").rpartition(".")
-        else:
-            module, _, suffix = rel.rpartition(".")
-        module = module.removeprefix("base_model.model.")
-        canonical = strip_text_model(f"{comp}.{module}")
-        if suffix == "lora_magnitude_vector":
-            magnitudes[canonical] = v.reshape(-1)  # PEFT normalises per output channel, whatever the shape
-        else:
-            layers.setdefault(canonical, {})[suffix] = v
-    feedforward = config.get("feedforward_modules")
-    deltas = {}
+        module, suffix = kinds.split_peft_key(rel)
+        canonical = strip_text_model(f"{comp}.{module.removeprefix('base_model.model.')}")
+        layers.setdefault(canonical, {})[suffix] = v
+    deltas, wrapping = {}, {}
     for module, parts in layers.items():
         rel = module.split(".", 1)[1]
         alpha = _config_value(config, rel, "alpha", "alpha_pattern") if config else None
         rank = _config_value(config, rel, "r", "rank_pattern") if config else None
-        ff = None
-        if "ia3_l" in parts and feedforward is not None:
-            names = [feedforward] if isinstance(feedforward, str) else list(feedforward)
-            ff = any(rel == n or rel.endswith("." + n) for n in names)
+        layer = PeftLayer(None if alpha is None else float(alpha), None if rank is None else int(rank), config, rel)
+        own, wraps = kinds.peft_split(parts)
         try:
-            deltas[module] = peft_delta(
-                module, parts, None if alpha is None else float(alpha), None if rank is None else int(rank), ff, config
-            )
+            if own:
+                deltas[module] = kinds.peft_delta(module, own, layer)
         except KindError as e:
             raise FormatError(str(e)) from None
-    return deltas, magnitudes
+        if wraps:
+            wrapping[module] = (wraps, layer)
+    return deltas, wrapping
 
 
 def _parse_diffusers(state_dict, header):
@@ -527,17 +514,17 @@ def _parse_diffusers(state_dict, header):
         comp, _, rel = k.partition(".")
         if k.endswith(".alpha"):
             alphas[_alpha_module(comp, rel[: -len(".alpha")])] = _alpha_value(k, v)
-        elif k.endswith(_PEFT_KIND_SUFFIXES):
+        elif kinds.split_peft_key(rel) is not None:
             kind_keys.setdefault(comp, {})[rel] = v
         else:
             per_comp.setdefault(comp, {})[rel] = v
 
     deltas: dict[str, object] = {}
-    magnitudes: dict[str, torch.Tensor] = {}
+    wrapping: dict[str, tuple] = {}
     for comp, sub in kind_keys.items():
-        kinds, mags = _peft_kinds(comp, sub, configs.get(comp, {}))
-        deltas.update(kinds)
-        magnitudes.update(mags)
+        own, wraps = _peft_kinds(comp, sub, configs.get(comp, {}))
+        deltas.update(own)
+        wrapping.update(wraps)
     for comp, sub in per_comp.items():
         peft_sd = _to_peft_keys(comp, sub)
         for module, (d, u) in _collect(comp, peft_sd, {}).items():
@@ -550,13 +537,15 @@ def _parse_diffusers(state_dict, header):
             else:
                 alpha = _config_alpha(configs.get(comp, {}), rel, delta.rank)
                 if alpha is not None:
+                    if not math.isfinite(alpha):
+                        raise FormatError(f"layer {module}: alpha is {alpha}")
                     delta.alpha = alpha
             deltas[module] = delta
-    for module, magnitude in magnitudes.items():
-        inner = deltas.get(module)
-        if not isinstance(inner, LayerDelta):
-            raise FormatError(f"layer {module} has lora_magnitude_vector (DoRA) but no lora_A/lora_B weights")
-        deltas[module] = DoRADelta(inner, magnitude, eps=0.0)
+    for module, (parts, layer) in wrapping.items():
+        try:
+            deltas[module] = kinds.peft_wrap(module, parts, layer, deltas.get(module))
+        except KindError as e:
+            raise FormatError(str(e)) from None
     unused = sorted(set(alphas) - set(deltas))
     if unused:
         raise FormatError(f"alpha for {unused[0]} has no matching layer")

@@ -22,7 +22,7 @@ from .formats import (
     LORA_ADAPTER_METADATA_KEY, FormatError, from_peft_folder, parse_state_dict, peft_folder, to_diffusers_state_dict,
 )
 from .metadata import PREFERRED_WEIGHT_KEY, build_metadata
-from .types import Adapter, AdapterMetadata, LayerDelta
+from .types import Adapter, AdapterMetadata
 
 from ..vocab import PICKLE_EXTENSIONS
 
@@ -129,13 +129,9 @@ def load_adapter(path, name: str | None = None, allow_pickle: bool = False) -> A
     if not deltas:
         raise _fail(path, "no LoRA layers found")
     for module, d in deltas.items():
-        parts = d.tensors() if hasattr(d, "tensors") else {"down": d.down, "up": d.up}
-        for which, t in parts.items():
+        for which, t in d.tensors().items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise _fail(path, f"layer {module} has NaN or inf values in its {which} weight")
-        scale = d.alpha if isinstance(d, LayerDelta) else getattr(d, "scale_", 1.0)
-        if not torch.isfinite(torch.tensor(float(scale))):
-            raise _fail(path, f"layer {module} has a non-finite alpha")
     fields = build_metadata(resolved, header)
     metadata = AdapterMetadata(source_format=source_format, sha256=sha256_file(resolved), **fields)
     return Adapter(

@@ -15,11 +15,18 @@ from ..vocab import FAMILIES  # noqa: F401 (re-exported: the families we tell ap
 class Delta(Protocol):
     """What every layer delta answers, whatever its kind, so code reads attributes instead of probing types.
 
-    ``kind``: ``"lora"``, ``"loha"``, ``"lokr"``, ``"full"``, ``"dora"``, ``"ia3"``, ``"glora"``, ``"oft"`` or
-    ``"shira"``; ``additive``: the patched weight is ``W + delta`` (False where the kind rescales, rotates or
-    renormalises ``W``: DoRA, IA3, GLoRA, OFT); ``is_sparse``: SHiRA's scattered entries (no rank columns);
-    ``is_conv``: it patches a Conv2d. :class:`LayerDelta`, :class:`SparseDelta` and the kinds of
-    :mod:`.kinds` implement it.
+    ``kind``: ``"lora"``, ``"loha"``, ``"lokr"``, ``"full"``, ``"dora"``, ``"ia3"``, ``"glora"``, ``"oft"``,
+    ``"shira"`` or a kind registered since; ``additive``: the patched weight is ``W + delta`` (False where the
+    kind rescales, rotates or renormalises ``W``: DoRA, IA3, GLoRA, OFT); ``is_sparse``: SHiRA's scattered
+    entries (no rank columns, attached by a scatter: see :class:`SparseDelta`); ``is_conv``: it patches a
+    Conv2d; ``label``: what a user calls the method; ``in_width``: the input width its tensors tell (-1: none);
+    ``targets``: the ``torch.nn`` module classes it patches (``Linear``, ``Conv2d``; norm layers for LyCORIS norms).
+
+    Dense deltas (every kind but SHiRA) also answer, for a Linear or Conv2d weight of shape ``(out, in, *k)``:
+    ``factors(shape)`` (the exact low-rank :class:`LayerDelta` the runtime stacks, or None), ``dense(weight,
+    bias)`` (``(dW, db)`` at weight 1, taken against the base weight), ``check(shape)`` (why it cannot patch a
+    weight of that shape, or None). Every delta gives ``tensors()``. :class:`LayerDelta`, :class:`SparseDelta`
+    and the kinds of :mod:`.kinds` implement it.
     """
 
     kind: str
@@ -28,6 +35,14 @@ class Delta(Protocol):
 
     @property
     def is_conv(self) -> bool: ...
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def in_width(self) -> int: ...
+
+    def tensors(self) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass
@@ -45,6 +60,7 @@ class LayerDelta:
     kind: ClassVar[str] = "lora"
     additive: ClassVar[bool] = True
     is_sparse: ClassVar[bool] = False
+    targets: ClassVar[tuple[str, ...]] = ("Linear", "Conv2d")
 
     @property
     def rank(self) -> int:
@@ -57,6 +73,49 @@ class LayerDelta:
     @property
     def is_conv(self) -> bool:
         return self.down.dim() == 4
+
+    @property
+    def label(self) -> str:
+        return "LoCon" if self.is_conv else "LoRA"
+
+    @property
+    def in_width(self) -> int:
+        return int(self.down.shape[1])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"down": self.down, "up": self.up}
+
+    def factors(self, shape=None) -> LayerDelta:
+        """Itself, flattened conv factors (a LoHa/LoKr/full layer re-factored) shaped for a conv ``shape``."""
+        if shape is not None and len(shape) == 4 and self.down.dim() == 2:
+            down = self.down.reshape(self.down.shape[0], *shape[1:])
+            return LayerDelta(down, self.up.reshape(*self.up.shape[:2], 1, 1), self.alpha)
+        return self
+
+    def dense(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        up, down = self.up.reshape(self.up.shape[0], -1).float(), self.down.reshape(self.down.shape[0], -1).float()
+        return ((up * self.scale) @ down).reshape(weight.shape), None
+
+    def check(self, shape: tuple) -> str | None:
+        """Why the factors cannot patch a Linear (``(out, in)``) or Conv2d (``(out, in, kh, kw)``) weight."""
+        down, up = self.down, self.up
+        if len(shape) == 2:
+            if down.dim() != 2 or up.dim() != 2:
+                return f"Linear layer but {down.dim()}-D factors"
+        else:
+            if down.dim() == 2 and up.dim() == 2 and down.shape[1] == math.prod(shape[1:]):
+                # flattened conv factors (a LoHa/LoKr/full layer re-factored): reshaped when attached
+                if up.shape[0] != shape[0]:
+                    return f"delta has {up.shape[0]} outputs, layer has {shape[0]}"
+                return None
+            if down.dim() != 4 or up.dim() != 4:
+                return f"Conv2d layer but {down.dim()}-D factors"
+            if tuple(down.shape[2:]) != tuple(shape[2:]) or tuple(up.shape[2:]) != (1, 1):
+                return f"kernel {tuple(down.shape[2:])} does not fit {tuple(shape[2:])}"
+        want, got = (shape[1], shape[0]), (down.shape[1], up.shape[0])
+        if want != got:
+            return f"delta maps {got[0]} -> {got[1]} features, layer has {want[0]} -> {want[1]}"
+        return None
 
 
 @dataclass
@@ -79,10 +138,20 @@ class SparseDelta:
     kind: ClassVar[str] = "shira"
     additive: ClassVar[bool] = True
     is_sparse: ClassVar[bool] = True
+    targets: ClassVar[tuple[str, ...]] = ("Linear", "Conv2d")
+
+    label: ClassVar[str] = "SHiRA"
 
     @property
     def is_conv(self) -> bool:
         return len(self.shape) == 4
+
+    @property
+    def in_width(self) -> int:
+        return int(self.shape[1])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"indices": self.indices, "values": self.values}
 
     @property
     def columns(self) -> int:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from lora_composer.adapters.types import Adapter, LayerDelta
+from lora_composer.adapters.types import Adapter
 from lora_composer.errors import AdapterMismatchError
 from lora_composer.runtime.layer import PatchedLayer
 from lora_composer.runtime.mixing import MixingState
@@ -48,38 +48,14 @@ def _check_sparse_fit(module: torch.nn.Module, delta) -> str | None:
 
 
 def _check_fit(module: torch.nn.Module, delta) -> str | None:
-    """Why ``delta`` cannot patch ``module``, or None if it fits."""
+    """Why ``delta`` cannot patch ``module``, or None if it fits (the delta's ``check`` says what its kind needs)."""
     if delta.is_sparse:
         return _check_sparse_fit(module, delta)
-    if not isinstance(delta, LayerDelta):  # LoHa, LoKr, full, DoRA, IA3
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            return f"is a {type(module).__name__}, not a Linear or Conv2d"
-        if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
-            return f"is a grouped convolution (groups={module.groups})"
-        return delta.check(tuple(module.weight.shape))
-    down, up = delta.down, delta.up
-    if isinstance(module, torch.nn.Linear):
-        if down.dim() != 2 or up.dim() != 2:
-            return f"Linear layer but {down.dim()}-D factors"
-        want = (module.in_features, module.out_features)
-        got = (down.shape[1], up.shape[0])
-    elif isinstance(module, torch.nn.Conv2d):
-        if down.dim() == 2 and up.dim() == 2 and down.shape[1] == module.weight[0].numel():
-            # flattened conv factors (a LoHa/LoKr/full layer re-factored): reshaped when attached
-            if up.shape[0] != module.out_channels:
-                return f"delta has {up.shape[0]} outputs, layer has {module.out_channels}"
-            return None
-        if down.dim() != 4 or up.dim() != 4:
-            return f"Conv2d layer but {down.dim()}-D factors"
-        if tuple(down.shape[2:]) != tuple(module.kernel_size) or tuple(up.shape[2:]) != (1, 1):
-            return f"kernel {tuple(down.shape[2:])} does not fit {tuple(module.kernel_size)}"
-        want = (module.in_channels, module.out_channels)
-        got = (down.shape[1], up.shape[0])
-    else:
-        return f"is a {type(module).__name__}, not a Linear or Conv2d"
-    if want != got:
-        return f"delta maps {got[0]} -> {got[1]} features, layer has {want[0]} -> {want[1]}"
-    return None
+    if not isinstance(module, tuple(getattr(torch.nn, t) for t in delta.targets)):
+        return f"is a {type(module).__name__}, not a {' or '.join(delta.targets)}"
+    if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
+        return f"is a grouped convolution (groups={module.groups})"
+    return delta.check(tuple(module.weight.shape))
 
 
 _FAMILY_NAMES = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL", "flux": "FLUX.1", "sd3": "SD3"}
@@ -94,9 +70,9 @@ def _another_model(adapter, components: dict) -> str | None:
         comp, _, path = key.partition(".")
         module = _resolve(components[comp], path) if comp in components else None
         width = getattr(module, "in_features", getattr(module, "in_channels", None))
-        down = None if delta.is_sparse or delta.kind in ("ia3", "oft") else delta.down
-        if width is not None and down is not None and down.dim() >= 2 and down.shape[1] != width:
-            misfits.append((key, int(down.shape[1]), int(width)))
+        theirs = delta.in_width
+        if width is not None and theirs >= 0 and theirs != width:
+            misfits.append((key, theirs, int(width)))
     if not misfits or 2 * len(misfits) <= len(adapter.deltas):
         return None
     key, theirs, ours = misfits[0]
@@ -105,18 +81,16 @@ def _another_model(adapter, components: dict) -> str | None:
 
 
 def _finite(delta) -> bool:
-    parts = delta.tensors().values() if hasattr(delta, "tensors") else (delta.down, delta.up)
-    return all(bool(torch.isfinite(t).all()) for t in parts if t.is_floating_point())
+    return all(bool(torch.isfinite(t).all()) for t in delta.tensors().values() if t.is_floating_point())
 
 
-def _add_kind(layer: PatchedLayer, slot: int, module: torch.nn.Module, delta) -> None:
-    """Attach a LoHa/LoKr/full/DoRA/IA3 delta: through the stacked factors when it has an exact low-rank form
-    smaller than the weight, else as a dense delta taken against the module's (base) weight now."""
+def _add_dense(layer: PatchedLayer, slot: int, module: torch.nn.Module, delta) -> None:
+    """Attach a dense-kind delta: through the stacked factors when its kind gives them for this weight (LoRA,
+    and LoHa/LoKr whose exact factors are smaller than the weight), else as a dense delta taken against the
+    module's (base) weight now."""
     weight = module.weight
-    shape = tuple(weight.shape)
-    out, flat_in = shape[0], weight[0].numel()
-    factors = delta.factors(shape)
-    if factors is not None and factors.rank * (out + flat_in) < out * flat_in:
+    factors = delta.factors(tuple(weight.shape))
+    if factors is not None:
         layer.add(slot, factors.down, factors.up, factors.scale)
         return
     with torch.no_grad():
@@ -206,13 +180,8 @@ class LoraRuntime:
                 if uniq.numel() != flat.numel():  # repeated positions add up
                     values = torch.zeros(uniq.numel()).index_add_(0, inv, values)
                 layer.add_sparse(slot, uniq, values, delta.scale)
-            elif isinstance(delta, LayerDelta):
-                down, up = delta.down, delta.up
-                if isinstance(module, torch.nn.Conv2d) and down.dim() == 2:
-                    down, up = down.reshape(down.shape[0], *module.weight.shape[1:]), up[:, :, None, None]
-                layer.add(slot, down, up, delta.scale)
             else:
-                _add_kind(layer, slot, module, delta)
+                _add_dense(layer, slot, module, delta)
         self.adapters[adapter.name] = adapter
         self.slots[adapter.name] = slot
         if refuse:
