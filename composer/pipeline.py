@@ -26,7 +26,7 @@ from lora_composer.errors import ComposerError, one_line
 from lora_composer.library import lora_name, resolve_lora
 from lora_composer.pnginfo import GenerationRecord
 from lora_composer.prompt_syntax import LoraRef, parse_prompt, split_regions
-from lora_composer.render import generation_record
+from lora_composer.render import generation_record, render_for
 from lora_composer.runtime import LoraRuntime
 from lora_composer.vocab import DEFAULT_GUIDANCE, MAX_SEED, MODEL_DEFAULTS_FILE
 from lora_composer.fusion import StrategyContext, get_strategy
@@ -368,6 +368,31 @@ class ComposerPipeline:
             out.update(pooled_prompt_embeds=e["pooled_positive"], negative_pooled_prompt_embeds=e["pooled_negative"])
         return out
 
+    def render_core(self, pipe_kwargs: dict | None = None):
+        """The family render (:mod:`lora_composer.render`) that runs a call with these extra keyword arguments,
+        or None where the diffusers pipeline's own ``__call__`` runs it: a pipeline with no family there
+        (image-to-image, UNets with timestep conditioning...), Kontext with an input image, FLUX's true CFG,
+        IP-Adapter images, preset latents or timesteps, ``guidance_rescale``, callbacks that edit the pipeline's
+        state (``PipelineCallback``) or read more than the latents, ``output_type="latent"``, or any argument
+        the core does not take."""
+        render = render_for(self.pipe)
+        return render if render is not None and render.covers(dict(pipe_kwargs or {})) else None
+
+    def _render(self, render, text: dict, steps: int, guidance: float, height, width, images: int, generator,
+                pipe_kwargs: dict):
+        """One call through the render core; the denoiser's calls go through the driver's hook as they would
+        from the pipeline's own loop."""
+        kwargs = dict(pipe_kwargs)
+        common = {"output_type": kwargs.pop("output_type", "pil") or "pil",
+                  "callback": kwargs.pop("callback_on_step_end", None),
+                  "callback_inputs": tuple(kwargs.pop("callback_on_step_end_tensor_inputs", None) or ("latents",))}
+        text = dict(text)
+        prompt, negative = text.pop("prompt", None), text.pop("negative_prompt", None)
+        with torch.no_grad():
+            return render.render(steps=steps, guidance=guidance, height=height, width=width, generator=generator,
+                                 images=images, prompt=prompt, negative_prompt=negative, text=text, **common,
+                                 **kwargs)
+
     def __call__(
         self,
         prompt: str,
@@ -406,6 +431,11 @@ class ComposerPipeline:
         ``guidance_scale`` defaults to the model's (:attr:`default_guidance`). Sizes must be multiples of the
         model's (:meth:`check_size`); ``limits=False`` lifts the pixel x step budget.
         Non-finite latents (an extreme LoRA weight) raise :class:`ComposerError` at the step they appear.
+
+        The loop is the render core's (:meth:`render_core`, one place for SD1.5, SDXL, FLUX.1 and SD3, shared
+        with the server); a call the core does not cover (see :meth:`render_core`: Kontext with an input image,
+        true CFG, IP-Adapter, other pipeline arguments) runs the diffusers pipeline's own ``__call__``, the
+        strategy's row groups driven through the same denoiser hook either way.
         """
         if (height is None) != (width is None):  # diffusers would reset both to the model's size: only the other is
             native = self.size_rules()[1]
@@ -505,23 +535,22 @@ class ComposerPipeline:
             # a layer not run yet counts the positions of a UNet's deepest level (1/64 of the latent's)
             fuse = self.runtime.fuse_saves(num_inference_steps, rows, tokens=max(1, pixels // 4096))
         fused = fuse and strat.static and bool(names)
+        render = self.render_core(pipe_kwargs)
         derived, weights_before = self._attach_derived(strat)
         try:
             if fused:
                 self.runtime.fuse()
             driven = [derived[n].name if n in derived else n for n in names]
+            text = self._text_inputs(clean_prompt, negative_prompt, context.regions)
             with DenoiserDriver(self.runtime, denoiser, strat, driven, max_batch=max_batch) as driver, \
                     strat.patched(denoiser), _truncation_in_one_line():
-                out = self.pipe(
-                    **self._text_inputs(clean_prompt, negative_prompt, context.regions),
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    height=height,
-                    width=width,
-                    num_images_per_prompt=num_images_per_prompt,
-                    generator=generator,
-                    **pipe_kwargs,
-                )
+                if render is not None:
+                    images = self._render(render, text, num_inference_steps, guidance_scale, height, width,
+                                          num_images_per_prompt, generator, pipe_kwargs)
+                else:
+                    images = self.pipe(**text, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                       height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+                                       generator=generator, **pipe_kwargs).images
         finally:
             if fused:
                 self.runtime.unfuse()
@@ -530,7 +559,6 @@ class ComposerPipeline:
             if derived:
                 self.runtime.set_weights(**weights_before)
         self.last_driver = driver
-        images = out.images
         if hasattr(images, "shape"):  # output_type="np" or "pt": [batch, h, w, c] / [batch, c, h, w]
             size = images.shape[1:3] if images.shape[-1] in (1, 3, 4) else images.shape[2:4]
         else:
