@@ -412,11 +412,11 @@ def test_every_delta_kind_answers_the_delta_protocol():
     from lora_composer.adapters.types import LayerDelta, SparseDelta
 
     classes = [LayerDelta, SparseDelta, kinds.LoHaDelta, kinds.LoKrDelta, kinds.FullDelta, kinds.DoRADelta,
-               kinds.IA3Delta, kinds.GLoRADelta, kinds.OFTDelta]
+               kinds.IA3Delta, kinds.GLoRADelta, kinds.OFTDelta, kinds.NormDelta]
     for cls in classes:
         assert isinstance(cls.kind, str) and isinstance(cls.additive, bool) and isinstance(cls.is_sparse, bool), cls
     assert sorted(cls.kind for cls in classes) == sorted([*kinds.KINDS, "shira"])
-    assert [cls.kind for cls in classes if not cls.additive] == ["dora", "ia3", "glora", "oft"]
+    assert [cls.kind for cls in classes if not cls.additive] == ["dora", "ia3", "glora", "oft", "norm"]
     assert [cls.kind for cls in classes if cls.is_sparse] == ["shira"]
 
 

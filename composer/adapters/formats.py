@@ -289,7 +289,10 @@ def _kohya_module(lora_name: str) -> str:
             modules += list(_collect(component, _to_peft_keys(component, sub), {}))
     if len(modules) != 1:
         raise FormatError(f"unknown key format (key {lora_name!r})")
-    return modules[0]
+    comp, _, rel = modules[0].partition(".")
+    if comp in TEXT_COMPONENTS:  # CLIP's norms (LyCORIS norm layers), which diffusers' names never reach
+        rel = rel.replace(".layer.norm", ".layer_norm").replace("final.layer.norm", "final_layer_norm")
+    return f"{comp}.{rel}"
 
 
 def _parse_kohya_flux(state_dict):

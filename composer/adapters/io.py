@@ -21,6 +21,9 @@ from .family import detect_family
 from .formats import (
     LORA_ADAPTER_METADATA_KEY, FormatError, from_peft_folder, parse_state_dict, peft_folder, to_diffusers_state_dict,
 )
+from .embeddings import EmbeddingError, split_bundled
+from .kinds import KindError
+from .kinds.dora import with_scaling
 from .metadata import PREFERRED_WEIGHT_KEY, build_metadata
 from .types import Adapter, AdapterMetadata
 
@@ -99,8 +102,13 @@ def read_state_dict(path, allow_pickle: bool = False) -> tuple[dict[str, torch.T
     return tensors, header, p
 
 
-def load_adapter(path, name: str | None = None, allow_pickle: bool = False) -> Adapter:
+def load_adapter(path, name: str | None = None, allow_pickle: bool = False, dora_scaling: str = "comfy") -> Adapter:
     """Load a LoRA file (diffusers/PEFT or kohya/A1111 keys) into the canonical :class:`Adapter`.
+
+    ``dora_scaling``: what a weight other than 1 means for DoRA layers: ``"comfy"`` (default, ComfyUI's
+    ``W0 + w (DoRA(W0) - W0)``) or ``"peft"`` (PEFT's and diffusers' ``m (W0 + w d) / ||W0 + w d||``); see
+    :mod:`lora_composer.adapters.kinds.dora`. A1111 bundled embeddings land on ``Adapter.embeddings``
+    (:mod:`lora_composer.adapters.embeddings` loads them into a pipeline).
 
     SHiRA adapters (a PEFT SHiRA folder or file, or our sparse format) load with :class:`SparseDelta`
     deltas (see :mod:`lora_composer.adapters.shira`).
@@ -123,10 +131,12 @@ def load_adapter(path, name: str | None = None, allow_pickle: bool = False) -> A
     if shira.is_shira_state_dict(tensors):  # sparse (SHiRA) adapter: PEFT's keys or ours
         return shira.load_shira(path, name=name)
     try:
-        deltas, source_format = parse_state_dict(tensors, header)
-    except FormatError as e:
+        tensors, embeddings = split_bundled(tensors)
+        deltas, source_format = parse_state_dict(tensors, header) if tensors or not embeddings else ({}, "kohya")
+        deltas = with_scaling(deltas, dora_scaling)
+    except (FormatError, EmbeddingError, KindError) as e:
         raise _fail(path, e) from None
-    if not deltas:
+    if not deltas and not embeddings:
         raise _fail(path, "no LoRA layers found")
     for module, d in deltas.items():
         for which, t in d.tensors().items():
@@ -140,6 +150,7 @@ def load_adapter(path, name: str | None = None, allow_pickle: bool = False) -> A
         deltas=deltas,
         metadata=metadata,
         path=str(resolved),
+        embeddings=embeddings,
     )
 
 

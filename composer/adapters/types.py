@@ -61,6 +61,7 @@ class LayerDelta:
     additive: ClassVar[bool] = True
     is_sparse: ClassVar[bool] = False
     targets: ClassVar[tuple[str, ...]] = ("Linear", "Conv2d")
+    linear: ClassVar[bool] = True
 
     @property
     def rank(self) -> int:
@@ -219,6 +220,8 @@ class Adapter:
     deltas: dict[str, LayerDelta]
     metadata: AdapterMetadata = field(default_factory=AdapterMetadata)
     path: str | None = None
+    # textual inversions bundled in the file (A1111's ``bundle_emb.NAME...``): NAME -> {text encoder: [n, width]}
+    embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def components(self) -> set[str]:
         """Top-level pipeline components this adapter touches (``unet``, ``text_encoder``, ...)."""

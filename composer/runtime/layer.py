@@ -22,6 +22,15 @@ from lora_composer.kernels import fold_delta, sparse_delta, sparse_fold, sparse_
 from lora_composer.kernels.sparse_ops import merge_sparse, merged_values, sparse_conv_delta
 
 DOWN, UP = "_lora_composer_down", "_lora_composer_up"
+NORMS = (torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
+def _norm_args(module: torch.nn.Module):
+    if isinstance(module, torch.nn.LayerNorm):
+        return ("layer", tuple(module.normalized_shape), module.eps)
+    if isinstance(module, torch.nn.GroupNorm):
+        return ("group", module.num_groups, module.eps)
+    return None
 
 
 @dataclass
@@ -37,7 +46,7 @@ class PatchedLayer:
     """Owns the hook, the stacked factors and the fused-mode backup of one base module."""
 
     def __init__(self, module: torch.nn.Module, mixer: MixingState, group: str | None = None, reserve: int = 0):
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, *NORMS)):
             raise TypeError(f"cannot patch {type(module).__name__}")
         self.module = module
         self.mixer = mixer
@@ -51,6 +60,8 @@ class PatchedLayer:
             if isinstance(module, torch.nn.Conv2d)
             else None
         )
+        # a norm layer (dense deltas only: LyCORIS norms): F.layer_norm / F.group_norm's arguments besides weights
+        self.norm = _norm_args(module)
         self.backup: torch.Tensor | None = None  # base weight before fusing, restored bit-exactly
         self.slot_index = torch.zeros(0, dtype=torch.long)  # adapter slot of each rank column
         self.alpha = torch.zeros(0)  # alpha / r of each rank column
@@ -72,6 +83,9 @@ class PatchedLayer:
         self._kept: dict[frozenset[int], tuple[torch.Tensor, torch.Tensor]] = {}
         # dense deltas: slot -> (dW fp32 shaped like the weight, db fp32 or None), on the weight's device
         self.dense: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # dense deltas not linear in their weight (PEFT-scaled DoRA): slot -> at(w) giving (dW, db) at weight w
+        self.dense_at: dict[int, object] = {}
+        self._at_cache: dict[tuple[int, float], tuple] = {}
         self.bias_backup: torch.Tensor | None = None
         self._dense_key = None
         self._dense_cache = None
@@ -168,18 +182,38 @@ class PatchedLayer:
         self._kept.clear()
         self._sparse_key = None
 
-    def add_dense(self, slot: int, dw: torch.Tensor, db: torch.Tensor | None) -> None:
-        """Attach a dense delta: ``weight += w * dw`` and ``bias += w * db`` when it acts with weight ``w``."""
+    def add_dense(self, slot: int, dw: torch.Tensor, db: torch.Tensor | None, at=None) -> None:
+        """Attach a dense delta: ``weight += w * dw`` and ``bias += w * db`` when it acts with weight ``w``; or,
+        given ``at``, ``(dW, db) = at(w)`` (a delta not linear in its weight)."""
         weight, bias = self.module.weight, self.module.bias
         if db is not None and bias is None:
             raise ValueError("a bias delta for a layer without bias")
         dev = weight.device
         self.dense[slot] = (dw.float().to(dev).contiguous(), None if db is None else db.float().to(dev).reshape(-1))
+        if at is not None:
+            self.dense_at[slot] = at
         self._dense_key = None
 
     def remove_dense(self, slot: int) -> None:
         self.dense.pop(slot, None)
+        self.dense_at.pop(slot, None)
+        self._at_cache = {k: v for k, v in self._at_cache.items() if k[0] != slot}
         self._dense_key = None
+
+    def dense_for(self, slot: int, w: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(dW, db)`` of a dense slot acting with weight ``w``."""
+        at = self.dense_at.get(slot)
+        if at is None or w == 0.0:  # weight 0 is off, for every kind
+            dw, db = self.dense[slot]
+            return w * dw, None if db is None else w * db
+        key = (slot, float(w))
+        if key not in self._at_cache:
+            if len(self._at_cache) >= 64:
+                self._at_cache.clear()
+            dev = self.module.weight.device
+            dw, db = at(float(w))
+            self._at_cache[key] = (dw.float().to(dev), None if db is None else db.float().to(dev).reshape(-1))
+        return self._at_cache[key]
 
     def holds_any(self, slots) -> bool:
         return any(self.holds(s) for s in slots)
@@ -206,6 +240,8 @@ class PatchedLayer:
         self.rank = 0
         self.sparse = {}
         self.dense = {}
+        self.dense_at = {}
+        self._at_cache = {}
         self.mixer.detach(self)
 
     # -- scales --------------------------------------------------------------------------------
@@ -337,9 +373,10 @@ class PatchedLayer:
                 live = [s for s in sorted(self.dense) if s in mixer.active_slots]
                 if live:
                     w = mixer.weights_for(self.group)[:, live].float()
-                    dw = sum(float(w[0, i]) * self.dense[s][0] for i, s in enumerate(live))
-                    dbs = [(float(w[0, i]), self.dense[s][1]) for i, s in enumerate(live) if self.dense[s][1] is not None]
-                    db = sum(c * b for c, b in dbs) if dbs else None
+                    parts = [self.dense_for(s, float(w[0, i])) for i, s in enumerate(live)]
+                    dw = sum(p[0] for p in parts)
+                    dbs = [p[1] for p in parts if p[1] is not None]
+                    db = sum(dbs) if dbs else None
                     uniform = w.shape[0] == 1 or bool((w == w[:1]).all())
                     self._dense_cache = (live, w.to(self.module.weight.device), dw, db, uniform)
         return self._dense_cache
@@ -349,6 +386,11 @@ class PatchedLayer:
         the module's own convolution settings."""
         dw = dw.to(x.dtype)
         db = None if db is None else db.to(x.dtype)
+        if self.norm is not None:  # norm(x; W + dW, b + db) - norm(x; W, b) = x̂ dW + db
+            kind, arg, eps = self.norm
+            if kind == "layer":
+                return F.layer_norm(x, arg, dw, db, eps)
+            return F.group_norm(x, arg, dw, db, eps)
         if self.conv is None:
             return F.linear(x, dw, db)
         return F.conv2d(x, dw, db, **self.conv)
@@ -361,8 +403,12 @@ class PatchedLayer:
             raise ValueError(f"mixing tensor has {w.shape[0]} rows but the batch has {x.shape[0]}")
         total = None
         for i, s in enumerate(live):
-            col = w[:, i].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-            part = self.apply_dense(x, *self.dense[s]) * col
+            if s in self.dense_at:  # not linear in its weight: each row with its own weight's delta
+                part = torch.cat([self.apply_dense(x[r : r + 1], *self.dense_for(s, float(w[r, i])))
+                                  for r in range(x.shape[0])])
+            else:
+                col = w[:, i].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+                part = self.apply_dense(x, *self.dense[s]) * col
             total = part if total is None else total + part
         return total
 

@@ -53,6 +53,8 @@ def _check_fit(module: torch.nn.Module, delta) -> str | None:
         return _check_sparse_fit(module, delta)
     if not isinstance(module, tuple(getattr(torch.nn, t) for t in delta.targets)):
         return f"is a {type(module).__name__}, not a {' or '.join(delta.targets)}"
+    if module.weight is None:
+        return f"is a {type(module).__name__} without a weight"
     if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
         return f"is a grouped convolution (groups={module.groups})"
     return delta.check(tuple(module.weight.shape))
@@ -93,9 +95,19 @@ def _add_dense(layer: PatchedLayer, slot: int, module: torch.nn.Module, delta) -
     if factors is not None:
         layer.add(slot, factors.down, factors.up, factors.scale)
         return
+    bias = None if module.bias is None else module.bias.detach()
     with torch.no_grad():
-        dw, db = delta.dense(weight.detach(), None if module.bias is None else module.bias.detach())
-    layer.add_dense(slot, dw, db)
+        dw, db = delta.dense(weight.detach(), bias)
+    at = None
+    if not delta.linear:  # its delta at weight w is not w times the delta at 1: taken of the base weight as now
+        base_w, base_b = weight.detach().clone(), None if bias is None else bias.clone()
+        at = functools.partial(_dense_at, delta, base_w, base_b)
+    layer.add_dense(slot, dw, db, at=at)
+
+
+def _dense_at(delta, weight, bias, w: float):
+    with torch.no_grad():
+        return delta.dense_at(weight, bias, w)
 
 
 class LoraRuntime:

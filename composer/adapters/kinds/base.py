@@ -188,6 +188,7 @@ class KindDelta(Kind):
     kind: ClassVar[str] = "lora"
     label_: ClassVar[str] = ""
     targets: ClassVar[tuple[str, ...]] = ("Linear", "Conv2d")  # torch.nn module classes it patches
+    linear: ClassVar[bool] = True  # weight w acts as w * dense (else dense_at(weight, bias, w) gives it)
 
     @property
     def label(self) -> str:
@@ -252,6 +253,11 @@ class KindDelta(Kind):
 
     def dense(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         return self.flat_delta().reshape(weight.shape), None
+
+    def dense_at(self, weight: torch.Tensor, bias: torch.Tensor | None = None, w: float = 1.0):
+        """``(dW, db)`` the delta adds at weight ``w``: ``w`` times :meth:`dense` unless the kind is not ``linear``."""
+        dw, db = self.dense(weight, bias)
+        return w * dw, None if db is None else w * db
 
     def check(self, shape: tuple) -> str | None:
         return shape_error(self.kind, tuple(self.flat_delta().shape), tuple(shape))

@@ -5,11 +5,19 @@ Built on another kind's delta (``wraps``): kohya files add ``dora_scale`` to a L
 ``lora_magnitude_vector`` beside ``lora_A`` / ``lora_B`` (per output channel). ``eps`` is LyCORIS's
 ``finfo(float32).eps`` for kohya files, 0 for PEFT's. Multiplicative: see :mod:`.base` for what weight ``w``
 means.
+
+What a weight ``w`` other than 1 means (``scaling``, :data:`SCALINGS`):
+
+- ``"comfy"`` (the default, every file): ``W0 + w (f(W0) - W0)``, ComfyUI's meaning of a DoRA strength; linear in
+  ``w``, so it mixes per row and per step as every other kind does.
+- ``"peft"``: ``m (W0 + w d) / ||W0 + w d||`` with ``d`` the inner delta, what PEFT and diffusers compute for a
+  DoRA LoRA at adapter weight ``w`` (``set_adapters`` scales inside the norm). Not linear in ``w``: the runtime
+  recomputes the layer's weight for each weight it meets (fused, or per row unfused).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,6 +30,7 @@ class DoRADelta(KindDelta):
     inner: object
     magnitude: torch.Tensor
     eps: float = 0.0
+    scaling: str = "comfy"
     kind = "dora"
     label_ = "DoRA"
     additive = False
@@ -37,9 +46,22 @@ class DoRADelta(KindDelta):
     def _view(self) -> LayerDelta:  # retrieval reads the direction change
         return self.inner if isinstance(self.inner, LayerDelta) else self.inner._view()
 
+    @property
+    def linear(self) -> bool:
+        """Whether weight ``w`` acts as ``w * dense`` (``"comfy"``); else :meth:`dense_at` gives each weight's."""
+        return self.scaling == "comfy"
+
     def dense(self, weight, bias=None):
+        return self.dense_at(weight, bias, 1.0)
+
+    def dense_at(self, weight, bias=None, w: float = 1.0):
+        """``(dW, db)`` that the adapter adds at weight ``w`` under ``"peft"`` scaling (``w * dense`` under
+        ``"comfy"``)."""
+        if self.scaling == "comfy" and w != 1.0:
+            dw, _ = self.dense_at(weight, bias, 1.0)
+            return w * dw, None
         w0 = weight.float()
-        v = w0 + self.inner.dense(w0)[0].reshape(w0.shape)
+        v = w0 + w * self.inner.dense(w0)[0].reshape(w0.shape)
         axis = 1 if self.on_input else 0
         per = v.transpose(0, axis).reshape(v.shape[axis], -1).norm(dim=1)
         norm = broadcast(per, v, axis) + self.eps
@@ -76,3 +98,13 @@ class DoRADelta(KindDelta):
             raise KindError(f"layer {name} has lora_magnitude_vector (DoRA) but no lora_A/lora_B weights")
         magnitude = parts.get("lora_magnitude_vector", parts.get("lora_magnitude_vector.weight"))
         return cls(inner, magnitude.reshape(-1), eps=0.0)  # PEFT normalises per output channel, whatever the shape
+
+
+SCALINGS = ("comfy", "peft")
+
+
+def with_scaling(deltas: dict, scaling: str) -> dict:
+    """``deltas`` with every DoRA layer read with ``scaling`` (:data:`SCALINGS`; see the module docstring)."""
+    if scaling not in SCALINGS:
+        raise KindError(f"dora_scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
+    return {k: replace(d, scaling=scaling) if isinstance(d, DoRADelta) else d for k, d in deltas.items()}

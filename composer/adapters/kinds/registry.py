@@ -15,6 +15,7 @@ from .ia3 import IA3Delta
 from .loha import LoHaDelta
 from .lokr import LoKrDelta
 from .lora import LoRA
+from .norm import NormDelta
 from .oft import OFTDelta
 
 REGISTRY: list = [
@@ -25,10 +26,11 @@ REGISTRY: list = [
     GLoRADelta,
     FullDelta,
     IA3Delta,
+    NormDelta,
     DoRADelta,
 ]
 
-KINDS = ("lora", "loha", "lokr", "full", "dora", "ia3", "glora", "oft")  # the built-in kinds (SHiRA aside)
+KINDS = tuple(k.kind for k in REGISTRY)  # the built-in kinds (SHiRA aside)
 
 # Key fragments of methods that are recognised but not loaded: (fragment, what it is).
 NOT_LOADED = (
