@@ -14,6 +14,7 @@ from lora_composer.fusion import fit, fit_cache, get_strategy
 from lora_composer.pipeline import ComposerPipeline
 
 CALL = dict(num_inference_steps=2, height=64, width=64, output_type="np", progress=False)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny layers: threads only add contention
 FAST = dict(iters=2, sample_steps=1, levels=(0.7,), templates=("{trigger}",), progress=False, lr=0.1)
 
 
