@@ -22,9 +22,7 @@ def adapter_bytes(adapter: Adapter) -> int:
     """Host memory held by ``adapter``'s tensors."""
     total = 0
     for delta in adapter.deltas.values():
-        parts = delta.tensors().values() if hasattr(delta, "tensors") else [
-            getattr(delta, n) for n in ("down", "up", "indices", "values") if hasattr(delta, n)]
-        total += sum(t.numel() * t.element_size() for t in parts if hasattr(t, "numel"))
+        total += sum(t.numel() * t.element_size() for t in delta.tensors().values())
     return total
 
 
