@@ -155,6 +155,9 @@ class Strategy(ABC):
     name: str = ""
     # True: the prompt is split into regions (``BREAK``) and the pipeline gives them in ``context.regions``
     regional: bool = False
+    # True: fitted once per LoRA set before it renders (seconds of CPU per set): ``compose eval`` measures it only
+    # when asked by name
+    fitted: bool = False
     # What it measured on the mini worlds, one line read from the recorded ``compose eval`` runs
     # (lora_composer.measured): ``compose --help`` and the web UI show it, so a user picks a strategy by what it
     # did, not by its paper's claim.

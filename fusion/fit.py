@@ -332,7 +332,7 @@ def scaled(adapter, index: int, coefficients: dict[str, torch.Tensor], name: str
 
 class FitStrategy(Strategy):
     name = "fit"
-    measured = "collapses on both mini worlds: all concepts 0% at 3 and 4 LoRAs (merge 25-50%), held-out seed 3000, 4 images per size; 11-34 s CPU per set, once"
+    fitted = True
 
     def __init__(self, iters: int = 30, lr: float = 0.1, ortho: float = 0.1, levels: tuple | float = (0.4, 0.8),
                  templates: tuple | str = ("{trigger}",), images: int = 1, sample_steps: int = 8, guidance: float | None = None, scope: str = "all", seed: int = FIT_SEED,

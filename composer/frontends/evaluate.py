@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default) or the base fine-tuned on two-object pictures (its text encoder changed)")
     p.add_argument("--auto", action="store_true",
                    help="two-objects: every render picks its LoRAs with --loras auto from its words (regional: per region)")
-    p.add_argument("--strategies", nargs="+", metavar="NAME", help="strategies to measure (default: every one in fusion/); NAME:ARGS measures a variant, "
+    p.add_argument("--strategies", nargs="+", metavar="NAME", help="strategies to measure (default: every one in fusion/ but those fitted per set, such as fit: name them); NAME:ARGS measures a variant, "
                         "e.g. 'marginal:scale=0.5 until=0.3'")
     p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], metavar="K", help="combination sizes (default 2 3 4)")
     p.add_argument("--combos", type=int, default=None, metavar="K",
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     if args.world == "community":
         return _community(args, argv)
     args.seeds = 2 if args.seeds is None else args.seeds
-    strategies = args.strategies or [s for s in available() if not STRATEGIES[s].regional]
+    strategies = args.strategies or [s for s in available() if not STRATEGIES[s].regional and not STRATEGIES[s].fitted]
     unknown = [s for s in strategies if s.partition(":")[0] not in available()]
     if unknown:
         raise UsageError(f"unknown strategy {unknown[0].partition(':')[0]!r} (known: {', '.join(available())})")
