@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lora_composer.adapters import load_adapter
+from lora_composer.adapters.embeddings import attach_embeddings, detach_embeddings
 from lora_composer.adapters.types import Adapter
 from lora_composer.driver import DenoiserDriver
 from lora_composer.errors import ComposerError, one_line
@@ -30,6 +31,7 @@ from lora_composer.render import generation_record, render_for
 from lora_composer.runtime import LoraRuntime
 from lora_composer.vocab import DEFAULT_GUIDANCE, MAX_SEED, MODEL_DEFAULTS_FILE
 from lora_composer.fusion import StrategyContext, get_strategy
+from lora_composer.fusion.registry import AUTO, resolve_auto
 from lora_composer.fusion.base import Region
 
 
@@ -147,6 +149,12 @@ class ComposerPipeline:
         # with --from-image on any install
         self.model = str(defaults.get("name") or model)
         self.default_guidance = float(defaults.get("guidance_scale", pipeline_guidance(pipe)))  # when a call gives none
+        # the mini world whose recorded runs --strategy auto picks from ("" for any other model)
+        self.world = str(defaults.get("world", ""))
+        # what a DoRA file's weight other than 1 means: "comfy" (ComfyUI's, default) or "peft" (diffusers'/PEFT's)
+        self.dora_scaling = "comfy"
+        self._embeddings: dict[str, dict[str, list[str]]] = {}  # adapter name -> tokens its bundled embeddings added
+        self.last_auto = ""  # why --strategy auto picked what it did in the last call
         self.runtime = LoraRuntime(pipe)
         self._files: dict[str, tuple] = {}  # adapter name -> (resolved path, size, mtime)
         self.adapter_loader = load_adapter  # (path, name=, allow_pickle=) -> Adapter; a server puts a cache here
@@ -195,8 +203,17 @@ class ComposerPipeline:
             if known[0] == key[0] and (name is None or name == attached):
                 self.unload_lora(attached)  # the file changed on disk: load it again
                 break
-        adapter = self.adapter_loader(path, name=name or self._free_name(lora_name(path)), allow_pickle=allow_pickle)
+        name = name or self._free_name(lora_name(path))
+        if self.dora_scaling == "comfy":  # the loader's default (a server's cache loader takes no other)
+            adapter = self.adapter_loader(path, name=name, allow_pickle=allow_pickle)
+        else:
+            adapter = load_adapter(path, name=name, allow_pickle=allow_pickle, dora_scaling=self.dora_scaling)
         self.runtime.add(adapter)
+        try:  # A1111's bundled embeddings (bundle_emb.*) join the tokenizer while the LoRA is loaded
+            self._embeddings[adapter.name] = attach_embeddings(self.pipe, adapter.embeddings, str(path))
+        except ComposerError:
+            self.runtime.remove(adapter.name)
+            raise
         self._files[adapter.name] = key
         return adapter
 
@@ -209,11 +226,15 @@ class ComposerPipeline:
 
     def unload_lora(self, name: str) -> None:
         self.runtime.remove(name)
+        detach_embeddings(self.pipe, self._embeddings.pop(name, {}))
         self._files.pop(name, None)
 
     def unload_all(self) -> None:
         """Detach every adapter: the wrapped pipeline is exactly the base model again."""
         self.runtime.clear()
+        for added in self._embeddings.values():
+            detach_embeddings(self.pipe, added)
+        self._embeddings.clear()
         self._files.clear()
 
     # -- limits ----------------------------------------------------------------------------------
@@ -451,6 +472,11 @@ class ComposerPipeline:
         if seed is not None and not 0 <= int(seed) <= MAX_SEED:
             raise ComposerError(f"seed={seed}: must be between 0 and {MAX_SEED}")
         start = time.perf_counter()
+        auto = strategy == AUTO
+        if auto:  # regions decide now; otherwise merge until the LoRAs are known (below)
+            if strategy_args:
+                raise ComposerError("strategy 'auto' takes no arguments: it picks a strategy with its defaults")
+            strategy = "regional" if len(split_regions(prompt)[1]) > 1 else "merge"
         strat = get_strategy(strategy, **(strategy_args or {}))
         if strat.regional:  # "COMMON ADDCOMM A <lora:x> BREAK B": tags in a region act in it only
             common, texts = split_regions(prompt)
@@ -467,6 +493,9 @@ class ComposerPipeline:
             loras = self.choose_loras(clean_prompt, top_k, min_score)
         refs = [_as_ref(item) for item in loras] + tag_refs
         region_refs = [r for _, rs in parts for r in rs] if strat.regional else []
+        if auto:  # the best measured for this many LoRAs in the model's world (lora_composer.measured)
+            name, self.last_auto = resolve_auto(prompt, len({r.name for r in refs + region_refs}), self.world)
+            strat = get_strategy(name) if name != strat.name else strat
         if negative_prompt and float(pipe_kwargs.get("true_cfg_scale") or 1) > 1 and not strat.static:
             # FLUX's true CFG: two transformer calls per step, which a per-step plan (and its cache) would take for two
             raise ComposerError(f"strategy '{strat.name}' cannot run with true CFG (negative_prompt and "

@@ -97,3 +97,28 @@ def test_bad_bundled_embeddings_are_refused_in_one_line(tmp_path, sd15_pipe):
     assert "\n" not in str(info.value)
     n1, table1 = _vocab_state(sd15_pipe)  # nothing half-loaded: the good one is gone again
     assert n1 == n0 and torch.equal(table1, table0)
+
+
+def test_the_pipeline_loads_and_unloads_bundled_embeddings_with_the_lora(sd15_pipe, tmp_path):
+    """``ComposerPipeline.load_lora`` adds a file's bundled embedding to the tokenizer; unloading the LoRA (alone or
+    with every other) removes it exactly; a file whose embedding cannot load leaves nothing attached."""
+    from lora_composer.pipeline import ComposerPipeline
+
+    vec = torch.randn(1, 32, generator=torch.Generator().manual_seed(7))
+    path = tmp_path / "with-emb.safetensors"
+    save_file({**_lora(), "bundle_emb.zorbl.string_to_param.*": vec}, str(path))
+    composer = ComposerPipeline(sd15_pipe)
+    n0, table0 = _vocab_state(sd15_pipe)
+    adapter = composer.load_lora(path)
+    assert "zorbl" in sd15_pipe.tokenizer.get_vocab() and adapter.name in composer.adapters
+    composer.unload_lora(adapter.name)
+    n1, table1 = _vocab_state(sd15_pipe)
+    assert n1 == n0 and torch.equal(table1, table0) and not composer.adapters
+    composer.load_lora(path)
+    composer.unload_all()
+    assert len(sd15_pipe.tokenizer) == n0 and "zorbl" not in sd15_pipe.tokenizer.get_vocab()
+    wrong = tmp_path / "wrong-width.safetensors"  # a 48-wide vector for a 32-wide text encoder
+    save_file({**_lora(), "bundle_emb.zorbl.string_to_param.*": torch.randn(1, 48)}, str(wrong))
+    with pytest.raises(ComposerError):
+        composer.load_lora(wrong)
+    assert not composer.adapters and len(sd15_pipe.tokenizer) == n0

@@ -71,3 +71,24 @@ def test_help_and_web_ui_offer_auto():
     text = " ".join(build_parser().format_help().split())
     assert "combined: auto, " in text and " auto regional when the prompt has BREAK regions" in text
     assert ui._params_text(AUTO).startswith("`auto`: regional when")
+
+
+def test_the_pipeline_resolves_auto_and_records_the_strategy_used(recorded):
+    """On the mini world (its model folder names the one-object world): 4 LoRAs -> tsv, 3 -> merge (a tie),
+    regions -> regional; the image records what ran and ``last_auto`` says why."""
+    from lora_composer.default_model import ensure_default_model
+    from lora_composer.pipeline import ComposerPipeline
+
+    model, library = ensure_default_model()
+    composer = ComposerPipeline.from_pretrained(str(model), library=str(library))
+    assert composer.world == "one-object"
+    call = dict(num_inference_steps=1, seed=3, progress=False)
+    four = ["star-shape", "purple-colour", "checkered-bg", "outline-style"]
+    composer("a star", loras=four, strategy="auto", **call)
+    assert composer.last_record.strategy == "tsv" and "one-object world at 4 LoRAs" in composer.last_auto
+    composer("a star", loras=four[:3], strategy="auto", **call)
+    assert composer.last_record.strategy == "merge"
+    composer("a star <lora:star-shape> BREAK a cross <lora:purple-colour>", strategy="auto", **call)
+    assert composer.last_record.strategy == "regional"
+    with pytest.raises(ComposerError, match="takes no arguments"):
+        composer("a star", loras=four, strategy="auto", strategy_args={"every": 2}, **call)

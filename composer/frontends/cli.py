@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--trigger-words", dest="trigger_words", action="store_true", default=None,
         help="append each LoRA's trigger words to the prompt",
     )
+    p.add_argument(
+        "--dora-scaling", dest="dora_scaling", choices=("comfy", "peft"), default="comfy",
+        help="what a DoRA LoRA's weight other than 1 means: comfy (default, ComfyUI's W0 + w (DoRA(W0) - W0)) or peft "
+             "(diffusers/PEFT: the weight scales the delta inside the norm); docs/FORMATS.md",
+    )
     p.add_argument("--from-image", dest="from_image", metavar="PNG", help="re-render a PNG written by compose (other flags override)")
     p.add_argument(
         "--allow-pickle", dest="allow_pickle", action="store_true",
@@ -255,6 +260,7 @@ def render(args) -> int:
 
     device, dtype = device_and_dtype(args.device, args.dtype, model)
     pipe = load_pipeline(model, library, device=device, dtype=dtype)
+    pipe.dora_scaling = args.dora_scaling
     try:
         pipe.check_size(s["height"], s["width"], s["steps"], limits=not args.no_limits)  # before any LoRA loads
         for path, _, _ in loras:  # attached once here; the call below reuses them
