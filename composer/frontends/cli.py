@@ -152,8 +152,8 @@ def _strategy_lines() -> str:
     from lora_composer.fusion.registry import AUTO, AUTO_HELP, STRATEGIES
 
     width = max(len(name) for name in STRATEGIES)
-    return "\n" + textwrap.fill(AUTO_HELP, 100, initial_indent=f"  {AUTO:<{width}}  ", subsequent_indent=" " * (width + 4)) + "".join(
-        "\n" + textwrap.fill(cls.measured or "-", 100, initial_indent=f"  {name:<{width}}  ",
+    return "\n" + textwrap.fill(AUTO_HELP, 100, break_on_hyphens=False, initial_indent=f"  {AUTO:<{width}}  ", subsequent_indent=" " * (width + 4)) + "".join(
+        "\n" + textwrap.fill(cls.measured or "-", 100, break_on_hyphens=False, initial_indent=f"  {name:<{width}}  ",
                              subsequent_indent=" " * (width + 4))
         for name, cls in sorted(STRATEGIES.items()))
 
