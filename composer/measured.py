@@ -51,8 +51,8 @@ def _rates(summary: dict) -> dict[str, float]:
 
 
 def world_line(world: str, strategy: str) -> str | None:
-    """``"community world, seed 3000, 25 pictures each: all concepts 0.35 / 0.20 at 3 / 4 LoRAs (merge 0.40 /
-    0.25)"``, or None."""
+    """``"community world, seed 3000, 25 pictures: all concepts 0.35 / 0.20 at 3 / 4 LoRAs (merge 0.40 / 0.25)"``,
+    or None."""
     run = best_run(world, strategy)
     if run is None:
         return None
@@ -61,8 +61,7 @@ def world_line(world: str, strategy: str) -> str | None:
     if not sizes:
         return None
     unit = "LoRAs" if world != "two-objects" else "(two-object kinds)"
-    per = (run["strategies"][strategy].get("images") or 0) // max(1, len(mine))
-    line = (f"{world} world, seed {run['seed']}, {per} pictures each: all concepts {' / '.join(f'{mine[k]:.2f}' for k in sizes)} at "
+    line = (f"{world} world, seed {run['seed']}, {run['strategies'][strategy].get('images') or 0} pictures: all concepts {' / '.join(f'{mine[k]:.2f}' for k in sizes)} at "
             f"{' / '.join(sizes)} {unit}")
     merge = _rates(run["strategies"].get("merge", {}))
     if strategy != "merge" and all(k in merge for k in sizes):
@@ -81,8 +80,8 @@ BASE_KEPT = 0.05  # how much base-concept confidence below merge's a pick may lo
 
 def best(world: str, size: int, candidates) -> str | None:
     """The candidate with the highest all-concepts rate at ``size`` LoRAs in ``world``'s best-sampled run that
-    measured merge (merge breaks ties), among those that keep the base model's named concepts (base-concept
-    confidence at most :data:`BASE_KEPT` below merge's); None when nothing is recorded."""
+    measured merge, among those that keep the base model's named concepts (base-concept confidence at most
+    :data:`BASE_KEPT` below merge's) and beat merge by more than one picture; None when nothing is recorded."""
     run = best_run(world, "merge")
     if run is None:
         return None
@@ -90,7 +89,13 @@ def best(world: str, size: int, candidates) -> str | None:
     scores = {name: _rates(s).get(str(size)) for name, s in run["strategies"].items()
               if name in set(candidates) and (s.get("base_confidence") is None or s["base_confidence"] >= floor)}
     scores = {k: v for k, v in scores.items() if v is not None}
-    return max(scores, key=lambda k: (scores[k], k == "merge")) if scores else None
+    if not scores:
+        return None
+    # a lead over merge of one picture is noise: another strategy must beat it by more than one picture's share
+    per_size = (run["strategies"]["merge"].get("images") or 1) / max(1, len(_rates(run["strategies"]["merge"])))
+    if "merge" in scores:
+        scores = {k: v for k, v in scores.items() if k == "merge" or v > scores["merge"] + 1.0 / per_size + 1e-9}
+    return max(scores, key=lambda k: (scores[k], k == "merge"))
 
 
 def auto(world: str, loras: int, regions: bool, candidates) -> tuple[str, str]:

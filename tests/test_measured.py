@@ -34,27 +34,29 @@ def test_a_recorded_run_is_quoted_beside_merge_from_the_same_run(results):
     assert [r["seed"] for r in data["runs"]] == [3000, 1000]
     assert "by_combination" not in data["runs"][0]["strategies"]["merge"]  # the summary only
     # the run with the most pictures of the strategy wins, and its own merge figures are quoted
-    assert measured.line("switch") == "community world, seed 3000, 10 pictures each: all concepts 0.30 / 0.10 at 3 / 4 LoRAs (merge 0.40 / 0.25)"
-    assert measured.line("merge") == "community world, seed 3000, 10 pictures each: all concepts 0.40 / 0.25 at 3 / 4 LoRAs"
+    assert measured.line("switch") == "community world, seed 3000, 20 pictures: all concepts 0.30 / 0.10 at 3 / 4 LoRAs (merge 0.40 / 0.25)"
+    assert measured.line("merge") == "community world, seed 3000, 20 pictures: all concepts 0.40 / 0.25 at 3 / 4 LoRAs"
     assert measured.line("ties") == "not measured on the mini worlds yet"
 
 
 def test_every_world_recorded_is_quoted_in_order(results):
     measured.record(results / "community.json", _result(3000, 5, merge=(0.4, 0.2)), "c", "community")
     measured.record(results / "one-object.json", _result(3000, 5, merge=(0.5, 0.3)), "o", "one-object")
-    assert measured.line("merge").split("; ") == ["one-object world, seed 3000, 2 pictures each: all concepts 0.50 / 0.30 at 3 / 4 LoRAs",
-                                                  "community world, seed 3000, 2 pictures each: all concepts 0.40 / 0.20 at 3 / 4 LoRAs"]
+    assert measured.line("merge").split("; ") == ["one-object world, seed 3000, 5 pictures: all concepts 0.50 / 0.30 at 3 / 4 LoRAs",
+                                                  "community world, seed 3000, 5 pictures: all concepts 0.40 / 0.20 at 3 / 4 LoRAs"]
     with pytest.raises(ValueError, match="records the 'community' world"):
         measured.record(results / "community.json", _result(1, 1, merge=(0, 0)), "x", "one-object")
 
 
 def test_best_picks_the_highest_rate_with_merge_winning_a_tie(results):
-    measured.record(results / "community.json", _result(3000, 5, merge=(0.4, 0.2), switch=(0.4, 0.1), tsv=(0.1, 0.3)),
+    measured.record(results / "community.json", _result(3000, 40, merge=(0.4, 0.2), switch=(0.4, 0.1), tsv=(0.1, 0.3)),
                     "c", "community")
     assert measured.best("community", 3, ["merge", "switch", "tsv"]) == "merge"
     assert measured.best("community", 4, ["merge", "switch", "tsv"]) == "tsv"
     assert measured.best("community", 4, ["switch"]) == "switch"
     assert measured.best("one-object", 4, ["merge"]) is None
+    measured.record(results / "two.json", _result(1, 4, merge=(0.5, 0.5), tsv=(1.0, 1.0)), "t", "two")
+    assert measured.best("two", 3, ["merge", "tsv"]) == "merge"  # a one-picture lead (2 per size) is noise
     over = _result(1, 5, merge=(0.4, 0.2), marginal=(0.9, 0.9))
     over["strategies"]["merge"]["base_confidence"], over["strategies"]["marginal"]["base_confidence"] = 0.95, 0.5
     measured.record(results / "one-object.json", over, "o", "one-object")
@@ -63,18 +65,20 @@ def test_best_picks_the_highest_rate_with_merge_winning_a_tie(results):
 
 def test_strategies_read_their_line_from_the_records(results):
     measured.record(results / "one-object.json", _result(7, 5, merge=(0.5, 0.3), klora=(0.1, 0.05)), "o", "one-object")
-    assert STRATEGIES["klora"].measured == "one-object world, seed 7, 2 pictures each: all concepts 0.10 / 0.05 at 3 / 4 LoRAs (merge 0.50 / 0.30)"
+    assert STRATEGIES["klora"].measured == "one-object world, seed 7, 5 pictures: all concepts 0.10 / 0.05 at 3 / 4 LoRAs (merge 0.50 / 0.30)"
     assert STRATEGIES["klora"]().measured == STRATEGIES["klora"].measured
 
 
 def test_auto_picks_regional_for_regions_else_the_best_measured_else_merge(results):
-    measured.record(results / "community.json", _result(3000, 5, merge=(0.4, 0.2), tsv=(0.1, 0.3)), "c", "community")
+    measured.record(results / "community.json", _result(3000, 40, merge=(0.4, 0.2), tsv=(0.1, 0.3)), "c", "community")
     names = ["merge", "tsv", "switch"]
     assert measured.auto("community", 2, True, names)[0] == "regional"
     assert measured.auto("community", 3, False, names)[0] == "merge"
     assert measured.auto("community", 6, False, names) == ("tsv", "the best in the community world at 4 LoRAs (seed 3000)")
     assert measured.auto("", 4, False, names)[0] == "merge"  # a model no world measured
     assert measured.auto("community", 1, False, names)[0] == "merge"
+
+
 def test_the_shipped_records_quote_every_strategy():
     """The package's record files (what ``--help`` and the web UI show) name every strategy of the registry."""
     measured.runs.cache_clear()

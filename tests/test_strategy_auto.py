@@ -15,7 +15,7 @@ def recorded(tmp_path, monkeypatch):
     """A one-object record where tsv beats merge at 4 LoRAs and ties it at 3."""
     monkeypatch.setattr(measured, "RESULTS", tmp_path)
     measured.runs.cache_clear()
-    summary = lambda r3, r4: {"images": 8, "by_size": {"3": r3, "4": r4}, "base_confidence": 0.95}  # noqa: E731
+    summary = lambda r3, r4: {"images": 20, "by_size": {"3": r3, "4": r4}, "base_confidence": 0.95}  # noqa: E731
     measured.record(tmp_path / "one-object.json", {"protocol": {"seed": 11}, "strategies": {
         "merge": summary(0.5, 0.2), "tsv": summary(0.5, 0.4)}}, "compose eval ...", "one-object")
     yield
