@@ -1,6 +1,7 @@
 """Every registered strategy runs end to end on SD1.5- and SDXL-shaped pipelines, in Python and from the CLI."""
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import lora_composer.fusion
+from lora_composer.errors import ComposerError
 from lora_composer.frontends.cli import main
 from lora_composer.fusion.base import Region
 from lora_composer.pipeline import ComposerPipeline
@@ -17,13 +19,21 @@ CALL = dict(num_inference_steps=3, height=64, width=64, output_type="np", progre
 
 @pytest.mark.parametrize("name", lora_composer.fusion.available())
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_strategy_runs_on_both_families(request, make_lora, name, family):
+def test_strategy_runs_on_both_families(request, make_lora, name, family, tmp_path, monkeypatch):
     pipe = request.getfixturevalue(f"{family}_pipe")
     files = [make_lora(pipe, n, rank=4, seed=i + 1) for i, n in enumerate("ab")]
     composer = ComposerPipeline(copy.deepcopy(pipe))
     base = composer("a red circle", seed=0, **CALL)
     prompt = "a red circle BREAK a red circle" if name == "regional" else "a red circle"  # regions: one per BREAK part
     loras = [(files[0], 0.8), (files[1], 0.6)]
+    if lora_composer.fusion.registry.STRATEGIES[name].fitted:  # fitted from each LoRA's trigger words, on SD1.5-shaped UNets
+        monkeypatch.setenv("LORA_COMPOSER_FIT_CACHE", str(tmp_path / "fit-cache"))
+        for path, word in zip(files, ("red", "circle")):
+            Path(path).with_suffix(".civitai.info").write_text(json.dumps({"trainedWords": [word]}))
+        if family == "sdxl":
+            with pytest.raises(ComposerError, match="fits UNet pipelines with one text encoder"):
+                composer(prompt, loras=loras, strategy=name, seed=0, **CALL)
+            return
     got = composer(prompt, loras=loras, strategy=name, seed=0, **CALL)
     assert np.isfinite(got).all()
     assert np.abs(got - base).max() > 1e-3  # the adapters acted
