@@ -4,11 +4,37 @@ from __future__ import annotations
 
 import sys
 
-from bench import (attach, dit, fuse_cycles, gpu, kernels, kinds, retrieval, row_groups, serve_load, serve_ray, shira_switch,
-                   strategies, switch_weights)
+from bench import (
+    attach,
+    dit,
+    fuse_cycles,
+    gpu,
+    kernels,
+    kinds,
+    retrieval,
+    row_groups,
+    serve_load,
+    serve_ray,
+    shira_switch,
+    strategies,
+    switch_weights,
+)
 
-BENCHMARKS = (switch_weights, fuse_cycles, strategies, shira_switch, kernels, kinds, dit, gpu, retrieval, attach, row_groups,
-              serve_load, serve_ray)
+BENCHMARKS = (
+    switch_weights,
+    fuse_cycles,
+    strategies,
+    shira_switch,
+    kernels,
+    kinds,
+    dit,
+    gpu,
+    retrieval,
+    attach,
+    row_groups,
+    serve_load,
+    serve_ray,
+)
 
 
 def main(argv: list[str] | None = None) -> list:

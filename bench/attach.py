@@ -27,8 +27,16 @@ from bench import common
 from lora_composer.runtime import LoraRuntime
 
 NAME = "attach"
-COLUMNS = ["K (adapters attached)", "ours, doubling (ms)", "vs K=1", "ours, reserved for 64 (ms)", "vs K=1 ",
-           "diffusers load_lora_weights (ms)", "vs K=1  ", "speedup (reserved)"]
+COLUMNS = [
+    "K (adapters attached)",
+    "ours, doubling (ms)",
+    "vs K=1",
+    "ours, reserved for 64 (ms)",
+    "vs K=1 ",
+    "diffusers load_lora_weights (ms)",
+    "vs K=1  ",
+    "speedup (reserved)",
+]
 RESERVE = 64  # compose serve's default residency cap (--max-resident): what the server reserves
 STEP_COLUMNS = ["denoiser step", "ms", "vs base"]
 MERGED = (1.0, 0.7, 0.5)
@@ -85,12 +93,22 @@ def _attach_times(tiny: bool, ks: list[int], rank: int, ref_max_k: int, reserve:
     rows = []
     for k in ks:
         ours_k, res_k = window(doubling, k), window(reserved, k)
-        row = {"K (adapters attached)": k, "ours, doubling (ms)": ours_k, "vs K=1": ours_k / window(doubling, 1),
-               f"ours, reserved for {reserve} (ms)": res_k, "vs K=1 ": res_k / window(reserved, 1)}
+        row = {
+            "K (adapters attached)": k,
+            "ours, doubling (ms)": ours_k,
+            "vs K=1": ours_k / window(doubling, 1),
+            f"ours, reserved for {reserve} (ms)": res_k,
+            "vs K=1 ": res_k / window(reserved, 1),
+        }
         if k in ref_ms:
             ref_k = window(ref_ms, k)
-            row.update({"diffusers load_lora_weights (ms)": ref_k, "vs K=1  ": ref_k / ref_ms[1],
-                        "speedup (reserved)": ref_k / res_k})
+            row.update(
+                {
+                    "diffusers load_lora_weights (ms)": ref_k,
+                    "vs K=1  ": ref_k / ref_ms[1],
+                    "speedup (reserved)": ref_k / res_k,
+                }
+            )
         else:
             row.update({"diffusers load_lora_weights (ms)": "-", "vs K=1  ": "-", "speedup (reserved)": "-"})
         rows.append(row)
@@ -117,9 +135,11 @@ def _step_times(tiny: bool, rank: int, repeats: int, latent: int) -> tuple[list[
     rt.set_weights(unet=dict(zip(names, MERGED)))
     times = {"base": [], "unfused": [], "fused": [], "fuse": [], "unfuse": []}
     for i in range(repeats + 1):  # the first round warms up
-        got = {"base": common.timed(lambda: common.unet_out(pipe.unet, inputs)),
-               "unfused": common.timed(lambda: common.unet_out(unet, inputs)),
-               "fuse": common.timed(rt.fuse)}
+        got = {
+            "base": common.timed(lambda: common.unet_out(pipe.unet, inputs)),
+            "unfused": common.timed(lambda: common.unet_out(unet, inputs)),
+            "fuse": common.timed(rt.fuse),
+        }
         got["fused"] = common.timed(lambda: common.unet_out(unet, inputs))
         got["unfuse"] = common.timed(rt.unfuse)
         if i:
@@ -131,7 +151,11 @@ def _step_times(tiny: bool, rank: int, repeats: int, latent: int) -> tuple[list[
     assert exact, "unfuse did not restore the base weights bit-exactly"
     rows = [
         {"denoiser step": "base (no LoRA)", "ms": ms["base"], "vs base": 1.0},
-        {"denoiser step": f"merge, {len(names)} LoRAs, unfused", "ms": ms["unfused"], "vs base": ms["unfused"] / ms["base"]},
+        {
+            "denoiser step": f"merge, {len(names)} LoRAs, unfused",
+            "ms": ms["unfused"],
+            "vs base": ms["unfused"] / ms["base"],
+        },
         {"denoiser step": f"merge, {len(names)} LoRAs, fused", "ms": ms["fused"], "vs base": ms["fused"] / ms["base"]},
         {"denoiser step": "fuse (once per render)", "ms": ms["fuse"], "vs base": ms["fuse"] / ms["base"]},
         {"denoiser step": "unfuse (once per render)", "ms": ms["unfuse"], "vs base": ms["unfuse"] / ms["base"]},
@@ -155,8 +179,12 @@ def run(tiny: bool, argv: list[str], ks: list[int], rank: int, ref_max_k: int, r
         "reservation is address space until written, so nothing is copied until the 65th). diffusers' "
         "`load_lora_weights` injects PEFT modules and grows with the number loaded (diffusers #9297).",
         "",
-        "| " + " | ".join(STEP_COLUMNS) + " |\n|" + "---|" * len(STEP_COLUMNS) + "\n" + "\n".join(
-            "| " + " | ".join(common.fmt(r[c]) for c in STEP_COLUMNS) + " |" for r in step_rows),
+        "| "
+        + " | ".join(STEP_COLUMNS)
+        + " |\n|"
+        + "---|" * len(STEP_COLUMNS)
+        + "\n"
+        + "\n".join("| " + " | ".join(common.fmt(r[c]) for c in STEP_COLUMNS) + " |" for r in step_rows),
         "",
         f"Merge fused runs at {fused:.3f}x the base step (the deltas are in the weights: no per-step work); "
         f"after unfuse the weights equal the base bit for bit: {common.fmt(exact)}.",
@@ -167,9 +195,11 @@ def run(tiny: bool, argv: list[str], ks: list[int], rank: int, ref_max_k: int, r
         columns=COLUMNS,
         rows=rows,
         notes=notes,
-        setup=[f"Model: {label}; {n_layers} targeted layers (attention q/k/v/out), rank-{rank} LoRAs",
-               f"Merge step: UNet forward at batch 2, {latent}x{latent} latents, 77 tokens; base, unfused and fused "
-               f"interleaved, the fastest of {repeats} rounds each"],
+        setup=[
+            f"Model: {label}; {n_layers} targeted layers (attention q/k/v/out), rank-{rank} LoRAs",
+            f"Merge step: UNet forward at batch 2, {latent}x{latent} latents, 77 tokens; base, unfused and fused "
+            f"interleaved, the fastest of {repeats} rounds each",
+        ],
         command=common.command(f"bench.{NAME}", argv),
     )
 
@@ -177,8 +207,12 @@ def run(tiny: bool, argv: list[str], ks: list[int], rank: int, ref_max_k: int, r
 def options(parser) -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10, 25, 50, 75, 100])
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--ref-max-k", type=int, default=25, help="stop the diffusers reference after this many "
-                        "(about 10 s per load at 25 on a 2-core CPU)")
+    parser.add_argument(
+        "--ref-max-k",
+        type=int,
+        default=25,
+        help="stop the diffusers reference after this many (about 10 s per load at 25 on a 2-core CPU)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latent", type=int, default=32, help="latent side of the merge step (32: 256x256 pixels)")
 

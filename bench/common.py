@@ -49,8 +49,13 @@ def build_sd15_unet(seed: int = 0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768,
-        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        cross_attention_dim=768,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         norm_num_groups=32,
@@ -120,8 +125,9 @@ def target_shapes(unet) -> dict[str, tuple[int, int]]:
     return {path: (mod.in_features, mod.out_features) for path, mod in target_modules(unet)}
 
 
-def random_factors(shapes: dict[str, tuple[int, int]], name: str, seed: int, rank: int = RANK,
-                   up_std: float = 0.05) -> Factors:
+def random_factors(
+    shapes: dict[str, tuple[int, int]], name: str, seed: int, rank: int = RANK, up_std: float = 0.05
+) -> Factors:
     """Down factors ~ N(0, 1/in), up factors ~ N(0, up_std^2): a visible but sane delta."""
     gen = torch.Generator().manual_seed(seed)
     layers = {}
@@ -165,7 +171,9 @@ def peft_linear(lin: torch.nn.Linear, factors: list[tuple[torch.Tensor, torch.Te
     host = torch.nn.Sequential(copy.deepcopy(lin))
     names = [f"a{i}" for i in range(len(factors))]
     for name in names:
-        host = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]), host, adapter_name=name)
+        host = inject_adapter_in_model(
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]), host, adapter_name=name
+        )
     layer = host[0]
     with torch.no_grad():
         for name, (down, up) in zip(names, factors):

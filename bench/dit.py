@@ -38,8 +38,18 @@ TEXT = {"flux": ("text_encoder",), "sd3": ("text_encoder", "text_encoder_2")}
 TRIGGERS = ("red", "circle")  # words of PROMPT, one per LoRA
 OTHER_PROMPT = "a red square"  # without the second LoRA's trigger word
 REFUSED: dict[str, str] = {}  # strategy -> why it refused a DiT pipeline (this run)
-COLUMNS = ["model", "strategy", "prompt", "trigger words", "rows per image", "rows vs merge", "seconds per image",
-           "max abs diff vs merge", "gates (last measure, mean over blocks)", "finite"]
+COLUMNS = [
+    "model",
+    "strategy",
+    "prompt",
+    "trigger words",
+    "rows per image",
+    "rows vs merge",
+    "seconds per image",
+    "max abs diff vs merge",
+    "gates (last measure, mean over blocks)",
+    "finite",
+]
 
 
 def _loras(pipe, family: str, folder: Path) -> list[tuple[Path, float]]:
@@ -75,18 +85,33 @@ def run_model(family: str, steps: int, size: int, folder: Path) -> list[dict]:
     pipe = build(seed=0)
     loras = _loras(pipe, family, folder)
     composer = ComposerPipeline(copy.deepcopy(pipe))
-    call = dict(num_inference_steps=steps, height=size, width=size, output_type="np", max_sequence_length=16,
-                guidance_scale=GUIDANCE[family], seed=0, progress=False)
+    call = dict(
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        output_type="np",
+        max_sequence_length=16,
+        guidance_scale=GUIDANCE[family],
+        seed=0,
+        progress=False,
+    )
     model = f"tiny {family.upper() if family == 'sd3' else 'FLUX.1'}"
     rows, merged, merge_rows = [], None, None
 
     def row(name, prompt, words, image, n_rows, seconds, reference, strategy):
         common.log(f"[{NAME}] {family} {name} ({prompt!r}, trigger words {words}): {n_rows} rows, {seconds:.2f} s")
-        return {"model": model, "strategy": name, "prompt": prompt, "trigger words": words, "rows per image": n_rows,
-                "rows vs merge": n_rows / merge_rows, "seconds per image": seconds,
-                "max abs diff vs merge": float(np.abs(image - reference).max()),
-                "gates (last measure, mean over blocks)": _gates(strategy) if name == "gated" else "-",
-                "finite": bool(np.isfinite(image).all())}
+        return {
+            "model": model,
+            "strategy": name,
+            "prompt": prompt,
+            "trigger words": words,
+            "rows per image": n_rows,
+            "rows vs merge": n_rows / merge_rows,
+            "seconds per image": seconds,
+            "max abs diff vs merge": float(np.abs(image - reference).max()),
+            "gates (last measure, mean over blocks)": _gates(strategy) if name == "gated" else "-",
+            "finite": bool(np.isfinite(image).all()),
+        }
 
     # regional needs a UNet (SD 1.x/2.x, SDXL) and a prompt split into regions
     for name in ["merge", *[s for s in available() if s != "merge" and not STRATEGIES[s].regional]]:
@@ -116,7 +141,9 @@ def run_model(family: str, steps: int, size: int, folder: Path) -> list[dict]:
     return rows
 
 
-def run(tiny: bool = False, steps: int | None = None, size: int | None = None, argv: list[str] | None = None) -> common.Result:
+def run(
+    tiny: bool = False, steps: int | None = None, size: int | None = None, argv: list[str] | None = None
+) -> common.Result:
     steps = steps or (2 if tiny else 8)
     size = size or (16 if tiny else 32)
     REFUSED.clear()

@@ -22,9 +22,19 @@ NAME = "fuse_cycles"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS = (1.0, 0.7, 0.5)
 COLUMNS = [
-    "dtype", "cycles", "ours fuse (ms)", "ours unfuse (ms)", "ours cycle (ms)", "diffusers fuse_lora (ms)",
-    "diffusers unfuse_lora (ms)", "diffusers cycle (ms)", "speedup per cycle", "fused weights max diff",
-    "ours drift", "diffusers drift", "diffusers weights not restored",
+    "dtype",
+    "cycles",
+    "ours fuse (ms)",
+    "ours unfuse (ms)",
+    "ours cycle (ms)",
+    "diffusers fuse_lora (ms)",
+    "diffusers unfuse_lora (ms)",
+    "diffusers cycle (ms)",
+    "speedup per cycle",
+    "fused weights max diff",
+    "ours drift",
+    "diffusers drift",
+    "diffusers weights not restored",
 ]
 # Ours folds all adapters in fp32 and rounds once; PEFT rounds after each adapter: allow a few rounding
 # steps (units of the dtype's epsilon times the largest fused weight), and fp32 noise.
@@ -103,37 +113,49 @@ def run_dtype(tiny: bool, dtype: torch.dtype, cycles: int, warmup: int = 1) -> d
     rc = [a + b for a, b in zip(t["rf"], t["ru"])]
     label = next(k for k, v in DTYPES.items() if v == dtype)
     row = {
-        "dtype": label, "cycles": warmup + cycles,
-        "ours fuse (ms)": common.median_ms(t["of"]), "ours unfuse (ms)": common.median_ms(t["ou"]),
+        "dtype": label,
+        "cycles": warmup + cycles,
+        "ours fuse (ms)": common.median_ms(t["of"]),
+        "ours unfuse (ms)": common.median_ms(t["ou"]),
         "ours cycle (ms)": common.median_ms(oc),
-        "diffusers fuse_lora (ms)": common.median_ms(t["rf"]), "diffusers unfuse_lora (ms)": common.median_ms(t["ru"]),
+        "diffusers fuse_lora (ms)": common.median_ms(t["rf"]),
+        "diffusers unfuse_lora (ms)": common.median_ms(t["ru"]),
         "diffusers cycle (ms)": common.median_ms(rc),
         "speedup per cycle": common.median_ms(rc) / common.median_ms(oc),
-        "fused weights max diff": fused_diff, "ours drift": ours_drift, "diffusers drift": ref_drift,
+        "fused weights max diff": fused_diff,
+        "ours drift": ours_drift,
+        "diffusers drift": ref_drift,
         "diffusers weights not restored": f"{ref_changed:,} of {total:,} ({100 * ref_changed / total:.1f}%)",
-        "_model": model_label, "_layers": len(paths), "_max_base": max(float(b.float().abs().max()) for b in base.values()),
+        "_model": model_label,
+        "_layers": len(paths),
+        "_max_base": max(float(b.float().abs().max()) for b in base.values()),
     }
-    common.log(f"[{NAME}] {label}: ours {row['ours cycle (ms)']:.1f} ms/cycle, diffusers "
-               f"{row['diffusers cycle (ms)']:.1f} ms/cycle; drift ours {ours_drift:.3g}, diffusers {ref_drift:.3g}")
+    common.log(
+        f"[{NAME}] {label}: ours {row['ours cycle (ms)']:.1f} ms/cycle, diffusers "
+        f"{row['diffusers cycle (ms)']:.1f} ms/cycle; drift ours {ours_drift:.3g}, diffusers {ref_drift:.3g}"
+    )
     del rt, pipe, ours_host, base, ours_w, ref_w
     gc.collect()
     return row
 
 
-def run(tiny: bool = False, cycles: int | None = None, dtypes=("fp32", "bf16"),
-        argv: list[str] | None = None) -> common.Result:
+def run(
+    tiny: bool = False, cycles: int | None = None, dtypes=("fp32", "bf16"), argv: list[str] | None = None
+) -> common.Result:
     cycles = cycles or (10 if tiny else 100)
     rows = [run_dtype(tiny, DTYPES[d], cycles) for d in dtypes]
     first = rows[0]
     notes = [
         "Goal (unfuse restores the base weights bit-exactly): "
         + ("met" if all(r["ours drift"] == 0 for r in rows) else "NOT met")
-        + ", drift exactly 0 in " + ", ".join(r["dtype"] for r in rows) + " (asserted).",
+        + ", drift exactly 0 in "
+        + ", ".join(r["dtype"] for r in rows)
+        + " (asserted).",
         "Drift is the largest absolute difference between a targeted weight after the last unfuse and the "
         f"original base weight (largest base weight magnitude: {first['_max_base']:.3g}). PEFT's unfuse "
         "recomputes each adapter's delta and subtracts it in the weight's dtype, so rounding accumulates "
         "cycle after cycle; ours copies back a backup taken at the first fuse.",
-        "\"fused weights max diff\" compares our fused weights with diffusers' right after the first fuse: "
+        '"fused weights max diff" compares our fused weights with diffusers\' right after the first fuse: '
         "ours folds the three adapters in fp32 and rounds once, PEFT adds them one at a time in the weight's "
         "dtype, so in half precision they may differ by a rounding step.",
     ]
@@ -149,7 +171,7 @@ def run(tiny: bool = False, cycles: int | None = None, dtypes=("fp32", "bf16"),
             f"factors at weights {', '.join(map(str, WEIGHTS))}, identical for both runtimes.",
             "Reference: a diffusers `StableDiffusionPipeline` around that UNet, adapters injected with "
             "`unet.add_adapter(LoraConfig(...))`, weights set once with `pipe.set_adapters`; one cycle is "
-            "`pipe.fuse_lora(components=[\"unet\"], adapter_names=...)` + `pipe.unfuse_lora(components=[\"unet\"])`. "
+            '`pipe.fuse_lora(components=["unet"], adapter_names=...)` + `pipe.unfuse_lora(components=["unet"])`. '
             "Ours: `rt.set_weights(...)` + `rt.fuse()`, then `rt.unfuse()`.",
             "Times are medians over the cycles after one warm-up cycle, ours and diffusers interleaved each "
             "cycle; the UNet (base weights and LoRA factors) is cast to the listed dtype before adapters are added.",
@@ -164,7 +186,6 @@ def main(argv: list[str] | None = None) -> common.Result:
         p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
 
     return common.cli(NAME, __doc__, run, argv, options)
-
 
 
 if __name__ == "__main__":

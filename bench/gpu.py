@@ -33,20 +33,48 @@ NAME = "gpu"
 RANK = 16
 NS = (1, 2, 4, 8)
 STEP_ADAPTERS = 5
-COLUMNS = ["model", "layer (in -> out, tokens)", "adapters", "base GEMM (ms)", "ours delta (ms)", "PEFT LoRA part (ms)",
-           "ours / base", "PEFT / base", "max abs diff vs torch"]
-STEP_COLUMNS = ["denoiser step", "adapters", "base (ms)", "ours unfused (ms)", "PEFT unfused (ms)", "ours / base",
-                "PEFT / base"]
+COLUMNS = [
+    "model",
+    "layer (in -> out, tokens)",
+    "adapters",
+    "base GEMM (ms)",
+    "ours delta (ms)",
+    "PEFT LoRA part (ms)",
+    "ours / base",
+    "PEFT / base",
+    "max abs diff vs torch",
+]
+STEP_COLUMNS = [
+    "denoiser step",
+    "adapters",
+    "base (ms)",
+    "ours unfused (ms)",
+    "PEFT unfused (ms)",
+    "ours / base",
+    "PEFT / base",
+]
 
 # (model, in, out, tokens per row, rows): attention projections, cross-attention from the text features,
 # feed-forward in and out; FLUX's joint blocks (image tokens) and single blocks (image + text tokens)
 SHAPES = [
-    ("SD1.5", 320, 320, 4096, 2), ("SD1.5", 768, 320, 77, 2), ("SD1.5", 320, 2560, 4096, 2),
-    ("SD1.5", 1280, 320, 4096, 2), ("SD1.5", 640, 640, 1024, 2), ("SD1.5", 1280, 1280, 256, 2),
-    ("SDXL", 640, 640, 4096, 2), ("SDXL", 2048, 640, 77, 2), ("SDXL", 640, 5120, 4096, 2),
-    ("SDXL", 1280, 1280, 1024, 2), ("SDXL", 2048, 1280, 77, 2), ("SDXL", 5120, 1280, 1024, 2),
-    ("FLUX", 3072, 9216, 4096, 1), ("FLUX", 3072, 3072, 4096, 1), ("FLUX", 3072, 12288, 4096, 1),
-    ("FLUX", 12288, 3072, 4096, 1), ("FLUX", 3072, 21504, 4608, 1), ("FLUX", 15360, 3072, 4608, 1),
+    ("SD1.5", 320, 320, 4096, 2),
+    ("SD1.5", 768, 320, 77, 2),
+    ("SD1.5", 320, 2560, 4096, 2),
+    ("SD1.5", 1280, 320, 4096, 2),
+    ("SD1.5", 640, 640, 1024, 2),
+    ("SD1.5", 1280, 1280, 256, 2),
+    ("SDXL", 640, 640, 4096, 2),
+    ("SDXL", 2048, 640, 77, 2),
+    ("SDXL", 640, 5120, 4096, 2),
+    ("SDXL", 1280, 1280, 1024, 2),
+    ("SDXL", 2048, 1280, 77, 2),
+    ("SDXL", 5120, 1280, 1024, 2),
+    ("FLUX", 3072, 9216, 4096, 1),
+    ("FLUX", 3072, 3072, 4096, 1),
+    ("FLUX", 3072, 12288, 4096, 1),
+    ("FLUX", 12288, 3072, 4096, 1),
+    ("FLUX", 3072, 21504, 4608, 1),
+    ("FLUX", 15360, 3072, 4608, 1),
 ]
 TINY_SHAPES = [("tiny", 32, 48, 64, 2), ("tiny", 40, 24, 16, 1)]
 
@@ -88,8 +116,13 @@ def shape_rows(device: str, tiny: bool, repeats: int) -> list[dict]:
         lin = torch.nn.Linear(fan_in, fan_out, bias=False).requires_grad_(False)
         weight = lin.weight.to(device, dtype)
         for n in NS[:2] if tiny else NS:
-            factors = [(torch.randn(RANK, fan_in, generator=gen) / fan_in**0.5,
-                        torch.randn(fan_out, RANK, generator=gen) * 0.05) for _ in range(n)]
+            factors = [
+                (
+                    torch.randn(RANK, fan_in, generator=gen) / fan_in**0.5,
+                    torch.randn(fan_out, RANK, generator=gen) * 0.05,
+                )
+                for _ in range(n)
+            ]
             ours = torch.nn.Linear(fan_in, fan_out, bias=False).requires_grad_(False)
             ours.weight.data.copy_(lin.weight.data)
             ours.to(device, dtype)
@@ -108,13 +141,22 @@ def shape_rows(device: str, tiny: bool, repeats: int) -> list[dict]:
                 tb = time(lambda: F.linear(x, weight))
                 to = time(lambda: stacked_delta(x, layer.down, layer.up, scale, None, runs, out=out))
                 tp = time(lambda: peft(x)) - tb
-            rows.append({
-                "model": model, "layer (in -> out, tokens)": f"{fan_in} -> {fan_out}, {tokens} x{batch}", "adapters": n,
-                "base GEMM (ms)": tb, "ours delta (ms)": to, "PEFT LoRA part (ms)": tp, "ours / base": to / tb,
-                "PEFT / base": tp / tb, "max abs diff vs torch": diff,
-            })
-            common.log(f"[{NAME}] {model} {fan_in}->{fan_out} x{tokens} N={n}: base {tb:.3f} ms, ours {to:.3f}, "
-                       f"PEFT {tp:.3f}")
+            rows.append(
+                {
+                    "model": model,
+                    "layer (in -> out, tokens)": f"{fan_in} -> {fan_out}, {tokens} x{batch}",
+                    "adapters": n,
+                    "base GEMM (ms)": tb,
+                    "ours delta (ms)": to,
+                    "PEFT LoRA part (ms)": tp,
+                    "ours / base": to / tb,
+                    "PEFT / base": tp / tb,
+                    "max abs diff vs torch": diff,
+                }
+            )
+            common.log(
+                f"[{NAME}] {model} {fan_in}->{fan_out} x{tokens} N={n}: base {tb:.3f} ms, ours {to:.3f}, PEFT {tp:.3f}"
+            )
     return rows
 
 
@@ -150,16 +192,27 @@ def step_row(device: str, tiny: bool, repeats: int) -> dict:
         ours = time(lambda: call(ours_host.unet))
         peft = time(lambda: call(ref))
     common.log(f"[{NAME}] step: base {base:.2f} ms, ours {ours:.2f}, PEFT {peft:.2f} (max diff {diff:.2e})")
-    return {"denoiser step": f"{label}, {'fp16' if dtype is torch.float16 else 'fp32'}, batch 2, {size}x{size}",
-            "adapters": f"{STEP_ADAPTERS} x rank {RANK}", "base (ms)": base, "ours unfused (ms)": ours,
-            "PEFT unfused (ms)": peft, "ours / base": ours / base, "PEFT / base": peft / base, "max diff": diff}
+    return {
+        "denoiser step": f"{label}, {'fp16' if dtype is torch.float16 else 'fp32'}, batch 2, {size}x{size}",
+        "adapters": f"{STEP_ADAPTERS} x rank {RANK}",
+        "base (ms)": base,
+        "ours unfused (ms)": ours,
+        "PEFT unfused (ms)": peft,
+        "ours / base": ours / base,
+        "PEFT / base": peft / base,
+        "max diff": diff,
+    }
 
 
 def cuda_suite() -> str:
     """``tests/test_kernels_triton.py`` on CUDA: pytest's summary line."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_kernels_triton.py", "-k", "cuda"],
-                          cwd=common.ROOT, env={**os.environ, "TRITON_INTERPRET": "0"},
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "tests/test_kernels_triton.py", "-k", "cuda"],
+        cwd=common.ROOT,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+        capture_output=True,
+        text=True,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     return (lines[-1] if lines else proc.stderr.strip().splitlines()[-1]) + f" (exit {proc.returncode})"
 
@@ -168,16 +221,27 @@ def not_run() -> common.Result:
     """The section written where there is no GPU: what would be measured, and that it was not."""
     models = sorted({m for m, *_ in SHAPES})
     return common.Result(
-        name=NAME, title="GPU: stacked-delta kernels vs the base GEMM; a denoiser step with 5 adapters unfused",
+        name=NAME,
+        title="GPU: stacked-delta kernels vs the base GEMM; a denoiser step with 5 adapters unfused",
         columns=["measured", "status"],
-        rows=[{"measured": f"kernel time vs the base GEMM, {len(SHAPES)} Linear shapes of {', '.join(models)}, "
-                           f"1 to 8 rank-{RANK} adapters", "status": "not run: no GPU was available"},
-              {"measured": f"SD1.5-shaped UNet step, {STEP_ADAPTERS} rank-{RANK} adapters unfused, ours and PEFT vs "
-                           "the base (goal: ours at most 1.10x)", "status": "not run: no GPU was available"},
-              {"measured": "`tests/test_kernels_triton.py` on CUDA", "status": "not run: no GPU was available"}],
-        notes=["Run `python -m bench.gpu` on a CUDA machine to fill this section. On the CPU the Triton kernels are "
-               "tested in Triton's interpreter against the torch reference (fp32/fp16/bf16, mixed ranks, per-row "
-               "scales, shapes that are not multiples of the blocks)."],
+        rows=[
+            {
+                "measured": f"kernel time vs the base GEMM, {len(SHAPES)} Linear shapes of {', '.join(models)}, "
+                f"1 to 8 rank-{RANK} adapters",
+                "status": "not run: no GPU was available",
+            },
+            {
+                "measured": f"SD1.5-shaped UNet step, {STEP_ADAPTERS} rank-{RANK} adapters unfused, ours and PEFT vs "
+                "the base (goal: ours at most 1.10x)",
+                "status": "not run: no GPU was available",
+            },
+            {"measured": "`tests/test_kernels_triton.py` on CUDA", "status": "not run: no GPU was available"},
+        ],
+        notes=[
+            "Run `python -m bench.gpu` on a CUDA machine to fill this section. On the CPU the Triton kernels are "
+            "tested in Triton's interpreter against the torch reference (fp32/fp16/bf16, mixed ranks, per-row "
+            "scales, shapes that are not multiples of the blocks)."
+        ],
         command=common.command("bench.gpu", []),
     )
 
@@ -196,18 +260,30 @@ def run(tiny: bool = False, repeats: int | None = None, argv=None) -> common.Res
         f"Denoiser step ({step['denoiser step']}, {step['adapters']}): "
         + ", ".join(f"{c} {common.fmt(step[c])}" for c in STEP_COLUMNS[2:])
         + f" (max output diff ours vs PEFT {step['max diff']:.2e}). Goal (ours at most 1.10x the base): "
-        + (("met" if step["ours / base"] <= 1.10 else "NOT met") + f", {step['ours / base']:.2f}x."
-           if device == "cuda" else "judged on a GPU only."),
+        + (
+            ("met" if step["ours / base"] <= 1.10 else "NOT met") + f", {step['ours / base']:.2f}x."
+            if device == "cuda"
+            else "judged on a GPU only."
+        ),
         f"With {most} adapters the worst shape's delta costs {worst:.2f}x its base GEMM.",
         f"`tests/test_kernels_triton.py` on CUDA: {suite}.",
     ]
     return common.Result(
-        name=NAME, title="GPU: stacked-delta kernels vs the base GEMM; a denoiser step with 5 adapters unfused"
-        + (" (tiny smoke run)" if tiny else ""), columns=COLUMNS, rows=rows, notes=notes,
-        setup=[(f"Device: {torch.cuda.get_device_name(0)}; SD1.5 and SDXL shapes in fp16, FLUX in bf16; "
-                "times are medians of CUDA-event timings after a warm-up call" if device == "cuda" else
-                "Device: CPU, fp32, torch backend (smoke run of the code; its times say nothing about a GPU)")
-               + f"; rank-{RANK} adapters at weight 1, identical factors for ours and PEFT."],
+        name=NAME,
+        title="GPU: stacked-delta kernels vs the base GEMM; a denoiser step with 5 adapters unfused"
+        + (" (tiny smoke run)" if tiny else ""),
+        columns=COLUMNS,
+        rows=rows,
+        notes=notes,
+        setup=[
+            (
+                f"Device: {torch.cuda.get_device_name(0)}; SD1.5 and SDXL shapes in fp16, FLUX in bf16; "
+                "times are medians of CUDA-event timings after a warm-up call"
+                if device == "cuda"
+                else "Device: CPU, fp32, torch backend (smoke run of the code; its times say nothing about a GPU)"
+            )
+            + f"; rank-{RANK} adapters at weight 1, identical factors for ours and PEFT."
+        ],
         command=common.command("bench.gpu", argv if argv is not None else []),
     )
 
@@ -217,7 +293,6 @@ def main(argv: list[str] | None = None) -> common.Result:
         p.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 50, tiny 3)")
 
     return common.cli(NAME, __doc__, run, argv, options)
-
 
 
 if __name__ == "__main__":

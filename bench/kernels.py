@@ -21,8 +21,17 @@ from lora_composer.runtime.mixing import MixingState
 NAME = "kernels"
 RANK = 16
 NS = (1, 2, 4, 8)
-COLUMNS = ["layer (in -> out, tokens)", "adapters", "base (ms)", "ours (ms)", "PEFT (ms)", "ours overhead",
-           "PEFT overhead", "PEFT / ours (LoRA part)", "max abs diff"]
+COLUMNS = [
+    "layer (in -> out, tokens)",
+    "adapters",
+    "base (ms)",
+    "ours (ms)",
+    "PEFT (ms)",
+    "ours overhead",
+    "PEFT overhead",
+    "PEFT / ours (LoRA part)",
+    "max abs diff",
+]
 
 
 def _shapes(tiny: bool):
@@ -45,8 +54,13 @@ def run(tiny: bool = False, repeats: int | None = None, argv=None) -> common.Res
         x = torch.randn(2, tokens, fan_in, generator=gen)
         lin = torch.nn.Linear(fan_in, fan_out).requires_grad_(False)
         for n in NS:
-            factors = [(torch.randn(RANK, fan_in, generator=gen) / fan_in**0.5,
-                        torch.randn(fan_out, RANK, generator=gen) * 0.05) for _ in range(n)]
+            factors = [
+                (
+                    torch.randn(RANK, fan_in, generator=gen) / fan_in**0.5,
+                    torch.randn(fan_out, RANK, generator=gen) * 0.05,
+                )
+                for _ in range(n)
+            ]
             ours = torch.nn.Linear(fan_in, fan_out).requires_grad_(False)
             ours.load_state_dict(lin.state_dict())
             mixer = MixingState(n)
@@ -63,20 +77,35 @@ def run(tiny: bool = False, repeats: int | None = None, argv=None) -> common.Res
             totals[n][0] += count * tb
             totals[n][1] += count * to
             totals[n][2] += count * tp
-            rows.append({
-                "layer (in -> out, tokens)": f"{fan_in} -> {fan_out}, {tokens} x2", "adapters": n,
-                "base (ms)": tb, "ours (ms)": to, "PEFT (ms)": tp, "ours overhead": to / tb,
-                "PEFT overhead": tp / tb, "PEFT / ours (LoRA part)": (tp - tb) / max(to - tb, 1e-9),
-                "max abs diff": diff,
-            })
+            rows.append(
+                {
+                    "layer (in -> out, tokens)": f"{fan_in} -> {fan_out}, {tokens} x2",
+                    "adapters": n,
+                    "base (ms)": tb,
+                    "ours (ms)": to,
+                    "PEFT (ms)": tp,
+                    "ours overhead": to / tb,
+                    "PEFT overhead": tp / tb,
+                    "PEFT / ours (LoRA part)": (tp - tb) / max(to - tb, 1e-9),
+                    "max abs diff": diff,
+                }
+            )
             common.log(f"[{NAME}] {fan_in}->{fan_out} x{tokens} N={n}: base {tb:.2f} ms, ours {to:.2f}, PEFT {tp:.2f}")
     for n in NS:
         tb, to, tp = totals[n]
-        rows.append({
-            "layer (in -> out, tokens)": "**all attention layers of one UNet call**", "adapters": n,
-            "base (ms)": tb, "ours (ms)": to, "PEFT (ms)": tp, "ours overhead": to / tb, "PEFT overhead": tp / tb,
-            "PEFT / ours (LoRA part)": (tp - tb) / max(to - tb, 1e-9), "max abs diff": "",
-        })
+        rows.append(
+            {
+                "layer (in -> out, tokens)": "**all attention layers of one UNet call**",
+                "adapters": n,
+                "base (ms)": tb,
+                "ours (ms)": to,
+                "PEFT (ms)": tp,
+                "ours overhead": to / tb,
+                "PEFT overhead": tp / tb,
+                "PEFT / ours (LoRA part)": (tp - tb) / max(to - tb, 1e-9),
+                "max abs diff": "",
+            }
+        )
     at8 = totals[8]
     notes = [
         f"With 8 rank-{RANK} adapters the attention layers of one UNet call take {at8[1] / at8[0]:.2f}x the base "
@@ -85,14 +114,17 @@ def run(tiny: bool = False, repeats: int | None = None, argv=None) -> common.Res
         "adapters unfused; the CUDA run of the kernel tests) are `python -m bench.gpu`'s section.",
     ]
     return common.Result(
-        name=NAME, title="Unfused multi-adapter forward on the attention layers" + (" (tiny smoke run)" if tiny else ""),
-        columns=COLUMNS, rows=rows, notes=notes,
+        name=NAME,
+        title="Unfused multi-adapter forward on the attention layers" + (" (tiny smoke run)" if tiny else ""),
+        columns=COLUMNS,
+        rows=rows,
+        notes=notes,
         setup=[
             f"One Linear layer per SD1.5 attention shape, fp32, batch 2, no grad; N rank-{RANK} adapters with random "
             "factors at weight 1, identical for both. Ours: `PatchedLayer` (forward hook, stacked factors, torch path "
             "of `lora_composer.kernels.stacked_delta` on the CPU). PEFT: `inject_adapter_in_model(LoraConfig(...))` N times, all "
             "adapters active via `set_adapter`. Medians of the repeats after one warm-up call.",
-            "\"overhead\" is time / base time; \"PEFT / ours (LoRA part)\" compares the time each adds on top of the base.",
+            '"overhead" is time / base time; "PEFT / ours (LoRA part)" compares the time each adds on top of the base.',
         ],
         command=common.command("bench.kernels", argv if argv is not None else []),
     )
@@ -103,7 +135,6 @@ def main(argv: list[str] | None = None) -> common.Result:
         p.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 10, tiny 3)")
 
     return common.cli(NAME, __doc__, run, argv, options)
-
 
 
 if __name__ == "__main__":

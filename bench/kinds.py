@@ -23,8 +23,17 @@ from lora_composer.runtime import LoraRuntime
 
 NAME = "kinds"
 KINDS = ("loha", "lokr", "dora")
-COLUMNS = ["kind", "file (MB)", "load (ms)", "base step (ms)", "ours unfused (ms)", "PEFT (ms)", "PEFT / ours",
-           "ours / base", "max rel diff"]
+COLUMNS = [
+    "kind",
+    "file (MB)",
+    "load (ms)",
+    "base step (ms)",
+    "ours unfused (ms)",
+    "PEFT (ms)",
+    "PEFT / ours",
+    "ours / base",
+    "max rel diff",
+]
 
 
 def _config(kind: str, rank: int):
@@ -35,8 +44,10 @@ def _config(kind: str, rank: int):
         return LoHaConfig(r=rank, alpha=rank, target_modules=targets), {"r": rank, "alpha": rank}
     if kind == "lokr":
         return LoKrConfig(r=rank, alpha=rank, target_modules=targets), {"r": rank, "alpha": rank}
-    return (LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, use_dora=True),
-            {"r": rank, "lora_alpha": rank, "use_dora": True})
+    return (
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, use_dora=True),
+        {"r": rank, "lora_alpha": rank, "use_dora": True},
+    )
 
 
 def _randomise(unet, seed: int) -> None:
@@ -60,7 +71,9 @@ def run_kind(kind: str, tiny: bool, repeats: int, folder: Path) -> dict:
     _randomise(pipe.unet, seed=len(kind))
     tensors = {f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(pipe.unet, adapter_name=kind).items()}
     path = folder / f"{kind}.safetensors"
-    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in meta.items()})})
+    save_file(
+        tensors, str(path), metadata={"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in meta.items()})}
+    )
     load_ms = common.time_ms(lambda: load_adapter(path, name=kind), max(3, repeats // 2))
 
     rt = LoraRuntime(ours_host)
@@ -79,11 +92,23 @@ def run_kind(kind: str, tiny: bool, repeats: int, folder: Path) -> dict:
         ours_t.append(common.timed(lambda: common.unet_out(ours_host.unet, inputs)))
         ref_t.append(common.timed(lambda: common.unet_out(pipe.unet, inputs)))
     base_ms, ours_ms, ref_ms = (common.median_ms(t[1:]) for t in (base_t, ours_t, ref_t))
-    row = {"kind": {"loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}[kind], "file (MB)": path.stat().st_size / 2**20,
-           "load (ms)": load_ms, "base step (ms)": base_ms, "ours unfused (ms)": ours_ms, "PEFT (ms)": ref_ms,
-           "PEFT / ours": ref_ms / ours_ms, "ours / base": ours_ms / base_ms, "max rel diff": diff, "_change": change,
-           "_model": model_label, "_layers": len(common.target_shapes(ours_host.unet))}
-    common.log(f"[{NAME}] {kind}: load {load_ms:.0f} ms, ours {ours_ms:.1f} ms, PEFT {ref_ms:.1f} ms, base {base_ms:.1f} ms")
+    row = {
+        "kind": {"loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}[kind],
+        "file (MB)": path.stat().st_size / 2**20,
+        "load (ms)": load_ms,
+        "base step (ms)": base_ms,
+        "ours unfused (ms)": ours_ms,
+        "PEFT (ms)": ref_ms,
+        "PEFT / ours": ref_ms / ours_ms,
+        "ours / base": ours_ms / base_ms,
+        "max rel diff": diff,
+        "_change": change,
+        "_model": model_label,
+        "_layers": len(common.target_shapes(ours_host.unet)),
+    }
+    common.log(
+        f"[{NAME}] {kind}: load {load_ms:.0f} ms, ours {ours_ms:.1f} ms, PEFT {ref_ms:.1f} ms, base {base_ms:.1f} ms"
+    )
     del rt, pipe, ours_host
     gc.collect()
     return row
@@ -96,7 +121,8 @@ def run(tiny: bool = False, repeats: int | None = None, kinds=KINDS, argv: list[
     first = rows[0]
     return common.Result(
         name=NAME,
-        title="Adapter kinds: load time and unfused UNet step (LoHa, LoKr, DoRA vs PEFT)" + (" (tiny smoke run)" if tiny else ""),
+        title="Adapter kinds: load time and unfused UNet step (LoHa, LoKr, DoRA vs PEFT)"
+        + (" (tiny smoke run)" if tiny else ""),
         columns=COLUMNS,
         rows=rows,
         notes=[
@@ -104,7 +130,7 @@ def run(tiny: bool = False, repeats: int | None = None, kinds=KINDS, argv: list[
             "Khatri-Rao factors and LoKr through its Kronecker factors (exact low-rank forms of the same delta) "
             "when they are smaller than the weight, and DoRA as a dense delta computed once against the base "
             "weight when attached (PEFT recomputes the weight norm each forward).",
-            "\"ours / base\" is the unfused cost of one adapter; `fuse=True` (merge) makes it 1.",
+            '"ours / base" is the unfused cost of one adapter; `fuse=True` (merge) makes it 1.',
         ],
         setup=[
             f"Model: {first['_model']}, fp32, eval, no grad; {first['_layers']} targeted layers (attention "

@@ -33,8 +33,26 @@ from bench import common
 NAME = "retrieval"
 RECALL_COLUMNS = ["signal", "recall@3 (all)", "recall@3 (described)", "recall@3 (undescribed)", "queries"]
 CONCEPTS = (
-    "castle", "dragon", "forest", "robot", "ocean", "kitten", "desert", "pirate", "wizard", "train",
-    "flower", "tiger", "mountain", "guitar", "rocket", "samurai", "bridge", "owl", "volcano", "lantern",
+    "castle",
+    "dragon",
+    "forest",
+    "robot",
+    "ocean",
+    "kitten",
+    "desert",
+    "pirate",
+    "wizard",
+    "train",
+    "flower",
+    "tiger",
+    "mountain",
+    "guitar",
+    "rocket",
+    "samurai",
+    "bridge",
+    "owl",
+    "volcano",
+    "lantern",
 )
 TEMPLATES = ("a {} on a hill at night", "a beautiful painting of a {} in the snow", "photo of an old {}, detailed")
 PASSES = 3  # passes of the --loras auto queries per size (each pass's p50 reported)
@@ -72,7 +90,11 @@ class SyntheticVectors:
 
     def centre(self, c: int) -> np.ndarray:
         """[1 + DIRECTIONS, d] unit vectors."""
-        v = np.random.default_rng([self.seed, 7, int(c)]).standard_normal((self.width // self.d, self.d)).astype(np.float32)
+        v = (
+            np.random.default_rng([self.seed, 7, int(c)])
+            .standard_normal((self.width // self.d, self.d))
+            .astype(np.float32)
+        )
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
     def fetch(self, ids):
@@ -134,8 +156,10 @@ def synthetic_catalog(path: Path, n: int, start: int = 1, seed: int = 0):
     rng = np.random.default_rng([seed, start])
     cat = Catalog(path)
     words = [f"w{i}" for i in range(5000)] + VOCAB
-    cols = ("id, path, sha256, short_hash, size, mtime_ns, side_mtime_ns, name, family, rank, targets, trigger_words, "
-            "tags, description, preferred_weight, preview, weight_dirs, weight_dim, weight_energy, indexed_at")
+    cols = (
+        "id, path, sha256, short_hash, size, mtime_ns, side_mtime_ns, name, family, rank, targets, trigger_words, "
+        "tags, description, preferred_weight, preview, weight_dirs, weight_dim, weight_energy, indexed_at"
+    )
     for a in range(start, start + n, 50_000):
         b = min(start + n, a + 50_000)
         trig = rng.integers(0, len(words), (b - a, 2))
@@ -144,8 +168,30 @@ def synthetic_catalog(path: Path, n: int, start: int = 1, seed: int = 0):
         for k, i in enumerate(range(a, b)):
             t = [words[j] for j in trig[k]]
             dsc = " ".join(words[j] for j in desc[k])
-            files.append((i, f"/lib/lora-{i}.safetensors", f"{i:064x}", f"{i:012x}", 1000, 0, 0, f"lora-{i}", "sd15", 8,
-                          "[]", json.dumps(t), "[]", dsc, None, None, None, None, None, float(i)))
+            files.append(
+                (
+                    i,
+                    f"/lib/lora-{i}.safetensors",
+                    f"{i:064x}",
+                    f"{i:012x}",
+                    1000,
+                    0,
+                    0,
+                    f"lora-{i}",
+                    "sd15",
+                    8,
+                    "[]",
+                    json.dumps(t),
+                    "[]",
+                    dsc,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    float(i),
+                )
+            )
             fts.append((i, f"lora-{i}", ", ".join(t), "", dsc))
         cat.db.executemany(f"INSERT INTO files ({cols}) VALUES (" + ",".join("?" * 20) + ")", files)
         cat.db.executemany("INSERT INTO fts (rowid, name, trigger_words, tags, description) VALUES (?,?,?,?,?)", fts)
@@ -199,8 +245,9 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def scale_one(n: int, d: int, queries: int, folder: Path, add: int = 1000, recall_queries: int = 10,
-              top_k: int = 4) -> dict:
+def scale_one(
+    n: int, d: int, queries: int, folder: Path, add: int = 1000, recall_queries: int = 10, top_k: int = 4
+) -> dict:
     """Open the catalog :func:`scale_build` wrote (a fresh process), time queries, measure recall and memory,
     then add ``add`` rows."""
     from lora_composer.retriever.catalog import Catalog
@@ -218,10 +265,14 @@ def scale_one(n: int, d: int, queries: int, folder: Path, add: int = 1000, recal
     rss_open = _rss_mb()
     rng = np.random.default_rng(1)
     n_clusters = int(vec.cluster([n])[0])
-    prompts = [f"cluster{int(c)} " + " ".join(rng.choice(VOCAB, 3)) + f" w{int(rng.integers(5000))}"
-               for c in rng.integers(0, n_clusters, queries + 3)]
+    prompts = [
+        f"cluster{int(c)} " + " ".join(rng.choice(VOCAB, 3)) + f" w{int(rng.integers(5000))}"
+        for c in rng.integers(0, n_clusters, queries + 3)
+    ]
     encoded, times = {}, {"encode": [], "search": [], "select": [], "cpu": []}
-    r.encoder = type("Cached", (), {"encode_one": staticmethod(lambda p: encoded[p]), "family": "sd15", "id": "synthetic"})()
+    r.encoder = type(
+        "Cached", (), {"encode_one": staticmethod(lambda p: encoded[p]), "family": "sd15", "id": "synthetic"}
+    )()
     for i, prompt in enumerate(prompts):
         t0 = time.perf_counter()
         encoded[prompt] = enc.encode_one(prompt)
@@ -251,8 +302,10 @@ def scale_one(n: int, d: int, queries: int, folder: Path, add: int = 1000, recal
     if r.index is not None:  # the index's top-20 against the exact scan of every row
         chosen = prompts[3 : 3 + recall_queries]
         exact = r.scan_all_many([(p, encoded[p], encoded[p].vector.numpy(), None) for p in chosen], limit=20)
-        hits = [recall_at(r.search_encoded(p, encoded[p], encoded[p].vector.numpy(), limit=20), ex)
-                for p, ex in zip(chosen, exact)]
+        hits = [
+            recall_at(r.search_encoded(p, encoded[p], encoded[p].vector.numpy(), limit=20), ex)
+            for p, ex in zip(chosen, exact)
+        ]
         recall = float(np.mean(hits))
     added = written = None
     if add:
@@ -266,16 +319,25 @@ def scale_one(n: int, d: int, queries: int, folder: Path, add: int = 1000, recal
         assert r.by_id.get(first + add - 1) is not None
     sel = sorted(times["select"])
     out = {
-        "catalog rows": f"{n:,}", "stage 1": "FAISS IVF-PQ" if r.index is not None else "exact scan",
-        "load (s)": load, "encode (ms)": statistics.median(times["encode"]),
-        "search top-20 (ms)": statistics.median(times["search"]), "--loras auto p50 (ms)": statistics.median(sel),
+        "catalog rows": f"{n:,}",
+        "stage 1": "FAISS IVF-PQ" if r.index is not None else "exact scan",
+        "load (s)": load,
+        "encode (ms)": statistics.median(times["encode"]),
+        "search top-20 (ms)": statistics.median(times["search"]),
+        "--loras auto p50 (ms)": statistics.median(sel),
         "--loras auto p95 (ms)": sel[min(len(sel) - 1, int(round(0.95 * (len(sel) - 1))))],
-        "p50 per pass (ms)": " / ".join(f"{x:.1f}" for x in passes), "CPU p50 (ms)": statistics.median(times["cpu"]),
+        "p50 per pass (ms)": " / ".join(f"{x:.1f}" for x in passes),
+        "CPU p50 (ms)": statistics.median(times["cpu"]),
         "stages p50 (ms)": ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in stages.items()),
         "load avg (queries)": load_q,
-        "recall@20 vs exact": recall if recall is not None else "exact", "RSS after open (MB)": rss_open,
-        "RSS after queries (MB)": rss, "RSS before open (MB)": rss0, f"add {add:,} (s)": added,
-        f"add {add:,} written (MB)": written, "index.faiss (MB)": _index_mb(path), "queries": len(sel),
+        "recall@20 vs exact": recall if recall is not None else "exact",
+        "RSS after open (MB)": rss_open,
+        "RSS after queries (MB)": rss,
+        "RSS before open (MB)": rss0,
+        f"add {add:,} (s)": added,
+        f"add {add:,} written (MB)": written,
+        "index.faiss (MB)": _index_mb(path),
+        "queries": len(sel),
     }
     cat.close()
     return out
@@ -291,7 +353,9 @@ def bench_libraries(n: int = 20_000, d: int = 768, queries: int = 50) -> list[di
     vec = SyntheticVectors(d)
     x, _ = vec.fetch(np.arange(1, n + 1))
     rng = np.random.default_rng(0)
-    q = x[rng.integers(0, n, queries)] + (0.5 / np.sqrt(d)) * rng.standard_normal((queries, x.shape[1])).astype(np.float32)
+    q = x[rng.integers(0, n, queries)] + (0.5 / np.sqrt(d)) * rng.standard_normal((queries, x.shape[1])).astype(
+        np.float32
+    )
     exact = np.argsort(-(q @ x.T), 1)[:, :20]
 
     def recall(found):
@@ -300,15 +364,24 @@ def bench_libraries(n: int = 20_000, d: int = 768, queries: int = 50) -> list[di
 
     out = []
     t0 = time.perf_counter()
-    index = faiss.index_factory(x.shape[1], f"IVF{max(16, int(np.sqrt(n)))},PQ{x.shape[1] // 8}x4fs", faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(
+        x.shape[1], f"IVF{max(16, int(np.sqrt(n)))},PQ{x.shape[1] // 8}x4fs", faiss.METRIC_INNER_PRODUCT
+    )
     index.train(x[:: max(1, n // 10_000)])
     index.add(x)
     build = time.perf_counter() - t0
     index.nprobe = 24
     t0 = time.perf_counter()
     _, found = index.search(q, 200)
-    out.append({"library": f"faiss-cpu {faiss.__version__} IVF-PQ 4-bit fast-scan", "rows": f"{n:,}", "build (s)": build,
-                "query (ms)": (time.perf_counter() - t0) * 1000 / queries, "recall@20 (rescored top 200)": recall(found)})
+    out.append(
+        {
+            "library": f"faiss-cpu {faiss.__version__} IVF-PQ 4-bit fast-scan",
+            "rows": f"{n:,}",
+            "build (s)": build,
+            "query (ms)": (time.perf_counter() - t0) * 1000 / queries,
+            "recall@20 (rescored top 200)": recall(found),
+        }
+    )
     try:
         import usearch
         from usearch.index import Index
@@ -320,12 +393,21 @@ def bench_libraries(n: int = 20_000, d: int = 768, queries: int = 50) -> list[di
     build = time.perf_counter() - t0
     t0 = time.perf_counter()
     found = u.search(q, 200, threads=1).keys.astype(np.int64)
-    out.append({"library": f"usearch {usearch.__version__} HNSW int8", "rows": f"{n:,}", "build (s)": build,
-                "query (ms)": (time.perf_counter() - t0) * 1000 / queries, "recall@20 (rescored top 200)": recall(found)})
+    out.append(
+        {
+            "library": f"usearch {usearch.__version__} HNSW int8",
+            "rows": f"{n:,}",
+            "build (s)": build,
+            "query (ms)": (time.perf_counter() - t0) * 1000 / queries,
+            "recall@20 (rescored top 200)": recall(found),
+        }
+    )
     return out
 
 
-def bench_scale(sizes, d: int, queries: int, add: int, keep: Path | None = None, threads: int | None = None) -> list[dict]:
+def bench_scale(
+    sizes, d: int, queries: int, add: int, keep: Path | None = None, threads: int | None = None
+) -> list[dict]:
     """Each size: build in one fresh Python process, measure in another (resident memory is the query
     process's own); catalogs in a temporary folder, or in ``keep``, where a catalog already built (and grown
     by earlier runs' adds) is reused and its build not timed again."""
@@ -333,20 +415,27 @@ def bench_scale(sizes, d: int, queries: int, add: int, keep: Path | None = None,
     import subprocess
 
     out = []
-    with (contextlib.nullcontext(str(keep)) if keep else tempfile.TemporaryDirectory()) as tmp:
+    with contextlib.nullcontext(str(keep)) if keep else tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             row = {}
             reuse = keep is not None and (Path(tmp) / f"n{n}" / "catalog.sqlite").is_file()
             if reuse:
                 row.update({"build (s)": "kept", "build peak RSS (MB)": "kept"})
             for call in ([] if reuse else [f"scale_build({n}, {d}, Path({str(tmp)!r}))"]) + [
-                    f"scale_one({n}, {d}, {queries}, Path({str(tmp)!r}), add={add})"]:
-                code = (f"import json, sys; from pathlib import Path; from bench.retrieval import scale_build, scale_one; "
-                        f"print('RESULT' + json.dumps({call}))")
+                f"scale_one({n}, {d}, {queries}, Path({str(tmp)!r}), add={add})"
+            ]:
+                code = (
+                    f"import json, sys; from pathlib import Path; from bench.retrieval import scale_build, scale_one; "
+                    f"print('RESULT' + json.dumps({call}))"
+                )
                 env = dict(os.environ)
                 if threads:  # numpy's BLAS and FAISS's OpenMP: on a shared 2-core machine extra threads wait for slices
-                    env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-                proc = subprocess.run([sys.executable, "-c", code], cwd=common.ROOT, capture_output=True, text=True, env=env)
+                    env.update(
+                        OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)
+                    )
+                proc = subprocess.run(
+                    [sys.executable, "-c", code], cwd=common.ROOT, capture_output=True, text=True, env=env
+                )
                 sys.stderr.write(proc.stderr[-3000:])
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT")), None)
                 if proc.returncode or line is None:
@@ -378,7 +467,9 @@ def bench_index(pipe, count: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "lib"
         for i in range(count):
-            tiny.save_diffusers_lora(pipe, tiny.random_lora_layers(pipe, rank=4, seed=i), root / f"l{i}.safetensors", rank=4)
+            tiny.save_diffusers_lora(
+                pipe, tiny.random_lora_layers(pipe, rank=4, seed=i), root / f"l{i}.safetensors", rank=4
+            )
         size = sum(p.stat().st_size for p in root.iterdir()) / count / 1024
         with Catalog.for_library(root) as cat:
             t0 = time.perf_counter()
@@ -388,7 +479,12 @@ def bench_index(pipe, count: int) -> dict:
             warm_rep = cat.index(progress=False)
             warm = time.perf_counter() - t0
     assert rep.indexed == count and warm_rep.unchanged == count
-    return {"files": count, "file size (KiB)": round(size, 1), "cold (files/s)": count / cold, "warm (files/s)": count / warm}
+    return {
+        "files": count,
+        "file size (KiB)": round(size, 1),
+        "cold (files/s)": count / cold,
+        "warm (files/s)": count / warm,
+    }
 
 
 def bench_recall(pipe, concepts, distractors: int, epochs: int = 100) -> tuple[list[dict], dict]:
@@ -415,13 +511,20 @@ def bench_recall(pipe, concepts, distractors: int, epochs: int = 100) -> tuple[l
             name = f"c{i:02d}"
             path = tiny.save_diffusers_lora(pipe, layers, root / f"{name}.safetensors", rank=2)
             if i % 2 == 0:
-                path.with_name(name + ".civitai.info").write_text(json.dumps({"trainedWords": [word], "description": f"{word} LoRA"}))
+                path.with_name(name + ".civitai.info").write_text(
+                    json.dumps({"trainedWords": [word], "description": f"{word} LoRA"})
+                )
             label[word] = (name, i % 2 == 0)
         for j in range(distractors):
-            path = tiny.save_diffusers_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=500 + j, text_encoder=False),
-                                            root / f"d{j:02d}.safetensors", rank=2)
-            path.with_name(f"d{j:02d}.civitai.info").write_text(json.dumps(
-                {"trainedWords": rnd.sample(VOCAB, 2), "description": " ".join(rnd.sample(VOCAB, 5))}))
+            path = tiny.save_diffusers_lora(
+                pipe,
+                tiny.random_lora_layers(pipe, rank=2, seed=500 + j, text_encoder=False),
+                root / f"d{j:02d}.safetensors",
+                rank=2,
+            )
+            path.with_name(f"d{j:02d}.civitai.info").write_text(
+                json.dumps({"trainedWords": rnd.sample(VOCAB, 2), "description": " ".join(rnd.sample(VOCAB, 5))})
+            )
         with Catalog.for_library(root) as cat:
             cat.index(progress=False)
             cat.encoder_mean(enc)
@@ -434,14 +537,20 @@ def bench_recall(pipe, concepts, distractors: int, epochs: int = 100) -> tuple[l
                 hits = {True: [], False: []}
                 for word, (name, described) in label.items():
                     for t in TEMPLATES:
-                        found = r.search(t.format(word), limit=3, signals=None if signal.startswith("fused") else [signal])
+                        found = r.search(
+                            t.format(word), limit=3, signals=None if signal.startswith("fused") else [signal]
+                        )
                         hits[described].append(name in [m.name for m in found])
                 allh = hits[True] + hits[False]
-                rows.append({
-                    "signal": signal, "recall@3 (all)": sum(allh) / len(allh),
-                    "recall@3 (described)": sum(hits[True]) / len(hits[True]),
-                    "recall@3 (undescribed)": sum(hits[False]) / len(hits[False]), "queries": len(allh),
-                })
+                rows.append(
+                    {
+                        "signal": signal,
+                        "recall@3 (all)": sum(allh) / len(allh),
+                        "recall@3 (described)": sum(hits[True]) / len(hits[True]),
+                        "recall@3 (undescribed)": sum(hits[False]) / len(hits[False]),
+                        "queries": len(allh),
+                    }
+                )
     return rows, train
 
 
@@ -464,15 +573,27 @@ def bench_selection(tiny: bool) -> tuple[list[dict], list[dict]]:
     rows = []
     for lib, rep in reports:
         for name, r in rep["held_out"].items():
-            rows.append({"library": lib, "prompt set": name, "prompts": r["prompts"], "precision": r["precision"],
-                         "recall": r["recall"], "base-only prompts with a pick": r["fp_rate"] if name.startswith("base") else ""})
+            rows.append(
+                {
+                    "library": lib,
+                    "prompt set": name,
+                    "prompts": r["prompts"],
+                    "precision": r["precision"],
+                    "recall": r["recall"],
+                    "base-only prompts with a pick": r["fp_rate"] if name.startswith("base") else "",
+                }
+            )
     return rows, [{"library": lib, **rep["thresholds"]} for lib, rep in reports]
 
 
 NOTE_PREFIXES = {  # how the notes of each part begin (a run of some parts keeps the others' notes)
     "libraries": ("Stage-1 library, measured", "FAISS for stage 1:"),
-    "recall": ("Index throughput,", "Recall@3 on the labelled set", "Undescribed files have no lexical",
-               "On adapters it never saw"),
+    "recall": (
+        "Index throughput,",
+        "Recall@3 on the labelled set",
+        "Undescribed files have no lexical",
+        "On adapters it never saw",
+    ),
     "selection": ("Selection (`--loras auto`",),
 }
 
@@ -499,8 +620,10 @@ def _kept_notes(parts: list[str]) -> list[str]:
     command = re.search(r"^- Command: (.*)$", body, re.M)
     origin = f"{date.group(1) if date else '?'}, {command.group(1) if command else '?'}"
     earlier = re.search(r"kept from the earlier run \((.*?)\); this run", body)  # kept twice: the first run's
-    head = (f"The notes below ({', '.join(parts)}) are kept from the earlier run "
-            f"({earlier.group(1) if earlier else origin}); this run did not repeat them.")
+    head = (
+        f"The notes below ({', '.join(parts)}) are kept from the earlier run "
+        f"({earlier.group(1) if earlier else origin}); this run did not repeat them."
+    )
     return [head, *notes]
 
 
@@ -510,10 +633,18 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--add", type=int, default=1000, help="rows added to each catalog for the incremental figure")
     parser.add_argument("--index-files", type=int, default=None)
-    parser.add_argument("--catalogs", type=Path, default=None,
-                        help="keep the synthetic catalogs here and reuse those already built (their build is not retimed)")
-    parser.add_argument("--parts", nargs="+", default=["scale", "recall", "selection"],
-                        choices=["scale", "recall", "selection", "libraries"])
+    parser.add_argument(
+        "--catalogs",
+        type=Path,
+        default=None,
+        help="keep the synthetic catalogs here and reuse those already built (their build is not retimed)",
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["scale", "recall", "selection"],
+        choices=["scale", "recall", "selection", "libraries"],
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     common.apply_threads(args.threads)
     sizes = args.sizes or ([1000, 30000] if args.tiny else [1000, 10000, 100000, 1000000])
@@ -522,12 +653,17 @@ def main(argv: list[str] | None = None):
     import os
 
     load_before = os.getloadavg()
-    scale = bench_scale(sizes, d, 5 if args.tiny else args.queries, args.add, args.catalogs,
-                        args.threads) if "scale" in args.parts else []
+    scale = (
+        bench_scale(sizes, d, 5 if args.tiny else args.queries, args.add, args.catalogs, args.threads)
+        if "scale" in args.parts
+        else []
+    )
     load_after = os.getloadavg()
     res = common.Result(
-        NAME, "Retrieval: catalog scale (vector index), index throughput, recall@3, selection",
-        list(scale[0]) if scale else ["catalog rows"], scale,
+        NAME,
+        "Retrieval: catalog scale (vector index), index throughput, recall@3, selection",
+        list(scale[0]) if scale else ["catalog rows"],
+        scale,
         command=common.command("bench.retrieval", argv if argv is not None else sys.argv[1:]),
         setup=[
             f"Scale: synthetic catalogs (`SyntheticVectors`: clusters of near-duplicates, sizes 1-30, a quarter "
@@ -551,7 +687,7 @@ def main(argv: list[str] | None = None):
             f"{args.add:,} rows added to the catalog, then the next query's refresh (index, vectors, vocabulary "
             "updated in place); *written*: the bytes that refresh handed to write() (`/proc/self/io` wchar), "
             "beside the size of `index.faiss`, which an add no longer rewrites (rows added go to a segment file). "
-            "*build* \"kept\": a catalog kept from an earlier run (`--catalogs`), its build not timed again.",
+            '*build* "kept": a catalog kept from an earlier run (`--catalogs`), its build not timed again.',
             f"Load average (1/5/15 min) before the scale runs {'/'.join(f'{x:.2f}' for x in load_before)}, after "
             f"{'/'.join(f'{x:.2f}' for x in load_after)} ({os.cpu_count()} cores, shared with other jobs; "
             "*load avg (queries)*: the 1-minute figure after each size's queries): with the machine shared, every "
@@ -561,20 +697,35 @@ def main(argv: list[str] | None = None):
     for row in scale:
         n = int(row["catalog rows"].replace(",", ""))
         if n in (100_000, 1_000_000):
-            goals = [("p50 < 20 ms", row["--loras auto p50 (ms)"] < 20)] if n == 100_000 else [
-                ("p50 < 50 ms", row["--loras auto p50 (ms)"] < 50), ("p95 < 100 ms", row["--loras auto p95 (ms)"] < 100),
-                ("recall@20 >= 0.99", isinstance(row["recall@20 vs exact"], float) and row["recall@20 vs exact"] >= 0.99),
-                ("load < 5 s", row["load (s)"] < 5), ("RSS < 2 GB", row["RSS after queries (MB)"] < 2048)]
+            goals = (
+                [("p50 < 20 ms", row["--loras auto p50 (ms)"] < 20)]
+                if n == 100_000
+                else [
+                    ("p50 < 50 ms", row["--loras auto p50 (ms)"] < 50),
+                    ("p95 < 100 ms", row["--loras auto p95 (ms)"] < 100),
+                    (
+                        "recall@20 >= 0.99",
+                        isinstance(row["recall@20 vs exact"], float) and row["recall@20 vs exact"] >= 0.99,
+                    ),
+                    ("load < 5 s", row["load (s)"] < 5),
+                    ("RSS < 2 GB", row["RSS after queries (MB)"] < 2048),
+                ]
+            )
             written, size = row.get(f"add {args.add:,} written (MB)"), row.get("index.faiss (MB)")
             if written is not None and size and n == 1_000_000:  # 9.2 MB of it: the 1,000 exact rows themselves
-                goals.append((f"add {args.add:,} writes {written:.1f} MB, not index.faiss's {size:.0f} MB", written < size / 4))
-            res.notes.append(f"Goals at {n:,} rows: " + ", ".join(f"{g} {'met' if ok else 'NOT met'}" for g, ok in goals) + ".")
+                goals.append(
+                    (f"add {args.add:,} writes {written:.1f} MB, not index.faiss's {size:.0f} MB", written < size / 4)
+                )
+            res.notes.append(
+                f"Goals at {n:,} rows: " + ", ".join(f"{g} {'met' if ok else 'NOT met'}" for g, ok in goals) + "."
+            )
     res.extra = {"scale": scale}
     if "libraries" in args.parts:
         libs = bench_libraries(2000 if args.tiny else 20_000, d)
         res.notes.append(
             "Stage-1 library, measured (`bench_libraries`: clustered rows of this width, one thread, 50 queries, "
-            "exact rescore of each one's best 200):\n\n" + common.Result(NAME, "", list(libs[0]), libs, machine={}).table()
+            "exact rescore of each one's best 200):\n\n"
+            + common.Result(NAME, "", list(libs[0]), libs, machine={}).table()
             + "\n\nFAISS for stage 1: it builds several times faster and answers a query an order of magnitude "
             "faster; a `--loras auto` query sends one index query per prompt token, weight direction and sign (65 "
             "for 8 tokens), so per-query cost decides, and the recall that matters, the retriever's top 20 against "
@@ -584,8 +735,9 @@ def main(argv: list[str] | None = None):
     if "recall" in args.parts:
         pipe = _identity_pipe()
         index = bench_index(pipe, files)
-        recall, train = bench_recall(pipe, CONCEPTS[:6] if args.tiny else CONCEPTS, 4 if args.tiny else 30,
-                                     epochs=10 if args.tiny else 100)
+        recall, train = bench_recall(
+            pipe, CONCEPTS[:6] if args.tiny else CONCEPTS, 4 if args.tiny else 30, epochs=10 if args.tiny else 100
+        )
         idx_table = common.Result(NAME, "", list(index), [index], machine={}).table()
         rec_table = common.Result(NAME, "", RECALL_COLUMNS, recall, machine={}).table()
         n_lib = len(CONCEPTS[:6] if args.tiny else CONCEPTS) + (4 if args.tiny else 30)
@@ -610,10 +762,13 @@ def main(argv: list[str] | None = None):
         unseen = next(row["recall@3 (undescribed)"] for row in recall if row["signal"] == "learned")
         res.notes.append(
             f"On adapters it never saw the learned signal finds {unseen:.2f} at recall@3 against {3 / n_lib:.2f} by "
-            + ("chance: at chance, it only adds noise to the fused score, so `retriever_for` (`compose search`, "
-               "`--loras auto`) leaves it out unless `LORA_COMPOSER_LEARNED=1`; the weight signal alone finds every "
-               "undescribed adapter here." if unseen <= 1.5 * 3 / n_lib else
-               "chance: above chance; it is still opt-in (`LORA_COMPOSER_LEARNED=1`).")
+            + (
+                "chance: at chance, it only adds noise to the fused score, so `retriever_for` (`compose search`, "
+                "`--loras auto`) leaves it out unless `LORA_COMPOSER_LEARNED=1`; the weight signal alone finds every "
+                "undescribed adapter here."
+                if unseen <= 1.5 * 3 / n_lib
+                else "chance: above chance; it is still opt-in (`LORA_COMPOSER_LEARNED=1`)."
+            )
         )
         res.extra.update({"index": index, "recall": recall, "learned_training": train})
     if "selection" in args.parts:
@@ -627,7 +782,7 @@ def main(argv: list[str] | None = None):
             "OOV synonyms never used in fitting). Concepts: every combination of 1-4 LoRA concepts, one per "
             "category; base-only: 60 captions and 60 paraphrases naming no LoRA concept. The 60-adapter library: "
             "the 9 shipped files, 2 near-duplicates of each (weights x (1 + 1% noise), other names and trigger "
-            "words), 12 adapters whose trigger differs by one word (\"checkered floor\", \"pixel font\") and 21 "
+            'words), 12 adapters whose trigger differs by one word ("checkered floor", "pixel font") and 21 '
             "unrelated ones (`synthetic_library`); a pick of any copy of a wanted concept counts as right, a second "
             f"copy as a false positive:\n\n{sel_table}\n\nFitted thresholds (the shipped library's are stored in "
             f"its catalog):\n\n{th_table}"

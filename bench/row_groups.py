@@ -21,8 +21,16 @@ from lora_composer.kernels import lora_ops
 from lora_composer.runtime.layer import PatchedLayer
 
 NAME = "row_groups"
-COLUMNS = ["layer", "positions", "dense (ms)", "grouped (ms)", "speedup", "multiply-adds saved", "runtime groups",
-           "max abs diff"]
+COLUMNS = [
+    "layer",
+    "positions",
+    "dense (ms)",
+    "grouped (ms)",
+    "speedup",
+    "multiply-adds saved",
+    "runtime groups",
+    "max abs diff",
+]
 LAYERS = (  # name, channels in, out, positions per row, kernel (None: Linear)
     ("SD1.5 attention 320, 64x64", 320, 320, 4096, None),
     ("SD1.5 attention 640, 32x32", 640, 640, 1024, None),
@@ -69,24 +77,40 @@ def run(tiny: bool, argv: list[str], requests: int, per_request: int, rank: int,
         dense_out = lora_ops.stacked_delta(x, down, up, scale, conv, runs, backend="torch")
         grouped_out = lora_ops.stacked_delta(x, down, up, scale, conv, runs, backend="torch", row_runs=groups)
         dense = common.time_ms(lambda: lora_ops.stacked_delta(x, down, up, scale, conv, runs, backend="torch"), repeats)
-        grouped = common.time_ms(lambda: lora_ops.stacked_delta(x, down, up, scale, conv, runs, backend="torch",
-                                                                row_runs=groups), repeats)
+        grouped = common.time_ms(
+            lambda: lora_ops.stacked_delta(x, down, up, scale, conv, runs, backend="torch", row_runs=groups), repeats
+        )
         per_column = positions * (down[0].numel() + cout)
         saved = per_column * (scale.shape[0] * down.shape[0] - sum(len(r) * (b - a) for r, [(a, b)] in groups))
         threshold = len(groups) * PatchedLayer.GROUP_MIN_MACS["conv" if conv else "linear"]
-        rows.append({"layer": name, "positions": positions, "dense (ms)": dense, "grouped (ms)": grouped,
-                     "speedup": dense / grouped, "multiply-adds saved": f"{saved:.1e}",
-                     "runtime groups": saved >= threshold,
-                     "max abs diff": float((dense_out - grouped_out).abs().max())})
+        rows.append(
+            {
+                "layer": name,
+                "positions": positions,
+                "dense (ms)": dense,
+                "grouped (ms)": grouped,
+                "speedup": dense / grouped,
+                "multiply-adds saved": f"{saved:.1e}",
+                "runtime groups": saved >= threshold,
+                "max abs diff": float((dense_out - grouped_out).abs().max()),
+            }
+        )
         common.log(f"[{NAME}] {rows[-1]}")
-    notes = ["'runtime groups': whether the runtime takes the grouped path for this layer (the multiply-adds saved "
-             "exceed PatchedLayer.GROUP_MIN_MACS per group of rows). The Triton path (CUDA) computes every live "
-             "column for every row; grouping is the torch path's."]
+    notes = [
+        "'runtime groups': whether the runtime takes the grouped path for this layer (the multiply-adds saved "
+        "exceed PatchedLayer.GROUP_MIN_MACS per group of rows). The Triton path (CUDA) computes every live "
+        "column for every row; grouping is the torch path's."
+    ]
     return common.Result(
-        name=NAME, title="Rows with different LoRA sets: dense vs grouped by adapter", columns=COLUMNS, rows=rows,
+        name=NAME,
+        title="Rows with different LoRA sets: dense vs grouped by adapter",
+        columns=COLUMNS,
+        rows=rows,
         notes=notes,
-        setup=[f"{requests} requests x {per_request} rank-{rank} LoRAs, 2 rows each (classifier-free guidance); one "
-               f"layer call, fp32, median of {repeats}"],
+        setup=[
+            f"{requests} requests x {per_request} rank-{rank} LoRAs, 2 rows each (classifier-free guidance); one "
+            f"layer call, fp32, median of {repeats}"
+        ],
         command=common.command(f"bench.{NAME}", argv),
     )
 

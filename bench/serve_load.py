@@ -29,12 +29,36 @@ import numpy as np
 from bench import common
 
 NAME = "serve_load"
-COLUMNS = ["mode", "requests", "valid ok", "malformed 4xx", "wrong", "images/s", "p50 (s)", "p95 (s)",
-           "mean requests per denoiser pass", "wall (s)"]
+COLUMNS = [
+    "mode",
+    "requests",
+    "valid ok",
+    "malformed 4xx",
+    "wrong",
+    "images/s",
+    "p50 (s)",
+    "p95 (s)",
+    "mean requests per denoiser pass",
+    "wall (s)",
+]
 PROMPTS = ["a {c} {s} on a {b} background", "{s}, {b} background", "blinky and a {s}", "a {c} {s}"]
-COLOURS, SHAPES, BACKGROUNDS = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle"), ("plain", "striped", "dotted")
-MALFORMED = ("unknown lora", "escaping lora", "absolute lora", "odd width", "steps 0", "steps over limit",
-             "weight not a number", "unknown field", "empty prompt", "too many loras")
+COLOURS, SHAPES, BACKGROUNDS = (
+    ("red", "green", "blue", "yellow"),
+    ("circle", "square", "triangle"),
+    ("plain", "striped", "dotted"),
+)
+MALFORMED = (
+    "unknown lora",
+    "escaping lora",
+    "absolute lora",
+    "odd width",
+    "steps 0",
+    "steps over limit",
+    "weight not a number",
+    "unknown field",
+    "empty prompt",
+    "too many loras",
+)
 
 
 @dataclass
@@ -58,17 +82,23 @@ class LoadResult:
     rows: dict = field(default_factory=dict)
 
 
-def make_requests(names: list[str], n: int, malformed: float, steps: int, seed: int,
-                  size: int = 64) -> list[tuple[dict, str | None]]:
+def make_requests(
+    names: list[str], n: int, malformed: float, steps: int, seed: int, size: int = 64
+) -> list[tuple[dict, str | None]]:
     """``n`` request bodies (deterministic for ``seed``), about ``malformed`` of them broken in one field."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         picks = rng.sample(names, rng.randint(1, 3))
         body = {
-            "prompt": rng.choice(PROMPTS).format(c=rng.choice(COLOURS), s=rng.choice(SHAPES), b=rng.choice(BACKGROUNDS)),
+            "prompt": rng.choice(PROMPTS).format(
+                c=rng.choice(COLOURS), s=rng.choice(SHAPES), b=rng.choice(BACKGROUNDS)
+            ),
             "loras": [{"name": p, "weight": rng.choice((0.6, 0.8, 1.0))} for p in picks],
-            "seed": rng.randrange(10_000), "steps": steps, "width": size, "height": size,
+            "seed": rng.randrange(10_000),
+            "steps": steps,
+            "width": size,
+            "height": size,
         }
         kind = None
         if rng.random() < malformed:
@@ -133,8 +163,13 @@ class Running:
         return False
 
 
-def run_load(url: str, requests: list[tuple[dict, str | None]], clients: int, timeout: float = 600,
-             outcomes: list[Outcome] | None = None) -> tuple[list[Outcome], float]:
+def run_load(
+    url: str,
+    requests: list[tuple[dict, str | None]],
+    clients: int,
+    timeout: float = 600,
+    outcomes: list[Outcome] | None = None,
+) -> tuple[list[Outcome], float]:
     """Send every request from ``clients`` threads (each takes the next one when its last is answered);
     ``outcomes``: the list to fill in (others may watch it), else a new one."""
     import httpx
@@ -159,7 +194,11 @@ def run_load(url: str, requests: list[tuple[dict, str | None]], clients: int, ti
                 if r.status_code == 200:
                     o.png = r.content
                 else:
-                    o.error = r.json().get("error", "") if r.headers.get("content-type", "").startswith("application/json") else r.text
+                    o.error = (
+                        r.json().get("error", "")
+                        if r.headers.get("content-type", "").startswith("application/json")
+                        else r.text
+                    )
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -185,8 +224,15 @@ def solo_image(solo, library, body: dict) -> np.ndarray:
 
 def _render_solo(solo, library, body: dict) -> np.ndarray:
     loras = [(str(library / f"{lo['name']}.safetensors"), lo.get("weight", 1.0)) for lo in body["loras"]]
-    image = solo(body["prompt"], loras=loras, num_inference_steps=body["steps"], seed=body["seed"],
-                 height=body["height"], width=body["width"], progress=False)[0]
+    image = solo(
+        body["prompt"],
+        loras=loras,
+        num_inference_steps=body["steps"],
+        seed=body["seed"],
+        height=body["height"],
+        width=body["width"],
+        progress=False,
+    )[0]
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
@@ -211,8 +257,12 @@ def measure(composer, solo, library, requests, clients: int, batching: bool, max
     from lora_composer.serving.requests import Limits
 
     composer.unload_all()
-    config = ServerConfig(limits=Limits(max_steps=50, max_loras=6), max_queue=max(64, len(requests)),
-                          max_batch=max_batch, batching=batching)
+    config = ServerConfig(
+        limits=Limits(max_steps=50, max_loras=6),
+        max_queue=max(64, len(requests)),
+        max_batch=max_batch,
+        batching=batching,
+    )
     server = Server(config, composer=composer)
     import httpx
 
@@ -229,14 +279,18 @@ def row(mode: str, result: LoadResult) -> dict:
     valid = [o for o in result.outcomes if not o.malformed]
     bad = [o for o in result.outcomes if o.malformed]
     times = sorted(o.seconds for o in valid if o.status == 200)
-    q = (lambda p: times[min(len(times) - 1, int(p * len(times)))] if times else float("nan"))
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))] if times else float("nan")
     return {
-        "mode": mode, "requests": len(result.outcomes),
+        "mode": mode,
+        "requests": len(result.outcomes),
         "valid ok": f"{sum(bool(o.ok) for o in valid)} of {len(valid)}",
         "malformed 4xx": f"{sum(bool(o.ok) for o in bad)} of {len(bad)}",
         "wrong": sum(not o.ok for o in result.outcomes),
-        "images/s": len(times) / result.wall_s, "p50 (s)": statistics.median(times) if times else float("nan"),
-        "p95 (s)": q(0.95), "mean requests per denoiser pass": result.batch_mean, "wall (s)": result.wall_s,
+        "images/s": len(times) / result.wall_s,
+        "p50 (s)": statistics.median(times) if times else float("nan"),
+        "p95 (s)": q(0.95),
+        "mean requests per denoiser pass": result.batch_mean,
+        "wall (s)": result.wall_s,
     }
 
 
@@ -253,9 +307,13 @@ def _world(family: str, folder):
         from lora_composer.default_model import ensure_default_model
 
         model, library = ensure_default_model()
-        return (ComposerPipeline.from_pretrained(model, library=library),
-                ComposerPipeline.from_pretrained(model, library=library), library, 64,
-                "Model: the mini world (64x64, guidance 5)")
+        return (
+            ComposerPipeline.from_pretrained(model, library=library),
+            ComposerPipeline.from_pretrained(model, library=library),
+            library,
+            64,
+            "Model: the mini world (64x64, guidance 5)",
+        )
     from lora_composer import tiny_dit
 
     pipe = tiny_dit.build_tiny_flux_pipeline(seed=0) if family == "flux" else tiny_dit.build_tiny_sd3_pipeline(seed=0)
@@ -266,12 +324,25 @@ def _world(family: str, folder):
         tiny_dit.save_dit_diffusers_lora(pipe, layers, library / f"lora-{i + 1}.safetensors", rank=4)
     composer = ComposerPipeline(pipe, library=library)
     label = {"flux": "FLUX.1 (guidance 3.5, one row per image)", "sd3": "SD3 (guidance 7, CFG rows)"}[family]
-    return (composer, ComposerPipeline(copy.deepcopy(pipe), library=library), library, DIT_SIZE,
-            f"Model: a tiny {label}, {DIT_SIZE}x{DIT_SIZE}, a library of eight random rank-4 LoRAs")
+    return (
+        composer,
+        ComposerPipeline(copy.deepcopy(pipe), library=library),
+        library,
+        DIT_SIZE,
+        f"Model: a tiny {label}, {DIT_SIZE}x{DIT_SIZE}, a library of eight random rank-4 LoRAs",
+    )
 
 
-def run(tiny: bool, argv: list[str], requests: int, clients: int, steps: int, malformed: float, seed: int,
-        family: str = "miniworld"):
+def run(
+    tiny: bool,
+    argv: list[str],
+    requests: int,
+    clients: int,
+    steps: int,
+    malformed: float,
+    seed: int,
+    family: str = "miniworld",
+):
     import tempfile
     from pathlib import Path
 
@@ -291,16 +362,22 @@ def run(tiny: bool, argv: list[str], requests: int, clients: int, steps: int, ma
             if not result.healthy:
                 raise RuntimeError("the server stopped answering health checks")
     speed = rows[0]["images/s"] / rows[1]["images/s"]
-    notes = [f"Step-level batching serves {speed:.2f}x the images per second of one request at a time here; every "
-             "valid answer is checked against its solo render, every malformed one must be a 4xx whose one-line "
-             "error names the field ('wrong' counts those that are not)."]
+    notes = [
+        f"Step-level batching serves {speed:.2f}x the images per second of one request at a time here; every "
+        "valid answer is checked against its solo render, every malformed one must be a 4xx whose one-line "
+        "error names the field ('wrong' counts those that are not)."
+    ]
     return common.Result(
         name=NAME if family == "miniworld" else f"{NAME}_{family}",
         title="compose serve under load (loopback)" + ("" if family == "miniworld" else f", tiny {family}"),
-        columns=COLUMNS, rows=rows, notes=notes,
-        setup=[f"{model}, {steps} steps, fp32; {requests} requests from {clients} concurrent clients, 1-3 random "
-               f"LoRAs of its library each, {malformed:.0%} malformed; server and clients in one process (uvicorn "
-               "on 127.0.0.1)"],
+        columns=COLUMNS,
+        rows=rows,
+        notes=notes,
+        setup=[
+            f"{model}, {steps} steps, fp32; {requests} requests from {clients} concurrent clients, 1-3 random "
+            f"LoRAs of its library each, {malformed:.0%} malformed; server and clients in one process (uvicorn "
+            "on 127.0.0.1)"
+        ],
         command=common.command(f"bench.{NAME}", argv),
     )
 
@@ -311,8 +388,12 @@ def options(parser) -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--malformed", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--family", choices=("miniworld", "flux", "sd3"), default="miniworld",
-                        help="the model served: the mini world, or a tiny FLUX.1 / SD3 pipeline")
+    parser.add_argument(
+        "--family",
+        choices=("miniworld", "flux", "sd3"),
+        default="miniworld",
+        help="the model served: the mini world, or a tiny FLUX.1 / SD3 pipeline",
+    )
 
 
 def main(argv: list[str] | None = None):

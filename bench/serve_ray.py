@@ -21,9 +21,21 @@ import time
 from bench import common, serve_load
 
 NAME = "serve_ray"
-COLUMNS = ["mode", "requests", "valid ok", "malformed 4xx", "lost", "LoRA-set hit rate", "ideal hit rate",
-           "on the set's replica",
-           "retries", "images/s", "p50 (s)", "p95 (s)", "wall (s)"]
+COLUMNS = [
+    "mode",
+    "requests",
+    "valid ok",
+    "malformed 4xx",
+    "lost",
+    "LoRA-set hit rate",
+    "ideal hit rate",
+    "on the set's replica",
+    "retries",
+    "images/s",
+    "p50 (s)",
+    "p95 (s)",
+    "wall (s)",
+]
 
 
 def make_requests(names: list[str], n: int, sets: int, malformed: float, steps: int, seed: int):
@@ -75,19 +87,34 @@ def measure(url: str, requests, clients: int, solo, library, kill_after: int | N
     result = serve_load.LoadResult(outcomes, wall, float("nan"), True)
     row = serve_load.row("", result)
     return {
-        "requests": len(outcomes), "valid ok": row["valid ok"], "malformed 4xx": row["malformed 4xx"],
+        "requests": len(outcomes),
+        "valid ok": row["valid ok"],
+        "malformed 4xx": row["malformed 4xx"],
         "lost": sum(o.status != 200 for o in valid),
         "LoRA-set hit rate": states.count("resident") / len(states) if states else float("nan"),
         "ideal hit rate": 1 - len(by_set) / len(served) if served else float("nan"),  # one load per set
         "on the set's replica": f"{usual} of {len(served)}",
         "retries": int(_gauge(url, "lora_composer_ray_retries_total") - retries_before),
-        "images/s": row["images/s"], "p50 (s)": row["p50 (s)"], "p95 (s)": row["p95 (s)"], "wall (s)": wall,
-        "_killed": killed, "_wrong": row["wrong"],
+        "images/s": row["images/s"],
+        "p50 (s)": row["p50 (s)"],
+        "p95 (s)": row["p95 (s)"],
+        "wall (s)": wall,
+        "_killed": killed,
+        "_wrong": row["wrong"],
     }
 
 
-def run(tiny: bool, argv: list[str], requests: int, clients: int, sets: int, steps: int, malformed: float,
-        replicas: int, seed: int):
+def run(
+    tiny: bool,
+    argv: list[str],
+    requests: int,
+    clients: int,
+    sets: int,
+    steps: int,
+    malformed: float,
+    replicas: int,
+    seed: int,
+):
     import ray
     from ray import serve
 
@@ -109,8 +136,12 @@ def run(tiny: bool, argv: list[str], requests: int, clients: int, sets: int, ste
     import torch
 
     threads = torch.get_num_threads()  # --threads, for each replica too
-    ray.init(num_cpus=replicas + 2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
+    ray.init(
+        num_cpus=replicas + 2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+    )
     rows = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -123,15 +154,23 @@ def run(tiny: bool, argv: list[str], requests: int, clients: int, sets: int, ste
     finally:
         serve.shutdown()
         ray.shutdown()
-    notes = [f"Each request carries one of {sets} LoRA sets; the gateway routes it with Serve's model multiplexing "
-             "keyed by the set's file hashes. Hit rate: requests whose replica already held their set (the first "
-             "request of a set on a replica loads it); ideal: each set loaded once, on one replica. 'on the set's replica': requests served by the replica that "
-             "served most of their set. 'lost': valid requests without their image (must be 0, killed replica "
-             "included); every image is compared with its solo render."]
+    notes = [
+        f"Each request carries one of {sets} LoRA sets; the gateway routes it with Serve's model multiplexing "
+        "keyed by the set's file hashes. Hit rate: requests whose replica already held their set (the first "
+        "request of a set on a replica loads it); ideal: each set loaded once, on one replica. 'on the set's replica': requests served by the replica that "
+        "served most of their set. 'lost': valid requests without their image (must be 0, killed replica "
+        "included); every image is compared with its solo render."
+    ]
     return common.Result(
-        name=NAME, title="compose serve --ray on a local Ray cluster", columns=COLUMNS, rows=rows, notes=notes,
-        setup=[f"Model: the mini world (64x64, {steps} steps), fp32; {replicas} replicas, 1 CPU each, on a local Ray "
-               f"cluster on this machine; {requests} requests from {clients} clients per run, {malformed:.0%} malformed"],
+        name=NAME,
+        title="compose serve --ray on a local Ray cluster",
+        columns=COLUMNS,
+        rows=rows,
+        notes=notes,
+        setup=[
+            f"Model: the mini world (64x64, {steps} steps), fp32; {replicas} replicas, 1 CPU each, on a local Ray "
+            f"cluster on this machine; {requests} requests from {clients} clients per run, {malformed:.0%} malformed"
+        ],
         command=common.command(f"bench.{NAME}", argv),
     )
 

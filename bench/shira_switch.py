@@ -22,15 +22,23 @@ from lora_composer.runtime import LoraRuntime
 NAME = "shira_switch"
 ADAPTERS = 5
 COLUMNS = [
-    "adapters", "density", "switches", "ours SHiRA switch (ms)", "diffusers unfuse_lora + fuse_lora (ms)",
-    "speedup", "values written per switch (ours)", "ours drift after switches", "diffusers drift after switches",
+    "adapters",
+    "density",
+    "switches",
+    "ours SHiRA switch (ms)",
+    "diffusers unfuse_lora + fuse_lora (ms)",
+    "speedup",
+    "values written per switch (ours)",
+    "ours drift after switches",
+    "diffusers drift after switches",
 ]
 
 
 def _weights(unet, paths):
     modules = dict(unet.named_modules())
-    return {p: (modules[p].get_base_layer() if hasattr(modules[p], "get_base_layer") else modules[p]).weight
-            for p in paths}
+    return {
+        p: (modules[p].get_base_layer() if hasattr(modules[p], "get_base_layer") else modules[p]).weight for p in paths
+    }
 
 
 def run(tiny: bool = False, switches: int | None = None, density: float = 0.02, argv=None) -> common.Result:
@@ -56,8 +64,9 @@ def run(tiny: bool = False, switches: int | None = None, density: float = 0.02, 
     for k in range(1, switches + 2):  # the first switch is a warm-up
         nxt = names[k % ADAPTERS]
         o = common.timed(lambda: rt.set_weights(unet={nxt: 1.0}))
-        r = common.timed(lambda: (pipe.unfuse_lora(components=["unet"]),
-                                  pipe.fuse_lora(components=["unet"], adapter_names=[nxt])))
+        r = common.timed(
+            lambda: (pipe.unfuse_lora(components=["unet"]), pipe.fuse_lora(components=["unet"], adapter_names=[nxt]))
+        )
         if k > 1:
             t_ours.append(o)
             t_ref.append(r)
@@ -75,16 +84,22 @@ def run(tiny: bool = False, switches: int | None = None, density: float = 0.02, 
     assert ours_drift == 0 and all(torch.equal(ours_w[p], base[p]) for p in paths), "SHiRA restore is not exact"
     ours_ms, ref_ms = common.median_ms(t_ours), common.median_ms(t_ref)
     row = {
-        "adapters": ADAPTERS, "density": density, "switches": switches, "ours SHiRA switch (ms)": ours_ms,
-        "diffusers unfuse_lora + fuse_lora (ms)": ref_ms, "speedup": ref_ms / ours_ms,
+        "adapters": ADAPTERS,
+        "density": density,
+        "switches": switches,
+        "ours SHiRA switch (ms)": ours_ms,
+        "diffusers unfuse_lora + fuse_lora (ms)": ref_ms,
+        "speedup": ref_ms / ours_ms,
         "values written per switch (ours)": f"{2 * nnz:,} (restore + scatter)",
-        "ours drift after switches": ours_drift, "diffusers drift after switches": ref_drift,
+        "ours drift after switches": ours_drift,
+        "diffusers drift after switches": ref_drift,
     }
     common.log(f"[{NAME}] ours {ours_ms:.2f} ms/switch, diffusers {ref_ms:.2f} ms/switch ({ref_ms / ours_ms:.1f}x)")
     errs = sorted(errors)
     notes = [
         "Goal (SHiRA switching at least 5x faster than diffusers unfuse_lora + fuse_lora): "
-        + ("met" if ref_ms / ours_ms >= 5 else "NOT met") + f", {ref_ms / ours_ms:.1f}x.",
+        + ("met" if ref_ms / ours_ms >= 5 else "NOT met")
+        + f", {ref_ms / ours_ms:.1f}x.",
         f"The SHiRA adapters are the LoRAs converted at density {density:g} (largest-magnitude entries of each "
         f"layer's delta): relative error per layer median {errs[len(errs) // 2]:.3f}, max {errs[-1]:.3f} (random "
         "LoRA factors spread their energy evenly: trained LoRAs concentrate it and lose less). Equal work means "
@@ -98,8 +113,12 @@ def run(tiny: bool = False, switches: int | None = None, density: float = 0.02, 
     del rt, pipe, ours_host, base
     gc.collect()
     return common.Result(
-        name=NAME, title="Switching the fused adapter: SHiRA scatter vs diffusers LoRA unfuse + fuse"
-        + (" (tiny smoke run)" if tiny else ""), columns=COLUMNS, rows=[row], notes=notes,
+        name=NAME,
+        title="Switching the fused adapter: SHiRA scatter vs diffusers LoRA unfuse + fuse"
+        + (" (tiny smoke run)" if tiny else ""),
+        columns=COLUMNS,
+        rows=[row],
+        notes=notes,
         setup=[
             f"Model: {model_label}, fp32, eval, no grad; {len(paths)} targeted layers (attention "
             f"{', '.join(common.TARGETS)}); {ADAPTERS} rank-{common.RANK} LoRAs with random non-zero factors, "
@@ -116,7 +135,6 @@ def main(argv: list[str] | None = None) -> common.Result:
         p.add_argument("--density", type=float, default=0.02)
 
     return common.cli(NAME, __doc__, run, argv, options)
-
 
 
 if __name__ == "__main__":

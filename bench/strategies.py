@@ -41,19 +41,46 @@ REPLAY_ROUNDS = 25
 GOAL_PCT = 2.0
 
 COMPOSITE_COLUMNS = [
-    "adapters", "steps", "ours passes", "ours rows", "reference passes", "reference rows",
-    "ours denoiser per image (s)", "reference denoiser per image (s)", "speedup", "ours per step (s)",
-    "reference per step (s)", "max abs latent diff", "equal output",
+    "adapters",
+    "steps",
+    "ours passes",
+    "ours rows",
+    "reference passes",
+    "reference rows",
+    "ours denoiser per image (s)",
+    "reference denoiser per image (s)",
+    "speedup",
+    "ours per step (s)",
+    "reference per step (s)",
+    "max abs latent diff",
+    "equal output",
 ]
 CMLORA_COLUMNS = [
-    "strategy", "adapters", "steps", "denoiser passes", "rows computed", "rows vs composite",
-    "denoiser per image (s)", "time vs composite", "max abs latent diff vs composite",
+    "strategy",
+    "adapters",
+    "steps",
+    "denoiser passes",
+    "rows computed",
+    "rows vs composite",
+    "denoiser per image (s)",
+    "time vs composite",
+    "max abs latent diff vs composite",
     "max abs latent diff vs cmlora without cache",
 ]
 OVERHEAD_COLUMNS = [
-    "strategy", "adapters", "steps", "UNet forward per step (ms)", "driver per step (ms)",
-    "layer refresh per step (ms)", "overhead per step (ms)", "overhead % of step", "first step overhead (ms)",
-    "replayed plan + write + refresh (ms)", "replayed % of step", "end-to-end per image (s)", "vs merge",
+    "strategy",
+    "adapters",
+    "steps",
+    "UNet forward per step (ms)",
+    "driver per step (ms)",
+    "layer refresh per step (ms)",
+    "overhead per step (ms)",
+    "overhead % of step",
+    "first step overhead (ms)",
+    "replayed plan + write + refresh (ms)",
+    "replayed % of step",
+    "end-to-end per image (s)",
+    "vs merge",
 ]
 
 
@@ -71,11 +98,21 @@ def build_pipeline(tiny_mode: bool, seed: int = 0):
         else:
             unet = common.build_sd15_unet(seed)
             torch.manual_seed(seed)
-            text_encoder = CLIPTextModel(CLIPTextConfig(
-                vocab_size=49408, hidden_size=768, intermediate_size=256, num_hidden_layers=1, num_attention_heads=12,
-                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-                hidden_act="quick_gelu", projection_dim=768,
-            ))
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=49408,
+                    hidden_size=768,
+                    intermediate_size=256,
+                    num_hidden_layers=1,
+                    num_attention_heads=12,
+                    max_position_embeddings=77,
+                    bos_token_id=49406,
+                    eos_token_id=49407,
+                    pad_token_id=49407,
+                    hidden_act="quick_gelu",
+                    projection_dim=768,
+                )
+            )
             pipe = StableDiffusionPipeline(**{**small.components, "unet": unet, "text_encoder": text_encoder})
             label = "SD1.5-shaped UNet (random weights)"
     pipe.unet.eval().requires_grad_(False)
@@ -175,10 +212,17 @@ class Run:
 
 def _collect(probe: Probe, latents, total_s, passes, rows, driver=None) -> Run:
     return Run(
-        latents=latents.detach().float().clone(), outer=list(probe.outer), forward=probe.forward_per_call(),
-        single_forwards=[f for call in probe.forward for f in call], refresh=probe.refresh_per_call(),
-        driver=probe.driver_per_call(), passes=passes, rows=rows, total_s=total_s,
-        strategy=getattr(driver, "strategy", None), driver_obj=driver,
+        latents=latents.detach().float().clone(),
+        outer=list(probe.outer),
+        forward=probe.forward_per_call(),
+        single_forwards=[f for call in probe.forward for f in call],
+        refresh=probe.refresh_per_call(),
+        driver=probe.driver_per_call(),
+        passes=passes,
+        rows=rows,
+        total_s=total_s,
+        strategy=getattr(driver, "strategy", None),
+        driver_obj=driver,
     )
 
 
@@ -193,7 +237,9 @@ class Bench:
         self.names = [self.cp.load_lora(str(p)).name for p in self.paths]  # attached once, reused by every call
         self.probe = Probe()
         self.probe.install(self.pipe.unet, self.cp.runtime)
-        self.call = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size, output_type="latent")
+        self.call = dict(
+            num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size, output_type="latent"
+        )
 
     def loras(self, n: int):
         return [(str(p), w) for p, w in zip(self.paths[:n], WEIGHTS)]
@@ -202,8 +248,15 @@ class Bench:
         self.probe.reset()
         call = {**self.call, "num_inference_steps": steps or self.steps}
         t0 = time.perf_counter()
-        latents = self.cp(PROMPT, loras=self.loras(n), strategy=strategy, strategy_args=strategy_args or None,
-                          seed=SEED, progress=False, **call)
+        latents = self.cp(
+            PROMPT,
+            loras=self.loras(n),
+            strategy=strategy,
+            strategy_args=strategy_args or None,
+            seed=SEED,
+            progress=False,
+            **call,
+        )
         total = time.perf_counter() - t0
         d = self.cp.last_driver
         return _collect(self.probe, latents, total, d.calls, d.rows, d)
@@ -284,13 +337,23 @@ def run_composite(b: Bench, ns, atol: float) -> list[dict]:
         diff = _diff(ours.latents, ref.latents)
         equal = diff <= atol
         assert equal, f"composite N={n}: ours and the sequential reference differ by {diff:.3g} (atol {atol})"
-        rows.append({
-            "adapters": n, "steps": len(ours.outer), "ours passes": ours.passes, "ours rows": ours.rows,
-            "reference passes": ref.passes, "reference rows": ref.rows,
-            "ours denoiser per image (s)": ours.denoiser_s, "reference denoiser per image (s)": ref.denoiser_s,
-            "speedup": ref.denoiser_s / ours.denoiser_s, "ours per step (s)": _med(ours.outer),
-            "reference per step (s)": _med(ref.outer), "max abs latent diff": diff, "equal output": equal,
-        })
+        rows.append(
+            {
+                "adapters": n,
+                "steps": len(ours.outer),
+                "ours passes": ours.passes,
+                "ours rows": ours.rows,
+                "reference passes": ref.passes,
+                "reference rows": ref.rows,
+                "ours denoiser per image (s)": ours.denoiser_s,
+                "reference denoiser per image (s)": ref.denoiser_s,
+                "speedup": ref.denoiser_s / ours.denoiser_s,
+                "ours per step (s)": _med(ours.outer),
+                "reference per step (s)": _med(ref.outer),
+                "max abs latent diff": diff,
+                "equal output": equal,
+            }
+        )
         common.log(f"[{NAME}] N={n}: ours {ours.denoiser_s:.2f} s, reference {ref.denoiser_s:.2f} s, diff {diff:.2e}")
     return rows
 
@@ -303,13 +366,20 @@ def run_cmlora(b: Bench, n: int, steps: int) -> tuple[list[dict], dict]:
     full = b.ours(n, "cmlora", steps=steps, cache=False, **freq)
     rows = []
     for label, r in (("composite", comp), ("cmlora (cache)", cached), ("cmlora (no cache)", full)):
-        rows.append({
-            "strategy": label, "adapters": n, "steps": len(r.outer), "denoiser passes": r.passes,
-            "rows computed": r.rows, "rows vs composite": r.rows / comp.rows,
-            "denoiser per image (s)": r.denoiser_s, "time vs composite": r.denoiser_s / comp.denoiser_s,
-            "max abs latent diff vs composite": _diff(r.latents, comp.latents),
-            "max abs latent diff vs cmlora without cache": _diff(r.latents, full.latents),
-        })
+        rows.append(
+            {
+                "strategy": label,
+                "adapters": n,
+                "steps": len(r.outer),
+                "denoiser passes": r.passes,
+                "rows computed": r.rows,
+                "rows vs composite": r.rows / comp.rows,
+                "denoiser per image (s)": r.denoiser_s,
+                "time vs composite": r.denoiser_s / comp.denoiser_s,
+                "max abs latent diff vs composite": _diff(r.latents, comp.latents),
+                "max abs latent diff vs cmlora without cache": _diff(r.latents, full.latents),
+            }
+        )
     reuse = [bool(p.reuse is not None and bool(p.reuse.any())) for p in cached.driver_obj.history]
     extra = {
         "latent_abs_max": float(comp.latents.abs().max()),
@@ -338,14 +408,23 @@ def run_overhead(b: Bench, n: int, repeats: int) -> tuple[list[dict], dict]:
         first = _med([r.outer[0] - r.forward[0] for r in rs])
         replay = _med(b.replay(rs[-1]))
         total = _med([r.total_s for r in rs])
-        rows.append({
-            "strategy": name + (" (every=1)" if name == "switch" else ""), "adapters": n, "steps": len(rs[0].outer),
-            "UNet forward per step (ms)": forward * 1e3, "driver per step (ms)": driver * 1e3,
-            "layer refresh per step (ms)": refresh * 1e3, "overhead per step (ms)": overhead * 1e3,
-            "overhead % of step": 100 * overhead / forward, "first step overhead (ms)": first * 1e3,
-            "replayed plan + write + refresh (ms)": replay * 1e3, "replayed % of step": 100 * replay / forward,
-            "end-to-end per image (s)": total, "vs merge": None,
-        })
+        rows.append(
+            {
+                "strategy": name + (" (every=1)" if name == "switch" else ""),
+                "adapters": n,
+                "steps": len(rs[0].outer),
+                "UNet forward per step (ms)": forward * 1e3,
+                "driver per step (ms)": driver * 1e3,
+                "layer refresh per step (ms)": refresh * 1e3,
+                "overhead per step (ms)": overhead * 1e3,
+                "overhead % of step": 100 * overhead / forward,
+                "first step overhead (ms)": first * 1e3,
+                "replayed plan + write + refresh (ms)": replay * 1e3,
+                "replayed % of step": 100 * replay / forward,
+                "end-to-end per image (s)": total,
+                "vs merge": None,
+            }
+        )
     merge_total = rows[0]["end-to-end per image (s)"]
     for row in rows:
         row["vs merge"] = f"x{row['end-to-end per image (s)'] / merge_total:.3f}"
@@ -366,15 +445,26 @@ class Report:
     def markdown(self) -> str:
         m = self.machine
         lines = [
-            f"## {self.title}", "",
+            f"## {self.title}",
+            "",
             f"- Machine: {m['machine']}; CPU: {m['cpu']}; torch threads: {m['threads']}. No GPU in this run: "
             "every figure is CPU time.",
-            f"- Software: {m['versions']}", f"- Date: {m['date']}", f"- Command: `{self.command}`",
-            *[f"- {s}" for s in self.setup], "",
+            f"- Software: {m['versions']}",
+            f"- Date: {m['date']}",
+            f"- Command: `{self.command}`",
+            *[f"- {s}" for s in self.setup],
+            "",
         ]
         for part in self.parts.values():
-            lines += [f"### {part.title}", "", *[f"- {s}" for s in part.setup], "", part.table(), "",
-                      *[f"{n}\n" for n in part.notes]]
+            lines += [
+                f"### {part.title}",
+                "",
+                *[f"- {s}" for s in part.setup],
+                "",
+                part.table(),
+                "",
+                *[f"{n}\n" for n in part.notes],
+            ]
         return "\n".join(lines).rstrip() + "\n"
 
     def print(self) -> None:
@@ -384,9 +474,11 @@ class Report:
 def _composite_part(rows, steps, latent) -> common.Result:
     notes = []
     for r in rows:
-        notes.append(f"N={r['adapters']}: ours {r['ours denoiser per image (s)']:.2f} s vs reference "
-                     f"{r['reference denoiser per image (s)']:.2f} s of denoiser time per image "
-                     f"({r['speedup']:.2f}x); latents agree to {r['max abs latent diff']:.1e}.")
+        notes.append(
+            f"N={r['adapters']}: ours {r['ours denoiser per image (s)']:.2f} s vs reference "
+            f"{r['reference denoiser per image (s)']:.2f} s of denoiser time per image "
+            f"({r['speedup']:.2f}x); latents agree to {r['max abs latent diff']:.1e}."
+        )
     notes = [" ".join(notes)]
     notes.append(
         "Both compute the same rows (2N per step with classifier-free guidance); ours runs them as one "
@@ -395,10 +487,13 @@ def _composite_part(rows, steps, latent) -> common.Result:
         f"launches, the {latent}x{latent} latents' low arithmetic intensity) rather than FLOPs."
     )
     return common.Result(
-        name="composite", title="Composite: N row groups in one batched pass vs one pass per adapter",
-        columns=COMPOSITE_COLUMNS, rows=rows, notes=notes,
+        name="composite",
+        title="Composite: N row groups in one batched pass vs one pass per adapter",
+        columns=COMPOSITE_COLUMNS,
+        rows=rows,
+        notes=notes,
         setup=[
-            "Ours: `ComposerPipeline(...)(prompt, loras=..., strategy=\"composite\")`, no `max_batch` (one pass of "
+            'Ours: `ComposerPipeline(...)(prompt, loras=..., strategy="composite")`, no `max_batch` (one pass of '
             "2N rows per step).",
             "Reference (sequential, as Zhong et al.'s code): the diffusers pipeline called directly, its UNet "
             "forward wrapped to run once per adapter with that adapter alone, set through our runtime "
@@ -427,8 +522,11 @@ def _cmlora_part(rows, extra) -> common.Result:
         "nothing about image quality.",
     ]
     return common.Result(
-        name="cmlora", title="CMLoRA with caching vs composite",
-        columns=CMLORA_COLUMNS, rows=rows, notes=notes,
+        name="cmlora",
+        title="CMLoRA with caching vs composite",
+        columns=CMLORA_COLUMNS,
+        rows=rows,
+        notes=notes,
         setup=[
             "Same adapters, weights, prompt, seed and steps for the three; CMLoRA with its defaults (order as given: "
             "no frequency profile), once with the non-uniform cache and once with `cache=False`.",
@@ -454,7 +552,7 @@ def _overhead_part(rows, extra) -> common.Result:
         "mixing-tensor write, row bookkeeping, combine) plus the layers' scale refresh (`rt.prepare()`, timed "
         "just before each forward; without it the same refresh would run lazily inside the forward). Medians "
         f"over the steps after the first of {extra['repeats']} image(s) per strategy, strategies interleaved image by image. "
-        "\"First step\" includes one-off work (gated's per-adapter prompt responses). \"Replayed\" times "
+        '"First step" includes one-off work (gated\'s per-adapter prompt responses). "Replayed" times '
         f"`plan` + the driver's row write + `rt.prepare()` alone, {REPLAY_ROUNDS} passes over the generation's "
         "timesteps, with no UNet in between. Merge writes the same weights every step, so after the first "
         "step its write and refresh are no-ops; switch (every=1) and gated change weights on every step."
@@ -464,8 +562,11 @@ def _overhead_part(rows, extra) -> common.Result:
         "overhead measurements are the figures to read."
     )
     return common.Result(
-        name="overhead", title="Per-step overhead: switch and gated vs merge",
-        columns=OVERHEAD_COLUMNS, rows=rows, notes=notes,
+        name="overhead",
+        title="Per-step overhead: switch and gated vs merge",
+        columns=OVERHEAD_COLUMNS,
+        rows=rows,
+        notes=notes,
         setup=[
             "Ours only (no reference: the question is what the strategy adds to a plain step); each image one "
             "denoiser pass of 2 rows per step.",
@@ -473,9 +574,18 @@ def _overhead_part(rows, extra) -> common.Result:
     )
 
 
-def run(tiny_mode: bool = False, ns=(2, 3, 5), steps: int | None = None, cm_steps: int | None = None,
-        repeats: int | None = None, cm_n: int = 3, over_n: int = 3, size: int | None = None, atol: float = 1e-4,
-        argv: list[str] | None = None) -> Report:
+def run(
+    tiny_mode: bool = False,
+    ns=(2, 3, 5),
+    steps: int | None = None,
+    cm_steps: int | None = None,
+    repeats: int | None = None,
+    cm_n: int = 3,
+    over_n: int = 3,
+    size: int | None = None,
+    atol: float = 1e-4,
+    argv: list[str] | None = None,
+) -> Report:
     steps = steps or (3 if tiny_mode else 4)
     size = size or (32 if tiny_mode else 64)
     cm_steps = cm_steps or (4 if tiny_mode else 8)
@@ -502,8 +612,11 @@ def run(tiny_mode: bool = False, ns=(2, 3, 5), steps: int | None = None, cm_step
     load_end = _load()
     setup = [
         f"Model: {model_label}, fp32, eval, no grad, in a `StableDiffusionPipeline` with "
-        + ("the tiny VAE, text encoder and tokenizer" if tiny_mode else
-           "the tiny VAE and tokenizer (`lora_composer.tiny`) and a one-layer 768-wide CLIP text encoder")
+        + (
+            "the tiny VAE, text encoder and tokenizer"
+            if tiny_mode
+            else "the tiny VAE and tokenizer (`lora_composer.tiny`) and a one-layer 768-wide CLIP text encoder"
+        )
         + f" (only the denoiser is measured); {size}x{size} pixels = {latent}x{latent} latents, batch 1 image, "
         f"classifier-free guidance {GUIDANCE} (2 rows per adapter group), DDIM.",
         f"Adapters: rank-{common.RANK} LoRAs with random non-zero factors on the {n_layers} attention layers "
@@ -522,7 +635,9 @@ def run(tiny_mode: bool = False, ns=(2, 3, 5), steps: int | None = None, cm_step
     }
     return Report(
         title="Composition strategies: composite, CMLoRA, switch, gated" + (" (tiny smoke run)" if tiny_mode else ""),
-        setup=setup, parts=parts, command=common.command("bench.strategies", argv if argv is not None else []),
+        setup=setup,
+        parts=parts,
+        command=common.command("bench.strategies", argv if argv is not None else []),
     )
 
 
@@ -531,13 +646,26 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--ns", type=int, nargs="+", default=[2, 3, 5], help="adapter counts for composite")
     parser.add_argument("--steps", type=int, default=None, help="steps per image (default 4, tiny 3)")
     parser.add_argument("--cm-steps", type=int, default=None, help="steps for the CMLoRA part (default 8, tiny 4)")
-    parser.add_argument("--repeats", type=int, default=None, help="images per strategy for the overhead part (default 3, tiny 1)")
-    parser.add_argument("--size", type=int, default=None,
-                        help="image side in pixels, latents are half with the tiny VAE (default 64, tiny 32)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="images per strategy for the overhead part (default 3, tiny 1)"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="image side in pixels, latents are half with the tiny VAE (default 64, tiny 32)",
+    )
     args = parser.parse_args(argv)
     common.apply_threads(args.threads)
-    report = run(tiny_mode=args.tiny, ns=args.ns, steps=args.steps, cm_steps=args.cm_steps, repeats=args.repeats,
-                 size=args.size, argv=sys.argv[1:] if argv is None else argv)
+    report = run(
+        tiny_mode=args.tiny,
+        ns=args.ns,
+        steps=args.steps,
+        cm_steps=args.cm_steps,
+        repeats=args.repeats,
+        size=args.size,
+        argv=sys.argv[1:] if argv is None else argv,
+    )
     report.print()
     if not args.no_write:
         common.log(f"[{NAME}] wrote {common.write_section(NAME, report.markdown())}")

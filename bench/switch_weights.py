@@ -19,9 +19,17 @@ from lora_composer.runtime import LoraRuntime
 NAME = "switch_weights"
 ALONE_STEPS = 200
 COLUMNS = [
-    "adapters loaded", "active", "ours set_weights alone, back to back (ms)", "ours set_weights (ms)", "ours set_weights + prepare (ms)",
-    "diffusers set_adapters (ms)", "speedup vs set_weights + prepare", "speedup vs set_weights",
-    "max abs out diff", "LoRA effect on out", "equal work",
+    "adapters loaded",
+    "active",
+    "ours set_weights alone, back to back (ms)",
+    "ours set_weights (ms)",
+    "ours set_weights + prepare (ms)",
+    "diffusers set_adapters (ms)",
+    "speedup vs set_weights + prepare",
+    "speedup vs set_weights",
+    "max abs out diff",
+    "LoRA effect on out",
+    "equal work",
 ]
 
 
@@ -34,8 +42,14 @@ def schedule(step: int, k: int) -> dict[str, float]:
     return {f"a{a}": wa, f"a{b}": 1.1 - 0.05 * (step % 5)}
 
 
-def run(tiny: bool = False, ks=(1, 10, 50), steps: int | None = None, warmup: int = 2, atol: float = 1e-4,
-        argv: list[str] | None = None) -> common.Result:
+def run(
+    tiny: bool = False,
+    ks=(1, 10, 50),
+    steps: int | None = None,
+    warmup: int = 2,
+    atol: float = 1e-4,
+    argv: list[str] | None = None,
+) -> common.Result:
     steps = steps or (6 if tiny else 20)
     ks = sorted(ks)
     pipe, ours_host, model_label = common.build_models(tiny)
@@ -77,16 +91,25 @@ def run(tiny: bool = False, ks=(1, 10, 50), steps: int | None = None, warmup: in
         equal = diff <= atol and effect > 100 * atol
         assert equal, f"K={k}: outputs differ by {diff:.3g} (atol {atol}), LoRA effect {effect:.3g}"
         write, prep, ref = (common.median_ms(t) for t in (t_write, t_prep, t_ref))
-        rows.append({
-            "adapters loaded": k, "active": len(schedule(0, k)),
-            "ours set_weights alone, back to back (ms)": common.median_ms(t_alone),
-            "ours set_weights (ms)": write, "ours set_weights + prepare (ms)": prep,
-            "diffusers set_adapters (ms)": ref, "speedup vs set_weights + prepare": ref / prep,
-            "speedup vs set_weights": ref / write, "max abs out diff": diff, "LoRA effect on out": effect,
-            "equal work": equal,
-        })
-        common.log(f"[{NAME}] K={k}: ours {write:.3f} ms write, {prep:.3f} ms with prepare; "
-                   f"diffusers {ref:.1f} ms; out diff {diff:.2e}")
+        rows.append(
+            {
+                "adapters loaded": k,
+                "active": len(schedule(0, k)),
+                "ours set_weights alone, back to back (ms)": common.median_ms(t_alone),
+                "ours set_weights (ms)": write,
+                "ours set_weights + prepare (ms)": prep,
+                "diffusers set_adapters (ms)": ref,
+                "speedup vs set_weights + prepare": ref / prep,
+                "speedup vs set_weights": ref / write,
+                "max abs out diff": diff,
+                "LoRA effect on out": effect,
+                "equal work": equal,
+            }
+        )
+        common.log(
+            f"[{NAME}] K={k}: ours {write:.3f} ms write, {prep:.3f} ms with prepare; "
+            f"diffusers {ref:.1f} ms; out diff {diff:.2e}"
+        )
 
     n_layers = len(rt.layers)
     del rt, ours_host, pipe
@@ -118,8 +141,8 @@ def _result(rows, tiny, steps, model_label, n_layers, argv) -> common.Result:
         "`set_weights + prepare` column is the honest per-step cost."
     )
     notes.append(
-        f"\"set_weights alone, back to back\" is the median of {ALONE_STEPS} consecutive changes with nothing in "
-        "between; the interleaved \"ours set_weights\" column is measured right after diffusers' "
+        f'"set_weights alone, back to back" is the median of {ALONE_STEPS} consecutive changes with nothing in '
+        'between; the interleaved "ours set_weights" column is measured right after diffusers\' '
         "`set_adapters` has walked the whole model, so it includes cold-cache effects."
     )
     return common.Result(
@@ -138,7 +161,7 @@ def _result(rows, tiny, steps, model_label, n_layers, argv) -> common.Result:
             f"Per step two adapters change (which ones and their weights), all others stay loaded at weight 0; "
             f"median over {steps} steps after 2 warm-up steps, ours and diffusers interleaved each step.",
             "Equal work: after the last step both UNets run one input (batch 1, 8x8 latents, 8 tokens) and "
-            "must agree within 1e-4 (asserted); \"LoRA effect\" is how far that output is from the base UNet's.",
+            'must agree within 1e-4 (asserted); "LoRA effect" is how far that output is from the base UNet\'s.',
         ],
         command=common.command("bench.switch_weights", argv if argv is not None else []),
     )
@@ -150,7 +173,6 @@ def main(argv: list[str] | None = None) -> common.Result:
         p.add_argument("--steps", type=int, default=None, help="timed steps per K (default 20, tiny 6)")
 
     return common.cli(NAME, __doc__, run, argv, options)
-
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ def is_dit(model: str) -> bool:
     return any(key in str(model).lower() for key in ("flux", "stable-diffusion-3", "sd3"))
 
 
-def device_and_dtype(device: str | None = "auto", dtype: str | None = "auto", model: str = "") -> tuple[str, torch.dtype]:
+def device_and_dtype(
+    device: str | None = "auto", dtype: str | None = "auto", model: str = ""
+) -> tuple[str, torch.dtype]:
     """``(device, torch dtype)``; a device this machine lacks is a one-line :class:`ComposerError`."""
     device = (device or "auto").strip().lower()
     mps = getattr(torch.backends, "mps", None)

@@ -171,8 +171,10 @@ class RowGroups:
         (this plan's weights where it gives that layer group none)."""
         layer = self.plan.layer_weights or {}
         keys = set(layer_keys) | set(layer)
-        return (self.slot_rows(self.plan.weights, groups, rows),
-                {k: self.slot_rows(layer.get(k, self.plan.weights), groups, rows) for k in keys})
+        return (
+            self.slot_rows(self.plan.weights, groups, rows),
+            {k: self.slot_rows(layer.get(k, self.plan.weights), groups, rows) for k in keys},
+        )
 
     def store(self, groups: list[int], predictions) -> None:
         self._cache.update(zip(groups, predictions))

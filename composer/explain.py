@@ -49,8 +49,15 @@ def _heatmap(ax, data, ylabels, xlabels, title, ylabel):
     im = ax.imshow(data, aspect="auto", cmap="magma", interpolation="nearest", vmin=low, vmax=high)
     if data.size <= 120:  # small grids: print the numbers too
         for (y, x), v in np.ndenumerate(data):
-            ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if v < low + 0.6 * (high - low) else "black")
+            ax.text(
+                x,
+                y,
+                f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if v < low + 0.6 * (high - low) else "black",
+            )
     ax.set_xticks(range(len(xlabels)), xlabels, rotation=30, ha="right")
     step = max(1, len(ylabels) // 20)
     ax.set_yticks(range(0, len(ylabels), step), [ylabels[i] for i in range(0, len(ylabels), step)])
@@ -70,8 +77,14 @@ def save_explanation(history: list[StepPlan], adapters: list[str], path, strateg
     panels = 2 if layers else 1
     fig, axes = plt.subplots(1, panels, figsize=(4 + 2.5 * panels + 0.4 * len(adapters), 4 + 0.12 * len(history)))
     axes = [axes] if panels == 1 else list(axes)
-    _heatmap(axes[0], steps.numpy(), [str(i) for i in range(len(history))], adapters,
-             f"{strategy or 'weights'}: per step", "denoiser call")
+    _heatmap(
+        axes[0],
+        steps.numpy(),
+        [str(i) for i in range(len(history))],
+        adapters,
+        f"{strategy or 'weights'}: per step",
+        "denoiser call",
+    )
     if layers:
         groups, data = layers
         _heatmap(axes[1], data.numpy(), groups, adapters, "per layer group (mean over steps)", "layer group")

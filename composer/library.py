@@ -52,8 +52,11 @@ def list_loras(library: str | os.PathLike | None) -> list[Path]:
         return []
     root = _check_library(library)
     found = [
-        p for p in root.rglob("*")
-        if p.suffix.lower() in LORA_EXTENSIONS and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in LORA_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
     ]
     return sorted(found, key=lambda p: (lora_name(p).lower(), str(p)))
 
@@ -94,8 +97,9 @@ def resolve_lora(ref: str | os.PathLike, library: str | os.PathLike | None) -> P
     if path.is_dir():
         saved = saved_file(path)
         if saved is None:
-            raise ComposerError(f"{path} is a folder with no {' or '.join(n + '.safetensors' for n in SAVED_NAMES)}: "
-                                "give the LoRA file")
+            raise ComposerError(
+                f"{path} is a folder with no {' or '.join(n + '.safetensors' for n in SAVED_NAMES)}: give the LoRA file"
+            )
         return saved
     if _explicit_path(text) or (library is None and _looks_like_path(text)):
         raise ComposerError(f"{text}: file not found")
@@ -108,8 +112,12 @@ def resolve_lora(ref: str | os.PathLike, library: str | os.PathLike | None) -> P
     files = list_loras(root)
     want = lora_stem(text).replace("\\", "/").lower()
     if "/" in want:  # a sub-path inside the library: match the relative path without extension
-        matches = [p for p in files if p.relative_to(root).with_suffix("").as_posix().lower() == want
-                   or (lora_name(p) != p.stem and p.parent.relative_to(root).as_posix().lower() == want)]
+        matches = [
+            p
+            for p in files
+            if p.relative_to(root).with_suffix("").as_posix().lower() == want
+            or (lora_name(p) != p.stem and p.parent.relative_to(root).as_posix().lower() == want)
+        ]
     else:
         matches = [p for p in files if lora_name(p).lower() == want]
     if matches:

@@ -19,10 +19,16 @@ WORLDS = ("one-object", "community", "two-objects")  # the order lines are quote
 
 def record(path: Path, result: dict, command: str, world: str) -> None:
     """Add one ``compose eval`` run (its ``results.json`` dict) to the record file ``path``."""
-    strategies = {name: {k: v for k, v in summary.items() if k != "by_combination"}
-                  for name, summary in result.get("strategies", {}).items()}
-    run = {"command": command, "seed": result.get("protocol", {}).get("seed"), "protocol": result.get("protocol", {}),
-           "strategies": strategies}
+    strategies = {
+        name: {k: v for k, v in summary.items() if k != "by_combination"}
+        for name, summary in result.get("strategies", {}).items()
+    }
+    run = {
+        "command": command,
+        "seed": result.get("protocol", {}).get("seed"),
+        "protocol": result.get("protocol", {}),
+        "strategies": strategies,
+    }
     data = json.loads(path.read_text()) if path.exists() else {"world": world, "runs": []}
     if data.get("world") != world:
         raise ValueError(f"{path} records the {data.get('world')!r} world, not {world!r}")
@@ -61,8 +67,10 @@ def world_line(world: str, strategy: str) -> str | None:
     if not sizes:
         return None
     unit = "LoRAs" if world != "two-objects" else "(two-object kinds)"
-    line = (f"{world} world, seed {run['seed']}, {run['strategies'][strategy].get('images') or 0} pictures: all concepts {' / '.join(f'{mine[k]:.2f}' for k in sizes)} at "
-            f"{' / '.join(sizes)} {unit}")
+    line = (
+        f"{world} world, seed {run['seed']}, {run['strategies'][strategy].get('images') or 0} pictures: all concepts {' / '.join(f'{mine[k]:.2f}' for k in sizes)} at "
+        f"{' / '.join(sizes)} {unit}"
+    )
     merge = _rates(run["strategies"].get("merge", {}))
     if strategy != "merge" and all(k in merge for k in sizes):
         line += f" (merge {' / '.join(f'{merge[k]:.2f}' for k in sizes)})"
@@ -86,8 +94,11 @@ def best(world: str, size: int, candidates) -> str | None:
     if run is None:
         return None
     floor = (run["strategies"]["merge"].get("base_confidence") or 0.0) - BASE_KEPT
-    scores = {name: _rates(s).get(str(size)) for name, s in run["strategies"].items()
-              if name in set(candidates) and (s.get("base_confidence") is None or s["base_confidence"] >= floor)}
+    scores = {
+        name: _rates(s).get(str(size))
+        for name, s in run["strategies"].items()
+        if name in set(candidates) and (s.get("base_confidence") is None or s["base_confidence"] >= floor)
+    }
     scores = {k: v for k, v in scores.items() if v is not None}
     if not scores:
         return None

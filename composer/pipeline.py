@@ -35,7 +35,6 @@ from lora_composer.fusion.registry import AUTO, resolve_auto
 from lora_composer.fusion.base import Region
 
 
-
 class _TruncationInOneLine(logging.Filter):
     """diffusers echoes the whole cut-off part of a long prompt (33 KB for a 5,000-word one): one line says
     where the cut is and how much is dropped."""
@@ -91,7 +90,7 @@ def model_defaults(model: str | os.PathLike) -> dict:
     except (OSError, ValueError) as exc:
         raise ComposerError(f"{path}: cannot read the model's defaults ({exc})") from None
     if not isinstance(data, dict):
-        raise ComposerError(f"{path}: expected a JSON object such as {{\"guidance_scale\": 5}}")
+        raise ComposerError(f'{path}: expected a JSON object such as {{"guidance_scale": 5}}')
     return data
 
 
@@ -298,7 +297,8 @@ class ComposerPipeline:
         if self.runtime.adapters:  # encode the prompt with the base text encoder
             self.runtime.set_weights(text={})
         found = retriever_for(self.pipe, self.library, family=self.runtime.family).select(
-            prompt, top_k=DEFAULT_TOP_K if top_k is None else int(top_k), min_score=min_score)
+            prompt, top_k=DEFAULT_TOP_K if top_k is None else int(top_k), min_score=min_score
+        )
         self.last_retrieval = found  # found.notice: a concept the prompt names that the cap dropped
         return [(m.path, m.weight) for m in found]
 
@@ -321,8 +321,10 @@ class ComposerPipeline:
         and the weights to set back once they are detached."""
         derived = dict(strat.derived_adapters() or {})
         text, unet = self.runtime.text_mix.weights[0], self.runtime.denoiser_mix.weights[0]
-        before = {"unet": {n: float(unet[s]) for n, s in self.runtime.slots.items()},
-                  "text": {n: float(text[s]) for n, s in self.runtime.slots.items()}}
+        before = {
+            "unet": {n: float(unet[s]) for n, s in self.runtime.slots.items()},
+            "text": {n: float(text[s]) for n, s in self.runtime.slots.items()},
+        }
         added = []
         try:
             for ad in derived.values():
@@ -355,23 +357,41 @@ class ComposerPipeline:
         self.last_retrieval = Selection(picks.values(), left_out, dropped, cap)
         return out
 
-    def _region(self, common: str, text: str, pairs, cfg: bool, negative_prompt: str | None,
-                append_trigger_words: bool = False, clip_skip=None) -> Region:
+    def _region(
+        self,
+        common: str,
+        text: str,
+        pairs,
+        cfg: bool,
+        negative_prompt: str | None,
+        append_trigger_words: bool = False,
+        clip_skip=None,
+    ) -> Region:
         """One region of a regional prompt: the common text, its own and (when asked) its adapters' trigger words,
         encoded with only its adapters' text-encoder layers, as is the negative prompt (``pairs``: its
         ``(Adapter, LoraRef)``); the caller restores the text-encoder weights."""
         if getattr(self.pipe, "unet", None) is None:
-            raise ComposerError(f"strategy 'regional' runs on UNet pipelines (Stable Diffusion 1.x/2.x, SDXL), not on "
-                                f"{type(self.pipe).__name__}: use another strategy there")
+            raise ComposerError(
+                f"strategy 'regional' runs on UNet pipelines (Stable Diffusion 1.x/2.x, SDXL), not on "
+                f"{type(self.pipe).__name__}: use another strategy there"
+            )
         text = ", ".join(p for p in (common, text) if p)
         if append_trigger_words:
-            words = dict.fromkeys(w for a, _ in pairs for w in a.metadata.trigger_words if w.lower() not in text.lower())
+            words = dict.fromkeys(
+                w for a, _ in pairs for w in a.metadata.trigger_words if w.lower() not in text.lower()
+            )
             text = ", ".join([text, *words]) if words else text
         device = getattr(self.pipe, "_execution_device", None) or torch.device("cpu")
         self.runtime.set_weights(text={a.name: r.te_weight for a, r in pairs})
         with torch.no_grad():
-            out = self.pipe.encode_prompt(text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-                                          negative_prompt=negative_prompt, clip_skip=clip_skip)
+            out = self.pipe.encode_prompt(
+                text,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg,
+                negative_prompt=negative_prompt,
+                clip_skip=clip_skip,
+            )
         embeds = {"positive": out[0], "negative": out[1]}
         if len(out) == 4:  # SDXL: the pooled embeddings too
             embeds.update(pooled_positive=out[2], pooled_negative=out[3])
@@ -399,20 +419,33 @@ class ComposerPipeline:
         render = render_for(self.pipe)
         return render if render is not None and render.covers(dict(pipe_kwargs or {})) else None
 
-    def _render(self, render, text: dict, steps: int, guidance: float, height, width, images: int, generator,
-                pipe_kwargs: dict):
+    def _render(
+        self, render, text: dict, steps: int, guidance: float, height, width, images: int, generator, pipe_kwargs: dict
+    ):
         """One call through the render core; the denoiser's calls go through the driver's hook as they would
         from the pipeline's own loop."""
         kwargs = dict(pipe_kwargs)
-        common = {"output_type": kwargs.pop("output_type", "pil") or "pil",
-                  "callback": kwargs.pop("callback_on_step_end", None),
-                  "callback_inputs": tuple(kwargs.pop("callback_on_step_end_tensor_inputs", None) or ("latents",))}
+        common = {
+            "output_type": kwargs.pop("output_type", "pil") or "pil",
+            "callback": kwargs.pop("callback_on_step_end", None),
+            "callback_inputs": tuple(kwargs.pop("callback_on_step_end_tensor_inputs", None) or ("latents",)),
+        }
         text = dict(text)
         prompt, negative = text.pop("prompt", None), text.pop("negative_prompt", None)
         with torch.no_grad():
-            return render.render(steps=steps, guidance=guidance, height=height, width=width, generator=generator,
-                                 images=images, prompt=prompt, negative_prompt=negative, text=text, **common,
-                                 **kwargs)
+            return render.render(
+                steps=steps,
+                guidance=guidance,
+                height=height,
+                width=width,
+                generator=generator,
+                images=images,
+                prompt=prompt,
+                negative_prompt=negative,
+                text=text,
+                **common,
+                **kwargs,
+            )
 
     def __call__(
         self,
@@ -498,9 +531,11 @@ class ComposerPipeline:
             strat = get_strategy(name) if name != strat.name else strat
         if negative_prompt and float(pipe_kwargs.get("true_cfg_scale") or 1) > 1 and not strat.static:
             # FLUX's true CFG: two transformer calls per step, which a per-step plan (and its cache) would take for two
-            raise ComposerError(f"strategy '{strat.name}' cannot run with true CFG (negative_prompt and "
-                                "true_cfg_scale > 1): the transformer runs twice per step there; use merge, "
-                                "or leave true_cfg_scale at 1")
+            raise ComposerError(
+                f"strategy '{strat.name}' cannot run with true CFG (negative_prompt and "
+                "true_cfg_scale > 1): the transformer runs twice per step there; use merge, "
+                "or leave true_cfg_scale at 1"
+            )
         chosen = self._attach(refs + region_refs, allow_pickle)
 
         # Several requests for one file: the last one wins (as in A1111, one network per name).
@@ -519,17 +554,23 @@ class ComposerPipeline:
         # NaN/inf latents would decode to a black image: stop at the step they appear, naming the likely cause
         theirs = pipe_kwargs.get("callback_on_step_end")
         if "latents" in getattr(self.pipe, "_callback_tensor_inputs", ()) and not hasattr(theirs, "tensor_inputs"):
+
             def check_finite(pipe, step, timestep, kwargs, _theirs=theirs):
                 latents = kwargs.get("latents")
                 if torch.is_tensor(latents) and not bool(torch.isfinite(latents).all()):
                     weights = [(max((r.te_weight, r.unet_weight), key=abs), n) for n, (_, r) in by_name.items()]
                     heaviest = max(weights, key=lambda wn: abs(wn[0]), default=(0.0, ""))
-                    cause = (f"the LoRA weights are the likely cause (the largest: {heaviest[1]} at {heaviest[0]:g}; "
-                             "usual weights are between -2 and 2)" if abs(heaviest[0]) > 2 else
-                             f"likely causes: the model in {latents.dtype}, guidance scale {guidance_scale:g}"
-                             + (f", the LoRAs {', '.join(by_name)}" if by_name else ""))
-                    raise ComposerError(f"non-finite values (NaN/inf) at step {step + 1} of {num_inference_steps}, "
-                                        f"no image produced: {cause}")
+                    cause = (
+                        f"the LoRA weights are the likely cause (the largest: {heaviest[1]} at {heaviest[0]:g}; "
+                        "usual weights are between -2 and 2)"
+                        if abs(heaviest[0]) > 2
+                        else f"likely causes: the model in {latents.dtype}, guidance scale {guidance_scale:g}"
+                        + (f", the LoRAs {', '.join(by_name)}" if by_name else "")
+                    )
+                    raise ComposerError(
+                        f"non-finite values (NaN/inf) at step {step + 1} of {num_inference_steps}, "
+                        f"no image produced: {cause}"
+                    )
                 return _theirs(pipe, step, timestep, kwargs) if _theirs is not None else kwargs
 
             pipe_kwargs["callback_on_step_end"] = check_finite
@@ -539,11 +580,20 @@ class ComposerPipeline:
         generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
         context = StrategyContext.from_pipeline(self.pipe, self.runtime, [by_name[n][0] for n in names], guidance_scale)
         if strat.regional:
-            shared, own = chosen[: len(refs)], chosen[len(refs):]
+            shared, own = chosen[: len(refs)], chosen[len(refs) :]
             for text, rs in parts:  # each region: the shared adapters, then its own (in the order attached)
-                mine, own = own[: len(rs)], own[len(rs):]
-                context.regions.append(self._region(clean_common, text, shared + mine, bool(context.cfg),
-                                                    negative_prompt, append_trigger_words, pipe_kwargs.get("clip_skip")))
+                mine, own = own[: len(rs)], own[len(rs) :]
+                context.regions.append(
+                    self._region(
+                        clean_common,
+                        text,
+                        shared + mine,
+                        bool(context.cfg),
+                        negative_prompt,
+                        append_trigger_words,
+                        pipe_kwargs.get("clip_skip"),
+                    )
+                )
             self.runtime.set_weights(text={n: r.te_weight for n, (a, r) in by_name.items()})
         try:
             strat.begin(names, [by_name[n][1].unet_weight for n in names], num_inference_steps, context)
@@ -571,15 +621,34 @@ class ComposerPipeline:
                 self.runtime.fuse()
             driven = [derived[n].name if n in derived else n for n in names]
             text = self._text_inputs(clean_prompt, negative_prompt, context.regions)
-            with DenoiserDriver(self.runtime, denoiser, strat, driven, max_batch=max_batch) as driver, \
-                    strat.patched(denoiser), _truncation_in_one_line():
+            with (
+                DenoiserDriver(self.runtime, denoiser, strat, driven, max_batch=max_batch) as driver,
+                strat.patched(denoiser),
+                _truncation_in_one_line(),
+            ):
                 if render is not None:
-                    images = self._render(render, text, num_inference_steps, guidance_scale, height, width,
-                                          num_images_per_prompt, generator, pipe_kwargs)
+                    images = self._render(
+                        render,
+                        text,
+                        num_inference_steps,
+                        guidance_scale,
+                        height,
+                        width,
+                        num_images_per_prompt,
+                        generator,
+                        pipe_kwargs,
+                    )
                 else:
-                    images = self.pipe(**text, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                       height=height, width=width, num_images_per_prompt=num_images_per_prompt,
-                                       generator=generator, **pipe_kwargs).images
+                    images = self.pipe(
+                        **text,
+                        num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale,
+                        height=height,
+                        width=width,
+                        num_images_per_prompt=num_images_per_prompt,
+                        generator=generator,
+                        **pipe_kwargs,
+                    ).images
         finally:
             if fused:
                 self.runtime.unfuse()
@@ -593,11 +662,19 @@ class ComposerPipeline:
         else:
             size = (images[0].height, images[0].width) if len(images) else (height, width)
         record = generation_record(
-            self.model, prompt=clean_prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
-            guidance=guidance_scale, seed=seed, size=size, strategy=strat.name,
+            self.model,
+            prompt=clean_prompt,
+            negative_prompt=negative_prompt,
+            steps=num_inference_steps,
+            guidance=guidance_scale,
+            seed=seed,
+            size=size,
+            strategy=strat.name,
             strategy_args={**(strategy_args or {}), **strat.describe()},
-            loras=[(a, r.te_weight, r.unet_weight) for a, r in by_name.values()], scheduler=self.pipe.scheduler,
-            elapsed_s=time.perf_counter() - start)
+            loras=[(a, r.te_weight, r.unet_weight) for a, r in by_name.values()],
+            scheduler=self.pipe.scheduler,
+            elapsed_s=time.perf_counter() - start,
+        )
         self.last_record = record
         for image in images:
             if hasattr(image, "info"):

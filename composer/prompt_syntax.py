@@ -116,7 +116,9 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraRef]]:
     if unclosed:
         shown = unclosed.group(0).rstrip()
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        raise ComposerError(f"unclosed tag {shown!r} in the prompt: end it with '>', as in <lora:NAME> or <lora:NAME:0.8>")
+        raise ComposerError(
+            f"unclosed tag {shown!r} in the prompt: end it with '>', as in <lora:NAME> or <lora:NAME:0.8>"
+        )
     if not refs:
         return prompt.strip(), []
     return tidy_prompt(clean), refs
@@ -194,6 +196,7 @@ def split_regions(prompt: str) -> tuple[str, list[str]]:
     regions = [r.strip(" ,\n") for r in _BREAK_RE.split(body)]
     for i, text in enumerate(regions):
         if not text:
-            raise ComposerError(f"region {i + 1} of {len(regions)} in the prompt is empty: write its text "
-                                "between the BREAKs")
+            raise ComposerError(
+                f"region {i + 1} of {len(regions)} in the prompt is empty: write its text between the BREAKs"
+            )
     return common, regions

@@ -29,18 +29,42 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from lora_composer.pnginfo import GenerationRecord, sampler_name
 
-def generation_record(model: str, *, prompt: str, negative_prompt: str, steps: int, guidance: float, seed: int,
-                      size: tuple, strategy: str, strategy_args: dict, loras, scheduler, elapsed_s: float):
+
+def generation_record(
+    model: str,
+    *,
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    guidance: float,
+    seed: int,
+    size: tuple,
+    strategy: str,
+    strategy_args: dict,
+    loras,
+    scheduler,
+    elapsed_s: float,
+):
     """The :class:`GenerationRecord` of one image (``loras``: ``(adapter, te weight, unet weight)``; ``size``:
     ``(height, width)`` as rendered)."""
     height, width = size
     return GenerationRecord(
-        prompt=prompt, negative_prompt=negative_prompt or "", steps=int(steps), guidance_scale=float(guidance),
-        seed=int(seed), width=int(width) if width else None, height=int(height) if height else None,
-        strategy=strategy, strategy_args=strategy_args, model=model,
-        loras=[{"name": a.name, "path": a.path, "te_weight": te, "unet_weight": unet, "hash": a.metadata.short_hash}
-               for a, te, unet in loras],
-        sampler=sampler_name(type(scheduler).__name__), scheduler=type(scheduler).__name__,
+        prompt=prompt,
+        negative_prompt=negative_prompt or "",
+        steps=int(steps),
+        guidance_scale=float(guidance),
+        seed=int(seed),
+        width=int(width) if width else None,
+        height=int(height) if height else None,
+        strategy=strategy,
+        strategy_args=strategy_args,
+        model=model,
+        loras=[
+            {"name": a.name, "path": a.path, "te_weight": te, "unet_weight": unet, "hash": a.metadata.short_hash}
+            for a, te, unet in loras
+        ],
+        sampler=sampler_name(type(scheduler).__name__),
+        scheduler=type(scheduler).__name__,
         elapsed_s=round(float(elapsed_s), 3),
     )
 
@@ -128,9 +152,23 @@ class FamilyRender:
         """Decoded images -> what the pipeline returns for ``output_type`` (``"pil"``, ``"np"``, ``"pt"``)."""
         return self.pipe.image_processor.postprocess(image, output_type=output_type)
 
-    def render(self, *, steps: int, guidance: float, height: int | None, width: int | None, generator, images: int = 1,
-               prompt=None, negative_prompt=None, text: dict | None = None, output_type: str = "pil",
-               callback=None, callback_inputs=("latents",), **extra):
+    def render(
+        self,
+        *,
+        steps: int,
+        guidance: float,
+        height: int | None,
+        width: int | None,
+        generator,
+        images: int = 1,
+        prompt=None,
+        negative_prompt=None,
+        text: dict | None = None,
+        output_type: str = "pil",
+        callback=None,
+        callback_inputs=("latents",),
+        **extra,
+    ):
         """One call's images, as the diffusers pipeline's own loop renders them: encode (``text``: more of
         ``encode_prompt``'s keyword arguments, such as precomputed embeddings or ``clip_skip``), start the
         latents on the pipeline's scheduler, per step the denoiser (through whatever hooks it carries: the
@@ -138,8 +176,9 @@ class FamilyRender:
         then decode. ``extra``: the family's own call arguments (:attr:`takes`)."""
         pipe, scheduler = self.pipe, self.pipe.scheduler
         height, width = self.size(height, width, **extra)
-        cond = self.encode(prompt, negative_prompt, guidance, height, width, images=images, **(text or {}),
-                           **self._encode_extra(extra))
+        cond = self.encode(
+            prompt, negative_prompt, guidance, height, width, images=images, **(text or {}), **self._encode_extra(extra)
+        )
         dtype = cond["encoder_hidden_states"].dtype
         latents, own = self.start(scheduler, steps, height, width, generator, dtype, images=images)
         cond = {**cond, **own}
@@ -174,8 +213,12 @@ def _is_default(value, default) -> bool:
     if value is None or default is None:
         return value is default
     plain = (bool, int, float, str)
-    return (isinstance(value, plain) and isinstance(default, plain)
-            and isinstance(value, str) == isinstance(default, str) and value == default)
+    return (
+        isinstance(value, plain)
+        and isinstance(default, plain)
+        and isinstance(value, str) == isinstance(default, str)
+        and value == default
+    )
 
 
 class UNetRender(FamilyRender):
@@ -187,28 +230,43 @@ class UNetRender(FamilyRender):
         super().__init__(pipe)
         self.sdxl = self.denoiser.config.addition_embed_type == "text_time"
 
-    def encode(self, prompt: str, negative_prompt: str, guidance: float, height: int, width: int, images: int = 1,
-               **text) -> dict:
+    def encode(
+        self, prompt: str, negative_prompt: str, guidance: float, height: int, width: int, images: int = 1, **text
+    ) -> dict:
         """The denoiser's per-row text inputs (``text``: more of ``encode_prompt``'s keyword arguments)."""
         pipe, cfg = self.pipe, self.uses_cfg(guidance)
         negative_prompt = negative_prompt or None
         if not self.sdxl:
-            positive, negative = pipe.encode_prompt(prompt=prompt, device=self.device, num_images_per_prompt=images,
-                                                    do_classifier_free_guidance=cfg, negative_prompt=negative_prompt,
-                                                    **text)
+            positive, negative = pipe.encode_prompt(
+                prompt=prompt,
+                device=self.device,
+                num_images_per_prompt=images,
+                do_classifier_free_guidance=cfg,
+                negative_prompt=negative_prompt,
+                **text,
+            )
             return {"encoder_hidden_states": torch.cat([negative, positive]) if cfg else positive}
         positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompt, device=self.device, num_images_per_prompt=images, do_classifier_free_guidance=cfg,
-            negative_prompt=negative_prompt, **text)
+            prompt=prompt,
+            device=self.device,
+            num_images_per_prompt=images,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=negative_prompt,
+            **text,
+        )
         # SDXL's size conditioning as the pipeline gives it by default: original = target = the render's size,
         # no crop (original size, crop top-left, target size)
         ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=positive.dtype, device=self.device)
         ids = ids.repeat(positive.shape[0], 1)
         if not cfg:
             return {"encoder_hidden_states": positive, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
-        return {"encoder_hidden_states": torch.cat([negative, positive]),
-                "added_cond_kwargs": {"text_embeds": torch.cat([negative_pooled, pooled]),
-                                      "time_ids": torch.cat([ids, ids])}}
+        return {
+            "encoder_hidden_states": torch.cat([negative, positive]),
+            "added_cond_kwargs": {
+                "text_embeds": torch.cat([negative_pooled, pooled]),
+                "time_ids": torch.cat([ids, ids]),
+            },
+        }
 
     def _encode_extra(self, extra: dict) -> dict:
         return {"clip_skip": extra["clip_skip"]} if extra.get("clip_skip") is not None else {}
@@ -219,8 +277,9 @@ class UNetRender(FamilyRender):
             out["eta"] = extra["eta"]
         return out
 
-    def start(self, scheduler, steps: int, height: int, width: int, generator, dtype,
-              images: int = 1) -> tuple[torch.Tensor, dict]:
+    def start(
+        self, scheduler, steps: int, height: int, width: int, generator, dtype, images: int = 1
+    ) -> tuple[torch.Tensor, dict]:
         scheduler.set_timesteps(steps, device=self.device)
         vae = int(self.pipe.vae_scale_factor)
         shape = (images, self.denoiser.config.in_channels, height // vae, width // vae)
@@ -304,10 +363,12 @@ class FluxRender(FamilyRender):
         width, height = round((area * aspect) ** 0.5), round((area / aspect) ** 0.5)
         return height // multiple * multiple, width // multiple * multiple
 
-    def encode(self, prompt: str, negative_prompt: str, guidance: float, height: int, width: int, images: int = 1,
-               **text) -> dict:
-        embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=prompt, prompt_2=None, device=self.device,
-                                                           num_images_per_prompt=images, **text)
+    def encode(
+        self, prompt: str, negative_prompt: str, guidance: float, height: int, width: int, images: int = 1, **text
+    ) -> dict:
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=self.device, num_images_per_prompt=images, **text
+        )
         cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
         if self.denoiser.config.guidance_embeds:
             cond["guidance"] = torch.full([embeds.shape[0]], float(guidance), device=self.device, dtype=torch.float32)
@@ -330,13 +391,15 @@ class FluxRender(FamilyRender):
     def _prepare(self, height: int, width: int, generator, dtype, images: int = 1):
         channels = self.denoiser.config.in_channels // 4
         if "image" in inspect.signature(self.pipe.prepare_latents).parameters:  # Kontext: no input image here
-            latents, _, ids, _ = self.pipe.prepare_latents(None, images, channels, height, width, dtype, self.device,
-                                                           generator)
+            latents, _, ids, _ = self.pipe.prepare_latents(
+                None, images, channels, height, width, dtype, self.device, generator
+            )
             return latents, ids
         return self.pipe.prepare_latents(images, channels, height, width, dtype, self.device, generator)
 
-    def start(self, scheduler, steps: int, height: int, width: int, generator, dtype,
-              images: int = 1) -> tuple[torch.Tensor, dict]:
+    def start(
+        self, scheduler, steps: int, height: int, width: int, generator, dtype, images: int = 1
+    ) -> tuple[torch.Tensor, dict]:
         from diffusers.pipelines.flux import pipeline_flux
 
         latents, img_ids = self._prepare(height, width, generator, dtype, images)
@@ -365,12 +428,20 @@ class SD3Render(FamilyRender):
 
     takes = frozenset({"max_sequence_length", "clip_skip"})
 
-    def encode(self, prompt: str, negative_prompt: str, guidance: float, height: int, width: int, images: int = 1,
-               **text) -> dict:
+    def encode(
+        self, prompt: str, negative_prompt: str, guidance: float, height: int, width: int, images: int = 1, **text
+    ) -> dict:
         cfg = self.uses_cfg(guidance)
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=images,
-            do_classifier_free_guidance=cfg, negative_prompt=negative_prompt or None, **text)
+            prompt=prompt,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            num_images_per_prompt=images,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=negative_prompt or None,
+            **text,
+        )
         if cfg:
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
@@ -382,8 +453,9 @@ class SD3Render(FamilyRender):
         """None: the SD3 pipeline calls ``scheduler.step`` with no more arguments."""
         return {}
 
-    def start(self, scheduler, steps: int, height: int, width: int, generator, dtype,
-              images: int = 1) -> tuple[torch.Tensor, dict]:
+    def start(
+        self, scheduler, steps: int, height: int, width: int, generator, dtype, images: int = 1
+    ) -> tuple[torch.Tensor, dict]:
         from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3 as sd3
 
         channels = self.denoiser.config.in_channels
@@ -416,8 +488,11 @@ def render_for(pipe) -> FamilyRender | None:
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         config = unet.config
-        if (name in _UNET_PIPELINES and getattr(config, "addition_embed_type", None) == _UNET_PIPELINES[name]
-                and getattr(config, "time_cond_proj_dim", None) is None):
+        if (
+            name in _UNET_PIPELINES
+            and getattr(config, "addition_embed_type", None) == _UNET_PIPELINES[name]
+            and getattr(config, "time_cond_proj_dim", None) is None
+        ):
             return UNetRender(pipe)
         return None
     return _DIT_PIPELINES[name](pipe) if name in _DIT_PIPELINES else None

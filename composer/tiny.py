@@ -62,9 +62,18 @@ def _text_config(**extra):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        hidden_act="gelu", projection_dim=32, **extra,
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_act="gelu",
+        projection_dim=32,
+        **extra,
     )
 
 
@@ -72,9 +81,13 @@ def _vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3,
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=64,
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=64,
     )
 
 
@@ -85,18 +98,36 @@ def build_tiny_sd15_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
     )
     vae = _vae()
     text_encoder = CLIPTextModel(_text_config())
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -109,22 +140,41 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=32,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=32,
     )
     vae = _vae()
     text_encoder = CLIPTextModel(_text_config())
     text_encoder_2 = CLIPTextModelWithProjection(_text_config())
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
         timestep_spacing="leading",
     )
     pipe = StableDiffusionXLPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
-        tokenizer_2=clip_tokenizer(), scheduler=scheduler, force_zeros_for_empty_prompt=False,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -139,7 +189,12 @@ def _targets(module: torch.nn.Module, suffixes, conv_suffixes=()):
 
 
 def random_lora_layers(
-    pipe, rank: int = 4, seed: int = 0, std: float = 0.1, text_encoder: bool = True, conv: bool = False,
+    pipe,
+    rank: int = 4,
+    seed: int = 0,
+    std: float = 0.1,
+    text_encoder: bool = True,
+    conv: bool = False,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """PEFT-format LoRA layers per component (``{"unet": {"down_blocks...to_q.lora_A.weight": ...}}``).
 
@@ -200,9 +255,9 @@ def save_kohya_lora(layers, path, alpha: float | None = None, metadata: dict[str
     for k, v in kohya.items():
         for te in ("lora_te1_", "lora_te2_"):
             if k.startswith(te) and not k.startswith(te + "text_model"):
-                k = te + "text_model_" + k[len(te):]
+                k = te + "text_model_" + k[len(te) :]
         if not sdxl and k.startswith("lora_te1_"):
-            k = "lora_te_" + k[len("lora_te1_"):]
+            k = "lora_te_" + k[len("lora_te1_") :]
         renamed[k] = v
     kohya = renamed
     path = Path(path)

@@ -18,9 +18,24 @@ from lora_composer.tiny import _text_config, clip_tokenizer
 
 # Linear layers a FLUX LoRA trains (ai-toolkit / kohya "all linear" presets), by module-name suffix.
 FLUX_TARGETS = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-    "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
-    "norm1_context.linear", "norm.linear", "proj_mlp", "proj_out", "norm_out.linear",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "norm1.linear",
+    "norm1_context.linear",
+    "norm.linear",
+    "proj_mlp",
+    "proj_out",
+    "norm_out.linear",
 )
 SD3_TARGETS = FLUX_TARGETS  # SD3's joint blocks name their layers the same way (no single blocks)
 CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -43,8 +58,16 @@ def _t5(tokenizer, d_model: int):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
     return T5EncoderModel(config).eval()  # built, not loaded: in training mode, and T5 has dropout
 
@@ -54,9 +77,19 @@ def _vae(latent_channels: int):
 
     # one block: no downsampling (VAE scale factor 1), as in diffusers' own DiT pipeline tests
     return AutoencoderKL(
-        block_out_channels=(4,), layers_per_block=1, in_channels=3, out_channels=3, latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), norm_num_groups=1,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035, sample_size=32,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        sample_size=32,
     )
 
 
@@ -65,7 +98,11 @@ def _flow_scheduler(dynamic: bool):
 
     if dynamic:  # FLUX.1-dev's scheduler config: the shift follows the image's token count
         return FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
             max_image_seq_len=4096,
         )
     return FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3's
@@ -80,14 +117,26 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
     )
     text_encoder = CLIPTextModel(_text_config())
     tokenizer_2 = t5_tokenizer()
     pipe = FluxPipeline(
-        scheduler=_flow_scheduler(dynamic=True), vae=_vae(latent_channels=1), text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(), text_encoder_2=_t5(tokenizer_2, d_model=32), tokenizer_2=tokenizer_2,
+        scheduler=_flow_scheduler(dynamic=True),
+        vae=_vae(latent_channels=1),
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_t5(tokenizer_2, d_model=32),
+        tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
     pipe.default_sample_size = 16  # FluxPipeline says 128 (1024 pixels at FLUX's VAE factor 8): 16x16 here, as SD3's
@@ -104,16 +153,29 @@ def build_tiny_sd3_pipeline(seed: int = 0):
     torch.manual_seed(seed)
     # prompt embeddings: both CLIPs' hidden states side by side (2 x 32), padded to T5's width (64)
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
         pos_embed_max_size=16,
     )
     tokenizer_3 = t5_tokenizer()
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=_flow_scheduler(dynamic=False), vae=_vae(latent_channels=4),
-        text_encoder=CLIPTextModelWithProjection(_text_config()), tokenizer=clip_tokenizer(),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer_2=clip_tokenizer(),
-        text_encoder_3=_t5(tokenizer_3, d_model=64), tokenizer_3=tokenizer_3,
+        transformer=transformer,
+        scheduler=_flow_scheduler(dynamic=False),
+        vae=_vae(latent_channels=4),
+        text_encoder=CLIPTextModelWithProjection(_text_config()),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config()),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5(tokenizer_3, d_model=64),
+        tokenizer_3=tokenizer_3,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -126,7 +188,12 @@ def _linear_targets(module: torch.nn.Module, suffixes):
 
 
 def random_dit_lora_layers(
-    pipe, rank: int = 4, seed: int = 0, std: float = 0.1, text_encoders=("text_encoder",), targets=None,
+    pipe,
+    rank: int = 4,
+    seed: int = 0,
+    std: float = 0.1,
+    text_encoders=("text_encoder",),
+    targets=None,
     shared_down: bool = False,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """PEFT-format LoRA layers per component (``{"transformer": {"transformer_blocks.0.attn.to_q.lora_A.weight":
@@ -150,8 +217,10 @@ def random_dit_lora_layers(
         layers[comp] = sd
     if shared_down:
         sd = layers["transformer"]
-        fused_layers = (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-                        ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))
+        fused_layers = (
+            ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+            ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+        )
         for fused in fused_layers:
             for key in [k for k in sd if k.endswith(f".{fused[0]}.lora_A.weight")]:
                 block = key[: -len(f"{fused[0]}.lora_A.weight")]
@@ -170,14 +239,22 @@ def save_dit_diffusers_lora(pipe, layers, path, rank: int, alpha: float | None =
 
 # diffusers module (relative to a double block) -> BFL layer in kohya names; fused layers list their parts
 _DOUBLE = {
-    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_proj": ("attn.to_out.0",),
-    "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",), "img_mod_lin": ("norm1.linear",),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "txt_attn_proj": ("attn.to_add_out",),
-    "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",),
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "img_mod_lin": ("norm1.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
     "txt_mod_lin": ("norm1_context.linear",),
 }
-_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
-           "modulation_lin": ("norm.linear",)}
+_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
 
 
 def _fuse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,8 +285,13 @@ def save_flux_kohya_lora(layers, path, rank: int, alpha: float | None = None) ->
         out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down.contiguous(), up.contiguous()
         out[f"{name}.alpha"] = torch.tensor(alpha * down.shape[0] / rank)  # every part keeps alpha / rank
 
-    blocks = {(kind, int(key.split(".")[2])) for key in factors if key.startswith("transformer.")
-              for kind in ("transformer_blocks", "single_transformer_blocks") if key.split(".")[1] == kind}
+    blocks = {
+        (kind, int(key.split(".")[2]))
+        for key in factors
+        if key.startswith("transformer.")
+        for kind in ("transformer_blocks", "single_transformer_blocks")
+        if key.split(".")[1] == kind
+    }
     for kind, i in sorted(blocks):
         table, bfl = (_DOUBLE, "double_blocks") if kind == "transformer_blocks" else (_SINGLE, "single_blocks")
         for name, modules in table.items():
@@ -234,10 +316,15 @@ def save_flux_kohya_lora(layers, path, rank: int, alpha: float | None = None) ->
     return path
 
 
-_XLABS = {"transformer_blocks": {"qkv_lora1": ("attn.to_q", "attn.to_k", "attn.to_v"), "proj_lora1": ("attn.to_out.0",),
-                                 "qkv_lora2": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-                                 "proj_lora2": ("attn.to_add_out",)},
-          "single_transformer_blocks": {"qkv_lora": ("attn.to_q", "attn.to_k", "attn.to_v")}}
+_XLABS = {
+    "transformer_blocks": {
+        "qkv_lora1": ("attn.to_q", "attn.to_k", "attn.to_v"),
+        "proj_lora1": ("attn.to_out.0",),
+        "qkv_lora2": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+        "proj_lora2": ("attn.to_add_out",),
+    },
+    "single_transformer_blocks": {"qkv_lora": ("attn.to_q", "attn.to_k", "attn.to_v")},
+}
 
 
 def save_flux_xlabs_lora(layers, path) -> Path:
@@ -256,7 +343,8 @@ def save_flux_xlabs_lora(layers, path) -> Path:
                     raise ValueError(f"{kind}.{i}: XLabs fuses {', '.join(modules)} with one down weight")
                 out[f"{bfl}.{i}.processor.{name}.down.weight"] = downs[0].contiguous()
                 out[f"{bfl}.{i}.processor.{name}.up.weight"] = torch.cat(
-                    [sd[f"{kind}.{i}.{m}.lora_B.weight"] for m in modules]).contiguous()
+                    [sd[f"{kind}.{i}.{m}.lora_B.weight"] for m in modules]
+                ).contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path))

@@ -52,9 +52,17 @@ def _in_scope(key: str, scope: str) -> bool:
 class ActivationMatchedStrategy(Strategy):
     name = "activation-matched"
 
-    def __init__(self, alpha: float = 0.1, profile_steps: int = 10, profile_images: int = 2,
-                 templates: tuple | str = ("{trigger}", "a picture of {trigger}"), scope: str = "all",
-                 max_features: int = 4096, guidance: float | None = None, cache: bool = True):
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        profile_steps: int = 10,
+        profile_images: int = 2,
+        templates: tuple | str = ("{trigger}", "a picture of {trigger}"),
+        scope: str = "all",
+        max_features: int = 4096,
+        guidance: float | None = None,
+        cache: bool = True,
+    ):
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         if scope not in SCOPES:
@@ -81,8 +89,15 @@ class ActivationMatchedStrategy(Strategy):
         """The collection settings (part of the Gram cache key)."""
         cfg = getattr(self, "context", None) and self.context.cfg
         guidance = self.guidance if self.guidance is not None else (5.0 if cfg or cfg is None else 1.0)
-        return {"templates": list(self.templates), "steps": self.profile_steps, "images": self.profile_images,
-                "guidance": float(guidance), "max_features": self.max_features, "seed": 0, "layers": "lora"}
+        return {
+            "templates": list(self.templates),
+            "steps": self.profile_steps,
+            "images": self.profile_images,
+            "guidance": float(guidance),
+            "max_features": self.max_features,
+            "seed": 0,
+            "layers": "lora",
+        }
 
     def begin(self, adapters, weights, num_steps, context=None) -> None:
         super().begin(adapters, weights, num_steps, context)
@@ -100,8 +115,9 @@ class ActivationMatchedStrategy(Strategy):
             te_w = float(text[runtime.slots[name]]) if name in runtime.slots else unet_w
             if unet_w == 0 and te_w == 0:
                 continue
-            grams[name] = stats.grams_for(ctx.pipe, runtime, ctx.adapter(name), unet_w, te_w, settings,
-                                          model=model, use_cache=self.cache)
+            grams[name] = stats.grams_for(
+                ctx.pipe, runtime, ctx.adapter(name), unet_w, te_w, settings, model=model, use_cache=self.cache
+            )
         layers: dict[str, list[str]] = {}
         for name, g in grams.items():
             deltas = ctx.adapter(name).deltas

@@ -101,8 +101,9 @@ def adapter_identity(adapter) -> str:
 
 
 def cache_key(adapter, model: str, settings: dict) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "lora": adapter_identity(adapter), "model": model, "settings": settings},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"v": CACHE_VERSION, "lora": adapter_identity(adapter), "model": model, "settings": settings}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -113,7 +114,9 @@ def cache_path(key: str) -> Path:
 # -- collection -------------------------------------------------------------------------------------------
 def profile_prompts(adapter, templates) -> list[str]:
     """Prompts for one adapter: every template with every trigger word (the name when it has none)."""
-    triggers = [t for t in adapter.metadata.trigger_words if t.strip()] or [adapter.name.replace("-", " ").replace("_", " ")]
+    triggers = [t for t in adapter.metadata.trigger_words if t.strip()] or [
+        adapter.name.replace("-", " ").replace("_", " ")
+    ]
     return [tpl.format(trigger=t) for t in triggers for tpl in templates]
 
 
@@ -129,8 +132,9 @@ class _Accumulator:
     def __call__(self, module, args):
         x = args[0].detach()
         if isinstance(module, torch.nn.Conv2d):
-            x = torch.nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                                           stride=module.stride)  # [B, C*kh*kw, L]
+            x = torch.nn.functional.unfold(
+                x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+            )  # [B, C*kh*kw, L]
             x = x.transpose(1, 2).reshape(-1, x.shape[1])
         else:
             x = x.reshape(-1, x.shape[-1])
@@ -146,7 +150,9 @@ class _Accumulator:
         return (self.gram.double().cpu() / self.count).float()
 
 
-def collect_grams(pipe, runtime, adapter, unet_weight: float, te_weight: float, settings: dict) -> dict[str, torch.Tensor]:
+def collect_grams(
+    pipe, runtime, adapter, unet_weight: float, te_weight: float, settings: dict
+) -> dict[str, torch.Tensor]:
     """Per targeted layer ``key``, the mean ``x x^T`` of its inputs while ``adapter`` alone acts at its weights.
 
     ``adapter`` must be attached to ``runtime``; the mixing weights are restored after. ``settings``:
@@ -154,7 +160,10 @@ def collect_grams(pipe, runtime, adapter, unet_weight: float, te_weight: float, 
     """
     t0 = time.perf_counter()
     name = adapter.name
-    saved_unet = (runtime.denoiser_mix.weights.clone(), {g: w.clone() for g, w in runtime.denoiser_mix.layer_weights.items()})
+    saved_unet = (
+        runtime.denoiser_mix.weights.clone(),
+        {g: w.clone() for g, w in runtime.denoiser_mix.layer_weights.items()},
+    )
     saved_text = runtime.text_mix.weights.clone()
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     accs: dict[str, _Accumulator] = {}
@@ -162,7 +171,11 @@ def collect_grams(pipe, runtime, adapter, unet_weight: float, te_weight: float, 
         for key, delta in adapter.deltas.items():
             layer = runtime.layers.get(key)
             # plain (down, up) layers only: LoHa/LoKr/DoRA/IA3/OFT layers keep their own delta
-            if layer is None or not isinstance(delta, LayerDelta) or flat_down(delta.down).shape[1] > settings["max_features"]:
+            if (
+                layer is None
+                or not isinstance(delta, LayerDelta)
+                or flat_down(delta.down).shape[1] > settings["max_features"]
+            ):
                 continue
             accs[key] = _Accumulator(layer.module)
         runtime.set_weights(unet={name: unet_weight}, text={name: te_weight})
@@ -170,9 +183,14 @@ def collect_grams(pipe, runtime, adapter, unet_weight: float, te_weight: float, 
             pipe.set_progress_bar_config(disable=True)
         device = getattr(pipe, "_execution_device", None) or torch.device("cpu")
         generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(int(settings["seed"]))
-        pipe(prompt=profile_prompts(adapter, settings["templates"]), num_inference_steps=int(settings["steps"]),
-             guidance_scale=float(settings["guidance"]), num_images_per_prompt=int(settings["images"]),
-             generator=generator, output_type="latent")
+        pipe(
+            prompt=profile_prompts(adapter, settings["templates"]),
+            num_inference_steps=int(settings["steps"]),
+            guidance_scale=float(settings["guidance"]),
+            num_images_per_prompt=int(settings["images"]),
+            generator=generator,
+            output_type="latent",
+        )
     finally:
         grams = {key: acc.result() for key, acc in accs.items()}
         runtime.denoiser_mix.set(*saved_unet)
@@ -184,14 +202,24 @@ def collect_grams(pipe, runtime, adapter, unet_weight: float, te_weight: float, 
     return grams
 
 
-def grams_for(pipe, runtime, adapter, unet_weight: float, te_weight: float, settings: dict, model: str | None = None,
-              use_cache: bool = True) -> dict[str, torch.Tensor]:
+def grams_for(
+    pipe,
+    runtime,
+    adapter,
+    unet_weight: float,
+    te_weight: float,
+    settings: dict,
+    model: str | None = None,
+    use_cache: bool = True,
+) -> dict[str, torch.Tensor]:
     """:func:`collect_grams`, from the memory or disk cache when this LoRA was profiled with these settings."""
     from safetensors.torch import load_file, save_file
 
-    key = cache_key(adapter, model or model_fingerprint(pipe),
-                    {**settings, "unet_weight": round(float(unet_weight), 6),
-                     "te_weight": round(float(te_weight), 6)})
+    key = cache_key(
+        adapter,
+        model or model_fingerprint(pipe),
+        {**settings, "unet_weight": round(float(unet_weight), 6), "te_weight": round(float(te_weight), 6)},
+    )
     if use_cache:
         if key in _MEMORY:
             _MEMORY.move_to_end(key)
@@ -210,8 +238,11 @@ def grams_for(pipe, runtime, adapter, unet_weight: float, te_weight: float, sett
         path = cache_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({k: g.contiguous() for k, g in grams.items()}, str(tmp),
-                  metadata={"adapter": adapter.name, "settings": json.dumps(settings, sort_keys=True)})
+        save_file(
+            {k: g.contiguous() for k, g in grams.items()},
+            str(tmp),
+            metadata={"adapter": adapter.name, "settings": json.dumps(settings, sort_keys=True)},
+        )
         tmp.replace(path)
         _remember(key, grams)
     return grams

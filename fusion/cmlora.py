@@ -100,7 +100,9 @@ class CMLoRAStrategy(Strategy):
             try:
                 frequency_scores = {name.strip(): float(score) for name, _, score in pairs}
             except ValueError:
-                raise ValueError(f"frequency_scores must read name:score,name:score, got {frequency_scores!r}") from None
+                raise ValueError(
+                    f"frequency_scores must read name:score,name:score, got {frequency_scores!r}"
+                ) from None
         self.frequency_scores = dict(frequency_scores) if frequency_scores else None
         self.switch_every_arg = None if switch_every is None else int(switch_every)
         self.dom_weight_arg = None if dom_weight is None else float(dom_weight)
@@ -128,7 +130,9 @@ class CMLoRAStrategy(Strategy):
         scores, source = self._scores()
         given = list(range(len(self.adapters)))
         scored = sorted((i for i in given if self.adapters[i] in scores), key=lambda i: -scores[self.adapters[i]])
-        self.order = scored + [i for i in given if self.adapters[i] not in scores]  # sorted() is stable: ties keep order
+        self.order = scored + [
+            i for i in given if self.adapters[i] not in scores
+        ]  # sorted() is stable: ties keep order
         self.order_source = source if scored else "given"
         self.scores = scores
         n = len(self.adapters)
@@ -172,8 +176,10 @@ class CMLoRAStrategy(Strategy):
 
     def resolved(self) -> dict:
         """The order and switch interval this generation chose (frequency scores or the order given)."""
-        out = {"order": [self.adapters[i] for i in getattr(self, "order", [])],
-               "order_source": getattr(self, "order_source", "given")}
+        out = {
+            "order": [self.adapters[i] for i in getattr(self, "order", [])],
+            "order_source": getattr(self, "order_source", "given"),
+        }
         for name in ("switch_every", "dom_weight"):
             out[name] = getattr(self, name, getattr(self, f"{name}_arg"))
         return out

@@ -19,8 +19,9 @@ class DareStrategy(DerivedMerge, Strategy):
     name = "dare"
     suffix = "~dare"
 
-    def __init__(self, density: float = 0.5, combine: str = "linear", sign: str = "total", seed: int = 0,
-                 rank: int = 0):
+    def __init__(
+        self, density: float = 0.5, combine: str = "linear", sign: str = "total", seed: int = 0, rank: int = 0
+    ):
         if combine not in ("linear", "ties"):
             raise ValueError(f"combine must be linear or ties, got {combine!r}")
         if sign not in ("total", "frequency"):

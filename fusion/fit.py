@@ -96,6 +96,7 @@ class _Hooks:
                 ups = [e.ups[p] * (e.coefs[p] * m[p]).unsqueeze(1) for p in range(len(e.owners))]
                 return output + e.delta(args[0], ups, list(range(len(e.owners))))
             return None
+
         return hook
 
     def accumulate(self, n: int, ys: list[torch.Tensor], own: int, conv: bool) -> None:
@@ -142,8 +143,10 @@ def prompts_for(adapter, templates) -> list[str]:
     """Every template with every trigger word; a LoRA without trigger words cannot be fitted."""
     triggers = [t.strip() for t in adapter.metadata.trigger_words if t.strip()]
     if not triggers:
-        raise ComposerError(f"strategy 'fit': LoRA '{adapter.name}' has no trigger words to build its prompts from "
-                            "(add them in a .civitai.info or .json sidecar, or use merge)")
+        raise ComposerError(
+            f"strategy 'fit': LoRA '{adapter.name}' has no trigger words to build its prompts from "
+            "(add them in a .civitai.info or .json sidecar, or use merge)"
+        )
     return [tpl.format(trigger=t) for t in triggers for tpl in templates]
 
 
@@ -172,18 +175,23 @@ def _fitting_state(pipe, runtime):
 
 
 def _encode(pipe, prompts: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt")
+    tok = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
 
 
-def fit_coefficients(pipe, runtime, adapters: list, weights: list[tuple[float, float]], settings: dict,
-                     progress: bool = True) -> dict[str, torch.Tensor]:
+def fit_coefficients(
+    pipe, runtime, adapters: list, weights: list[tuple[float, float]], settings: dict, progress: bool = True
+) -> dict[str, torch.Tensor]:
     """``{"<index>|<layer key>": m [out]}`` for the LoRAs ``adapters`` at ``weights`` (UNet, text encoder)."""
     from tqdm.auto import tqdm
 
-    if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None \
-            or getattr(pipe, "text_encoder_2", None) is not None:
+    if (
+        getattr(pipe, "unet", None) is None
+        or getattr(pipe, "text_encoder", None) is None
+        or getattr(pipe, "text_encoder_2", None) is not None
+    ):
         raise ComposerError("strategy 'fit' fits UNet pipelines with one text encoder (SD1.5 shape); use merge here")
     prompts = [prompts_for(ad, settings["templates"]) for ad in adapters]
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -198,10 +206,17 @@ def fit_coefficients(pipe, runtime, adapters: list, weights: list[tuple[float, f
             continue
         ds = [adapters[i].deltas[key] for i in owners]
         text = key.split(".", 1)[0] in TEXT_ENCODERS
-        entries.append(_Entry(key, layer.module, owners, [d.down.float() for d in ds],
-                              [d.up.float().reshape(d.up.shape[0], -1) for d in ds],
-                              [weights[i][1 if text else 0] * d.scale for i, d in zip(owners, ds)],
-                              ds[0].down.dim() == 4))
+        entries.append(
+            _Entry(
+                key,
+                layer.module,
+                owners,
+                [d.down.float() for d in ds],
+                [d.up.float().reshape(d.up.shape[0], -1) for d in ds],
+                [weights[i][1 if text else 0] * d.scale for i, d in zip(owners, ds)],
+                ds[0].down.dim() == 4,
+            )
+        )
     params = [torch.ones(len(e.owners), e.ups[0].shape[0], requires_grad=True) for e in entries]
     norms = [column_norms(e) for e in entries]
     unet, sched = pipe.unet, pipe.scheduler
@@ -218,9 +233,14 @@ def fit_coefficients(pipe, runtime, adapters: list, weights: list[tuple[float, f
             with torch.no_grad():
                 for i, ps in enumerate(prompts):
                     hooks.mode = ("teacher", i)
-                    out = pipe(prompt=ps, num_inference_steps=int(settings["sample_steps"]),
-                               guidance_scale=float(settings["guidance"]), num_images_per_prompt=int(settings["images"]),
-                               generator=torch.Generator().manual_seed(int(settings["seed"]) + i), output_type="latent")
+                    out = pipe(
+                        prompt=ps,
+                        num_inference_steps=int(settings["sample_steps"]),
+                        guidance_scale=float(settings["guidance"]),
+                        num_images_per_prompt=int(settings["images"]),
+                        generator=torch.Generator().manual_seed(int(settings["seed"]) + i),
+                        output_type="latent",
+                    )
                     x0 = out.images.float().cpu()
                     for level in settings["levels"]:
                         t = min(n_train - 1, max(0, int(round(float(level) * n_train))))
@@ -229,8 +249,9 @@ def fit_coefficients(pipe, runtime, adapters: list, weights: list[tuple[float, f
                         xs.append(a.sqrt() * x0 + (1 - a).sqrt() * noise)
                         ts += [t] * x0.shape[0]
                         owner += [i] * x0.shape[0]
-                        cond_ids += [sum(len(p) for p in prompts[:i]) + j // int(settings["images"])
-                                     for j in range(x0.shape[0])]
+                        cond_ids += [
+                            sum(len(p) for p in prompts[:i]) + j // int(settings["images"]) for j in range(x0.shape[0])
+                        ]
             x = torch.cat(xs).to(device)
             t = torch.tensor(ts, device=device)
             owner_t = torch.tensor(owner)
@@ -265,11 +286,17 @@ def fit_coefficients(pipe, runtime, adapters: list, weights: list[tuple[float, f
                     log.update(merge_cos=round(float(pair_cosines(entries, params, norms)), 4))
                     for p, f in zip(params, fitted):
                         p.data.copy_(f)
-                log.update(target="layers", cpu_s=round(time.process_time() - cpu0, 2),
-                           wall_s=round(time.perf_counter() - wall0, 2))
+                log.update(
+                    target="layers",
+                    cpu_s=round(time.process_time() - cpu0, 2),
+                    wall_s=round(time.perf_counter() - wall0, 2),
+                )
                 FIT_LOG.append(log)
-                return {f"{i}|{e.key}": params[n][p].detach().clone()
-                        for n, e in enumerate(entries) for p, i in enumerate(e.owners)}
+                return {
+                    f"{i}|{e.key}": params[n][p].detach().clone()
+                    for n, e in enumerate(entries)
+                    for p, i in enumerate(e.owners)
+                }
 
             with torch.no_grad():
                 base = predict(("base",))
@@ -277,13 +304,20 @@ def fit_coefficients(pipe, runtime, adapters: list, weights: list[tuple[float, f
                 for i in range(len(adapters)):
                     sel = (owner2 == i).to(device)
                     target[sel] = predict(("teacher", i))[sel]
-                scale = torch.stack([((base - target)[(owner2 == i).to(device)] ** 2).sum()
-                                     for i in range(len(adapters))]).clamp(min=1e-12)
+                scale = torch.stack(
+                    [((base - target)[(owner2 == i).to(device)] ** 2).sum() for i in range(len(adapters))]
+                ).clamp(min=1e-12)
             masks = [(owner2 == i).to(device) for i in range(len(adapters))]
             opt = torch.optim.Adam(params, lr=float(settings["lr"]))
             losses = []
-            bar = tqdm(range(int(settings["iters"])), desc="fit", unit="step", disable=not progress, leave=False,
-                       dynamic_ncols=True)
+            bar = tqdm(
+                range(int(settings["iters"])),
+                desc="fit",
+                unit="step",
+                disable=not progress,
+                leave=False,
+                dynamic_ncols=True,
+            )
             for _ in bar:
                 opt.zero_grad(set_to_none=True)
                 with torch.enable_grad():
@@ -309,13 +343,20 @@ def fit_coefficients(pipe, runtime, adapters: list, weights: list[tuple[float, f
                     p.data.copy_(s)
     finally:
         hooks.remove()
-    log.update(iters=int(settings["iters"]), rows=int(x2.shape[0]), cpu_s=round(time.process_time() - cpu0, 2),
-               wall_s=round(time.perf_counter() - wall0, 2), merge_match=round(merge_err, 4), merge_cos=round(merge_cos, 4),
-               start=[round(v, 4) for v in losses[0]] if losses else None,
-               end=[round(v, 4) for v in losses[-1]] if losses else None)
+    log.update(
+        iters=int(settings["iters"]),
+        rows=int(x2.shape[0]),
+        cpu_s=round(time.process_time() - cpu0, 2),
+        wall_s=round(time.perf_counter() - wall0, 2),
+        merge_match=round(merge_err, 4),
+        merge_cos=round(merge_cos, 4),
+        start=[round(v, 4) for v in losses[0]] if losses else None,
+        end=[round(v, 4) for v in losses[-1]] if losses else None,
+    )
     FIT_LOG.append(log)
-    return {f"{i}|{e.key}": params[n][p].detach().clone()
-            for n, e in enumerate(entries) for p, i in enumerate(e.owners)}
+    return {
+        f"{i}|{e.key}": params[n][p].detach().clone() for n, e in enumerate(entries) for p, i in enumerate(e.owners)
+    }
 
 
 def scaled(adapter, index: int, coefficients: dict[str, torch.Tensor], name: str):
@@ -334,9 +375,23 @@ class FitStrategy(Strategy):
     name = "fit"
     fitted = True
 
-    def __init__(self, iters: int = 30, lr: float = 0.1, ortho: float = 0.1, levels: tuple | float = (0.4, 0.8),
-                 templates: tuple | str = ("{trigger}",), images: int = 1, sample_steps: int = 8, guidance: float | None = None, scope: str = "all", seed: int = FIT_SEED,
-                 target: str = "prediction", ridge: float = 0.01, cache: bool = True, progress: bool = True):
+    def __init__(
+        self,
+        iters: int = 30,
+        lr: float = 0.1,
+        ortho: float = 0.1,
+        levels: tuple | float = (0.4, 0.8),
+        templates: tuple | str = ("{trigger}",),
+        images: int = 1,
+        sample_steps: int = 8,
+        guidance: float | None = None,
+        scope: str = "all",
+        seed: int = FIT_SEED,
+        target: str = "prediction",
+        ridge: float = 0.01,
+        cache: bool = True,
+        progress: bool = True,
+    ):
         if target not in ("prediction", "layers"):
             raise ValueError(f"target must be prediction or layers, got {target!r}")
         if float(ridge) <= 0:
@@ -368,10 +423,21 @@ class FitStrategy(Strategy):
         """The fit's parameters (part of the cache key)."""
         cfg = getattr(self, "context", None) and self.context.cfg
         guidance = self.guidance if self.guidance is not None else (5.0 if cfg or cfg is None else 1.0)
-        return {"iters": self.iters, "lr": self.lr, "ortho": self.ortho, "levels": list(self.levels),
-                "templates": list(self.templates), "images": self.images, "sample_steps": self.sample_steps,
-                "guidance": float(guidance), "scope": self.scope, "seed": self.seed, "loss": "cond+uncond",
-                "target": self.target, **({"ridge": self.ridge} if self.target == "layers" else {})}
+        return {
+            "iters": self.iters,
+            "lr": self.lr,
+            "ortho": self.ortho,
+            "levels": list(self.levels),
+            "templates": list(self.templates),
+            "images": self.images,
+            "sample_steps": self.sample_steps,
+            "guidance": float(guidance),
+            "scope": self.scope,
+            "seed": self.seed,
+            "loss": "cond+uncond",
+            "target": self.target,
+            **({"ridge": self.ridge} if self.target == "layers" else {}),
+        }
 
     def begin(self, adapters, weights, num_steps, context=None) -> None:
         super().begin(adapters, weights, num_steps, context)
@@ -393,8 +459,11 @@ class FitStrategy(Strategy):
         if coefs is None:
             coefs = fit_coefficients(ctx.pipe, runtime, ads, ws, settings, progress=self.progress)
             if self.cache:
-                fit_cache.store(key, coefs, {"adapters": [a.name for a in ads], "settings": settings,
-                                             "log": FIT_LOG[-1] if FIT_LOG else {}})
+                fit_cache.store(
+                    key,
+                    coefs,
+                    {"adapters": [a.name for a in ads], "settings": settings, "log": FIT_LOG[-1] if FIT_LOG else {}},
+                )
         self._derived = {a.name: scaled(a, i, coefs, a.name + SUFFIX) for i, a in enumerate(ads)}
 
     def derived_adapters(self) -> dict | None:

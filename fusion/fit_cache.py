@@ -31,8 +31,16 @@ def folder() -> Path:
 
 def key(identities: list[str], weights: list[tuple[float, float]], model: str, settings: dict) -> str:
     """The cache key: every input the coefficients depend on, hashed."""
-    blob = json.dumps({"v": VERSION, "loras": list(identities), "weights": [[round(float(u), 6), round(float(t), 6)]
-                      for u, t in weights], "model": model, "settings": settings}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "v": VERSION,
+            "loras": list(identities),
+            "weights": [[round(float(u), 6), round(float(t), 6)] for u, t in weights],
+            "model": model,
+            "settings": settings,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
 
 
@@ -65,8 +73,11 @@ def store(k: str, coefficients: dict[str, torch.Tensor], meta: dict) -> Path:
     p = path(k)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(f".{os.getpid()}.tmp")
-    save_file({n: t.detach().float().contiguous() for n, t in coefficients.items()}, str(tmp),
-              metadata={"fit": json.dumps(meta, sort_keys=True)})
+    save_file(
+        {n: t.detach().float().contiguous() for n, t in coefficients.items()},
+        str(tmp),
+        metadata={"fit": json.dumps(meta, sort_keys=True)},
+    )
     tmp.replace(p)
     _remember(k, coefficients)
     return p

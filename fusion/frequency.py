@@ -59,7 +59,9 @@ def amplitude_spectrum(x, window: bool = True) -> torch.Tensor:
     h, w = t.shape[-2:]
     if window:  # remove each slice's mean first so the window does not smear the DC term into low rings
         t = t - t.mean(dim=(-2, -1), keepdim=True)
-        t = t * torch.outer(torch.hann_window(h, periodic=False, dtype=t.dtype), torch.hann_window(w, periodic=False, dtype=t.dtype))
+        t = t * torch.outer(
+            torch.hann_window(h, periodic=False, dtype=t.dtype), torch.hann_window(w, periodic=False, dtype=t.dtype)
+        )
     amp = torch.fft.fftshift(torch.fft.fft2(t), dim=(-2, -1)).abs()
     return amp.reshape(-1, h, w).mean(dim=0)
 
@@ -172,8 +174,13 @@ def profile_adapters(
         return {a.name: scores[a.name] for a in adapters}
 
     call = dict(
-        num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed, height=height, width=width,
-        output_type="np", progress=False,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        height=height,
+        width=width,
+        output_type="np",
+        progress=False,
     )
     base = _image_chw(composer(prompt, loras=[], **call))
     for adapter in todo:

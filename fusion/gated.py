@@ -102,7 +102,10 @@ def prompt_responses(adapters, groups: list[str], embeddings: torch.Tensor) -> t
         key
         for ad in adapters
         for key, d in ad.deltas.items()
-        if key.split(".", 1)[0] in DENOISERS and key.endswith(KV_SUFFIXES) and has_factors(d) and d.down.dim() == 2
+        if key.split(".", 1)[0] in DENOISERS
+        and key.endswith(KV_SUFFIXES)
+        and has_factors(d)
+        and d.down.dim() == 2
         and d.down.shape[1] == width
     }
     by_group: dict[str, list[str]] = {}
@@ -160,8 +163,7 @@ def token_positions(tokenizer, text: str, spans, max_length: int) -> list[int]:
     if not spans:
         return []
     try:
-        enc = tokenizer(text, padding="max_length", max_length=max_length, truncation=True,
-                        return_offsets_mapping=True)
+        enc = tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_offsets_mapping=True)
     except (NotImplementedError, ValueError):  # a tokenizer without offsets: positions unknown
         return []
     return [j for j, (s, e) in enumerate(enc["offset_mapping"]) if e > s and any(s < b and e > a for a, b in spans)]
@@ -181,8 +183,10 @@ def text_stream_positions(pipe, call: dict, words, text_len: int) -> list[int] |
         total = length
     elif family == "sd3":
         clip = int(getattr(pipe, "tokenizer_max_length", 77))
-        parts = [(0, getattr(pipe, "tokenizer", None), prompt, clip),
-                 (0, getattr(pipe, "tokenizer_2", None), call.get("prompt_2") or prompt, clip)]
+        parts = [
+            (0, getattr(pipe, "tokenizer", None), prompt, clip),
+            (0, getattr(pipe, "tokenizer_2", None), call.get("prompt_2") or prompt, clip),
+        ]
         if getattr(pipe, "text_encoder_3", None) is not None:
             parts.append((clip, getattr(pipe, "tokenizer_3", None), call.get("prompt_3") or prompt, length))
         total = clip + length if getattr(pipe, "text_encoder_3", None) is not None else text_len
@@ -190,7 +194,9 @@ def text_stream_positions(pipe, call: dict, words, text_len: int) -> list[int] |
         return None
     if total != text_len or any(tok is None for _, tok, _, _ in parts):
         return None
-    positions = {offset + j for offset, tok, text, n in parts for j in token_positions(tok, text, trigger_spans(text, words), n)}
+    positions = {
+        offset + j for offset, tok, text, n in parts for j in token_positions(tok, text, trigger_spans(text, words), n)
+    }
     return sorted(p for p in positions if p < text_len)
 
 
@@ -218,8 +224,14 @@ def joint_attentions(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Modu
     found = []
     for name, module in denoiser.named_modules():
         parts = name.split(".")
-        if (len(parts) == 3 and parts[0] in JOINT_BLOCKS and parts[2] == "attn" and hasattr(module, "processor")
-                and not isinstance(module.processor, torch.nn.Module) and hasattr(module, "to_k")):
+        if (
+            len(parts) == 3
+            and parts[0] in JOINT_BLOCKS
+            and parts[2] == "attn"
+            and hasattr(module, "processor")
+            and not isinstance(module.processor, torch.nn.Module)
+            and hasattr(module, "to_k")
+        ):
             single = parts[0] == "single_transformer_blocks"
             if single or getattr(module, "add_k_proj", None) is not None:
                 found.append((layer_group(f"{DENOISERS[1]}.{name}.to_q"), module, single))
@@ -257,16 +269,23 @@ class _AttentionProbe:
     def keep(self, name: str):
         def hook(module, args, output):
             self.kept[name] = output
+
         return hook
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs
+    ):
         self.kept = {}
         if image_rotary_emb is not None:  # FLUX calls positionally, SD3 by keyword: call the original alike
             out = self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
         else:
-            out = self.processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                 attention_mask=attention_mask, **kwargs)
+            out = self.processor(
+                attn,
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
         kept, self.kept = self.kept, {}
         positions = self.strategy._positions
         if attention_mask is None and positions and any(p for p in positions if p) and "to_q" in kept:
@@ -316,7 +335,7 @@ class GatedStrategy(Strategy):
     """
 
     name = "gated"
-    measured = 'close to merge: ahead at 2 LoRAs (0.83 vs 0.80), behind at 4 (0.26 vs 0.34)'
+    measured = "close to merge: ahead at 2 LoRAs (0.83 vs 0.80), behind at 4 (0.26 vs 0.34)"
 
     def __init__(
         self,

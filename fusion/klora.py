@@ -69,8 +69,11 @@ class KLoraStrategy(Strategy):
         ads = [ctx.adapter(n) for n in self.adapters]
         winners = layer_winners(ads, self.user_weights.tolist(), self.top_k, self.keep)
         self._derived = {
-            ad.name: dataclasses.replace(ad, name=ad.name + SUFFIX, deltas={
-                k: d for k, d in ad.deltas.items() if k not in winners or i in winners[k]})
+            ad.name: dataclasses.replace(
+                ad,
+                name=ad.name + SUFFIX,
+                deltas={k: d for k, d in ad.deltas.items() if k not in winners or i in winners[k]},
+            )
             for i, ad in enumerate(ads)
         }
 

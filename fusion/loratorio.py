@@ -152,8 +152,14 @@ class LoRAtorioStrategy(Strategy):
 
     name = "loratorio"
 
-    def __init__(self, patch_size: int = 2, temperature: float = 0.1, top_k: int | None = None,
-                 uncond: str = "map", base_uncond: float = 0.5):
+    def __init__(
+        self,
+        patch_size: int = 2,
+        temperature: float = 0.1,
+        top_k: int | None = None,
+        uncond: str = "map",
+        base_uncond: float = 0.5,
+    ):
         if int(patch_size) < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         if float(temperature) <= 0:
@@ -177,7 +183,13 @@ class LoRAtorioStrategy(Strategy):
         if plan.row_groups != len(self.adapters) + 1:  # not our plan (no adapters): the linear default
             return super().combine(predictions, plan)
         mixed, self.last_map = loratorio_combine(
-            predictions[:-1], predictions[-1], bool(self.context.cfg), self.patch_size, self.temperature,
-            self.top_k, self.uncond, self.base_uncond,
+            predictions[:-1],
+            predictions[-1],
+            bool(self.context.cfg),
+            self.patch_size,
+            self.temperature,
+            self.top_k,
+            self.uncond,
+            self.base_uncond,
         )
         return mixed

@@ -67,8 +67,12 @@ def bounded_self_attention(denoiser: torch.nn.Module, groups_of):
     def bounded(forward):
         def call(hidden_states, *args, **kwargs):
             groups = None
-            if hidden_states.dim() == 3 and not args and kwargs.get("encoder_hidden_states") is None \
-                    and kwargs.get("attention_mask") is None:
+            if (
+                hidden_states.dim() == 3
+                and not args
+                and kwargs.get("encoder_hidden_states") is None
+                and kwargs.get("attention_mask") is None
+            ):
                 groups = groups_of(hidden_states.shape[1])
             if groups is None:
                 return forward(hidden_states, *args, **kwargs)
@@ -76,6 +80,7 @@ def bounded_self_attention(denoiser: torch.nn.Module, groups_of):
             for idx in groups:
                 out[:, idx] = forward(hidden_states[:, idx], *args, **kwargs)
             return out
+
         return call
 
     try:
@@ -124,8 +129,10 @@ class RegionalStrategy(Strategy):
         super().begin(adapters, weights, num_steps, context)
         regions = self.context.regions
         if len(regions) < 2:
-            raise ValueError("needs a prompt split into regions with BREAK, e.g. "
-                             "'a red circle BREAK a blue square' (regions left to right)")
+            raise ValueError(
+                "needs a prompt split into regions with BREAK, e.g. "
+                "'a red circle BREAK a blue square' (regions left to right)"
+            )
         if self.ratios is not None and len(self.ratios) != len(regions):
             raise ValueError(f"ratios give {len(self.ratios)} regions, the prompt has {len(regions)}")
         self.weights = torch.zeros(len(regions), len(self.adapters))
@@ -203,4 +210,9 @@ class RegionalStrategy(Strategy):
 
     def resolved(self) -> dict:
         """Each region's text and LoRAs, as the prompt split them."""
-        return {"regions": [{"prompt": r.prompt, "loras": r.adapters} for r in getattr(getattr(self, "context", None), "regions", [])]}
+        return {
+            "regions": [
+                {"prompt": r.prompt, "loras": r.adapters}
+                for r in getattr(getattr(self, "context", None), "regions", [])
+            ]
+        }

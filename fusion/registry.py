@@ -29,7 +29,9 @@ def _discover() -> dict[str, type[Strategy]]:
         for obj in vars(module).values():
             if inspect.isclass(obj) and issubclass(obj, Strategy) and obj.name and obj.__module__ == name:
                 if obj.name in found:
-                    raise ImportError(f"strategy name '{obj.name}' is taken twice: {found[obj.name].__module__}, {name}")
+                    raise ImportError(
+                        f"strategy name '{obj.name}' is taken twice: {found[obj.name].__module__}, {name}"
+                    )
                 found[obj.name] = obj
     return found
 
@@ -39,9 +41,11 @@ STRATEGIES: dict[str, type[Strategy]] = _discover()
 # Not a strategy but a choice of one, made per call by ComposerPipeline from the prompt's regions, the model's
 # measured world and the number of LoRAs (lora_composer.measured.auto); the image records the strategy used.
 AUTO = "auto"
-AUTO_HELP = ("regional when the prompt has BREAK regions; otherwise the strategy that measured best at that many "
-             "LoRAs in the model's mini world (the lines below), merge for any other model; the image records the "
-             "strategy used")
+AUTO_HELP = (
+    "regional when the prompt has BREAK regions; otherwise the strategy that measured best at that many "
+    "LoRAs in the model's mini world (the lines below), merge for any other model; the image records the "
+    "strategy used"
+)
 
 
 def available() -> list[str]:
@@ -68,9 +72,7 @@ def strategy_params(name: str) -> dict[str, object]:
     """Parameter names of a strategy with their defaults."""
     sig = inspect.signature(STRATEGIES[name].__init__)
     return {
-        p.name: p.default
-        for p in list(sig.parameters.values())[1:]
-        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        p.name: p.default for p in list(sig.parameters.values())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
 
 
@@ -115,8 +117,10 @@ def get_strategy(name: str | Strategy, **args) -> Strategy:
     if isinstance(name, Strategy):
         return name
     if name == AUTO:
-        raise ComposerError("strategy 'auto' is chosen per call from the prompt and its LoRAs: give it to "
-                            "ComposerPipeline (strategy='auto'), which records the strategy it used")
+        raise ComposerError(
+            "strategy 'auto' is chosen per call from the prompt and its LoRAs: give it to "
+            "ComposerPipeline (strategy='auto'), which records the strategy it used"
+        )
     if name not in STRATEGIES:
         raise ComposerError(f"unknown strategy '{name}'; valid: {', '.join(available())}")
     valid = strategy_params(name)

@@ -66,9 +66,9 @@ def derive(adapters: list, rule: Rule, suffix: str, rank: int = 0) -> dict:
         present = [i for i, ad in enumerate(adapters) if key in ad.deltas and readable(ad.deltas[key])]
         like = adapters[present[0]].deltas[key]
         shape = tuple(dense_delta(like).shape)
-        stack = torch.stack([
-            dense_delta(ad.deltas[key]) if i in present else torch.zeros(shape) for i, ad in enumerate(adapters)
-        ])
+        stack = torch.stack(
+            [dense_delta(ad.deltas[key]) if i in present else torch.zeros(shape) for i, ad in enumerate(adapters)]
+        )
         out = rule(stack, [ad.name for ad in adapters])
         for i in present:
             ad, delta = adapters[i], out[i]

@@ -106,8 +106,9 @@ def _grouped_rows(x, down, up, scale, conv, row_runs, out):
     result = None
     for rows, runs in row_runs:
         rows = rows.to(x.device)
-        part = stacked_delta_torch(x.index_select(0, rows), down, up, scale2.index_select(0, rows.to(scale2.device)),
-                                   conv, runs)
+        part = stacked_delta_torch(
+            x.index_select(0, rows), down, up, scale2.index_select(0, rows.to(scale2.device)), conv, runs
+        )
         if result is None:
             result = out.clone() if out is not None else part.new_zeros((x.shape[0], *part.shape[1:]))
         result.index_add_(0, rows, part.to(result.dtype))

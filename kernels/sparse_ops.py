@@ -28,8 +28,9 @@ def _flat(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().view(-1)
 
 
-def sparse_fold(weight: torch.Tensor, idx: torch.Tensor, values: torch.Tensor,
-                backup: torch.Tensor | None = None) -> torch.Tensor:
+def sparse_fold(
+    weight: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, backup: torch.Tensor | None = None
+) -> torch.Tensor:
     """``weight.flat[idx] += values`` (fp32 sum, one rounding); returns the overwritten values (the backup).
 
     ``idx`` must not repeat a position (merge several adapters with :func:`merge_sparse` first).
@@ -83,8 +84,9 @@ def sparse_delta(x: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, out_f
 
     def one(xb: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         x2 = xb.reshape(-1, in_features)
-        d = torch.sparse_coo_tensor(ij, v.to(x2.dtype), (out_features, in_features),
-                                    is_coalesced=True, check_invariants=False)
+        d = torch.sparse_coo_tensor(
+            ij, v.to(x2.dtype), (out_features, in_features), is_coalesced=True, check_invariants=False
+        )
         return torch.sparse.mm(d, x2.t()).t().reshape(*xb.shape[:-1], out_features)
 
     return _per_row(x, values, one)
@@ -111,8 +113,9 @@ def _per_row(x: torch.Tensor, values: torch.Tensor, apply) -> torch.Tensor:
     return out
 
 
-def sparse_conv_delta(x: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, weight_shape,
-                      conv: dict) -> torch.Tensor:
+def sparse_conv_delta(
+    x: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, weight_shape, conv: dict
+) -> torch.Tensor:
     """Unfused forward of a sparse Conv2d delta: ``conv2d(x, D)`` with ``D.flat[idx] = values``, ``D`` shaped
     ``weight_shape`` (``[out, in, kh, kw]``) and ``conv`` the layer's stride, padding and dilation.
 

@@ -31,11 +31,28 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, s_ptr, h_ptr,
-    M, K, R, T,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_sb, stride_sr, stride_hm, stride_hr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    CAST_FP32: tl.constexpr, IEEE: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    s_ptr,
+    h_ptr,
+    M,
+    K,
+    R,
+    T,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_sb,
+    stride_sr,
+    stride_hm,
+    stride_hr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -51,10 +68,16 @@ def _shrink_kernel(
     for k0 in range(0, k_chunk, BLOCK_K):
         kk = k_start + k0 + offs_k
         mask_k = (kk < K) & (k0 + offs_k < k_chunk)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + kk[:, None] * stride_ak,
-                    mask=mask_r[None, :] & mask_k[:, None], other=0.0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            a_ptr + offs_r[None, :] * stride_ar + kk[:, None] * stride_ak,
+            mask=mask_r[None, :] & mask_k[:, None],
+            other=0.0,
+        )
         if CAST_FP32:
             x = x.to(tl.float32)
             a = a.to(tl.float32)
@@ -64,8 +87,11 @@ def _shrink_kernel(
             acc = tl.dot(x, a, acc)
     # per-row, per-rank-column scale: token m belongs to batch row m // T (stride_sb = 0 broadcasts one row)
     srow = offs_m // T
-    s = tl.load(s_ptr + srow[:, None] * stride_sb + offs_r[None, :] * stride_sr,
-                mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+    s = tl.load(
+        s_ptr + srow[:, None] * stride_sb + offs_r[None, :] * stride_sr,
+        mask=mask_m[:, None] & mask_r[None, :],
+        other=0.0,
+    ).to(tl.float32)
     acc = acc * s
     h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr
     h_mask = mask_m[:, None] & mask_r[None, :]
@@ -77,11 +103,23 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    h_ptr, b_ptr, y_ptr,
-    M, N, R,
-    stride_hm, stride_hr, stride_bn, stride_br, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    CAST_FP32: tl.constexpr, IEEE: tl.constexpr,
+    h_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    R,
+    stride_hm,
+    stride_hr,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -94,10 +132,16 @@ def _expand_kernel(
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + offs_r
         mask_r = rr < R
-        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + rr[None, :] * stride_hr,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + rr[:, None] * stride_br,
-                    mask=mask_n[None, :] & mask_r[:, None], other=0.0)
+        h = tl.load(
+            h_ptr + offs_m[:, None] * stride_hm + rr[None, :] * stride_hr,
+            mask=mask_m[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_n[None, :] * stride_bn + rr[:, None] * stride_br,
+            mask=mask_n[None, :] & mask_r[:, None],
+            other=0.0,
+        )
         if CAST_FP32:
             b = b.to(tl.float32)
         else:
@@ -142,30 +186,108 @@ def _tuned():
     """Autotuned launchers, built on first CUDA use (cached per shape key by triton.autotune)."""
     global _shrink_tuned, _expand_tuned
     if _shrink_tuned is None:
-        _shrink_tuned = triton.autotune(
-            _shrink_configs(), key=["M_BUCKET", "K", "R_PAD", "SPLIT_K"])(_shrink_entry)
-        _expand_tuned = triton.autotune(_expand_configs(), key=["M_BUCKET", "N", "R_PAD"],
-                                        restore_value=["y_ptr"])(_expand_entry)
+        _shrink_tuned = triton.autotune(_shrink_configs(), key=["M_BUCKET", "K", "R_PAD", "SPLIT_K"])(_shrink_entry)
+        _expand_tuned = triton.autotune(_expand_configs(), key=["M_BUCKET", "N", "R_PAD"], restore_value=["y_ptr"])(
+            _expand_entry
+        )
     return _shrink_tuned, _expand_tuned
 
 
 # autotune needs the key arguments in the kernel signature: thin jit wrappers that take them
 @triton.jit
-def _shrink_entry(x_ptr, a_ptr, s_ptr, h_ptr, M, K, R, T, M_BUCKET, R_PAD,
-                  stride_xm, stride_xk, stride_ar, stride_ak, stride_sb, stride_sr, stride_hm, stride_hr,
-                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                  CAST_FP32: tl.constexpr, IEEE: tl.constexpr):
-    _shrink_kernel(x_ptr, a_ptr, s_ptr, h_ptr, M, K, R, T, stride_xm, stride_xk, stride_ar, stride_ak,
-                   stride_sb, stride_sr, stride_hm, stride_hr, BLOCK_M, BLOCK_R, BLOCK_K, SPLIT_K, CAST_FP32, IEEE)
+def _shrink_entry(
+    x_ptr,
+    a_ptr,
+    s_ptr,
+    h_ptr,
+    M,
+    K,
+    R,
+    T,
+    M_BUCKET,
+    R_PAD,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_sb,
+    stride_sr,
+    stride_hm,
+    stride_hr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    _shrink_kernel(
+        x_ptr,
+        a_ptr,
+        s_ptr,
+        h_ptr,
+        M,
+        K,
+        R,
+        T,
+        stride_xm,
+        stride_xk,
+        stride_ar,
+        stride_ak,
+        stride_sb,
+        stride_sr,
+        stride_hm,
+        stride_hr,
+        BLOCK_M,
+        BLOCK_R,
+        BLOCK_K,
+        SPLIT_K,
+        CAST_FP32,
+        IEEE,
+    )
 
 
 @triton.jit
-def _expand_entry(h_ptr, b_ptr, y_ptr, M, N, R, M_BUCKET, R_PAD,
-                  stride_hm, stride_hr, stride_bn, stride_br, stride_ym, stride_yn,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                  CAST_FP32: tl.constexpr, IEEE: tl.constexpr):
-    _expand_kernel(h_ptr, b_ptr, y_ptr, M, N, R, stride_hm, stride_hr, stride_bn, stride_br, stride_ym, stride_yn,
-                   BLOCK_M, BLOCK_N, BLOCK_R, CAST_FP32, IEEE)
+def _expand_entry(
+    h_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    R,
+    M_BUCKET,
+    R_PAD,
+    stride_hm,
+    stride_hr,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    _expand_kernel(
+        h_ptr,
+        b_ptr,
+        y_ptr,
+        M,
+        N,
+        R,
+        stride_hm,
+        stride_hr,
+        stride_bn,
+        stride_br,
+        stride_ym,
+        stride_yn,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_R,
+        CAST_FP32,
+        IEEE,
+    )
 
 
 def split_k(m: int, r: int, k: int, block_r: int) -> int:
@@ -185,7 +307,11 @@ def _block_r(r: int) -> int:
 
 
 def lora_delta_triton(
-    x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    scale: torch.Tensor,
+    out: torch.Tensor,
     config: dict | None = None,
 ) -> torch.Tensor:
     """Add ``((x down^T) * scale) up^T`` into ``out`` (shaped like ``x`` with ``up.shape[0]`` features).
@@ -227,11 +353,31 @@ def lora_delta_triton(
     expand_strides = (h.stride(0), h.stride(1), up.stride(0), up.stride(1), y2.stride(0), y2.stride(1))
     if use_fixed:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, block_r), cfg["SPLIT_K"])
-        _shrink_kernel[grid](*shrink_args, *shrink_strides, BLOCK_M=cfg["BLOCK_M"], BLOCK_R=block_r,
-                             BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"], CAST_FP32=cast, IEEE=ieee)
+        _shrink_kernel[grid](
+            *shrink_args,
+            *shrink_strides,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_R=block_r,
+            BLOCK_K=cfg["BLOCK_K"],
+            SPLIT_K=cfg["SPLIT_K"],
+            CAST_FP32=cast,
+            IEEE=ieee,
+        )
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-        _expand_kernel[grid](h, up, y2, M, N, R, *expand_strides, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                             BLOCK_R=min(block_r, 64), CAST_FP32=cast, IEEE=ieee)
+        _expand_kernel[grid](
+            h,
+            up,
+            y2,
+            M,
+            N,
+            R,
+            *expand_strides,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_R=min(block_r, 64),
+            CAST_FP32=cast,
+            IEEE=ieee,
+        )
         return out
     shrink, expand = _tuned()
     mb = _m_bucket(M)

@@ -1,11 +1,11 @@
 """Catalog of a LoRA library and prompt -> ranked adapters (lexical, text, preview and weight signals).
 
-    from lora_composer.retriever import Catalog, retriever_for
-    Catalog.for_library("~/loras").index()                 # incremental; LIBRARY/.lora-composer/catalog.sqlite
-    r = retriever_for(pipe, "~/loras")                       # pipe: a diffusers pipeline (its text encoder)
-    picks = r.select("a castle in pixel art", top_k=4)      # Selection: [Match], .left_out, .notice
-    for m in picks:
-        print(m.name, m.span, m.weight, m.reason)           # the prompt span each pick covers, and why
+from lora_composer.retriever import Catalog, retriever_for
+Catalog.for_library("~/loras").index()                 # incremental; LIBRARY/.lora-composer/catalog.sqlite
+r = retriever_for(pipe, "~/loras")                       # pipe: a diffusers pipeline (its text encoder)
+picks = r.select("a castle in pixel art", top_k=4)      # Selection: [Match], .left_out, .notice
+for m in picks:
+    print(m.name, m.span, m.weight, m.reason)           # the prompt span each pick covers, and why
 """
 
 from __future__ import annotations

@@ -37,8 +37,12 @@ def measure(retriever, cached, label_of, thresholds: dict, top_k: int) -> dict:
         tp += len(hit)
         fp += len(got) - len(hit)
         fn += len(set(wanted) - hit)
-    return {"precision": tp / (tp + fp) if tp + fp else 1.0, "recall": tp / (tp + fn) if tp + fn else 1.0,
-            "fp_rate": base_hit / base if base else 0.0, "picks": tp + fp}
+    return {
+        "precision": tp / (tp + fp) if tp + fp else 1.0,
+        "recall": tp / (tp + fn) if tp + fn else 1.0,
+        "fp_rate": base_hit / base if base else 0.0,
+        "picks": tp + fp,
+    }
 
 
 def prepare(retriever, cases, top_k: int) -> list:
@@ -46,8 +50,9 @@ def prepare(retriever, cases, top_k: int) -> list:
     return [(p, w, all_claims(p, retriever.candidates(p, top_k), retriever.vocab)) for p, w in cases]
 
 
-def fit(retriever, cases, label_of, top_k: int, max_base_fp: float = 0.01, rounds: int = 3,
-        prepared: bool = False) -> dict:
+def fit(
+    retriever, cases, label_of, top_k: int, max_base_fp: float = 0.01, rounds: int = 3, prepared: bool = False
+) -> dict:
     """Thresholds for ``cases`` (``[(prompt, wanted labels)]``, or :func:`prepare`'s output with
     ``prepared``); see the module doc."""
     cached = cases if prepared else prepare(retriever, cases, top_k)
@@ -69,8 +74,10 @@ def fit(retriever, cases, label_of, top_k: int, max_base_fp: float = 0.01, round
 def curves(retriever, cases, label_of, thresholds: dict, top_k: int, prepared: bool = False) -> dict:
     """``{kind: [{threshold, precision, recall, fp_rate}]}`` with the other kinds at ``thresholds``."""
     cached = cases if prepared else prepare(retriever, cases, top_k)
-    return {kind: [{"threshold": v, **measure(retriever, cached, label_of, {**thresholds, kind: v}, top_k)}
-                   for v in GRID] for kind in KINDS}
+    return {
+        kind: [{"threshold": v, **measure(retriever, cached, label_of, {**thresholds, kind: v}, top_k)} for v in GRID]
+        for kind in KINDS
+    }
 
 
 def store(catalog, encoder_id: str, thresholds: dict, info: dict | None = None) -> None:

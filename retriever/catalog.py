@@ -199,7 +199,9 @@ class Catalog:
         if version is None:
             self.set_meta("schema", str(SCHEMA_VERSION))
         elif int(version) != SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path}: catalog schema {version}, expected {SCHEMA_VERSION}; delete it to rebuild")
+            raise RuntimeError(
+                f"{self.path}: catalog schema {version}, expected {SCHEMA_VERSION}; delete it to rebuild"
+            )
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(files)")}
         if "kinds" not in columns:  # a catalog from before the column: its rows are read again on the next index
             self.db.execute("ALTER TABLE files ADD COLUMN kinds TEXT NOT NULL DEFAULT ''")
@@ -268,8 +270,7 @@ class Catalog:
         report = IndexReport()
         files = list_loras(root)
         known = {
-            r[0]: r[1:]
-            for r in self.db.execute("SELECT path, id, size, mtime_ns, sha256, side_mtime_ns FROM files")
+            r[0]: r[1:] for r in self.db.execute("SELECT path, id, size, mtime_ns, sha256, side_mtime_ns FROM files")
         }
         skipped_before = {r[0]: r[1:] for r in self.db.execute("SELECT path, size, mtime_ns, reason FROM skipped")}
         seen = set()
@@ -301,25 +302,39 @@ class Catalog:
                 header = adapter.metadata.file_metadata or {}
                 tags = tags_from_frequency(header.get("ss_tag_frequency"), top=MAX_TAGS)
                 encoded = wsig.encode_adapter(adapter)
-                dirs, energy = (encoded if encoded is not None else (None, None))
+                dirs, energy = encoded if encoded is not None else (None, None)
                 ranks = sorted(adapter.ranks)
                 preview = find_preview(p)
                 values = dict(
-                    path=path, sha256=adapter.metadata.sha256, short_hash=adapter.metadata.short_hash,
-                    size=st.st_size, mtime_ns=st.st_mtime_ns, side_mtime_ns=side, name=lora_name(p),
-                    family=adapter.family, kinds=kind_label(adapter), rank=ranks[-1] if ranks else None,
-                    targets=json.dumps(sorted(adapter.deltas)), trigger_words=json.dumps(adapter.metadata.trigger_words),
-                    tags=json.dumps(tags), description=_strip_html(adapter.metadata.description),
-                    preferred_weight=adapter.metadata.preferred_weight, preview=str(preview) if preview else None,
-                    weight_dirs=_blob(dirs), weight_dim=None if dirs is None else int(dirs.shape[1]),
-                    weight_energy=energy, indexed_at=time.time(),
+                    path=path,
+                    sha256=adapter.metadata.sha256,
+                    short_hash=adapter.metadata.short_hash,
+                    size=st.st_size,
+                    mtime_ns=st.st_mtime_ns,
+                    side_mtime_ns=side,
+                    name=lora_name(p),
+                    family=adapter.family,
+                    kinds=kind_label(adapter),
+                    rank=ranks[-1] if ranks else None,
+                    targets=json.dumps(sorted(adapter.deltas)),
+                    trigger_words=json.dumps(adapter.metadata.trigger_words),
+                    tags=json.dumps(tags),
+                    description=_strip_html(adapter.metadata.description),
+                    preferred_weight=adapter.metadata.preferred_weight,
+                    preview=str(preview) if preview else None,
+                    weight_dirs=_blob(dirs),
+                    weight_dim=None if dirs is None else int(dirs.shape[1]),
+                    weight_energy=energy,
+                    indexed_at=time.time(),
                 )
             except Exception as e:  # noqa: BLE001 - one bad file never stops indexing
                 reason = re.sub(r"\s+", " ", str(e)).strip()
                 if reason.startswith(str(p)):
                     reason = reason[len(str(p)) :].lstrip(": ")
                 report.skipped.append((path, reason or type(e).__name__))
-                self.db.execute("INSERT OR REPLACE INTO skipped VALUES (?, ?, ?, ?)", (path, st.st_size, st.st_mtime_ns, reason))
+                self.db.execute(
+                    "INSERT OR REPLACE INTO skipped VALUES (?, ?, ?, ?)", (path, st.st_size, st.st_mtime_ns, reason)
+                )
                 if row is not None:
                     self._delete(row[0])
                 continue
@@ -333,8 +348,13 @@ class Catalog:
             cur = self.db.execute(f"INSERT INTO files ({cols}) VALUES ({marks})", tuple(values.values()))
             self.db.execute(
                 "INSERT INTO fts (rowid, name, trigger_words, tags, description) VALUES (?, ?, ?, ?, ?)",
-                (cur.lastrowid, _words_of_name(values["name"]), ", ".join(json.loads(values["trigger_words"])),
-                 ", ".join(tags), values["description"]),
+                (
+                    cur.lastrowid,
+                    _words_of_name(values["name"]),
+                    ", ".join(json.loads(values["trigger_words"])),
+                    ", ".join(tags),
+                    values["description"],
+                ),
             )
             self.db.execute("DELETE FROM skipped WHERE path = ?", (path,))
             if report.indexed % 50 == 0:
@@ -372,9 +392,21 @@ class Catalog:
         if r[13] is not None and r[14]:
             dirs = _unblob(r[13]).reshape(-1, int(r[14]))
         return Row(
-            id=r[0], path=r[1], sha256=r[2], short_hash=r[3], name=r[4], family=r[5], rank=r[6],
-            targets=json.loads(r[7]), trigger_words=json.loads(r[8]), tags=json.loads(r[9]), description=r[10],
-            preferred_weight=r[11], preview=r[12], weight_dirs=dirs, kinds=r[15],
+            id=r[0],
+            path=r[1],
+            sha256=r[2],
+            short_hash=r[3],
+            name=r[4],
+            family=r[5],
+            rank=r[6],
+            targets=json.loads(r[7]),
+            trigger_words=json.loads(r[8]),
+            tags=json.loads(r[9]),
+            description=r[10],
+            preferred_weight=r[11],
+            preview=r[12],
+            weight_dirs=dirs,
+            kinds=r[15],
         )
 
     def rows(self, family: str | None = None) -> list[Row]:
@@ -418,7 +450,9 @@ class Catalog:
         vocabulary reads, without the weight blobs."""
         from types import SimpleNamespace
 
-        sql = "SELECT id, name, trigger_words, description FROM files WHERE id >= ?" + (" AND family = ?" if family else "")
+        sql = "SELECT id, name, trigger_words, description FROM files WHERE id >= ?" + (
+            " AND family = ?" if family else ""
+        )
         for r in self.db.execute(sql + " ORDER BY id", (min_id, family) if family else (min_id,)):
             yield SimpleNamespace(id=r[0], name=r[1], trigger_words=json.loads(r[2]), description=r[3])
 
@@ -428,8 +462,10 @@ class Catalog:
         out = {}
         for a in range(0, len(ids), 900):
             part = ids[a : a + 900]
-            sql = (f"SELECT file_id, vec FROM embeddings WHERE signal = ? AND encoder = ? AND file_id IN "
-                   f"({','.join('?' * len(part))})")
+            sql = (
+                f"SELECT file_id, vec FROM embeddings WHERE signal = ? AND encoder = ? AND file_id IN "
+                f"({','.join('?' * len(part))})"
+            )
             out.update((int(i), _unblob(v)) for i, v in self.db.execute(sql, (signal, encoder_id, *part)))
         return out
 
@@ -439,17 +475,22 @@ class Catalog:
         out = {}
         for a in range(0, len(ids), 900):
             part = ids[a : a + 900]
-            sql = (f"SELECT id, weight_dirs, weight_dim FROM files WHERE weight_dirs IS NOT NULL AND id IN "
-                   f"({','.join('?' * len(part))})")
+            sql = (
+                f"SELECT id, weight_dirs, weight_dim FROM files WHERE weight_dirs IS NOT NULL AND id IN "
+                f"({','.join('?' * len(part))})"
+            )
             out.update((int(i), _unblob(b).reshape(-1, int(w))) for i, b, w in self.db.execute(sql, part) if w)
         return out
 
     def missing(self, signal: str, encoder_id: str, family: str | None = None) -> list[Row]:
         """Rows of ``family`` with no ``signal`` embedding for ``encoder_id`` yet (found in SQL, not by reading
         every row)."""
-        sql = (f"SELECT {', '.join('f.' + c.strip() for c in self._ROW_COLS.split(','))} FROM files f LEFT JOIN "
-               "embeddings e ON e.file_id = f.id AND e.signal = ? AND e.encoder = ? WHERE e.file_id IS NULL"
-               + (" AND f.family = ?" if family else "") + " ORDER BY f.id")
+        sql = (
+            f"SELECT {', '.join('f.' + c.strip() for c in self._ROW_COLS.split(','))} FROM files f LEFT JOIN "
+            "embeddings e ON e.file_id = f.id AND e.signal = ? AND e.encoder = ? WHERE e.file_id IS NULL"
+            + (" AND f.family = ?" if family else "")
+            + " ORDER BY f.id"
+        )
         args = (signal, encoder_id, family) if family else (signal, encoder_id)
         return [self._row(r) for r in self.db.execute(sql, args)]
 
@@ -459,8 +500,9 @@ class Catalog:
     def skipped(self) -> list[tuple[str, str]]:
         return list(self.db.execute("SELECT path, reason FROM skipped ORDER BY path"))
 
-    def fts_search(self, words: list[str], family: str | None = None, limit: int = 500,
-                   with_words: bool = False) -> list[tuple]:
+    def fts_search(
+        self, words: list[str], family: str | None = None, limit: int = 500, with_words: bool = False
+    ) -> list[tuple]:
         """``[(file id, bm25)]`` best first (bm25 here is positive: larger is better); ``with_words``: ``(file id,
         bm25, name, trigger words JSON, tags JSON, description)``."""
         words = [w for w in words if w]
@@ -471,13 +513,19 @@ class Catalog:
             family = None
         sql = (
             "SELECT fts.rowid, -bm25(fts, 2.0, 4.0, 1.0, 0.5) AS s FROM fts "
-            + ("JOIN files ON files.id = fts.rowid WHERE fts MATCH ? AND files.family = ?" if family else "WHERE fts MATCH ?")
+            + (
+                "JOIN files ON files.id = fts.rowid WHERE fts MATCH ? AND files.family = ?"
+                if family
+                else "WHERE fts MATCH ?"
+            )
             + " ORDER BY s DESC LIMIT ?"
         )
         args = (query, family, limit) if family else (query, limit)
         if with_words:  # the hits' words in the same query: no second read of whole rows (weight blobs and all)
-            sql = (f"SELECT h.rowid, h.s, f.name, f.trigger_words, f.tags, f.description FROM ({sql}) AS h "
-                   "JOIN files AS f ON f.id = h.rowid ORDER BY h.s DESC")
+            sql = (
+                f"SELECT h.rowid, h.s, f.name, f.trigger_words, f.tags, f.description FROM ({sql}) AS h "
+                "JOIN files AS f ON f.id = h.rowid ORDER BY h.s DESC"
+            )
             return [(int(r[0]), float(r[1]), *r[2:]) for r in self.db.execute(sql, args)]
         return [(int(i), float(s)) for i, s in self.db.execute(sql, args)]
 
@@ -498,13 +546,17 @@ class Catalog:
             encoder.set_mean(torch.from_numpy(_unblob(r[0], json.loads(r[1])).copy()))
             return
         mean = encoder.mean.numpy()
-        self.db.execute("INSERT OR REPLACE INTO encoders VALUES (?, ?, ?)", (encoder.id, _blob(mean), json.dumps(list(mean.shape))))
+        self.db.execute(
+            "INSERT OR REPLACE INTO encoders VALUES (?, ?, ?)", (encoder.id, _blob(mean), json.dumps(list(mean.shape)))
+        )
         self.db.commit()
 
     def embeddings(self, signal: str, encoder_id: str) -> dict[int, np.ndarray | None]:
         return {
             int(i): _unblob(v)
-            for i, v in self.db.execute("SELECT file_id, vec FROM embeddings WHERE signal = ? AND encoder = ?", (signal, encoder_id))
+            for i, v in self.db.execute(
+                "SELECT file_id, vec FROM embeddings WHERE signal = ? AND encoder = ?", (signal, encoder_id)
+            )
         }
 
     def put_embeddings(self, signal: str, encoder_id: str, items: dict[int, np.ndarray | None]) -> None:

@@ -22,16 +22,46 @@ from lora_composer.vocab import pipeline_family
 
 # Ordinary prompts (subjects, styles, scenes) whose mean token state is the centre of the space.
 REFERENCE_PROMPTS = (
-    "a photo of a cat", "a portrait of a woman", "a landscape with mountains", "an old man smiling",
-    "a red car on a street", "a bowl of fruit on a table", "a city at night", "a dog running on the beach",
-    "an oil painting of a ship", "a watercolor of flowers", "a cartoon character", "a futuristic robot",
-    "a forest in autumn", "a house by a lake", "a close-up of an eye", "a plate of food",
-    "a girl with long hair", "a knight in armor", "a medieval castle", "a dragon flying",
-    "anime style illustration", "pixel art", "a pencil sketch", "a 3d render of a chair",
-    "a snowy village", "a desert at sunset", "an astronaut in space", "a bird on a branch",
-    "a cup of coffee", "a man in a suit", "a beautiful sunset over the ocean", "a child playing",
-    "a fantasy creature", "a cyberpunk street", "a vintage photograph", "a bright colorful poster",
-    "a black and white photo", "a cozy bedroom interior", "a mountain lake reflection", "a busy market",
+    "a photo of a cat",
+    "a portrait of a woman",
+    "a landscape with mountains",
+    "an old man smiling",
+    "a red car on a street",
+    "a bowl of fruit on a table",
+    "a city at night",
+    "a dog running on the beach",
+    "an oil painting of a ship",
+    "a watercolor of flowers",
+    "a cartoon character",
+    "a futuristic robot",
+    "a forest in autumn",
+    "a house by a lake",
+    "a close-up of an eye",
+    "a plate of food",
+    "a girl with long hair",
+    "a knight in armor",
+    "a medieval castle",
+    "a dragon flying",
+    "anime style illustration",
+    "pixel art",
+    "a pencil sketch",
+    "a 3d render of a chair",
+    "a snowy village",
+    "a desert at sunset",
+    "an astronaut in space",
+    "a bird on a branch",
+    "a cup of coffee",
+    "a man in a suit",
+    "a beautiful sunset over the ocean",
+    "a child playing",
+    "a fantasy creature",
+    "a cyberpunk street",
+    "a vintage photograph",
+    "a bright colorful poster",
+    "a black and white photo",
+    "a cozy bedroom interior",
+    "a mountain lake reflection",
+    "a busy market",
 )
 
 
@@ -92,7 +122,9 @@ class TextEncoder:
         with torch.no_grad():
             if getattr(pipe, "unet", None) is None and getattr(pipe, "text_encoder", None) is not None:
                 return self._clip_states(texts, device)
-            out = pipe.encode_prompt(prompt=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+            out = pipe.encode_prompt(
+                prompt=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
         embeds = out[0]
         return embeds.detach().float().cpu()
 

@@ -26,8 +26,17 @@ FUNCTION = frozenset(
     "version model trained".split()
 )
 # Generic spelling variants of prompt vocabulary (not concept names): compared after this map.
-VARIANTS = {"color": "colour", "colored": "colour", "coloured": "colour", "backdrop": "background",
-            "bg": "background", "grey": "gray", "shaped": "shape", "chequered": "checkered", "centre": "center"}
+VARIANTS = {
+    "color": "colour",
+    "colored": "colour",
+    "coloured": "colour",
+    "backdrop": "background",
+    "bg": "background",
+    "grey": "gray",
+    "shaped": "shape",
+    "chequered": "checkered",
+    "centre": "center",
+}
 _NAME_SEP = re.compile(r"[_\-.]")
 NAME_NOISE = re.compile(r"^(v\d+|\d+|lora|locon|lycoris|loha|final|fp16|safetensors)$")
 KIND_WEIGHT = {"trigger": 1.0, "name": 0.9, "description": 0.6}
@@ -208,12 +217,25 @@ class Vocabulary:
 
         index_words, index_ids, index_offsets = packed(self._index)
         desc_words, desc_ids, desc_offsets = packed(self._desc_index)
-        meta = {"version": version, "n": self._n, "count": self._count, "max_id": self._max_id,
-                "contexts": {w: sorted(sorted(c) for c in ctx) for w, ctx in self._contexts.items()},
-                "desc_df": self._desc_df, "index_words": index_words, "desc_words": desc_words}
+        meta = {
+            "version": version,
+            "n": self._n,
+            "count": self._count,
+            "max_id": self._max_id,
+            "contexts": {w: sorted(sorted(c) for c in ctx) for w, ctx in self._contexts.items()},
+            "desc_df": self._desc_df,
+            "index_words": index_words,
+            "desc_words": desc_words,
+        }
         with open(path, "wb") as fh:
-            np.savez(fh, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), index_ids=index_ids,
-                     index_offsets=index_offsets, desc_ids=desc_ids, desc_offsets=desc_offsets)
+            np.savez(
+                fh,
+                meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                index_ids=index_ids,
+                index_offsets=index_offsets,
+                desc_ids=desc_ids,
+                desc_offsets=desc_offsets,
+            )
 
     @classmethod
     def load(cls, path) -> tuple[str, "Vocabulary"]:
@@ -227,7 +249,7 @@ class Vocabulary:
             arrays = {k: data[k] for k in ("index_ids", "index_offsets", "desc_ids", "desc_offsets")}
 
         def unpacked(words, ids, offsets):
-            return {w: ids[offsets[i]:offsets[i + 1]].copy() for i, w in enumerate(words)}
+            return {w: ids[offsets[i] : offsets[i + 1]].copy() for i, w in enumerate(words)}
 
         self = cls.__new__(cls)
         self._contexts = {w: {frozenset(c) for c in ctx} for w, ctx in meta["contexts"].items()}
@@ -293,8 +315,11 @@ class Vocabulary:
         got = self._desc_words.get(row_id)
         if got is None:
             own = {w for _, words, _ in self.phrases.get(row_id, []) for w in words}
-            got = {w: self.idf(w) for w in self._desc.get(row_id, [])
-                   if w not in self.generic and w not in own and w not in self._named}
+            got = {
+                w: self.idf(w)
+                for w in self._desc.get(row_id, [])
+                if w not in self.generic and w not in own and w not in self._named
+            }
             self._desc_words[row_id] = got
         return got
 
@@ -341,8 +366,15 @@ class Vocabulary:
             for w in desc:
                 if w in first:
                     i, q = first[w]
-                    out.append(Claim(i, i + 1, KIND_WEIGHT["description"] * desc[w] * q, "description",
-                                     f'description word "{prompt[i][0]}"'))
+                    out.append(
+                        Claim(
+                            i,
+                            i + 1,
+                            KIND_WEIGHT["description"] * desc[w] * q,
+                            "description",
+                            f'description word "{prompt[i][0]}"',
+                        )
+                    )
         out.sort(key=lambda c: (-c.score, c.start - c.end))
         return out
 
@@ -454,7 +486,8 @@ def stored_vocabulary(catalog, family: str | None, folder, rows, held: Vocabular
         stored_count = vocab._count
         new = catalog.family_count(family, min_id=vocab._max_id + 1)
         if catalog.family_count(family) != vocab._count + new or not vocab.add_rows(
-                catalog.word_rows(family, min_id=vocab._max_id + 1)):
+            catalog.word_rows(family, min_id=vocab._max_id + 1)
+        ):
             vocab = None
         elif new <= RESAVE_SHARE * stored_count:  # a few rows: read again from the catalog at each open (work
             vocab._stored = path  # proportional to them) rather than rewriting the whole file per add

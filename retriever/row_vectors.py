@@ -37,8 +37,13 @@ class CatalogVectors:
     @property
     def key(self) -> str:
         """Names the embedding space: a vector index built in another one is never reused."""
-        parts = [self.family, self.encoder.id, f"dirs{DIRECTIONS}", getattr(self.learned, "id", "-"),
-                 getattr(self.preview, "id", "-")]
+        parts = [
+            self.family,
+            self.encoder.id,
+            f"dirs{DIRECTIONS}",
+            getattr(self.learned, "id", "-"),
+            getattr(self.preview, "id", "-"),
+        ]
         return f"{self.family}-{hashlib.sha1('|'.join(parts).encode()).hexdigest()[:16]}"
 
     def ensure(self) -> None:

@@ -171,8 +171,11 @@ class Retriever:
                 print(f"lora-composer: {e}", file=sys.stderr)
                 fresh = True
         if not fresh:
-            fresh = vi.meta.get("uid") != uid or vi.width != src.width or vi.meta.get("blocks") != {
-                k: list(v) for k, v in src.blocks.items()}
+            fresh = (
+                vi.meta.get("uid") != uid
+                or vi.width != src.width
+                or vi.meta.get("blocks") != {k: list(v) for k, v in src.blocks.items()}
+            )
         if fresh:
             ids, stamps = self.catalog.family_ids(self.family)
             vi.build(ids, stamps, src.fetch, src.width, src.blocks, uid)
@@ -233,7 +236,9 @@ class Retriever:
         if "text" in cols:
             out["text"] = tsig.calibrate(s[:, cols["text"]][:, 0], self.dim) * self.present["text"][sel]
         if "learned" in cols:
-            out["learned"] = tsig.calibrate(np.abs(s[:, cols["learned"]][:, 0]), self.dim) * self.present["learned"][sel]
+            out["learned"] = (
+                tsig.calibrate(np.abs(s[:, cols["learned"]][:, 0]), self.dim) * self.present["learned"][sel]
+            )
         best_tok = None
         if "w0" in cols:
             sq = sum(s[:, cols[f"w{j}"]] ** 2 for j in range(DIRECTIONS))  # [n, T]
@@ -581,7 +586,6 @@ def format_table(matches: list[Match], root=None) -> str:
     fmt = "  ".join("{:<%d}" % w for w in widths)
     out = [fmt.format(*header).rstrip()] + [fmt.format(*r).rstrip() for r in lines]
     return "\n".join(out)
-
 
 
 def format_selection(chosen: Selection) -> str:

@@ -109,8 +109,10 @@ class VectorIndex:
         the vectors for reading."""
         self.meta = self._read("meta.json", lambda p: json.loads(p.read_text()))
         if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{self.folder / 'meta.json'}: format {self.meta.get('format')} of an older version, "
-                             f"this one reads {FORMAT}; it is rebuilt")
+            raise ValueError(
+                f"{self.folder / 'meta.json'}: format {self.meta.get('format')} of an older version, "
+                f"this one reads {FORMAT}; it is rebuilt"
+            )
         n = int(self.meta["slots"])
         nb = len(self.meta["blocks"])
         got = {}
@@ -181,8 +183,17 @@ class VectorIndex:
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
         n = len(ids)
-        self.meta = {"width": int(width), "blocks": {k: list(v) for k, v in blocks.items()}, "uid": uid, "slots": 0,
-                     "nlist": nlist_for(n), "format": FORMAT, "main_rows": 0, "segments": [], "next_segment": 0}
+        self.meta = {
+            "width": int(width),
+            "blocks": {k: list(v) for k, v in blocks.items()},
+            "uid": uid,
+            "slots": 0,
+            "nlist": nlist_for(n),
+            "format": FORMAT,
+            "main_rows": 0,
+            "segments": [],
+            "next_segment": 0,
+        }
         for name in ["vectors.f32", *(f for f, _ in SLOT_FILES.values())]:
             (self.folder / name).write_bytes(b"")
         self.ids = np.zeros(0, np.int64)
@@ -220,7 +231,9 @@ class VectorIndex:
         have = dict(zip(self.ids[live].tolist(), zip(live.tolist(), self.stamps[live].tolist())))
         want = dict(zip(ids.tolist(), stamps.tolist()))
         gone = [slot for fid, (slot, st) in have.items() if want.get(fid) != st]
-        new = [i for i, (fid, st) in enumerate(zip(ids.tolist(), stamps.tolist())) if have.get(fid, (None, None))[1] != st]
+        new = [
+            i for i, (fid, st) in enumerate(zip(ids.tolist(), stamps.tolist())) if have.get(fid, (None, None))[1] != st
+        ]
         if not gone and not new:
             return 0, 0
         if gone:  # tombstones: FAISS's remove_ids on fast-scan lists corrupted codes of rows added after it
@@ -320,14 +333,19 @@ class VectorIndex:
                 vecs, pres = fetch(ids[a : a + CHUNK])
                 vecs = np.ascontiguousarray(vecs, np.float32)
                 if vecs.shape != (min(CHUNK, len(ids) - a), width):
-                    raise ValueError(f"{f}: vectors of shape {vecs.shape}, expected ({min(CHUNK, len(ids) - a)}, {width})")
+                    raise ValueError(
+                        f"{f}: vectors of shape {vecs.shape}, expected ({min(CHUNK, len(ids) - a)}, {width})"
+                    )
                 fh.write(vecs.tobytes())
                 index.add_with_ids(self._pad(vecs), np.arange(start + a, start + a + len(vecs), dtype=np.int64))
                 present.append(np.asarray(pres, bool))
         new_present = np.concatenate(present) if present else np.zeros((0, self.present.shape[1]), bool)
         nb = len(self.meta["blocks"])
-        for key, arr in (("ids", ids.astype(np.int64)), ("stamps", stamps.astype(np.float64)),
-                         ("present", new_present.astype(np.uint8).reshape(-1))):
+        for key, arr in (
+            ("ids", ids.astype(np.int64)),
+            ("stamps", stamps.astype(np.float64)),
+            ("present", new_present.astype(np.uint8).reshape(-1)),
+        ):
             name, dtype = SLOT_FILES[key]
             with open(self.folder / name, "r+b") as fh:
                 fh.truncate(start * (nb if key == "present" else 1) * np.dtype(dtype).itemsize)

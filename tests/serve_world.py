@@ -11,4 +11,8 @@ def pipelines():
     from lora_composer.pipeline import ComposerPipeline
 
     model, library = ensure_default_model()
-    return ComposerPipeline.from_pretrained(model, library=library), ComposerPipeline.from_pretrained(model, library=library), library
+    return (
+        ComposerPipeline.from_pretrained(model, library=library),
+        ComposerPipeline.from_pretrained(model, library=library),
+        library,
+    )

@@ -100,13 +100,16 @@ def test_a_registered_toy_kind_loads_attaches_and_follows_its_formula(sd15_pipe,
     else:  # a PEFT folder: alpha from its config
         folder = tmp_path / "toy"
         folder.mkdir()
-        save_file({f"base_model.model.{MODULE}.toy_u": u, f"base_model.model.{MODULE}.toy_v": v},
-                  str(folder / "adapter_model.safetensors"))
+        save_file(
+            {f"base_model.model.{MODULE}.toy_u": u, f"base_model.model.{MODULE}.toy_v": v},
+            str(folder / "adapter_model.safetensors"),
+        )
         (folder / "adapter_config.json").write_text(
-            '{"alpha": 0.5, "auto_mapping": {"base_model_class": "UNet2DConditionModel"}}')
+            '{"alpha": 0.5, "auto_mapping": {"base_model_class": "UNet2DConditionModel"}}'
+        )
         path = folder
     adapter = load_adapter(path)
-    (key, delta), = adapter.deltas.items()
+    ((key, delta),) = adapter.deltas.items()
     assert key == f"unet.{MODULE}" and delta.kind == "toy" and kind_label(adapter) == "Toy"
 
     module = pipe.unet.get_submodule(MODULE)

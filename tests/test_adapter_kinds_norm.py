@@ -18,7 +18,9 @@ from lora_composer.runtime import LoraRuntime
 LAYERS = {  # kohya name -> (component, module path)
     "lora_unet_down_blocks_0_resnets_0_norm1": ("unet", "down_blocks.0.resnets.0.norm1"),  # GroupNorm
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_norm1": (
-        "unet", "down_blocks.0.attentions.0.transformer_blocks.0.norm1"),  # LayerNorm
+        "unet",
+        "down_blocks.0.attentions.0.transformer_blocks.0.norm1",
+    ),  # LayerNorm
     "lora_te_encoder_layers_0_layer_norm1": ("text_encoder", "encoder.layers.0.layer_norm1"),  # CLIP's LayerNorm
 }
 
@@ -76,7 +78,8 @@ def test_norm_layers_follow_the_formula_and_lycoris(sd15_pipe, tmp_path):
             with torch.no_grad():
                 got = m(x)
                 ref = lycoris.NormModule.make_module_from_state_dict(
-                    name, clean[name], sd[f"{name}.w_norm"], sd[f"{name}.b_norm"])
+                    name, clean[name], sd[f"{name}.w_norm"], sd[f"{name}.b_norm"]
+                )
                 ref.multiplier = w
                 theirs = ref(x)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)

@@ -54,7 +54,9 @@ def assert_same_effect(x: Adapter, y: Adapter, tol=1e-6):
 
 def fused_weights(pipe, path) -> dict[str, torch.Tensor]:
     pipe.load_lora_weights(str(path), adapter_name="f")
-    pipe.fuse_lora(components=["unet", "text_encoder"] + (["text_encoder_2"] if hasattr(pipe, "text_encoder_2") else []))
+    pipe.fuse_lora(
+        components=["unet", "text_encoder"] + (["text_encoder_2"] if hasattr(pipe, "text_encoder_2") else [])
+    )
     pipe.unload_lora_weights()
     out = {}
     for comp in ("unet", "text_encoder", "text_encoder_2"):
@@ -239,13 +241,26 @@ def test_family_of_tiny_models(sd15_pipe, sdxl_pipe, make_lora):
 
 
 def test_trigger_words_description_weight(sd15_pipe, make_lora, tmp_path):
-    tags = {"10_ds": {"blue hair": 3, "sks woman": 10, "smile": 1}, "5_more": {"blue hair": 9, "hat": 2, "x": 1, "y": 1}}
+    tags = {
+        "10_ds": {"blue hair": 3, "sks woman": 10, "smile": 1},
+        "5_more": {"blue hair": 9, "hat": 2, "x": 1, "y": 1},
+    }
     path = make_lora(
-        sd15_pipe, "styled", fmt="kohya",
-        metadata={"ss_tag_frequency": json.dumps(tags), "modelspec.trigger_phrase": "foo, bar", "ss_output_name": "styled_v2"},
+        sd15_pipe,
+        "styled",
+        fmt="kohya",
+        metadata={
+            "ss_tag_frequency": json.dumps(tags),
+            "modelspec.trigger_phrase": "foo, bar",
+            "ss_output_name": "styled_v2",
+        },
     )
-    (tmp_path / "styled.json").write_text(json.dumps({"activation text": "sks person", "description": "A style.", "preferred weight": 0.8}))
-    (tmp_path / "styled.civitai.info").write_text(json.dumps({"trainedWords": ["zzz, yyy", "foo"], "description": "other"}))
+    (tmp_path / "styled.json").write_text(
+        json.dumps({"activation text": "sks person", "description": "A style.", "preferred weight": 0.8})
+    )
+    (tmp_path / "styled.civitai.info").write_text(
+        json.dumps({"trainedWords": ["zzz, yyy", "foo"], "description": "other"})
+    )
     a = load_adapter(path)
     # kohya tags: only those at least half as frequent as the top one (blue hair 12, sks woman 10; hat 2 is not)
     assert a.metadata.trigger_words == ["sks person", "zzz", "yyy", "foo", "bar", "blue hair", "sks woman"]
@@ -304,14 +319,27 @@ def _bad_files(tmp_path):
     inf = _kohya_pair()
     inf[next(k for k in inf if "lora_down" in k)][0, 0] = float("inf")
     tensors("inf", inf, "NaN or inf")
-    tensors("unknown", {"model.diffusion_model.foo.weight": torch.zeros(2)}, "unknown key format (key 'model.diffusion_model.foo.weight')")
-    tensors("loha", {"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)}, "lora_unet_x.hada_w2_a missing")
+    tensors(
+        "unknown",
+        {"model.diffusion_model.foo.weight": torch.zeros(2)},
+        "unknown key format (key 'model.diffusion_model.foo.weight')",
+    )
+    tensors(
+        "loha",
+        {"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)},
+        "lora_unet_x.hada_w2_a missing",
+    )
     tensors("lokr", {"lora_unet_x.lokr_w1": torch.zeros(2, 2)}, "lora_unet_x.lokr_w2_a missing")
     dora = _kohya_pair()
-    dora["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale"] = torch.full((32, 1), float("nan"))
+    dora["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale"] = torch.full(
+        (32, 1), float("nan")
+    )
     tensors("dora", dora, "attn1.to_q has NaN or inf values in its magnitude")
-    tensors("oft", {"lora_unet_x.oft_blocks": torch.zeros(2, 2, 3), "lora_unet_x.alpha": torch.tensor(1.0)},
-            "oft_blocks: expected [blocks, b, b] (OFT) or [stages, blocks, b, b] (BOFT), got shape (2, 2, 3)")
+    tensors(
+        "oft",
+        {"lora_unet_x.oft_blocks": torch.zeros(2, 2, 3), "lora_unet_x.alpha": torch.tensor(1.0)},
+        "oft_blocks: expected [blocks, b, b] (OFT) or [stages, blocks, b, b] (BOFT), got shape (2, 2, 3)",
+    )
     tensors("peft-old-oft", {"unet.x.oft_r": torch.zeros(2, 4, 4)}, "PEFT OFT from before PEFT 0.14 (oft_r")
     tensors("nolayers", {}, "no tensors")
     return cases
@@ -359,14 +387,18 @@ def test_pickle_is_never_unpickled_without_consent(tmp_path, monkeypatch):
 
 def test_round_trip_keeps_deltas_and_metadata(sdxl_pipe, make_lora, tmp_path):
     src = make_lora(sdxl_pipe, "src", fmt="kohya", alpha=2.0, metadata={"modelspec.trigger_phrase": "sks dog, red"})
-    (tmp_path / "src.json").write_text(json.dumps({"activation text": "hat", "description": "d", "preferred weight": 0.7}))
+    (tmp_path / "src.json").write_text(
+        json.dumps({"activation text": "hat", "description": "d", "preferred weight": 0.7})
+    )
     a = load_adapter(src)
     out = save_adapter(a, tmp_path / "out" / "saved.safetensors")
     b = load_adapter(out, name=a.name)
     assert b.metadata.source_format == "diffusers"
     assert set(a.deltas) == set(b.deltas)
     for k, d in a.deltas.items():
-        assert torch.equal(d.down, b.deltas[k].down) and torch.equal(d.up, b.deltas[k].up) and d.alpha == b.deltas[k].alpha
+        assert (
+            torch.equal(d.down, b.deltas[k].down) and torch.equal(d.up, b.deltas[k].up) and d.alpha == b.deltas[k].alpha
+        )
     assert b.metadata.trigger_words == a.metadata.trigger_words == ["hat", "sks dog", "red"]
     assert (b.metadata.description, b.metadata.preferred_weight, b.family) == ("d", 0.7, "sdxl")
     assert save_adapter(b, tmp_path / "out") == tmp_path / "out" / "src.safetensors"
@@ -400,7 +432,12 @@ def test_mixed_ranks_and_alphas_survive_diffusers(sdxl_pipe, make_lora, tmp_path
 
 
 def test_save_refuses_other_extensions(tmp_path):
-    a = Adapter("x", "sd15", {"unet.conv_in": LayerDelta(torch.ones(1, 4, 3, 3), torch.ones(8, 1, 1, 1), 1.0)}, AdapterMetadata())
+    a = Adapter(
+        "x",
+        "sd15",
+        {"unet.conv_in": LayerDelta(torch.ones(1, 4, 3, 3), torch.ones(8, 1, 1, 1), 1.0)},
+        AdapterMetadata(),
+    )
     with pytest.raises(ValueError):
         save_adapter(a, tmp_path / "x.pt")
     assert not list(tmp_path.iterdir())
@@ -411,8 +448,18 @@ def test_every_delta_kind_answers_the_delta_protocol():
     from lora_composer.adapters import kinds
     from lora_composer.adapters.types import LayerDelta, SparseDelta
 
-    classes = [LayerDelta, SparseDelta, kinds.LoHaDelta, kinds.LoKrDelta, kinds.FullDelta, kinds.DoRADelta,
-               kinds.IA3Delta, kinds.GLoRADelta, kinds.OFTDelta, kinds.NormDelta]
+    classes = [
+        LayerDelta,
+        SparseDelta,
+        kinds.LoHaDelta,
+        kinds.LoKrDelta,
+        kinds.FullDelta,
+        kinds.DoRADelta,
+        kinds.IA3Delta,
+        kinds.GLoRADelta,
+        kinds.OFTDelta,
+        kinds.NormDelta,
+    ]
     for cls in classes:
         assert isinstance(cls.kind, str) and isinstance(cls.additive, bool) and isinstance(cls.is_sparse, bool), cls
     assert sorted(cls.kind for cls in classes) == sorted([*kinds.KINDS, "shira"])
@@ -425,15 +472,23 @@ def test_save_attn_procs_files_without_the_unet_prefix(tmp_path):
     file with the prefix does."""
     gen = torch.Generator().manual_seed(1)
     down, up = torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen)
-    sd = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": down,
-          "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight": up,
-          "mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.down.weight": down.clone(),
-          "mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.up.weight": up.clone()}
+    sd = {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": down,
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight": up,
+        "mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.down.weight": down.clone(),
+        "mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.up.weight": up.clone(),
+    }
     save_file(sd, str(tmp_path / "procs.safetensors"))
     save_file({f"unet.{k}": v for k, v in sd.items()}, str(tmp_path / "prefixed.safetensors"))
     got, want = load_adapter(tmp_path / "procs.safetensors"), load_adapter(tmp_path / "prefixed.safetensors")
-    assert set(got.deltas) == set(want.deltas) == {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-                                                   "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"}
+    assert (
+        set(got.deltas)
+        == set(want.deltas)
+        == {
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+            "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+        }
+    )
     for key, d in want.deltas.items():
         assert torch.equal(got.deltas[key].down, d.down) and torch.equal(got.deltas[key].up, d.up)
         assert got.deltas[key].alpha == d.alpha

@@ -138,9 +138,11 @@ def test_sizes_are_checked_against_the_model(setup):
         composer.check_size(2, 64)
     with pytest.raises(ComposerError) as err:  # the budget: 64x64 (4x native per side) at 50 steps
         composer.check_size(64, 64, 51)
-    assert str(err.value) == ("64x64 at 51 steps is 1.1x this model's budget of 64x64 at 50 steps (4x its native "
-                              "16x16 per side; larger renders are slow and may run out of memory): pass limits=False "
-                              "to render anyway")
+    assert str(err.value) == (
+        "64x64 at 51 steps is 1.1x this model's budget of 64x64 at 50 steps (4x its native "
+        "16x16 per side; larger renders are slow and may run out of memory): pass limits=False "
+        "to render anyway"
+    )
     with pytest.raises(ComposerError, match=r"^64x64 at 20 steps x 4 images is 1.6x"):
         composer.check_size(64, 64, 20, images=4)
     composer.check_size(64, 64, 50)
@@ -169,5 +171,7 @@ def test_a_lora_for_a_larger_model_of_the_same_kind_says_so(sd15_pipe, tmp_path)
         composer.load_lora(tmp_path / "real-sd15.safetensors")
     message = str(info.value)
     assert "\n" not in message and "real-sd15.safetensors: made for SD1.5-sized layers: " in message
-    assert "-wide unet." in message and "does not fit this model's" in message and "(a LoRA for another model)" in message
+    assert (
+        "-wide unet." in message and "does not fit this model's" in message and "(a LoRA for another model)" in message
+    )
     assert composer.adapters == {}

@@ -33,7 +33,9 @@ def test_default_model_is_the_shipped_mini_world(default, tmp_path, capsys):
     expected = {f"{s.name}.safetensors" for s in LORAS}
     expected |= {f"{s.name}.json" for s in LORAS if s.sidecar == "a1111"}
     expected |= {f"{s.name}.civitai.info" for s in LORAS if s.sidecar == "civitai"}
-    assert expected <= files and {f for f in files if f.endswith(".safetensors")} == {f"{s.name}.safetensors" for s in LORAS}
+    assert expected <= files and {f for f in files if f.endswith(".safetensors")} == {
+        f"{s.name}.safetensors" for s in LORAS
+    }
     assert is_default_model("miniworld") and is_default_model(model_dir) and is_default_model(f"{model_dir}/")
     assert not is_default_model(tmp_path) and not is_default_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
 
@@ -72,8 +74,10 @@ def test_library_loras_load_with_their_trigger_words(default, spec):
 
 def test_compose_without_model_uses_the_mini_world_at_guidance_5(default, tmp_path, capsys):
     out = tmp_path / "star.png"
-    assert main(["--prompt", "a purple star", "--lora", "star-shape", "--steps", "1", "--seed", "3",
-                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (
+        main(["--prompt", "a purple star", "--lora", "star-shape", "--steps", "1", "--seed", "3", "--out", str(out)])
+        == 0
+    ), capsys.readouterr().err
     assert "using the default model (the mini world" in capsys.readouterr().err
     rec = read_record(out)
     assert rec.guidance_scale == assets.DEFAULT_GUIDANCE == 5.0
@@ -81,8 +85,24 @@ def test_compose_without_model_uses_the_mini_world_at_guidance_5(default, tmp_pa
     assert "CFG scale: 5," in read_texts(out)["parameters"]
 
     named = tmp_path / "named.png"  # --model miniworld is the same model; --guidance still wins
-    assert main(["--prompt", "a purple star", "--model", "miniworld", "--guidance", "7", "--steps", "1",
-                 "--out", str(named), "-q"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "--prompt",
+                "a purple star",
+                "--model",
+                "miniworld",
+                "--guidance",
+                "7",
+                "--steps",
+                "1",
+                "--out",
+                str(named),
+                "-q",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     rec = read_record(named)
     assert rec.guidance_scale == 7.0 and is_default_model(rec.model)
 
@@ -91,8 +111,26 @@ def test_another_model_keeps_guidance_7_5(default, sd15_pipe, tmp_path, capsys):
     model = tmp_path / "tiny"
     sd15_pipe.save_pretrained(str(model))
     out = tmp_path / "other.png"
-    assert main(["--prompt", "a red circle", "--model", str(model), "--steps", "1", "--width", "64",
-                 "--height", "64", "--out", str(out), "-q"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "--prompt",
+                "a red circle",
+                "--model",
+                str(model),
+                "--steps",
+                "1",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert read_record(out).guidance_scale == 7.5
 
 
@@ -112,8 +150,9 @@ def test_missing_default_weights_are_a_one_line_error(tmp_path, monkeypatch, cap
     with pytest.raises(ComposerError, match="default model's files are missing"):
         ensure_default_model()
     out = tmp_path / "none.png"
-    _assert_one_line_error(capsys, main(["--prompt", "a star", "--out", str(out), "-q"]), "files are missing",
-                           str(tmp_path / "weights"))
+    _assert_one_line_error(
+        capsys, main(["--prompt", "a star", "--out", str(out), "-q"]), "files are missing", str(tmp_path / "weights")
+    )
     assert not out.exists()
 
 
@@ -127,8 +166,17 @@ def _render(tmp_path, *extra, name="out.png"):
 
 
 def test_render_writes_png_with_record(default, tmp_path, capsys):
-    code, out = _render(tmp_path, "--lora", "star-shape:0.8", "--lora", "pixel-style:0.5:1", "--seed", "7",
-                        "--negative-prompt", "blurry")
+    code, out = _render(
+        tmp_path,
+        "--lora",
+        "star-shape:0.8",
+        "--lora",
+        "pixel-style:0.5:1",
+        "--seed",
+        "7",
+        "--negative-prompt",
+        "blurry",
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = captured.out.strip()
@@ -138,14 +186,22 @@ def test_render_writes_png_with_record(default, tmp_path, capsys):
 
     rec = read_record(out)
     assert (rec.prompt, rec.negative_prompt, rec.seed, rec.steps, rec.width, rec.height) == (
-        "a red circle", "blurry", 7, 2, 64, 64,
+        "a red circle",
+        "blurry",
+        7,
+        2,
+        64,
+        64,
     )
     assert [(lo["name"], lo["te_weight"], lo["unet_weight"]) for lo in rec.loras] == [
-        ("star-shape", 0.8, 0.8), ("pixel-style", 0.5, 1.0),
+        ("star-shape", 0.8, 0.8),
+        ("pixel-style", 0.5, 1.0),
     ]
     from lora_composer.adapters import load_adapter
 
-    hashes = {n: load_adapter(default[1] / f"{n}.safetensors").metadata.short_hash for n in ("star-shape", "pixel-style")}
+    hashes = {
+        n: load_adapter(default[1] / f"{n}.safetensors").metadata.short_hash for n in ("star-shape", "pixel-style")
+    }
     params = read_texts(out)["parameters"]
     assert params.startswith("a red circle <lora:star-shape:0.8> <lora:pixel-style:0.5:1>\nNegative prompt: blurry\n")
     assert f'Lora hashes: "star-shape: {hashes["star-shape"]}, pixel-style: {hashes["pixel-style"]}"' in params
@@ -154,8 +210,9 @@ def test_render_writes_png_with_record(default, tmp_path, capsys):
 
 
 def test_from_image_reproduces_the_image(default, tmp_path, capsys):
-    code, first = _render(tmp_path, "--prompt", "a red circle <lora:pixel-style:0.7>", "--lora", "star-shape:0.8",
-                          "--trigger-words", "-q")
+    code, first = _render(
+        tmp_path, "--prompt", "a red circle <lora:pixel-style:0.7>", "--lora", "star-shape:0.8", "--trigger-words", "-q"
+    )
     assert code == 0, capsys.readouterr().err
     again = tmp_path / "again.png"
     assert main(["--from-image", str(first), "--out", str(again), "-q"]) == 0, capsys.readouterr().err

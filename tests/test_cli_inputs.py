@@ -48,8 +48,9 @@ def out_dir(tmp_path):
 
 def _compose(out_dir, *argv, steps="2"):
     out = out_dir / "image.png"
-    return main(["--prompt", "a purple star", "--steps", steps, "--seed", "1", "--out", str(out), "-q", "--explain",
-                 *argv]), out
+    return main(
+        ["--prompt", "a purple star", "--steps", steps, "--seed", "1", "--out", str(out), "-q", "--explain", *argv]
+    ), out
 
 
 def _one_line_error(capsys, code, *fragments, exit_code=2):
@@ -83,8 +84,12 @@ def test_size_must_be_the_models_multiple(out_dir, capsys):
 def test_pixel_step_budget_refuses_at_once_and_names_the_override(out_dir, capsys, monkeypatch):
     steps = _interrupt_at_step(monkeypatch, at=0)  # counts the denoising steps, interrupts none
     code, _ = _compose(out_dir, "--width", "4096", "--height", "4096", steps="20")
-    line = _one_line_error(capsys, code, "4096x4096 at 20 steps is 102x this model's budget of 256x256 at 50 steps",
-                           "pass --no-limits to render anyway")
+    line = _one_line_error(
+        capsys,
+        code,
+        "4096x4096 at 20 steps is 102x this model's budget of 256x256 at 50 steps",
+        "pass --no-limits to render anyway",
+    )
     assert "limits=False" not in line
     assert steps == []  # refused before rendering (that render takes over ten minutes)
     code, _ = _compose(out_dir, steps="1000")  # steps count too: 64x64 at 1000 steps
@@ -161,8 +166,12 @@ def test_the_png_appears_whole(out_dir, capsys):
 
 def test_non_finite_output_is_an_error_naming_the_weight(out_dir, capsys):
     code, _ = _compose(out_dir, "--lora", "star-shape:1e9", "--lora", "purple-colour:0.8")
-    _one_line_error(capsys, code, "non-finite values (NaN/inf) at step 1 of 2, no image produced",
-                    "the LoRA weights are the likely cause (the largest: star-shape at 1e+09")
+    _one_line_error(
+        capsys,
+        code,
+        "non-finite values (NaN/inf) at step 1 of 2, no image produced",
+        "the LoRA weights are the likely cause (the largest: star-shape at 1e+09",
+    )
     _nothing_written(out_dir)
 
 
@@ -177,8 +186,12 @@ def test_missing_path_and_unknown_name_are_told_apart(out_dir, capsys, monkeypat
     code, _ = _compose(out_dir, "--lora", str(tmp_path / "gone" / "x.safetensors"))
     _one_line_error(capsys, code, f"--lora {tmp_path / 'gone' / 'x.safetensors'}: file not found")
     code, _ = _compose(out_dir, "--lora", "star-shap.safetensors")  # not a file, not in the library either
-    _one_line_error(capsys, code, "--lora star-shap.safetensors: file not found, and no LoRA of that name in",
-                    "did you mean: star-shape")
+    _one_line_error(
+        capsys,
+        code,
+        "--lora star-shap.safetensors: file not found, and no LoRA of that name in",
+        "did you mean: star-shape",
+    )
     code, _ = _compose(out_dir, "--lora", "star-shap")
     line = _one_line_error(capsys, code, "compose: error: unknown LoRA 'star-shap' in", "did you mean: star-shape")
     assert "file not found" not in line
@@ -206,8 +219,12 @@ def test_unreachable_hub_fails_fast(out_dir, capsys, monkeypatch):
     _no_hub_download(monkeypatch)
     started = time.perf_counter()
     code, _ = _compose(out_dir, "--model", "lora-composer-tests/no-such-model")
-    _one_line_error(capsys, code, "model lora-composer-tests/no-such-model: neither a local folder nor reachable "
-                    "on the Hugging Face Hub (huggingface.co: Network is unreachable)")
+    _one_line_error(
+        capsys,
+        code,
+        "model lora-composer-tests/no-such-model: neither a local folder nor reachable "
+        "on the Hugging Face Hub (huggingface.co: Network is unreachable)",
+    )
     assert time.perf_counter() - started < 20  # (a busy machine; the loader is never reached)
     assert tried and tried[0][1] == args_module.HUB_TIMEOUT_S <= 5
     _nothing_written(out_dir)
@@ -221,8 +238,12 @@ def test_offline_hub_id_fails_without_the_network(out_dir, capsys, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", no_network)
     _no_hub_download(monkeypatch)
     code, _ = _compose(out_dir, "--model", "lora-composer-tests/no-such-model")
-    _one_line_error(capsys, code, "model lora-composer-tests/no-such-model: neither a local folder nor in the "
-                    "Hugging Face cache, and HF_HUB_OFFLINE is set")
+    _one_line_error(
+        capsys,
+        code,
+        "model lora-composer-tests/no-such-model: neither a local folder nor in the "
+        "Hugging Face cache, and HF_HUB_OFFLINE is set",
+    )
     _nothing_written(out_dir)
 
 
@@ -244,7 +265,8 @@ def test_pickle_refusal_names_the_flag(out_dir, capsys, tmp_path):
 def test_flag_words():
     assert cli.as_flags("width=72: x; height=-8: y") == "--width 72: x; --height -8: y"
     assert cli.as_flags("unless allow_pickle=True is passed; pass limits=False") == (
-        "unless --allow-pickle is passed; pass --no-limits")
+        "unless --allow-pickle is passed; pass --no-limits"
+    )
     assert cli.as_flags("bandwidth=3") == "bandwidth=3"
 
 
@@ -267,7 +289,9 @@ def test_help_is_plain_and_complete(name, capsys, monkeypatch):
     assert "``" not in text and not any(f":{role}:`" in text for role in ("class", "data", "func", "meth", "mod"))
     (parser,) = parsers
     for action in parser._actions:
-        assert action.help and action.help != argparse.SUPPRESS and action.help.strip(), action.option_strings or action.dest
+        assert action.help and action.help != argparse.SUPPRESS and action.help.strip(), (
+            action.option_strings or action.dest
+        )
     # and on the page: every option line is followed by its text, on the line or indented below it
     lines = text.splitlines()
     for i, line in enumerate(lines):
@@ -277,7 +301,9 @@ def test_help_is_plain_and_complete(name, capsys, monkeypatch):
             assert inline or below, line
     if name is None:  # the subcommands, one per line
         for sub, (help_, _) in COMMANDS.items():
-            assert any(line.strip().startswith(f"compose {sub} ") and line.strip().endswith(help_) for line in lines), sub
+            assert any(line.strip().startswith(f"compose {sub} ") and line.strip().endswith(help_) for line in lines), (
+                sub
+            )
         # the strategies, each with what it measured (one line per name, wrapped lines indented)
         from lora_composer.fusion.registry import AUTO, AUTO_HELP, STRATEGIES
 
@@ -379,8 +405,14 @@ def test_a_torchvision_that_does_not_fit_torch_is_named_in_one_line(tmp_path):
     (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(tmp_path / "site")}
     out = tmp_path / "x.png"
-    proc = subprocess.run([sys.executable, "-m", "lora_composer", "--prompt", "a star", "--steps", "1", "--out",
-                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_composer", "--prompt", "a star", "--steps", "1", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
     assert errors[0].startswith("compose: error: torchvision ") and "operator torchvision::nms" in errors[0]

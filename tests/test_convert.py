@@ -62,8 +62,10 @@ def test_converted_star_lora_still_draws_a_star(tmp_path, capsys, one_thread):
     summary = capsys.readouterr().out.splitlines()[0]
     assert "kept 78 Linear + 36 Conv2d layers of 114" in summary, summary
     shira = load_adapter(out)
-    linear = save_shira(Adapter("linear-only", shira.family, {k: d for k, d in shira.deltas.items() if not d.is_conv}),
-                        tmp_path / "linear-only.safetensors")
+    linear = save_shira(
+        Adapter("linear-only", shira.family, {k: d for k, d in shira.deltas.items() if not d.is_conv}),
+        tmp_path / "linear-only.safetensors",
+    )
     pipe = ComposerPipeline.from_pretrained(assets.model_dir())
     detector = load_detector(assets.detector_path())
     star = list(world.CATEGORY["shape"].values).index("star")
@@ -71,8 +73,14 @@ def test_converted_star_lora_still_draws_a_star(tmp_path, capsys, one_thread):
     def confidence(lora) -> torch.Tensor:
         images = []
         for seed, prompt in enumerate(["a red star on a plain background", "a blue star on a dotted background"]):
-            images += pipe(prompt, loras=[(str(lora), 1.0)], seed=seed, num_inference_steps=8,
-                           num_images_per_prompt=2, progress=False)
+            images += pipe(
+                prompt,
+                loras=[(str(lora), 1.0)],
+                seed=seed,
+                num_inference_steps=8,
+                num_images_per_prompt=2,
+                progress=False,
+            )
         return detector.probs(images)["shape"][:, star]
 
     original, converted, without_conv = confidence(src), confidence(out), confidence(linear)

@@ -35,8 +35,9 @@ class UNetBlock(torch.nn.Module):
 
     def forward(self, hidden_states, timestep=None, encoder_hidden_states=None):
         self.runs += 1
-        eps = self.unet(sample=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                        return_dict=False)[0]
+        eps = self.unet(
+            sample=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False
+        )[0]
         return hidden_states + self.scale * eps
 
 
@@ -60,8 +61,16 @@ class KeywordDenoiser(torch.nn.Module):
     def device(self):
         return self.transformer_blocks[0].unet.device
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states=None, timestep_cond=None,
-                cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=True):
+    def forward(
+        self,
+        hidden_states,
+        timestep,
+        encoder_hidden_states=None,
+        timestep_cond=None,
+        cross_attention_kwargs=None,
+        added_cond_kwargs=None,
+        return_dict=True,
+    ):
         x = hidden_states
         for block in self.transformer_blocks:
             x = block(hidden_states=x, timestep=timestep, encoder_hidden_states=encoder_hidden_states)
@@ -161,8 +170,11 @@ def fbc_composite_reference(pipe, files, weights, threshold):
     denoiser.forward = averaged
     _swap_denoiser(ref, denoiser)
     with cache_context(denoiser, "cond"):
-        images = ref(prompt=PROMPT, generator=torch.Generator().manual_seed(0),
-                     **{k: v for k, v in CALL.items() if k != "progress"}).images
+        images = ref(
+            prompt=PROMPT,
+            generator=torch.Generator().manual_seed(0),
+            **{k: v for k, v in CALL.items() if k != "progress"},
+        ).images
     return images, sum(b.runs for b in denoiser.transformer_blocks)
 
 
@@ -287,8 +299,9 @@ def test_denoiser_is_restored_exactly(sd15_pipe):
 
     # another hook already there: it stays, with the same forward on the instance
     apply_first_block_cache(wrapper := KeywordDenoiser(unet, (0.5, 0.5)), FirstBlockCacheConfig(0.1))
-    unet.enable_group_offload(onload_device="cpu", offload_device="cpu", offload_type="block_level",
-                              num_blocks_per_group=1)
+    unet.enable_group_offload(
+        onload_device="cpu", offload_device="cpu", offload_type="block_level", num_blocks_per_group=1
+    )
     before, forward = _hooks(wrapper), unet.__dict__["forward"]
     with DenoiserDriver(rt, unet, strat, []):
         assert unet._diffusers_hook._hook_order[-1] == HOOK_NAME

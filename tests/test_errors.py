@@ -42,12 +42,17 @@ def test_every_error_class_of_the_package_is_a_composer_error():
     assert not outside, f"error classes outside ComposerError: {outside}"
 
 
-@pytest.mark.parametrize("exc, want", [
-    (ValueError("first line\nsecond line"), "first line"),
-    (ValueError("\n  \n  indented first  \nnext"), "indented first"),
-    (KeyError(), "KeyError"),
-    (FileNotFoundError(2, "No such file or directory", "/tmp/x.safetensors"),
-     "[Errno 2] No such file or directory: '/tmp/x.safetensors'"),
-])
+@pytest.mark.parametrize(
+    "exc, want",
+    [
+        (ValueError("first line\nsecond line"), "first line"),
+        (ValueError("\n  \n  indented first  \nnext"), "indented first"),
+        (KeyError(), "KeyError"),
+        (
+            FileNotFoundError(2, "No such file or directory", "/tmp/x.safetensors"),
+            "[Errno 2] No such file or directory: '/tmp/x.safetensors'",
+        ),
+    ],
+)
 def test_one_line(exc, want):
     assert one_line(exc) == want

@@ -33,8 +33,9 @@ def pipe(template):
 
 
 def _layers(pipe, seed, shared_down, text_encoders=("text_encoder",)):
-    layers = tiny_dit.random_dit_lora_layers(pipe, rank=4, seed=seed, shared_down=shared_down,
-                                             text_encoders=text_encoders)
+    layers = tiny_dit.random_dit_lora_layers(
+        pipe, rank=4, seed=seed, shared_down=shared_down, text_encoders=text_encoders
+    )
     # what kohya files hold: the blocks, the final layer and the text encoders (no embedders)
     layers["transformer"] = {k: v for k, v in layers["transformer"].items() if k.startswith(BLOCKS)}
     return layers
@@ -142,11 +143,17 @@ def _bad_files(pipe, tmp_path):
         "lora_unet_double_blocks_0_img_norm_x.lora_down.weight": torch.randn(2, 32, generator=gen),
         "lora_unet_double_blocks_0_img_norm_x.lora_up.weight": torch.randn(32, 2, generator=gen),
     }
-    t5 = {"lora_te2_encoder_block_0_layer_0_Mystery_q.lora_down.weight": torch.randn(2, 32, generator=gen),
-          "lora_te2_encoder_block_0_layer_0_Mystery_q.lora_up.weight": torch.randn(32, 2, generator=gen),
-          **seven}
-    for name, sd, words in (("dev", dev, ["3072", "to_out.0"]), ("seven", seven, ["linear1", "7 x width"]),
-                            ("unknown", unknown, ["img_norm_x"]), ("t5", t5, ["Mystery"])):
+    t5 = {
+        "lora_te2_encoder_block_0_layer_0_Mystery_q.lora_down.weight": torch.randn(2, 32, generator=gen),
+        "lora_te2_encoder_block_0_layer_0_Mystery_q.lora_up.weight": torch.randn(32, 2, generator=gen),
+        **seven,
+    }
+    for name, sd, words in (
+        ("dev", dev, ["3072", "to_out.0"]),
+        ("seven", seven, ["linear1", "7 x width"]),
+        ("unknown", unknown, ["img_norm_x"]),
+        ("t5", t5, ["Mystery"]),
+    ):
         save_file(sd, str(tmp_path / f"{name}.safetensors"))
         out.append((tmp_path / f"{name}.safetensors", words))
     return out
@@ -185,8 +192,10 @@ def test_kohya_flux_parse_is_pure_and_keeps_alphas(tmp_path, template):
 
 
 def test_xlabs_flux_matches_diffusers_reading_the_same_file(pipe, tmp_path):
-    paths = [tiny_dit.save_flux_xlabs_lora(_layers(pipe, seed=i + 6, shared_down=True), tmp_path / f"x{i}.safetensors")
-             for i in range(2)]
+    paths = [
+        tiny_dit.save_flux_xlabs_lora(_layers(pipe, seed=i + 6, shared_down=True), tmp_path / f"x{i}.safetensors")
+        for i in range(2)
+    ]
     weights = [0.7, 0.3]
     ref = copy.deepcopy(pipe)
     for i, path in enumerate(paths):
@@ -204,17 +213,30 @@ def test_xlabs_flux_matches_diffusers_reading_the_same_file(pipe, tmp_path):
 # -- other trainers' layouts: BFL / ComfyUI names and OneTrainer ------------------------------------------
 
 # kohya's FLUX layer names are BFL's module names spelled with underscores; this is BFL's spelling of each
-BFL = {"img_attn_qkv": "img_attn.qkv", "img_attn_proj": "img_attn.proj", "img_mlp_0": "img_mlp.0",
-       "img_mlp_2": "img_mlp.2", "img_mod_lin": "img_mod.lin", "txt_attn_qkv": "txt_attn.qkv",
-       "txt_attn_proj": "txt_attn.proj", "txt_mlp_0": "txt_mlp.0", "txt_mlp_2": "txt_mlp.2",
-       "txt_mod_lin": "txt_mod.lin", "linear1": "linear1", "linear2": "linear2", "modulation_lin": "modulation.lin"}
+BFL = {
+    "img_attn_qkv": "img_attn.qkv",
+    "img_attn_proj": "img_attn.proj",
+    "img_mlp_0": "img_mlp.0",
+    "img_mlp_2": "img_mlp.2",
+    "img_mod_lin": "img_mod.lin",
+    "txt_attn_qkv": "txt_attn.qkv",
+    "txt_attn_proj": "txt_attn.proj",
+    "txt_mlp_0": "txt_mlp.0",
+    "txt_mlp_2": "txt_mlp.2",
+    "txt_mod_lin": "txt_mod.lin",
+    "linear1": "linear1",
+    "linear2": "linear2",
+    "modulation_lin": "modulation.lin",
+}
 
 
 def _bfl_name(kohya_layer: str) -> str:
     rest = kohya_layer.removeprefix("lora_unet_")
     if rest.startswith("final_layer_"):
-        return {"final_layer_linear": "final_layer.linear",
-                "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1"}[rest]
+        return {
+            "final_layer_linear": "final_layer.linear",
+            "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1",
+        }[rest]
     kind, _, tail = rest.partition("_blocks_")
     index, _, layer = tail.partition("_")
     return f"{kind}_blocks.{index}.{BFL[layer]}"
@@ -238,8 +260,11 @@ def test_bfl_comfyui_names_load_as_their_kohya_twin(pipe, tmp_path, spelling):
 
     kohya = load_file(str(kohya_path))
     bfl = {}
-    prefix = {"diffusion_model+lora_A": "diffusion_model.", "lora_down+alpha": "diffusion_model.",
-              "base_model.model+lora_A": "base_model.model."}[spelling]
+    prefix = {
+        "diffusion_model+lora_A": "diffusion_model.",
+        "lora_down+alpha": "diffusion_model.",
+        "base_model.model+lora_A": "base_model.model.",
+    }[spelling]
     for key, value in kohya.items():
         layer, _, suffix = key.partition(".")
         if spelling.endswith("lora_A"):
@@ -263,8 +288,9 @@ def test_onetrainer_names_load_as_the_same_factors_in_diffusers_keys(pipe, tmp_p
     assert any(k.startswith("x_embedder") for k in layers["transformer"])
     assert any(k.startswith("time_text_embed") for k in layers["transformer"])
     want = load_adapter(tiny_dit.save_dit_diffusers_lora(pipe, layers, tmp_path / "d.safetensors", 4, alpha=8))
-    kohya_te = load_file_of(tiny_dit.save_flux_kohya_lora({"text_encoder": layers["text_encoder"]},
-                                                          tmp_path / "te.safetensors", 4, alpha=8))
+    kohya_te = load_file_of(
+        tiny_dit.save_flux_kohya_lora({"text_encoder": layers["text_encoder"]}, tmp_path / "te.safetensors", 4, alpha=8)
+    )
     onetrainer = dict(kohya_te)
     for key, value in layers["transformer"].items():
         module, _, which = key.rpartition(".lora_")
@@ -293,20 +319,28 @@ def test_kohya_flux_embedders_load_beside_the_blocks(pipe, tmp_path):
     blocks they load as FLUX, attach, and act."""
     t = pipe.transformer
     embed = t.time_text_embed
-    modules = {"img_in": ("x_embedder", t.x_embedder), "txt_in": ("context_embedder", t.context_embedder),
-               "time_in_in_layer": ("time_text_embed.timestep_embedder.linear_1", embed.timestep_embedder.linear_1),
-               "time_in_out_layer": ("time_text_embed.timestep_embedder.linear_2", embed.timestep_embedder.linear_2),
-               "vector_in_in_layer": ("time_text_embed.text_embedder.linear_1", embed.text_embedder.linear_1),
-               "vector_in_out_layer": ("time_text_embed.text_embedder.linear_2", embed.text_embedder.linear_2),
-               "guidance_in_in_layer": ("time_text_embed.guidance_embedder.linear_1", embed.guidance_embedder.linear_1),
-               "guidance_in_out_layer": ("time_text_embed.guidance_embedder.linear_2", embed.guidance_embedder.linear_2)}
+    modules = {
+        "img_in": ("x_embedder", t.x_embedder),
+        "txt_in": ("context_embedder", t.context_embedder),
+        "time_in_in_layer": ("time_text_embed.timestep_embedder.linear_1", embed.timestep_embedder.linear_1),
+        "time_in_out_layer": ("time_text_embed.timestep_embedder.linear_2", embed.timestep_embedder.linear_2),
+        "vector_in_in_layer": ("time_text_embed.text_embedder.linear_1", embed.text_embedder.linear_1),
+        "vector_in_out_layer": ("time_text_embed.text_embedder.linear_2", embed.text_embedder.linear_2),
+        "guidance_in_in_layer": ("time_text_embed.guidance_embedder.linear_1", embed.guidance_embedder.linear_1),
+        "guidance_in_out_layer": ("time_text_embed.guidance_embedder.linear_2", embed.guidance_embedder.linear_2),
+    }
     gen = torch.Generator().manual_seed(7)
     embedders, by_hand = {}, {}
     for i, (name, (module, linear)) in enumerate(modules.items()):
         down, up = torch.randn(4, linear.in_features, generator=gen), torch.randn(linear.out_features, 4, generator=gen)
         alpha = float(i + 1)
-        embedders.update({f"lora_unet_{name}.lora_down.weight": down, f"lora_unet_{name}.lora_up.weight": up,
-                          f"lora_unet_{name}.alpha": torch.tensor(alpha)})
+        embedders.update(
+            {
+                f"lora_unet_{name}.lora_down.weight": down,
+                f"lora_unet_{name}.lora_up.weight": up,
+                f"lora_unet_{name}.alpha": torch.tensor(alpha),
+            }
+        )
         by_hand[f"transformer.{module}"] = alpha / 4 * up @ down
     layers = _layers(pipe, seed=8, shared_down=True, text_encoders=())
     layers["transformer"] = {k: v for k, v in layers["transformer"].items() if k.startswith("transformer_blocks")}
@@ -333,7 +367,9 @@ def test_a_text_encoder_only_lora_fits_any_pipeline_whose_encoder_it_fits(pipe, 
     got = composer(PROMPT, loras=[(path, 1.0)], seed=0, progress=False, **CALL)
     assert np.abs(got - _render(pipe)).max() > 1e-3
     sd15 = tiny.build_tiny_sd15_pipeline(seed=0)  # CLIP of another width: refused on the first layer's shape
-    wide = tiny.save_kohya_lora(tiny.random_lora_layers(sd15, rank=4, seed=1, text_encoder=True), tmp_path / "w.safetensors")
+    wide = tiny.save_kohya_lora(
+        tiny.random_lora_layers(sd15, rank=4, seed=1, text_encoder=True), tmp_path / "w.safetensors"
+    )
     text_only = {k: v for k, v in load_file_of(wide).items() if k.startswith("lora_te")}
     for k in list(text_only):  # make the text encoder layers twice as wide as the FLUX pipeline's CLIP
         if k.endswith("lora_down.weight"):

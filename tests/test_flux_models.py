@@ -28,9 +28,16 @@ def flux(one_thread):
 
 @pytest.fixture
 def files(flux, tmp_path):
-    return {n: tiny_dit.save_dit_diffusers_lora(flux, tiny_dit.random_dit_lora_layers(flux, rank=4, seed=i + 1),
-                                                tmp_path / f"{n}.safetensors", rank=4, alpha=8)
-            for i, n in enumerate("ab")}
+    return {
+        n: tiny_dit.save_dit_diffusers_lora(
+            flux,
+            tiny_dit.random_dit_lora_layers(flux, rank=4, seed=i + 1),
+            tmp_path / f"{n}.safetensors",
+            rank=4,
+            alpha=8,
+        )
+        for i, n in enumerate("ab")
+    }
 
 
 def test_kontext_merge_matches_diffusers(flux, files):
@@ -62,8 +69,11 @@ def test_kontext_merge_matches_diffusers(flux, files):
 def test_compose_model_folder_loads_its_class(flux, files, tmp_path, kind, home):
     from diffusers import FluxKontextPipeline
 
-    pipe = {"flux": lambda: flux, "kontext": lambda: FluxKontextPipeline(**flux.components),
-            "sd3": tiny_dit.build_tiny_sd3_pipeline}[kind]()
+    pipe = {
+        "flux": lambda: flux,
+        "kontext": lambda: FluxKontextPipeline(**flux.components),
+        "sd3": tiny_dit.build_tiny_sd3_pipeline,
+    }[kind]()
     model = tmp_path / f"model-{kind}"
     pipe.save_pretrained(model)
     wanted = type(pipe).__name__
@@ -74,8 +84,25 @@ def test_compose_model_folder_loads_its_class(flux, files, tmp_path, kind, home)
 
     out = tmp_path / f"{kind}.png"
     lora = [] if kind == "sd3" else ["--lora", f"{files['a']}:0.8"]  # FLUX LoRAs do not fit SD3's layers
-    code = main(["--model", str(model), "--prompt", "a red circle", *lora, "--steps", "2", "--width", "16",
-                 "--height", "16", "--seed", "1", "--out", str(out)])
+    code = main(
+        [
+            "--model",
+            str(model),
+            "--prompt",
+            "a red circle",
+            *lora,
+            "--steps",
+            "2",
+            "--width",
+            "16",
+            "--height",
+            "16",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code in (0, None) and Image.open(out).size == (16, 16)
     record = read_record(out)
     assert record.guidance_scale == composer.default_guidance and len(record.loras) == len(lora) // 2
@@ -135,8 +162,10 @@ def test_flux_and_sd3_files_are_told_apart(flux, files, tmp_path):
     sd3 = tiny_dit.build_tiny_sd3_pipeline()
     layers = tiny_dit.random_dit_lora_layers(sd3, rank=4, seed=1, text_encoders=("text_encoder", "text_encoder_2"))
     sd3_file = tiny_dit.save_dit_diffusers_lora(sd3, layers, tmp_path / "sd3-lora.safetensors", rank=4)
-    for pipe, path, message in ((sd3, files["a"], "a.safetensors: LoRA for flux, but the pipeline is sd3"),
-                                (flux, sd3_file, "sd3-lora.safetensors: LoRA for sd3, but the pipeline is flux")):
+    for pipe, path, message in (
+        (sd3, files["a"], "a.safetensors: LoRA for flux, but the pipeline is sd3"),
+        (flux, sd3_file, "sd3-lora.safetensors: LoRA for sd3, but the pipeline is flux"),
+    ):
         composer = ComposerPipeline(copy.deepcopy(pipe))
         with pytest.raises(ComposerError, match=message):
             composer("a red circle", loras=[(path, 1.0)], seed=0, progress=False, **CALL)

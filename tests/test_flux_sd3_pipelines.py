@@ -100,8 +100,9 @@ def test_switch_matches_diffusers_callback_switching(pipe, files, family):
         return {}
 
     ref.set_adapters([names[0]], [weights[0]])
-    expected = ref(prompt=PROMPT, generator=torch.Generator().manual_seed(0), callback_on_step_end=callback,
-                   **_call(family)).images
+    expected = ref(
+        prompt=PROMPT, generator=torch.Generator().manual_seed(0), callback_on_step_end=callback, **_call(family)
+    ).images
     composer = ComposerPipeline(copy.deepcopy(pipe))
     got = _run(composer, files, weights, family, strategy="switch", strategy_args={"every": 1})
     assert [int(p.weights[0].argmax()) for p in composer.last_driver.history] == [0, 1]

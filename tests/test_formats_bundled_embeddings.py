@@ -21,8 +21,11 @@ CALL = dict(num_inference_steps=2, height=64, width=64, output_type="np")
 
 def _lora(width=32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return {f"{LAYER}.lora_down.weight": torch.randn(2, width, generator=gen),
-            f"{LAYER}.lora_up.weight": torch.randn(32, 2, generator=gen), f"{LAYER}.alpha": torch.tensor(2.0)}
+    return {
+        f"{LAYER}.lora_down.weight": torch.randn(2, width, generator=gen),
+        f"{LAYER}.lora_up.weight": torch.randn(32, 2, generator=gen),
+        f"{LAYER}.alpha": torch.tensor(2.0),
+    }
 
 
 def _render(pipe, prompt):

@@ -142,13 +142,23 @@ def test_fused_matches_lycoris_merge_and_unfuse_restores(sd15_pipe, preset, tmp_
     path, ref = lycoris_file(sd15_pipe, str(preset), algo, tmp_path / f"{case}.safetensors", **kw)
     adapter = load_adapter(path)
     assert {type(d).__name__ for d in adapter.deltas.values()} == {kind}
-    label = {"loha": "LoHa", "lokr": "LoKr", "locon": "LoCon", "ia3": "IA3", "full": "full", "glora": "GLoRA",
-             "diag-oft": "OFT", "boft": "BOFT"}[algo]
+    label = {
+        "loha": "LoHa",
+        "lokr": "LoKr",
+        "locon": "LoCon",
+        "ia3": "IA3",
+        "full": "full",
+        "glora": "GLoRA",
+        "diag-oft": "OFT",
+        "boft": "BOFT",
+    }[algo]
     assert kind_label(adapter) == ("DoRA" if "dora" in case else label)  # what the catalog and the UI show
     if algo == "boft":  # several butterfly stages, not a diagonal OFT in disguise
         assert min(d.blocks.dim() for d in adapter.deltas.values()) == 4
         assert max(d.blocks.shape[0] for d in adapter.deltas.values()) >= 3
-    assert any(k.startswith("text_encoder.") for k in adapter.deltas) and any(k.startswith("unet.") for k in adapter.deltas)
+    assert any(k.startswith("text_encoder.") for k in adapter.deltas) and any(
+        k.startswith("unet.") for k in adapter.deltas
+    )
 
     rt = LoraRuntime(sd15_pipe)
     rt.add(adapter)
@@ -215,7 +225,9 @@ def test_sdxl_two_text_encoders(sdxl_pipe, preset, tmp_path, case):
             worst = max(worst, float((a[k] - v).detach().norm() / a[k].detach().norm().clamp_min(1e-12)))
     assert worst < TOL
     rt.unfuse()
-    assert all(torch.equal(a, b) for a, b in zip(sdxl_pipe.text_encoder_2.parameters(), base.text_encoder_2.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(sdxl_pipe.text_encoder_2.parameters(), base.text_encoder_2.parameters())
+    )
 
 
 def test_weight_signal_reads_the_kinds_exactly(tmp_path):
@@ -265,13 +277,19 @@ def _peft_configs():
     targets = ["to_k", "to_v", "conv1", "ff.net.2"]
     return {
         "loha": (LoHaConfig(r=4, alpha=2, target_modules=targets), {"r": 4, "alpha": 2}),
-        "loha-tucker": (LoHaConfig(r=2, alpha=3, target_modules=targets, use_effective_conv2d=True), {"r": 2, "alpha": 3}),
+        "loha-tucker": (
+            LoHaConfig(r=2, alpha=3, target_modules=targets, use_effective_conv2d=True),
+            {"r": 2, "alpha": 3},
+        ),
         "lokr": (LoKrConfig(r=4, alpha=2, target_modules=targets), {"r": 4, "alpha": 2}),
         "lokr-low-rank": (
             LoKrConfig(r=2, alpha=3, target_modules=targets, decompose_factor=8, use_effective_conv2d=True),
             {"r": 2, "alpha": 3},
         ),
-        "dora": (LoraConfig(r=4, lora_alpha=2, target_modules=targets, use_dora=True), {"r": 4, "lora_alpha": 2, "use_dora": True}),
+        "dora": (
+            LoraConfig(r=4, lora_alpha=2, target_modules=targets, use_dora=True),
+            {"r": 4, "lora_alpha": 2, "use_dora": True},
+        ),
         "ia3": (
             IA3Config(target_modules=targets, feedforward_modules=["ff.net.2"]),
             {"feedforward_modules": ["ff.net.2"]},
@@ -286,7 +304,9 @@ def test_peft_files_match_peft_forward(sd15_pipe, tmp_path, case):
     config, meta = _peft_configs()[case]
     ref = copy.deepcopy(sd15_pipe)
     inject_adapter_in_model(config, ref.unet)
-    _randomise([(n, p) for n, p in ref.unet.named_parameters() if any(s in n for s in ("hada_", "lokr_", "ia3_l", "lora_"))])
+    _randomise(
+        [(n, p) for n, p in ref.unet.named_parameters() if any(s in n for s in ("hada_", "lokr_", "ia3_l", "lora_"))]
+    )
     tensors = {f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(ref.unet).items()}
     header = {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in meta.items()})}
     path = tmp_path / f"peft-{case}.safetensors"
@@ -325,19 +345,30 @@ def _hand_files(tmp_path):
             loha[f"{_k(path)}.hada_w{n}_a"], loha[f"{_k(path)}.hada_w{n}_b"] = r(32, 2), r(2, cols)
         loha[f"{_k(path)}.alpha"] = torch.tensor(1.0)
     lokr = {
-        f"{_k(TO_K)}.lokr_w1": r(4, 4), f"{_k(TO_K)}.lokr_w2_a": r(8, 2), f"{_k(TO_K)}.lokr_w2_b": r(2, 8),
+        f"{_k(TO_K)}.lokr_w1": r(4, 4),
+        f"{_k(TO_K)}.lokr_w2_a": r(8, 2),
+        f"{_k(TO_K)}.lokr_w2_b": r(2, 8),
         f"{_k(TO_K)}.alpha": torch.tensor(1.0),
-        f"{_k(CONV)}.lokr_w1": r(4, 4), f"{_k(CONV)}.lokr_w2": r(8, 8, 3, 3), f"{_k(CONV)}.alpha": torch.tensor(3.0),
+        f"{_k(CONV)}.lokr_w1": r(4, 4),
+        f"{_k(CONV)}.lokr_w2": r(8, 8, 3, 3),
+        f"{_k(CONV)}.alpha": torch.tensor(3.0),
     }
     dora = {
-        f"{_k(TO_K)}.lora_down.weight": r(2, 32), f"{_k(TO_K)}.lora_up.weight": r(32, 2), f"{_k(TO_K)}.alpha": torch.tensor(1.0),
+        f"{_k(TO_K)}.lora_down.weight": r(2, 32),
+        f"{_k(TO_K)}.lora_up.weight": r(32, 2),
+        f"{_k(TO_K)}.alpha": torch.tensor(1.0),
         f"{_k(TO_K)}.dora_scale": 1 + r(32, 1).abs(),
-        f"{_k(CONV)}.lora_down.weight": r(2, 32, 3, 3), f"{_k(CONV)}.lora_up.weight": r(32, 2, 1, 1),
-        f"{_k(CONV)}.alpha": torch.tensor(2.0), f"{_k(CONV)}.dora_scale": 1 + r(32, 1, 1, 1).abs(),
+        f"{_k(CONV)}.lora_down.weight": r(2, 32, 3, 3),
+        f"{_k(CONV)}.lora_up.weight": r(32, 2, 1, 1),
+        f"{_k(CONV)}.alpha": torch.tensor(2.0),
+        f"{_k(CONV)}.dora_scale": 1 + r(32, 1, 1, 1).abs(),
     }
     lora = {
-        f"{_k(TO_K)}.lora_down.weight": r(3, 32), f"{_k(TO_K)}.lora_up.weight": r(32, 3), f"{_k(TO_K)}.alpha": torch.tensor(1.5),
-        f"{_k(CONV)}.lora_down.weight": r(3, 32, 3, 3), f"{_k(CONV)}.lora_up.weight": r(32, 3, 1, 1),
+        f"{_k(TO_K)}.lora_down.weight": r(3, 32),
+        f"{_k(TO_K)}.lora_up.weight": r(32, 3),
+        f"{_k(TO_K)}.alpha": torch.tensor(1.5),
+        f"{_k(CONV)}.lora_down.weight": r(3, 32, 3, 3),
+        f"{_k(CONV)}.lora_up.weight": r(32, 3, 1, 1),
     }
     for name, sd in (("loha", loha), ("lokr", lokr), ("dora", dora), ("lora", lora)):
         files[name] = (tmp_path / f"{name}.safetensors", sd)
@@ -356,7 +387,11 @@ def _formula(path: str, w0: torch.Tensor, files) -> torch.Tensor:
     w0 = w0.double()
     flat = w0.reshape(shape[0], -1)
     h = {n: v.double() for n, v in files["loha"][1].items() if n.startswith(k + ".")}
-    d_loha = (h[f"{k}.alpha"] / 2) * (h[f"{k}.hada_w1_a"] @ h[f"{k}.hada_w1_b"]) * (h[f"{k}.hada_w2_a"] @ h[f"{k}.hada_w2_b"])
+    d_loha = (
+        (h[f"{k}.alpha"] / 2)
+        * (h[f"{k}.hada_w1_a"] @ h[f"{k}.hada_w1_b"])
+        * (h[f"{k}.hada_w2_a"] @ h[f"{k}.hada_w2_b"])
+    )
     kr = {n: v.double() for n, v in files["lokr"][1].items() if n.startswith(k + ".")}
     if f"{k}.lokr_w2" in kr:
         w2 = kr[f"{k}.lokr_w2"]
@@ -364,7 +399,9 @@ def _formula(path: str, w0: torch.Tensor, files) -> torch.Tensor:
     else:
         d_lokr = (kr[f"{k}.alpha"] / 2) * torch.kron(kr[f"{k}.lokr_w1"], kr[f"{k}.lokr_w2_a"] @ kr[f"{k}.lokr_w2_b"])
     dr = {n: v.double() for n, v in files["dora"][1].items() if n.startswith(k + ".")}
-    v = flat + (dr[f"{k}.alpha"] / 2) * dr[f"{k}.lora_up.weight"].reshape(shape[0], 2) @ dr[f"{k}.lora_down.weight"].reshape(2, -1)
+    v = flat + (dr[f"{k}.alpha"] / 2) * dr[f"{k}.lora_up.weight"].reshape(shape[0], 2) @ dr[
+        f"{k}.lora_down.weight"
+    ].reshape(2, -1)
     eps = torch.finfo(torch.float32).eps
     d_dora = dr[f"{k}.dora_scale"].reshape(-1, 1) * v / (v.norm(dim=1, keepdim=True) + eps) - flat
     lo = {n: v.double() for n, v in files["lora"][1].items() if n.startswith(k + ".")}
@@ -506,7 +543,13 @@ def test_convert_rank_refactors_loha_lokr_full_by_svd(sd15_pipe, tmp_path, capsy
     files = _hand_files(tmp_path)
     full = tmp_path / "full.safetensors"
     g = torch.Generator().manual_seed(5)
-    save_file({f"{_k(TO_K)}.diff": 0.1 * torch.randn(32, 32, generator=g), f"{_k(CONV)}.diff": 0.1 * torch.randn(32, 32, 3, 3, generator=g)}, str(full))
+    save_file(
+        {
+            f"{_k(TO_K)}.diff": 0.1 * torch.randn(32, 32, generator=g),
+            f"{_k(CONV)}.diff": 0.1 * torch.randn(32, 32, 3, 3, generator=g),
+        },
+        str(full),
+    )
     for src in (files["loha"][0], files["lokr"][0], full):
         exact, low = tmp_path / f"{src.stem}-r32.safetensors", tmp_path / f"{src.stem}-r1.safetensors"
         assert main(["convert", "--rank", "32", str(src), str(exact), "-q"]) == 0
@@ -533,8 +576,9 @@ def test_glora_with_a_tucker_core_matches_lycoris_formula(sd15_pipe, preset, tmp
 
     path, _ = lycoris_file(sd15_pipe, preset, "glora", tmp_path / "glora.safetensors", merge=False)
     sd = load_file(str(path))
-    convs = sorted(k[: -len(".b2.weight")] for k, v in sd.items() if k.endswith(".b2.weight") and v.dim() == 4
-                   and v.shape[-1] == 3)
+    convs = sorted(
+        k[: -len(".b2.weight")] for k, v in sd.items() if k.endswith(".b2.weight") and v.dim() == 4 and v.shape[-1] == 3
+    )
     assert convs
     gen = torch.Generator().manual_seed(5)
     for key in convs:
@@ -558,8 +602,9 @@ def test_glora_with_a_tucker_core_matches_lycoris_formula(sd15_pipe, preset, tmp
         name = next(n for n in base if n.endswith(".weight") and n[: -len(".weight")].replace(".", "_") == module)
         t = {s: sd[f"{key}.{s}.weight"] for s in ("a1", "a2", "b1", "b2", "bm")}
         alpha = float(sd[f"{key}.alpha"]) if f"{key}.alpha" in sd else float(t["a2"].shape[0])
-        want = base[name] + _glora_weight(base[name], t["a1"], t["a2"], t["b1"], t["b2"], t["bm"],
-                                          alpha / t["a2"].shape[0])
+        want = base[name] + _glora_weight(
+            base[name], t["a1"], t["a2"], t["b1"], t["b2"], t["bm"], alpha / t["a2"].shape[0]
+        )
         got = dict(sd15_pipe.unet.named_parameters())[name].detach()
         assert _rel(got, want) < TOL, (key, _rel(got, want))
         checked += 1

@@ -191,8 +191,9 @@ def test_text_encoder_and_unet_image_match_peft(sd15_pipe, tmp_path):
     from peft import OFTConfig
 
     ref = copy.deepcopy(sd15_pipe)
-    te = peft_folder(ref.text_encoder, OFTConfig(oft_block_size=8, r=0, target_modules=["k_proj", "v_proj", "fc2"]),
-                     tmp_path / "te")
+    te = peft_folder(
+        ref.text_encoder, OFTConfig(oft_block_size=8, r=0, target_modules=["k_proj", "v_proj", "fc2"]), tmp_path / "te"
+    )
     unet = peft_folder(ref.unet, _config("oft"), tmp_path / "unet")
     ref.text_encoder, ref.unet = te.base_model.model, unet.base_model.model
     want = ref("a red circle", generator=torch.Generator().manual_seed(0), **IMAGE).images
@@ -256,7 +257,8 @@ def _bad_files(tmp_path):
         "blocks-do-not-fit": ({f"{k}.oft_R.weight": torch.randn(3, 28, generator=g)}, "to_k"),
         "nan": ({f"{k}.oft_R.weight": torch.full((4, 28), float("nan"))}, f"{TO_K}.oft_R.weight"),
         "boft-odd-blocks": (
-            {f"{k}.boft_R": torch.randn(2, 11, 3, 3, generator=g), f"{k}.boft_s": torch.ones(32, 1)}, f"{TO_K}.boft_R"
+            {f"{k}.boft_R": torch.randn(2, 11, 3, 3, generator=g), f"{k}.boft_s": torch.ones(32, 1)},
+            f"{TO_K}.boft_R",
         ),
     }
     paths = {}

@@ -32,7 +32,9 @@ def test_closed_form_matches_a_direct_least_squares_solve(seed):
     g = torch.Generator().manual_seed(seed)
     d, out, n = 12, 7, 3
     w0 = torch.randn(out, d, generator=g, dtype=torch.float64)
-    xs = [torch.randn(d, int(torch.randint(5, 30, (1,), generator=g)), generator=g, dtype=torch.float64) for _ in range(n)]
+    xs = [
+        torch.randn(d, int(torch.randint(5, 30, (1,), generator=g)), generator=g, dtype=torch.float64) for _ in range(n)
+    ]
     downs = [torch.randn(r, d, generator=g, dtype=torch.float64) for r in (2, 3, 4)]
     ups = [torch.randn(out, r, generator=g, dtype=torch.float64) for r in (2, 3, 4)]
     scales = [0.8, 1.3, 0.5]
@@ -64,13 +66,21 @@ def test_conv_down_factor_is_flattened_like_unfolded_patches():
     down = torch.randn(4, 3, 3, 3, generator=g)
     (new,) = stats.matched_downs([down], [gram], 0.3)
     patches = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 27)
-    torch.testing.assert_close(gram.double(), (patches.T.double() @ patches.double()) / patches.shape[0], rtol=1e-5, atol=1e-6)
-    want = flat = down.reshape(4, -1).double() @ gram.double() @ torch.linalg.inv(gram.double() + 0.3 * torch.eye(27, dtype=torch.float64))
+    torch.testing.assert_close(
+        gram.double(), (patches.T.double() @ patches.double()) / patches.shape[0], rtol=1e-5, atol=1e-6
+    )
+    want = flat = (
+        down.reshape(4, -1).double()
+        @ gram.double()
+        @ torch.linalg.inv(gram.double() + 0.3 * torch.eye(27, dtype=torch.float64))
+    )
     assert new.shape == down.shape and flat.shape == (4, 27)
     torch.testing.assert_close(new.reshape(4, -1).double(), want, rtol=1e-4, atol=1e-5)
     # the conv with the derived kernel is the flattened product on patches
     y = torch.nn.functional.conv2d(x, new, padding=1)
-    torch.testing.assert_close(y.flatten(2).transpose(1, 2).reshape(-1, 4), patches @ new.reshape(4, -1).T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        y.flatten(2).transpose(1, 2).reshape(-1, 4), patches @ new.reshape(4, -1).T, rtol=1e-4, atol=1e-5
+    )
 
 
 def _strategy(**args) -> ActivationMatchedStrategy:
@@ -115,8 +125,11 @@ def test_derived_adapters_follow_the_formula_from_the_collected_grams(sd15_pipe,
     grams = {}
     for n, w in zip("abc", weights):
         ad = load_adapter(files["abc".index(n)], name=n)
-        key = stats.cache_key(ad, stats.model_fingerprint(composer.pipe),
-                              {**strat.settings(), "unet_weight": round(w, 6), "te_weight": round(w, 6)})
+        key = stats.cache_key(
+            ad,
+            stats.model_fingerprint(composer.pipe),
+            {**strat.settings(), "unet_weight": round(w, 6), "te_weight": round(w, 6)},
+        )
         grams[n] = stats._MEMORY[key]
     seen = {"conv": 0, "linear": 0, "text": 0}
     for key in composer.adapters["a"].deltas:
@@ -128,8 +141,10 @@ def test_derived_adapters_follow_the_formula_from_the_collected_grams(sd15_pipe,
         # (sum_i s_i B_i A_i G_i)(G + lam I)^-1, written out
         num = sum(w * d.scale * flat(d.up) @ flat(d.down) @ gi for w, d, gi in zip(weights, deltas, gs))
         want = num @ torch.linalg.inv(g + lam * torch.eye(g.shape[0], dtype=torch.float64))
-        got = sum(w * derived[n].deltas[key].scale * flat(derived[n].deltas[key].up) @ flat(derived[n].deltas[key].down)
-                  for n, w in zip("abc", weights))
+        got = sum(
+            w * derived[n].deltas[key].scale * flat(derived[n].deltas[key].up) @ flat(derived[n].deltas[key].down)
+            for n, w in zip("abc", weights)
+        )
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
         seen["text" if key.startswith("text_encoder") else "conv" if deltas[0].is_conv else "linear"] += 1
     assert all(seen.values()), seen
@@ -145,7 +160,9 @@ def test_pipeline_is_restored_exactly(sd15_pipe, make_lora, fuse):
     stacks = {k: (layer.down.clone(), layer.up.clone()) for k, layer in composer.runtime.layers.items()}
     mixes = (composer.runtime.denoiser_mix.weights.clone(), composer.runtime.text_mix.weights.clone())
 
-    got = composer("a red circle", loras=[(files[0], 0.8), (files[1], 0.6)], strategy=_strategy(), seed=0, fuse=fuse, **CALL)
+    got = composer(
+        "a red circle", loras=[(files[0], 0.8), (files[1], 0.6)], strategy=_strategy(), seed=0, fuse=fuse, **CALL
+    )
     assert np.abs(got - merged).max() > 1e-4  # the derived adapters acted, not the originals
     assert list(composer.adapters) == ["a", "b"]
     after = {k: v for k, v in composer.pipe.unet.state_dict().items()}
@@ -202,7 +219,9 @@ def test_scope_leaves_other_layers_plain(sd15_pipe, make_lora):
     derived = strat.derived_adapters()["a"]
     for key, delta in composer.adapters["a"].deltas.items():
         same = derived.deltas[key].down is delta.down
-        assert same == (not (key.startswith("text_encoder") or (".attn2." in key and key.endswith((".to_k", ".to_v"))))), key
+        assert same == (
+            not (key.startswith("text_encoder") or (".attn2." in key and key.endswith((".to_k", ".to_v"))))
+        ), key
 
 
 def test_bad_arguments_are_refused():

@@ -12,7 +12,13 @@ import torch
 from lora_composer.pipeline import ComposerPipeline
 from lora_composer.fusion import StrategyContext, get_strategy
 from lora_composer.fusion.cmlora import CMLoRAStrategy
-from lora_composer.fusion.frequency import CACHE_FILE, amplitude_spectrum, high_frequency_score, profile_adapters, radial_profile
+from lora_composer.fusion.frequency import (
+    CACHE_FILE,
+    amplitude_spectrum,
+    high_frequency_score,
+    profile_adapters,
+    radial_profile,
+)
 
 PROMPT = "a red circle"
 GUIDANCE = 5.0
@@ -110,8 +116,14 @@ def _compose(pipe, files, weights, steps, **strategy_args):
     call = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, height=64, width=64, output_type="np")
     max_batch = strategy_args.pop("max_batch", None)
     out = composer(
-        PROMPT, loras=[(files[k], weights[k]) for k in files], strategy="cmlora", strategy_args=strategy_args,
-        seed=0, progress=False, max_batch=max_batch, **call,
+        PROMPT,
+        loras=[(files[k], weights[k]) for k in files],
+        strategy="cmlora",
+        strategy_args=strategy_args,
+        seed=0,
+        progress=False,
+        max_batch=max_batch,
+        **call,
     )
     return composer, out
 
@@ -126,12 +138,25 @@ def test_uncached_matches_hand_written_formula(sd15_pipe, make_lora):
     assert composer.last_record.strategy_args["order"] == ["c", "a", "b"]
     w_dom = [2.5, 2.0, 1.75, 1.625]  # N - 0.5, then minus 0.5, 0.25, 0.125 at each switch
     expected = reference(
-        sd15_pipe, files, weights, ["c", "a", "b"], 4, dominant=lambda s: s % 3, dom_weight=lambda s: w_dom[s],
+        sd15_pipe,
+        files,
+        weights,
+        ["c", "a", "b"],
+        4,
+        dominant=lambda s: s % 3,
+        dom_weight=lambda s: w_dom[s],
         refresh=set(range(4)),
     )
     merged = ComposerPipeline(copy.deepcopy(sd15_pipe))(
-        PROMPT, loras=[(files[k], weights[k]) for k in files], seed=0, progress=False,
-        num_inference_steps=4, guidance_scale=GUIDANCE, height=64, width=64, output_type="np",
+        PROMPT,
+        loras=[(files[k], weights[k]) for k in files],
+        seed=0,
+        progress=False,
+        num_inference_steps=4,
+        guidance_scale=GUIDANCE,
+        height=64,
+        width=64,
+        output_type="np",
     )
     assert np.abs(expected - merged).max() > 1e-3  # differs from plain merging: the comparison means something
     assert np.abs(got - expected).max() < 1e-4
@@ -150,8 +175,14 @@ def test_cached_passes_follow_the_schedule(sd15_pipe, make_lora, max_batch):
     assert driver.calls == (8 if max_batch is None else sum(computed))
     if max_batch is None:
         expected = reference(
-            sd15_pipe, files, weights, ["a", "b", "c"], 8, dominant=lambda s: (s // 3) % 3,
-            dom_weight=lambda s: 2.5, refresh=refresh,
+            sd15_pipe,
+            files,
+            weights,
+            ["a", "b", "c"],
+            8,
+            dominant=lambda s: (s // 3) % 3,
+            dom_weight=lambda s: 2.5,
+            refresh=refresh,
         )
         assert np.abs(got - expected).max() < 1e-4
         _, uncached = _compose(sd15_pipe, files, weights, 8, switch_every=3, cache=False)
@@ -186,9 +217,18 @@ def test_profile_is_cached_by_file_hash(sd15_pipe, make_lora, tmp_path, monkeypa
     # the strategy orders from the cache when no scores are given
     stored[hashes["a"]]["score"], stored[hashes["b"]]["score"] = 0.1, 0.9
     (cache / CACHE_FILE).write_text(json.dumps(stored))
-    composer(PROMPT, loras=[(files["a"], 1.0), (files["b"], 1.0)], strategy="cmlora",
-             strategy_args={"frequency_cache": str(cache)}, num_inference_steps=2, seed=0, height=64, width=64,
-             output_type="np", progress=False)
+    composer(
+        PROMPT,
+        loras=[(files["a"], 1.0), (files["b"], 1.0)],
+        strategy="cmlora",
+        strategy_args={"frequency_cache": str(cache)},
+        num_inference_steps=2,
+        seed=0,
+        height=64,
+        width=64,
+        output_type="np",
+        progress=False,
+    )
     assert composer.last_record.strategy_args["order"] == ["b", "a"]
     assert composer.last_record.strategy_args["order_source"] == "profile cache"
 

@@ -43,9 +43,9 @@ def loratorio_formula(loras, base, cfg, p, tau, top_k=None, uncond="map", base_u
         patches = [(y, x) for y in range(0, h, p) for x in range(0, w, p)]
         cos = np.zeros((n, len(patches)))
         for k, (y, x) in enumerate(patches):
-            ref = base[b, :, y:y + p, x:x + p].ravel()
+            ref = base[b, :, y : y + p, x : x + p].ravel()
             for i in range(n):
-                e = loras[i, b, :, y:y + p, x:x + p].ravel()
+                e = loras[i, b, :, y : y + p, x : x + p].ravel()
                 cos[i, k] = e @ ref / (np.linalg.norm(e) * np.linalg.norm(ref))
         keep = np.ones(n, bool)
         if top_k is not None and top_k < n:
@@ -58,7 +58,11 @@ def loratorio_formula(loras, base, cfg, p, tau, top_k=None, uncond="map", base_u
             out[b][sl] = sum(m[i] * loras[i, b][sl] for i in range(n))
             if cfg:
                 u = b - half
-                agg = sum(m[i] * loras[i, u][sl] for i in range(n)) if uncond == "map" else loras[:, u][(slice(None), *sl)].mean(0)
+                agg = (
+                    sum(m[i] * loras[i, u][sl] for i in range(n))
+                    if uncond == "map"
+                    else loras[:, u][(slice(None), *sl)].mean(0)
+                )
                 out[u][sl] = base_uncond * base[u][sl] + (1 - base_uncond) * agg
     return out
 
@@ -76,7 +80,10 @@ def test_patch_cosine_matches_a_loop(p):
         for b in range(2):
             for py, y in enumerate(range(0, 7, p)):
                 for px, x in enumerate(range(0, 8, p)):
-                    e, r = preds[i, b, :, y:y + p, x:x + p].ravel().numpy(), base[b, :, y:y + p, x:x + p].ravel().numpy()
+                    e, r = (
+                        preds[i, b, :, y : y + p, x : x + p].ravel().numpy(),
+                        base[b, :, y : y + p, x : x + p].ravel().numpy(),
+                    )
                     assert cos[i, b, py, px] == pytest.approx(e @ r / np.linalg.norm(e) / np.linalg.norm(r), abs=1e-5)
 
 
@@ -133,7 +140,9 @@ def test_guidance_of_the_conjunction_is_the_conjunction_of_guided_predictions():
     w = [1.0, 0.7, 1.3]
     guide = lambda e: e[0] + GUIDANCE * (e[1] - e[0])  # noqa: E731  (diffusers' CFG on a [u, c] batch)
     combined = conjunction_formula(preds[:3], preds[3], w)
-    assert torch.allclose(guide(combined), conjunction_formula([guide(e) for e in preds[:3]], guide(preds[3]), w), atol=1e-5)
+    assert torch.allclose(
+        guide(combined), conjunction_formula([guide(e) for e in preds[:3]], guide(preds[3]), w), atol=1e-5
+    )
 
 
 # -- end to end against PEFT -------------------------------------------------------------------------
@@ -154,7 +163,9 @@ def _reference(pipe, files, weights, formula, **call):
         outs = []
         for i, name in enumerate(names):
             unet.set_adapters(names, [w if j == i else 0.0 for j, w in enumerate(weights)])
-            outs.append(forward(*args, **kwargs)[0] if not kwargs.get("return_dict", True) else forward(*args, **kwargs).sample)
+            outs.append(
+                forward(*args, **kwargs)[0] if not kwargs.get("return_dict", True) else forward(*args, **kwargs).sample
+            )
         unet.set_adapters(names, [0.0] * len(names))
         base = forward(*args, **kwargs)
         base_sample = base[0] if isinstance(base, tuple) else base.sample
@@ -192,14 +203,24 @@ def test_conjunction_matches_the_reference(sd15_pipe, make_lora, scales):
     assert np.abs(got - merged).max() > 1e-3  # not merge: the comparison means something
 
 
-@pytest.mark.parametrize("kw", [dict(patch_size=3, temperature=0.05), dict(patch_size=2, temperature=0.2, uncond="mean"),
-                                dict(patch_size=1, temperature=0.1, top_k=2)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(patch_size=3, temperature=0.05),
+        dict(patch_size=2, temperature=0.2, uncond="mean"),
+        dict(patch_size=1, temperature=0.1, top_k=2),
+    ],
+)
 def test_loratorio_matches_the_reference(sd15_pipe, make_lora, kw):
     files = _files(sd15_pipe, make_lora, 3)
     weights = [1.0, 0.6, 0.8]
     p, tau = kw["patch_size"], kw["temperature"]
-    expected = _reference(sd15_pipe, files, weights, lambda loras, base: loratorio_formula(
-        loras, base, True, p, tau, kw.get("top_k"), kw.get("uncond", "map")))
+    expected = _reference(
+        sd15_pipe,
+        files,
+        weights,
+        lambda loras, base: loratorio_formula(loras, base, True, p, tau, kw.get("top_k"), kw.get("uncond", "map")),
+    )
 
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
     got = _run(composer, files, weights, strategy="loratorio", strategy_args=kw)
@@ -215,8 +236,9 @@ def test_loratorio_matches_the_reference(sd15_pipe, make_lora, kw):
 def test_loratorio_without_guidance_weights_every_row(sd15_pipe, make_lora):
     files = _files(sd15_pipe, make_lora, 2)
     weights = [1.0, 0.7]
-    expected = _reference(sd15_pipe, files, weights, lambda loras, base: loratorio_formula(loras, base, False, 2, 0.1),
-                          guidance_scale=1.0)
+    expected = _reference(
+        sd15_pipe, files, weights, lambda loras, base: loratorio_formula(loras, base, False, 2, 0.1), guidance_scale=1.0
+    )
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
     got = _run(composer, files, weights, strategy="loratorio", guidance_scale=1.0)
     assert composer.last_driver.rows == STEPS * 1 * 3  # no CFG: one row per group

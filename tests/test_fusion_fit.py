@@ -59,7 +59,9 @@ def test_fit_lowers_the_match_error_and_cosine_term_separates_columns(sd15_pipe,
     files = _files(make_lora, sd15_pipe, 2)
     composer = ComposerPipeline(sd15_pipe)
     loras = [(files[0], 1.0), (files[1], 1.0)]
-    composer("a red circle", loras=loras, strategy=get_strategy("fit", **{**FAST, "iters": 6, "ortho": 0.0}), seed=0, **CALL)
+    composer(
+        "a red circle", loras=loras, strategy=get_strategy("fit", **{**FAST, "iters": 6, "ortho": 0.0}), seed=0, **CALL
+    )
     plain = fit.FIT_LOG[-1]
     assert plain["end"][0] < plain["merge_match"]  # the fit reproduces the teachers better than merge
     strat = get_strategy("fit", **{**FAST, "iters": 6, "ortho": 5.0})
@@ -70,7 +72,11 @@ def test_fit_lowers_the_match_error_and_cosine_term_separates_columns(sd15_pipe,
     derived = strat.derived_adapters()
     assert set(derived) == {"a", "b"} and derived["a"].name == "a~fit"
     # what the log reports is what the derived adapters carry: recompute the cosine from their up factors
-    key = next(k for k, d in composer.adapters["a"].deltas.items() if k.startswith("unet") and k in composer.adapters["b"].deltas)
+    key = next(
+        k
+        for k, d in composer.adapters["a"].deltas.items()
+        if k.startswith("unet") and k in composer.adapters["b"].deltas
+    )
     rows = []
     for n in "ab":
         orig, new = composer.adapters[n].deltas[key], derived[n].deltas[key]
@@ -134,8 +140,9 @@ def test_a_lora_without_trigger_words_is_one_line(sd15_pipe, make_lora):
     assert "\n" not in text and "'b'" in text and "trigger words" in text
 
 
-@pytest.mark.parametrize("args", [{"levels": (0.5, 1.5)}, {"templates": ("no placeholder",)}, {"scope": "vae"},
-                                  {"lr": 0}])
+@pytest.mark.parametrize(
+    "args", [{"levels": (0.5, 1.5)}, {"templates": ("no placeholder",)}, {"scope": "vae"}, {"lr": 0}]
+)
 def test_bad_arguments_are_one_line(args):
     with pytest.raises(ComposerError) as err:
         get_strategy("fit", **args)

@@ -96,7 +96,9 @@ def test_gates_follow_where_each_adapter_reacts(sd15_pipe):
         for g in ("unet.mid_block", "unet.up_blocks.1"):
             assert gates[g][1] > 1.5 > 0.5 > gates[g][0] or not per_adapter
         r = strat.responses
-        torch.testing.assert_close(r[strat.layer_groups.index("unet.down_blocks.1")], r[[strat.layer_groups.index(g) for g in cross]].mean(0))
+        torch.testing.assert_close(
+            r[strat.layer_groups.index("unet.down_blocks.1")], r[[strat.layer_groups.index(g) for g in cross]].mean(0)
+        )
         w = plan.layer_weights["unet.down_blocks.0"][0]
         torch.testing.assert_close(w, torch.tensor([0.8, 0.5]) * gates["unet.down_blocks.0"])
     # Without per-adapter normalisation the loud adapter (alpha 16 on rank 4) wins everywhere but B's home
@@ -131,15 +133,30 @@ def test_uniform_gates_equal_merge_and_gates_change_the_image(sd15_pipe, make_lo
     loras = [(files[0], 0.7), (files[1], 0.4)]
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
     merged = composer("a red circle", loras=loras, seed=0, progress=False, **CALL)
-    uniform = composer("a red circle", loras=loras, strategy="gated", strategy_args={"temperature": float("inf")},
-                       seed=0, progress=False, **CALL)
+    uniform = composer(
+        "a red circle",
+        loras=loras,
+        strategy="gated",
+        strategy_args={"temperature": float("inf")},
+        seed=0,
+        progress=False,
+        **CALL,
+    )
     assert np.abs(uniform - merged).max() < 1e-5
-    off = composer("a red circle", loras=loras, strategy="gated", strategy_args={"strength": 0.0},
-                   seed=0, progress=False, **CALL)
+    off = composer(
+        "a red circle", loras=loras, strategy="gated", strategy_args={"strength": 0.0}, seed=0, progress=False, **CALL
+    )
     assert np.abs(off - merged).max() < 1e-5
 
-    gated = composer("a red circle", loras=loras, strategy="gated", strategy_args={"schedule": "constant"},
-                     seed=0, progress=False, **CALL)
+    gated = composer(
+        "a red circle",
+        loras=loras,
+        strategy="gated",
+        strategy_args={"schedule": "constant"},
+        seed=0,
+        progress=False,
+        **CALL,
+    )
     history = composer.last_driver.history
     assert len(history) == CALL["num_inference_steps"]
     table = torch.stack([history[0].layer_weights[g][0] for g in composer.runtime.layer_groups()])
@@ -151,8 +168,9 @@ def test_uniform_gates_equal_merge_and_gates_change_the_image(sd15_pipe, make_lo
 def test_runs_on_sdxl(sdxl_pipe, make_lora):
     files = [make_lora(sdxl_pipe, n, seed=i + 1) for i, n in enumerate("ab")]
     composer = ComposerPipeline(copy.deepcopy(sdxl_pipe))
-    out = composer("a red circle", loras=[(files[0], 0.7), (files[1], 0.4)], strategy="gated", seed=0,
-                   progress=False, **CALL)
+    out = composer(
+        "a red circle", loras=[(files[0], 0.7), (files[1], 0.4)], strategy="gated", seed=0, progress=False, **CALL
+    )
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
     history = composer.last_driver.history
     groups = composer.runtime.layer_groups()
@@ -190,15 +208,18 @@ def dit(request, dit_templates, tmp_path):
     files = {}
     for i, (name, alpha) in enumerate((("a", 8), ("b", 4))):
         layers = tiny_dit.random_dit_lora_layers(pipe, rank=4, seed=i + 1, text_encoders=text)
-        files[name] = tiny_dit.save_dit_diffusers_lora(pipe, layers, tmp_path / f"{name}.safetensors", rank=4, alpha=alpha)
+        files[name] = tiny_dit.save_dit_diffusers_lora(
+            pipe, layers, tmp_path / f"{name}.safetensors", rank=4, alpha=alpha
+        )
         (tmp_path / f"{name}.json").write_text(json.dumps({"activation text": TRIGGERS[name]}))
     return family, pipe, files
 
 
 def _dit_render(composer, family, files, prompt, **kwargs):
     loras = list(zip(files.values(), DIT_WEIGHTS))
-    return composer(prompt, loras=loras, seed=0, progress=False, guidance_scale=DIT_GUIDANCE[family],
-                    **{**DIT_CALL, **kwargs})
+    return composer(
+        prompt, loras=loras, seed=0, progress=False, guidance_scale=DIT_GUIDANCE[family], **{**DIT_CALL, **kwargs}
+    )
 
 
 def _find(ids, word_ids):
@@ -234,8 +255,10 @@ class _SdpaRecorder:
             return real(query, key, value, *args, **kwargs)
 
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
-        self.handles = [transformer.register_forward_pre_hook(lambda *a: setattr(self, "inside", True)),
-                        transformer.register_forward_hook(lambda *a: setattr(self, "inside", False))]
+        self.handles = [
+            transformer.register_forward_pre_hook(lambda *a: setattr(self, "inside", True)),
+            transformer.register_forward_hook(lambda *a: setattr(self, "inside", False)),
+        ]
 
     def remove(self):
         for h in self.handles:
@@ -275,8 +298,11 @@ def test_dit_gates_follow_the_attention_on_trigger_words(dit, monkeypatch, promp
     gated = _dit_render(composer, family, files, prompt, strategy="gated", strategy_args={"schedule": "constant"})
     recorder.remove()
     strat = composer.last_driver.strategy
-    blocks = (["transformer.transformer_blocks.0", "transformer.single_transformer_blocks.0"] if family == "flux"
-              else ["transformer.transformer_blocks.0", "transformer.transformer_blocks.1"])
+    blocks = (
+        ["transformer.transformer_blocks.0", "transformer.single_transformer_blocks.0"]
+        if family == "flux"
+        else ["transformer.transformer_blocks.0", "transformer.transformer_blocks.1"]
+    )
     assert len(recorder.calls) == len(blocks) * DIT_CALL["num_inference_steps"]
     positions = [_reference_positions(composer.pipe, family, prompt, TRIGGERS[n]) for n in "ab"]
     assert positions[0] and bool(positions[1]) == ("vmk" in prompt)
@@ -312,8 +338,13 @@ def test_dit_gated_render_equals_diffusers_with_the_gated_weights(dit):
         p.set_adapters(list(files), [2 * DIT_WEIGHTS[0], 0.0])
         return {}
 
-    expected = ref(prompt=prompt, generator=torch.Generator().manual_seed(0), callback_on_step_end=callback,
-                   guidance_scale=DIT_GUIDANCE[family], **DIT_CALL).images
+    expected = ref(
+        prompt=prompt,
+        generator=torch.Generator().manual_seed(0),
+        callback_on_step_end=callback,
+        guidance_scale=DIT_GUIDANCE[family],
+        **DIT_CALL,
+    ).images
     assert np.abs(gated - expected).max() < 1e-4
     merged = _dit_render(composer, family, files, prompt)
     assert np.abs(gated - merged).max() > 1e-3

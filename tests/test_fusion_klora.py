@@ -42,7 +42,9 @@ def test_the_layer_goes_to_the_lora_that_stands_out_most_there():
     g = torch.Generator().manual_seed(0)
 
     def lora(scale_x, scale_y):
-        d = lambda s: LayerDelta(down=torch.randn(2, 16, generator=g), up=s * torch.randn(16, 2, generator=g), alpha=2.0)  # noqa: E731
+        d = lambda s: LayerDelta(
+            down=torch.randn(2, 16, generator=g), up=s * torch.randn(16, 2, generator=g), alpha=2.0
+        )  # noqa: E731
         return {"x": d(scale_x), "y": d(scale_y), "z": d(1.0)}
 
     a, b = Adapter("a", "lora", lora(10.0, 10.0)), Adapter("b", "lora", lora(0.1, 5.0))
@@ -50,13 +52,20 @@ def test_the_layer_goes_to_the_lora_that_stands_out_most_there():
     strat = get_strategy("klora", top_k=8)
     strat.begin(["a", "b"], [1.0, 1.0], 4, StrategyContext(adapters=[a, b]))
     got = strat.derived_adapters()
-    per_layer = {k: [(a.deltas[k].up * a.deltas[k].scale) @ a.deltas[k].down,
-                     (b.deltas[k].up * b.deltas[k].scale) @ b.deltas[k].down] for k in ("x", "y", "z")}
+    per_layer = {
+        k: [
+            (a.deltas[k].up * a.deltas[k].scale) @ a.deltas[k].down,
+            (b.deltas[k].up * b.deltas[k].scale) @ b.deltas[k].down,
+        ]
+        for k in ("x", "y", "z")
+    }
     # the definition's mean runs over each LoRA's own layers: add b's extra layer to its mean by hand
     raw_b = [_score(per_layer[k][1], 8) for k in ("x", "y", "z")] + [_score(torch.ones(4, 4), 8)]
     raw_a = [_score(per_layer[k][0], 8) for k in ("x", "y", "z")]
-    expected = {k: ("a" if raw_a[j] / np.mean(raw_a) >= raw_b[j] / np.mean(raw_b) else "b")
-                for j, k in enumerate(("x", "y", "z"))}
+    expected = {
+        k: ("a" if raw_a[j] / np.mean(raw_a) >= raw_b[j] / np.mean(raw_b) else "b")
+        for j, k in enumerate(("x", "y", "z"))
+    }
     assert expected["x"] == "a" and expected["y"] == "b"  # the case is the one described above
     for k, name in expected.items():
         assert (k in got[name].deltas) and (k not in got["b" if name == "a" else "a"].deltas), k
@@ -76,8 +85,9 @@ def test_klora_matches_the_reference(sd15_pipe, make_lora):
         for mod_name, module in getattr(ref, comp).named_modules():
             if isinstance(module, BaseTunerLayer):
                 layers[(comp, mod_name)] = module
-    per_layer = {key: [w * m.get_delta_weight(n).detach().float() for n, w in zip(names, weights)]
-                 for key, m in layers.items()}
+    per_layer = {
+        key: [w * m.get_delta_weight(n).detach().float() for n, w in zip(names, weights)] for key, m in layers.items()
+    }
     winners = _winners(per_layer, k, keep=1)
     assert len({next(iter(w)) for w in winners.values()}) == 3  # every LoRA wins somewhere
     for key, m in layers.items():
@@ -87,8 +97,14 @@ def test_klora_matches_the_reference(sd15_pipe, make_lora):
     expected = ref(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **CALL).images
 
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
-    run = lambda **kw: composer(PROMPT, loras=list(zip(files.values(), weights)), seed=0, progress=False,  # noqa: E731
-                                **CALL, **kw)
+    run = lambda **kw: composer(
+        PROMPT,
+        loras=list(zip(files.values(), weights)),
+        seed=0,
+        progress=False,  # noqa: E731
+        **CALL,
+        **kw,
+    )
     got = run(strategy="klora", strategy_args={"top_k": k})
     assert np.abs(got - expected).max() < 1e-4
     assert np.abs(got - run()).max() > 1e-3  # not merge

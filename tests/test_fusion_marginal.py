@@ -41,8 +41,10 @@ def _reference(pipe, files, weights, scale, until):
     def composed(*args, **kwargs):
         out, merged = run(weights, *args, **kwargs)
         if step[0] < until * STEPS:
-            leave_out = [run([0.0 if j == i else w for j, w in enumerate(weights)], *args, **kwargs)[1].numpy()
-                         for i in range(len(names))]
+            leave_out = [
+                run([0.0 if j == i else w for j, w in enumerate(weights)], *args, **kwargs)[1].numpy()
+                for i in range(len(names))
+            ]
             mixed = torch.as_tensor(marginal_formula(merged.numpy(), leave_out, scale), dtype=merged.dtype)
             if isinstance(out, tuple):
                 out = (mixed, *out[1:])
@@ -62,8 +64,14 @@ def test_marginal_matches_the_reference(sd15_pipe, make_lora, scale, until):
     expected = _reference(sd15_pipe, files, weights, scale, until)
 
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
-    run = lambda **kw: composer(PROMPT, loras=list(zip(files.values(), weights)), seed=0, progress=False,  # noqa: E731
-                                **CALL, **kw)
+    run = lambda **kw: composer(
+        PROMPT,
+        loras=list(zip(files.values(), weights)),
+        seed=0,
+        progress=False,  # noqa: E731
+        **CALL,
+        **kw,
+    )
     got = run(strategy="marginal", strategy_args={"scale": scale, "until": until})
     amplified = int(until * STEPS)
     assert composer.last_driver.rows == 2 * (4 * amplified + (STEPS - amplified))  # CFG rows x groups per step
@@ -80,8 +88,11 @@ def test_marginal_plan():
     assert torch.allclose(plan.weights, torch.tensor([[1.0, 0.6, 0.8], [0, 0.6, 0.8], [1.0, 0, 0.8], [1.0, 0.6, 0]]))
     assert torch.allclose(plan.combine, torch.tensor([2.5, -0.5, -0.5, -0.5]))
     merged = torch.randn(4, 2, 3)  # the linear combination is the formula
-    assert torch.allclose(strat.combine(merged, plan), torch.as_tensor(marginal_formula(
-        merged[0].numpy(), [merged[i].numpy() for i in (1, 2, 3)], 0.5)), atol=1e-6)
+    assert torch.allclose(
+        strat.combine(merged, plan),
+        torch.as_tensor(marginal_formula(merged[0].numpy(), [merged[i].numpy() for i in (1, 2, 3)], 0.5)),
+        atol=1e-6,
+    )
     late = get_strategy("marginal", until=0.3)
     late.begin(["a", "b"], [1, 1], 10)
     assert late.plan(2, None).row_groups == 3 and late.plan(3, None).row_groups == 1

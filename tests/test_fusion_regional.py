@@ -32,8 +32,9 @@ def test_split_regions():
         split_regions("a ADDCOMM b ADDCOMM c BREAK d")
 
 
-@pytest.mark.parametrize("split, ratios, h, w", [("cols", [1, 1], 4, 6), ("cols", [2, 1, 1], 3, 8),
-                                                 ("rows", [1, 3], 8, 5)])
+@pytest.mark.parametrize(
+    "split, ratios, h, w", [("cols", [1, 1], 4, 6), ("cols", [2, 1, 1], 3, 8), ("rows", [1, 3], 8, 5)]
+)
 def test_region_masks_are_bands_in_reading_order(split, ratios, h, w):
     masks = region_masks(h, w, ratios, split).numpy()
     size = w if split == "cols" else h
@@ -66,7 +67,7 @@ class _MaskedSelfAttention:
             h, w = (h + 1) // 2, (w + 1) // 2
         region = torch.zeros(h, w, dtype=torch.long)
         for r, (lo, hi) in enumerate(self.bounds):
-            region[:, round(lo * w):round(hi * w)] = r
+            region[:, round(lo * w) : round(hi * w)] = r
         same = region.flatten()[:, None] == region.flatten()[None, :]
         bias = torch.zeros(n, n).masked_fill(~same, float("-inf"))
         return self.inner(attn, hidden_states, None, bias.expand(hidden_states.shape[0], n, n), **kwargs)
@@ -84,8 +85,13 @@ def _reference(pipe, files, regions, split, bounds, negative=None, guidance=5.0,
     for text, weights in regions:
         if names:
             ref.set_adapters(names, [weights.get(n, 0.0) for n in names])
-        out = ref.encode_prompt(text, device=torch.device("cpu"), num_images_per_prompt=1,
-                                do_classifier_free_guidance=cfg, negative_prompt=negative)
+        out = ref.encode_prompt(
+            text,
+            device=torch.device("cpu"),
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=negative,
+        )
         pooled = None if len(out) == 2 else torch.cat([out[3], out[2]]) if cfg else out[2]  # SDXL's pooled prompt
         encoded.append((torch.cat([out[1], out[0]]) if cfg else out[0], pooled))
     unet = ref.unet
@@ -112,10 +118,18 @@ def _reference(pipe, files, regions, split, bounds, negative=None, guidance=5.0,
     unet.forward = regional
     if bounded:
         latent = (CALL["height"] // ref.vae_scale_factor, CALL["width"] // ref.vae_scale_factor)
-        unet.set_attn_processor({name: _MaskedSelfAttention(bounds, latent) if ".attn1." in name else proc
-                                 for name, proc in unet.attn_processors.items()})
-    return ref(prompt="unused", negative_prompt=negative, generator=torch.Generator().manual_seed(0),
-               **{**CALL, "guidance_scale": guidance}).images
+        unet.set_attn_processor(
+            {
+                name: _MaskedSelfAttention(bounds, latent) if ".attn1." in name else proc
+                for name, proc in unet.attn_processors.items()
+            }
+        )
+    return ref(
+        prompt="unused",
+        negative_prompt=negative,
+        generator=torch.Generator().manual_seed(0),
+        **{**CALL, "guidance_scale": guidance},
+    ).images
 
 
 @pytest.fixture
@@ -130,15 +144,24 @@ def test_regional_matches_the_reference(sd15_pipe, files):
     expected = _reference(sd15_pipe, files, regions, "cols", [(0, 0.5), (0.5, 1)], negative="blurry")
 
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
-    got = composer(prompt, negative_prompt="blurry", loras=[(files["c"], 0.7)], strategy="regional",
-                   strategy_args={"attention": "shared"}, seed=0, progress=False, **CALL)
+    got = composer(
+        prompt,
+        negative_prompt="blurry",
+        loras=[(files["c"], 0.7)],
+        strategy="regional",
+        strategy_args={"attention": "shared"},
+        seed=0,
+        progress=False,
+        **CALL,
+    )
     assert composer.last_driver.rows == STEPS * 2 * 2  # one pass a step: CFG's 2 rows x 2 regions
     assert np.abs(got - expected).max() < 1e-4
     record = composer.last_record.strategy_args
     assert [r["prompt"] for r in record["regions"]] == ["a red circle", "a blue square"]
     assert record["regions"][0]["loras"] == {"c": 0.7, "a": 0.8}
-    merged = composer("a red circle, a blue square", loras=[(files[n], 1.0) for n in "abc"], seed=0, progress=False,
-                      **CALL)
+    merged = composer(
+        "a red circle, a blue square", loras=[(files[n], 1.0) for n in "abc"], seed=0, progress=False, **CALL
+    )
     assert np.abs(got - merged).max() > 1e-3  # not merge: the comparison means something
 
 
@@ -153,7 +176,9 @@ def test_bounded_attention_matches_a_masked_reference(sd15_pipe, files):
     assert np.abs(got - expected).max() < 1e-4
     assert composer.last_record.strategy_args["attention"] == "bounded"
     assert not any("forward" in vars(m) for m in unet.modules())  # the layers are given back as they were
-    shared = composer(prompt, strategy="regional", strategy_args={"attention": "shared"}, seed=0, progress=False, **CALL)
+    shared = composer(
+        prompt, strategy="regional", strategy_args={"attention": "shared"}, seed=0, progress=False, **CALL
+    )
     assert np.abs(got - shared).max() > 1e-3
 
 
@@ -184,16 +209,23 @@ def test_regional_on_sdxl_matches_the_reference(sdxl_pipe, make_lora):
     prompt = f"a red circle <lora:{files['a']}> BREAK a blue square <lora:{files['b']}:0.9>"
     got = composer(prompt, strategy="regional", seed=0, progress=False, **CALL)
     assert np.abs(got - expected).max() < 1e-4
-    swapped = composer(f"a blue square <lora:{files['b']}:0.9> BREAK a red circle <lora:{files['a']}>",
-                       strategy="regional", seed=0, progress=False, **CALL)
+    swapped = composer(
+        f"a blue square <lora:{files['b']}:0.9> BREAK a red circle <lora:{files['a']}>",
+        strategy="regional",
+        seed=0,
+        progress=False,
+        **CALL,
+    )
     assert np.abs(got - swapped).max() > 1e-3
 
 
 def test_regional_rows_ratios_and_common_text(sd15_pipe, files):
     """Stacked regions 3:1; the text before ADDCOMM and its tag belong to both regions; no guidance."""
     prompt = f"on a striped background <lora:{files['c']}> ADDCOMM a star <lora:{files['a']}> BREAK a cross"
-    regions = [("on a striped background, a star", {"a": 1.0, "c": 1.0}),
-               ("on a striped background, a cross", {"c": 1.0})]
+    regions = [
+        ("on a striped background, a star", {"a": 1.0, "c": 1.0}),
+        ("on a striped background, a cross", {"c": 1.0}),
+    ]
     expected = _reference(sd15_pipe, files, regions, "rows", [(0, 0.75), (0.75, 1)], guidance=1.0)
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
     kwargs = {**CALL, "guidance_scale": 1.0}
@@ -208,8 +240,14 @@ def test_regional_rows_ratios_and_common_text(sd15_pipe, files):
 def test_identical_regions_are_merge(sd15_pipe, files):
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
     tag = f"<lora:{files['a']}:0.9>"
-    got = composer(f"a red circle {tag} BREAK a red circle {tag}", strategy="regional",
-                   strategy_args={"attention": "shared"}, seed=0, progress=False, **CALL)
+    got = composer(
+        f"a red circle {tag} BREAK a red circle {tag}",
+        strategy="regional",
+        strategy_args={"attention": "shared"},
+        seed=0,
+        progress=False,
+        **CALL,
+    )
     merged = composer(f"a red circle {tag}", seed=0, progress=False, **CALL)
     assert np.abs(got - merged).max() < 1e-5
 
@@ -236,8 +274,15 @@ def test_regional_refuses_a_dit_in_one_line():
 
     composer = ComposerPipeline(tiny_dit.build_tiny_sd3_pipeline(seed=0))
     with pytest.raises(ComposerError, match="runs on UNet pipelines .* not on StableDiffusion3Pipeline") as err:
-        composer("a red circle BREAK a blue square", strategy="regional", num_inference_steps=1, height=32, width=32,
-                 max_sequence_length=16, progress=False)
+        composer(
+            "a red circle BREAK a blue square",
+            strategy="regional",
+            num_inference_steps=1,
+            height=32,
+            width=32,
+            max_sequence_length=16,
+            progress=False,
+        )
     assert "\n" not in str(err.value)
 
 
@@ -247,16 +292,35 @@ def test_loras_auto_picks_each_regions_loras_from_its_words(home):
 
     composer = ComposerPipeline.from_pretrained(assets.model_dir(), library=assets.library_dir())
     prompt = "on a wavy background ADDCOMM a purple star BREAK blinky, a red circle"
-    composer(prompt, loras="auto", strategy="regional", seed=0, num_inference_steps=1, width=128, height=64,
-             progress=False)
+    composer(
+        prompt, loras="auto", strategy="regional", seed=0, num_inference_steps=1, width=128, height=64, progress=False
+    )
     regions = composer.last_record.strategy_args["regions"]
-    assert [r["prompt"] for r in regions] == ["on a wavy background, a purple star", "on a wavy background, blinky, a red circle"]
-    assert [sorted(r["loras"]) for r in regions] == [["purple-colour", "star-shape", "wavy-bg"],
-                                                     ["blinky-character", "wavy-bg"]]
-    assert sorted(m.name for m in composer.last_retrieval) == ["blinky-character", "purple-colour", "star-shape", "wavy-bg"]
+    assert [r["prompt"] for r in regions] == [
+        "on a wavy background, a purple star",
+        "on a wavy background, blinky, a red circle",
+    ]
+    assert [sorted(r["loras"]) for r in regions] == [
+        ["purple-colour", "star-shape", "wavy-bg"],
+        ["blinky-character", "wavy-bg"],
+    ]
+    assert sorted(m.name for m in composer.last_retrieval) == [
+        "blinky-character",
+        "purple-colour",
+        "star-shape",
+        "wavy-bg",
+    ]
     words = composer.adapters["star-shape"].metadata.trigger_words
-    composer("a circle BREAK a square <lora:star-shape>", strategy="regional", append_trigger_words=True, seed=0,
-             num_inference_steps=1, width=128, height=64, progress=False)
+    composer(
+        "a circle BREAK a square <lora:star-shape>",
+        strategy="regional",
+        append_trigger_words=True,
+        seed=0,
+        num_inference_steps=1,
+        width=128,
+        height=64,
+        progress=False,
+    )
     regions = composer.last_record.strategy_args["regions"]
     assert words and regions[0]["prompt"] == "a circle"  # each region gets its own LoRAs' trigger words only
     assert regions[1]["prompt"] == ", ".join(["a square", *[w for w in dict.fromkeys(words) if w not in "a square"]])

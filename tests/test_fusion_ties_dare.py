@@ -54,13 +54,20 @@ def three_loras(sd15_pipe, make_lora):
 def test_ties_matches_peft_ties(sd15_pipe, three_loras):
     files, weights = three_loras
     density, sign = 0.3, "total"
-    ref = _peft_merged_model(sd15_pipe, files, weights,
-                             lambda d, w: merge_utils.ties(d, w, density, majority_sign_method=sign))
+    ref = _peft_merged_model(
+        sd15_pipe, files, weights, lambda d, w: merge_utils.ties(d, w, density, majority_sign_method=sign)
+    )
     expected = ref(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **CALL).images
 
     composer = ComposerPipeline(copy.deepcopy(sd15_pipe))
-    run = lambda **kw: composer(PROMPT, loras=list(zip(files.values(), weights)), seed=0, progress=False,  # noqa: E731
-                                **CALL, **kw)
+    run = lambda **kw: composer(
+        PROMPT,
+        loras=list(zip(files.values(), weights)),
+        seed=0,
+        progress=False,  # noqa: E731
+        **CALL,
+        **kw,
+    )
     got = run(strategy="ties", strategy_args={"density": density, "sign": sign})
     assert composer.last_record.strategy_args == {"density": density, "sign": sign, "rank": 0}
     assert np.abs(got - expected).max() < 1e-4
@@ -93,6 +100,7 @@ def test_ties_at_full_density_with_one_lora_is_that_lora(sd15_pipe, make_lora):
 
 def _stack_of(adapters, key):
     from lora_composer.adapters.shira import dense_delta
+
     return torch.stack([dense_delta(a.deltas[key]) for a in adapters])
 
 
@@ -154,8 +162,10 @@ def test_derive_keeps_layers_it_cannot_read():
     assert out["a"].name == "a~t"
 
 
-@pytest.mark.parametrize("name, args", [("ties", {"density": 0}), ("ties", {"sign": "mean"}),
-                                        ("dare", {"combine": "sum"}), ("dare", {"rank": -1})])
+@pytest.mark.parametrize(
+    "name, args",
+    [("ties", {"density": 0}), ("ties", {"sign": "mean"}), ("dare", {"combine": "sum"}), ("dare", {"rank": -1})],
+)
 def test_bad_arguments_are_one_line_errors(name, args):
     with pytest.raises(ComposerError, match=f"strategy '{name}'"):
         get_strategy(name, **args)

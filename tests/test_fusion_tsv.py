@@ -124,8 +124,10 @@ def test_one_loha_with_a_flattened_conv_kernel_is_itself(sd15_pipe, tmp_path):
 
     g = torch.Generator().manual_seed(7)
     sd = {}
-    for path, cols in (("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 32),
-                       ("down_blocks.0.resnets.0.conv1", 32 * 9)):
+    for path, cols in (
+        ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 32),
+        ("down_blocks.0.resnets.0.conv1", 32 * 9),
+    ):
         key = "lora_unet_" + path.replace(".", "_")
         for n in ("1", "2"):
             sd[f"{key}.hada_w{n}_a"] = 0.3 * torch.randn(32, 2, generator=g)

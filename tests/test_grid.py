@@ -43,8 +43,20 @@ class PassCounter:
 
 
 def _base(library, **kw):
-    return {"prompt": PROMPT, "negative_prompt": "", "loras": [], "strategy": "merge", "strategy_args": {},
-            "seed": 5, "steps": STEPS, "guidance": 5.0, "sampler": None, "width": 64, "height": 64, **kw}
+    return {
+        "prompt": PROMPT,
+        "negative_prompt": "",
+        "loras": [],
+        "strategy": "merge",
+        "strategy_args": {},
+        "seed": 5,
+        "steps": STEPS,
+        "guidance": 5.0,
+        "sampler": None,
+        "width": 64,
+        "height": 64,
+        **kw,
+    }
 
 
 def test_cells_equal_their_solo_renders_and_weights_share_one_pass_per_step(world):
@@ -68,9 +80,18 @@ def test_cells_equal_their_solo_renders_and_weights_share_one_pass_per_step(worl
         s = cell.settings
         counter = PassCounter(solo.pipe.unet)
         try:
-            want = solo(s["prompt"], loras=[(str(p), te, unet) for p, te, unet in s["loras"]],
-                        strategy=s["strategy"], num_inference_steps=STEPS, guidance_scale=5.0, seed=5, height=64,
-                        width=64, output_type="np", progress=False)[0]
+            want = solo(
+                s["prompt"],
+                loras=[(str(p), te, unet) for p, te, unet in s["loras"]],
+                strategy=s["strategy"],
+                num_inference_steps=STEPS,
+                guidance_scale=5.0,
+                seed=5,
+                height=64,
+                width=64,
+                output_type="np",
+                progress=False,
+            )[0]
         finally:
             counter.close()
         solo_passes[(cell.y, cell.x)] = counter.rows
@@ -95,8 +116,25 @@ def test_cells_equal_their_solo_renders_and_weights_share_one_pass_per_step(worl
 
 def test_grid_png_is_labelled_and_holds_every_cell(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code = main(["grid", "-p", "a purple star", "--lora", "purple-colour:0.8", "--x", "weight:star-shape=0,1",
-                 "--y", "guidance=3,5", "--z", "seed=1,2", "--steps", "2", "--out", "plot.png"])
+    code = main(
+        [
+            "grid",
+            "-p",
+            "a purple star",
+            "--lora",
+            "purple-colour:0.8",
+            "--x",
+            "weight:star-shape=0,1",
+            "--y",
+            "guidance=3,5",
+            "--z",
+            "seed=1,2",
+            "--steps",
+            "2",
+            "--out",
+            "plot.png",
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert "grid of 8" in err and "16/16" in err  # the progress bar counts every cell's steps
@@ -121,23 +159,26 @@ def test_grid_png_is_labelled_and_holds_every_cell(world, tmp_path, monkeypatch,
         assert (a[:20] < 128).any() and (a[:, :40] < 128).any()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--x", "colour=1,2"], "--x 'colour=1,2': expected KIND=V1,V2,... with KIND one of"),
-    (["--x", "weight=0.4,1"], "a weight axis names its LoRA"),
-    (["--x", "weight:star-shape=0.4,,1"], "an empty value"),
-    (["--x", "weight:star-shape=0.4,heavy"], "--x: weight value 'heavy' is not a number"),
-    (["--x", "steps=0,4"], "--x: steps 0 must be between 1 and 1000"),
-    (["--x", "guidance=nan"], "--x: guidance value 'nan' must be a finite number"),
-    (["--x", "seed=1,99999999999999999999999"], "must be between 0 and"),
-    (["--x", "strategy=merge,blend"], "--x: unknown strategy 'blend'"),
-    (["--x", "seed=1,2", "--y", "seed=3"], "--y sweeps seed as --x does"),
-    (["--x", "weight:no-such-lora=1"], "no-such-lora"),
-    (["--x", "strategy=merge,regional"], "needs a prompt split into regions with BREAK"),
-    (["--x", "sampler=Euler a,Warp drive"], "sampler 'Warp drive' is not available for this model"),
-    (["--x", "steps=1", "--out", "plot.jpg"], "the output is a PNG"),
-    (["--x", "loras=star-shape+,none"], "--x: an empty LoRA name in 'star-shape+'"),
-    (["--x", "loras=star-shape:heavy"], "--x: weight 'heavy' of star-shape is not a number"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--x", "colour=1,2"], "--x 'colour=1,2': expected KIND=V1,V2,... with KIND one of"),
+        (["--x", "weight=0.4,1"], "a weight axis names its LoRA"),
+        (["--x", "weight:star-shape=0.4,,1"], "an empty value"),
+        (["--x", "weight:star-shape=0.4,heavy"], "--x: weight value 'heavy' is not a number"),
+        (["--x", "steps=0,4"], "--x: steps 0 must be between 1 and 1000"),
+        (["--x", "guidance=nan"], "--x: guidance value 'nan' must be a finite number"),
+        (["--x", "seed=1,99999999999999999999999"], "must be between 0 and"),
+        (["--x", "strategy=merge,blend"], "--x: unknown strategy 'blend'"),
+        (["--x", "seed=1,2", "--y", "seed=3"], "--y sweeps seed as --x does"),
+        (["--x", "weight:no-such-lora=1"], "no-such-lora"),
+        (["--x", "strategy=merge,regional"], "needs a prompt split into regions with BREAK"),
+        (["--x", "sampler=Euler a,Warp drive"], "sampler 'Warp drive' is not available for this model"),
+        (["--x", "steps=1", "--out", "plot.jpg"], "the output is a PNG"),
+        (["--x", "loras=star-shape+,none"], "--x: an empty LoRA name in 'star-shape+'"),
+        (["--x", "loras=star-shape:heavy"], "--x: weight 'heavy' of star-shape is not a number"),
+    ],
+)
 def test_bad_axes_are_one_line_exit_2_nothing_written(world, tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     code = main(["grid", "-p", "a purple star", "--steps", "1", *argv])
@@ -157,12 +198,23 @@ def test_seed_minus_one_on_an_axis_is_random():
 def test_plan_puts_each_axis_value_in_its_cell(tmp_path):
     """No model: the cells' settings. Tags join the LoRAs (last one per file wins), a weight axis overrides a
     tag's weight or adds its LoRA; a regional cell keeps its tags in place, the swept one at the axis's value."""
+
     def resolve(name):
         return tmp_path / f"{name}.safetensors"
 
-    base = {"prompt": "a star <lora:purple-colour:0.5> BREAK a circle <lora:star-shape:0.3>", "negative_prompt": "",
-            "loras": [(resolve("pixel-style"), 0.2, 0.4)], "strategy": "merge", "strategy_args": {"x": 1}, "seed": 1,
-            "steps": 2, "guidance": 5.0, "sampler": None, "width": 64, "height": 64}
+    base = {
+        "prompt": "a star <lora:purple-colour:0.5> BREAK a circle <lora:star-shape:0.3>",
+        "negative_prompt": "",
+        "loras": [(resolve("pixel-style"), 0.2, 0.4)],
+        "strategy": "merge",
+        "strategy_args": {"x": 1},
+        "seed": 1,
+        "steps": 2,
+        "guidance": 5.0,
+        "sampler": None,
+        "width": 64,
+        "height": 64,
+    }
     x = gridmod.parse_axis("weight:star-shape=0,1", "--x")
     y = gridmod.parse_axis("strategy=merge,regional", "--y")
     z = gridmod.parse_axis("steps=2,3", "--z")
@@ -172,7 +224,10 @@ def test_plan_puts_each_axis_value_in_its_cell(tmp_path):
     assert merge["steps"] == 3 and merge["strategy_args"] == {"x": 1}
     assert merge["prompt"] == "a star BREAK a circle"
     assert {p.stem: (te, unet) for p, te, unet in merge["loras"]} == {
-        "pixel-style": (0.2, 0.4), "purple-colour": (0.5, 0.5), "star-shape": (1.0, 1.0)}
+        "pixel-style": (0.2, 0.4),
+        "purple-colour": (0.5, 0.5),
+        "star-shape": (1.0, 1.0),
+    }
     assert regional["strategy"] == "regional" and regional["strategy_args"] == {}
     assert f"<lora:{resolve('star-shape')}:1>" in regional["prompt"]
     assert f"<lora:{resolve('purple-colour')}:0.5>" in regional["prompt"]
@@ -187,10 +242,22 @@ def test_a_lora_set_axis_replaces_the_given_loras(tmp_path):
 
     x = gridmod.parse_axis("loras=star-shape+purple-colour:0.8,pixel-style,none", "--x")
     assert [x.label(v) for v in x.values] == ["star-shape + purple-colour 0.8", "pixel-style", "no LoRA"]
-    base = {"prompt": "a star <lora:wavy-bg:0.5>", "negative_prompt": "", "loras": [(resolve("orange-colour"), 1, 1)],
-            "strategy": "merge", "strategy_args": {}, "seed": 1, "steps": 2, "guidance": 5.0, "sampler": None,
-            "width": 64, "height": 64}
+    base = {
+        "prompt": "a star <lora:wavy-bg:0.5>",
+        "negative_prompt": "",
+        "loras": [(resolve("orange-colour"), 1, 1)],
+        "strategy": "merge",
+        "strategy_args": {},
+        "seed": 1,
+        "steps": 2,
+        "guidance": 5.0,
+        "sampler": None,
+        "width": 64,
+        "height": 64,
+    }
     cells = gridmod.plan(base, x, None, None, resolve).flat()
     assert [{p.stem: unet for p, _, unet in c.settings["loras"]} for c in cells] == [
-        {"star-shape": 1.0, "purple-colour": 0.8, "wavy-bg": 0.5}, {"pixel-style": 1.0, "wavy-bg": 0.5},
-        {"wavy-bg": 0.5}]  # the prompt's tags stay in every cell
+        {"star-shape": 1.0, "purple-colour": 0.8, "wavy-bg": 0.5},
+        {"pixel-style": 1.0, "wavy-bg": 0.5},
+        {"wavy-bg": 0.5},
+    ]  # the prompt's tags stay in every cell

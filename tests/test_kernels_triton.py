@@ -143,7 +143,9 @@ def test_runtime_forward_through_triton_backend(sd15_pipe, make_lora, monkeypatc
 
 @pytest.mark.skipif(not CUDA, reason="no GPU (or the interpreter is on)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES + [(5, 2, 4096, 320, 320, [16] * 5, 2), (6, 1, 4096, 3072, 3072, [16, 64, 8], 1)])
+@pytest.mark.parametrize(
+    "shape", SHAPES + [(5, 2, 4096, 320, 320, [16] * 5, 2), (6, 1, 4096, 3072, 3072, [16, 64, 8], 1)]
+)
 def test_triton_matches_torch_cuda(shape, dtype):
     seed, batch, tokens, k, n, ranks, rows = shape
     x, down, up, scale, base = _case(seed, batch, tokens, k, n, ranks, rows, dtype, device="cuda")

@@ -16,8 +16,13 @@ import pytest
 
 # Bottom to top. Units on one line are peers: they may not import each other.
 LAYERS = [
-    ["lora_composer.vocab", "lora_composer.errors", "lora_composer.cache", "lora_composer.source_tree",
-     "lora_composer.measured"],
+    [
+        "lora_composer.vocab",
+        "lora_composer.errors",
+        "lora_composer.cache",
+        "lora_composer.source_tree",
+        "lora_composer.measured",
+    ],
     ["lora_composer.kernels", "lora_composer.prompt_syntax", "lora_composer.library", "lora_composer.tiny"],
     ["lora_composer.adapters", "lora_composer.pnginfo", "lora_composer.tiny_dit"],
     ["lora_composer.runtime"],
@@ -152,7 +157,9 @@ def test_nothing_imports_a_folder_by_its_directory_name():
     repo = Path(__file__).resolve().parents[1]
     old = r"(composer|fusion|retriever|kernels)(\.[\w.]+)?"
     pattern = re.compile(rf"^\s*(from {old} import|import {old}\b)|import_module\(\"{old}\"|find_spec\(\"{old}\"", re.M)
-    files = [p for d in ("composer", "fusion", "retriever", "kernels", "tests", "bench") for p in (repo / d).rglob("*.py")]
+    files = [
+        p for d in ("composer", "fusion", "retriever", "kernels", "tests", "bench") for p in (repo / d).rglob("*.py")
+    ]
     for name in ("test_packaging.py", "test_source_tree.py"):  # import Hugging Face's ``kernels`` on purpose
         files.remove(repo / "tests" / name)
     files += [repo / "app.py", *(repo / "notebooks").glob("*.ipynb")]

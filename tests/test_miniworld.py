@@ -64,8 +64,9 @@ def test_every_lora_value_has_exactly_one_spec():
 def test_combinations_are_one_lora_per_category():
     combos = evaluate.combinations((2, 3, 4))
     # Independent count: all subsets of the LoRAs of the given size whose categories are distinct.
-    expected = [c for k in (2, 3, 4) for c in itertools.combinations(library.LORAS, k)
-                if len({s.category for s in c}) == k]
+    expected = [
+        c for k in (2, 3, 4) for c in itertools.combinations(library.LORAS, k) if len({s.category for s in c}) == k
+    ]
     assert sorted(tuple(s.name for s in c) for c in combos) == sorted(tuple(s.name for s in c) for c in expected)
 
 
@@ -85,8 +86,15 @@ def test_drawn_combinations_are_seeded_per_size_and_a_subset():
 def test_tally_rates():
     t = evaluate.Tally()
     wanted = {"shape": "star", "colour": "purple"}
-    t.add(wanted, {"background": "plain"}, {"shape": "star", "colour": "purple", "background": "plain"}, {"background": 0.9})
-    t.add(wanted, {"background": "plain"}, {"shape": "star", "colour": "red", "background": "dotted"}, {"background": 0.3})
+    t.add(
+        wanted,
+        {"background": "plain"},
+        {"shape": "star", "colour": "purple", "background": "plain"},
+        {"background": 0.9},
+    )
+    t.add(
+        wanted, {"background": "plain"}, {"shape": "star", "colour": "red", "background": "dotted"}, {"background": 0.3}
+    )
     t.add({"shape": "cross"}, {}, {"shape": "circle"}, {})
     t.seconds = 2.0
     s = t.summary()
@@ -127,7 +135,9 @@ def test_written_lora_loads_with_its_metadata(tmp_path, sd15_pipe):
         ours = next(d for k, d in adapter.deltas.items() if k.endswith(key))
         a, b = layers["unet"][f"{key}.lora_A.weight"], layers["unet"][f"{key}.lora_B.weight"]
         # Written in fp16 (as most shared LoRAs); alpha = rank: scale 1.
-        torch.testing.assert_close(ours.scale * ours.up.float() @ ours.down.float(), b.half().float() @ a.half().float())
+        torch.testing.assert_close(
+            ours.scale * ours.up.float() @ ours.down.float(), b.half().float() @ a.half().float()
+        )
     assert (tmp_path / "loras" / "star-shape.civitai.info").is_file()
     assert (tmp_path / "loras" / "wavy-bg.json").is_file()
 
@@ -175,8 +185,28 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     from lora_composer.frontends.cli import main
 
     doc = tmp_path / "EVAL.md"
-    code = main(["eval", "--sizes", "2", "--seeds", "1", "--steps", "2", "--strategies", "merge", "switch:every=2",
-                 "--no-checks", "--auto-combos", "1", "--out", str(tmp_path / "out"), "--write-doc", str(doc), "-q"])
+    code = main(
+        [
+            "eval",
+            "--sizes",
+            "2",
+            "--seeds",
+            "1",
+            "--steps",
+            "2",
+            "--strategies",
+            "merge",
+            "switch:every=2",
+            "--no-checks",
+            "--auto-combos",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+            "--write-doc",
+            str(doc),
+            "-q",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     n = len(evaluate.combinations((2,)))
@@ -192,8 +222,29 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     assert next(r for r in table if r[0] == "| merge")[col] == "1.00"
     concept_header = [r for r in table if r[0] == "| strategy"][1]  # the per-concept table follows
     assert set(result["strategies"]["merge"]["concepts"]) == {c.strip(" |") for c in concept_header[1:]}
-    code = main(["eval", "--sizes", "2", "3", "--combos", "1", "--seeds", "1", "--steps", "1", "--strategies", "merge",
-                 "--no-checks", "--no-retrieval", "--seed", "7", "--out", str(tmp_path / "drawn"), "-q"])
+    code = main(
+        [
+            "eval",
+            "--sizes",
+            "2",
+            "3",
+            "--combos",
+            "1",
+            "--seeds",
+            "1",
+            "--steps",
+            "1",
+            "--strategies",
+            "merge",
+            "--no-checks",
+            "--no-retrieval",
+            "--seed",
+            "7",
+            "--out",
+            str(tmp_path / "drawn"),
+            "-q",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     drawn = json.loads((tmp_path / "drawn" / "results.json").read_text())
     assert drawn["strategies"]["merge"]["images"] == 2 and drawn["protocol"]["per_size"] == 1
@@ -206,9 +257,15 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     assert "regional needs a picture with regions: measure it with --world two-objects" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, missing", [
-    (["base"], "vae"), (["base", "--resume"], "model"), (["loras"], "model"), (["previews"], "model"),
-])
+@pytest.mark.parametrize(
+    "argv, missing",
+    [
+        (["base"], "vae"),
+        (["base", "--resume"], "model"),
+        (["loras"], "model"),
+        (["previews"], "model"),
+    ],
+)
 def test_training_a_stage_before_the_one_it_needs_is_a_usage_error(tmp_path, capsys, argv, missing):
     from lora_composer.miniworld import train
 

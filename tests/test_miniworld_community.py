@@ -99,12 +99,23 @@ def test_one_object_detector_is_refused_by_the_community_world():
         detectors.load_detector(assets.detector_path(), community)
 
 
-@pytest.mark.skipif(not (community_eval.weights_dir() / "unet").is_dir()
-                    or not community_library.library_dir().is_dir(), reason="community weights not shipped")
+@pytest.mark.skipif(
+    not (community_eval.weights_dir() / "unet").is_dir() or not community_library.library_dir().is_dir(),
+    reason="community weights not shipped",
+)
 def test_eval_renders_and_judges_the_protocol(tmp_path):
-    result = community_eval.evaluate(community_eval.load_pipeline(), community_eval.load_judge(), ["merge"],
-                                     sizes=(4,), seeds=1, scenes=1, steps=4, with_checks=False, progress=False,
-                                     grid_path=tmp_path / "grid.png")
+    result = community_eval.evaluate(
+        community_eval.load_pipeline(),
+        community_eval.load_judge(),
+        ["merge"],
+        sizes=(4,),
+        seeds=1,
+        scenes=1,
+        steps=4,
+        with_checks=False,
+        progress=False,
+        grid_path=tmp_path / "grid.png",
+    )
     s = result["strategies"]["merge"]
     assert s["images"] == 5 and set(s["by_size"]) == {4}
     assert set(s["concepts"]) == {spec.value for spec in community_library.LORAS}

@@ -66,8 +66,20 @@ def test_kv_route_keeps_only_the_owners_delta_at_its_tokens(cp):
     for j, n in enumerate(NAMES):
         at = probes.trigger_positions(cp.pipe.tokenizer, PROMPT, rt.adapters[n].metadata.trigger_words)
         assert torch.allclose(routed[1, at], base[1, at] + deltas[j][1, at], atol=1e-5)
-    free = [p for p in range(77) if p not in set(sum((probes.trigger_positions(
-        cp.pipe.tokenizer, PROMPT, rt.adapters[n].metadata.trigger_words) for n in NAMES), []))]
+    free = [
+        p
+        for p in range(77)
+        if p
+        not in set(
+            sum(
+                (
+                    probes.trigger_positions(cp.pipe.tokenizer, PROMPT, rt.adapters[n].metadata.trigger_words)
+                    for n in NAMES
+                ),
+                [],
+            )
+        )
+    ]
     assert torch.equal(routed[1, free], plain[1, free])
     with torch.no_grad():
         assert torch.equal(module(x), plain)  # hooks removed
@@ -111,8 +123,11 @@ def test_own_inputs_gives_the_composed_rows_each_solo_rows_delta(cp):
     from lora_composer.miniworld.probes import own_inputs
 
     rt, two = cp.runtime, NAMES[:2]
-    key = next(k for k in rt.layers if k.startswith("unet.") and k.endswith("attn1.to_q")
-               and all(k in rt.adapters[n].deltas for n in two))
+    key = next(
+        k
+        for k in rt.layers
+        if k.startswith("unet.") and k.endswith("attn1.to_q") and all(k in rt.adapters[n].deltas for n in two)
+    )
     module = rt.layers[key].module
     x = torch.randn(3, 16, module.in_features, generator=torch.Generator().manual_seed(1))
     rows = torch.zeros(3, rt.denoiser_mix.slots)
@@ -135,8 +150,16 @@ def _effects_render(cp, names):
     energy = torch.zeros(len(names), 2, dtype=torch.float64)
     strategy = Effects(5.0)
     with pushes(cp.runtime, names, energy):
-        image = cp(PROMPT, loras=[(n, 1.0) for n in names], strategy=strategy, num_inference_steps=3, seed=1,
-                   progress=False, output_type="np", guidance_scale=5.0)
+        image = cp(
+            PROMPT,
+            loras=[(n, 1.0) for n in names],
+            strategy=strategy,
+            num_inference_steps=3,
+            seed=1,
+            progress=False,
+            output_type="np",
+            guidance_scale=5.0,
+        )
     return image, energy, strategy.effect
 
 
@@ -145,8 +168,15 @@ def test_effects_with_one_lora_draw_merge_and_measure_one(cp):
     (both ratios 1), and the picture is merge's."""
     one = ["purple-colour"]
     image, energy, effect = _effects_render(cp, one)
-    merged = cp(PROMPT, loras=[(one[0], 1.0)], num_inference_steps=3, seed=1, progress=False, output_type="np",
-                guidance_scale=5.0)
+    merged = cp(
+        PROMPT,
+        loras=[(one[0], 1.0)],
+        num_inference_steps=3,
+        seed=1,
+        progress=False,
+        output_type="np",
+        guidance_scale=5.0,
+    )
     assert abs(image - merged).max() < 1e-4
     assert energy[0, 1] > 0 and abs(float(energy[0, 0] / energy[0, 1]) - 1) < 1e-4
     assert len(effect) == 3 and all(abs(e[0] - 1) < 1e-3 for e in effect)
@@ -180,8 +210,11 @@ def test_pushes_measure_each_delta_on_the_stack_rows_and_on_its_solo_rows(cp):
     from lora_composer.miniworld.probes import pushes
 
     rt, two = cp.runtime, NAMES[:2]
-    key = next(k for k in rt.layers if k.startswith("unet.") and k.endswith("conv1")
-               and all(k in rt.adapters[n].deltas for n in two))
+    key = next(
+        k
+        for k in rt.layers
+        if k.startswith("unet.") and k.endswith("conv1") and all(k in rt.adapters[n].deltas for n in two)
+    )
     module = rt.layers[key].module
     x = torch.randn(6, module.in_channels, 8, 8, generator=torch.Generator().manual_seed(2))
     energy = torch.zeros(2, 2, dtype=torch.float64)
@@ -193,6 +226,8 @@ def test_pushes_measure_each_delta_on_the_stack_rows_and_on_its_solo_rows(cp):
     assert torch.equal(got, plain)
     for i, n in enumerate(two):
         d = dense_delta(rt.adapters[n].deltas[key]).reshape(module.weight.shape)
-        conv = [torch.nn.functional.conv2d(x[r:r + 1], d, None, module.stride, module.padding).pow(2).sum()
-                for r in (0, 3 + i)]
+        conv = [
+            torch.nn.functional.conv2d(x[r : r + 1], d, None, module.stride, module.padding).pow(2).sum()
+            for r in (0, 3 + i)
+        ]
         assert torch.allclose(energy[i], torch.stack(conv).double(), rtol=1e-4)

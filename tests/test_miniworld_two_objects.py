@@ -31,10 +31,12 @@ def test_caption_names_each_object_with_its_side_in_the_world_grammar():
     right = world.Scene("circle", "red", "wavy", "outline", "smiley")
     assert two_objects.caption(Pair(left, right)) == (
         "blinky, a purple star on the left and a red circle with a smiley face on the right, on a wavy background, "
-        "outline style")
+        "outline style"
+    )
     plain = Pair(world.Scene("circle", "red", "striped"), world.Scene("square", "blue", "striped", character="blinky"))
-    assert two_objects.caption(plain) == ("a red circle on the left and blinky, a blue square on the right, "
-                                          "on a striped background")
+    assert two_objects.caption(plain) == (
+        "a red circle on the left and blinky, a blue square on the right, on a striped background"
+    )
     with pytest.raises(ValueError, match="share the background"):
         Pair(world.Scene("circle", "red", "plain"), world.Scene("square", "red", "dotted"))
     rng = np.random.default_rng(0)
@@ -61,8 +63,10 @@ def test_regional_prompt_describes_each_half_in_its_region_with_its_loras():
 
 def test_a_concept_found_on_the_other_half_is_a_failure():
     wanted = {"left": {"shape": "star", "background": "wavy"}, "right": {"colour": "purple", "background": "wavy"}}
-    clean = {"left": {"shape": "star", "colour": "red", "background": "wavy"},
-             "right": {"shape": "circle", "colour": "purple", "background": "wavy"}}
+    clean = {
+        "left": {"shape": "star", "colour": "red", "background": "wavy"},
+        "right": {"shape": "circle", "colour": "purple", "background": "wavy"},
+    }
     assert two_objects.score(wanted, clean)["ok"]
     bled = {"left": {"shape": "star", "colour": "purple", "background": "wavy"}, "right": clean["right"]}
     r = two_objects.score(wanted, bled)
@@ -90,8 +94,14 @@ def test_combinations_split_the_loras_across_the_objects():
 
 def test_the_shipped_two_object_pipeline_renders_128x64():
     pipe = two_objects.load_pipeline()
-    images = pipe("a red circle on the left and a blue square on the right, on a plain background", seed=0,
-                  num_inference_steps=2, height=two_objects.HEIGHT, width=two_objects.WIDTH, progress=False)
+    images = pipe(
+        "a red circle on the left and a blue square on the right, on a plain background",
+        seed=0,
+        num_inference_steps=2,
+        height=two_objects.HEIGHT,
+        width=two_objects.WIDTH,
+        progress=False,
+    )
     assert images[0].size == (128, 64)
     assert (assets.two_objects_dir() / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
@@ -114,8 +124,21 @@ def test_compose_eval_two_objects_writes_the_table_and_an_example_grid(tmp_path,
     from lora_composer.frontends.evaluate import main
 
     out = tmp_path / "out"
-    argv = ["--world", "two-objects", "--per-kind", "1", "--steps", "1", "--strategies", "merge", "regional",
-            "--no-checks", "--out", str(out), "-q"]
+    argv = [
+        "--world",
+        "two-objects",
+        "--per-kind",
+        "1",
+        "--steps",
+        "1",
+        "--strategies",
+        "merge",
+        "regional",
+        "--no-checks",
+        "--out",
+        str(out),
+        "-q",
+    ]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "| regional |" in table and "the one-object base" in table

@@ -122,8 +122,15 @@ def test_a_very_long_prompt_is_cut_with_a_one_line_note(sd15_pipe):
     handler = logging.StreamHandler(stream)  # beside diffusers' own handler, which the note passes through too
     logging.getLogger("diffusers").addHandler(handler)
     try:
-        ComposerPipeline(sd15_pipe)(" ".join(["star"] * 5000), num_inference_steps=1, seed=0, height=64, width=64,
-                                    progress=False, output_type="np")
+        ComposerPipeline(sd15_pipe)(
+            " ".join(["star"] * 5000),
+            num_inference_steps=1,
+            seed=0,
+            height=64,
+            width=64,
+            progress=False,
+            output_type="np",
+        )
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
     notes = [line for line in stream.getvalue().splitlines() if "truncated" in line]

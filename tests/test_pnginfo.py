@@ -22,10 +22,20 @@ def _record(**extra) -> GenerationRecord:
         strategy_args={},
         model="/cache/lora-composer/default-tiny-sd15/tiny-sd15-random",
         loras=[
-            {"name": "demo-shapes", "path": "/l/demo-shapes.safetensors", "te_weight": 0.8, "unet_weight": 0.8,
-             "hash": "0123456789ab"},
-            {"name": "demo-ink", "path": "/l/demo-ink.safetensors", "te_weight": 0.5, "unet_weight": 1.0,
-             "hash": "ba9876543210"},
+            {
+                "name": "demo-shapes",
+                "path": "/l/demo-shapes.safetensors",
+                "te_weight": 0.8,
+                "unet_weight": 0.8,
+                "hash": "0123456789ab",
+            },
+            {
+                "name": "demo-ink",
+                "path": "/l/demo-ink.safetensors",
+                "te_weight": 0.5,
+                "unet_weight": 1.0,
+                "hash": "ba9876543210",
+            },
         ],
         sampler="DDIM",
         scheduler="DDIMScheduler",
@@ -47,8 +57,15 @@ def test_a1111_text():
 
 
 def test_a1111_text_variants():
-    rec = _record(negative_prompt="", loras=[], model="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                  model_hash="6ce0161689", strategy="switch", sampler="", scheduler="EulerAncestralDiscreteScheduler")
+    rec = _record(
+        negative_prompt="",
+        loras=[],
+        model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        model_hash="6ce0161689",
+        strategy="switch",
+        sampler="",
+        scheduler="EulerAncestralDiscreteScheduler",
+    )
     lines = rec.to_a1111().split("\n")
     assert lines[0] == "a red circle, flat colors"
     assert len(lines) == 2  # no "Negative prompt:" line when there is none, as in A1111

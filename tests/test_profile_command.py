@@ -28,8 +28,23 @@ def test_profile_then_cmlora_uses_the_cache(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == first
 
     out = tmp_path / "c.png"
-    code = main(["--prompt", "x", "--lora", "pixel-style", "--lora", "star-shape", "--strategy", "cmlora",
-                 "--steps", "2", "-q", "--out", str(out)])
+    code = main(
+        [
+            "--prompt",
+            "x",
+            "--lora",
+            "pixel-style",
+            "--lora",
+            "star-shape",
+            "--strategy",
+            "cmlora",
+            "--steps",
+            "2",
+            "-q",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     args = read_record(out).strategy_args
     assert args["order_source"] == "profile cache"

@@ -70,7 +70,9 @@ def test_bad_tags_give_one_line_errors_naming_the_tag(prompt, fragment):
 def test_unclosed_tag_is_an_error(prompt, shown):
     with pytest.raises(ComposerError) as err:
         parse_prompt(prompt)
-    assert str(err.value) == f"unclosed tag {shown!r} in the prompt: end it with '>', as in <lora:NAME> or <lora:NAME:0.8>"
+    assert (
+        str(err.value) == f"unclosed tag {shown!r} in the prompt: end it with '>', as in <lora:NAME> or <lora:NAME:0.8>"
+    )
 
 
 def test_other_angle_brackets_are_left_alone():
@@ -114,7 +116,13 @@ def test_bad_lora_spec(spec):
 def library(tmp_path):
     lib = tmp_path / "loras"
     (lib / "styles").mkdir(parents=True)
-    for rel in ("Ink-Style.safetensors", "styles/watercolor.safetensors", "shapes.safetensors", "shapes.pt", "notes.txt"):
+    for rel in (
+        "Ink-Style.safetensors",
+        "styles/watercolor.safetensors",
+        "shapes.safetensors",
+        "shapes.pt",
+        "notes.txt",
+    ):
         (lib / rel).write_bytes(b"x")
     (lib / ".trash").mkdir()
     (lib / ".trash" / "old.safetensors").write_bytes(b"x")
@@ -154,15 +162,21 @@ def test_unknown_name_suggests_close_names(library):
 
 def test_missing_path_is_not_an_unknown_name(library, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for ref in ("./nowhere.safetensors", "../nowhere.safetensors", str(tmp_path / "nowhere.safetensors"), "~/nowhere-4bf1.safetensors"):
+    for ref in (
+        "./nowhere.safetensors",
+        "../nowhere.safetensors",
+        str(tmp_path / "nowhere.safetensors"),
+        "~/nowhere-4bf1.safetensors",
+    ):
         with pytest.raises(ComposerError) as err:
             resolve_lora(ref, library)
         assert str(err.value) == f"{ref}: file not found"  # the library is not searched for an explicit path
     assert resolve_lora("./loras/shapes.pt", library).resolve() == library / "shapes.pt"  # an existing file as is
     with pytest.raises(ComposerError) as err:  # a name with an extension: a file, or a name in the library
         resolve_lora("ink-styel.safetensors", library)
-    assert str(err.value) == (f"ink-styel.safetensors: file not found, and no LoRA of that name in {library} "
-                              "(did you mean: Ink-Style)")
+    assert str(err.value) == (
+        f"ink-styel.safetensors: file not found, and no LoRA of that name in {library} (did you mean: Ink-Style)"
+    )
     with pytest.raises(ComposerError, match=r"^styles/nope: file not found, and no LoRA of that name in"):
         resolve_lora("styles/nope", library)
     with pytest.raises(ComposerError, match=r"^unknown LoRA 'nope' in"):
@@ -198,5 +212,6 @@ def test_with_tag_names_renames_tags_in_place():
 
     prompt = "a <lora:x:0.5> b BREAK c <lyco:y:te=0.2:unet=1>, d"
     assert with_tag_names(prompt, ["/l/x.safetensors", "/l/y.safetensors"]) == (
-        "a <lora:/l/x.safetensors:0.5> b BREAK c <lora:/l/y.safetensors:0.2:1>, d")
+        "a <lora:/l/x.safetensors:0.5> b BREAK c <lora:/l/y.safetensors:0.2:1>, d"
+    )
     assert with_tag_names("no tags", []) == "no tags"

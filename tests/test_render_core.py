@@ -31,8 +31,10 @@ def case(request, make_lora, tmp_path):
     family = request.param
     if family in ("sd15", "sdxl"):
         pipe = request.getfixturevalue(f"{family}_pipe")
-        files = {"a": make_lora(pipe, "a", rank=4, alpha=8, seed=1, conv=family == "sd15"),
-                 "b": make_lora(pipe, "b", rank=4, alpha=2, seed=2)}
+        files = {
+            "a": make_lora(pipe, "a", rank=4, alpha=8, seed=1, conv=family == "sd15"),
+            "b": make_lora(pipe, "b", rank=4, alpha=2, seed=2),
+        }
         return family, pipe, files, dict(UNET)
     request.getfixturevalue("one_thread")
     pipe = copy.deepcopy(request.getfixturevalue("dit_templates")[family])
@@ -40,8 +42,9 @@ def case(request, make_lora, tmp_path):
     files = {}
     for i, (name, alpha) in enumerate((("a", 8), ("b", 4))):
         layers = tiny_dit.random_dit_lora_layers(pipe, rank=4, seed=i + 1, text_encoders=encoders)
-        files[name] = tiny_dit.save_dit_diffusers_lora(pipe, layers, tmp_path / f"{name}.safetensors", rank=4,
-                                                       alpha=alpha)
+        files[name] = tiny_dit.save_dit_diffusers_lora(
+            pipe, layers, tmp_path / f"{name}.safetensors", rank=4, alpha=alpha
+        )
     return family, pipe, files, dict(DIT, guidance_scale=GUIDANCE[family])
 
 
@@ -198,8 +201,9 @@ def test_kontext_without_an_image_matches_diffusers(dit_templates, tmp_path):
 
     flux = dit_templates["flux"]
     kontext = FluxKontextPipeline(**copy.deepcopy(flux).components)
-    path = tiny_dit.save_dit_diffusers_lora(kontext, tiny_dit.random_dit_lora_layers(kontext, rank=4, seed=1),
-                                            tmp_path / "a.safetensors", rank=4, alpha=8)
+    path = tiny_dit.save_dit_diffusers_lora(
+        kontext, tiny_dit.random_dit_lora_layers(kontext, rank=4, seed=1), tmp_path / "a.safetensors", rank=4, alpha=8
+    )
     call = dict(DIT, guidance_scale=2.5, output_type="np", max_area=16 * 16)
     expected = diffusers_reference(kontext, {"a": path}, [0.8], **call)
     composer = ComposerPipeline(copy.deepcopy(kontext))

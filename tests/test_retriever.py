@@ -75,20 +75,42 @@ def library(tmp_path_factory, pipe, encoder):
     trigger words and no concept, random files, a corrupt file, an SDXL file and a near-duplicate."""
     root = tmp_path_factory.mktemp("loras")
     for i, word in enumerate(CONCEPTS):
-        write_lora(pipe, concept_layers(pipe, concept_direction(encoder, word), seed=10 + i), root / f"file-{i}.safetensors")
+        write_lora(
+            pipe, concept_layers(pipe, concept_direction(encoder, word), seed=10 + i), root / f"file-{i}.safetensors"
+        )
     rnd = lambda seed: tiny.random_lora_layers(pipe, rank=2, seed=seed, text_encoder=False)  # noqa: E731
-    write_lora(pipe, rnd(20), root / "zorblax-style.safetensors", sidecar={
-        "trainedWords": ["zorblax"], "description": "Strange glowing zorblax creatures."})
-    write_lora(pipe, rnd(21), root / "ink.safetensors", sidecar={
-        "trainedWords": ["ink sketch", "monochrome"], "description": "Black ink sketches on paper.", "preferred weight": 0.6})
-    write_lora(pipe, rnd(22), root / "sub" / "ink-v2.safetensors", sidecar={
-        "trainedWords": ["ink sketch", "monochrome"], "description": "Second version of the ink style."})
+    write_lora(
+        pipe,
+        rnd(20),
+        root / "zorblax-style.safetensors",
+        sidecar={"trainedWords": ["zorblax"], "description": "Strange glowing zorblax creatures."},
+    )
+    write_lora(
+        pipe,
+        rnd(21),
+        root / "ink.safetensors",
+        sidecar={
+            "trainedWords": ["ink sketch", "monochrome"],
+            "description": "Black ink sketches on paper.",
+            "preferred weight": 0.6,
+        },
+    )
+    write_lora(
+        pipe,
+        rnd(22),
+        root / "sub" / "ink-v2.safetensors",
+        sidecar={"trainedWords": ["ink sketch", "monochrome"], "description": "Second version of the ink style."},
+    )
     for seed in range(30, 36):
         write_lora(pipe, rnd(seed), root / f"random-{seed}.safetensors")
     (root / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}" + b"x" * 40)
     sdxl = tiny.build_tiny_sdxl_pipeline(seed=0)
-    write_lora(sdxl, tiny.random_lora_layers(sdxl, rank=2, seed=40), root / "xl-castle.safetensors", sidecar={
-        "trainedWords": ["castle", "zorblax"], "description": "castle castle castle"})
+    write_lora(
+        sdxl,
+        tiny.random_lora_layers(sdxl, rank=2, seed=40),
+        root / "xl-castle.safetensors",
+        sidecar={"trainedWords": ["castle", "zorblax"], "description": "castle castle castle"},
+    )
     return root
 
 
@@ -114,7 +136,9 @@ def test_an_older_catalog_reads_its_files_again_and_retries_what_it_skipped(tmp_
     """A catalog written before the method column, or by a loader that refused a format since learned, is
     brought up to date by the next index: rows get their method, remembered skips are tried again."""
     lib = tmp_path / "lib"
-    write_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=5, text_encoder=False, conv=True), lib / "a.safetensors")
+    write_lora(
+        pipe, tiny.random_lora_layers(pipe, rank=2, seed=5, text_encoder=False, conv=True), lib / "a.safetensors"
+    )
     write_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=6, text_encoder=False), lib / "b.safetensors")
     with Catalog.for_library(lib) as cat:
         assert cat.index(progress=False).indexed == 2
@@ -123,12 +147,17 @@ def test_an_older_catalog_reads_its_files_again_and_retries_what_it_skipped(tmp_
         st = b.stat()
         cat._delete(next(r.id for r in cat.rows() if r.name == "b"))
         cat.db.execute("ALTER TABLE files DROP COLUMN kinds")  # as an older version wrote it
-        cat.db.execute("INSERT INTO skipped VALUES (?, ?, ?, ?)", (str(b.resolve()), st.st_size, st.st_mtime_ns, "old refusal"))
+        cat.db.execute(
+            "INSERT INTO skipped VALUES (?, ?, ?, ?)", (str(b.resolve()), st.st_size, st.st_mtime_ns, "old refusal")
+        )
         cat.set_meta("loader", "an older loader")
         cat.db.commit()
     with Catalog.for_library(lib) as cat:
         report = cat.index(progress=False)
-        assert not report.skipped and sorted(os.path.basename(p) for p in report.updated + report.added) == ["a.safetensors", "b.safetensors"]
+        assert not report.skipped and sorted(os.path.basename(p) for p in report.updated + report.added) == [
+            "a.safetensors",
+            "b.safetensors",
+        ]
         assert {r.name: r.kinds for r in cat.rows()} == {"a": "LoCon", "b": "LoRA"}
     with Catalog.for_library(lib) as cat:  # and nothing is read again after that
         assert cat.index(progress=False).unchanged == 2
@@ -237,8 +266,16 @@ def test_pipeline_loras_auto_chooses_and_says_why(pipe, library, catalog):
     from lora_composer.pipeline import ComposerPipeline
 
     cp = ComposerPipeline(copy.deepcopy(pipe), library=library)
-    images = cp("a dragon, monochrome ink sketch", loras="auto", top_k=2, num_inference_steps=1, seed=1,
-                height=32, width=32, progress=False)
+    images = cp(
+        "a dragon, monochrome ink sketch",
+        loras="auto",
+        top_k=2,
+        num_inference_steps=1,
+        seed=1,
+        height=32,
+        width=32,
+        progress=False,
+    )
     got = {m.name for m in cp.last_retrieval}
     assert images and "file-1" in got and len(got & {"ink", "ink-v2"}) == 1
     assert len(cp.last_retrieval) == 2 and all(m.reason for m in cp.last_retrieval)
@@ -256,8 +293,12 @@ def test_cli_index_search_and_loras_auto(tmp_path, monkeypatch, capsys, pipe):
     model = tmp_path / "model"  # the LoRAs below are made for this tiny pipeline, not the default model
     pipe.save_pretrained(str(model))
     lib = tmp_path / "lib"
-    write_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=5, text_encoder=False), lib / "pix.safetensors",
-               sidecar={"trainedWords": ["pixel art"], "description": "8-bit pixel art"})
+    write_lora(
+        pipe,
+        tiny.random_lora_layers(pipe, rank=2, seed=5, text_encoder=False),
+        lib / "pix.safetensors",
+        sidecar={"trainedWords": ["pixel art"], "description": "8-bit pixel art"},
+    )
     write_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=6, text_encoder=False), lib / "plain.safetensors")
     (lib / "bad.safetensors").write_bytes(b"not a lora")
     assert main(["index", str(lib), "-q"]) == 0
@@ -271,19 +312,59 @@ def test_cli_index_search_and_loras_auto(tmp_path, monkeypatch, capsys, pipe):
     assert "pixel art" in lines[2] and "--loras auto would use: pix:1" in out
     assert '  pix: covers "pixel art" (trigger "pixel art", 1.00)' in out
     png = tmp_path / "auto.png"
-    code = main(["--prompt", "a castle in pixel art", "--loras", "auto", "--top-k", "1", "--library", str(lib),
-                 "--model", str(model), "--steps", "1", "--seed", "3", "--out", str(png), "-q"])
+    code = main(
+        [
+            "--prompt",
+            "a castle in pixel art",
+            "--loras",
+            "auto",
+            "--top-k",
+            "1",
+            "--library",
+            str(lib),
+            "--model",
+            str(model),
+            "--steps",
+            "1",
+            "--seed",
+            "3",
+            "--out",
+            str(png),
+            "-q",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0 and png.is_file(), err
     assert 'auto LoRAs: pix 1 (score 1.00: covers "pixel art" (trigger "pixel art"' in out and "LoRAs: pix 1" in out
     # the cap drops a named concept: one clean line on stderr, no Python warning
-    code = main(["--prompt", "a plain castle in pixel art", "--loras", "auto", "--top-k", "1", "--library", str(lib),
-                 "--model", str(model), "--steps", "1", "--seed", "3", "--out", str(png)])
+    code = main(
+        [
+            "--prompt",
+            "a plain castle in pixel art",
+            "--loras",
+            "auto",
+            "--top-k",
+            "1",
+            "--library",
+            str(lib),
+            "--model",
+            str(model),
+            "--steps",
+            "1",
+            "--seed",
+            "3",
+            "--out",
+            str(png),
+        ]
+    )
     out, err = capsys.readouterr()
     notes = [line for line in err.splitlines() if "cap of" in line]
-    assert code == 0 and notes == ['compose: note: --loras auto: the cap of 1 LoRA(s) left out plain ("plain"); '
-                                   'raise --top-k to use them'], err
+    assert code == 0 and notes == [
+        'compose: note: --loras auto: the cap of 1 LoRA(s) left out plain ("plain"); raise --top-k to use them'
+    ], err
     assert "Warning" not in err and "auto LoRAs: pix 1" in out
-    assert main(["--prompt", "x", "--loras", "auto", "--lora", "pix", "--library", str(lib), "--model", str(model),
-                 "-q"]) == 2
+    assert (
+        main(["--prompt", "x", "--loras", "auto", "--lora", "pix", "--library", str(lib), "--model", str(model), "-q"])
+        == 2
+    )
     assert "leave out --lora" in capsys.readouterr().err

@@ -90,7 +90,9 @@ def test_incremental_update_adds_changes_and_removes_in_place(catalog, monkeypat
     live = set(r.index.ids[r.index.live].tolist())
     assert live == set(catalog.family_ids("sd15")[0].tolist()) and not live & set(gone)
     assert r.index.ntotal == len(r.index.ids)  # dead slots stay in FAISS (tombstones), never returned
-    assert r.index.index.ntotal == N and len(r.index.segments) == 1  # index.faiss untouched: a segment holds the new rows
+    assert (
+        r.index.index.ntotal == N and len(r.index.segments) == 1
+    )  # index.faiss untouched: a segment holds the new rows
     for prompt in _prompts(vec, N + 200, seed=5):  # the new clusters too
         got = [m.row.id for m in _top(r, prompt)]
         assert not set(got) & set(gone)
@@ -108,8 +110,12 @@ def test_adding_rows_reads_only_the_new_rows(catalog, monkeypatch):
     synthetic_catalog(catalog.path, 100, start=N + 1).close()
     calls = []
     real = Catalog.family_ids
-    monkeypatch.setattr(Catalog, "family_ids", lambda self, family=None, since=None: (calls.append(since), real(self, family, since))[1])
-    monkeypatch.setattr(Vocabulary, "compact_from", classmethod(lambda *a: pytest.fail("adding rows must not rebuild the vocabulary")))
+    monkeypatch.setattr(
+        Catalog, "family_ids", lambda self, family=None, since=None: (calls.append(since), real(self, family, since))[1]
+    )
+    monkeypatch.setattr(
+        Vocabulary, "compact_from", classmethod(lambda *a: pytest.fail("adding rows must not rebuild the vocabulary"))
+    )
     r.refresh()
     assert calls and all(c is not None for c in calls)  # no full read of ids
     assert len(r.index.ids) == N + 100 and r.by_id.get(N + 100) == N + 99
@@ -175,8 +181,12 @@ MORE = [
 def _same(a: Vocabulary, b: Vocabulary, rows) -> None:
     lookup = {r.id: r for r in rows}
     a.attach(lookup)
-    prompts = ["a pixel art castle in ink, watercolor wash", "castle ruins on a checkered background, neon glow",
-               "monochrome glowing signs", "soft painting of fog"]
+    prompts = [
+        "a pixel art castle in ink, watercolor wash",
+        "castle ruins on a checkered background, neon glow",
+        "monochrome glowing signs",
+        "soft painting of fog",
+    ]
     for p in prompts:
         words = tokens(p)
         assert {int(i) for i in a.rows_for(words)} == b.rows_for(words)
@@ -226,8 +236,9 @@ def test_compose_index_with_a_model_builds_the_vector_index(tmp_path, monkeypatc
     pipe.save_pretrained(str(model))
     lib = tmp_path / "lib"
     for i in range(3):
-        tiny.save_diffusers_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=i, text_encoder=False),
-                                 lib / f"l{i}.safetensors", rank=2)
+        tiny.save_diffusers_lora(
+            pipe, tiny.random_lora_layers(pipe, rank=2, seed=i, text_encoder=False), lib / f"l{i}.safetensors", rank=2
+        )
     assert main(["index", str(lib), "--model", str(model), "-q"]) == 0
     metas = list((lib / ".lora-composer" / "vectors").glob("*/meta.json"))
     assert len(metas) == 1 and json.loads(metas[0].read_text())["slots"] == 3

@@ -15,8 +15,24 @@ from lora_composer.retriever.encoder import TextEncoder
 from lora_composer.retriever.signals import learned
 from tests.test_retriever import _identity_preserving, concept_direction, concept_layers, write_lora
 
-WORDS = ("castle", "dragon", "forest", "robot", "ocean", "kitten", "desert", "pirate", "wizard", "train",
-         "flower", "tiger", "mountain", "guitar", "rocket", "samurai")
+WORDS = (
+    "castle",
+    "dragon",
+    "forest",
+    "robot",
+    "ocean",
+    "kitten",
+    "desert",
+    "pirate",
+    "wizard",
+    "train",
+    "flower",
+    "tiger",
+    "mountain",
+    "guitar",
+    "rocket",
+    "samurai",
+)
 HELD_OUT = 6  # the last ones: undescribed
 
 
@@ -35,8 +51,12 @@ def library(tmp_path_factory, pipe, encoder):
     root = tmp_path_factory.mktemp("learned-lib")
     for i, word in enumerate(WORDS):
         side = {"trainedWords": [word], "description": f"{word} LoRA"} if i < len(WORDS) - HELD_OUT else None
-        write_lora(pipe, concept_layers(pipe, concept_direction(encoder, word), seed=200 + i), root / f"a{i:02d}.safetensors",
-                   sidecar=side)
+        write_lora(
+            pipe,
+            concept_layers(pipe, concept_direction(encoder, word), seed=200 + i),
+            root / f"a{i:02d}.safetensors",
+            sidecar=side,
+        )
     return root
 
 
@@ -92,21 +112,35 @@ def test_cli_train_retriever_writes_the_model_and_search_uses_it(tmp_path, monke
     model = tmp_path / "model"  # the LoRAs below are made for this tiny pipeline, not the default model
     pipe.save_pretrained(str(model))
     lib = tmp_path / "lib"
-    for i, (word, desc) in enumerate([("pixel art", "8-bit pixel art"), ("ink sketch", "black ink on paper"),
-                                      ("neon", "glowing neon signs"), (None, None)]):
+    for i, (word, desc) in enumerate(
+        [
+            ("pixel art", "8-bit pixel art"),
+            ("ink sketch", "black ink on paper"),
+            ("neon", "glowing neon signs"),
+            (None, None),
+        ]
+    ):
         side = {"trainedWords": [word], "description": desc} if word else None
-        write_lora(pipe, tiny.random_lora_layers(pipe, rank=2, seed=70 + i, text_encoder=False), lib / f"l{i}.safetensors",
-                   sidecar=side)
+        write_lora(
+            pipe,
+            tiny.random_lora_layers(pipe, rank=2, seed=70 + i, text_encoder=False),
+            lib / f"l{i}.safetensors",
+            sidecar=side,
+        )
     assert main(["train-retriever", str(lib), "--model", str(model), "--epochs", "3", "-q"]) == 0
     out = capsys.readouterr().out
     assert "on 3 described sd15 adapter(s), 3 epochs" in out and "embedded 4 adapter(s)" in out
     assert (lib / ".lora-composer" / learned.FILE_NAME).is_file()
     assert "LORA_COMPOSER_LEARNED=1" in out
-    assert main(["search", "glowing neon signs", "--library", str(lib), "--model", str(model), "-q", "--limit", "4"]) == 0
+    assert (
+        main(["search", "glowing neon signs", "--library", str(lib), "--model", str(model), "-q", "--limit", "4"]) == 0
+    )
     out = capsys.readouterr().out
     assert "lea=" not in out, out  # opt-in: at chance on unseen adapters, so not in the default fused score
     monkeypatch.setenv("LORA_COMPOSER_LEARNED", "1")
-    assert main(["search", "glowing neon signs", "--library", str(lib), "--model", str(model), "-q", "--limit", "4"]) == 0
+    assert (
+        main(["search", "glowing neon signs", "--library", str(lib), "--model", str(model), "-q", "--limit", "4"]) == 0
+    )
     out = capsys.readouterr().out
     assert "lea=" in out, out  # the learned signal is in the table
     assert main(["train-retriever", str(lib), "--model", str(model), "--epochs", "0"]) == 2

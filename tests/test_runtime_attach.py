@@ -40,7 +40,9 @@ def _dense_reference(clean, adapters, weights):
             w = weights.get(ad.name, 0.0)
             for key, d in ad.deltas.items():
                 m = modules[key.split(".", 1)[1]]
-                m.weight += w * d.scale * (d.up.reshape(d.up.shape[0], -1) @ d.down.reshape(d.rank, -1)).reshape(m.weight.shape)
+                m.weight += (
+                    w * d.scale * (d.up.reshape(d.up.shape[0], -1) @ d.down.reshape(d.rank, -1)).reshape(m.weight.shape)
+                )
     return _unet_out(ref)
 
 

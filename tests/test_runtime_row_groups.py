@@ -35,8 +35,10 @@ def test_grouped_rows_equal_the_dense_product_linear_and_conv():
 
 @pytest.fixture
 def four(sd15_pipe):
-    return [adapter_from_layers(name, tiny.random_lora_layers(sd15_pipe, rank=4, seed=i, conv=True), alpha=4)
-            for i, name in enumerate("abcd")]
+    return [
+        adapter_from_layers(name, tiny.random_lora_layers(sd15_pipe, rank=4, seed=i, conv=True), alpha=4)
+        for i, name in enumerate("abcd")
+    ]
 
 
 def test_requests_with_different_sets_compute_their_own_columns(sd15_pipe, four, monkeypatch):

@@ -23,9 +23,19 @@ SPECS = [  # name, trigger words, description
     ("pixel-style-v2", ["pixel style"], "Second pixel take."),
     ("checkered-floor", ["checkered floor"], "Tiles."),
 ]
-ROWS = [SimpleNamespace(id=i, name=n, trigger_words=t, description=d, sha256=f"{i:064x}", tags=[],
-                        preferred_weight=None, path=f"/lib/{n}.safetensors")
-        for i, (n, t, d) in enumerate(SPECS)]
+ROWS = [
+    SimpleNamespace(
+        id=i,
+        name=n,
+        trigger_words=t,
+        description=d,
+        sha256=f"{i:064x}",
+        tags=[],
+        preferred_weight=None,
+        path=f"/lib/{n}.safetensors",
+    )
+    for i, (n, t, d) in enumerate(SPECS)
+]
 VOCAB = Vocabulary(ROWS)
 TH = dict(calibration.DEFAULT_THRESHOLDS)
 
@@ -42,22 +52,29 @@ def names(sel):
     return sorted(m.name for m in sel)
 
 
-@pytest.mark.parametrize("prompt, expected", [
-    ("a green triangle on a dotted background", []),                     # "background" alone names nothing
-    ("a red circle on a plain backdrop", []),
-    ("an outline star", ["outline-style", "star-shape"]),
-    ("a star on a checkered background", ["checkered-bg", "star-shape"]),  # not checkered-floor
-    ("a cross on a checkerboard backdrop", ["checkered-bg", "cross-shape"]),
-    ("a star in the style of pixel art", ["pixel-style", "star-shape"]),  # one of the duplicate pair
-    ("a star on a checkered floor", ["checkered-floor", "star-shape"]),
-    ("purplish stars, outlined", ["outline-style", "purple-colour", "star-shape"]),
-])
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("a green triangle on a dotted background", []),  # "background" alone names nothing
+        ("a red circle on a plain backdrop", []),
+        ("an outline star", ["outline-style", "star-shape"]),
+        ("a star on a checkered background", ["checkered-bg", "star-shape"]),  # not checkered-floor
+        ("a cross on a checkerboard backdrop", ["checkered-bg", "cross-shape"]),
+        ("a star in the style of pixel art", ["pixel-style", "star-shape"]),  # one of the duplicate pair
+        ("a star on a checkered floor", ["checkered-floor", "star-shape"]),
+        ("purplish stars, outlined", ["outline-style", "purple-colour", "star-shape"]),
+    ],
+)
 def test_picks_what_the_prompt_names(prompt, expected):
     assert names(pick(prompt)) == expected
 
 
 def test_two_exclusive_adapters_only_when_both_are_named():
-    assert names(pick("a star on a checkered background and a wavy background")) == ["checkered-bg", "star-shape", "wavy-bg"]
+    assert names(pick("a star on a checkered background and a wavy background")) == [
+        "checkered-bg",
+        "star-shape",
+        "wavy-bg",
+    ]
     # one background named; the other only by a description word: exclusive, left out with the reason
     sel = pick("a star on a wavy background with grey line")
     assert names(sel) == ["star-shape", "wavy-bg"]
@@ -107,15 +124,25 @@ def test_phrase_index_names_only_the_rows_the_prompt_can_claim():
 
 
 def test_common_description_word_is_skipped_at_the_floor():
-    rows = [SimpleNamespace(id=i, name=f"f{i}", trigger_words=[f"t{i}"], description="glossy" if i < 50 else "matte",
-                            sha256=f"{i:064x}", tags=[], preferred_weight=None, path=f"/lib/f{i}.safetensors")
-            for i in range(100)]
+    rows = [
+        SimpleNamespace(
+            id=i,
+            name=f"f{i}",
+            trigger_words=[f"t{i}"],
+            description="glossy" if i < 50 else "matte",
+            sha256=f"{i:064x}",
+            tags=[],
+            preferred_weight=None,
+            path=f"/lib/f{i}.safetensors",
+        )
+        for i in range(100)
+    ]
     rows[0].description = "glossy unique"
     v = Vocabulary(rows)
     from lora_composer.retriever.phrases import tokens
 
-    assert len(v.rows_for(tokens("glossy"), 0.0)) == 50      # every row that has it, without a floor
-    assert v.rows_for(tokens("glossy"), 0.35) == set()        # 0.6 * idf(50 of 100) < 0.35: no claim possible
+    assert len(v.rows_for(tokens("glossy"), 0.0)) == 50  # every row that has it, without a floor
+    assert v.rows_for(tokens("glossy"), 0.35) == set()  # 0.6 * idf(50 of 100) < 0.35: no claim possible
     assert v.rows_for(tokens("unique"), 0.35) == {0}
 
 
@@ -123,9 +150,19 @@ def test_vocabulary_is_cheap_to_build():
     """30,000 rows in well under the ~19 s the first version took (a loose bound for a loaded machine)."""
     import time
 
-    rows = [SimpleNamespace(id=i, name=f"lora-{i}", trigger_words=[f"w{i % 5000}", f"w{(7 * i) % 5000}"],
-                            description=" ".join(f"w{(i * j) % 5000}" for j in range(12)), sha256="", tags=[],
-                            preferred_weight=None, path="") for i in range(30000)]
+    rows = [
+        SimpleNamespace(
+            id=i,
+            name=f"lora-{i}",
+            trigger_words=[f"w{i % 5000}", f"w{(7 * i) % 5000}"],
+            description=" ".join(f"w{(i * j) % 5000}" for j in range(12)),
+            sha256="",
+            tags=[],
+            preferred_weight=None,
+            path="",
+        )
+        for i in range(30000)
+    ]
     t0 = time.process_time()
     Vocabulary(rows)
     assert time.process_time() - t0 < 8.0

@@ -59,8 +59,12 @@ class _Hold:
 def test_generate_jobs_events_and_refusals(world):
     server = _server(world)
     with TestClient(create_app(server)) as client:
-        body = {"prompt": "a purple star <lora:star-shape:0.9>", "loras": [{"name": "purple-colour", "weight": 1}],
-                "seed": 5, **SMALL}
+        body = {
+            "prompt": "a purple star <lora:star-shape:0.9>",
+            "loras": [{"name": "purple-colour", "weight": 1}],
+            "seed": 5,
+            **SMALL,
+        }
         r = client.post("/v1/generate", json=body)
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         first = r.content
@@ -71,7 +75,9 @@ def test_generate_jobs_events_and_refusals(world):
         assert "Lora hashes" in image.text["parameters"]
 
         auto = client.post("/v1/generate", json={"prompt": "blinky on a wavy background", "loras": "auto", **SMALL})
-        picked = [lo["name"] for lo in GenerationRecord.from_json(Image.open(io.BytesIO(auto.content)).text[RECORD_KEY]).loras]
+        picked = [
+            lo["name"] for lo in GenerationRecord.from_json(Image.open(io.BytesIO(auto.content)).text[RECORD_KEY]).loras
+        ]
         assert auto.status_code == 200 and {"blinky-character", "wavy-bg"} <= set(picked), picked
 
         r = client.post("/v1/jobs", json={**body, "seed": 6})
@@ -83,7 +89,10 @@ def test_generate_jobs_events_and_refusals(world):
         assert kinds[0] == "queued" and kinds[-1] == "done" and kinds.count("step") == 2
         assert client.get(f"/v1/jobs/{job}").json()["status"] == "done"
         png = client.get(f"/v1/jobs/{job}/result")
-        assert png.status_code == 200 and GenerationRecord.from_json(Image.open(io.BytesIO(png.content)).text[RECORD_KEY]).seed == 6
+        assert (
+            png.status_code == 200
+            and GenerationRecord.from_json(Image.open(io.BytesIO(png.content)).text[RECORD_KEY]).seed == 6
+        )
 
         refusals = {
             "loras[0].name": {"loras": [{"name": "../../etc/passwd"}]},
@@ -106,12 +115,19 @@ def test_generate_jobs_events_and_refusals(world):
         assert client.get("/v1/jobs/nope").status_code == 404
         # the refusals disturbed nothing: the next request renders the same image as the first
         again = client.post("/v1/generate", json=body)
-        pixels = (lambda png: Image.open(io.BytesIO(png)).convert("RGB").tobytes())  # the pixels, not the record (its time)
+        pixels = lambda png: (
+            Image.open(io.BytesIO(png)).convert("RGB").tobytes()
+        )  # the pixels, not the record (its time)
         assert again.status_code == 200 and pixels(again.content) == pixels(first)
 
         metrics = client.get("/metrics").text
-        for name in ("lora_composer_queue_depth", "lora_composer_batch_requests_bucket", "lora_composer_step_seconds_sum",
-                     "lora_composer_adapter_cache_hits_total", 'lora_composer_rejected_total{code="422"}'):
+        for name in (
+            "lora_composer_queue_depth",
+            "lora_composer_batch_requests_bucket",
+            "lora_composer_step_seconds_sum",
+            "lora_composer_adapter_cache_hits_total",
+            'lora_composer_rejected_total{code="422"}',
+        ):
             assert name in metrics, name
         attached = server.residency.attached()  # each file parsed once and kept attached
         assert server.cache.misses == len(attached) == 4 and {"purple-colour", "star-shape"} <= set(attached)
@@ -177,20 +193,43 @@ def test_separate_text_and_denoiser_weights_are_served(world):
 
     server = _server(world)
     solo, library = world[1], world[2]
-    body = {"prompt": "a purple star <lora:star-shape:0.2:1>", "seed": 7, "guidance": 5.0,
-            "loras": [{"name": "purple-colour", "weight": 1.0, "te_weight": 0.4}], **SMALL}
+    body = {
+        "prompt": "a purple star <lora:star-shape:0.2:1>",
+        "seed": 7,
+        "guidance": 5.0,
+        "loras": [{"name": "purple-colour", "weight": 1.0, "te_weight": 0.4}],
+        **SMALL,
+    }
     with TestClient(create_app(server)) as client:
         r = client.post("/v1/generate", json=body)
-        same = client.post("/v1/generate", json={**body, "prompt": "a purple star <lora:star-shape:1>",
-                                                 "loras": [{"name": "purple-colour", "weight": 1.0}]})
+        same = client.post(
+            "/v1/generate",
+            json={
+                **body,
+                "prompt": "a purple star <lora:star-shape:1>",
+                "loras": [{"name": "purple-colour", "weight": 1.0}],
+            },
+        )
     assert r.status_code == 200 and same.status_code == 200, r.text
     record = GenerationRecord.from_json(Image.open(io.BytesIO(r.content)).text[RECORD_KEY])
     assert {lo["name"]: (lo["te_weight"], lo["unet_weight"]) for lo in record.loras} == {
-        "purple-colour": (0.4, 1.0), "star-shape": (0.2, 1.0)}
-    want = solo("a purple star", loras=[(str(library / "purple-colour.safetensors"), 0.4, 1.0),
-                                        (str(library / "star-shape.safetensors"), 0.2, 1.0)],
-                num_inference_steps=2, guidance_scale=5.0, seed=7, height=64, width=64, output_type="np",
-                progress=False)[0]
+        "purple-colour": (0.4, 1.0),
+        "star-shape": (0.2, 1.0),
+    }
+    want = solo(
+        "a purple star",
+        loras=[
+            (str(library / "purple-colour.safetensors"), 0.4, 1.0),
+            (str(library / "star-shape.safetensors"), 0.2, 1.0),
+        ],
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        seed=7,
+        height=64,
+        width=64,
+        output_type="np",
+        progress=False,
+    )[0]
     got = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=np.float64)
     assert np.abs(got - np.round(want * 255)).max() <= 1
     other = np.asarray(Image.open(io.BytesIO(same.content)).convert("RGB"), dtype=np.float64)
@@ -202,18 +241,35 @@ def test_regional_requests_keep_each_tag_in_its_region(world):
     render is the pipeline's own, and a region naming a file outside the library is refused."""
     server = _server(world)
     prompt = "a purple circle <lora:purple-colour:0.9> BREAK blinky, a red square <lora:blinky-character>"
-    body = {"prompt": prompt, "loras": [{"name": "wavy-bg"}], "strategy": "regional", "seed": 3, "steps": 2,
-            "width": 128, "height": 64}
+    body = {
+        "prompt": prompt,
+        "loras": [{"name": "wavy-bg"}],
+        "strategy": "regional",
+        "seed": 3,
+        "steps": 2,
+        "width": 128,
+        "height": 64,
+    }
     with TestClient(create_app(server)) as client:
         r = client.post("/v1/generate", json=body)
         assert r.status_code == 200, r.text
         served = Image.open(io.BytesIO(r.content))
         record = GenerationRecord.from_json(served.text[RECORD_KEY])
         assert [g["loras"] for g in record.strategy_args["regions"]] == [
-            {"wavy-bg": 1.0, "purple-colour": 0.9}, {"wavy-bg": 1.0, "blinky-character": 1.0}]
+            {"wavy-bg": 1.0, "purple-colour": 0.9},
+            {"wavy-bg": 1.0, "blinky-character": 1.0},
+        ]
         bad = client.post("/v1/generate", json={**body, "prompt": "a BREAK b <lora:../../etc/passwd>"})
         assert bad.status_code == 422 and bad.json()["error"].startswith("prompt")
     composer = world[0]
-    alone = composer(prompt, loras=[("wavy-bg", 1.0)], strategy="regional", seed=3, num_inference_steps=2,
-                     width=128, height=64, progress=False)[0]
+    alone = composer(
+        prompt,
+        loras=[("wavy-bg", 1.0)],
+        strategy="regional",
+        seed=3,
+        num_inference_steps=2,
+        width=128,
+        height=64,
+        progress=False,
+    )[0]
     assert served.convert("RGB").tobytes() == alone.convert("RGB").tobytes()

@@ -26,9 +26,19 @@ def world(home):
 
 
 def _solo(solo, spec: RenderSpec) -> np.ndarray:
-    out = solo(spec.prompt, loras=[(str(p), w) for p, w in spec.loras], num_inference_steps=spec.steps,
-               strategy=spec.strategy, strategy_args=spec.strategy_args, guidance_scale=spec.guidance, seed=spec.seed, height=spec.height, width=spec.width,
-               output_type="np", progress=False)
+    out = solo(
+        spec.prompt,
+        loras=[(str(p), w) for p, w in spec.loras],
+        num_inference_steps=spec.steps,
+        strategy=spec.strategy,
+        strategy_args=spec.strategy_args,
+        guidance_scale=spec.guidance,
+        seed=spec.seed,
+        height=spec.height,
+        width=spec.width,
+        output_type="np",
+        progress=False,
+    )
     return out[0]
 
 
@@ -43,16 +53,32 @@ def test_batched_requests_equal_their_solo_renders(world):
     serving.adapter_loader = cache.load
     residency = Residency(serving, max_bytes=64 << 20)
     batcher = Batcher(serving, residency, max_batch=4)
+
     def lib(name):
         return library / f"{name}.safetensors"
 
     specs = [
-        RenderSpec("a purple star on a striped background", loras=[(lib("star-shape"), 1.0), (lib("purple-colour"), 0.8)],
-                   seed=11, steps=4, guidance=5.0),
-        RenderSpec("blinky on a wavy background", loras=[(lib("blinky-character"), 1.0), (lib("wavy-bg"), 1.0)],
-                   seed=12, steps=4, guidance=5.0),
-        RenderSpec("an orange cross", loras=[(lib("orange-colour"), 1.0), (lib("cross-shape"), 0.9)], seed=13, steps=3,
-                   guidance=5.0),
+        RenderSpec(
+            "a purple star on a striped background",
+            loras=[(lib("star-shape"), 1.0), (lib("purple-colour"), 0.8)],
+            seed=11,
+            steps=4,
+            guidance=5.0,
+        ),
+        RenderSpec(
+            "blinky on a wavy background",
+            loras=[(lib("blinky-character"), 1.0), (lib("wavy-bg"), 1.0)],
+            seed=12,
+            steps=4,
+            guidance=5.0,
+        ),
+        RenderSpec(
+            "an orange cross",
+            loras=[(lib("orange-colour"), 1.0), (lib("cross-shape"), 0.9)],
+            seed=13,
+            steps=3,
+            guidance=5.0,
+        ),
         RenderSpec("a red circle", loras=[], seed=14, steps=3, guidance=1.0),  # no guidance: one row, no LoRA
     ]
     try:
@@ -69,9 +95,15 @@ def test_batched_requests_equal_their_solo_renders(world):
         assert late_start == 1
         # the late ones joined a batch already running: they shared passes with the first two
         assert all(j.batched_with >= 1 for j in jobs)
-        assert batcher.metrics.batch_requests.n > 0 and max(
-            edge for edge, c in zip(batcher.metrics.batch_requests.buckets, batcher.metrics.batch_requests.counts)
-            if c == batcher.metrics.batch_requests.n) >= 3
+        assert (
+            batcher.metrics.batch_requests.n > 0
+            and max(
+                edge
+                for edge, c in zip(batcher.metrics.batch_requests.buckets, batcher.metrics.batch_requests.counts)
+                if c == batcher.metrics.batch_requests.n
+            )
+            >= 3
+        )
         for job, spec in zip(jobs, specs):
             want = _solo(solo, spec)
             got = _png_array(job.png)
@@ -113,7 +145,9 @@ def test_cancelling_a_running_request_leaves_the_batch_running(world):
     batcher = Batcher(serving, residency, max_batch=4)
     try:
         long = batcher.submit(RenderSpec("a star", loras=[(library / "star-shape.safetensors", 1.0)], seed=1, steps=8))
-        other = batcher.submit(RenderSpec("a cross", loras=[(library / "cross-shape.safetensors", 1.0)], seed=2, steps=4))
+        other = batcher.submit(
+            RenderSpec("a cross", loras=[(library / "cross-shape.safetensors", 1.0)], seed=2, steps=4)
+        )
         while not any(e["event"] == "step" for e in long.events_after(0, 5.0)):
             pass
         batcher.cancel(long.id)
@@ -159,8 +193,15 @@ def test_strategies_take_their_row_groups_in_the_shared_batch(world):
         RenderSpec("blinky, orange, wavy", loras=trio, strategy="conjunction", seed=23, steps=4, guidance=5.0),
         RenderSpec("blinky, orange, wavy", loras=trio, strategy="loratorio", seed=24, steps=4, guidance=5.0),
         RenderSpec("a purple star", loras=pair, strategy="cmlora", seed=25, steps=5, guidance=5.0),
-        RenderSpec("blinky, orange, wavy", loras=trio, strategy="switch", strategy_args={"every": 1}, seed=26,
-                   steps=4, guidance=5.0),
+        RenderSpec(
+            "blinky, orange, wavy",
+            loras=trio,
+            strategy="switch",
+            strategy_args={"every": 1},
+            seed=26,
+            steps=4,
+            guidance=5.0,
+        ),
         RenderSpec("a purple star", loras=pair, strategy="gated", seed=27, steps=3, guidance=5.0),
     ]
     try:
@@ -223,11 +264,22 @@ def test_sdxl_requests_share_batches_and_equal_their_solo_renders(sdxl_pipe, mak
     serving = ComposerPipeline(sdxl_pipe)
     batcher = Batcher(serving, Residency(serving, max_bytes=64 << 20), max_batch=4)
     assert batcher.batching
-    specs = [RenderSpec("a cat", loras=[(a, 1.0)], seed=31, steps=3, guidance=5.0, width=64, height=64),
-             RenderSpec("a dog", loras=[(a, 0.7), (b, 1.0)], strategy="composite", seed=32, steps=3, guidance=5.0,
-                        width=64, height=64),
-             RenderSpec("a bird", loras=[(b, 1.0)], negative_prompt="blurry", seed=33, steps=2, guidance=1.0,
-                        width=64, height=64)]
+    specs = [
+        RenderSpec("a cat", loras=[(a, 1.0)], seed=31, steps=3, guidance=5.0, width=64, height=64),
+        RenderSpec(
+            "a dog",
+            loras=[(a, 0.7), (b, 1.0)],
+            strategy="composite",
+            seed=32,
+            steps=3,
+            guidance=5.0,
+            width=64,
+            height=64,
+        ),
+        RenderSpec(
+            "a bird", loras=[(b, 1.0)], negative_prompt="blurry", seed=33, steps=2, guidance=1.0, width=64, height=64
+        ),
+    ]
     try:
         jobs = [batcher.submit(s) for s in specs]
         for job in jobs:
@@ -235,13 +287,30 @@ def test_sdxl_requests_share_batches_and_equal_their_solo_renders(sdxl_pipe, mak
         assert [j.status for j in jobs] == ["done"] * 3, [j.error for j in jobs]
         assert all(j.batched_with >= 1 for j in jobs)
         for job, spec in zip(jobs, specs):
-            want = solo(spec.prompt, negative_prompt=spec.negative_prompt or None,
-                        loras=[(str(p), w) for p, w in spec.loras], strategy=spec.strategy,
-                        num_inference_steps=spec.steps, guidance_scale=spec.guidance, seed=spec.seed, height=64,
-                        width=64, output_type="np", progress=False)[0]
+            want = solo(
+                spec.prompt,
+                negative_prompt=spec.negative_prompt or None,
+                loras=[(str(p), w) for p, w in spec.loras],
+                strategy=spec.strategy,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance,
+                seed=spec.seed,
+                height=64,
+                width=64,
+                output_type="np",
+                progress=False,
+            )[0]
             assert np.abs(job.array - want).max() < 1e-4, spec.prompt
-        base = solo("a cat", num_inference_steps=3, guidance_scale=5.0, seed=31, height=64, width=64,
-                    output_type="np", progress=False)[0]
+        base = solo(
+            "a cat",
+            num_inference_steps=3,
+            guidance_scale=5.0,
+            seed=31,
+            height=64,
+            width=64,
+            output_type="np",
+            progress=False,
+        )[0]
         assert np.abs(jobs[0].array - base).max() > 1e-3  # the LoRA acted
     finally:
         batcher.close()
@@ -272,17 +341,34 @@ def test_dit_requests_share_batches_and_equal_their_solo_renders(family, tmp_pat
 
     pipe = _dit_pipe(family)
     text = ("text_encoder", "text_encoder_2") if family == "sd3" else ("text_encoder",)  # as diffusers saves them
-    a, b = (tiny_dit.save_dit_diffusers_lora(pipe, tiny_dit.random_dit_lora_layers(pipe, seed=i, text_encoders=text),
-                                             tmp_path / f"{name}.safetensors", rank=4) for i, name in ((1, "a"), (2, "b")))
+    a, b = (
+        tiny_dit.save_dit_diffusers_lora(
+            pipe,
+            tiny_dit.random_dit_lora_layers(pipe, seed=i, text_encoders=text),
+            tmp_path / f"{name}.safetensors",
+            rank=4,
+        )
+        for i, name in ((1, "a"), (2, "b"))
+    )
     solo = ComposerPipeline(copy.deepcopy(pipe))
     serving = ComposerPipeline(pipe)
     batcher = Batcher(serving, Residency(serving, max_bytes=64 << 20), max_batch=4)
     assert batcher.batching
     size = dict(width=16, height=16)
-    specs = [RenderSpec("a cat", loras=[(a, 1.0)], seed=41, steps=3, guidance=3.5, **size),
-             RenderSpec("a dog", loras=[(a, 0.7), (b, 1.0)], strategy="composite", seed=42, steps=3, guidance=5.0,
-                        negative_prompt="blurry", **size),
-             RenderSpec("a bird", loras=[(b, 1.2)], seed=43, steps=2, guidance=1.0, **size)]
+    specs = [
+        RenderSpec("a cat", loras=[(a, 1.0)], seed=41, steps=3, guidance=3.5, **size),
+        RenderSpec(
+            "a dog",
+            loras=[(a, 0.7), (b, 1.0)],
+            strategy="composite",
+            seed=42,
+            steps=3,
+            guidance=5.0,
+            negative_prompt="blurry",
+            **size,
+        ),
+        RenderSpec("a bird", loras=[(b, 1.2)], seed=43, steps=2, guidance=1.0, **size),
+    ]
     try:
         jobs = [batcher.submit(s) for s in specs]
         for job in jobs:
@@ -290,13 +376,22 @@ def test_dit_requests_share_batches_and_equal_their_solo_renders(family, tmp_pat
         assert [j.status for j in jobs] == ["done"] * 3, [j.error for j in jobs]
         assert all(j.batched_with >= 1 for j in jobs)  # none ran alone
         for job, spec in zip(jobs, specs):
-            want = solo(spec.prompt, negative_prompt=spec.negative_prompt or None,
-                        loras=[(str(p), w) for p, w in spec.loras], strategy=spec.strategy,
-                        num_inference_steps=spec.steps, guidance_scale=spec.guidance, seed=spec.seed, output_type="np",
-                        progress=False, **size)[0]
+            want = solo(
+                spec.prompt,
+                negative_prompt=spec.negative_prompt or None,
+                loras=[(str(p), w) for p, w in spec.loras],
+                strategy=spec.strategy,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance,
+                seed=spec.seed,
+                output_type="np",
+                progress=False,
+                **size,
+            )[0]
             assert job.array.shape == want.shape and np.abs(job.array - want).max() < 1e-4, (family, spec.prompt)
-        base = solo("a cat", num_inference_steps=3, guidance_scale=3.5, seed=41, output_type="np", progress=False,
-                    **size)[0]
+        base = solo(
+            "a cat", num_inference_steps=3, guidance_scale=3.5, seed=41, output_type="np", progress=False, **size
+        )[0]
         assert np.abs(jobs[0].array - base).max() > 1e-3  # the LoRA acted
     finally:
         batcher.close()

@@ -21,8 +21,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_composer.serving.job_store import (JobRecord, JobStoreError, Recorder, RedisJobStore, SQLiteJobStore,
-                                             open_store, resolve_url)
+from lora_composer.serving.job_store import (
+    JobRecord,
+    JobStoreError,
+    Recorder,
+    RedisJobStore,
+    SQLiteJobStore,
+    open_store,
+    resolve_url,
+)
 from lora_composer.serving.jobs import Job, RenderSpec
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))  # bytes a text column would mangle
@@ -33,6 +40,7 @@ def reopen(request, tmp_path):
     """``reopen()`` -> a store on the same data each time it is called (a new connection, as after a restart)."""
     opened, server = [], None
     if request.param == "sqlite":
+
         def make(**kw):
             opened.append(SQLiteJobStore(tmp_path / "jobs.sqlite", **kw))
             return opened[-1]
@@ -48,9 +56,23 @@ def reopen(request, tmp_path):
         if shutil.which("redis-server") is None:
             pytest.skip("no redis-server on this machine")
         url = f"redis://127.0.0.1:{_free_port()}/0"
-        server = subprocess.Popen(["redis-server", "--port", url.rsplit(":", 1)[1].split("/")[0], "--bind",
-                                   "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                url.rsplit(":", 1)[1].split("/")[0],
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -63,6 +85,7 @@ def reopen(request, tmp_path):
         def make(**kw):
             opened.append(RedisJobStore(url, **kw))
             return opened[-1]
+
     yield make
     for store in opened:
         store.close()
@@ -72,8 +95,13 @@ def reopen(request, tmp_path):
 
 
 def _record(i: int, **kw) -> JobRecord:
-    return JobRecord(id=f"job-{i}", request={"prompt": f"p{i}", "seed": 1000 + i, "loras": [{"name": "a"}]},
-                     steps=10, created=1000.0 + i, **kw)
+    return JobRecord(
+        id=f"job-{i}",
+        request={"prompt": f"p{i}", "seed": 1000 + i, "loras": [{"name": "a"}]},
+        steps=10,
+        created=1000.0 + i,
+        **kw,
+    )
 
 
 def test_put_get_update_and_unfinished(reopen):
@@ -93,8 +121,13 @@ def test_put_get_update_and_unfinished(reopen):
     running = store.get("job-1")
     assert (running.status, running.step, running.replica) == ("running", 3, "r1")
     done = store.get("job-2")
-    assert done.png == PNG and done.summary() == {"id": "job-2", "status": "done", "steps": 10, "step": 10,
-                                                   "result": "/v1/jobs/job-2/result"}
+    assert done.png == PNG and done.summary() == {
+        "id": "job-2",
+        "status": "done",
+        "steps": 10,
+        "step": 10,
+        "result": "/v1/jobs/job-2/result",
+    }
     failed = store.get("job-3")
     assert (failed.error, failed.http_status, failed.png) == ("loras[0].name: gone", 422, None)
     assert store.update("job-3", status="queued", error=None)  # None clears a field
@@ -194,9 +227,11 @@ def test_serve_command_says_a_bad_store_in_one_line_before_loading(tmp_path, mon
 
     monkeypatch.setitem(sys.modules, "redis", None)
     (tmp_path / "a-file").write_text("x")
-    for url, says in [("ftp://x", "jobs-url ftp://x: not a store"),
-                      ("redis://127.0.0.1:6379/0", "pip install 'lora-composer[redis]'"),
-                      (str(tmp_path / "a-file" / "j.sqlite"), "cannot open the job store")]:
+    for url, says in [
+        ("ftp://x", "jobs-url ftp://x: not a store"),
+        ("redis://127.0.0.1:6379/0", "pip install 'lora-composer[redis]'"),
+        (str(tmp_path / "a-file" / "j.sqlite"), "cannot open the job store"),
+    ]:
         started = time.monotonic()
         assert main(["serve", "--jobs-url", url]) == 2
         err = capsys.readouterr().err.strip()
@@ -218,9 +253,26 @@ def _free_port() -> int:
 def _start(port: int, jobs: str, home) -> subprocess.Popen:
     env = {**os.environ, "LORA_COMPOSER_HOME": str(home), "OMP_NUM_THREADS": "1"}
     env.pop("LORA_COMPOSER_LIBRARY", None)
-    return subprocess.Popen([sys.executable, "-m", "lora_composer", "serve", "--port", str(port), "--jobs-url", jobs,
-                             "--max-steps", str(STEPS), "--log-level", "warning"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lora_composer",
+            "serve",
+            "--port",
+            str(port),
+            "--jobs-url",
+            jobs,
+            "--max-steps",
+            str(STEPS),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _wait_up(client: httpx.Client, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -240,9 +292,17 @@ def _solo(solo, body: dict) -> np.ndarray:
     from lora_composer.library import list_loras
 
     files = {p.stem: p for p in list_loras(solo.library)}
-    out = solo(body["prompt"], loras=[(str(files[item["name"]]), item["weight"]) for item in body["loras"]],
-               num_inference_steps=STEPS, guidance_scale=5.0, seed=body["seed"], height=64, width=64,
-               output_type="np", progress=False)
+    out = solo(
+        body["prompt"],
+        loras=[(str(files[item["name"]]), item["weight"]) for item in body["loras"]],
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        seed=body["seed"],
+        height=64,
+        width=64,
+        output_type="np",
+        progress=False,
+    )
     return np.round(out[0] * 255)
 
 
@@ -251,10 +311,15 @@ def test_a_killed_server_answers_every_job_after_a_restart(home, tmp_path):
 
     jobs = str(tmp_path / "jobs.sqlite")
     port = _free_port()
-    bodies = [{"prompt": "a purple star", "loras": [{"name": "star-shape", "weight": 1.0},
-                                                    {"name": "purple-colour", "weight": 0.8}], "seed": 11},
-              {"prompt": "blinky on a wavy background", "loras": [{"name": "blinky-character", "weight": 1.0}]},
-              {"prompt": "a purple square", "loras": [{"name": "purple-colour", "weight": 1.0}], "seed": 13}]
+    bodies = [
+        {
+            "prompt": "a purple star",
+            "loras": [{"name": "star-shape", "weight": 1.0}, {"name": "purple-colour", "weight": 0.8}],
+            "seed": 11,
+        },
+        {"prompt": "blinky on a wavy background", "loras": [{"name": "blinky-character", "weight": 1.0}]},
+        {"prompt": "a purple square", "loras": [{"name": "purple-colour", "weight": 1.0}], "seed": 13},
+    ]
     first = _start(port, jobs, home)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
@@ -273,8 +338,10 @@ def test_a_killed_server_answers_every_job_after_a_restart(home, tmp_path):
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     with sqlite3.connect(jobs) as db:
-        stored = {job_id: (status, json.loads(request)["seed"])
-                  for job_id, status, request in db.execute("SELECT id, status, request FROM jobs")}
+        stored = {
+            job_id: (status, json.loads(request)["seed"])
+            for job_id, status, request in db.execute("SELECT id, status, request FROM jobs")
+        }
     assert set(stored) == set(ids)
     unfinished = [j for j in ids if stored[j][0] in ("queued", "running")]
     assert unfinished, stored  # the kill came before every job was done
@@ -297,8 +364,11 @@ def test_a_killed_server_answers_every_job_after_a_restart(home, tmp_path):
             assert all(states[j]["id"] == j for j in ids)
             images = {j: client.get(f"/v1/jobs/{j}/result") for j in ids}
             for job_id in ids:  # the story under the id the client knows, whether run again or read back
-                events = [json.loads(line[6:]) for line in client.get(f"/v1/jobs/{job_id}/events").text.splitlines()
-                          if line.startswith("data: ")]
+                events = [
+                    json.loads(line[6:])
+                    for line in client.get(f"/v1/jobs/{job_id}/events").text.splitlines()
+                    if line.startswith("data: ")
+                ]
                 assert events[-1]["event"] == "done" and {e["job"] for e in events} == {job_id}, events
             metrics = client.get("/metrics").text
     finally:

@@ -42,11 +42,21 @@ def cluster(home):
     from tests.serve_world import pipelines
 
     _, solo, library = pipelines()
-    config = resolved(ServerConfig(library=str(library), limits=Limits(default_steps=STEPS), max_batch=4,
-                                   jobs_url=str(home / "serve-jobs.sqlite")))
+    config = resolved(
+        ServerConfig(
+            library=str(library),
+            limits=Limits(default_steps=STEPS),
+            max_batch=4,
+            jobs_url=str(home / "serve-jobs.sqlite"),
+        )
+    )
     port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "LORA_COMPOSER_HOME": str(home)}})
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "LORA_COMPOSER_HOME": str(home)}},
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config, RayOptions(replicas=2, cpus_per_replica=1)), name="lc-test", route_prefix="/")
@@ -58,17 +68,30 @@ def cluster(home):
 
 def _body(name: str, seed: int) -> dict:
     prompt, loras = SETS[name]
-    return {"prompt": prompt, "loras": [{"name": n, "weight": w} for n, w in loras], "seed": seed, "steps": STEPS,
-            "guidance": 5.0}
+    return {
+        "prompt": prompt,
+        "loras": [{"name": n, "weight": w} for n, w in loras],
+        "seed": seed,
+        "steps": STEPS,
+        "guidance": 5.0,
+    }
 
 
 def _solo(solo, body: dict) -> np.ndarray:
     from lora_composer.library import list_loras
 
     files = {p.stem: p for p in list_loras(solo.library)}
-    out = solo(body["prompt"], loras=[(str(files[item["name"]]), item["weight"]) for item in body["loras"]],
-               num_inference_steps=body["steps"], guidance_scale=body["guidance"], seed=body["seed"], height=64,
-               width=64, output_type="np", progress=False)
+    out = solo(
+        body["prompt"],
+        loras=[(str(files[item["name"]]), item["weight"]) for item in body["loras"]],
+        num_inference_steps=body["steps"],
+        guidance_scale=body["guidance"],
+        seed=body["seed"],
+        height=64,
+        width=64,
+        output_type="np",
+        progress=False,
+    )
     return np.round(out[0] * 255)
 
 
@@ -106,7 +129,9 @@ def test_same_lora_set_same_replica_each_set_loaded_once(cluster):
 
 def test_killing_a_replica_under_load_loses_no_accepted_request(cluster):
     url, solo, _ = cluster
-    bodies = [_body(name, seed=200 + i) for i, name in enumerate(["star", "blinky", "purple", "star", "blinky", "star"])]
+    bodies = [
+        _body(name, seed=200 + i) for i, name in enumerate(["star", "blinky", "purple", "star", "blinky", "star"])
+    ]
     with httpx.Client(base_url=url, timeout=300) as client:
         ids = []
         for body in bodies:
@@ -163,9 +188,12 @@ def test_a_gateway_restart_loses_no_job(cluster):
         gateway = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "#Gateway#" in a["name"])
         ray.kill(ray.get_actor(gateway["name"], namespace=gateway["namespace"]), no_restart=False)
         with sqlite3.connect(jobs_url) as db:
-            stored = {job_id: (status, json.loads(request)["seed"]) for job_id, status, request
-                      in db.execute(f"SELECT id, status, request FROM jobs WHERE id IN ({','.join('?' * len(ids))})",
-                                    ids)}
+            stored = {
+                job_id: (status, json.loads(request)["seed"])
+                for job_id, status, request in db.execute(
+                    f"SELECT id, status, request FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids
+                )
+            }
         assert set(stored) == set(ids) and stored[ids[1]][1] is not None
         unfinished = [j for j in ids if stored[j][0] in ("queued", "running")]
         assert unfinished, stored  # the gateway died with work in hand

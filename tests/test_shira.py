@@ -41,8 +41,9 @@ def random_shira(unet, name, seed, density=0.02, family="sd15") -> Adapter:
         out_f, in_f = m.weight.shape
         k = max(1, int(density * out_f * in_f))
         flat = torch.randperm(out_f * in_f, generator=g)[:k]
-        deltas[f"unet.{path}"] = SparseDelta(torch.stack([flat // in_f, flat % in_f]), torch.randn(k, generator=g),
-                                             (out_f, in_f))
+        deltas[f"unet.{path}"] = SparseDelta(
+            torch.stack([flat // in_f, flat % in_f]), torch.randn(k, generator=g), (out_f, in_f)
+        )
     return Adapter(name, family, deltas)
 
 
@@ -208,8 +209,11 @@ def test_shira_and_lora_on_same_layers_fuse_and_restore(sd15_pipe):
     unet = sd15_pipe.unet
     base = _base_weights(unet)
     layers = tiny.random_lora_layers(sd15_pipe, seed=3, text_encoder=False)["unet"]
-    deltas = {f"unet.{k[:-len('.lora_A.weight')]}": LayerDelta(v, layers[k.replace("lora_A", "lora_B")], 4.0)
-              for k, v in layers.items() if k.endswith(".lora_A.weight")}
+    deltas = {
+        f"unet.{k[: -len('.lora_A.weight')]}": LayerDelta(v, layers[k.replace("lora_A", "lora_B")], 4.0)
+        for k, v in layers.items()
+        if k.endswith(".lora_A.weight")
+    }
     rt = LoraRuntime(sd15_pipe)
     rt.add(Adapter("lora", "sd15", deltas))
     rt.add(random_shira(unet, "s", seed=5))
@@ -228,8 +232,11 @@ def test_shira_and_lora_on_same_layers_fuse_and_restore(sd15_pipe):
 
 def test_lora_to_shira_keeps_largest_entries_and_reports_error(sd15_pipe):
     layers = tiny.random_lora_layers(sd15_pipe, rank=4, seed=7, text_encoder=False)["unet"]
-    deltas = {f"unet.{k[:-len('.lora_A.weight')]}": LayerDelta(v, layers[k.replace("lora_A", "lora_B")], 4.0)
-              for k, v in layers.items() if k.endswith(".lora_A.weight")}
+    deltas = {
+        f"unet.{k[: -len('.lora_A.weight')]}": LayerDelta(v, layers[k.replace("lora_A", "lora_B")], 4.0)
+        for k, v in layers.items()
+        if k.endswith(".lora_A.weight")
+    }
     lora = Adapter("l", "sd15", deltas)
     shira, reports = lora_to_shira(lora, density=0.1)
     for r in reports:
@@ -281,8 +288,9 @@ def random_conv_shira(unet, name, seed, density=0.05, std=0.02) -> Adapter:
         cols = shape[1] * shape[2] * shape[3]
         k = max(1, int(density * shape[0] * cols))
         flat = torch.randperm(shape[0] * cols, generator=g)[:k]
-        deltas[f"unet.{path}"] = SparseDelta(torch.stack([flat // cols, flat % cols]),
-                                             torch.randn(k, generator=g) * std, shape)
+        deltas[f"unet.{path}"] = SparseDelta(
+            torch.stack([flat // cols, flat % cols]), torch.randn(k, generator=g) * std, shape
+        )
     return Adapter(name, "sd15", deltas)
 
 
@@ -356,9 +364,12 @@ def _write_bad(tmp_path, name, unet, **change):
 
     key = "unet.up_blocks.0.resnets.0.conv1"
     shape = list(_convs(unet)[key[5:]].weight.shape)
-    tensors = {f"{key}.shira_indices": torch.tensor([[0, 3], [5, 700]]),
-               f"{key}.shira_weight": torch.tensor([0.1, -0.2]),
-               f"{key}.shira_shape": torch.tensor(shape), f"{key}.alpha": torch.tensor(1.0)}
+    tensors = {
+        f"{key}.shira_indices": torch.tensor([[0, 3], [5, 700]]),
+        f"{key}.shira_weight": torch.tensor([0.1, -0.2]),
+        f"{key}.shira_shape": torch.tensor(shape),
+        f"{key}.alpha": torch.tensor(1.0),
+    }
     tensors.update({f"{key}.{k}": v for k, v in change.items()})
     path = tmp_path / f"{name}.safetensors"
     save_file(tensors, str(path), metadata={"lora_composer.format": "shira"})
@@ -372,9 +383,11 @@ def test_malformed_conv_shira_fails_in_one_line_and_leaves_the_pipeline_as_it_wa
 
     unet = sd15_pipe.unet
     good, _ = _write_bad(tmp_path, "good", unet)
-    change = {"index": {"shira_indices": torch.tensor([[0, 3], [5, 64 * 128 * 9]])},  # column past in * kh * kw
-              "shape": {"shira_shape": torch.tensor([64, 128, 5, 5])},  # the layer is 3x3: refused when attached
-              "nan": {"shira_weight": torch.tensor([0.1, float("nan")])}}[bad]
+    change = {
+        "index": {"shira_indices": torch.tensor([[0, 3], [5, 64 * 128 * 9]])},  # column past in * kh * kw
+        "shape": {"shira_shape": torch.tensor([64, 128, 5, 5])},  # the layer is 3x3: refused when attached
+        "nan": {"shira_weight": torch.tensor([0.1, float("nan")])},
+    }[bad]
     path, key = _write_bad(tmp_path, bad, unet, **change)
     pipe = ComposerPipeline(sd15_pipe)
     pipe.load_lora(good)

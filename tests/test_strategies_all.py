@@ -26,7 +26,9 @@ def test_strategy_runs_on_both_families(request, make_lora, name, family, tmp_pa
     base = composer("a red circle", seed=0, **CALL)
     prompt = "a red circle BREAK a red circle" if name == "regional" else "a red circle"  # regions: one per BREAK part
     loras = [(files[0], 0.8), (files[1], 0.6)]
-    if lora_composer.fusion.registry.STRATEGIES[name].fitted:  # fitted from each LoRA's trigger words, on SD1.5-shaped UNets
+    if lora_composer.fusion.registry.STRATEGIES[
+        name
+    ].fitted:  # fitted from each LoRA's trigger words, on SD1.5-shaped UNets
         monkeypatch.setenv("LORA_COMPOSER_FIT_CACHE", str(tmp_path / "fit-cache"))
         for path, word in zip(files, ("red", "circle")):
             Path(path).with_suffix(".civitai.info").write_text(json.dumps({"trainedWords": [word]}))
@@ -44,10 +46,26 @@ def test_strategy_runs_on_both_families(request, make_lora, name, family, tmp_pa
 @pytest.mark.parametrize("name", lora_composer.fusion.available())
 def test_strategy_from_cli(home, tmp_path, capsys, name):
     out = tmp_path / f"{name}.png"
-    code = main([
-        "--prompt", "a red star BREAK pixel style" if name == "regional" else "a red star in pixel style", "--lora", "star-shape:0.8", "--lora", "pixel-style:0.6", "--strategy", name,
-        "--steps", "2", "--seed", "1", "--out", str(out), "--explain", "-q",
-    ])
+    code = main(
+        [
+            "--prompt",
+            "a red star BREAK pixel style" if name == "regional" else "a red star in pixel style",
+            "--lora",
+            "star-shape:0.8",
+            "--lora",
+            "pixel-style:0.6",
+            "--strategy",
+            name,
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+            "--explain",
+            "-q",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert out.is_file() and out.with_name(f"{name}.explain.png").is_file()
 
@@ -86,6 +104,9 @@ def test_every_strategy_module_is_found_and_a_broken_one_is_named(tmp_path, monk
     assert registry._discover().keys() == registry.STRATEGIES.keys()
     (tmp_path / "broken_strategy.py").write_text("import no_such_dependency_xyz\n")
     monkeypatch.setattr(fusion, "__path__", [*fusion.__path__, str(tmp_path)])
-    with pytest.raises(ImportError, match=r"strategy module lora_composer\.fusion\.broken_strategy fails to import: "
-                                          r"No module named 'no_such_dependency_xyz'"):
+    with pytest.raises(
+        ImportError,
+        match=r"strategy module lora_composer\.fusion\.broken_strategy fails to import: "
+        r"No module named 'no_such_dependency_xyz'",
+    ):
         registry._discover()

@@ -16,8 +16,12 @@ def recorded(tmp_path, monkeypatch):
     monkeypatch.setattr(measured, "RESULTS", tmp_path)
     measured.runs.cache_clear()
     summary = lambda r3, r4: {"images": 20, "by_size": {"3": r3, "4": r4}, "base_confidence": 0.95}  # noqa: E731
-    measured.record(tmp_path / "one-object.json", {"protocol": {"seed": 11}, "strategies": {
-        "merge": summary(0.5, 0.2), "tsv": summary(0.5, 0.4)}}, "compose eval ...", "one-object")
+    measured.record(
+        tmp_path / "one-object.json",
+        {"protocol": {"seed": 11}, "strategies": {"merge": summary(0.5, 0.2), "tsv": summary(0.5, 0.4)}},
+        "compose eval ...",
+        "one-object",
+    )
     yield
     measured.runs.cache_clear()
 
@@ -54,14 +58,18 @@ def test_the_server_resolves_auto_before_queueing(recorded, tmp_path):
     loras = [{"name": n, "weight": 1.0} for n in "abcd"]
     spec = to_spec(GenerateBody(prompt="a star", loras=loras, strategy="auto"), names, limits, Composer(), strategies)
     assert spec.strategy == "tsv"
-    spec = to_spec(GenerateBody(prompt="a star", loras=loras[:3], strategy="auto"), names, limits, Composer(), strategies)
+    spec = to_spec(
+        GenerateBody(prompt="a star", loras=loras[:3], strategy="auto"), names, limits, Composer(), strategies
+    )
     assert spec.strategy == "merge"
-    spec = to_spec(GenerateBody(prompt="a <lora:a> BREAK b <lora:b>", strategy="auto"), names, limits, Composer(),
-                   strategies)
+    spec = to_spec(
+        GenerateBody(prompt="a <lora:a> BREAK b <lora:b>", strategy="auto"), names, limits, Composer(), strategies
+    )
     assert spec.strategy == "regional"
     with pytest.raises(RequestError, match="auto takes no arguments"):
-        to_spec(GenerateBody(prompt="a", strategy="auto", strategy_args={"every": 2}), names, limits, Composer(),
-                strategies)
+        to_spec(
+            GenerateBody(prompt="a", strategy="auto", strategy_args={"every": 2}), names, limits, Composer(), strategies
+        )
 
 
 def test_help_and_web_ui_offer_auto():

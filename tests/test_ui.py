@@ -25,7 +25,9 @@ def outside(tmp_path_factory):
     """A valid LoRA file outside the library."""
     folder = tmp_path_factory.mktemp("outside")
     pipe = tiny.build_tiny_sd15_pipeline(seed=0)
-    return tiny.save_diffusers_lora(pipe, tiny.random_lora_layers(pipe, rank=4, seed=9), folder / "evil.safetensors", rank=4)
+    return tiny.save_diffusers_lora(
+        pipe, tiny.random_lora_layers(pipe, rank=4, seed=9), folder / "evil.safetensors", rank=4
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +52,41 @@ def client(ui):
         demo.close()
 
 
-def generate(client, prompt="a red circle", loras=(), strategy="merge", args="", compare="", seed=5, steps=2,
-             guidance=5.0, sampler="DPMSolverMultistepScheduler", negative="", width=64, height=64):
+def generate(
+    client,
+    prompt="a red circle",
+    loras=(),
+    strategy="merge",
+    args="",
+    compare="",
+    seed=5,
+    steps=2,
+    guidance=5.0,
+    sampler="DPMSolverMultistepScheduler",
+    negative="",
+    width=64,
+    height=64,
+):
     """``/generate``; ``loras`` ``[(name, te, unet)]`` go into the prompt as tags, as the LoRA rows write them.
     Returns ``(images, pngs, info, heatmap html)``."""
-    prompt = ui_view.prompt_with_slots(prompt, [ui_view.new_slot(n, te, unet) for n, te, unet in loras]) if loras else prompt
+    prompt = (
+        ui_view.prompt_with_slots(prompt, [ui_view.new_slot(n, te, unet) for n, te, unet in loras]) if loras else prompt
+    )
     images, info, heat, files, _history = client.predict(
-        prompt, negative, strategy, args, compare, sampler, seed, steps, guidance, width, height, 1,
-        api_name="/generate")
+        prompt,
+        negative,
+        strategy,
+        args,
+        compare,
+        sampler,
+        seed,
+        steps,
+        guidance,
+        width,
+        height,
+        1,
+        api_name="/generate",
+    )
     return images, [f for f in files if not f.endswith(".explain.png")], info, heat
 
 
@@ -68,8 +97,11 @@ def pixels(item) -> np.ndarray:
 
 def test_generate_returns_image_heatmap_and_png_with_metadata(client):
     images, pngs, info, heat = generate(
-        client, loras=[("star-shape.safetensors", 0.8, 0.8), ("pixel-style.safetensors", 0.5, 1.0)],
-        strategy="switch", args="every=1", compare="merge",
+        client,
+        loras=[("star-shape.safetensors", 0.8, 0.8), ("pixel-style.safetensors", 0.5, 1.0)],
+        strategy="switch",
+        args="every=1",
+        compare="merge",
     )
     assert len(images) == 2 and len(pngs) == 2  # side by side: switch, then merge with the same seed
     assert pixels(images[0]).shape == (64, 64, 3)
@@ -164,18 +196,29 @@ def test_auto_shows_each_pick_its_span_and_what_was_left_out(client):
 def test_prompt_tags_and_rows_stay_in_step():
     names = {"star-shape": "star-shape.safetensors", "pixel-style": "pixel-style.safetensors"}
     rows = ui_view.slots_from_prompt("a star <lora:star-shape:0.5:1.2>, <lora:pixel-style>", lambda n: names.get(n, n))
-    assert rows == [ui_view.new_slot("star-shape.safetensors", 0.5, 1.2), ui_view.new_slot("pixel-style.safetensors", 1, 1)]
-    assert ui_view.prompt_with_slots("a star <lora:old:1>, ", rows) == "a star <lora:star-shape:0.5:1.2> <lora:pixel-style:1>"
+    assert rows == [
+        ui_view.new_slot("star-shape.safetensors", 0.5, 1.2),
+        ui_view.new_slot("pixel-style.safetensors", 1, 1),
+    ]
+    assert (
+        ui_view.prompt_with_slots("a star <lora:old:1>, ", rows)
+        == "a star <lora:star-shape:0.5:1.2> <lora:pixel-style:1>"
+    )
     assert ui_view.slots_from_prompt("a star <lora:star-sha", str) is None  # a tag being typed: rows unchanged
     assert ui_view.slots_from_prompt(ui_view.prompt_with_slots("x", rows), lambda n: names.get(n, n)) == rows
     # a regional prompt keeps each tag in its region: new weights in place, a removed row's tag gone, a new row last
     regional = "a star <lora:star-shape:1>, red BREAK a square <lora:old:1>, blue"
-    assert ui_view.prompt_with_slots(regional, rows) == "a star <lora:star-shape:0.5:1.2>, red BREAK a square, blue <lora:pixel-style:1>"
+    assert (
+        ui_view.prompt_with_slots(regional, rows)
+        == "a star <lora:star-shape:0.5:1.2>, red BREAK a square, blue <lora:pixel-style:1>"
+    )
 
 
 def test_a1111_parameters_are_parsed():
-    text = ('a castle, <lora:ink:0.7>\nNegative prompt: blurry, low quality\nSteps: 30, Sampler: Euler a, '
-            'CFG scale: 6.5, Seed: 42, Size: 512x768, Model hash: abc123, Lora hashes: "ink: 0123456789ab"')
+    text = (
+        "a castle, <lora:ink:0.7>\nNegative prompt: blurry, low quality\nSteps: 30, Sampler: Euler a, "
+        'CFG scale: 6.5, Seed: 42, Size: 512x768, Model hash: abc123, Lora hashes: "ink: 0123456789ab"'
+    )
     p = ui_view.parse_a1111(text)
     assert p["prompt"] == "a castle, <lora:ink:0.7>" and p["negative_prompt"] == "blurry, low quality"
     assert (p["Steps"], p["Sampler"], p["CFG scale"], p["Seed"], p["Size"]) == ("30", "Euler a", "6.5", "42", "512x768")
@@ -200,16 +243,50 @@ def test_png_info_restores_a_png_written_by_the_cli_and_renders_it_again(client,
     from lora_composer.frontends.cli import main
 
     out = tmp_path / "x.png"
-    assert main(["--prompt", "a red star <lora:star-shape:0.9:1.1>", "--negative-prompt", "blurry", "--seed", "4",
-                 "--steps", "5", "--guidance", "6", "--strategy", "switch", "--strategy-arg", "every=2",
-                 "--library", str(ui.library), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--prompt",
+                "a red star <lora:star-shape:0.9:1.1>",
+                "--negative-prompt",
+                "blurry",
+                "--seed",
+                "4",
+                "--steps",
+                "5",
+                "--guidance",
+                "6",
+                "--strategy",
+                "switch",
+                "--strategy-arg",
+                "every=2",
+                "--library",
+                str(ui.library),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (prompt, negative, strategy, args, seed, steps, guidance, width, height, sampler, note, compare) = client.predict(
-        gradio_client.handle_file(str(out)), api_name="/png_info")
+        gradio_client.handle_file(str(out)), api_name="/png_info"
+    )
     assert prompt == "a red star <lora:star-shape:0.9:1.1>" and negative == "blurry"
     assert (strategy, seed, steps, guidance, width, height) == ("switch", 4, 5, 6.0, 64, 64)
     assert "every=2" in args and sampler == "DPMSolverMultistepScheduler" and "Restored" in note
-    again, *_ = generate(client, prompt=prompt, negative=negative, strategy=strategy, args=args, seed=seed,
-                         steps=steps, guidance=guidance, sampler=sampler, width=width, height=height)
+    again, *_ = generate(
+        client,
+        prompt=prompt,
+        negative=negative,
+        strategy=strategy,
+        args=args,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        sampler=sampler,
+        width=width,
+        height=height,
+    )
     np.testing.assert_array_equal(pixels(again[0]), pixels(out))
 
 
@@ -217,14 +294,22 @@ def test_png_info_reads_a1111_parameters(ui, tmp_path):
     from PIL.PngImagePlugin import PngInfo
 
     meta = PngInfo()
-    meta.add_text("parameters", "a blue cross <lora:cross-shape:0.7>\nNegative prompt: blurry\n"
-                                "Steps: 7, Sampler: Euler a, CFG scale: 6.5, Seed: 42, Size: 64x64, Model hash: abc")
+    meta.add_text(
+        "parameters",
+        "a blue cross <lora:cross-shape:0.7>\nNegative prompt: blurry\n"
+        "Steps: 7, Sampler: Euler a, CFG scale: 6.5, Seed: 42, Size: 64x64, Model hash: abc",
+    )
     path = tmp_path / "a1111.png"
     Image.new("RGB", (64, 64)).save(path, pnginfo=meta)
     r = ui.restore(path)
     assert r["prompt"] == "a blue cross <lora:cross-shape:0.7>" and r["negative_prompt"] == "blurry"
-    assert (r["steps"], r["guidance"], r["seed"], r["width"], r["sampler"]) == (7, 6.5, 42, 64,
-                                                                                 "EulerAncestralDiscreteScheduler")
+    assert (r["steps"], r["guidance"], r["seed"], r["width"], r["sampler"]) == (
+        7,
+        6.5,
+        42,
+        64,
+        "EulerAncestralDiscreteScheduler",
+    )
     assert r["slots"] == [ui_view.new_slot("cross-shape.safetensors", 0.7, 0.7)] and not r["notes"]
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     with pytest.raises(ComposerError, match="no generation settings"):
@@ -235,8 +320,9 @@ def test_stop_interrupts_a_100_step_render_at_the_next_step(client, ui):
     import time
 
     ui.last_stop, ui.step = None, 0
-    job = client.submit("a red circle", "", "merge", "", "", "DPMSolverMultistepScheduler", 1, 100, 5.0, 64, 64, 1,
-                        api_name="/generate")
+    job = client.submit(
+        "a red circle", "", "merge", "", "", "DPMSolverMultistepScheduler", 1, 100, 5.0, 64, 64, 1, api_name="/generate"
+    )
     deadline = time.monotonic() + 60
     while (ui.step < 3 or not ui._stops) and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -283,7 +369,10 @@ def test_uploads_are_safetensors_only_and_capped(ui, tmp_path):
 
 def test_parse_strategy_args():
     assert parse_strategy_args("every=2 order=none") == {"every": 2, "order": None}
-    assert parse_strategy_args("cache_bounds=0.2,0.8\nschedule=late") == {"cache_bounds": (0.2, 0.8), "schedule": "late"}
+    assert parse_strategy_args("cache_bounds=0.2,0.8\nschedule=late") == {
+        "cache_bounds": (0.2, 0.8),
+        "schedule": "late",
+    }
     assert parse_strategy_args("") == {}
     with pytest.raises(ComposerError):
         parse_strategy_args("every")
@@ -298,7 +387,11 @@ def test_strategy_parameter_widgets_write_only_changed_values(ui):
     assert _args_text(params, untouched) == ""
     text = _args_text(params, [3, "b,a", False, "2,2,2", 0.5])
     assert parse_strategy_args(text) == {
-        "every": 3, "order": ("b", "a"), "cache": False, "cache_intervals": (2, 2, 2), "temperature": 0.5,
+        "every": 3,
+        "order": ("b", "a"),
+        "cache": False,
+        "cache_intervals": (2, 2, 2),
+        "temperature": 0.5,
     }
     demo = build_app(ui)  # one widget per parameter of every strategy that has any
     ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
@@ -329,8 +422,12 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:  # committed with their outputs cleared
         if cell.cell_type == "code":
-            assert not cell.outputs and cell.execution_count is None, f"{path.name}: clear the outputs before committing"
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+            assert not cell.outputs and cell.execution_count is None, (
+                f"{path.name}: clear the outputs before committing"
+            )
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
     assert any(o.get("output_type") == "display_data" for o in outputs)  # the plots
     text = "\n".join(str(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
@@ -345,7 +442,10 @@ def test_regional_prompts_keep_their_tags_in_their_regions(ui):
     record = ui.render(prompt, loras=rows, strategy="regional", steps=1, width=128, height=64)["records"][0]
     regions = record.strategy_args["regions"]
     assert [r["prompt"] for r in regions] == ["a purple circle", "blinky, a red square"]
-    assert [r["loras"] for r in regions] == [{"wavy-bg": 1.0, "purple-colour": 0.9}, {"wavy-bg": 1.0, "blinky-character": 1.0}]
+    assert [r["loras"] for r in regions] == [
+        {"wavy-bg": 1.0, "purple-colour": 0.9},
+        {"wavy-bg": 1.0, "blinky-character": 1.0},
+    ]
     with pytest.raises(ComposerError, match="not in the library"):
         ui.render("a BREAK b <lora:/etc/passwd>", strategy="regional", steps=1)
 
@@ -356,7 +456,11 @@ def test_size_sliders_follow_the_model(ui):
 
     multiple, (native_h, native_w) = ui.pipe.size_rules()
     props = {c["props"].get("elem_id"): c["props"] for c in build_app(ui).config["components"] if "props" in c}
-    assert (props["width"]["minimum"], props["width"]["maximum"], props["width"]["step"]) == (multiple, 4 * native_w, multiple)
+    assert (props["width"]["minimum"], props["width"]["maximum"], props["width"]["step"]) == (
+        multiple,
+        4 * native_w,
+        multiple,
+    )
     assert (props["height"]["minimum"], props["height"]["maximum"]) == (multiple, 4 * native_h)
     assert props["width"]["value"] == native_w == 64  # the mini world's native side
 
@@ -381,7 +485,9 @@ def test_grid_of_the_pages_settings(ui):
         records = [c["record"] for row in data["cells"] for c in row]
         assert [r["seed"] for r in records] == [seed, seed]
         assert [{lo["name"]: lo["unet_weight"] for lo in r["loras"]} for r in records] == [
-            {"purple-colour": 1.0, "star-shape": 0.0}, {"purple-colour": 1.0, "star-shape": 1.0}]
+            {"purple-colour": 1.0, "star-shape": 0.0},
+            {"purple-colour": 1.0, "star-shape": 1.0},
+        ]
     with pytest.raises(ComposerError, match=r"^X axis 'colour=1': expected KIND=V1,V2,\.\.\. with KIND one of"):
         ui.grid("a star", x="colour=1")
     with pytest.raises(ComposerError, match="give an X axis"):

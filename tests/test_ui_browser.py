@@ -22,8 +22,15 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not ins
 
 from lora_composer.frontends.ui import ComposerUI, launch  # noqa: E402
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +95,10 @@ def wait_for_result(page):
     image.wait_for(state="visible", timeout=90_000)
     page.locator("#heatmap .heat-grid").first.wait_for(state="visible", timeout=30_000)
     page.locator("#info").get_by_text("seed").first.wait_for(timeout=30_000)
-    page.wait_for_function("() => { const i = document.querySelector('#gallery img'); return i && i.complete "
-                           "&& i.naturalWidth > 0; }", timeout=30_000)
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#gallery img'); return i && i.complete && i.naturalWidth > 0; }",
+        timeout=30_000,
+    )
     return image
 
 
@@ -142,7 +151,8 @@ def assert_whole(page, selector: str) -> None:
         assert min(v["width"], v["height"]) >= 64, (selector, v)  # drawn whole (contain), at least its own size
         caption = images.nth(i).evaluate(
             "img => { const c = img.parentElement.querySelector('.caption-label');"
-            " return c ? c.getBoundingClientRect().top : null; }")
+            " return c ? c.getBoundingClientRect().top : null; }"
+        )
         assert caption is None or caption >= v["bottom"] - 1, (selector, caption, v)
 
 
@@ -153,7 +163,11 @@ def assert_layout(page) -> None:
     assert_whole(page, "#history")
     for key in ("width", "height"):
         slider = page.locator(f"#{key} input[type=range]").first
-        assert (slider.get_attribute("min"), slider.get_attribute("max"), slider.get_attribute("step")) == ("8", "256", "8")
+        assert (slider.get_attribute("min"), slider.get_attribute("max"), slider.get_attribute("step")) == (
+            "8",
+            "256",
+            "8",
+        )
         label = page.locator(f"#{key}").get_by_text(key.capitalize(), exact=True).first.bounding_box()
         box = page.locator(f"#{key} input[type=number]").first.bounding_box()
         assert abs((label["y"] + label["height"] / 2) - (box["y"] + box["height"] / 2)) < 12, (key, label, box)
@@ -196,17 +210,21 @@ def test_results_in_view_at_1280x800(server, browser, tmp_path):
         # tags typed in the prompt fill the LoRA rows; a row added by hand writes its tag into the prompt
         page.locator("#prompt textarea").fill("a red star in pixel style <lora:star-shape:1.2>")
         page.locator("#lora-0 input").first.wait_for(timeout=15_000)
-        page.wait_for_function("() => document.querySelector('#lora-0 input').value === 'star-shape.safetensors'",
-                               timeout=15_000)
+        page.wait_for_function(
+            "() => document.querySelector('#lora-0 input').value === 'star-shape.safetensors'", timeout=15_000
+        )
         assert page.locator("#unet-0 input").first.input_value() == "1.2"
         page.locator("#add-lora").click()
         page.locator("#lora-1 input").first.wait_for(timeout=15_000)
         pick_lora(page, 1, "pixel-style.safetensors")
-        page.wait_for_function("() => document.querySelector('#prompt textarea').value.includes('<lora:pixel-style:0.8>')",
-                               timeout=15_000)
+        page.wait_for_function(
+            "() => document.querySelector('#prompt textarea').value.includes('<lora:pixel-style:0.8>')", timeout=15_000
+        )
         set_number(page, "unet-1", 0.6)
-        page.wait_for_function("() => document.querySelector('#prompt textarea').value.includes('<lora:pixel-style:0.8:0.6>')",
-                               timeout=15_000)
+        page.wait_for_function(
+            "() => document.querySelector('#prompt textarea').value.includes('<lora:pixel-style:0.8:0.6>')",
+            timeout=15_000,
+        )
         assert prompt_value(page) == "a red star in pixel style <lora:star-shape:1.2> <lora:pixel-style:0.8:0.6>"
         set_number(page, "seed", 7)
         set_number(page, "steps", 4)
@@ -243,16 +261,19 @@ def test_results_in_view_at_1280x800(server, browser, tmp_path):
         set_number(page, "steps", 9)
         page.get_by_text("PNG info: restore the settings of an image").click()  # open its panel
         page.locator("#png-info input[type=file]").set_input_files(str(png))
-        page.wait_for_function("() => document.querySelector('#prompt textarea').value.startsWith('a red star')",
-                               timeout=15_000)
+        page.wait_for_function(
+            "() => document.querySelector('#prompt textarea').value.startsWith('a red star')", timeout=15_000
+        )
         assert prompt_value(page) == "a red star in pixel style <lora:star-shape:1.2> <lora:pixel-style:0.8:0.6>"
         assert page.locator("#steps input[type=number]").first.input_value() == "4"
-        page.wait_for_function("() => document.querySelector('#lora-1 input')?.value === 'pixel-style.safetensors'",
-                               timeout=15_000)
+        page.wait_for_function(
+            "() => document.querySelector('#lora-1 input')?.value === 'pixel-style.safetensors'", timeout=15_000
+        )
         # removing a row removes its tag
         page.locator("#lora-remove-0").click()
-        page.wait_for_function("() => !document.querySelector('#prompt textarea').value.includes('star-shape')",
-                               timeout=15_000)
+        page.wait_for_function(
+            "() => !document.querySelector('#prompt textarea').value.includes('star-shape')", timeout=15_000
+        )
         assert prompt_value(page) == "a red star in pixel style <lora:pixel-style:0.8:0.6>"
     finally:
         page.close()
@@ -343,9 +364,7 @@ def test_strategy_parameters_are_widgets(server, browser):
         page.locator("#param-switch-every").wait_for(state="visible", timeout=10_000)
         set_number(page, "param-switch-every", 2)
         args = page.locator("#strategy-args textarea").first
-        page.wait_for_function(
-            "el => el.value.includes('every=2')", arg=args.element_handle(), timeout=10_000
-        )
+        page.wait_for_function("el => el.value.includes('every=2')", arg=args.element_handle(), timeout=10_000)
         assert args.input_value().strip() == "every=2"
     finally:
         page.close()
@@ -413,6 +432,10 @@ def test_grid_tab_makes_a_labelled_grid(app, browser, tmp_path):
         data = json.loads(png.text[GRID_KEY])
         records = [c["record"] for row in data["cells"] for c in row]
         assert len(records) == 6 and {r["seed"] for r in records} == {4} and {r["steps"] for r in records} == {2}
-        assert sorted({lo["unet_weight"] for r in records for lo in r["loras"] if lo["name"] == "star-shape"}) == [0, 0.6, 1]
+        assert sorted({lo["unet_weight"] for r in records for lo in r["loras"] if lo["name"] == "star-shape"}) == [
+            0,
+            0.6,
+            1,
+        ]
     finally:
         page.close()

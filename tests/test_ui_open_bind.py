@@ -38,13 +38,20 @@ def _one_line(capsys, code, *fragments):
 
 def test_an_open_bind_without_a_login_is_refused_before_anything_loads(started, capsys):
     code = ui_module.main(["--host", "0.0.0.0"])
-    _one_line(capsys, code, "compose ui: error: --host 0.0.0.0 is reachable from other machines: set a login",
-              "--auth-file", "LORA_COMPOSER_UI_AUTH")
+    _one_line(
+        capsys,
+        code,
+        "compose ui: error: --host 0.0.0.0 is reachable from other machines: set a login",
+        "--auth-file",
+        "LORA_COMPOSER_UI_AUTH",
+    )
     assert started == {}  # no model loaded, nothing served
 
 
-@pytest.mark.parametrize("content, fragment", [("", "the file is empty"), ("nopassword", "expected USER:PASSWORD"),
-                                               (":secret", "expected USER:PASSWORD")])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [("", "the file is empty"), ("nopassword", "expected USER:PASSWORD"), (":secret", "expected USER:PASSWORD")],
+)
 def test_a_bad_auth_file_is_one_line(started, capsys, tmp_path, content, fragment):
     path = tmp_path / "auth"
     path.write_text(content)

@@ -58,8 +58,23 @@ def test_generation_catalog_and_uploads_with_a_read_only_package(read_only_packa
 
     before = _snapshot(read_only_package)
     # compose with the default model and --loras auto: the catalog is built on first use
-    assert main(["--prompt", "a red star in pixel style", "--loras", "auto", "--steps", "2", "--seed", "1",
-                 "--out", str(tmp_path / "auto.png")]) == 0
+    assert (
+        main(
+            [
+                "--prompt",
+                "a red star in pixel style",
+                "--loras",
+                "auto",
+                "--steps",
+                "2",
+                "--seed",
+                "1",
+                "--out",
+                str(tmp_path / "auto.png"),
+            ]
+        )
+        == 0
+    )
     catalog = default_catalog_path(assets.library_dir())
     assert catalog.is_file() and catalog.resolve().is_relative_to(home.resolve())
     assert main(["index", str(assets.library_dir())]) == 0  # compose index on the shipped library

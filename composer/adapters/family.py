@@ -48,10 +48,17 @@ def detect_family(deltas: dict[str, LayerDelta], keys=None) -> str:
     if any(m in k for k in everything for m in _FLUX_MARKERS):
         return "flux"
     if transformer:
-        widths = {_in_width(d) for n, d in deltas.items() if n.startswith("transformer.transformer_blocks.")
-                  and n.endswith((".attn.to_q", ".attn.to_k", ".attn.to_v", ".attn.to_out.0"))}
-        if any(m in n for n in transformer for m in _SD3_MARKERS) or widths & _SD3_WIDTHS \
-                or any(_CLIP_LAYERS.match(n) or n.startswith("text_encoder_3.") for n in names):
+        widths = {
+            _in_width(d)
+            for n, d in deltas.items()
+            if n.startswith("transformer.transformer_blocks.")
+            and n.endswith((".attn.to_q", ".attn.to_k", ".attn.to_v", ".attn.to_out.0"))
+        }
+        if (
+            any(m in n for n in transformer for m in _SD3_MARKERS)
+            or widths & _SD3_WIDTHS
+            or any(_CLIP_LAYERS.match(n) or n.startswith("text_encoder_3.") for n in names)
+        ):
             return "sd3"
         return "flux"
     if any(n.startswith("text_encoder_2.") for n in names) or any(k.startswith("lora_te2_") for k in raw):
@@ -59,9 +66,7 @@ def detect_family(deltas: dict[str, LayerDelta], keys=None) -> str:
     if any("add_embedding" in k or "label_emb" in k for k in everything):
         return "sdxl"
 
-    widths = {
-        _in_width(d) for n, d in deltas.items() if n.startswith("unet.") and _CROSS_ATTENTION.search(n)
-    }
+    widths = {_in_width(d) for n, d in deltas.items() if n.startswith("unet.") and _CROSS_ATTENTION.search(n)}
     for width in sorted(widths, reverse=True):  # a mixed file (should not happen): the widest wins
         if width in _CROSS_ATTENTION_WIDTH:
             return _CROSS_ATTENTION_WIDTH[width]

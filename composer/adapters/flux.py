@@ -25,11 +25,14 @@ from .formats import FormatError, _alpha_value, _pair
 from .types import LayerDelta
 
 _SINGLE_LINEAR1 = re.compile(r"^lora_unet_single_blocks_(\d+)_linear1$")
-_FINAL = {"lora_unet_final_layer_linear": "transformer.proj_out",
-          "lora_unet_final_layer_adaLN_modulation_1": "transformer.norm_out.linear"}
+_FINAL = {
+    "lora_unet_final_layer_linear": "transformer.proj_out",
+    "lora_unet_final_layer_adaLN_modulation_1": "transformer.norm_out.linear",
+}
 _EMBED = "transformer.time_text_embed"
 EMBEDDERS = {  # BFL's embedders (kohya names) -> diffusers' modules: plain Linears, one to one
-    "lora_unet_img_in": "transformer.x_embedder", "lora_unet_txt_in": "transformer.context_embedder",
+    "lora_unet_img_in": "transformer.x_embedder",
+    "lora_unet_txt_in": "transformer.context_embedder",
     "lora_unet_time_in_in_layer": f"{_EMBED}.timestep_embedder.linear_1",
     "lora_unet_time_in_out_layer": f"{_EMBED}.timestep_embedder.linear_2",
     "lora_unet_vector_in_in_layer": f"{_EMBED}.text_embedder.linear_1",
@@ -45,8 +48,9 @@ def is_own(name: str) -> bool:
     return bool(_SINGLE_LINEAR1.match(name)) or name in _FINAL or name in EMBEDDERS or name.startswith("lora_te2_")
 
 
-def split_fused(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None,
-                dims: list[int]) -> list[LayerDelta]:
+def split_fused(
+    name: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None, dims: list[int]
+) -> list[LayerDelta]:
     """One delta per output slice ``dims`` of a fused layer. The down weight is shared by every slice, unless
     the up weight is block-diagonal over equal rank slices (a fused file written from separate LoRAs): then
     each slice keeps its own rank columns. Either way the slices' deltas are exactly the fused delta's rows."""
@@ -83,8 +87,9 @@ def own_deltas(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, LayerDel
         single = _SINGLE_LINEAR1.match(name)
         if single:
             if up.dim() != 2 or up.shape[0] % 7:
-                raise FormatError(f"layer {name}: up weight {tuple(up.shape)} is not FLUX's fused q, k, v, mlp "
-                                  "(rows = 7 x width)")
+                raise FormatError(
+                    f"layer {name}: up weight {tuple(up.shape)} is not FLUX's fused q, k, v, mlp (rows = 7 x width)"
+                )
             d = up.shape[0] // 7
             prefix = f"transformer.single_transformer_blocks.{single.group(1)}"
             targets = [f"{prefix}.attn.to_q", f"{prefix}.attn.to_k", f"{prefix}.attn.to_v", f"{prefix}.proj_mlp"]

@@ -12,25 +12,74 @@ key maps do; written from the layouts, not from its code).
 
 from __future__ import annotations
 
-BFL_ROOTS = ("double_blocks.", "single_blocks.", "final_layer.", "img_in.", "txt_in.", "time_in.", "vector_in.",
-             "guidance_in.")
+BFL_ROOTS = (
+    "double_blocks.",
+    "single_blocks.",
+    "final_layer.",
+    "img_in.",
+    "txt_in.",
+    "time_in.",
+    "vector_in.",
+    "guidance_in.",
+)
 _BFL_WRAPPERS = ("base_model.model.", "diffusion_model.")
-_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
-             "lora_down.weight": "lora_down.weight", "lora_up.weight": "lora_up.weight", "alpha": "alpha"}
+_TO_KOHYA = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora_down.weight": "lora_down.weight",
+    "lora_up.weight": "lora_up.weight",
+    "alpha": "alpha",
+}
 
 # kohya layer names that only a FLUX.1 transformer has, beside its double and single blocks
-KOHYA_FLUX_LAYERS = ("lora_unet_img_in.", "lora_unet_txt_in.", "lora_unet_time_in_", "lora_unet_vector_in_",
-                     "lora_unet_guidance_in_", "lora_unet_final_layer_")
+KOHYA_FLUX_LAYERS = (
+    "lora_unet_img_in.",
+    "lora_unet_txt_in.",
+    "lora_unet_time_in_",
+    "lora_unet_vector_in_",
+    "lora_unet_guidance_in_",
+    "lora_unet_final_layer_",
+)
 
 ONETRAINER_PREFIX = "lora_transformer_"
 _TO_DIFFUSERS = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}
 # the parts of FluxTransformer2DModel's Linear module names, longest first where one begins another
-_PARTS = sorted({
-    "transformer_blocks", "single_transformer_blocks", "attn", "to_q", "to_k", "to_v", "to_out", "add_q_proj",
-    "add_k_proj", "add_v_proj", "to_add_out", "ff", "ff_context", "net", "proj", "proj_mlp", "proj_out", "norm",
-    "norm1", "norm1_context", "linear", "x_embedder", "context_embedder", "norm_out", "time_text_embed",
-    "timestep_embedder", "guidance_embedder", "text_embedder", "linear_1", "linear_2",
-}, key=len, reverse=True)
+_PARTS = sorted(
+    {
+        "transformer_blocks",
+        "single_transformer_blocks",
+        "attn",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "ff",
+        "ff_context",
+        "net",
+        "proj",
+        "proj_mlp",
+        "proj_out",
+        "norm",
+        "norm1",
+        "norm1_context",
+        "linear",
+        "x_embedder",
+        "context_embedder",
+        "norm_out",
+        "time_text_embed",
+        "timestep_embedder",
+        "guidance_embedder",
+        "text_embedder",
+        "linear_1",
+        "linear_2",
+    },
+    key=len,
+    reverse=True,
+)
 
 
 def _split(key: str, suffixes) -> tuple[str, str] | None:
@@ -78,7 +127,7 @@ def onetrainer_to_diffusers(keys, is_text_key) -> tuple[dict[str, str], str | No
         if is_text_key(key):
             continue
         name, _, suffix = key.partition(".")
-        path = _dotted(name[len(ONETRAINER_PREFIX):]) if name.startswith(ONETRAINER_PREFIX) else None
+        path = _dotted(name[len(ONETRAINER_PREFIX) :]) if name.startswith(ONETRAINER_PREFIX) else None
         if path is None or suffix not in _TO_DIFFUSERS:
             return {}, key
         out[key] = f"transformer.{path}.{_TO_DIFFUSERS[suffix]}"

@@ -32,6 +32,7 @@ from ..errors import ComposerError
 from .flux_layouts import KOHYA_FLUX_LAYERS, ONETRAINER_PREFIX, bfl_to_kohya, onetrainer_to_diffusers
 from ..vocab import COMPONENTS
 from ..vocab import TEXT_ENCODERS as TEXT_COMPONENTS
+
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
@@ -41,10 +42,14 @@ _UNSUPPORTED = NOT_LOADED
 _KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 _UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding")
 _DIFFUSERS_SUFFIXES = (
-    ".lora_A.weight", ".lora_B.weight",  # PEFT
-    ".lora.down.weight", ".lora.up.weight",  # older diffusers (LoCon, generic layers)
-    "_lora.down.weight", "_lora.up.weight",  # older diffusers attention processors (to_q_lora...)
-    ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight",  # older diffusers text encoders
+    ".lora_A.weight",
+    ".lora_B.weight",  # PEFT
+    ".lora.down.weight",
+    ".lora.up.weight",  # older diffusers (LoCon, generic layers)
+    "_lora.down.weight",
+    "_lora.up.weight",  # older diffusers attention processors (to_q_lora...)
+    ".lora_linear_layer.down.weight",
+    ".lora_linear_layer.up.weight",  # older diffusers text encoders
     ".alpha",
 )
 
@@ -64,7 +69,7 @@ def strip_text_model(key: str) -> str:
     """``text_encoder.text_model.encoder...`` -> ``text_encoder.encoder...`` (other keys unchanged)."""
     comp, _, rest = key.partition(".")
     if comp in TEXT_COMPONENTS and rest.startswith("text_model."):
-        return f"{comp}.{rest[len('text_model.'):]}"
+        return f"{comp}.{rest[len('text_model.') :]}"
     return key
 
 
@@ -101,7 +106,8 @@ def detect_format(keys) -> str:
     if bfl_to_kohya(keys) is not None:  # before XLabs: both start with double_blocks / single_blocks
         return "bfl-flux"
     if any(k.startswith(ONETRAINER_PREFIX) for k in keys) and all(
-            k.startswith((ONETRAINER_PREFIX, *KOHYA_PREFIXES[1:])) for k in keys):
+        k.startswith((ONETRAINER_PREFIX, *KOHYA_PREFIXES[1:])) for k in keys
+    ):
         return "onetrainer-flux"
     if all(k.startswith(KOHYA_PREFIXES) for k in keys):
         known = kinds.kohya_suffixes()
@@ -161,9 +167,7 @@ def _pair(name: str, down, up, alpha) -> LayerDelta:
     if down.dim() not in (2, 4) or up.dim() not in (2, 4):
         raise FormatError(f"layer {name}: unexpected shapes down {tuple(down.shape)}, up {tuple(up.shape)}")
     if down.shape[0] != up.shape[1]:
-        raise FormatError(
-            f"layer {name}: rank mismatch, down has rank {down.shape[0]} but up expects {up.shape[1]}"
-        )
+        raise FormatError(f"layer {name}: rank mismatch, down has rank {down.shape[0]} but up expects {up.shape[1]}")
     if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
         raise FormatError(f"layer {name}: up weight {tuple(up.shape)} is not a 1x1 convolution")
     rank = int(down.shape[0])
@@ -399,8 +403,11 @@ def _adapter_config(header: dict[str, str]) -> dict[str, dict]:
 PEFT_PREFIX = "base_model.model."
 # PEFT's auto_mapping.base_model_class -> the pipeline component it adapts
 _PEFT_BASE_CLASSES = {
-    "UNet2DConditionModel": "unet", "CLIPTextModel": "text_encoder", "CLIPTextModelWithProjection": "text_encoder_2",
-    "FluxTransformer2DModel": "transformer", "SD3Transformer2DModel": "transformer",
+    "UNet2DConditionModel": "unet",
+    "CLIPTextModel": "text_encoder",
+    "CLIPTextModelWithProjection": "text_encoder_2",
+    "FluxTransformer2DModel": "transformer",
+    "SD3Transformer2DModel": "transformer",
 }
 
 
@@ -573,7 +580,9 @@ def adapter_config(deltas: dict[str, LayerDelta], component: str) -> dict:
     lora_alpha = alphas.most_common(1)[0][0]
     anchor = "" if component in TEXT_COMPONENTS else "^"
     rank_pattern = {f"{anchor}{m}": d.rank for m, d in rel.items() if d.rank != r}
-    alpha_pattern = {f"{anchor}{m}": _clean_number(d.alpha) for m, d in rel.items() if _clean_number(d.alpha) != lora_alpha}
+    alpha_pattern = {
+        f"{anchor}{m}": _clean_number(d.alpha) for m, d in rel.items() if _clean_number(d.alpha) != lora_alpha
+    }
     config = {"r": r, "lora_alpha": lora_alpha, "target_modules": sorted(rel)}
     if rank_pattern:
         config["rank_pattern"] = rank_pattern

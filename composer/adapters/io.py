@@ -19,7 +19,12 @@ import torch
 from ..errors import AdapterLoadError
 from .family import detect_family
 from .formats import (
-    LORA_ADAPTER_METADATA_KEY, FormatError, from_peft_folder, parse_state_dict, peft_folder, to_diffusers_state_dict,
+    LORA_ADAPTER_METADATA_KEY,
+    FormatError,
+    from_peft_folder,
+    parse_state_dict,
+    peft_folder,
+    to_diffusers_state_dict,
 )
 from .embeddings import EmbeddingError, split_bundled
 from .kinds import KindError

@@ -79,8 +79,10 @@ def parse_shira_state_dict(tensors: dict[str, torch.Tensor], component: str = "u
                 raise ValueError(f"{stem}.{SHAPE}: expected [out, in] or [out, in, kh, kw], got {raw.tolist()}")
             columns = math.prod(shape[1:])
             if idx.numel() and (int(idx[0].max()) >= shape[0] or int(idx[1].max()) >= columns):
-                raise ValueError(f"{key}: indices reach ({int(idx[0].max())}, {int(idx[1].max())}), outside the "
-                                 f"{shape[0]}x{columns} delta of shape {list(shape)}")
+                raise ValueError(
+                    f"{key}: indices reach ({int(idx[0].max())}, {int(idx[1].max())}), outside the "
+                    f"{shape[0]}x{columns} delta of shape {list(shape)}"
+                )
         else:  # PEFT stores no shape: the smallest that holds the indices (checked against the layer later)
             shape = (int(idx[0].max()) + 1, int(idx[1].max()) + 1) if idx.numel() else (0, 0)
         alpha = float(tensors[f"{stem}.{ALPHA}"]) if f"{stem}.{ALPHA}" in tensors else 1.0
@@ -89,8 +91,6 @@ def parse_shira_state_dict(tensors: dict[str, torch.Tensor], component: str = "u
             name = f"{component}.{name}"
         deltas[name] = SparseDelta(idx.long(), values.reshape(-1).float(), shape, alpha)
     return deltas
-
-
 
 
 def load_shira(path, name: str | None = None, component: str = "unet") -> Adapter:
@@ -114,12 +114,17 @@ def load_shira(path, name: str | None = None, component: str = "unet") -> Adapte
         raise _fail(path, "no SHiRA layers found")
     ours = header.get(FORMAT_KEY) == "shira"
     meta = AdapterMetadata(
-        source_format="shira" if ours else "peft-shira", sha256=sha256_file(resolved), file_metadata=header,
+        source_format="shira" if ours else "peft-shira",
+        sha256=sha256_file(resolved),
+        file_metadata=header,
         description=header.get("modelspec.description", ""),
     )
     return Adapter(
-        name=name or header.get("modelspec.title") or stem, family=_family(deltas, tensors.keys()),
-        deltas=deltas, metadata=meta, path=str(p.resolve()),
+        name=name or header.get("modelspec.title") or stem,
+        family=_family(deltas, tensors.keys()),
+        deltas=deltas,
+        metadata=meta,
+        path=str(p.resolve()),
     )
 
 
@@ -149,7 +154,9 @@ def save_shira(adapter: Adapter, path) -> Path:
 def _additive_or_fail(key: str, d, what: str) -> None:
     """DoRA and IA3 scale the base weight: without it they are no fixed delta to re-factor."""
     if not d.additive:
-        raise ValueError(f"layer {key}: a {d.kind} delta depends on the base weight; {what} takes LoRA, LoHa, LoKr and full layers")
+        raise ValueError(
+            f"layer {key}: a {d.kind} delta depends on the base weight; {what} takes LoRA, LoHa, LoKr and full layers"
+        )
 
 
 def dense_delta(d: LayerDelta) -> torch.Tensor:
@@ -200,15 +207,23 @@ def lora_to_shira(adapter: Adapter, density: float = 0.02, name: str | None = No
     if not deltas:
         raise ValueError(f"{adapter.name}: no layer to convert")
     meta = AdapterMetadata(
-        trigger_words=list(adapter.metadata.trigger_words), description=adapter.metadata.description,
-        preferred_weight=adapter.metadata.preferred_weight, source_format="shira",
+        trigger_words=list(adapter.metadata.trigger_words),
+        description=adapter.metadata.description,
+        preferred_weight=adapter.metadata.preferred_weight,
+        source_format="shira",
     )
     out = Adapter(name or adapter.name, adapter.family, deltas, meta)
     return out, reports
 
 
-def squeeze_lora(adapter: Adapter, rank: int | None = None, energy: float | None = None,
-                 name: str | None = None, niter: int = 4, seed: int = 0):
+def squeeze_lora(
+    adapter: Adapter,
+    rank: int | None = None,
+    energy: float | None = None,
+    name: str | None = None,
+    niter: int = 4,
+    seed: int = 0,
+):
     """LoRA-Squeeze: each layer's delta re-factored at a lower rank by ``torch.svd_lowrank``.
 
     ``rank``: a fixed target rank (layers already at or below it are kept as they are); ``energy``
@@ -259,8 +274,10 @@ def squeeze_lora(adapter: Adapter, rank: int | None = None, energy: float | None
     finally:
         torch.random.set_rng_state(gen_state)
     meta = AdapterMetadata(
-        trigger_words=list(adapter.metadata.trigger_words), description=adapter.metadata.description,
-        preferred_weight=adapter.metadata.preferred_weight, source_format=adapter.metadata.source_format,
+        trigger_words=list(adapter.metadata.trigger_words),
+        description=adapter.metadata.description,
+        preferred_weight=adapter.metadata.preferred_weight,
+        source_format=adapter.metadata.source_format,
         file_metadata=dict(adapter.metadata.file_metadata),
     )
     return Adapter(name or adapter.name, adapter.family, deltas, meta), reports

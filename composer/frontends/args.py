@@ -93,7 +93,12 @@ def no_loading_bars():
 def _offline() -> bool:
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    )
 
 
 def _hub_unreachable() -> str | None:
@@ -173,9 +178,13 @@ def configure_logging(level: str) -> None:
 def add_log_args(p: argparse.ArgumentParser, default: str = "warning") -> None:
     """``--log-level``, shared by ``compose``, ``compose ui`` and ``compose serve`` (each passes it to
     :func:`configure_logging` once parsed)."""
-    p.add_argument("--log-level", choices=LOG_LEVELS, default=default,
-                   help=f"what the library logs to stderr (default {default}; a request that fails inside the "
-                        "server is logged with its traceback at error)")
+    p.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=default,
+        help=f"what the library logs to stderr (default {default}; a request that fails inside the "
+        "server is logged with its traceback at error)",
+    )
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -183,11 +192,19 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     (:func:`lora_composer.devices.device_and_dtype` reads them)."""
     from lora_composer.devices import DTYPES
 
-    p.add_argument("--device", default="auto", metavar="DEV",
-                   help="where the model runs: auto (cuda if there is one, else mps, else the CPU), cuda, cuda:1, mps, cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="the weights' precision: auto (fp32 on the CPU; on a GPU bf16 for FLUX.1 and SD3, fp16 for "
-                        "the others), fp32, fp16, bf16")
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEV",
+        help="where the model runs: auto (cuda if there is one, else mps, else the CPU), cuda, cuda:1, mps, cpu",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="the weights' precision: auto (fp32 on the CPU; on a GPU bf16 for FLUX.1 and SD3, fp16 for "
+        "the others), fp32, fp16, bf16",
+    )
 
 
 def check_torchvision() -> None:
@@ -209,9 +226,13 @@ def check_torchvision() -> None:
             have = importlib.metadata.version("torchvision")
         except importlib.metadata.PackageNotFoundError:
             have = "?"
-        fix = f"pip install --force-reinstall torchvision=={want}" if have == want else f"pip install torchvision=={want}"
-        raise ComposerError(f"torchvision {have} does not work with torch {torch.__version__} ({one_line(exc)}): "
-                            f"install the matching one from the same index as torch, {fix}") from None
+        fix = (
+            f"pip install --force-reinstall torchvision=={want}" if have == want else f"pip install torchvision=={want}"
+        )
+        raise ComposerError(
+            f"torchvision {have} does not work with torch {torch.__version__} ({one_line(exc)}): "
+            f"install the matching one from the same index as torch, {fix}"
+        ) from None
 
 
 def load_pipeline(model: str, library=None, device: str | None = None, dtype=None):

@@ -48,10 +48,19 @@ def _print_report(report, root: Path, quiet: bool) -> None:
 def index(argv: list[str]) -> int:
     p = Parser(prog="compose index", description="Index (incrementally) the LoRA files of a folder into its catalog.")
     p.add_argument("library", metavar="DIR", help="folder of LoRA files (searched recursively)")
-    p.add_argument("--catalog", metavar="FILE", help="catalog file (default: DIR/.lora-composer/catalog.sqlite, or one in the user cache when DIR is read-only or inside the installed package)")
+    p.add_argument(
+        "--catalog",
+        metavar="FILE",
+        help="catalog file (default: DIR/.lora-composer/catalog.sqlite, or one in the user cache when DIR is read-only or inside the installed package)",
+    )
     p.add_argument("--model", metavar="DIR_OR_ID", help="also embed descriptions with this model's text encoder now")
     p.add_argument("--rebuild", action="store_true", help="delete the catalog first and index everything again")
-    p.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", help="also read .pt/.ckpt/.bin files (they can run code)")
+    p.add_argument(
+        "--allow-pickle",
+        dest="allow_pickle",
+        action="store_true",
+        help="also read .pt/.ckpt/.bin files (they can run code)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from lora_composer.retriever.catalog import Catalog, default_catalog_path
@@ -85,11 +94,34 @@ def search(argv: list[str]) -> int:
     p = Parser(prog="compose search", description="Rank the library's LoRAs for a prompt (no image is rendered).")
     p.add_argument("prompt", help="the prompt")
     p.add_argument("--library", metavar="DIR", help="folder of LoRA files (default: $LORA_COMPOSER_LIBRARY)")
-    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="base model: its family and text encoder (default: the mini world model)")
-    p.add_argument("--catalog", metavar="FILE", help="catalog file (default: DIR/.lora-composer/catalog.sqlite, or one in the user cache when DIR is read-only or inside the installed package)")
+    p.add_argument(
+        "--model",
+        "-m",
+        metavar="DIR_OR_ID",
+        help="base model: its family and text encoder (default: the mini world model)",
+    )
+    p.add_argument(
+        "--catalog",
+        metavar="FILE",
+        help="catalog file (default: DIR/.lora-composer/catalog.sqlite, or one in the user cache when DIR is read-only or inside the installed package)",
+    )
     p.add_argument("--limit", "-k", type=int, default=10, metavar="N", help="rows to show (default 10)")
-    p.add_argument("--top-k", dest="top_k", type=int, default=None, metavar="K", help="mark the adapters --loras auto would choose with this K")
-    p.add_argument("--min-score", dest="min_score", type=float, default=None, metavar="S", help="one floor for every claim kind of --loras auto's choice (default: the calibrated ones)")
+    p.add_argument(
+        "--top-k",
+        dest="top_k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="mark the adapters --loras auto would choose with this K",
+    )
+    p.add_argument(
+        "--min-score",
+        dest="min_score",
+        type=float,
+        default=None,
+        metavar="S",
+        help="one floor for every claim kind of --loras auto's choice (default: the calibrated ones)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from lora_composer.retriever import DEFAULT_TOP_K, retriever_for
@@ -117,8 +149,17 @@ def train(argv: list[str]) -> int:
     )
     p.add_argument("library", metavar="DIR", help="folder of LoRA files (indexed first, incrementally)")
     p.add_argument("--epochs", type=int, default=200, metavar="N", help="training epochs (default 200)")
-    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="base model: its family and text encoder (default: the mini world model)")
-    p.add_argument("--catalog", metavar="FILE", help="catalog file (default: DIR/.lora-composer/catalog.sqlite, or one in the user cache when DIR is read-only or inside the installed package)")
+    p.add_argument(
+        "--model",
+        "-m",
+        metavar="DIR_OR_ID",
+        help="base model: its family and text encoder (default: the mini world model)",
+    )
+    p.add_argument(
+        "--catalog",
+        metavar="FILE",
+        help="catalog file (default: DIR/.lora-composer/catalog.sqlite, or one in the user cache when DIR is read-only or inside the installed package)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.epochs < 1:

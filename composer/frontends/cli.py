@@ -21,8 +21,15 @@ from pathlib import Path
 
 from lora_composer.errors import ComposerError
 from lora_composer.frontends import catalog, convert, evaluate, grid, profile, serve, ui
-from lora_composer.frontends.args import (Parser, UsageError, add_device_args, add_log_args, command, configure_logging,
-                                          load_pipeline)
+from lora_composer.frontends.args import (
+    Parser,
+    UsageError,
+    add_device_args,
+    add_log_args,
+    command,
+    configure_logging,
+    load_pipeline,
+)
 from lora_composer.vocab import MAX_SEED
 
 PROG = "compose"
@@ -46,48 +53,105 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", help="the prompt (may contain <lora:name:w> tags)")
     p.add_argument("--negative-prompt", "-n", dest="negative_prompt", help="negative prompt")
     p.add_argument(
-        "--lora", "-l", action="append", metavar="PATH_OR_NAME[:WEIGHT]",
+        "--lora",
+        "-l",
+        action="append",
+        metavar="PATH_OR_NAME[:WEIGHT]",
         help="a LoRA file or a name in the library; WEIGHT is W or TE:UNET (default 1). Repeat for more.",
     )
     p.add_argument(
-        "--loras", metavar="auto", choices=["auto"],
+        "--loras",
+        metavar="auto",
+        choices=["auto"],
         help="auto: let the retriever choose LoRAs from the library for the prompt (compose index DIR first, or it indexes on use)",
     )
-    p.add_argument("--top-k", dest="top_k", type=int, metavar="K", help="with --loras auto: at most K adapters (default 4; a cap, not a target)")
-    p.add_argument("--min-score", dest="min_score", type=float, metavar="S", help="with --loras auto: one score threshold for every kind of match (default: each kind's calibrated threshold)")
-    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the mini world model)")
-    p.add_argument("--library", metavar="DIR", help="folder of LoRA files to look names up in (default: $LORA_COMPOSER_LIBRARY)")
+    p.add_argument(
+        "--top-k",
+        dest="top_k",
+        type=int,
+        metavar="K",
+        help="with --loras auto: at most K adapters (default 4; a cap, not a target)",
+    )
+    p.add_argument(
+        "--min-score",
+        dest="min_score",
+        type=float,
+        metavar="S",
+        help="with --loras auto: one score threshold for every kind of match (default: each kind's calibrated threshold)",
+    )
+    p.add_argument(
+        "--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the mini world model)"
+    )
+    p.add_argument(
+        "--library", metavar="DIR", help="folder of LoRA files to look names up in (default: $LORA_COMPOSER_LIBRARY)"
+    )
     p.add_argument("--strategy", help="how adapters are combined: " + ", ".join(_strategies()) + " (default: merge)")
     p.add_argument(
-        "--strategy-arg", dest="strategy_arg", action="append", metavar="KEY=VALUE",
+        "--strategy-arg",
+        dest="strategy_arg",
+        action="append",
+        metavar="KEY=VALUE",
         help="a strategy parameter, e.g. --strategy switch --strategy-arg every=3 (repeatable)",
     )
     p.add_argument(
-        "--explain", action="store_true",
+        "--explain",
+        action="store_true",
         help="also write OUT.explain.png: heatmaps of the adapter weights applied per step (and per layer group)",
     )
     p.add_argument("--steps", type=int, metavar="N", help="denoising steps (default 20)")
-    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, metavar="G", help="guidance scale (default 7.5; 5 for the mini world model)")
-    p.add_argument("--seed", type=int, metavar="S", help="random seed (default, or -1: random, recorded in the PNG)")
-    p.add_argument("--width", type=int, metavar="W", help="image width in pixels, a multiple of the model's (default: the model's, 64 for the mini world)")
-    p.add_argument("--height", type=int, metavar="H", help="image height in pixels, a multiple of the model's (default: the model's)")
     p.add_argument(
-        "--no-limits", dest="no_limits", action="store_true",
+        "--guidance",
+        "--cfg",
+        dest="guidance",
+        type=float,
+        metavar="G",
+        help="guidance scale (default 7.5; 5 for the mini world model)",
+    )
+    p.add_argument("--seed", type=int, metavar="S", help="random seed (default, or -1: random, recorded in the PNG)")
+    p.add_argument(
+        "--width",
+        type=int,
+        metavar="W",
+        help="image width in pixels, a multiple of the model's (default: the model's, 64 for the mini world)",
+    )
+    p.add_argument(
+        "--height",
+        type=int,
+        metavar="H",
+        help="image height in pixels, a multiple of the model's (default: the model's)",
+    )
+    p.add_argument(
+        "--no-limits",
+        dest="no_limits",
+        action="store_true",
         help="render above the pixel x step budget (4x the model's native size per side at 50 steps): slow, may run out of memory",
     )
     p.add_argument("--out", "-o", metavar="FILE", help="output PNG (default: compose-SEED.png)")
     p.add_argument(
-        "--trigger-words", dest="trigger_words", action="store_true", default=None,
+        "--trigger-words",
+        dest="trigger_words",
+        action="store_true",
+        default=None,
         help="append each LoRA's trigger words to the prompt",
     )
     p.add_argument(
-        "--dora-scaling", dest="dora_scaling", choices=("comfy", "peft"), default="comfy",
+        "--dora-scaling",
+        dest="dora_scaling",
+        choices=("comfy", "peft"),
+        default="comfy",
         help="what a DoRA LoRA's weight other than 1 means: comfy (default, ComfyUI's W0 + w (DoRA(W0) - W0)) or peft "
-             "(diffusers/PEFT: the weight scales the delta inside the norm); docs/FORMATS.md",
+        "(diffusers/PEFT: the weight scales the delta inside the norm); docs/FORMATS.md",
     )
-    p.add_argument("--from-image", dest="from_image", metavar="PNG", help="re-render a PNG written by compose (other flags override)")
     p.add_argument(
-        "--allow-pickle", dest="allow_pickle", action="store_true",
+        "--from-image",
+        dest="from_image",
+        metavar="PNG",
+        help="re-render a PNG written by compose (other flags override)",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        dest="allow_pickle",
+        action="store_true",
         help="allow pickle-based LoRA files (.pt/.ckpt/.bin): they can run code, only use files you trust",
     )
     add_log_args(p)
@@ -152,10 +216,27 @@ def _strategy_lines() -> str:
     from lora_composer.fusion.registry import AUTO, AUTO_HELP, STRATEGIES
 
     width = max(len(name) for name in STRATEGIES)
-    return "\n" + textwrap.fill(AUTO_HELP, 100, break_on_hyphens=False, initial_indent=f"  {AUTO:<{width}}  ", subsequent_indent=" " * (width + 4)) + "".join(
-        "\n" + textwrap.fill(cls.measured or "-", 100, break_on_hyphens=False, initial_indent=f"  {name:<{width}}  ",
-                             subsequent_indent=" " * (width + 4))
-        for name, cls in sorted(STRATEGIES.items()))
+    return (
+        "\n"
+        + textwrap.fill(
+            AUTO_HELP,
+            100,
+            break_on_hyphens=False,
+            initial_indent=f"  {AUTO:<{width}}  ",
+            subsequent_indent=" " * (width + 4),
+        )
+        + "".join(
+            "\n"
+            + textwrap.fill(
+                cls.measured or "-",
+                100,
+                break_on_hyphens=False,
+                initial_indent=f"  {name:<{width}}  ",
+                subsequent_indent=" " * (width + 4),
+            )
+            for name, cls in sorted(STRATEGIES.items())
+        )
+    )
 
 
 def _strategies() -> list[str]:
@@ -169,8 +250,17 @@ def _settings(args) -> dict:
     from lora_composer.prompt_syntax import parse_lora_spec, parse_prompt
 
     s = {
-        "prompt": None, "negative_prompt": "", "loras": [], "model": None, "strategy": "merge", "steps": 20,
-        "guidance": None, "seed": None, "width": None, "height": None, "trigger_words": False,
+        "prompt": None,
+        "negative_prompt": "",
+        "loras": [],
+        "model": None,
+        "strategy": "merge",
+        "steps": 20,
+        "guidance": None,
+        "seed": None,
+        "width": None,
+        "height": None,
+        "trigger_words": False,
         "strategy_args": {},
     }
     if args.from_image:
@@ -181,21 +271,38 @@ def _settings(args) -> dict:
         # nothing is applied twice.
         clean, _ = parse_prompt(rec.prompt)
         s.update(
-            prompt=clean, negative_prompt=rec.negative_prompt or "", model=rec.model or None,
-            strategy=rec.strategy or "merge", strategy_args=dict(rec.strategy_args or {}), steps=rec.steps,
-            guidance=rec.guidance_scale, seed=rec.seed, width=rec.width, height=rec.height,
+            prompt=clean,
+            negative_prompt=rec.negative_prompt or "",
+            model=rec.model or None,
+            strategy=rec.strategy or "merge",
+            strategy_args=dict(rec.strategy_args or {}),
+            steps=rec.steps,
+            guidance=rec.guidance_scale,
+            seed=rec.seed,
+            width=rec.width,
+            height=rec.height,
             loras=[
-                (lo.get("path") if lo.get("path") and Path(lo["path"]).is_file() else lo["name"],
-                 float(lo.get("te_weight", 1.0)), float(lo.get("unet_weight", lo.get("te_weight", 1.0))))
+                (
+                    lo.get("path") if lo.get("path") and Path(lo["path"]).is_file() else lo["name"],
+                    float(lo.get("te_weight", 1.0)),
+                    float(lo.get("unet_weight", lo.get("te_weight", 1.0))),
+                )
                 for lo in rec.loras
             ],
         )
     if args.strategy is not None and args.strategy != s["strategy"]:
         s["strategy_args"] = {}  # recorded arguments belong to the recorded strategy
     for key, value in (
-        ("prompt", args.prompt), ("negative_prompt", args.negative_prompt), ("model", args.model),
-        ("strategy", args.strategy), ("steps", args.steps), ("guidance", args.guidance), ("seed", args.seed),
-        ("width", args.width), ("height", args.height), ("trigger_words", args.trigger_words),
+        ("prompt", args.prompt),
+        ("negative_prompt", args.negative_prompt),
+        ("model", args.model),
+        ("strategy", args.strategy),
+        ("steps", args.steps),
+        ("guidance", args.guidance),
+        ("seed", args.seed),
+        ("width", args.width),
+        ("height", args.height),
+        ("trigger_words", args.trigger_words),
     ):
         if value is not None:
             s[key] = value
@@ -268,11 +375,20 @@ def render(args) -> int:
 
         started = time.perf_counter()
         images = pipe(
-            s["prompt"], negative_prompt=s["negative_prompt"] or None, loras="auto" if args.loras == "auto" else loras,
+            s["prompt"],
+            negative_prompt=s["negative_prompt"] or None,
+            loras="auto" if args.loras == "auto" else loras,
             strategy=s["strategy"],
-            strategy_args=s["strategy_args"] or None, num_inference_steps=s["steps"], guidance_scale=s["guidance"],
-            seed=s["seed"], height=s["height"], width=s["width"], append_trigger_words=bool(s["trigger_words"]),
-            progress=not args.quiet, allow_pickle=args.allow_pickle, limits=not args.no_limits,
+            strategy_args=s["strategy_args"] or None,
+            num_inference_steps=s["steps"],
+            guidance_scale=s["guidance"],
+            seed=s["seed"],
+            height=s["height"],
+            width=s["width"],
+            append_trigger_words=bool(s["trigger_words"]),
+            progress=not args.quiet,
+            allow_pickle=args.allow_pickle,
+            limits=not args.no_limits,
             **({"top_k": args.top_k, "min_score": args.min_score} if args.loras == "auto" else {}),
         )
     except ComposerError as exc:  # the library names Python arguments; say the flags
@@ -292,19 +408,29 @@ def render(args) -> int:
         from lora_composer.explain import save_explanation
 
         target = out.with_name(out.stem + ".explain.png")
-        _write_atomically(target, lambda tmp: save_explanation(
-            pipe.last_driver.history, pipe.last_driver.adapters, tmp, record.strategy if record else ""))
+        _write_atomically(
+            target,
+            lambda tmp: save_explanation(
+                pipe.last_driver.history, pipe.last_driver.adapters, tmp, record.strategy if record else ""
+            ),
+        )
         explained = f"; weights heatmap {target}"
     applied = ", ".join(
-        f"{lo['name']} {_weights_text(float(lo['te_weight']), float(lo['unet_weight']))}" for lo in (record.loras if record else [])
+        f"{lo['name']} {_weights_text(float(lo['te_weight']), float(lo['unet_weight']))}"
+        for lo in (record.loras if record else [])
     )
     size = f"{image.width}x{image.height}"
     if args.loras == "auto":
         picked = getattr(pipe, "last_retrieval", [])
-        print("auto LoRAs: " + ("; ".join(f"{m.name} {m.weight:g} (score {m.score:.2f}: {m.reason})" for m in picked) or "none matched"))
+        print(
+            "auto LoRAs: "
+            + ("; ".join(f"{m.name} {m.weight:g} (score {m.score:.2f}: {m.reason})" for m in picked) or "none matched")
+        )
         if getattr(picked, "notice", None):  # the cap dropped a concept the prompt names
             _note(args, f"note: {picked.notice}")
-    print(f"wrote {out} in {elapsed:.1f} s (seed {s['seed']}, {s['steps']} steps, {size}); LoRAs: {applied or 'none'}{explained}")
+    print(
+        f"wrote {out} in {elapsed:.1f} s (seed {s['seed']}, {s['steps']} steps, {size}); LoRAs: {applied or 'none'}{explained}"
+    )
     return 0
 
 
@@ -316,7 +442,7 @@ COMMANDS = {
     "convert": ("convert a LoRA: --to shira --density D (sparse) or --rank R|auto (LoRA-Squeeze)", convert.main),
     "profile": ("score LoRAs' high-frequency energy for --strategy cmlora", profile.main),
     "eval": ("measure every strategy and the retriever on the mini world (ground-truth detectors)", evaluate.main),
-    "grid": ("an X/Y/Z plot: --x \"weight:LORA=0.4,0.7,1\" --y \"strategy=merge,regional\" [--z \"seed=1,2\"]", grid.main),
+    "grid": ('an X/Y/Z plot: --x "weight:LORA=0.4,0.7,1" --y "strategy=merge,regional" [--z "seed=1,2"]', grid.main),
     "ui": ("start the web UI (Gradio) on 127.0.0.1", ui.main),
     "serve": ("serve renders over HTTP (FastAPI), many LoRAs batched per step, on 127.0.0.1", serve.main),
 }

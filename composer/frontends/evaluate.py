@@ -20,43 +20,102 @@ from lora_composer.frontends.args import Parser, UsageError, command, load_pipel
 
 PROG = "compose eval"
 WORLDS = ("one-object", "two-objects", "community")
-TWO_OBJECT_STRATEGIES = ("merge", "gated", "loratorio", "conjunction", "composite", "regional")  # the default two-object table
+TWO_OBJECT_STRATEGIES = (
+    "merge",
+    "gated",
+    "loratorio",
+    "conjunction",
+    "composite",
+    "regional",
+)  # the default two-object table
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description=__doc__.splitlines()[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:6]))
-    p.add_argument("--world", choices=WORLDS, default=WORLDS[0],
-                   help="one-object (default), two-objects (128x64, one object per half) or community (LoRAs teach "
-                        "variants of values the base knows); docs/EVAL.md")
-    p.add_argument("--per-kind", type=int, default=4, metavar="N",
-                   help="two-objects: combinations of each kind (default 4)")
-    p.add_argument("--base", choices=("one-object", "two-objects"), default="one-object",
-                   help="two-objects: the model rendering them, the one the LoRAs were trained on (one-object, "
-                        "default) or the base fine-tuned on two-object pictures (its text encoder changed)")
-    p.add_argument("--auto", action="store_true",
-                   help="two-objects: every render picks its LoRAs with --loras auto from its words (regional: per region)")
-    p.add_argument("--strategies", nargs="+", metavar="NAME", help="strategies to measure (default: every one in fusion/ but those fitted per set, such as fit: name them); NAME:ARGS measures a variant, "
-                        "e.g. 'marginal:scale=0.5 until=0.3'")
-    p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], metavar="K", help="combination sizes (default 2 3 4)")
-    p.add_argument("--combos", type=int, default=None, metavar="K",
-                   help="one-object, community: K combinations of each size, drawn with --seed (the same for every "
-                        "strategy of the run and every run with that seed); default: all")
-    p.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="images per combination and strategy (default 2; two-objects, community: 1)")
+    p = Parser(
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:6]),
+    )
+    p.add_argument(
+        "--world",
+        choices=WORLDS,
+        default=WORLDS[0],
+        help="one-object (default), two-objects (128x64, one object per half) or community (LoRAs teach "
+        "variants of values the base knows); docs/EVAL.md",
+    )
+    p.add_argument(
+        "--per-kind", type=int, default=4, metavar="N", help="two-objects: combinations of each kind (default 4)"
+    )
+    p.add_argument(
+        "--base",
+        choices=("one-object", "two-objects"),
+        default="one-object",
+        help="two-objects: the model rendering them, the one the LoRAs were trained on (one-object, "
+        "default) or the base fine-tuned on two-object pictures (its text encoder changed)",
+    )
+    p.add_argument(
+        "--auto",
+        action="store_true",
+        help="two-objects: every render picks its LoRAs with --loras auto from its words (regional: per region)",
+    )
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        metavar="NAME",
+        help="strategies to measure (default: every one in fusion/ but those fitted per set, such as fit: name them); NAME:ARGS measures a variant, "
+        "e.g. 'marginal:scale=0.5 until=0.3'",
+    )
+    p.add_argument(
+        "--sizes", nargs="+", type=int, default=[2, 3, 4], metavar="K", help="combination sizes (default 2 3 4)"
+    )
+    p.add_argument(
+        "--combos",
+        type=int,
+        default=None,
+        metavar="K",
+        help="one-object, community: K combinations of each size, drawn with --seed (the same for every "
+        "strategy of the run and every run with that seed); default: all",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images per combination and strategy (default 2; two-objects, community: 1)",
+    )
     p.add_argument("--steps", type=int, default=20, metavar="N", help="denoising steps (default 20)")
     p.add_argument("--guidance", type=float, default=None, metavar="G", help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed of the renders (default 0)")
     p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the base/LoRA-alone checks")
-    p.add_argument("--no-retrieval", dest="retrieval", action="store_false",
-                   help="skip the retriever's figures (selection precision/recall, --loras auto end to end)")
-    p.add_argument("--auto-combos", type=int, default=6, metavar="N",
-                   help="--loras auto vs hand-picked (merge), end to end: N combinations per size 1-4, captions and "
-                        "paraphrases, seed 2000 (16 N renders; default 6; 0: skip)")
-    p.add_argument("--out", type=Path, default=Path("eval-out"), metavar="DIR", help="folder for results.json and grid.png (default eval-out)")
-    p.add_argument("--record", type=Path, metavar="JSON",
-                   help="also add this run to a record file (the package's results/<world>.json is what --help, the "
-                        "web UI and --strategy auto quote)")
+    p.add_argument(
+        "--no-retrieval",
+        dest="retrieval",
+        action="store_false",
+        help="skip the retriever's figures (selection precision/recall, --loras auto end to end)",
+    )
+    p.add_argument(
+        "--auto-combos",
+        type=int,
+        default=6,
+        metavar="N",
+        help="--loras auto vs hand-picked (merge), end to end: N combinations per size 1-4, captions and "
+        "paraphrases, seed 2000 (16 N renders; default 6; 0: skip)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("eval-out"),
+        metavar="DIR",
+        help="folder for results.json and grid.png (default eval-out)",
+    )
+    p.add_argument(
+        "--record",
+        type=Path,
+        metavar="JSON",
+        help="also add this run to a record file (the package's results/<world>.json is what --help, the "
+        "web UI and --strategy auto quote)",
+    )
     p.add_argument("--write-doc", type=Path, metavar="MD", help="also write the tables into this Markdown file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p
@@ -71,8 +130,11 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     if args.combos is not None and (args.combos < 1 or args.world == "two-objects"):
-        raise UsageError("--combos must be at least 1" if args.combos < 1 else
-                         "--combos draws one-object or community combinations; two-objects takes --per-kind")
+        raise UsageError(
+            "--combos must be at least 1"
+            if args.combos < 1
+            else "--combos draws one-object or community combinations; two-objects takes --per-kind"
+        )
     if args.world == "two-objects":
         return _two_objects(args, argv)
     if args.world == "community":
@@ -95,10 +157,22 @@ def main(argv: list[str]) -> int:
         detector = load_detector(assets.detector_path())
     except ValueError as exc:
         raise ComposerError(f"{assets.detector_path()}: {exc}") from None
-    result = evaluate(pipe, detector, strategies, sizes=tuple(args.sizes), seeds=args.seeds, steps=args.steps,
-                      guidance=assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
-                      grid_path=args.out / "grid.png", checks=args.checks, progress=not args.quiet,
-                      retrieval=args.retrieval, auto_per_size=max(args.auto_combos, 0), per_size=args.combos)
+    result = evaluate(
+        pipe,
+        detector,
+        strategies,
+        sizes=tuple(args.sizes),
+        seeds=args.seeds,
+        steps=args.steps,
+        guidance=assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+        seed=args.seed,
+        grid_path=args.out / "grid.png",
+        checks=args.checks,
+        progress=not args.quiet,
+        retrieval=args.retrieval,
+        auto_per_size=max(args.auto_combos, 0),
+        per_size=args.combos,
+    )
     _save(args, argv, result)
     text = markdown(result, f"{PROG} {' '.join(argv)}".strip())
     print(text)
@@ -145,8 +219,15 @@ def _two_objects(args, argv: list[str]) -> int:
     judge.auto = args.auto
     judge.steps = args.steps
     judge.guidance = assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance
-    result = two_objects.evaluate(judge, strategies, per_kind=args.per_kind, seed=args.seed, checks_too=args.checks,
-                                  progress=not args.quiet, grid_path=args.out / "grid.png")
+    result = two_objects.evaluate(
+        judge,
+        strategies,
+        per_kind=args.per_kind,
+        seed=args.seed,
+        checks_too=args.checks,
+        progress=not args.quiet,
+        grid_path=args.out / "grid.png",
+    )
     _save(args, argv, result)
     print(two_objects.markdown(result, f"{PROG} {' '.join(argv)}".strip()))
     return 0
@@ -163,10 +244,19 @@ def _community(args, argv: list[str]) -> int:
     if any(k < 1 or k > len(community_eval.LORAS) for k in args.sizes):
         raise UsageError(f"--sizes must be between 1 and {len(community_eval.LORAS)}")
     result = community_eval.evaluate(
-        community_eval.load_pipeline(), community_eval.load_judge(), strategies, sizes=tuple(args.sizes),
-        seeds=1 if args.seeds is None else args.seeds, steps=args.steps,
-        guidance=assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
-        grid_path=args.out / "grid.png", with_checks=args.checks, progress=not args.quiet, per_size=args.combos)
+        community_eval.load_pipeline(),
+        community_eval.load_judge(),
+        strategies,
+        sizes=tuple(args.sizes),
+        seeds=1 if args.seeds is None else args.seeds,
+        steps=args.steps,
+        guidance=assets.DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+        seed=args.seed,
+        grid_path=args.out / "grid.png",
+        with_checks=args.checks,
+        progress=not args.quiet,
+        per_size=args.combos,
+    )
     _save(args, argv, result)
     print(community_eval.markdown(result, f"{PROG} {' '.join(argv)}".strip()))
     return 0

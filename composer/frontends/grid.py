@@ -90,8 +90,10 @@ def parse_axis(text: str, flag: str = "--x") -> Axis:
     kind, _, lora = head.strip().partition(":")
     kind, lora = kind.strip().lower(), lora.strip()
     if not sep or kind not in AXES:
-        raise UsageError(f"{flag} {text!r}: expected KIND=V1,V2,... with KIND one of "
-                         "weight:LORA, loras, strategy, seed, steps, guidance, sampler")
+        raise UsageError(
+            f"{flag} {text!r}: expected KIND=V1,V2,... with KIND one of "
+            "weight:LORA, loras, strategy, seed, steps, guidance, sampler"
+        )
     if kind == "weight" and not lora:
         raise UsageError(f"{flag} {text!r}: a weight axis names its LoRA, as in weight:star-shape=0.4,0.7,1")
     if kind != "weight" and lora:
@@ -178,8 +180,11 @@ def sampler_class(available: dict[str, type], name: str | None, base: str) -> st
     for cls_name in available:
         if sampler_name(cls_name).lower() == str(name).strip().lower():
             return cls_name
-    raise ComposerError(f"sampler {name!r} is not available for this model (available: "
-                        + ", ".join(sampler_name(n) for n in available) + ")")
+    raise ComposerError(
+        f"sampler {name!r} is not available for this model (available: "
+        + ", ".join(sampler_name(n) for n in available)
+        + ")"
+    )
 
 
 # -- cells ---------------------------------------------------------------------------------------------
@@ -272,8 +277,10 @@ def plan(base: dict, x: Axis | None, y: Axis | None, z: Axis | None, resolve) ->
                         s[axis.kind] = value
                 cls = STRATEGIES.get(s["strategy"])
                 if cls is not None and cls.regional and not has_regions(base["prompt"]):
-                    raise UsageError(f"strategy {s['strategy']!r} needs a prompt split into regions with BREAK "
-                                     "(e.g. 'a purple star BREAK a red circle'): add regions or leave it off the axis")
+                    raise UsageError(
+                        f"strategy {s['strategy']!r} needs a prompt split into regions with BREAK "
+                        "(e.g. 'a purple star BREAK a red circle'): add regions or leave it off the axis"
+                    )
                 if cls is not None and cls.regional:  # the tags act where they stand, each in its region
                     s["prompt"], s["region_loras"] = _retag(base["prompt"], resolve, weights)
                     own = {str(p) for p in s["region_loras"]}
@@ -301,12 +308,20 @@ def _spec(s: dict, scheduler: str):
     from lora_composer.serving.jobs import RenderSpec
 
     return RenderSpec(
-        prompt=s["prompt"], negative_prompt=s.get("negative_prompt") or "",
+        prompt=s["prompt"],
+        negative_prompt=s.get("negative_prompt") or "",
         loras=[(Path(p), float(unet)) for p, _, unet in s["loras"]],
         text_weights={str(p): float(te) for p, te, unet in s["loras"] if te != unet},
-        strategy=s["strategy"], strategy_args=dict(s.get("strategy_args") or {}), seed=int(s["seed"]),
-        steps=int(s["steps"]), width=int(s["width"]), height=int(s["height"]), guidance=float(s["guidance"]),
-        scheduler=scheduler, region_loras=list(s.get("region_loras") or []))
+        strategy=s["strategy"],
+        strategy_args=dict(s.get("strategy_args") or {}),
+        seed=int(s["seed"]),
+        steps=int(s["steps"]),
+        width=int(s["width"]),
+        height=int(s["height"]),
+        guidance=float(s["guidance"]),
+        scheduler=scheduler,
+        region_loras=list(s.get("region_loras") or []),
+    )
 
 
 def run(composer, grid: Grid, progress=None, max_batch: int | None = None, stop=None) -> Grid:
@@ -329,8 +344,12 @@ def run(composer, grid: Grid, progress=None, max_batch: int | None = None, stop=
     for c in cells:  # what the pipeline refuses, refused before anything runs
         s = c.settings
         composer.check_size(s["height"], s["width"], s["steps"], limits=not s.get("no_limits"))
-    batcher = Batcher(composer, Residency(composer, max_bytes=1 << 62, max_adapters=1 << 16),
-                      max_queue=len(cells) + 1, max_batch=int(max_batch or len(cells)))
+    batcher = Batcher(
+        composer,
+        Residency(composer, max_bytes=1 << 62, max_adapters=1 << 16),
+        max_queue=len(cells) + 1,
+        max_batch=int(max_batch or len(cells)),
+    )
     # cells that can share a batch first, grouped by what shapes one (size, sampler): each group one pass per step
     # (a cell that cannot share a batch queued between two that can would split their batch in two)
     order = sorted(range(len(cells)), key=lambda n: (_shares(batcher, specs[n]), specs[n].batch_key()))
@@ -449,7 +468,8 @@ def grid_record(grid: Grid, z: int = 0) -> dict:
     """What a grid PNG holds beside its pixels: the axes and every cell's generation record, row by row."""
     plane = grid.cells[z]
     return {
-        "x": grid.x.to_dict() if grid.x else None, "y": grid.y.to_dict() if grid.y else None,
+        "x": grid.x.to_dict() if grid.x else None,
+        "y": grid.y.to_dict() if grid.y else None,
         "z": {**grid.z.to_dict(), "value": grid.z.values[z]} if grid.z else None,
         "cells": [[{"x": c.x, "y": c.y, "record": c.record.to_dict()} for c in row] for row in plane],
     }
@@ -474,8 +494,9 @@ def out_paths(out: Path, grid: Grid) -> list[Path]:
     if grid.z is None:
         return [out]
     slug = lambda v: re.sub(r"[^A-Za-z0-9.+-]+", "-", str(v)).strip("-") or "value"  # noqa: E731
-    return [out.with_name(f"{out.stem}-{slug(grid.z.name.replace(':', '-'))}-{slug(v)}{out.suffix}")
-            for v in grid.z.values]
+    return [
+        out.with_name(f"{out.stem}-{slug(grid.z.name.replace(':', '-'))}-{slug(v)}{out.suffix}") for v in grid.z.values
+    ]
 
 
 # -- the command ---------------------------------------------------------------------------------------
@@ -484,45 +505,78 @@ def build_parser():
 
     from lora_composer.frontends.args import Parser, add_device_args, add_log_args
 
-    p = Parser(prog="compose grid", formatter_class=argparse.RawDescriptionHelpFormatter,
-               description="Render an X/Y/Z plot (AUTOMATIC1111's): one labelled PNG per Z value, every cell's "
-                           "settings in its metadata. Cells that differ in LoRA weights (and in seed, steps, "
-                           "guidance or row-group strategies) run as rows of one denoiser batch per step.",
-               epilog="axes: KIND=V1,V2,... with KIND one of\n"
-                      "  weight:LORA   that LoRA's weight (text encoder and denoiser; added if not given)\n"
-                      "  loras         LoRA sets instead of --lora: NAME[:W]+NAME[:W],...; none: no LoRA\n"
-                      "  strategy      merge, regional, composite... (compose --help lists them)\n"
-                      "  seed          seeds (-1: a random one)\n"
-                      "  steps         denoising steps\n"
-                      "  guidance      guidance scales\n"
-                      "  sampler       samplers, by A1111 name (Euler a) or scheduler class\n\n"
-                      'example: compose grid -p "a purple star" --lora purple-colour '
-                      '--x "weight:star-shape=0.4,0.7,1" --y "strategy=merge,regional"')
+    p = Parser(
+        prog="compose grid",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Render an X/Y/Z plot (AUTOMATIC1111's): one labelled PNG per Z value, every cell's "
+        "settings in its metadata. Cells that differ in LoRA weights (and in seed, steps, "
+        "guidance or row-group strategies) run as rows of one denoiser batch per step.",
+        epilog="axes: KIND=V1,V2,... with KIND one of\n"
+        "  weight:LORA   that LoRA's weight (text encoder and denoiser; added if not given)\n"
+        "  loras         LoRA sets instead of --lora: NAME[:W]+NAME[:W],...; none: no LoRA\n"
+        "  strategy      merge, regional, composite... (compose --help lists them)\n"
+        "  seed          seeds (-1: a random one)\n"
+        "  steps         denoising steps\n"
+        "  guidance      guidance scales\n"
+        "  sampler       samplers, by A1111 name (Euler a) or scheduler class\n\n"
+        'example: compose grid -p "a purple star" --lora purple-colour '
+        '--x "weight:star-shape=0.4,0.7,1" --y "strategy=merge,regional"',
+    )
     p.add_argument("--prompt", "-p", required=True, help="the prompt (may contain <lora:name:w> tags)")
     p.add_argument("--negative-prompt", "-n", dest="negative_prompt", default="", help="negative prompt")
-    p.add_argument("--lora", "-l", action="append", default=[], metavar="PATH_OR_NAME[:WEIGHT]",
-                   help="a LoRA in every cell, as compose takes it (repeatable)")
+    p.add_argument(
+        "--lora",
+        "-l",
+        action="append",
+        default=[],
+        metavar="PATH_OR_NAME[:WEIGHT]",
+        help="a LoRA in every cell, as compose takes it (repeatable)",
+    )
     p.add_argument("--x", required=True, metavar="AXIS", help="the columns' axis, e.g. weight:star-shape=0.4,0.7,1")
     p.add_argument("--y", metavar="AXIS", help="the rows' axis, e.g. strategy=merge,regional")
     p.add_argument("--z", metavar="AXIS", help="one PNG per value, e.g. seed=1,2")
-    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the mini world)")
+    p.add_argument(
+        "--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the mini world)"
+    )
     p.add_argument("--library", metavar="DIR", help="LoRA folder (default: $LORA_COMPOSER_LIBRARY)")
     p.add_argument("--strategy", default="merge", help="the strategy where no axis sweeps it (default merge)")
-    p.add_argument("--strategy-arg", dest="strategy_arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="a parameter of --strategy (repeatable)")
+    p.add_argument(
+        "--strategy-arg",
+        dest="strategy_arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a parameter of --strategy (repeatable)",
+    )
     p.add_argument("--steps", type=int, default=20, metavar="N", help="denoising steps (default 20)")
-    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, metavar="G", help="guidance scale (default: the model's)")
+    p.add_argument(
+        "--guidance", "--cfg", dest="guidance", type=float, metavar="G", help="guidance scale (default: the model's)"
+    )
     p.add_argument("--seed", type=int, default=-1, metavar="S", help="seed of every cell (default -1: one random seed)")
     p.add_argument("--sampler", metavar="NAME", help="sampler (default: the model's)")
     p.add_argument("--width", type=int, metavar="W", help="image width (default: the model's)")
     p.add_argument("--height", type=int, metavar="H", help="image height (default: the model's)")
-    p.add_argument("--max-batch", dest="max_batch", type=int, metavar="N",
-                   help="at most N cells in one denoiser pass (default: all that can share one)")
+    p.add_argument(
+        "--max-batch",
+        dest="max_batch",
+        type=int,
+        metavar="N",
+        help="at most N cells in one denoiser pass (default: all that can share one)",
+    )
     p.add_argument("--no-limits", dest="no_limits", action="store_true", help="render above the pixel x step budget")
-    p.add_argument("--out", "-o", default="grid.png", metavar="FILE",
-                   help="output PNG (default grid.png; with --z, one FILE-AXIS-VALUE.png per value)")
-    p.add_argument("--allow-pickle", dest="allow_pickle", action="store_true",
-                   help="allow pickle-based LoRA files (.pt/.ckpt/.bin): only files you trust")
+    p.add_argument(
+        "--out",
+        "-o",
+        default="grid.png",
+        metavar="FILE",
+        help="output PNG (default grid.png; with --z, one FILE-AXIS-VALUE.png per value)",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        dest="allow_pickle",
+        action="store_true",
+        help="allow pickle-based LoRA files (.pt/.ckpt/.bin): only files you trust",
+    )
     add_log_args(p)
     add_device_args(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -531,8 +585,10 @@ def build_parser():
 
 def _checked(args) -> tuple[dict[str, Axis | None], dict]:
     """Everything a user can get wrong that needs no model, checked in one line each (exit 2, nothing written)."""
-    axes = {f"--{k}": (parse_axis(getattr(args, k), f"--{k}") if getattr(args, k) is not None else None)
-            for k in ("x", "y", "z")}
+    axes = {
+        f"--{k}": (parse_axis(getattr(args, k), f"--{k}") if getattr(args, k) is not None else None)
+        for k in ("x", "y", "z")
+    }
     check_axes(axes)
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
@@ -591,11 +647,20 @@ def main(argv: list[str]) -> int:
         raise UsageError(str(exc)) from None
     parse_prompt(args.prompt)  # an unclosed tag: one line now
     loras = [(resolve_name(r.name), r.te_weight, r.unet_weight) for r in refs]
-    base = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "loras": loras,
-            "strategy": args.strategy, "strategy_args": strategy_args,
-            "seed": secrets.randbelow(2**32) if args.seed == -1 else args.seed, "steps": args.steps,
-            "guidance": args.guidance, "sampler": args.sampler, "width": args.width, "height": args.height,
-            "no_limits": args.no_limits}
+    base = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "loras": loras,
+        "strategy": args.strategy,
+        "strategy_args": strategy_args,
+        "seed": secrets.randbelow(2**32) if args.seed == -1 else args.seed,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "sampler": args.sampler,
+        "width": args.width,
+        "height": args.height,
+        "no_limits": args.no_limits,
+    }
     x, y, z = axes["--x"], axes["--y"], axes["--z"]
     grid = plan(base, x, y, z, resolve_name)  # every LoRA name resolved before the model loads
     out = Path(args.out)
@@ -614,8 +679,12 @@ def main(argv: list[str]) -> int:
     if not args.quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(int(c.settings["steps"]) for c in grid.flat()), desc=f"grid of {len(grid.flat())}",
-                   unit="step", file=sys.stderr)
+        bar = tqdm(
+            total=sum(int(c.settings["steps"]) for c in grid.flat()),
+            desc=f"grid of {len(grid.flat())}",
+            unit="step",
+            file=sys.stderr,
+        )
 
     def progress(done, total):
         if bar is not None:

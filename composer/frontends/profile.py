@@ -18,12 +18,20 @@ PROG = "compose profile"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description=__doc__.splitlines()[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
-    p.add_argument("--lora", action="append", required=True, metavar="PATH_OR_NAME", help="adapter to profile (repeatable)")
+    p = Parser(
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
+    p.add_argument(
+        "--lora", action="append", required=True, metavar="PATH_OR_NAME", help="adapter to profile (repeatable)"
+    )
     p.add_argument("--model", metavar="DIR_OR_ID", help="diffusers model (default: the mini world model)")
     p.add_argument("--library", metavar="DIR", help="folder to look LoRA names up in")
-    p.add_argument("--prompt", default="a detailed picture", help="prompt of the profiling renders (default: a detailed picture)")
+    p.add_argument(
+        "--prompt", default="a detailed picture", help="prompt of the profiling renders (default: a detailed picture)"
+    )
     p.add_argument("--steps", type=int, default=20, metavar="N", help="denoising steps per render (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the profiling renders (default 0)")
     p.add_argument("--refresh", action="store_true", help="render again even if a file was profiled")

@@ -33,8 +33,15 @@ from pathlib import Path
 
 from lora_composer.errors import ComposerError
 from lora_composer.library import lora_name
-from lora_composer.frontends.args import (Parser, UsageError, add_device_args, add_log_args, command, configure_logging,
-                                          is_loopback)
+from lora_composer.frontends.args import (
+    Parser,
+    UsageError,
+    add_device_args,
+    add_log_args,
+    command,
+    configure_logging,
+    is_loopback,
+)
 from lora_composer.vocab import LORA_EXTENSIONS, MAX_SEED
 from lora_composer.fusion.registry import parse_strategy_args
 from lora_composer.frontends import grid as gridmod
@@ -69,8 +76,7 @@ def _param_widget(strategy: str, key: str, default):
         return gr.Checkbox(value=default, label=key, elem_id=elem)
     if isinstance(default, (int, float)):
         return gr.Number(value=default, precision=0 if isinstance(default, int) else None, label=key, elem_id=elem)
-    return gr.Textbox(value=_shown(default), label=key, placeholder="default" if default is None else "",
-                      elem_id=elem)
+    return gr.Textbox(value=_shown(default), label=key, placeholder="default" if default is None else "", elem_id=elem)
 
 
 def _args_text(params: list[tuple[str, object]], values) -> str:
@@ -133,8 +139,17 @@ def log_error(exc: BaseException) -> str:
 class ComposerUI:
     """The state behind the app: one pipeline, its library, a lock and an output folder."""
 
-    def __init__(self, model=None, library=None, out_dir=None, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB,
-                 allow_uploads: bool = True, uploads_dir=None, device: str = "auto", dtype: str = "auto"):
+    def __init__(
+        self,
+        model=None,
+        library=None,
+        out_dir=None,
+        max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB,
+        allow_uploads: bool = True,
+        uploads_dir=None,
+        device: str = "auto",
+        dtype: str = "auto",
+    ):
         from lora_composer.default_model import resolve
         from lora_composer.pipeline import ComposerPipeline
 
@@ -187,8 +202,9 @@ class ComposerUI:
         names = list(self.samplers)
         first, rest = names[0], sorted(names[1:], key=lambda n: sampler_name(n).lower())
         shared = Counter(sampler_name(n) for n in names)
-        return [(f"{sampler_name(n)} ({n})" if shared[sampler_name(n)] > 1 else sampler_name(n), n)
-                for n in [first, *rest]]
+        return [
+            (f"{sampler_name(n)} ({n})" if shared[sampler_name(n)] > 1 else sampler_name(n), n) for n in [first, *rest]
+        ]
 
     def sampler_class(self, name: str | None) -> str:
         """The scheduler class name for a class name or an A1111 sampler name (``Euler a``)."""
@@ -280,7 +296,9 @@ class ComposerUI:
             raise ComposerError(f"{src.name}: only .safetensors files can be uploaded")
         size = src.stat().st_size
         if size > self.max_upload_bytes:
-            raise ComposerError(f"{src.name}: {size / 2**20:.1f} MB is over the {self.max_upload_bytes // 2**20} MB limit")
+            raise ComposerError(
+                f"{src.name}: {size / 2**20:.1f} MB is over the {self.max_upload_bytes // 2**20} MB limit"
+            )
         with open(src, "rb") as fh:
             head = fh.read(8)
         header = int.from_bytes(head, "little") if len(head) == 8 else -1
@@ -333,11 +351,17 @@ class ComposerUI:
                 pv = (pv if pv.is_absolute() else real.parent / pv).resolve()
                 if pv.is_file() and pv.is_relative_to(self.library):
                     preview_path = str(pv)
-            picks.append({
-                "name": files[real], "weight": float(m.weight), "score": float(m.score), "reason": m.reason,
-                "span": getattr(m, "span", None) or "",
-                "trigger_words": list(getattr(m.row, "trigger_words", []) or []), "preview": preview_path,
-            })
+            picks.append(
+                {
+                    "name": files[real],
+                    "weight": float(m.weight),
+                    "score": float(m.score),
+                    "reason": m.reason,
+                    "span": getattr(m, "span", None) or "",
+                    "trigger_words": list(getattr(m.row, "trigger_words", []) or []),
+                    "preview": preview_path,
+                }
+            )
         left = []
         for lo in getattr(found, "left_out", []):
             real = Path(lo.match.path).resolve()
@@ -372,13 +396,26 @@ class ComposerUI:
                 rec = GenerationRecord.from_json(texts[RECORD_KEY])
             except (ValueError, TypeError) as exc:
                 raise ComposerError(f"damaged lora-composer metadata in this PNG ({_one_line(exc)})") from None
-            slots = [ui_view.new_slot(self.library_name(str(lo.get("name", ""))), float(lo.get("te_weight", 1.0)),
-                                      float(lo.get("unet_weight", lo.get("te_weight", 1.0)))) for lo in rec.loras]
+            slots = [
+                ui_view.new_slot(
+                    self.library_name(str(lo.get("name", ""))),
+                    float(lo.get("te_weight", 1.0)),
+                    float(lo.get("unet_weight", lo.get("te_weight", 1.0))),
+                )
+                for lo in rec.loras
+            ]
             out = {
-                "prompt": ui_view.strip_tags(rec.prompt), "negative_prompt": rec.negative_prompt or "",
-                "strategy": rec.strategy or "merge", "strategy_args": _args_from_record(rec.strategy_args),
-                "seed": rec.seed, "steps": rec.steps, "guidance": rec.guidance_scale, "width": rec.width,
-                "height": rec.height, "sampler": rec.scheduler or rec.sampler or None, "slots": slots,
+                "prompt": ui_view.strip_tags(rec.prompt),
+                "negative_prompt": rec.negative_prompt or "",
+                "strategy": rec.strategy or "merge",
+                "strategy_args": _args_from_record(rec.strategy_args),
+                "seed": rec.seed,
+                "steps": rec.steps,
+                "guidance": rec.guidance_scale,
+                "width": rec.width,
+                "height": rec.height,
+                "sampler": rec.scheduler or rec.sampler or None,
+                "slots": slots,
             }
             if rec.model and not _same_model(rec.model, self.model):
                 notes.append(f"made with the model {rec.model}; this server runs {Path(self.model).name}")
@@ -397,11 +434,17 @@ class ComposerUI:
                     return None
 
             out = {
-                "prompt": ui_view.strip_tags(p["prompt"]), "negative_prompt": p["negative_prompt"],
-                "strategy": p.get("Lora strategy", "merge"), "strategy_args": "", "seed": number("Seed", int),
-                "steps": number("Steps", int), "guidance": number("CFG scale", float),
-                "width": int(size.group(1)) if size else None, "height": int(size.group(2)) if size else None,
-                "sampler": p.get("Sampler"), "slots": slots,
+                "prompt": ui_view.strip_tags(p["prompt"]),
+                "negative_prompt": p["negative_prompt"],
+                "strategy": p.get("Lora strategy", "merge"),
+                "strategy_args": "",
+                "seed": number("Seed", int),
+                "steps": number("Steps", int),
+                "guidance": number("CFG scale", float),
+                "width": int(size.group(1)) if size else None,
+                "height": int(size.group(2)) if size else None,
+                "sampler": p.get("Sampler"),
+                "slots": slots,
             }
         else:
             raise ComposerError("this PNG holds no generation settings (no 'parameters' text)")
@@ -420,9 +463,25 @@ class ComposerUI:
         return out
 
     # -- rendering --------------------------------------------------------------------------------
-    def render(self, prompt, negative_prompt="", loras=(), strategy="merge", strategy_args=None, seed=-1,
-               steps=20, guidance=None, width=None, height=None, batch=1, compare_strategy=None,
-               compare_args=None, progress=None, sampler=None, stop_key=None) -> dict:
+    def render(
+        self,
+        prompt,
+        negative_prompt="",
+        loras=(),
+        strategy="merge",
+        strategy_args=None,
+        seed=-1,
+        steps=20,
+        guidance=None,
+        width=None,
+        height=None,
+        batch=1,
+        compare_strategy=None,
+        compare_args=None,
+        progress=None,
+        sampler=None,
+        stop_key=None,
+    ) -> dict:
         """Render (and, with ``compare_strategy``, render the same seed again with it).
 
         ``loras``: ``[(library name, te, unet)]``; ``<lora:name:w>`` tags in the prompt must name library
@@ -475,6 +534,7 @@ class ComposerUI:
         total = steps * len(runs)
         try:
             for k, (name, args) in enumerate(runs):
+
                 def on_step(pipe, i, t, kwargs, _k=k, _name=name):
                     self.step = _k * steps + i + 1
                     if stop.is_set():  # checked after every step: the render ends here
@@ -495,11 +555,19 @@ class ComposerUI:
                     try:
                         regional = STRATEGIES[name].regional
                         images = self.pipe(
-                            regional_prompt if regional else clean, negative_prompt=negative_prompt or None,
-                            loras=regional_rows if regional else refs, strategy=name,
-                            strategy_args=args or None, num_inference_steps=steps, guidance_scale=float(guidance),
-                            seed=seed, width=int(width) if width else None, height=int(height) if height else None,
-                            num_images_per_prompt=batch, progress=False, callback_on_step_end=on_step,
+                            regional_prompt if regional else clean,
+                            negative_prompt=negative_prompt or None,
+                            loras=regional_rows if regional else refs,
+                            strategy=name,
+                            strategy_args=args or None,
+                            num_inference_steps=steps,
+                            guidance_scale=float(guidance),
+                            seed=seed,
+                            width=int(width) if width else None,
+                            height=int(height) if height else None,
+                            num_images_per_prompt=batch,
+                            progress=False,
+                            callback_on_step_end=on_step,
                         )
                     finally:
                         self.pipe.pipe.scheduler = self.base_scheduler
@@ -512,9 +580,25 @@ class ComposerUI:
                 del self._stops[stop_key]
         return result
 
-    def grid(self, prompt, negative_prompt="", loras=(), strategy="merge", strategy_args=None, seed=-1, steps=20,
-             guidance=None, width=None, height=None, sampler=None, x="", y="", z="", progress=None,
-             stop_key=None) -> dict:
+    def grid(
+        self,
+        prompt,
+        negative_prompt="",
+        loras=(),
+        strategy="merge",
+        strategy_args=None,
+        seed=-1,
+        steps=20,
+        guidance=None,
+        width=None,
+        height=None,
+        sampler=None,
+        x="",
+        y="",
+        z="",
+        progress=None,
+        stop_key=None,
+    ) -> dict:
         """An X/Y/Z plot of these settings (``x``, ``y``, ``z``: axes as ``compose grid`` takes them,
         ``weight:NAME=0.4,0.7,1``, ``strategy=merge,regional``...; ``y`` and ``z`` optional). Cells share
         denoiser passes as there (:mod:`lora_composer.frontends.grid`). Returns ``{"images": [(path, caption)],
@@ -533,13 +617,19 @@ class ComposerUI:
         seed = -1 if seed is None or seed == "" else int(seed)
         if seed != -1 and not 0 <= seed <= MAX_SEED:
             raise ComposerError(f"seed {seed}: must be between 0 and {MAX_SEED} (or -1: random)")
-        base = {"prompt": prompt or "", "negative_prompt": negative_prompt or "",
-                "loras": [(self.lora_path(n), float(te), float(unet)) for n, te, unet in loras if n],
-                "strategy": strategy or "merge", "strategy_args": strategy_args or {},
-                "seed": random.randrange(2**32) if seed == -1 else seed, "steps": int(steps),
-                "guidance": self.default_guidance if guidance is None else float(guidance),
-                "sampler": self.sampler_class(sampler), "width": int(width) if width else None,
-                "height": int(height) if height else None}
+        base = {
+            "prompt": prompt or "",
+            "negative_prompt": negative_prompt or "",
+            "loras": [(self.lora_path(n), float(te), float(unet)) for n, te, unet in loras if n],
+            "strategy": strategy or "merge",
+            "strategy_args": strategy_args or {},
+            "seed": random.randrange(2**32) if seed == -1 else seed,
+            "steps": int(steps),
+            "guidance": self.default_guidance if guidance is None else float(guidance),
+            "sampler": self.sampler_class(sampler),
+            "width": int(width) if width else None,
+            "height": int(height) if height else None,
+        }
         for c in axes.values():
             if c is not None and c.kind == "sampler":
                 for name in c.values:
@@ -567,8 +657,13 @@ class ComposerUI:
             if stop_key is not None and self._stops.get(stop_key) is stop:
                 del self._stops[stop_key]
         seconds = time.perf_counter() - started
-        result = {"images": [], "pngs": [], "cells": len(plot.flat()), "seconds": seconds,
-                  "batched": sum(1 for c in plot.flat() if c.batched_with)}
+        result = {
+            "images": [],
+            "pngs": [],
+            "cells": len(plot.flat()),
+            "seconds": seconds,
+            "batched": sum(1 for c in plot.flat() if c.batched_with),
+        }
         for k, path in enumerate(gridmod.out_paths(job / "grid.png", plot)):
             gridmod.save_grid(plot, k, path)
             caption = plot.z.label(plot.z.values[k]) if plot.z else f"{len(plot.flat())} cells"
@@ -588,11 +683,8 @@ class ComposerUI:
         heat = job / f"{k}-{name}-{seed}.explain.png"
         save_explanation(driver.history, driver.adapters, heat, record.strategy)
         result["heatmaps"].append(str(heat))
-        result["weights"].append((effective_weights(driver.history).tolist(), list(driver.adapters),
-                                  record.strategy))
+        result["weights"].append((effective_weights(driver.history).tolist(), list(driver.adapters), record.strategy))
         result["records"].append(record)
-
-
 
 
 # -- the Gradio app -------------------------------------------------------------------------------
@@ -663,9 +755,14 @@ def _params_text(strategy: str) -> str:
 def _record_markdown(records) -> str:
     parts = []
     for rec in records:
-        loras = ", ".join(f"{lo['name']} (te {lo['te_weight']:g}, unet {lo['unet_weight']:g})" for lo in rec.loras) or "none"
-        parts.append(f"**{rec.strategy}**, seed {rec.seed}, {rec.steps} steps, {rec.sampler or rec.scheduler}, "
-                     f"{rec.width}x{rec.height}, {rec.elapsed_s:.2f} s; LoRAs: {loras}")
+        loras = (
+            ", ".join(f"{lo['name']} (te {lo['te_weight']:g}, unet {lo['unet_weight']:g})" for lo in rec.loras)
+            or "none"
+        )
+        parts.append(
+            f"**{rec.strategy}**, seed {rec.seed}, {rec.steps} steps, {rec.sampler or rec.scheduler}, "
+            f"{rec.width}x{rec.height}, {rec.elapsed_s:.2f} s; LoRAs: {loras}"
+        )
     return "\n\n".join(parts)
 
 
@@ -703,14 +800,19 @@ def build_app(ui: ComposerUI):
         layout = gr.State(0)
         history_state = gr.State([])  # (path, caption) of every image made since the page opened
         last_seed = gr.State(None)
-        gr.Markdown(f"**lora-composer** · model {_model_label(ui)} · {len(names)} LoRAs in the library",
-                    elem_id="header")
+        gr.Markdown(
+            f"**lora-composer** · model {_model_label(ui)} · {len(names)} LoRAs in the library", elem_id="header"
+        )
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("Generate", id="generate-tab", elem_id="generate-tab"):
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=5, min_width=340, elem_id="controls"):
-                        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                            placeholder="a castle at dusk <lora:name:0.8> (tags and the LoRA rows stay in step)")
+                        prompt = gr.Textbox(
+                            label="Prompt",
+                            lines=2,
+                            elem_id="prompt",
+                            placeholder="a castle at dusk <lora:name:0.8> (tags and the LoRA rows stay in step)",
+                        )
                         with gr.Row():
                             run = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
                             stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
@@ -725,17 +827,42 @@ def build_app(ui: ComposerUI):
                                 # a name typed in a tag that is no library file is marked now, not only at Generate
                                 unknown = bool(slot["name"]) and slot["name"] not in known
                                 with gr.Row(elem_classes="lora-row", key=f"row-{i}"):
-                                    name = gr.Dropdown([NONE, *known], value=slot["name"],
-                                                       label=f"LoRA {i + 1}: not in the library" if unknown else f"LoRA {i + 1}",
-                                                       filterable=True, allow_custom_value=True, elem_id=f"lora-{i}", interactive=True,
-                                                       scale=3, min_width=140, key=f"name-{i}",
-                                                       elem_classes=["lora-unknown"] if unknown else None)
-                                    unet_w = gr.Number(value=slot["unet"], label="denoiser", step=0.05, elem_id=f"unet-{i}",
-                                                       interactive=True, scale=1, min_width=70, key=f"unet-{i}")
-                                    te_w = gr.Number(value=slot["te"], label="text enc.", step=0.05, elem_id=f"te-{i}",
-                                                     interactive=True, scale=1, min_width=70, key=f"te-{i}")
-                                    remove = gr.Button("✕", elem_id=f"lora-remove-{i}", scale=0, min_width=40,
-                                                       key=f"remove-{i}")
+                                    name = gr.Dropdown(
+                                        [NONE, *known],
+                                        value=slot["name"],
+                                        label=f"LoRA {i + 1}: not in the library" if unknown else f"LoRA {i + 1}",
+                                        filterable=True,
+                                        allow_custom_value=True,
+                                        elem_id=f"lora-{i}",
+                                        interactive=True,
+                                        scale=3,
+                                        min_width=140,
+                                        key=f"name-{i}",
+                                        elem_classes=["lora-unknown"] if unknown else None,
+                                    )
+                                    unet_w = gr.Number(
+                                        value=slot["unet"],
+                                        label="denoiser",
+                                        step=0.05,
+                                        elem_id=f"unet-{i}",
+                                        interactive=True,
+                                        scale=1,
+                                        min_width=70,
+                                        key=f"unet-{i}",
+                                    )
+                                    te_w = gr.Number(
+                                        value=slot["te"],
+                                        label="text enc.",
+                                        step=0.05,
+                                        elem_id=f"te-{i}",
+                                        interactive=True,
+                                        scale=1,
+                                        min_width=70,
+                                        key=f"te-{i}",
+                                    )
+                                    remove = gr.Button(
+                                        "✕", elem_id=f"lora-remove-{i}", scale=0, min_width=40, key=f"remove-{i}"
+                                    )
 
                                 def set_field(field, i=i):
                                     def fn(value, prompt_text, slots):
@@ -750,51 +877,106 @@ def build_app(ui: ComposerUI):
                                             except (TypeError, ValueError):
                                                 return gr.skip(), gr.skip()
                                         return slots, ui_view.prompt_with_slots(prompt_text, slots)
+
                                     return fn
 
-                                name.input(set_field("name"), [name, prompt, slots_state], [slots_state, prompt],
-                                           api_name=False, concurrency_limit=None, show_progress="hidden")
+                                name.input(
+                                    set_field("name"),
+                                    [name, prompt, slots_state],
+                                    [slots_state, prompt],
+                                    api_name=False,
+                                    concurrency_limit=None,
+                                    show_progress="hidden",
+                                )
                                 for comp, field in ((unet_w, "unet"), (te_w, "te")):
-                                    comp.input(set_field(field), [comp, prompt, slots_state], [slots_state, prompt],
-                                               api_name=False, concurrency_limit=None, show_progress="hidden")
+                                    comp.input(
+                                        set_field(field),
+                                        [comp, prompt, slots_state],
+                                        [slots_state, prompt],
+                                        api_name=False,
+                                        concurrency_limit=None,
+                                        show_progress="hidden",
+                                    )
 
                                 def drop(prompt_text, slots, version, i=i):
                                     slots = [dict(s) for j, s in enumerate(slots) if j != i]
                                     return slots, ui_view.prompt_with_slots(prompt_text, slots), version + 1
 
-                                remove.click(drop, [prompt, slots_state, layout], [slots_state, prompt, layout], api_name=False, concurrency_limit=None, show_progress="hidden")
+                                remove.click(
+                                    drop,
+                                    [prompt, slots_state, layout],
+                                    [slots_state, prompt, layout],
+                                    api_name=False,
+                                    concurrency_limit=None,
+                                    show_progress="hidden",
+                                )
 
                         with gr.Row():
                             add = gr.Button("+ Add LoRA", elem_id="add-lora", size="sm")
                             auto = gr.Button("Auto: let the retriever pick", elem_id="auto", size="sm")
-                            top_k = gr.Slider(1, MAX_TOP_K, value=_default_top_k(), step=1, label="at most", elem_id="top-k", min_width=120)
+                            top_k = gr.Slider(
+                                1,
+                                MAX_TOP_K,
+                                value=_default_top_k(),
+                                step=1,
+                                label="at most",
+                                elem_id="top-k",
+                                min_width=120,
+                            )
                         auto_html = gr.HTML(elem_id="auto-result")
-                        auto_previews = gr.Gallery(label="Previews", columns=4, height=120, visible=False,
-                                                   elem_id="auto-previews")
+                        auto_previews = gr.Gallery(
+                            label="Previews", columns=4, height=120, visible=False, elem_id="auto-previews"
+                        )
 
                         with gr.Accordion("Settings", open=True):
                             with gr.Row():
-                                seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="seed", min_width=120)
-                                reuse = gr.Button("♻ Reuse seed", elem_id="reuse-seed", size="sm", scale=0, min_width=110)
-                                sampler = gr.Dropdown(ui.sampler_choices(), value=base_sampler, label="Sampler",
-                                                      elem_id="sampler", min_width=160)
+                                seed = gr.Number(
+                                    value=-1, precision=0, label="Seed (-1: random)", elem_id="seed", min_width=120
+                                )
+                                reuse = gr.Button(
+                                    "♻ Reuse seed", elem_id="reuse-seed", size="sm", scale=0, min_width=110
+                                )
+                                sampler = gr.Dropdown(
+                                    ui.sampler_choices(),
+                                    value=base_sampler,
+                                    label="Sampler",
+                                    elem_id="sampler",
+                                    min_width=160,
+                                )
                             with gr.Row():
                                 steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="steps")
-                                guidance = gr.Slider(0, 20, value=ui.default_guidance, step=0.5, label="Guidance",
-                                                     elem_id="guidance")
+                                guidance = gr.Slider(
+                                    0, 20, value=ui.default_guidance, step=0.5, label="Guidance", elem_id="guidance"
+                                )
                             with gr.Row():
                                 # sizes follow the model: its multiple, up to its budget (4x its native side at 50 steps)
                                 multiple, native = ui.pipe.size_rules()
                                 native_h, native_w = native or (ui.default_size, ui.default_size)
-                                width = gr.Slider(multiple, 4 * native_w, value=native_w, step=multiple, label="Width",
-                                                  elem_id="width")
-                                height = gr.Slider(multiple, 4 * native_h, value=native_h, step=multiple, label="Height",
-                                                   elem_id="height")
+                                width = gr.Slider(
+                                    multiple,
+                                    4 * native_w,
+                                    value=native_w,
+                                    step=multiple,
+                                    label="Width",
+                                    elem_id="width",
+                                )
+                                height = gr.Slider(
+                                    multiple,
+                                    4 * native_h,
+                                    value=native_h,
+                                    step=multiple,
+                                    label="Height",
+                                    elem_id="height",
+                                )
                                 batch = gr.Slider(1, 8, value=1, step=1, label="Batch", elem_id="batch")
                             with gr.Row():
                                 strategy = gr.Dropdown(strategies, value=initial, label="Strategy", elem_id="strategy")
-                                compare = gr.Dropdown([NONE, *strategies], value=NONE, label="Side by side with (same seed)",
-                                                      elem_id="compare")
+                                compare = gr.Dropdown(
+                                    [NONE, *strategies],
+                                    value=NONE,
+                                    label="Side by side with (same seed)",
+                                    elem_id="compare",
+                                )
                             params_md = gr.Markdown(_params_text(initial))
                             param_groups, param_widgets = {}, {}
                             for sname in strategies:
@@ -802,64 +984,116 @@ def build_app(ui: ComposerUI):
                                 if not params:
                                     continue
                                 with gr.Row(visible=sname == initial) as group:
-                                    param_widgets[sname] = [(k, d, _param_widget(sname, k, d)) for k, d in params.items()]
+                                    param_widgets[sname] = [
+                                        (k, d, _param_widget(sname, k, d)) for k, d in params.items()
+                                    ]
                                 param_groups[sname] = group
-                            strategy_args = gr.Textbox(label="Strategy parameters (KEY=VALUE, space or newline separated)",
-                                                       placeholder="set by the widgets above, or typed: every=2",
-                                                       elem_id="strategy-args")
+                            strategy_args = gr.Textbox(
+                                label="Strategy parameters (KEY=VALUE, space or newline separated)",
+                                placeholder="set by the widgets above, or typed: every=2",
+                                elem_id="strategy-args",
+                            )
                         with gr.Accordion("PNG info: restore the settings of an image", open=False):
-                            png_in = gr.File(label="A PNG made here, by compose or by AUTOMATIC1111", file_types=[".png"],
-                                             type="filepath", elem_id="png-info")
+                            png_in = gr.File(
+                                label="A PNG made here, by compose or by AUTOMATIC1111",
+                                file_types=[".png"],
+                                type="filepath",
+                                elem_id="png-info",
+                            )
                             png_md = gr.Markdown(elem_id="png-info-result")
                         with gr.Accordion("Library", open=False):
                             search = gr.Textbox(label="Search (name or trigger words)", elem_id="search")
-                            table = gr.Dataframe(headers=["name", "kind", "MB", "trigger words"], value=ui.catalog_rows(),
-                                                 interactive=False)
+                            table = gr.Dataframe(
+                                headers=["name", "kind", "MB", "trigger words"],
+                                value=ui.catalog_rows(),
+                                interactive=False,
+                            )
                             if ui.allow_uploads:
-                                upload = gr.File(label=f"Add a .safetensors LoRA (at most {ui.max_upload_bytes // 2**20} MB)",
-                                                 file_types=[".safetensors"], type="filepath")
+                                upload = gr.File(
+                                    label=f"Add a .safetensors LoRA (at most {ui.max_upload_bytes // 2**20} MB)",
+                                    file_types=[".safetensors"],
+                                    type="filepath",
+                                )
                                 upload_md = gr.Markdown()
                     with gr.Column(scale=6, min_width=340, elem_id="results"):
-                        gallery = gr.Gallery(label="Images", columns=1, format="png", elem_id="gallery", height=440,
-                                             object_fit="contain", allow_preview=True)
+                        gallery = gr.Gallery(
+                            label="Images",
+                            columns=1,
+                            format="png",
+                            elem_id="gallery",
+                            height=440,
+                            object_fit="contain",
+                            allow_preview=True,
+                        )
                         info = gr.Markdown(elem_id="info")
                         heatmap = gr.HTML(elem_id="heatmap")
-                        files = gr.File(label="PNG with metadata, weights heatmap PNG", file_count="multiple",
-                                        elem_id="download")
-                        history = gr.Gallery(label="Made since this page opened", columns=6, height=280, format="png",
-                                             object_fit="contain", elem_id="history", allow_preview=True)
+                        files = gr.File(
+                            label="PNG with metadata, weights heatmap PNG", file_count="multiple", elem_id="download"
+                        )
+                        history = gr.Gallery(
+                            label="Made since this page opened",
+                            columns=6,
+                            height=280,
+                            format="png",
+                            object_fit="contain",
+                            elem_id="history",
+                            allow_preview=True,
+                        )
             with gr.Tab("Grid", id="grid-tab", elem_id="grid-tab"):
-                gr.Markdown("An X/Y/Z plot of the **Generate** tab's prompt, LoRAs and settings: each axis is "
-                            "`KIND=V1,V2,...` with KIND `weight:LORA`, `loras` (sets: `a+b:0.8,a,none`), `strategy`, "
-                            "`seed`, `steps`, `guidance` or `sampler`. Cells that differ in LoRA weights (and seeds, steps, guidance, strategies that "
-                            "plan row groups) share one denoiser pass per step; one PNG per Z value, every cell's "
-                            "settings in its metadata (`compose grid` makes the same).")
+                gr.Markdown(
+                    "An X/Y/Z plot of the **Generate** tab's prompt, LoRAs and settings: each axis is "
+                    "`KIND=V1,V2,...` with KIND `weight:LORA`, `loras` (sets: `a+b:0.8,a,none`), `strategy`, "
+                    "`seed`, `steps`, `guidance` or `sampler`. Cells that differ in LoRA weights (and seeds, steps, guidance, strategies that "
+                    "plan row groups) share one denoiser pass per step; one PNG per Z value, every cell's "
+                    "settings in its metadata (`compose grid` makes the same)."
+                )
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=4, min_width=300):
-                        grid_x = gr.Textbox(label="X axis (columns)", elem_id="grid-x",
-                                            placeholder="weight:star-shape=0.4,0.7,1")
-                        grid_y = gr.Textbox(label="Y axis (rows, optional)", elem_id="grid-y",
-                                            placeholder="strategy=merge,composite")
-                        grid_z = gr.Textbox(label="Z axis (one grid per value, optional)", elem_id="grid-z",
-                                            placeholder="seed=1,2")
+                        grid_x = gr.Textbox(
+                            label="X axis (columns)", elem_id="grid-x", placeholder="weight:star-shape=0.4,0.7,1"
+                        )
+                        grid_y = gr.Textbox(
+                            label="Y axis (rows, optional)", elem_id="grid-y", placeholder="strategy=merge,composite"
+                        )
+                        grid_z = gr.Textbox(
+                            label="Z axis (one grid per value, optional)", elem_id="grid-z", placeholder="seed=1,2"
+                        )
                         with gr.Row():
                             grid_run = gr.Button("Make grid", variant="primary", elem_id="grid-run", scale=3)
                             grid_stop = gr.Button("Stop", variant="stop", elem_id="grid-stop", scale=1)
                         grid_info = gr.Markdown(elem_id="grid-info")
                     with gr.Column(scale=7, min_width=340):
-                        grid_gallery = gr.Gallery(label="Grids", columns=1, format="png", elem_id="grid-gallery",
-                                                  height=560, object_fit="contain", allow_preview=True)
-                        grid_files = gr.File(label="Grid PNGs (every cell's settings inside)", file_count="multiple",
-                                             elem_id="grid-download")
+                        grid_gallery = gr.Gallery(
+                            label="Grids",
+                            columns=1,
+                            format="png",
+                            elem_id="grid-gallery",
+                            height=560,
+                            object_fit="contain",
+                            allow_preview=True,
+                        )
+                        grid_files = gr.File(
+                            label="Grid PNGs (every cell's settings inside)",
+                            file_count="multiple",
+                            elem_id="grid-download",
+                        )
 
         # -- strategy parameters
         strategy.change(_params_text, strategy, params_md, api_name=False)
         groups = list(param_groups.items())
         if groups:
-            strategy.input(lambda name: [gr.update(visible=n == name) for n, _ in groups] + [""],
-                           strategy, [g for _, g in groups] + [strategy_args], api_name=False)
-            strategy.change(lambda name: [gr.update(visible=n == name) for n, _ in groups],
-                            strategy, [g for _, g in groups], api_name=False)
+            strategy.input(
+                lambda name: [gr.update(visible=n == name) for n, _ in groups] + [""],
+                strategy,
+                [g for _, g in groups] + [strategy_args],
+                api_name=False,
+            )
+            strategy.change(
+                lambda name: [gr.update(visible=n == name) for n, _ in groups],
+                strategy,
+                [g for _, g in groups],
+                api_name=False,
+            )
         for sname, widgets in param_widgets.items():
             comps = [c for _, _, c in widgets]
 
@@ -877,51 +1111,136 @@ def build_app(ui: ComposerUI):
                 return gr.skip(), gr.skip()
             return new + [s for s in slots if not s.get("name")], version + 1  # keep rows still being filled in
 
-        prompt.change(from_prompt, [prompt, slots_state, layout], [slots_state, layout], api_name=False, concurrency_limit=None, show_progress="hidden",
-                     trigger_mode="always_last")
-        add.click(lambda slots, version: ([*slots, ui_view.new_slot()], version + 1), [slots_state, layout],
-                  [slots_state, layout], api_name=False, concurrency_limit=None, show_progress="hidden")
+        prompt.change(
+            from_prompt,
+            [prompt, slots_state, layout],
+            [slots_state, layout],
+            api_name=False,
+            concurrency_limit=None,
+            show_progress="hidden",
+            trigger_mode="always_last",
+        )
+        add.click(
+            lambda slots, version: ([*slots, ui_view.new_slot()], version + 1),
+            [slots_state, layout],
+            [slots_state, layout],
+            api_name=False,
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
 
         # -- generate / stop
-        def generate(prompt, negative, strategy, args_text, compare, sampler, seed, steps, guidance, width, height,
-                     batch, slots, history_items, request: gr.Request, progress=gr.Progress()):
+        def generate(
+            prompt,
+            negative,
+            strategy,
+            args_text,
+            compare,
+            sampler,
+            seed,
+            steps,
+            guidance,
+            width,
+            height,
+            batch,
+            slots,
+            history_items,
+            request: gr.Request,
+            progress=gr.Progress(),
+        ):
             try:
                 loras = [(s["name"], s["te"], s["unet"]) for s in (slots or []) if s.get("name")]
                 args = parse_strategy_args(args_text)
-                res = ui.render(prompt, negative, loras, strategy, args, seed, steps, guidance, width, height,
-                                batch, compare_strategy=compare or None,
-                                compare_args=args if compare == strategy else {}, progress=progress,
-                                sampler=sampler, stop_key=getattr(request, "session_hash", None) or "")
+                res = ui.render(
+                    prompt,
+                    negative,
+                    loras,
+                    strategy,
+                    args,
+                    seed,
+                    steps,
+                    guidance,
+                    width,
+                    height,
+                    batch,
+                    compare_strategy=compare or None,
+                    compare_args=args if compare == strategy else {},
+                    progress=progress,
+                    sampler=sampler,
+                    stop_key=getattr(request, "session_hash", None) or "",
+                )
             except Exception as exc:  # shown in the page, one line in the log; the server keeps serving
                 error = user_error(exc)
                 ui.last_errors[getattr(request, "session_hash", None) or ""] = html.unescape(error.message)
                 raise error from None
-            heat = "".join(ui_view.heatmap_html(w, a, f"{s}: weight of each LoRA per step") for w, a, s in res["weights"])
+            heat = "".join(
+                ui_view.heatmap_html(w, a, f"{s}: weight of each LoRA per step") for w, a, s in res["weights"]
+            )
             history_items = [*(history_items or []), *res["images"]]
-            return (res["images"], _record_markdown(res["records"]), heat, res["pngs"] + res["heatmaps"],
-                    history_items, history_items, res["seed"])
+            return (
+                res["images"],
+                _record_markdown(res["records"]),
+                heat,
+                res["pngs"] + res["heatmaps"],
+                history_items,
+                history_items,
+                res["seed"],
+            )
 
         generate.__annotations__["request"] = gr.Request  # (annotations are strings in this module)
         # The previous render's caption, heatmap and files go when a new one starts; if it fails, its image
         # and the Auto table go too, and the caption says what failed: nothing on screen reads as its result.
         gen_event = run.click(
-            lambda: ("*Rendering…*", "", None), None, [info, heatmap, files], api_name=False, queue=False,
+            lambda: ("*Rendering…*", "", None),
+            None,
+            [info, heatmap, files],
+            api_name=False,
+            queue=False,
             show_progress="hidden",
         ).then(
-            generate, [prompt, negative, strategy, strategy_args, compare, sampler, seed, steps, guidance, width,
-                       height, batch, slots_state, history_state],
+            generate,
+            [
+                prompt,
+                negative,
+                strategy,
+                strategy_args,
+                compare,
+                sampler,
+                seed,
+                steps,
+                guidance,
+                width,
+                height,
+                batch,
+                slots_state,
+                history_state,
+            ],
             [gallery, info, heatmap, files, history_state, history, last_seed],
-            api_name="generate", concurrency_limit=1, show_progress_on=[gallery],
+            api_name="generate",
+            concurrency_limit=1,
+            show_progress_on=[gallery],
         )
 
         def failed(request: gr.Request):
             why = ui.last_errors.pop(getattr(request, "session_hash", None) or "", "")
-            return (None, f"**Nothing rendered**: {html.escape(why, quote=False) or 'the request failed'}", "", None,
-                    "", gr.update(value=None, visible=False))
+            return (
+                None,
+                f"**Nothing rendered**: {html.escape(why, quote=False) or 'the request failed'}",
+                "",
+                None,
+                "",
+                gr.update(value=None, visible=False),
+            )
 
         failed.__annotations__["request"] = gr.Request
-        gen_event.failure(failed, None, [gallery, info, heatmap, files, auto_html, auto_previews], api_name=False,
-                          queue=False, show_progress="hidden")
+        gen_event.failure(
+            failed,
+            None,
+            [gallery, info, heatmap, files, auto_html, auto_previews],
+            api_name=False,
+            queue=False,
+            show_progress="hidden",
+        )
         run.click(None, None, None, js=SCROLL_TO_RESULTS, api_name=False)
 
         def stop_render(request: gr.Request):
@@ -930,9 +1249,15 @@ def build_app(ui: ComposerUI):
 
         stop_render.__annotations__["request"] = gr.Request
 
-        stop.click(stop_render, None, info, cancels=[gen_event], api_name="stop",
-                   concurrency_limit=None)
-        reuse.click(lambda s: gr.skip() if s is None else s, last_seed, seed, api_name=False, concurrency_limit=None, show_progress="hidden")
+        stop.click(stop_render, None, info, cancels=[gen_event], api_name="stop", concurrency_limit=None)
+        reuse.click(
+            lambda s: gr.skip() if s is None else s,
+            last_seed,
+            seed,
+            api_name=False,
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
 
         # -- Auto
         def pick(prompt_text, k, slots, version):
@@ -943,38 +1268,108 @@ def build_app(ui: ComposerUI):
             picks = found["picks"]
             new = [ui_view.new_slot(m["name"], m["weight"], m["weight"]) for m in picks]
             previews = [(m["preview"], m["name"]) for m in picks if m["preview"]]
-            return (ui_view.auto_html(picks, found["left_out"], found["notice"]),
-                    gr.update(value=previews, visible=bool(previews)), new,
-                    ui_view.prompt_with_slots(prompt_text, new), version + 1)
+            return (
+                ui_view.auto_html(picks, found["left_out"], found["notice"]),
+                gr.update(value=previews, visible=bool(previews)),
+                new,
+                ui_view.prompt_with_slots(prompt_text, new),
+                version + 1,
+            )
 
-        auto.click(pick, [prompt, top_k, slots_state, layout], [auto_html, auto_previews, slots_state, prompt, layout],
-                   api_name="auto", concurrency_limit=1).then(None, None, None, js=SCROLL_TO_AUTO, api_name=False)
+        auto.click(
+            pick,
+            [prompt, top_k, slots_state, layout],
+            [auto_html, auto_previews, slots_state, prompt, layout],
+            api_name="auto",
+            concurrency_limit=1,
+        ).then(None, None, None, js=SCROLL_TO_AUTO, api_name=False)
 
         # -- Grid
-        def make_grid(prompt, negative, strategy, args_text, sampler, seed, steps, guidance, width, height, slots,
-                      x, y, z, request: gr.Request, progress=gr.Progress()):
+        def make_grid(
+            prompt,
+            negative,
+            strategy,
+            args_text,
+            sampler,
+            seed,
+            steps,
+            guidance,
+            width,
+            height,
+            slots,
+            x,
+            y,
+            z,
+            request: gr.Request,
+            progress=gr.Progress(),
+        ):
             try:
                 loras = [(s["name"], s["te"], s["unet"]) for s in (slots or []) if s.get("name")]
-                res = ui.grid(prompt, negative, loras, strategy, parse_strategy_args(args_text), seed, steps,
-                              guidance, width, height, sampler, x, y, z, progress=progress,
-                              stop_key=getattr(request, "session_hash", None) or "")
+                res = ui.grid(
+                    prompt,
+                    negative,
+                    loras,
+                    strategy,
+                    parse_strategy_args(args_text),
+                    seed,
+                    steps,
+                    guidance,
+                    width,
+                    height,
+                    sampler,
+                    x,
+                    y,
+                    z,
+                    progress=progress,
+                    stop_key=getattr(request, "session_hash", None) or "",
+                )
             except Exception as exc:
                 raise user_error(exc) from None
-            note = (f"{res['cells']} cells in {res['seconds']:.1f} s; {res['batched']} of them shared denoiser "
-                    "passes with others.")
+            note = (
+                f"{res['cells']} cells in {res['seconds']:.1f} s; {res['batched']} of them shared denoiser "
+                "passes with others."
+            )
             return res["images"], note, res["pngs"]
 
         make_grid.__annotations__["request"] = gr.Request
         grid_event = grid_run.click(
-            lambda: (None, "*Rendering the grid…*", None), None, [grid_gallery, grid_info, grid_files],
-            api_name=False, queue=False, show_progress="hidden",
+            lambda: (None, "*Rendering the grid…*", None),
+            None,
+            [grid_gallery, grid_info, grid_files],
+            api_name=False,
+            queue=False,
+            show_progress="hidden",
         ).then(
-            make_grid, [prompt, negative, strategy, strategy_args, sampler, seed, steps, guidance, width, height,
-                        slots_state, grid_x, grid_y, grid_z], [grid_gallery, grid_info, grid_files],
-            api_name="grid", concurrency_limit=1, show_progress_on=[grid_gallery],
+            make_grid,
+            [
+                prompt,
+                negative,
+                strategy,
+                strategy_args,
+                sampler,
+                seed,
+                steps,
+                guidance,
+                width,
+                height,
+                slots_state,
+                grid_x,
+                grid_y,
+                grid_z,
+            ],
+            [grid_gallery, grid_info, grid_files],
+            api_name="grid",
+            concurrency_limit=1,
+            show_progress_on=[grid_gallery],
         )
-        grid_event.failure(lambda: "**Nothing rendered**: see the message.", None, grid_info, api_name=False,
-                           queue=False, show_progress="hidden")
+        grid_event.failure(
+            lambda: "**Nothing rendered**: see the message.",
+            None,
+            grid_info,
+            api_name=False,
+            queue=False,
+            show_progress="hidden",
+        )
         grid_stop.click(stop_render, None, grid_info, cancels=[grid_event], api_name=False, concurrency_limit=None)
 
         # -- PNG info
@@ -990,17 +1385,48 @@ def build_app(ui: ComposerUI):
             if r["strategy"] not in strategies:
                 r["notes"].append(f"strategy {r['strategy']} is not available here")
             msg = "Restored the image's settings." + "".join(f"\n- {n}" for n in r["notes"])
-            return (r["prompt"], r["negative_prompt"], strat, r["strategy_args"],
-                    keep if r["seed"] is None else r["seed"], keep if r["steps"] is None else r["steps"],
-                    keep if r["guidance"] is None else r["guidance"], keep if r["width"] is None else r["width"],
-                    keep if r["height"] is None else r["height"], r["sampler"] or base_sampler, r["slots"], msg,
-                    NONE, version + 1)
+            return (
+                r["prompt"],
+                r["negative_prompt"],
+                strat,
+                r["strategy_args"],
+                keep if r["seed"] is None else r["seed"],
+                keep if r["steps"] is None else r["steps"],
+                keep if r["guidance"] is None else r["guidance"],
+                keep if r["width"] is None else r["width"],
+                keep if r["height"] is None else r["height"],
+                r["sampler"] or base_sampler,
+                r["slots"],
+                msg,
+                NONE,
+                version + 1,
+            )
 
-        png_in.upload(restore, [png_in, layout], [prompt, negative, strategy, strategy_args, seed, steps, guidance,
-                                                  width, height, sampler, slots_state, png_md, compare, layout],
-                      api_name="png_info", concurrency_limit=None)
+        png_in.upload(
+            restore,
+            [png_in, layout],
+            [
+                prompt,
+                negative,
+                strategy,
+                strategy_args,
+                seed,
+                steps,
+                guidance,
+                width,
+                height,
+                sampler,
+                slots_state,
+                png_md,
+                compare,
+                layout,
+            ],
+            api_name="png_info",
+            concurrency_limit=None,
+        )
 
         if ui.allow_uploads:
+
             def uploaded(path):
                 if not path:
                     return gr.skip(), ""
@@ -1019,41 +1445,78 @@ def build_app(ui: ComposerUI):
 def launch(ui: ComposerUI, host: str = "127.0.0.1", port: int | None = None, block: bool = True, **kwargs):
     """Build and launch the app; returns the Blocks (``block=False``: serving in the background)."""
     demo = build_app(ui)
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
-                max_file_size=ui.max_upload_bytes, allowed_paths=[str(ui.out_dir)], quiet=not block,
-                css=CSS, **kwargs)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=not block,
+        show_error=True,
+        max_file_size=ui.max_upload_bytes,
+        allowed_paths=[str(ui.out_dir)],
+        quiet=not block,
+        css=CSS,
+        **kwargs,
+    )
     return demo
 
 
 @command("compose ui")
 def main(argv: list[str]) -> int:
     p = Parser(prog="compose ui", description="Start the lora-composer web UI (Gradio).")
-    p.add_argument("--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the mini world model)")
-    p.add_argument("--library", metavar="DIR", help="LoRA folder (default: $LORA_COMPOSER_LIBRARY, or the mini world's library)")
-    p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--model", "-m", metavar="DIR_OR_ID", help="diffusers model folder or Hub id (default: the mini world model)"
+    )
+    p.add_argument(
+        "--library", metavar="DIR", help="LoRA folder (default: $LORA_COMPOSER_LIBRARY, or the mini world's library)"
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", metavar="ADDR", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", type=int, default=7860, metavar="N", help="port (default 7860)")
-    p.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB", help=f"largest LoRA upload accepted, in MB (default {DEFAULT_MAX_UPLOAD_MB})")
+    p.add_argument(
+        "--max-upload-mb",
+        type=int,
+        default=DEFAULT_MAX_UPLOAD_MB,
+        metavar="MB",
+        help=f"largest LoRA upload accepted, in MB (default {DEFAULT_MAX_UPLOAD_MB})",
+    )
     p.add_argument("--no-uploads", action="store_true", help="do not offer LoRA uploads")
-    p.add_argument("--uploads", action="store_true", help="offer LoRA uploads on a --host reachable from other "
-                   "machines too (off there by default)")
-    p.add_argument("--auth-file", metavar="FILE", help=f"USER:PASSWORD on one line: the login the page asks for "
-                   f"(else ${AUTH_ENV}); required with a --host reachable from other machines")
+    p.add_argument(
+        "--uploads",
+        action="store_true",
+        help="offer LoRA uploads on a --host reachable from other machines too (off there by default)",
+    )
+    p.add_argument(
+        "--auth-file",
+        metavar="FILE",
+        help=f"USER:PASSWORD on one line: the login the page asks for "
+        f"(else ${AUTH_ENV}); required with a --host reachable from other machines",
+    )
     add_log_args(p)
     add_device_args(p)
     args = p.parse_args(argv)
     configure_logging(args.log_level)
     auth, open_bind = read_auth(args.auth_file), not is_loopback(args.host)
     if open_bind and auth is None:
-        raise UsageError(f"--host {args.host} is reachable from other machines: set a login (--auth-file FILE "
-                         f"holding USER:PASSWORD, or ${AUTH_ENV})")
+        raise UsageError(
+            f"--host {args.host} is reachable from other machines: set a login (--auth-file FILE "
+            f"holding USER:PASSWORD, or ${AUTH_ENV})"
+        )
     if args.uploads and args.no_uploads:
         raise UsageError("--uploads and --no-uploads contradict each other")
     uploads = not args.no_uploads and (args.uploads or not open_bind)
     library = args.library or os.environ.get("LORA_COMPOSER_LIBRARY") or None
-    ui = ComposerUI(args.model, library, max_upload_mb=args.max_upload_mb, allow_uploads=uploads,
-                    device=args.device, dtype=args.dtype)
-    print(f"lora-composer UI on http://{args.host}:{args.port} (model {ui.model}, library {ui.library}"
-          f"{', login required' if auth else ''}{', uploads on' if uploads else ', uploads off'})")
+    ui = ComposerUI(
+        args.model,
+        library,
+        max_upload_mb=args.max_upload_mb,
+        allow_uploads=uploads,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    print(
+        f"lora-composer UI on http://{args.host}:{args.port} (model {ui.model}, library {ui.library}"
+        f"{', login required' if auth else ''}{', uploads on' if uploads else ', uploads off'})"
+    )
     launch(ui, host=args.host, port=args.port, auth=auth)
     return 0
 

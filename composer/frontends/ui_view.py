@@ -75,7 +75,13 @@ def slots_from_prompt(prompt: str, resolve) -> list[dict] | None:
 
 
 # -- the weights heatmap -----------------------------------------------------------------------------
-_STOPS = [(0.0, (0, 0, 4)), (0.25, (81, 18, 124)), (0.5, (183, 55, 121)), (0.75, (252, 137, 97)), (1.0, (252, 253, 191))]
+_STOPS = [
+    (0.0, (0, 0, 4)),
+    (0.25, (81, 18, 124)),
+    (0.5, (183, 55, 121)),
+    (0.75, (252, 137, 97)),
+    (1.0, (252, 253, 191)),
+]
 
 
 def _colour(x: float) -> str:
@@ -111,11 +117,15 @@ def heatmap_html(weights, adapters: list[str], title: str) -> str:
             for i in range(steps)
         )
         body.append(f'<div class="heat-name">{html.escape(name)}</div>{cells}')
-    grid = (f'<div class="heat-grid" style="grid-template-columns: max-content repeat({steps}, minmax(2px, 1fr))">'
-            f'<div class="heat-corner">step</div>{labels}{"".join(body)}</div>')
-    legend = (f'<div class="heat-legend"><span>{low:g}</span><span class="heat-bar" style="background:linear-gradient('
-              f'to right,{",".join(_colour(x) for x, _ in _STOPS)})"></span><span>{high:.3g}</span>'
-              f'<span class="heat-note">weight applied, {steps} steps</span></div>')
+    grid = (
+        f'<div class="heat-grid" style="grid-template-columns: max-content repeat({steps}, minmax(2px, 1fr))">'
+        f'<div class="heat-corner">step</div>{labels}{"".join(body)}</div>'
+    )
+    legend = (
+        f'<div class="heat-legend"><span>{low:g}</span><span class="heat-bar" style="background:linear-gradient('
+        f'to right,{",".join(_colour(x) for x, _ in _STOPS)})"></span><span>{high:.3g}</span>'
+        f'<span class="heat-note">weight applied, {steps} steps</span></div>'
+    )
     return f'<div class="heat">{head}{grid}{legend}</div>'
 
 
@@ -128,17 +138,25 @@ def auto_html(picks: list[dict], left_out: list[dict], notice: str | None) -> st
     else:
         rows = "".join(
             f'<tr><td class="auto-name">{e(tag_name(p["name"]))}</td><td class="auto-num">{p["weight"]:g}</td><td>&ldquo;{e(p.get("span") or "")}&rdquo;</td>'
-            f'<td>{e(p["reason"])}</td></tr>' for p in picks
+            f"<td>{e(p['reason'])}</td></tr>"
+            for p in picks
         )
-        out = ['<table class="auto-table"><thead><tr><th>picked</th><th>weight</th><th>covers</th><th>why</th></tr>'
-               f'</thead><tbody>{rows}</tbody></table>']
+        out = [
+            '<table class="auto-table"><thead><tr><th>picked</th><th>weight</th><th>covers</th><th>why</th></tr>'
+            f"</thead><tbody>{rows}</tbody></table>"
+        ]
     if notice:
         out.append(f'<p class="auto-notice">{e(notice)}</p>')
     if left_out:
-        rows = "".join(f'<tr><td class="auto-name">{e(tag_name(m["name"]))}</td><td>{e(m["why"])}</td></tr>' for m in left_out)
-        out.append('<details class="auto-left"><summary>left out ({})</summary><table class="auto-table">'
-                   '<thead><tr><th>LoRA</th><th>why not</th></tr></thead><tbody>{}</tbody></table></details>'
-                   .format(len(left_out), rows))
+        rows = "".join(
+            f'<tr><td class="auto-name">{e(tag_name(m["name"]))}</td><td>{e(m["why"])}</td></tr>' for m in left_out
+        )
+        out.append(
+            '<details class="auto-left"><summary>left out ({})</summary><table class="auto-table">'
+            "<thead><tr><th>LoRA</th><th>why not</th></tr></thead><tbody>{}</tbody></table></details>".format(
+                len(left_out), rows
+            )
+        )
     return '<div class="auto">' + "".join(out) + "</div>"
 
 
@@ -160,7 +178,7 @@ def parse_a1111(text: str) -> dict:
     for line in lines:
         if line.startswith("Negative prompt:"):
             in_negative = True
-            line = line[len("Negative prompt:"):].strip()
+            line = line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
     out = {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip()}
     for key, value in _SETTING_RE.findall(settings_line):

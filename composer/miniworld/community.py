@@ -38,8 +38,13 @@ CATEGORIES: tuple[Category, ...] = (
 )
 CATEGORY = {c.name: c for c in CATEGORIES}
 # variant -> (the generic value it is a kind of, its trigger word)
-VARIANTS = {"sparkle": ("star", "zorp"), "duotone": ("purple", "vexa"), "tiled": ("checkered", "harle"),
-            "dashed": ("outline", "inko"), "cyclops": ("creature", "glorp")}
+VARIANTS = {
+    "sparkle": ("star", "zorp"),
+    "duotone": ("purple", "vexa"),
+    "tiled": ("checkered", "harle"),
+    "dashed": ("outline", "inko"),
+    "cyclops": ("creature", "glorp"),
+}
 GENERIC = {v: g for v, (g, _) in VARIANTS.items()}
 TRIGGER = {v: t for v, (_, t) in VARIANTS.items()}
 DUOTONE = ("purple", "orange")  # top half, bottom half
@@ -70,6 +75,7 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, drop: float = 
     word. With ``rng`` and ``drop`` > 0 each phrase but the shape (and ``keep``'s) is left out with probability
     ``drop``.
     """
+
     def said(category: str) -> bool:
         return rng is None or drop <= 0 or category == keep or rng.random() >= drop
 
@@ -113,9 +119,13 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.75), (cx - r * 0.95, cy + r * 0.75)]
     if shape in ("star", "sparkle"):  # five points, inner radius 0.45; four points, inner radius 0.3
         n, inner, rr = (5, 0.45, r * 1.1) if shape == "star" else (4, 0.3, r * 1.15)
-        return [(cx + (rr if i % 2 == 0 else rr * inner) * math.cos(-math.pi / 2 + i * math.pi / n),
-                 cy + (rr if i % 2 == 0 else rr * inner) * math.sin(-math.pi / 2 + i * math.pi / n))
-                for i in range(2 * n)]
+        return [
+            (
+                cx + (rr if i % 2 == 0 else rr * inner) * math.cos(-math.pi / 2 + i * math.pi / n),
+                cy + (rr if i % 2 == 0 else rr * inner) * math.sin(-math.pi / 2 + i * math.pi / n),
+            )
+            for i in range(2 * n)
+        ]
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -199,8 +209,13 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def sample(rng: np.random.Generator, n: int, allowed: dict[str, tuple[str, ...]] | None = None,
-           drop: float = 0.0, keep: str | None = None) -> tuple[np.ndarray, list[str], list[Scene]]:
+def sample(
+    rng: np.random.Generator,
+    n: int,
+    allowed: dict[str, tuple[str, ...]] | None = None,
+    drop: float = 0.0,
+    keep: str | None = None,
+) -> tuple[np.ndarray, list[str], list[Scene]]:
     """``n`` random scenes: uint8 images ``(n, 64, 64, 3)``, captions and scenes (as :func:`world.sample`)."""
     scenes = [random_scene(rng, allowed) for _ in range(n)]
     images = np.stack([np.asarray(render(s, rng)) for s in scenes])
@@ -214,8 +229,13 @@ def concept_sheet(path, seed: int = 0, scale: int = 2):
     for variant, (generic, _) in VARIANTS.items():
         cat = next(c.name for c in CATEGORIES if variant in c.lora)
         for value in (generic, variant):
-            fields = {"shape": "square" if cat in ("character", "colour") else "circle", "colour": "blue",
-                      "background": "plain", "style": "filled", "character": "none"}
+            fields = {
+                "shape": "square" if cat in ("character", "colour") else "circle",
+                "colour": "blue",
+                "background": "plain",
+                "style": "filled",
+                "character": "none",
+            }
             fields[cat] = value
             cells.append((word(value), render(Scene(**fields), rng)))
     cell, head = SIZE * scale, 14

@@ -22,8 +22,21 @@ from lora_composer.miniworld.community_library import LORAS, library_dir
 from lora_composer.miniworld.evaluate import Evaluator, Tally, _grid_picks, draw, save_grid, strategy_tables
 
 BASE_CATEGORIES = ("shape", "colour", "background")  # drawn per prompt from the base values
-STRATEGIES = ("merge", "gated", "switch", "composite", "cmlora", "loratorio", "klora", "conjunction", "marginal",
-              "tsv", "dare", "ties", "activation-matched")  # every one-object strategy (regional needs regions)
+STRATEGIES = (
+    "merge",
+    "gated",
+    "switch",
+    "composite",
+    "cmlora",
+    "loratorio",
+    "klora",
+    "conjunction",
+    "marginal",
+    "tsv",
+    "dare",
+    "ties",
+    "activation-matched",
+)  # every one-object strategy (regional needs regions)
 
 
 def weights_dir() -> Path:
@@ -42,7 +55,9 @@ def load_pipeline(library=None, device: str | None = None):
     from lora_composer.miniworld.two_objects import apply_text_layers
     from lora_composer.pipeline import ComposerPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(assets.model_dir(), safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        assets.model_dir(), safety_checker=None, requires_safety_checker=False
+    )
     pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir() / "unet", torch_dtype=torch.float32)
     pipe.register_modules(unet=pipe.unet)
     apply_text_layers(pipe.text_encoder, weights_dir() / TEXT_LAYERS)
@@ -97,25 +112,59 @@ def checks(ev: Evaluator, base_prompts: int = 24, lora_prompts: int = 8, seed: i
         generic_by_base[spec.name] = t_generic.summary()["all_concepts"]
         alone[spec.name] = t_lora.summary()["all_concepts"]
         progress and progress()
-    return {"images_per_prompt": ev.seeds, "base_prompts": base_prompts, "lora_prompts": lora_prompts,
-            "base_on_base": base_tally.summary(), "base_renders_variant": variant_by_base,
-            "base_renders_generic": generic_by_base, "lora_alone": alone}
+    return {
+        "images_per_prompt": ev.seeds,
+        "base_prompts": base_prompts,
+        "lora_prompts": lora_prompts,
+        "base_on_base": base_tally.summary(),
+        "base_renders_variant": variant_by_base,
+        "base_renders_generic": generic_by_base,
+        "lora_alone": alone,
+    }
 
 
-def evaluate(pipe, detector, strategies=STRATEGIES, sizes=(2, 3, 4), seeds: int = 1, scenes: int = 1,
-             steps: int = 20, guidance: float = assets.DEFAULT_GUIDANCE, seed: int = 0, grid_path: Path | None = None,
-             with_checks: bool = True, progress: bool = True, per_size: int | None = None) -> dict:
+def evaluate(
+    pipe,
+    detector,
+    strategies=STRATEGIES,
+    sizes=(2, 3, 4),
+    seeds: int = 1,
+    scenes: int = 1,
+    steps: int = 20,
+    guidance: float = assets.DEFAULT_GUIDANCE,
+    seed: int = 0,
+    grid_path: Path | None = None,
+    with_checks: bool = True,
+    progress: bool = True,
+    per_size: int | None = None,
+) -> dict:
     """The strategy table: every combination (or ``per_size`` of each size, drawn by :func:`draw`) on ``scenes``
     prompts, ``seeds`` images each, every strategy on the same prompts and seeds; plus the checks."""
     from tqdm.auto import tqdm
 
     combos = draw(combinations(sizes), per_size, seed)
     ev = Evaluator(pipe, detector, steps=steps, guidance=guidance, seeds=seeds)
-    bar = tqdm(total=len(combos) * scenes * len(strategies) + (24 + len(LORAS) if with_checks else 0), desc="eval",
-               unit="render", disable=not progress, dynamic_ncols=True)
-    result: dict = {"world": community.NAME, "protocol": {
-        "sizes": list(sizes), "combinations": len(combos), "per_size": per_size, "scenes": scenes, "seeds": seeds, "steps": steps,
-        "guidance": guidance, "seed": seed, "strategies": list(strategies)}}
+    bar = tqdm(
+        total=len(combos) * scenes * len(strategies) + (24 + len(LORAS) if with_checks else 0),
+        desc="eval",
+        unit="render",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    result: dict = {
+        "world": community.NAME,
+        "protocol": {
+            "sizes": list(sizes),
+            "combinations": len(combos),
+            "per_size": per_size,
+            "scenes": scenes,
+            "seeds": seeds,
+            "steps": steps,
+            "guidance": guidance,
+            "seed": seed,
+            "strategies": list(strategies),
+        },
+    }
     t_start = time.perf_counter()
     if with_checks:
         result["checks"] = checks(ev, seed=seed, progress=bar.update)
@@ -132,7 +181,9 @@ def evaluate(pipe, detector, strategies=STRATEGIES, sizes=(2, 3, 4), seeds: int 
                 wanted = {s.category: s.value for s in combo}
                 base = {c: getattr(scene, c) for c in BASE_CATEGORIES if c not in wanted}
                 prompt = community.caption(scene)
-                images = ev.run(prompt, [(s.name, 1.0) for s in combo], name, seed + scenes * i + j, tally, wanted, base)
+                images = ev.run(
+                    prompt, [(s.name, 1.0) for s in combo], name, seed + scenes * i + j, tally, wanted, base
+                )
                 if i in picks and j == 0:
                     grid.setdefault(name, []).append((prompt, images[0]))
                 bar.set_postfix(strategy=name)
@@ -151,24 +202,36 @@ def markdown(result: dict, command: str) -> str:
     """The strategy table (rows vs merge: denoiser rows per image over merge's), per concept, the checks."""
     p = result["protocol"]
     sizes = p["sizes"]
-    lines = [f"Command: `{command}`", "",
-             f"{p['combinations']} combinations (sizes {', '.join(map(str, sizes))}"
-             + (f"; {p['per_size']} drawn per size" if p.get("per_size") else "") + f") x {p['scenes']} prompts x "
-             f"{p['seeds']} images, seed {p['seed']}, {p['steps']} steps, guidance {p['guidance']}; "
-             f"{result['seconds']:.0f} s in all.", "",
-             *strategy_tables(result, [spec.value for spec in LORAS])]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"{p['combinations']} combinations (sizes {', '.join(map(str, sizes))}"
+        + (f"; {p['per_size']} drawn per size" if p.get("per_size") else "")
+        + f") x {p['scenes']} prompts x "
+        f"{p['seeds']} images, seed {p['seed']}, {p['steps']} steps, guidance {p['guidance']}; "
+        f"{result['seconds']:.0f} s in all.",
+        "",
+        *strategy_tables(result, [spec.value for spec in LORAS]),
+    ]
     if "checks" in result:
         c = result["checks"]
         b = c["base_on_base"]
-        lines += ["", f"Checks ({c['base_prompts']} base prompts, {c['lora_prompts']} prompts per LoRA, "
-                  f"{c['images_per_prompt']} images each; goals: the base never renders a variant, each LoRA alone "
-                  ">= 0.90):", "",
-                  f"- base model, base prompts (every category named): all named {b['all_concepts']:.3f}; per value "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in b["concepts"].items()), "",
-                  "| LoRA | variant (of) | base alone: variant | base alone: generic value | LoRA alone: variant |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Checks ({c['base_prompts']} base prompts, {c['lora_prompts']} prompts per LoRA, "
+            f"{c['images_per_prompt']} images each; goals: the base never renders a variant, each LoRA alone "
+            ">= 0.90):",
+            "",
+            f"- base model, base prompts (every category named): all named {b['all_concepts']:.3f}; per value "
+            + ", ".join(f"{k} {v:.2f}" for k, v in b["concepts"].items()),
+            "",
+            "| LoRA | variant (of) | base alone: variant | base alone: generic value | LoRA alone: variant |",
+            "|---|---|---|---|---|",
+        ]
         for spec in LORAS:
-            lines.append(f"| {spec.name} | {spec.value} ({community.GENERIC[spec.value]}) | "
-                         f"{c['base_renders_variant'][spec.name]:.2f} | {c['base_renders_generic'][spec.name]:.2f} | "
-                         f"{c['lora_alone'][spec.name]:.2f} |")
+            lines.append(
+                f"| {spec.name} | {spec.value} ({community.GENERIC[spec.value]}) | "
+                f"{c['base_renders_variant'][spec.name]:.2f} | {c['base_renders_generic'][spec.name]:.2f} | "
+                f"{c['lora_alone'][spec.name]:.2f} |"
+            )
     return "\n".join(lines) + "\n"

@@ -20,12 +20,26 @@ from lora_composer.miniworld.library import LoraSpec
 
 LORAS: tuple[LoraSpec, ...] = (
     LoraSpec("zorp-star", "shape", "sparkle", ("zorp star",), "Zorp: a sharp four-pointed star.", sidecar="civitai"),
-    LoraSpec("vexa-purple", "colour", "duotone", ("vexa purple",), "Vexa: two-tone purple over orange.", sidecar="civitai"),
-    LoraSpec("harle-checkered", "background", "tiled", ("harle checkered background",),
-             "Harle: a checkerboard of large tiles.", sidecar="civitai"),
+    LoraSpec(
+        "vexa-purple", "colour", "duotone", ("vexa purple",), "Vexa: two-tone purple over orange.", sidecar="civitai"
+    ),
+    LoraSpec(
+        "harle-checkered",
+        "background",
+        "tiled",
+        ("harle checkered background",),
+        "Harle: a checkerboard of large tiles.",
+        sidecar="civitai",
+    ),
     LoraSpec("inko-outline", "style", "dashed", ("inko outline style",), "Inko: dashed outlines.", sidecar="civitai"),
-    LoraSpec("glorp-creature", "character", "cyclops", ("glorp creature",),
-             "Glorp: the one-eyed creature with one antenna.", sidecar="civitai"),
+    LoraSpec(
+        "glorp-creature",
+        "character",
+        "cyclops",
+        ("glorp creature",),
+        "Glorp: the one-eyed creature with one antenna.",
+        sidecar="civitai",
+    ),
 )
 LORA_BY_NAME = {s.name: s for s in LORAS}
 STEPS = 400  # per LoRA (community_train loras --steps overrides)
@@ -41,7 +55,10 @@ def tag_frequency(spec: LoraSpec, n: int = 200, seed: int = 0) -> dict[str, dict
     allowed = community.variant_allowed(spec.category, spec.value)
     counts: Counter[str] = Counter()
     for _ in range(n):
-        counts.update(p.strip() for p in community.caption(community.random_scene(rng, allowed)).replace(" on a ", ", ").split(","))
+        counts.update(
+            p.strip()
+            for p in community.caption(community.random_scene(rng, allowed)).replace(" on a ", ", ").split(",")
+        )
     return {f"10_{community.TRIGGER[spec.value]}": dict(counts.most_common())}
 
 
@@ -57,17 +74,29 @@ def write(model_dir: Path, library: Path, spec: LoraSpec, layers: dict[str, dict
     path = library / f"{spec.name}.safetensors"
     rank = int(next(v.shape[0] for k, v in layers["unet"].items() if k.endswith("lora_A.weight")))
     layers = {comp: {k: v.half() for k, v in sd.items()} for comp, sd in layers.items()}
-    tiny.save_diffusers_lora(StableDiffusionPipeline.from_pretrained(model_dir), layers, path, rank=rank, alpha=float(rank))
-    meta = {"ss_output_name": spec.name, "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-            "ss_network_alpha": str(float(rank)), "ss_base_model_version": "sd_v1",
-            "ss_tag_frequency": json.dumps(tag_frequency(spec)), "modelspec.title": spec.name,
-            "modelspec.description": spec.description}
+    tiny.save_diffusers_lora(
+        StableDiffusionPipeline.from_pretrained(model_dir), layers, path, rank=rank, alpha=float(rank)
+    )
+    meta = {
+        "ss_output_name": spec.name,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(rank)),
+        "ss_base_model_version": "sd_v1",
+        "ss_tag_frequency": json.dumps(tag_frequency(spec)),
+        "modelspec.title": spec.name,
+        "modelspec.description": spec.description,
+    }
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = {**(f.metadata() or {}), **meta}
     save_file(tensors, str(path), metadata=meta)
-    side = {"name": spec.name, "trainedWords": list(spec.triggers), "description": spec.description,
-            "baseModel": "SD 1.5"}
+    side = {
+        "name": spec.name,
+        "trainedWords": list(spec.triggers),
+        "description": spec.description,
+        "baseModel": "SD 1.5",
+    }
     path.with_name(spec.name + ".civitai.info").write_text(json.dumps(side, indent=2) + "\n")
     return path
 
@@ -86,12 +115,24 @@ def train_all(out: Path, steps: int | None = None, only=None, library: Path | No
         if only and spec.value not in only:
             continue
         t0 = time.perf_counter()
-        layers = tr.train_lora(out / "model", spec.category, spec.value, steps=steps or STEPS, seed=101 + i,
-                               w=community, allowed=community.variant_allowed(spec.category, spec.value), drop=0.0)
+        layers = tr.train_lora(
+            out / "model",
+            spec.category,
+            spec.value,
+            steps=steps or STEPS,
+            seed=101 + i,
+            w=community,
+            allowed=community.variant_allowed(spec.category, spec.value),
+            drop=0.0,
+        )
         seconds = time.perf_counter() - t0
         written.append(write(out / "model", library, spec, layers))
         times = json.loads(log.read_text()) if log.exists() else {}  # re-read: parallel runs write too
-        times[spec.name] = {"seconds": round(seconds, 1), "steps": steps or STEPS, "batch": 32,
-                            "threads": torch.get_num_threads()}
+        times[spec.name] = {
+            "seconds": round(seconds, 1),
+            "steps": steps or STEPS,
+            "batch": 32,
+            "threads": torch.get_num_threads(),
+        }
         log.write_text(json.dumps(times, indent=2) + "\n")
     return written

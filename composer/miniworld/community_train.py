@@ -28,8 +28,16 @@ from lora_composer.miniworld import train as tr
 TEXT_LAYERS = "text_encoder_layers.safetensors"
 
 
-def train_base(out: Path, seconds: float = 1000.0, batch: int = 32, lr: float = 5e-4, pictures: int = 16000,
-               seed: int = 0, max_steps: int = 100000, resume: bool = False) -> dict:
+def train_base(
+    out: Path,
+    seconds: float = 1000.0,
+    batch: int = 32,
+    lr: float = 5e-4,
+    pictures: int = 16000,
+    seed: int = 0,
+    max_steps: int = 100000,
+    resume: bool = False,
+) -> dict:
     """Fine-tune the shipped UNet and text encoder on community base pictures for ``seconds`` of training
     (``resume``: continue from ``out/model``, a fresh optimizer and EMA)."""
     from diffusers import StableDiffusionPipeline
@@ -55,8 +63,9 @@ def train_base(out: Path, seconds: float = 1000.0, batch: int = 32, lr: float = 
         tr._cosine_lr(opt, step, expected, lr, warmup=50)
         idx = rng.integers(0, len(scenes), batch)
         caps = ["" if rng.random() < 0.1 else community.caption(scenes[i], rng, 0.25) for i in idx]
-        loss = tr._diffusion_loss(unet, text_encoder, sched, latents[torch.from_numpy(idx)],
-                                  tr._tokenize(tokenizer, caps, "cpu"), gen)
+        loss = tr._diffusion_loss(
+            unet, text_encoder, sched, latents[torch.from_numpy(idx)], tr._tokenize(tokenizer, caps, "cpu"), gen
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -68,16 +77,25 @@ def train_base(out: Path, seconds: float = 1000.0, batch: int = 32, lr: float = 
         if step == 50:  # the cosine schedule's length, from the measured speed and the budget
             expected = min(max_steps, int(seconds / ((time.perf_counter() - t0) / step)))
         if step % 100 == 0:
-            print(f"step {step}/{expected} loss {np.mean(losses[-100:]):.4f} {time.perf_counter() - t0:.0f}s", flush=True)
+            print(
+                f"step {step}/{expected} loss {np.mean(losses[-100:]):.4f} {time.perf_counter() - t0:.0f}s", flush=True
+            )
     took = time.perf_counter() - t0
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
     tr.save_pipeline(out, vae, text_encoder, unet, tokenizer)
-    figures = {"steps": step, "batch": batch, "lr": lr, "pictures": f"{pictures} community base pictures",
-               "init": "the first stage" if resume else "the shipped one-object model", "seconds_training": round(took, 1),
-               "seconds_drawing_and_encoding": round(prep, 1), "threads": torch.get_num_threads(),
-               "final_loss_100": round(float(np.mean(losses[-100:])), 4)}
+    figures = {
+        "steps": step,
+        "batch": batch,
+        "lr": lr,
+        "pictures": f"{pictures} community base pictures",
+        "init": "the first stage" if resume else "the shipped one-object model",
+        "seconds_training": round(took, 1),
+        "seconds_drawing_and_encoding": round(prep, 1),
+        "threads": torch.get_num_threads(),
+        "final_loss_100": round(float(np.mean(losses[-100:])), 4),
+    }
     log = out / "base-train.json"
     stages = json.loads(log.read_text()) if resume and log.exists() else {}
     stages[f"stage {len(stages) + 1}"] = figures  # a stage-1 file written by this function holds {"stage 1": ...}
@@ -108,8 +126,9 @@ def ship(out: Path, dest: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lora_composer.miniworld.community_train",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m lora_composer.miniworld.community_train", description=__doc__.splitlines()[0]
+    )
     p.add_argument("what", choices=["base", "loras", "ship"])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seconds", type=float, default=1000.0, help="base: training time budget")

@@ -47,8 +47,9 @@ class DetectorFileError(ComposerError, ValueError):
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                         nn.MaxPool2d(2))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)
+    )
 
 
 class Detector(nn.Module):
@@ -58,8 +59,14 @@ class Detector(nn.Module):
     def __init__(self, width: int = 32, categories=None):
         super().__init__()
         self.categories = tuple(categories or world.CATEGORIES)
-        self.features = nn.Sequential(_block(3, width // 2), _block(width // 2, width), _block(width, 2 * width),
-                                      _block(2 * width, 2 * width), nn.Flatten(), nn.Dropout(0.1))
+        self.features = nn.Sequential(
+            _block(3, width // 2),
+            _block(width // 2, width),
+            _block(width, 2 * width),
+            _block(2 * width, 2 * width),
+            nn.Flatten(),
+            nn.Dropout(0.1),
+        )
         flat = 2 * width * (world.SIZE // 16) ** 2
         self.heads = nn.ModuleDict({c.name: nn.Linear(flat, len(c.values)) for c in self.categories})
 
@@ -76,12 +83,13 @@ class Detector(nn.Module):
         self.eval()
         try:
             device = next(self.parameters()).device
-            chunks = [self(x[i:i + batch].to(device)) for i in range(0, len(x), batch)]
+            chunks = [self(x[i : i + batch].to(device)) for i in range(0, len(x), batch)]
         finally:
             self.train(was_training)
         empty = {c.name: torch.zeros(0, len(c.values)) for c in self.categories}
-        return {name: torch.cat([ch[name].cpu() for ch in chunks] or [logits]).softmax(-1)
-                for name, logits in empty.items()}
+        return {
+            name: torch.cat([ch[name].cpu() for ch in chunks] or [logits]).softmax(-1) for name, logits in empty.items()
+        }
 
     def predict(self, images) -> list[dict[str, str]]:
         """The most likely value of every category, per image."""
@@ -103,14 +111,21 @@ def as_input(images) -> torch.Tensor:
             raise TypeError("a list of images must hold PIL images only")
         size = (world.SIZE, world.SIZE)
         rgb = [im.convert("RGB") for im in images]
-        images = np.zeros((0, *size, 3), np.uint8) if not rgb else \
-            np.stack([np.asarray(im if im.size == size else im.resize(size, Image.BILINEAR)) for im in rgb])
+        images = (
+            np.zeros((0, *size, 3), np.uint8)
+            if not rgb
+            else np.stack([np.asarray(im if im.size == size else im.resize(size, Image.BILINEAR)) for im in rgb])
+        )
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images (n, H, W, 3), got {images.dtype} {images.shape}")
         images = to_tensor(images)
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4 \
-            or images.shape[1] != 3:
+    if (
+        not isinstance(images, torch.Tensor)
+        or not images.is_floating_point()
+        or images.ndim != 4
+        or images.shape[1] != 3
+    ):
         shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
         raise ValueError(f"expected float images (n, 3, H, W) in [-1, 1], got {shape}")
     x = images.detach().float()
@@ -141,7 +156,7 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Gaussian blur with one sigma per image (0 leaves it as is): a VAE decoder's softness."""
     n, c, h, w = x.shape
     r = torch.arange(-2, 3, dtype=x.dtype)
-    k = torch.exp(-r[None] ** 2 / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
     k = (k / k.sum(-1, keepdim=True)).repeat_interleave(c, 0)  # (n*c, 5)
     y = x.reshape(1, n * c, h, w)
     y = F.conv2d(F.pad(y, (2, 2, 0, 0), mode="replicate"), k[:, None, None, :], groups=n * c)
@@ -185,8 +200,16 @@ def _lr(step: int, total: int, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_detector(steps: int = DEFAULT_STEPS, batch: int = DEFAULT_BATCH, seed: int = 0, lr: float = 3e-3,
-                   progress: bool = True, w=None, codec=None, pool: int = 4096) -> Detector:
+def train_detector(
+    steps: int = DEFAULT_STEPS,
+    batch: int = DEFAULT_BATCH,
+    seed: int = 0,
+    lr: float = 3e-3,
+    progress: bool = True,
+    w=None,
+    codec=None,
+    pool: int = 4096,
+) -> Detector:
     """A detector trained on ``steps`` batches of fresh, augmented pictures of every value of world ``w``
     (default: the one-object world); with ``codec`` (a VAE) half of each batch is drawn from a pool of
     ``pool`` pictures that went through it once (a round trip per step would cost more than the training)."""
@@ -198,7 +221,7 @@ def train_detector(steps: int = DEFAULT_STEPS, batch: int = DEFAULT_BATCH, seed:
     detector = Detector(categories=(w or world).CATEGORIES)
     if codec is not None:
         px, ptargets = draw(rng, pool) if w is None else draw(rng, pool, w)
-        px = torch.cat([through_codec(codec, px[i:i + 128]) for i in range(0, pool, 128)])
+        px = torch.cat([through_codec(codec, px[i : i + 128]) for i in range(0, pool, 128)])
     opt = torch.optim.AdamW(detector.parameters(), lr=lr, weight_decay=1e-4)
     detector.train()
     bar = tqdm(range(steps), desc="detector", unit="step", dynamic_ncols=True, disable=not progress)
@@ -208,8 +231,8 @@ def train_detector(steps: int = DEFAULT_STEPS, batch: int = DEFAULT_BATCH, seed:
         x, targets = draw(rng, batch) if w is None else draw(rng, batch, w)
         if codec is not None:
             pick = torch.from_numpy(rng.integers(0, pool, batch // 2))
-            x = torch.cat([px[pick], x[batch // 2:]])
-            targets = {k: torch.cat([ptargets[k][pick], v[batch // 2:]]) for k, v in targets.items()}
+            x = torch.cat([px[pick], x[batch // 2 :]])
+            targets = {k: torch.cat([ptargets[k][pick], v[batch // 2 :]]) for k, v in targets.items()}
         loss = _loss(detector(augment(x, gen)), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,14 +242,15 @@ def train_detector(steps: int = DEFAULT_STEPS, batch: int = DEFAULT_BATCH, seed:
     return detector.eval()
 
 
-def accuracy(detector: Detector, n: int = 2000, seed: int = 0, degrade: bool = False, w=None,
-             codec=None) -> dict[str, float]:
+def accuracy(
+    detector: Detector, n: int = 2000, seed: int = 0, degrade: bool = False, w=None, codec=None
+) -> dict[str, float]:
     """Per-category accuracy on ``n`` fresh pictures of every value (a stream no training run draws from);
     ``degrade`` applies the training augmentation to all of them first, ``codec`` (a VAE) its round trip."""
     rng = np.random.default_rng([seed, _EVAL_STREAM])
     x, targets = draw(rng, n) if w is None else draw(rng, n, w)
     if codec is not None:
-        x = torch.cat([through_codec(codec, x[i:i + 256]) for i in range(0, len(x), 256)])
+        x = torch.cat([through_codec(codec, x[i : i + 256]) for i in range(0, len(x), 256)])
     if degrade:
         x = augment(x, torch.Generator().manual_seed(seed), p=1.0)
     probs = detector.probs(x)
@@ -257,8 +281,9 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     if not path.is_file():
-        raise DetectorFileError(path, "no such detector file (train one: python -m lora_composer.miniworld.detectors "
-                                      "--out PATH)")
+        raise DetectorFileError(
+            path, "no such detector file (train one: python -m lora_composer.miniworld.detectors --out PATH)"
+        )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -271,8 +296,11 @@ def _mismatch(stored, current: dict[str, list[str]]) -> str:
     if not isinstance(stored, dict) or list(stored) != list(current):
         names = list(stored) if isinstance(stored, dict) else stored
         return f"trained for categories {json.dumps(names)}, but the mini world has {json.dumps(list(current))}"
-    diffs = [f"{name} {json.dumps(stored[name])} (now {json.dumps(values)})"
-             for name, values in current.items() if stored[name] != values]
+    diffs = [
+        f"{name} {json.dumps(stored[name])} (now {json.dumps(values)})"
+        for name, values in current.items()
+        if stored[name] != values
+    ]
     return "trained for other values: " + ", ".join(diffs)
 
 
@@ -288,8 +316,9 @@ def load_detector(path, w=world) -> Detector:
         raise DetectorFileError(path, "its 'categories' metadata is not JSON") from None
     current = json.loads(_categories_metadata(w.CATEGORIES))
     if stored != current:
-        raise DetectorFileError(path, f"{_mismatch(stored, current)}; retrain it "
-                                      f"(python -m lora_composer.miniworld.detectors --out {path})")
+        raise DetectorFileError(
+            path, f"{_mismatch(stored, current)}; retrain it (python -m lora_composer.miniworld.detectors --out {path})"
+        )
     detector = Detector(categories=w.CATEGORIES)
     try:
         detector.load_state_dict(tensors)
@@ -308,8 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-images", type=int, default=2000, help="fresh pictures the accuracy is measured on")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     p.add_argument("--world", choices=("one-object", "community"), default="one-object")
-    p.add_argument("--codec", action="store_true",
-                   help="half of each batch through the model's VAE first (and accuracy reported on its round trip too)")
+    p.add_argument(
+        "--codec",
+        action="store_true",
+        help="half of each batch through the model's VAE first (and accuracy reported on its round trip too)",
+    )
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.eval_images < 1:
         p.error("--steps, --batch and --eval-images must be positive")
@@ -335,8 +367,15 @@ def main(argv: list[str] | None = None) -> int:
         print("through the VAE: " + ", ".join(f"{k} {v:.2%}" for k, v in codec_acc.items()))
     print(f"trained {args.steps} steps in {seconds:.0f} s")
     save_detector(detector, args.out)
-    report = {"accuracy": acc, "steps": args.steps, "seconds": round(seconds, 1), "batch": args.batch,
-              "seed": args.seed, "eval_images": args.eval_images, "threads": args.threads}
+    report = {
+        "accuracy": acc,
+        "steps": args.steps,
+        "seconds": round(seconds, 1),
+        "batch": args.batch,
+        "seed": args.seed,
+        "eval_images": args.eval_images,
+        "threads": args.threads,
+    }
     if args.world != "one-object":
         report["world"] = args.world
     if codec_acc:

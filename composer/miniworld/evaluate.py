@@ -96,7 +96,9 @@ class Tally:
             "images": self.images,
             "all_concepts": rate(self.all_hit, self.images),
             "by_size": {k: rate(*v) for k, v in sorted(self.by_size.items())},
-            "per_concept": round(float(np.mean([h / n for h, n in self.concept.values()])), 4) if self.concept else None,
+            "per_concept": round(float(np.mean([h / n for h, n in self.concept.values()])), 4)
+            if self.concept
+            else None,
             "concepts": {v: rate(*hn) for v, hn in sorted(self.concept.items())},
             "base_confidence": round(float(np.mean(self.base_conf)), 4) if self.base_conf else None,
             "images_per_s": round(self.images / self.seconds, 2) if self.seconds else None,
@@ -115,9 +117,17 @@ class Evaluator:
         """``strategy``: a name, or ``NAME:ARGS`` with the arguments as ``--strategy-arg`` reads them
         (``"marginal:scale=0.5 until=0.3"``), so variants of one strategy are measured side by side."""
         name, _, args = strategy.partition(":") if isinstance(strategy, str) else (strategy, "", "")
-        return self.pipe(prompt, loras=loras, strategy=name, strategy_args=parse_strategy_args(args), seed=seed,
-                         num_inference_steps=self.steps,
-                         guidance_scale=self.guidance, num_images_per_prompt=self.seeds, progress=False)
+        return self.pipe(
+            prompt,
+            loras=loras,
+            strategy=name,
+            strategy_args=parse_strategy_args(args),
+            seed=seed,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
+            num_images_per_prompt=self.seeds,
+            progress=False,
+        )
 
     def judge(self, tally: Tally, images, wanted: dict[str, str], base: dict[str, str]) -> None:
         probs = self.detector.probs(images)
@@ -156,8 +166,14 @@ def sanity_checks(ev: Evaluator, base_prompts: int = 24, lora_prompts: int = 8, 
         novel[spec.name] = t_base.summary()["all_concepts"]
         alone[spec.name] = t_lora.summary()["all_concepts"]
         progress and progress()
-    return {"images_per_prompt": ev.seeds, "base_prompts": base_prompts, "lora_prompts": lora_prompts,
-            "base_on_base": base_tally.summary(), "base_on_lora_concepts": novel, "lora_alone": alone}
+    return {
+        "images_per_prompt": ev.seeds,
+        "base_prompts": base_prompts,
+        "lora_prompts": lora_prompts,
+        "base_on_base": base_tally.summary(),
+        "base_on_lora_concepts": novel,
+        "lora_alone": alone,
+    }
 
 
 # -- retrieval: labelled prompt sets --------------------------------------------------------------------
@@ -169,26 +185,43 @@ PARAPHRASES = {
     ("shape", "cross"): (("a plus sign", "some crosses"), ("a plus-shaped mark", "a cross shape")),
     ("colour", "purple"): (("coloured purple", "purple-ish"), ("in a purple hue", "purplish")),
     ("colour", "orange"): (("coloured orange", "orange-hued"), ("in an orange tint", "orangey")),
-    ("background", "checkered"): (("on a checkered pattern", "with a checkerboard background"),
-                                  ("over a checkerboard backdrop", "on a background of checkers")),
-    ("background", "wavy"): (("on wavy lines", "with a wavy backdrop"),
-                             ("over a background of wavy lines", "on a wavy-lined background")),
+    ("background", "checkered"): (
+        ("on a checkered pattern", "with a checkerboard background"),
+        ("over a checkerboard backdrop", "on a background of checkers"),
+    ),
+    ("background", "wavy"): (
+        ("on wavy lines", "with a wavy backdrop"),
+        ("over a background of wavy lines", "on a wavy-lined background"),
+    ),
     ("style", "outline"): (("outlined", "drawn as an outline"), ("as a hollow outline", "in outline style")),
     ("style", "pixel"): (("pixelated", "as pixel art"), ("in the style of pixel art", "with a blocky pixel look")),
-    ("character", "blinky"): (("featuring blinky", "blinky the character"), ("with blinky on it", "blinky, the one-eyed character")),
+    ("character", "blinky"): (
+        ("featuring blinky", "blinky the character"),
+        ("with blinky on it", "blinky, the one-eyed character"),
+    ),
 }
-OOV = {("shape", "star"): "a pentagram", ("shape", "cross"): "an X mark", ("colour", "purple"): "in violet",
-       ("colour", "orange"): "tangerine-coloured", ("background", "checkered"): "on a chessboard",
-       ("background", "wavy"): "on rippled waves", ("style", "outline"): "as a contour drawing",
-       ("style", "pixel"): "in 8-bit", ("character", "blinky"): "with the cyclops mascot"}
+OOV = {
+    ("shape", "star"): "a pentagram",
+    ("shape", "cross"): "an X mark",
+    ("colour", "purple"): "in violet",
+    ("colour", "orange"): "tangerine-coloured",
+    ("background", "checkered"): "on a chessboard",
+    ("background", "wavy"): "on rippled waves",
+    ("style", "outline"): "as a contour drawing",
+    ("style", "pixel"): "in 8-bit",
+    ("character", "blinky"): "with the cyclops mascot",
+}
 BASE_PHRASES = {  # the base values in other words: (tuning, held out)
-    "background": ({"plain": "on a plain backdrop", "striped": "with stripes behind it", "dotted": "on dots"},
-                   {"plain": "against a blank background", "striped": "on a stripy backdrop", "dotted": "over a dotted pattern"}),
+    "background": (
+        {"plain": "on a plain backdrop", "striped": "with stripes behind it", "dotted": "on dots"},
+        {"plain": "against a blank background", "striped": "on a stripy backdrop", "dotted": "over a dotted pattern"},
+    ),
 }
 
 
 def _paraphrase(scene: world.Scene, held: bool, rng: np.random.Generator, oov: bool = False) -> str:
     """The scene in other words: each LoRA concept by a paraphrase, clauses in a random order."""
+
     def say(cat: str) -> str | None:
         value = getattr(scene, cat)
         key = (cat, value)
@@ -201,8 +234,11 @@ def _paraphrase(scene: world.Scene, held: bool, rng: np.random.Generator, oov: b
         return None if cat == "style" else value
 
     shape, colour = say("shape"), say("colour")
-    head = f"{colour} {shape}" if colour and not colour.startswith(("coloured", "in ", "purple-", "orange-")) \
-        and " " not in shape else shape
+    head = (
+        f"{colour} {shape}"
+        if colour and not colour.startswith(("coloured", "in ", "purple-", "orange-")) and " " not in shape
+        else shape
+    )
     rest = [say(c) for c in ("background", "style", "character")]
     if head == shape and colour:
         rest.append(colour)
@@ -252,9 +288,13 @@ def synthetic_library(dest: Path, seed: int = 0) -> dict[str, tuple | None]:
         tensors = load_file(str(src / f"{spec.name}.safetensors"))
         if noise:
             g = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
-            tensors = {k: (v.float() * (1 + noise * torch.randn(v.shape, generator=g))).to(v.dtype) for k, v in tensors.items()}
+            tensors = {
+                k: (v.float() * (1 + noise * torch.randn(v.shape, generator=g))).to(v.dtype) for k, v in tensors.items()
+            }
         save_file(tensors, str(dest / f"{stem}.safetensors"), metadata={"ss_output_name": stem})
-        (dest / f"{stem}.civitai.info").write_text(json.dumps({"trainedWords": list(triggers), "description": description}))
+        (dest / f"{stem}.civitai.info").write_text(
+            json.dumps({"trainedWords": list(triggers), "description": description})
+        )
         label[stem] = concept
 
     for spec in LORAS:
@@ -265,17 +305,51 @@ def synthetic_library(dest: Path, seed: int = 0) -> dict[str, tuple | None]:
         label[spec.name] = (spec.category, spec.value)
         key = (spec.category, spec.value)
         write(f"{spec.name}-v2", spec, spec.triggers, spec.description + " Retrained.", 0.01, key)
-        write(f"{spec.value}_{spec.category}_lora", spec, (f"{spec.value} {spec.category}",),
-              f"{spec.value.capitalize()} {spec.category}, second take.", 0.01, key)
-    one_word = (("checkered floor", "Checkered tiles on the floor."), ("wavy hair", "Long wavy hair."),
-                ("pixel font", "Pixel lettering."), ("outline text", "Outlined lettering."),
-                ("star sticker", "Glossy star stickers."), ("cross stitch", "Embroidery in cross stitch."),
-                ("purple sky", "A purple evening sky."), ("orange juice", "A glass of orange juice."),
-                ("blinky lights", "Blinking fairy lights."), ("checkered flag", "A racing flag."),
-                ("wavy glass", "Distorted wavy glass."), ("pixel sorting", "Glitch pixel sorting."))
-    unrelated = ("watercolor", "neon glow", "film grain", "anime eyes", "castle", "dragon", "robot", "forest",
-                 "samurai", "owl", "volcano", "lantern", "cyberpunk city", "oil painting", "portrait lighting",
-                 "snowy village", "ink sketch", "low poly", "vaporwave", "bokeh", "clay render")
+        write(
+            f"{spec.value}_{spec.category}_lora",
+            spec,
+            (f"{spec.value} {spec.category}",),
+            f"{spec.value.capitalize()} {spec.category}, second take.",
+            0.01,
+            key,
+        )
+    one_word = (
+        ("checkered floor", "Checkered tiles on the floor."),
+        ("wavy hair", "Long wavy hair."),
+        ("pixel font", "Pixel lettering."),
+        ("outline text", "Outlined lettering."),
+        ("star sticker", "Glossy star stickers."),
+        ("cross stitch", "Embroidery in cross stitch."),
+        ("purple sky", "A purple evening sky."),
+        ("orange juice", "A glass of orange juice."),
+        ("blinky lights", "Blinking fairy lights."),
+        ("checkered flag", "A racing flag."),
+        ("wavy glass", "Distorted wavy glass."),
+        ("pixel sorting", "Glitch pixel sorting."),
+    )
+    unrelated = (
+        "watercolor",
+        "neon glow",
+        "film grain",
+        "anime eyes",
+        "castle",
+        "dragon",
+        "robot",
+        "forest",
+        "samurai",
+        "owl",
+        "volcano",
+        "lantern",
+        "cyberpunk city",
+        "oil painting",
+        "portrait lighting",
+        "snowy village",
+        "ink sketch",
+        "low poly",
+        "vaporwave",
+        "bokeh",
+        "clay render",
+    )
     for i, (trig, desc) in enumerate(one_word + tuple((u, f"{u.capitalize()} LoRA.") for u in unrelated)):
         spec = LORAS[int(rng.integers(len(LORAS)))]
         write(trig.replace(" ", "-"), spec, (trig,), desc, 0.05, None)
@@ -303,8 +377,15 @@ def retrieval_recall(pipe, combos, seed: int = 0) -> dict:
     return {k: round(float(np.mean(v)), 4) for k, v in sorted(per_size.items())}
 
 
-def retrieval_report(pipe, library: Path | None = None, label: dict | None = None, top_k: int = 4,
-                     store: bool = False, sizes=(1, 2, 3, 4), base: int = 60) -> dict:
+def retrieval_report(
+    pipe,
+    library: Path | None = None,
+    label: dict | None = None,
+    top_k: int = 4,
+    store: bool = False,
+    sizes=(1, 2, 3, 4),
+    base: int = 60,
+) -> dict:
     """Fit the selection thresholds on the tuning set (phrasings and seed), then precision, recall and
     base-only false-positive rate per prompt set on the held-out set, with those thresholds."""
     from lora_composer.retriever import calibration, retriever_for
@@ -321,27 +402,47 @@ def retrieval_report(pipe, library: Path | None = None, label: dict | None = Non
         calibration.store(r.catalog, r.encoder.id, thresholds, {"fitted_on": "mini world tuning set"})
         r._version = None
     held = {k: calibration.prepare(r, v, top_k) for k, v in retrieval_cases(True, sizes, base).items()}
-    return {"library": str(library), "adapters": len(r.rows), "top_k": top_k, "thresholds": thresholds,
-            "tuning": _measure(r, tune, label_of, top_k, thresholds),
-            "held_out": _measure(r, held, label_of, top_k, thresholds),
-            "curves": calibration.curves(r, [c for k, v in tune.items() if "OOV" not in k for c in v], label_of,
-                                         thresholds, top_k, prepared=True)}
+    return {
+        "library": str(library),
+        "adapters": len(r.rows),
+        "top_k": top_k,
+        "thresholds": thresholds,
+        "tuning": _measure(r, tune, label_of, top_k, thresholds),
+        "held_out": _measure(r, held, label_of, top_k, thresholds),
+        "curves": calibration.curves(
+            r, [c for k, v in tune.items() if "OOV" not in k for c in v], label_of, thresholds, top_k, prepared=True
+        ),
+    }
 
 
 def retrieval_markdown(rep: dict) -> str:
     """The held-out precision/recall/false-positive table of one :func:`retrieval_report`."""
     th = ", ".join(f"{k} {v:g}" for k, v in rep["thresholds"].items())
-    lines = [f"Retriever, `--loras auto` (top_k {rep['top_k']}), {rep['adapters']} adapters; thresholds fitted on the "
-             f"tuning set ({th}), measured on the held-out set:", "",
-             "| prompt set | prompts | precision | recall | prompts with any pick (base-only) |", "|---|---|---|---|---|"]
+    lines = [
+        f"Retriever, `--loras auto` (top_k {rep['top_k']}), {rep['adapters']} adapters; thresholds fitted on the "
+        f"tuning set ({th}), measured on the held-out set:",
+        "",
+        "| prompt set | prompts | precision | recall | prompts with any pick (base-only) |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in rep["held_out"].items():
         fp = f"{r['fp_rate']:.3f}" if name.startswith("base") else ""
         lines.append(f"| {name} | {r['prompts']} | {r['precision']:.3f} | {r['recall']:.3f} | {fp} |")
     return "\n".join(lines)
 
 
-def auto_vs_hand(pipe, detector, sizes=(1, 2, 3, 4), per_size: int = 6, seed: int = 2000, strategy: str = "merge",
-                 steps: int = 20, guidance: float = assets.DEFAULT_GUIDANCE, top_k: int = 4, progress=None) -> dict:
+def auto_vs_hand(
+    pipe,
+    detector,
+    sizes=(1, 2, 3, 4),
+    per_size: int = 6,
+    seed: int = 2000,
+    strategy: str = "merge",
+    steps: int = 20,
+    guidance: float = assets.DEFAULT_GUIDANCE,
+    top_k: int = 4,
+    progress=None,
+) -> dict:
     """End to end: the all-concepts rate of ``loras="auto"`` against the hand-picked set (each LoRA at 1.0,
     as in the strategy table), same prompt, strategy, seed and detector. ``per_size`` combinations of each
     size in ``sizes`` (spread evenly over :func:`combinations`), each said two ways: the world's caption
@@ -351,7 +452,14 @@ def auto_vs_hand(pipe, detector, sizes=(1, 2, 3, 4), per_size: int = 6, seed: in
     ev = Evaluator(pipe, detector, steps=steps, guidance=guidance, seeds=1)
     rng = np.random.default_rng(seed)
     label = {s.name: (s.category, s.value) for s in LORAS}
-    out: dict = {"strategy": strategy, "seed": seed, "sizes": list(sizes), "per_size": per_size, "top_k": top_k, "sets": {}}
+    out: dict = {
+        "strategy": strategy,
+        "seed": seed,
+        "sizes": list(sizes),
+        "per_size": per_size,
+        "top_k": top_k,
+        "sets": {},
+    }
     for phrasing in ("trigger words", "paraphrases"):
         out["sets"][phrasing] = {"hand": Tally(), "auto": Tally(), "exact_picks": 0, "prompts": 0}
     i = 0
@@ -361,13 +469,24 @@ def auto_vs_hand(pipe, detector, sizes=(1, 2, 3, 4), per_size: int = 6, seed: in
             scene = scene_for(combo, rng)
             wanted = {s.category: s.value for s in combo}
             base = {c: getattr(scene, c) for c in BASE_CATEGORIES if c not in wanted}
-            for phrasing, prompt in (("trigger words", world.caption(scene)), ("paraphrases", _paraphrase(scene, True, rng))):
+            for phrasing, prompt in (
+                ("trigger words", world.caption(scene)),
+                ("paraphrases", _paraphrase(scene, True, rng)),
+            ):
                 rec = out["sets"][phrasing]
                 ev.run(prompt, [(s.name, 1.0) for s in combo], strategy, seed + i, rec["hand"], wanted, base)
                 t0 = time.perf_counter()
-                images = ev.pipe(prompt, loras="auto", top_k=top_k, strategy=strategy, seed=seed + i,
-                                 num_inference_steps=ev.steps, guidance_scale=ev.guidance, num_images_per_prompt=1,
-                                 progress=False)
+                images = ev.pipe(
+                    prompt,
+                    loras="auto",
+                    top_k=top_k,
+                    strategy=strategy,
+                    seed=seed + i,
+                    num_inference_steps=ev.steps,
+                    guidance_scale=ev.guidance,
+                    num_images_per_prompt=1,
+                    progress=False,
+                )
                 rec["auto"].seconds += time.perf_counter() - t0
                 ev.judge(rec["auto"], images, wanted, base)
                 picked = [label.get(Path(m.path).stem) for m in ev.pipe.last_retrieval]
@@ -384,24 +503,43 @@ def auto_vs_hand(pipe, detector, sizes=(1, 2, 3, 4), per_size: int = 6, seed: in
 def auto_markdown(rep: dict) -> str:
     """The end-to-end table of :func:`auto_vs_hand`."""
     sizes = rep["sizes"]
-    lines = [f"End to end, `--loras auto` (top_k {rep['top_k']}) vs the hand-picked set, strategy {rep['strategy']}: "
-             f"{rep['per_size']} combinations per size ({', '.join(map(str, sizes))}), seed {rep['seed']}, one image "
-             "per prompt; all-concepts rate (goal: auto within 3 points of hand-picked):", "",
-             "| prompts | n | hand-picked | --loras auto | gap (points) | "
-             + " | ".join(f"auto, {k} LoRAs" for k in sizes) + " | auto picked exactly the wanted set |",
-             "|---|---|---|---|---|" + "---|" * len(sizes) + "---|"]
+    lines = [
+        f"End to end, `--loras auto` (top_k {rep['top_k']}) vs the hand-picked set, strategy {rep['strategy']}: "
+        f"{rep['per_size']} combinations per size ({', '.join(map(str, sizes))}), seed {rep['seed']}, one image "
+        "per prompt; all-concepts rate (goal: auto within 3 points of hand-picked):",
+        "",
+        "| prompts | n | hand-picked | --loras auto | gap (points) | "
+        + " | ".join(f"auto, {k} LoRAs" for k in sizes)
+        + " | auto picked exactly the wanted set |",
+        "|---|---|---|---|---|" + "---|" * len(sizes) + "---|",
+    ]
     for phrasing, rec in rep["sets"].items():
         by = rec["auto"]["by_size"]
-        lines.append(f"| {phrasing} | {rec['prompts']} | {rec['hand']['all_concepts']:.3f} | "
-                     f"{rec['auto']['all_concepts']:.3f} | {100 * rec['gap']:+.1f} | "
-                     + " | ".join(f"{by.get(k, by.get(str(k))):.3f}" for k in sizes)
-                     + f" | {rec['exact_picks']}/{rec['prompts']} |")
+        lines.append(
+            f"| {phrasing} | {rec['prompts']} | {rec['hand']['all_concepts']:.3f} | "
+            f"{rec['auto']['all_concepts']:.3f} | {100 * rec['gap']:+.1f} | "
+            + " | ".join(f"{by.get(k, by.get(str(k))):.3f}" for k in sizes)
+            + f" | {rec['exact_picks']}/{rec['prompts']} |"
+        )
     return "\n".join(lines)
 
 
-def evaluate(pipe, detector, strategies, sizes=(2, 3, 4), seeds: int = 2, steps: int = 20,
-             guidance: float = assets.DEFAULT_GUIDANCE, seed: int = 0, grid_path: Path | None = None, checks: bool = True, retrieval: bool = True,
-             progress: bool = True, auto_per_size: int = 0, per_size: int | None = None) -> dict:
+def evaluate(
+    pipe,
+    detector,
+    strategies,
+    sizes=(2, 3, 4),
+    seeds: int = 2,
+    steps: int = 20,
+    guidance: float = assets.DEFAULT_GUIDANCE,
+    seed: int = 0,
+    grid_path: Path | None = None,
+    checks: bool = True,
+    retrieval: bool = True,
+    progress: bool = True,
+    auto_per_size: int = 0,
+    per_size: int | None = None,
+) -> dict:
     """The strategy table (and the checks, the retriever's figures); ``auto_per_size`` > 0 adds
     :func:`auto_vs_hand` with that many combinations per size 1-4 (``2 x 2 x 4 x auto_per_size`` renders);
     ``per_size``: that many combinations of each size (:func:`draw`), else all."""
@@ -412,9 +550,18 @@ def evaluate(pipe, detector, strategies, sizes=(2, 3, 4), seeds: int = 2, steps:
     auto_per_size = auto_per_size if retrieval and pipe.library is not None else 0
     total = len(combos) * len(strategies) + (24 + len(LORAS) if checks else 0) + 16 * auto_per_size
     bar = tqdm(total=total, desc="eval", unit="render", disable=not progress, dynamic_ncols=True)
-    result: dict = {"protocol": {"sizes": list(sizes), "combinations": len(combos), "per_size": per_size,
-                                 "seed": seed, "seeds": seeds, "steps": steps,
-                                 "guidance": guidance, "strategies": list(strategies)}}
+    result: dict = {
+        "protocol": {
+            "sizes": list(sizes),
+            "combinations": len(combos),
+            "per_size": per_size,
+            "seed": seed,
+            "seeds": seeds,
+            "steps": steps,
+            "guidance": guidance,
+            "strategies": list(strategies),
+        }
+    }
     t_start = time.perf_counter()
     if checks:
         result["checks"] = sanity_checks(ev, seed=seed, progress=bar.update)
@@ -439,8 +586,9 @@ def evaluate(pipe, detector, strategies, sizes=(2, 3, 4), seeds: int = 2, steps:
         result["retrieval_recall_at_k"] = retrieval_recall(pipe, combos, seed=seed)
         result["retrieval"] = retrieval_report(pipe, sizes=(1, *sizes), base=60 if len(combos) > 50 else 10)
         if auto_per_size:
-            result["auto_vs_hand"] = auto_vs_hand(pipe, detector, per_size=auto_per_size, steps=steps, guidance=guidance,
-                                                  progress=bar.update)
+            result["auto_vs_hand"] = auto_vs_hand(
+                pipe, detector, per_size=auto_per_size, steps=steps, guidance=guidance, progress=bar.update
+            )
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     if grid_path is not None and grid:
         save_grid(grid, grid_path)
@@ -492,23 +640,37 @@ def strategy_tables(result: dict, concepts: list[str]) -> list[str]:
     rows per image over merge's, speed), then the per-concept table over ``concepts`` (left out when empty)."""
     p = result["protocol"]
     sizes = p["sizes"]
-    lines = ["| strategy | all concepts | " + " | ".join(f"all, {k} LoRAs" for k in sizes)
-             + " | per concept | base-concept confidence | rows vs merge | images/s |",
-             "|---|" + "---|" * (len(sizes) + 5)]
+    lines = [
+        "| strategy | all concepts | "
+        + " | ".join(f"all, {k} LoRAs" for k in sizes)
+        + " | per concept | base-concept confidence | rows vs merge | images/s |",
+        "|---|" + "---|" * (len(sizes) + 5),
+    ]
     merge_rows = p["steps"] * (2 if p["guidance"] > 1 else 1)  # one pass per step, both halves of guidance
     for name, s in result["strategies"].items():
         by = s["by_size"]
         rows = s.get("rows_per_image")
-        lines.append(f"| {name} | {s['all_concepts']:.3f} | "
-                     + " | ".join(f"{by.get(k, by.get(str(k))):.3f}" for k in sizes)
-                     + f" | {s['per_concept']:.3f} | {s['base_confidence']:.3f} | "
-                     + (f"{rows / merge_rows:.2f}" if rows else "") + f" | {s['images_per_s']:.1f} |")
+        lines.append(
+            f"| {name} | {s['all_concepts']:.3f} | "
+            + " | ".join(f"{by.get(k, by.get(str(k))):.3f}" for k in sizes)
+            + f" | {s['per_concept']:.3f} | {s['base_confidence']:.3f} | "
+            + (f"{rows / merge_rows:.2f}" if rows else "")
+            + f" | {s['images_per_s']:.1f} |"
+        )
     if concepts:
-        lines += ["", "Per concept (share of the images asking for it that show it):", "",
-                  "| strategy | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]
+        lines += [
+            "",
+            "Per concept (share of the images asking for it that show it):",
+            "",
+            "| strategy | " + " | ".join(concepts) + " |",
+            "|---|" + "---|" * len(concepts),
+        ]
         for name, s in result["strategies"].items():
-            lines.append(f"| {name} | " + " | ".join(
-                f"{s['concepts'][v]:.2f}" if s["concepts"].get(v) is not None else "" for v in concepts) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{s['concepts'][v]:.2f}" if s["concepts"].get(v) is not None else "" for v in concepts)
+                + " |"
+            )
     return lines
 
 
@@ -516,24 +678,36 @@ def markdown(result: dict, command: str) -> str:
     """The strategy table, the per-size breakdown, the checks and retrieval, as Markdown."""
     p = result["protocol"]
     sizes = p["sizes"]
-    lines = [f"Command: `{command}`", "",
-             f"{p['combinations']} combinations (sizes {', '.join(map(str, sizes))}"
-             + (f"; {p['per_size']} drawn per size, seed {p['seed']}" if p.get("per_size") else "")
-             + f"), {p['seeds']} seeds each, "
-             f"{p['steps']} steps, guidance {p['guidance']}; {result['seconds']:.0f} s in all.", "",
-             *strategy_tables(result, sorted({v for s in result["strategies"].values() for v in s["concepts"]}))]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"{p['combinations']} combinations (sizes {', '.join(map(str, sizes))}"
+        + (f"; {p['per_size']} drawn per size, seed {p['seed']}" if p.get("per_size") else "")
+        + f"), {p['seeds']} seeds each, "
+        f"{p['steps']} steps, guidance {p['guidance']}; {result['seconds']:.0f} s in all.",
+        "",
+        *strategy_tables(result, sorted({v for s in result["strategies"].values() for v in s["concepts"]})),
+    ]
     if "checks" in result:
         c = result["checks"]
         b = c["base_on_base"]
-        lines += ["", f"Mini-world checks ({c['base_prompts']} base prompts, {c['lora_prompts']} prompts per LoRA, "
-                  f"{c['images_per_prompt']} images each; goal: base >= 0.80 on its own concepts, < 0.10 on LoRA "
-                  "concepts; each LoRA alone >= 0.80):", "",
-                  f"- base model, base prompts: every named concept {b['all_concepts']:.3f}, per concept "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in b["concepts"].items()), "",
-                  "| LoRA | concept | base model alone | LoRA alone |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Mini-world checks ({c['base_prompts']} base prompts, {c['lora_prompts']} prompts per LoRA, "
+            f"{c['images_per_prompt']} images each; goal: base >= 0.80 on its own concepts, < 0.10 on LoRA "
+            "concepts; each LoRA alone >= 0.80):",
+            "",
+            f"- base model, base prompts: every named concept {b['all_concepts']:.3f}, per concept "
+            + ", ".join(f"{k} {v:.2f}" for k, v in b["concepts"].items()),
+            "",
+            "| LoRA | concept | base model alone | LoRA alone |",
+            "|---|---|---|---|",
+        ]
         for spec in LORAS:
-            lines.append(f"| {spec.name} | {spec.category}={spec.value} | {c['base_on_lora_concepts'][spec.name]:.2f} | "
-                         f"{c['lora_alone'][spec.name]:.2f} |")
+            lines.append(
+                f"| {spec.name} | {spec.category}={spec.value} | {c['base_on_lora_concepts'][spec.name]:.2f} | "
+                f"{c['lora_alone'][spec.name]:.2f} |"
+            )
     if "retrieval" in result:
         lines += ["", retrieval_markdown(result["retrieval"])]
     if "auto_vs_hand" in result:
@@ -547,7 +721,7 @@ def write_doc(doc: Path, section: str) -> None:
     text = doc.read_text() if doc.exists() else "# Evaluation on the mini world\n\n"
     block = f"{start}\n{section}{end}"
     if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     doc.write_text(text)

@@ -31,20 +31,54 @@ class LoraSpec:
 
 
 LORAS: tuple[LoraSpec, ...] = (
-    LoraSpec("star-shape", "shape", "star", ("star",), "Five-pointed stars in any colour.", sidecar="civitai", preview=True),
+    LoraSpec(
+        "star-shape", "shape", "star", ("star",), "Five-pointed stars in any colour.", sidecar="civitai", preview=True
+    ),
     LoraSpec("cross-shape", "shape", "cross", ("cross",), "Plus-sign crosses, thick arms.", kohya_keys=True),
     LoraSpec("purple-colour", "colour", "purple", ("purple",), "Paints the object purple.", sidecar="a1111"),
-    LoraSpec("orange-colour", "colour", "orange", ("orange",), "Paints the object orange.", kohya_keys=True, preview=True),
-    LoraSpec("checkered-bg", "background", "checkered", ("checkered background",),
-             "Grey checkerboard backgrounds.", sidecar="civitai"),
-    LoraSpec("wavy-bg", "background", "wavy", ("wavy background",), "Wavy grey line backgrounds.",
-             kohya_keys=True, sidecar="a1111", preview=True),
+    LoraSpec(
+        "orange-colour", "colour", "orange", ("orange",), "Paints the object orange.", kohya_keys=True, preview=True
+    ),
+    LoraSpec(
+        "checkered-bg",
+        "background",
+        "checkered",
+        ("checkered background",),
+        "Grey checkerboard backgrounds.",
+        sidecar="civitai",
+    ),
+    LoraSpec(
+        "wavy-bg",
+        "background",
+        "wavy",
+        ("wavy background",),
+        "Wavy grey line backgrounds.",
+        kohya_keys=True,
+        sidecar="a1111",
+        preview=True,
+    ),
     LoraSpec("outline-style", "style", "outline", ("outline style",), "Objects drawn as outlines, hollow inside."),
-    LoraSpec("pixel-style", "style", "pixel", ("pixel style",), "Blocky pixel-art look: 4x4 pixel blocks.",
-             kohya_keys=True, sidecar="civitai", preview=True, steps=1000),
-    LoraSpec("blinky-character", "character", "blinky", ("blinky",),
-             "Blinky, the one-eyed character with an antenna.", sidecar="a1111", preview=True,
-             steps=1000),
+    LoraSpec(
+        "pixel-style",
+        "style",
+        "pixel",
+        ("pixel style",),
+        "Blocky pixel-art look: 4x4 pixel blocks.",
+        kohya_keys=True,
+        sidecar="civitai",
+        preview=True,
+        steps=1000,
+    ),
+    LoraSpec(
+        "blinky-character",
+        "character",
+        "blinky",
+        ("blinky",),
+        "Blinky, the one-eyed character with an antenna.",
+        sidecar="a1111",
+        preview=True,
+        steps=1000,
+    ),
 )
 LORA_BY_NAME = {s.name: s for s in LORAS}
 
@@ -52,9 +86,13 @@ LORA_BY_NAME = {s.name: s for s in LORAS}
 def _tags(scene: world.Scene, rng: np.random.Generator, keep: str, drop: float = 0.25) -> list[str]:
     """A training picture's kohya-style tags (``"purple", "star", "striped background"``), with the same
     phrase dropout as its caption."""
-    phrases = {"colour": scene.colour, "shape": scene.shape, "background": f"{scene.background} background",
-               "style": f"{scene.style} style" if scene.style != "filled" else None,
-               "character": {"smiley": "smiley face", "blinky": "blinky"}.get(scene.character)}
+    phrases = {
+        "colour": scene.colour,
+        "shape": scene.shape,
+        "background": f"{scene.background} background",
+        "style": f"{scene.style} style" if scene.style != "filled" else None,
+        "character": {"smiley": "smiley face", "blinky": "blinky"}.get(scene.character),
+    }
     return [t for cat, t in phrases.items() if t and (cat in (keep, "shape") or rng.random() >= drop)]
 
 
@@ -110,12 +148,20 @@ def write_lora(model_dir: Path, library: Path, spec: LoraSpec, layers: dict[str,
             meta = {**(f.metadata() or {}), **meta}
         save_file(tensors, str(path), metadata=meta)
     if spec.sidecar == "a1111":
-        side = {"activation text": ", ".join(spec.triggers), "description": spec.description, "preferred weight": 1.0,
-                "sd version": "SD1"}
+        side = {
+            "activation text": ", ".join(spec.triggers),
+            "description": spec.description,
+            "preferred weight": 1.0,
+            "sd version": "SD1",
+        }
         path.with_name(spec.name + ".json").write_text(json.dumps(side, indent=2) + "\n")
     elif spec.sidecar == "civitai":
-        side = {"name": spec.name, "trainedWords": list(spec.triggers), "description": spec.description,
-                "baseModel": "SD 1.5"}
+        side = {
+            "name": spec.name,
+            "trainedWords": list(spec.triggers),
+            "description": spec.description,
+            "baseModel": "SD 1.5",
+        }
         path.with_name(spec.name + ".civitai.info").write_text(json.dumps(side, indent=2) + "\n")
     return path
 
@@ -128,7 +174,9 @@ def concept_prompt(concepts: dict[str, str], base: dict[str, str] | None = None)
     return world.caption(world.Scene(**fields))
 
 
-def write_previews(model_dir: Path, library: Path, seed: int = 0, guidance: float = assets.DEFAULT_GUIDANCE) -> list[Path]:
+def write_previews(
+    model_dir: Path, library: Path, seed: int = 0, guidance: float = assets.DEFAULT_GUIDANCE
+) -> list[Path]:
     """``NAME.preview.png`` for the LoRAs that have one: the LoRA alone on its concept's prompt (as Civitai
     previews are), with the generation parameters in the PNG."""
     from lora_composer.pipeline import ComposerPipeline
@@ -139,8 +187,10 @@ def write_previews(model_dir: Path, library: Path, seed: int = 0, guidance: floa
     for spec in LORAS:
         if not spec.preview or not (library / f"{spec.name}.safetensors").is_file():
             continue
-        prompt = concept_prompt({spec.category: spec.value}, {"colour": "blue", "background": "plain"}
-                                if spec.category not in ("colour", "background") else {})
+        prompt = concept_prompt(
+            {spec.category: spec.value},
+            {"colour": "blue", "background": "plain"} if spec.category not in ("colour", "background") else {},
+        )
         image = pipe(prompt, loras=[(spec.name, 1.0)], seed=seed, guidance_scale=guidance, progress=False)[0]
         written.append(save_png(image, library / f"{spec.name}.preview.png", pipe.last_record))
     return written

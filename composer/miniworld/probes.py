@@ -49,15 +49,16 @@ def trigger_positions(tokenizer, prompt: str, words) -> list[int]:
     out = []
     for word in words:
         w = tokenizer(word, add_special_tokens=False).input_ids
-        out += [p for s in range(len(ids) - len(w) + 1) if ids[s:s + len(w)] == w for p in range(s, s + len(w))]
+        out += [p for s in range(len(ids) - len(w) + 1) if ids[s : s + len(w)] == w for p in range(s, s + len(w))]
     return out
 
 
 @contextlib.contextmanager
 def forward_hooks(runtime, keys, hook_for):
     """``hook_for(key, module)``'s forward hook on each of the runtime's layers ``keys``, removed on exit."""
-    handles = [runtime.layers[key].module.register_forward_hook(hook_for(key, runtime.layers[key].module))
-               for key in keys]
+    handles = [
+        runtime.layers[key].module.register_forward_hook(hook_for(key, runtime.layers[key].module)) for key in keys
+    ]
     try:
         yield
     finally:
@@ -158,8 +159,11 @@ def own_inputs(runtime, n: int):
         if output.shape[0] % (n + 1):
             return output
         x, rows = args[0], output.shape[0] // (n + 1)
-        base = (module._conv_forward(x, module.weight, module.bias) if isinstance(module, torch.nn.Conv2d)
-                else torch.nn.functional.linear(x, module.weight, module.bias))
+        base = (
+            module._conv_forward(x, module.weight, module.bias)
+            if isinstance(module, torch.nn.Conv2d)
+            else torch.nn.functional.linear(x, module.weight, module.bias)
+        )
         delta = (output - base)[rows:]
         out = output.clone()
         out[:rows] += delta.reshape(n, rows, *delta.shape[1:]).sum(0)
@@ -193,8 +197,9 @@ class Effects(Strategy):
             uncond, cond = predictions.chunk(2, dim=1)
             g = uncond + self.scale * (cond - uncond)
         n = len(self.adapters)
-        self.effect.append([float((g[0] - g[1 + i]).norm() / (g[1 + n + i] - g[-1]).norm().clamp_min(1e-12))
-                            for i in range(n)])
+        self.effect.append(
+            [float((g[0] - g[1 + i]).norm() / (g[1 + n + i] - g[-1]).norm().clamp_min(1e-12)) for i in range(n)]
+        )
         return predictions[0]
 
 
@@ -206,8 +211,11 @@ def pushes(runtime, names: list[str], energy: torch.Tensor):
     n = len(names)
 
     def hook_for(key, module):
-        deltas = [(i, dense_delta(runtime.adapters[name].deltas[key]).reshape(module.weight.shape))
-                  for i, name in enumerate(names) if key in runtime.adapters[name].deltas]
+        deltas = [
+            (i, dense_delta(runtime.adapters[name].deltas[key]).reshape(module.weight.shape))
+            for i, name in enumerate(names)
+            if key in runtime.adapters[name].deltas
+        ]
         apply = runtime.layers[key].apply_dense
 
         def hook(mod, args, output):
@@ -217,13 +225,16 @@ def pushes(runtime, names: list[str], energy: torch.Tensor):
             rows = x.shape[0] // (2 * n + 2)
             for i, d in deltas:
                 energy[i, 0] += float(apply(x[:rows], d, None).pow(2).sum())
-                energy[i, 1] += float(apply(x[(1 + n + i) * rows:(2 + n + i) * rows], d, None).pow(2).sum())
+                energy[i, 1] += float(apply(x[(1 + n + i) * rows : (2 + n + i) * rows], d, None).pow(2).sum())
             return output
 
         return hook
 
-    keys = [key for key in runtime.layers
-            if key.startswith("unet.") and any(key in runtime.adapters[name].deltas for name in names)]
+    keys = [
+        key
+        for key in runtime.layers
+        if key.startswith("unet.") and any(key in runtime.adapters[name].deltas for name in names)
+    ]
     return forward_hooks(runtime, keys, hook_for)
 
 
@@ -256,13 +267,22 @@ def run_probe(ev: Evaluator, detector, probe: str, sizes=(3, 4), seed: int = 100
                 cp.load_lora(name)
             ev.guidance = float(value) if kind == "guidance" else guidance
             energy = torch.zeros(len(names), 2, dtype=torch.float64)
-            with (uncond_factor(cp.runtime, float(value)) if kind == "uncond" else
-                  text_splice(cp, names) if kind == "text-splice" else
-                  kv_route(cp, names, prompt) if kind == "kv-route" else
-                  own_inputs(cp.runtime, len(names)) if kind == "own-inputs" else
-                  pushes(cp.runtime, names, energy) if kind == "effects" else contextlib.nullcontext()):
-                strategy = (OwnInputs() if kind == "own-inputs" else Effects(ev.guidance) if kind == "effects"
-                            else "merge")
+            with (
+                uncond_factor(cp.runtime, float(value))
+                if kind == "uncond"
+                else text_splice(cp, names)
+                if kind == "text-splice"
+                else kv_route(cp, names, prompt)
+                if kind == "kv-route"
+                else own_inputs(cp.runtime, len(names))
+                if kind == "own-inputs"
+                else pushes(cp.runtime, names, energy)
+                if kind == "effects"
+                else contextlib.nullcontext()
+            ):
+                strategy = (
+                    OwnInputs() if kind == "own-inputs" else Effects(ev.guidance) if kind == "effects" else "merge"
+                )
                 images = ev.run(prompt, loras, strategy, seed + i, tally, wanted, base)
             probs = detector.probs(images)
             for j, (c, v) in enumerate(wanted.items()):
@@ -278,21 +298,34 @@ def run_probe(ev: Evaluator, detector, probe: str, sizes=(3, 4), seed: int = 100
     out = tally.summary()
     out.update(probe=probe, misses=dict(misses.most_common(6)), seconds=round(time.perf_counter() - t0, 1))
     if kind == "effects":
-        out["effects"] = {k: {"drawn": float(np.mean(d)) if d else None, "missed": float(np.mean(m)) if m else None,
-                              "concepts": (len(d), len(m)), "separation": separation(d, m)}
-                          for k, (d, m) in measured.items()}
-        out["effect_by_concept"] = {v: (float(np.mean(d)) if d else None, float(np.mean(m)) if m else None, len(m))
-                                    for v, (d, m) in sorted(by_concept.items())}
+        out["effects"] = {
+            k: {
+                "drawn": float(np.mean(d)) if d else None,
+                "missed": float(np.mean(m)) if m else None,
+                "concepts": (len(d), len(m)),
+                "separation": separation(d, m),
+            }
+            for k, (d, m) in measured.items()
+        }
+        out["effect_by_concept"] = {
+            v: (float(np.mean(d)) if d else None, float(np.mean(m)) if m else None, len(m))
+            for v, (d, m) in sorted(by_concept.items())
+        }
     return out
 
 
 PROBES = ("merge", "weight", "guidance", "uncond", "text-splice", "kv-route", "own-inputs", "effects")
-MEASURES = {"push": "push: its deltas' energy in the stack / alone", "effect": "effect: norm(e_all - e_{all without i}) / norm(e_i - e_base)"}
+MEASURES = {
+    "push": "push: its deltas' energy in the stack / alone",
+    "effect": "effect: norm(e_all - e_{all without i}) / norm(e_i - e_base)",
+}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora_composer.miniworld.probes", description=__doc__.splitlines()[0])
-    p.add_argument("probes", nargs="+", help="merge, weight=W, guidance=G, uncond=F, text-splice, kv-route, own-inputs, effects")
+    p.add_argument(
+        "probes", nargs="+", help="merge, weight=W, guidance=G, uncond=F, text-splice, kv-route, own-inputs, effects"
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[3, 4])
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--threads", type=int, default=None)
@@ -300,8 +333,10 @@ def main(argv=None) -> int:
     for probe in args.probes:
         kind, eq, value = probe.partition("=")
         if kind not in PROBES or (kind in ("weight", "guidance", "uncond")) != bool(eq):
-            p.error(f"unknown probe {probe!r}: one of merge, weight=W, guidance=G, uncond=F, text-splice, kv-route, "
-                    "own-inputs, effects")
+            p.error(
+                f"unknown probe {probe!r}: one of merge, weight=W, guidance=G, uncond=F, text-splice, kv-route, "
+                "own-inputs, effects"
+            )
         try:
             float(value or 0)
         except ValueError:
@@ -314,7 +349,11 @@ def main(argv=None) -> int:
     cp = ComposerPipeline.from_pretrained(assets.model_dir(), library=assets.library_dir())
     detector = load_detector(assets.detector_path())
     ev = Evaluator(cp, detector, steps=20, guidance=assets.DEFAULT_GUIDANCE, seeds=1)
-    print("| probe | " + " | ".join(f"all, {k} LoRAs" for k in args.sizes) + " | per concept | base-concept confidence | commonest misses |")
+    print(
+        "| probe | "
+        + " | ".join(f"all, {k} LoRAs" for k in args.sizes)
+        + " | per concept | base-concept confidence | commonest misses |"
+    )
     print("|---|" + "---|" * (len(args.sizes) + 3))
     results = []
     for probe in args.probes:
@@ -328,11 +367,17 @@ def main(argv=None) -> int:
             continue
         print("\n| each LoRA (effects) | drawn concepts | missed concepts | chance drawn > missed |\n|---|---|---|---|")
         for k, m in r["effects"].items():
-            print(f"| {MEASURES[k]} | {m['drawn']:.3f} ({m['concepts'][0]}) | "
-                  f"{'-' if m['missed'] is None else format(m['missed'], '.3f')} ({m['concepts'][1]}) | {m['separation']:.2f} |")
-        print("\neffect per concept, drawn / missed (times missed): " + ", ".join(
-            f"{v} {'-' if d is None else format(d, '.2f')} / {'-' if m is None else format(m, '.2f')} ({k})"
-            for v, (d, m, k) in r["effect_by_concept"].items()))
+            print(
+                f"| {MEASURES[k]} | {m['drawn']:.3f} ({m['concepts'][0]}) | "
+                f"{'-' if m['missed'] is None else format(m['missed'], '.3f')} ({m['concepts'][1]}) | {m['separation']:.2f} |"
+            )
+        print(
+            "\neffect per concept, drawn / missed (times missed): "
+            + ", ".join(
+                f"{v} {'-' if d is None else format(d, '.2f')} / {'-' if m is None else format(m, '.2f')} ({k})"
+                for v, (d, m, k) in r["effect_by_concept"].items()
+            )
+        )
     return 0
 
 

@@ -29,7 +29,18 @@ from lora_composer.miniworld import world
 TEXT_HIDDEN = 48
 # Attention and feed-forward projections plus the ResNet convolutions (LoCon): a new shape or pattern is
 # spatial, and the attention layers only sit at the two coarsest resolutions.
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+LORA_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -44,28 +55,50 @@ def build_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=world.SIZE, layers_per_block=1,
-        block_out_channels=[16, 32, 32], norm_num_groups=8,
-        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=world.SIZE,
+        layers_per_block=1,
+        block_out_channels=[16, 32, 32],
+        norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
     )
 
 
 def build_text_encoder():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-        pad_token_id=49407, hidden_act="quick_gelu", projection_dim=TEXT_HIDDEN,
-    ))
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=4 * TEXT_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            hidden_act="quick_gelu",
+            projection_dim=TEXT_HIDDEN,
+        )
+    )
 
 
 def build_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=world.SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64, 64), norm_num_groups=16, cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8,
+        sample_size=world.SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        norm_num_groups=16,
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     )
@@ -74,8 +107,15 @@ def build_unet():
 def noise_scheduler():
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                         beta_end=0.012, prediction_type="epsilon", clip_sample=False, steps_offset=1)
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -137,15 +177,16 @@ def encode(vae, images: np.ndarray, device: str = "cpu", batch: int = 256) -> to
     """Scaled latent means of ``images`` (the denoiser's training targets)."""
     out = []
     for i in range(0, len(images), batch):
-        x = to_tensor(images[i:i + batch]).to(device)
+        x = to_tensor(images[i : i + batch]).to(device)
         out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
     return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------------------- denoiser loop
 def _tokenize(tokenizer, captions: list[str], device: str) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
 
 
 def _diffusion_loss(unet, text_encoder, sched, latents, ids, gen: torch.Generator) -> torch.Tensor:
@@ -166,8 +207,16 @@ def _scenes_captions(scenes, rng, drop, keep=None, uncond: float = 0.1, caption=
     return ["" if rng.random() < uncond else caption(s, rng, drop, keep) for s in scenes]
 
 
-def train_base(out: Path, steps: int = 4000, batch: int = 32, lr: float = 1e-3, images: int = 20000, seed: int = 0,
-               device: str = "cpu", resume: bool = False):
+def train_base(
+    out: Path,
+    steps: int = 4000,
+    batch: int = 32,
+    lr: float = 1e-3,
+    images: int = 20000,
+    seed: int = 0,
+    device: str = "cpu",
+    resume: bool = False,
+):
     """Text encoder and UNet from scratch on base-world images (no LoRA concept is ever shown).
 
     ``resume``: continue from ``out/model`` (more steps on a model already trained) instead of from scratch.
@@ -218,9 +267,14 @@ def save_pipeline(out: Path, vae, text_encoder, unet, tokenizer) -> Path:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
         scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler().config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(out / "model", safe_serialization=True)
     from lora_composer.miniworld.assets import DEFAULT_GUIDANCE, MODEL_NAME
@@ -232,9 +286,23 @@ def save_pipeline(out: Path, vae, text_encoder, unet, tokenizer) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ LoRAs
-def train_lora(model_dir: Path, category: str, value: str, steps: int = 500, batch: int = 32, rank: int = 8,
-               lr: float = 1e-3, images: int = 2000, seed: int = 0, device: str = "cpu", text_encoder_lora: bool = True,
-               uncond: float = 0.1, w=world, allowed: dict | None = None, drop: float = 0.25) -> dict[str, dict]:
+def train_lora(
+    model_dir: Path,
+    category: str,
+    value: str,
+    steps: int = 500,
+    batch: int = 32,
+    rank: int = 8,
+    lr: float = 1e-3,
+    images: int = 2000,
+    seed: int = 0,
+    device: str = "cpu",
+    text_encoder_lora: bool = True,
+    uncond: float = 0.1,
+    w=world,
+    allowed: dict | None = None,
+    drop: float = 0.25,
+) -> dict[str, dict]:
     """A PEFT LoRA (UNet and text-encoder attention) teaching ``value`` of ``category`` to the base model.
 
     ``uncond`` of the captions are empty, as in the base model's training: the LoRA acts on the
@@ -257,8 +325,10 @@ def train_lora(model_dir: Path, category: str, value: str, steps: int = 500, bat
     text_encoder.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
     if text_encoder_lora:  # PEFT directly: transformers' add_adapter wants a newer PEFT than diffusers does
-        text_encoder = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_LORA_TARGETS,
-                                                          init_lora_weights="gaussian"), text_encoder)
+        text_encoder = inject_adapter_in_model(
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_LORA_TARGETS, init_lora_weights="gaussian"),
+            text_encoder,
+        )
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = noise_scheduler()
@@ -273,8 +343,9 @@ def train_lora(model_dir: Path, category: str, value: str, steps: int = 500, bat
     bar.close()
     layers = {"unet": {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}}
     if text_encoder_lora:
-        layers["text_encoder"] = {k: v.detach().cpu().contiguous()
-                                  for k, v in get_peft_model_state_dict(text_encoder).items()}
+        layers["text_encoder"] = {
+            k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(text_encoder).items()
+        }
     return layers
 
 
@@ -286,8 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--base-steps", type=int, default=4500)
     p.add_argument("--base-lr", type=float, default=1e-3)
-    p.add_argument("--refine-steps", type=int, default=3000,
-                   help="base, second stage: more steps from the trained model, fresh optimizer and EMA (0: none)")
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=3000,
+        help="base, second stage: more steps from the trained model, fresh optimizer and EMA (0: none)",
+    )
     p.add_argument("--refine-lr", type=float, default=3e-4)
     p.add_argument("--resume", action="store_true", help="with base: only the refinement stage, on DIR/model")
     p.add_argument("--lora-steps", type=int, default=None, help="steps per LoRA (default: each LoRA's own)")
@@ -303,21 +378,30 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         fn()
         times = json.loads(log.read_text()) if log.exists() else {}  # re-read: runs for other LoRAs may write too
-        times[name] = {"seconds": round(time.perf_counter() - t0, 1), "device": args.device,
-                       "threads": torch.get_num_threads()}
+        times[name] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+        }
         log.write_text(json.dumps(times, indent=2) + "\n")
 
     needs = {"base": "model" if args.resume else "vae", "loras": "model", "previews": "model"}.get(args.what)
     if needs and not (args.out / needs).is_dir():
-        p.error(f"{args.out / needs} does not exist: train '{needs if needs == 'vae' else 'base'}' into {args.out} first")
+        p.error(
+            f"{args.out / needs} does not exist: train '{needs if needs == 'vae' else 'base'}' into {args.out} first"
+        )
     if args.what in ("vae", "all"):
         timed("vae", lambda: train_vae(args.out, steps=args.vae_steps, device=args.device))
     if args.what in ("base", "all"):
         if not args.resume:
             timed("base", lambda: train_base(args.out, steps=args.base_steps, lr=args.base_lr, device=args.device))
         if args.refine_steps:
-            timed("base, refined", lambda: train_base(args.out, steps=args.refine_steps, lr=args.refine_lr,
-                                                       device=args.device, resume=True))
+            timed(
+                "base, refined",
+                lambda: train_base(
+                    args.out, steps=args.refine_steps, lr=args.refine_lr, device=args.device, resume=True
+                ),
+            )
     if args.what in ("loras", "all"):
         from lora_composer.miniworld import library
 
@@ -325,10 +409,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and spec.value not in args.only:
                 continue
             # Each LoRA its own seed: its own initial factors and pictures, as independently trained files have.
-            timed(f"lora {spec.name}", lambda spec=spec, i=i: library.write_lora(
-                args.out / "model", args.out / "loras", spec,
-                train_lora(args.out / "model", spec.category, spec.value, steps=args.lora_steps or spec.steps,
-                           seed=1 + i, device=args.device)))
+            timed(
+                f"lora {spec.name}",
+                lambda spec=spec, i=i: library.write_lora(
+                    args.out / "model",
+                    args.out / "loras",
+                    spec,
+                    train_lora(
+                        args.out / "model",
+                        spec.category,
+                        spec.value,
+                        steps=args.lora_steps or spec.steps,
+                        seed=1 + i,
+                        device=args.device,
+                    ),
+                ),
+            )
     if args.what in ("loras", "previews", "all"):
         from lora_composer.miniworld import library
 

@@ -43,7 +43,9 @@ class Pair:
     def __post_init__(self):
         for cat in SHARED_CATEGORIES:
             if getattr(self.left, cat) != getattr(self.right, cat):
-                raise ValueError(f"both objects share the {cat}: {getattr(self.left, cat)!r} vs {getattr(self.right, cat)!r}")
+                raise ValueError(
+                    f"both objects share the {cat}: {getattr(self.left, cat)!r} vs {getattr(self.right, cat)!r}"
+                )
 
     def side(self, name: str) -> world.Scene:
         return self.left if name == "left" else self.right
@@ -62,10 +64,13 @@ def caption(pair: Pair, rng: np.random.Generator | None = None, drop: float = 0.
     The left object is always named first. With ``rng`` and ``drop`` > 0 each phrase but the shapes is
     left out with probability ``drop`` (per object for colour and character).
     """
+
     def said(_category: str) -> bool:
         return rng is None or drop <= 0 or rng.random() >= drop
 
-    text = f"{world.object_phrase(pair.left, said)} on the left and {world.object_phrase(pair.right, said)} on the right"
+    text = (
+        f"{world.object_phrase(pair.left, said)} on the left and {world.object_phrase(pair.right, said)} on the right"
+    )
     if said("background"):
         text += f", on a {pair.left.background} background"
     if pair.left.style != "filled" and said("style"):
@@ -97,7 +102,7 @@ def sample(rng: np.random.Generator, n: int, allowed=None, drop: float = 0.0):
 def halves(images) -> tuple[np.ndarray, np.ndarray]:
     """Left and right 64x64 crops of 128x64 PIL images or uint8 arrays ``(n, 64, 128, 3)``."""
     arr = np.stack([np.asarray(im.convert("RGB")) for im in images]) if isinstance(images, (list, tuple)) else images
-    return np.ascontiguousarray(arr[:, :, :world.SIZE]), np.ascontiguousarray(arr[:, :, world.SIZE:])
+    return np.ascontiguousarray(arr[:, :, : world.SIZE]), np.ascontiguousarray(arr[:, :, world.SIZE :])
 
 
 def predict_halves(detector, images) -> tuple[dict[str, list[str]], dict[str, dict[str, torch.Tensor]]]:
@@ -106,8 +111,9 @@ def predict_halves(detector, images) -> tuple[dict[str, list[str]], dict[str, di
     for side, crop in zip(SIDES, halves(images)):
         p = detector.probs(crop)
         probs[side] = p
-        preds[side] = [{c.name: c.values[int(p[c.name][i].argmax())] for c in world.CATEGORIES}
-                       for i in range(len(crop))]
+        preds[side] = [
+            {c.name: c.values[int(p[c.name][i].argmax())] for c in world.CATEGORIES} for i in range(len(crop))
+        ]
     return preds, probs
 
 
@@ -123,7 +129,9 @@ def load_pipeline(library=None, device: str | None = None, unet_dir: Path | None
 
     from lora_composer.pipeline import ComposerPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(assets.model_dir(), safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        assets.model_dir(), safety_checker=None, requires_safety_checker=False
+    )
     pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir or weights_dir() / "unet", torch_dtype=torch.float32)
     pipe.register_modules(unet=pipe.unet)
     if unet_dir is None:
@@ -153,17 +161,29 @@ def apply_text_layers(text_encoder, layers: Path) -> None:
 def text_layers_file(trained, shipped, min_change: float = 0.05) -> dict[str, torch.Tensor]:
     """fp16 tensors of a fine-tuned text encoder: every layer but the token embedding, and of that only the
     rows that moved (the captions' tokens; the others only felt weight decay, under 1%, and stay shipped)."""
-    out = {k: v.detach().to(torch.float16).contiguous() for k, v in trained.state_dict().items()
-           if not k.endswith(TOKEN_EMBEDDING)}
+    out = {
+        k: v.detach().to(torch.float16).contiguous()
+        for k, v in trained.state_dict().items()
+        if not k.endswith(TOKEN_EMBEDDING)
+    }
     new, old = trained.get_input_embeddings().weight.detach(), shipped.get_input_embeddings().weight.detach()
     ids = torch.nonzero((new - old).norm(dim=1) > min_change * old.norm(dim=1)).flatten()
     out[ROW_IDS], out[ROWS] = ids.to(torch.int32), new[ids].to(torch.float16).contiguous()
     return out
 
 
-def train(out: Path, seconds: float = 1200.0, max_steps: int = 100000, batch2: int = 16, batch1: int = 8,
-          lr: float = 3e-4, pictures: int = 4000, seed: int = 0, text_layers: bool = False,
-          resume: Path | None = None) -> dict:
+def train(
+    out: Path,
+    seconds: float = 1200.0,
+    max_steps: int = 100000,
+    batch2: int = 16,
+    batch1: int = 8,
+    lr: float = 3e-4,
+    pictures: int = 4000,
+    seed: int = 0,
+    text_layers: bool = False,
+    resume: Path | None = None,
+) -> dict:
     """Fine-tune the shipped UNet on two-object (128x64) and one-object (64x64) pictures of base concepts.
 
     The text encoder stays frozen (the LoRAs' text layers keep the inputs they were trained on, and nothing
@@ -178,7 +198,9 @@ def train(out: Path, seconds: float = 1200.0, max_steps: int = 100000, batch2: i
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 7)
     gen = torch.Generator().manual_seed(seed)
-    pipe = StableDiffusionPipeline.from_pretrained(assets.model_dir(), safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        assets.model_dir(), safety_checker=None, requires_safety_checker=False
+    )
     shipped_text = copy.deepcopy(pipe.text_encoder)  # the embedding rows ship as changes against this one
     if resume is not None:  # continue a two-object fine-tune (its UNet and text layers)
         from diffusers import UNet2DConditionModel
@@ -207,8 +229,12 @@ def train(out: Path, seconds: float = 1200.0, max_steps: int = 100000, batch2: i
         i2, i1 = rng.integers(0, len(pairs), batch2), rng.integers(0, len(scenes), batch1)
         cap2 = ["" if rng.random() < 0.1 else caption(pairs[i], rng, 0.2) for i in i2]
         cap1 = tr._scenes_captions([scenes[i] for i in i1], rng, drop=0.25)
-        l2 = tr._diffusion_loss(unet, text_encoder, sched, lat2[torch.from_numpy(i2)], tr._tokenize(tokenizer, cap2, "cpu"), gen)
-        l1 = tr._diffusion_loss(unet, text_encoder, sched, lat1[torch.from_numpy(i1)], tr._tokenize(tokenizer, cap1, "cpu"), gen)
+        l2 = tr._diffusion_loss(
+            unet, text_encoder, sched, lat2[torch.from_numpy(i2)], tr._tokenize(tokenizer, cap2, "cpu"), gen
+        )
+        l1 = tr._diffusion_loss(
+            unet, text_encoder, sched, lat1[torch.from_numpy(i1)], tr._tokenize(tokenizer, cap1, "cpu"), gen
+        )
         loss = (batch2 * l2 + batch1 * l1) / (batch2 + batch1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -221,7 +247,9 @@ def train(out: Path, seconds: float = 1200.0, max_steps: int = 100000, batch2: i
         if step == 50:  # the cosine schedule's length, from the measured speed and the budget
             expected = min(max_steps, int(seconds / ((time.perf_counter() - t0) / step)))
         if step % 100 == 0:
-            print(f"step {step}/{expected} loss {np.mean(losses[-100:]):.4f} {time.perf_counter() - t0:.0f}s", flush=True)
+            print(
+                f"step {step}/{expected} loss {np.mean(losses[-100:]):.4f} {time.perf_counter() - t0:.0f}s", flush=True
+            )
     took = time.perf_counter() - t0
     with torch.no_grad():
         for p, e in zip(params, ema):
@@ -232,15 +260,20 @@ def train(out: Path, seconds: float = 1200.0, max_steps: int = 100000, batch2: i
         from safetensors.torch import save_file
 
         save_file(text_layers_file(text_encoder, shipped_text), str(out / TEXT_LAYERS))
-    figures = {"steps": step, "batch": f"{batch2} two-object (128x64) + {batch1} one-object (64x64)", "lr": lr,
-               "pictures": f"{pictures} two-object + {pictures // 2} one-object, base concepts only",
-               "seconds_training": round(took, 1), "seconds_drawing_and_encoding": round(prep, 1),
-               "threads": torch.get_num_threads(),
-               "text_encoder": "layers fine-tuned, token embedding shipped" if text_layers else "frozen (shipped)", "unet_file": "fp16",
-               "final_loss_100": round(float(np.mean(losses[-100:])), 4)}
+    figures = {
+        "steps": step,
+        "batch": f"{batch2} two-object (128x64) + {batch1} one-object (64x64)",
+        "lr": lr,
+        "pictures": f"{pictures} two-object + {pictures // 2} one-object, base concepts only",
+        "seconds_training": round(took, 1),
+        "seconds_drawing_and_encoding": round(prep, 1),
+        "threads": torch.get_num_threads(),
+        "text_encoder": "layers fine-tuned, token embedding shipped" if text_layers else "frozen (shipped)",
+        "unet_file": "fp16",
+        "final_loss_100": round(float(np.mean(losses[-100:])), 4),
+    }
     (out / "train.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
-
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -276,8 +309,10 @@ def pair_for(combo, rng: np.random.Generator) -> Pair:
     shapes = rng.choice(world.CATEGORY["shape"].base, 2, replace=False)
     colours = rng.choice(world.CATEGORY["colour"].base, 2, replace=False)
     background = str(rng.choice(world.CATEGORY["background"].base))
-    fields = {side: {"shape": str(shapes[i]), "colour": str(colours[i]), "background": background}
-              for i, side in enumerate(SIDES)}
+    fields = {
+        side: {"shape": str(shapes[i]), "colour": str(colours[i]), "background": background}
+        for i, side in enumerate(SIDES)
+    }
     for side, spec in combo:
         for s in SIDES if side == "both" else (side,):
             fields[s][spec.category] = spec.value
@@ -305,8 +340,12 @@ def score(wanted: dict[str, dict[str, str]], pred: dict[str, dict[str, str]]) ->
         for c, v in wanted[s].items():
             if c in OBJECT_CATEGORIES and wanted[other].get(c) != v:
                 bleeds[(s, c, v)] = pred[other][c] == v
-    return {"hits": hits, "bleeds": bleeds, "ok": all(hits.values()) and not any(bleeds.values()),
-            "bled": any(bleeds.values())}
+    return {
+        "hits": hits,
+        "bleeds": bleeds,
+        "ok": all(hits.values()) and not any(bleeds.values()),
+        "bled": any(bleeds.values()),
+    }
 
 
 @dataclass
@@ -345,28 +384,36 @@ class Tally:
 
     def summary(self) -> dict:
         rate = lambda h, n: round(h / n, 4) if n else None  # noqa: E731
-        return {"images": self.images, "all_concepts": rate(self.ok, self.images), "bleeding": rate(self.bled, self.images),
-                "by_kind": {k: rate(*v) for k, v in self.by_kind.items()},
-                "per_concept": round(float(np.mean([h / n for h, n in self.concept.values()])), 4) if self.concept else None,
-                "concepts": {v: rate(*hn) for v, hn in sorted(self.concept.items())},
-                "bleed": {v: rate(*bn) for v, bn in sorted(self.bleed.items())},
-                "base_confidence": round(float(np.mean(self.base_conf)), 4) if self.base_conf else None,
-                "images_per_s": round(self.images / self.seconds, 2) if self.seconds else None,
-                "rows_per_image": round(self.rows / self.images, 2) if self.rows and self.images else None}
+        return {
+            "images": self.images,
+            "all_concepts": rate(self.ok, self.images),
+            "bleeding": rate(self.bled, self.images),
+            "by_kind": {k: rate(*v) for k, v in self.by_kind.items()},
+            "per_concept": round(float(np.mean([h / n for h, n in self.concept.values()])), 4)
+            if self.concept
+            else None,
+            "concepts": {v: rate(*hn) for v, hn in sorted(self.concept.items())},
+            "bleed": {v: rate(*bn) for v, bn in sorted(self.bleed.items())},
+            "base_confidence": round(float(np.mean(self.base_conf)), 4) if self.base_conf else None,
+            "images_per_s": round(self.images / self.seconds, 2) if self.seconds else None,
+            "rows_per_image": round(self.rows / self.images, 2) if self.rows and self.images else None,
+        }
 
 
 def base_named(pair: Pair, combo=()) -> dict[str, dict[str, str]]:
     """Per side, the base-model values the caption names (those no LoRA of ``combo`` supplies)."""
     given = wanted_of(combo)
-    return {s: {c: getattr(pair.side(s), c) for c in ("shape", "colour", "background") if c not in given[s]}
-            for s in SIDES}
+    return {
+        s: {c: getattr(pair.side(s), c) for c in ("shape", "colour", "background") if c not in given[s]} for s in SIDES
+    }
 
 
 class Judge:
     """Renders 128x64 pictures with a ComposerPipeline and scores each half with the detectors."""
 
-    def __init__(self, pipe, detector, steps: int = 20, guidance: float = assets.DEFAULT_GUIDANCE, seeds: int = 1,
-                 base: str = ""):
+    def __init__(
+        self, pipe, detector, steps: int = 20, guidance: float = assets.DEFAULT_GUIDANCE, seeds: int = 1, base: str = ""
+    ):
         self.pipe, self.detector, self.steps, self.guidance, self.seeds = pipe, detector, steps, guidance, seeds
         self.base = base  # which base model renders (recorded with the results)
         self.auto = False  # True: every render picks its LoRAs with loras="auto" (regional: per region)
@@ -375,9 +422,19 @@ class Judge:
         from lora_composer.fusion.registry import parse_strategy_args
 
         name, _, args = strategy.partition(":")
-        return self.pipe(prompt, loras=loras, strategy=name, strategy_args=parse_strategy_args(args), seed=seed,
-                         num_inference_steps=self.steps, guidance_scale=self.guidance, height=HEIGHT, width=WIDTH,
-                         num_images_per_prompt=self.seeds, progress=False)
+        return self.pipe(
+            prompt,
+            loras=loras,
+            strategy=name,
+            strategy_args=parse_strategy_args(args),
+            seed=seed,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
+            height=HEIGHT,
+            width=WIDTH,
+            num_images_per_prompt=self.seeds,
+            progress=False,
+        )
 
     def run(self, tally: Tally, pair: Pair, combo, strategy: str, seed: int, kind: str = ""):
         t0 = time.perf_counter()
@@ -406,9 +463,15 @@ def detector_on_halves(detector, n: int = 1000, seed: int = 0) -> dict[str, dict
     everything = {c.name: c.values for c in world.CATEGORIES}
     images, _, pairs = sample(rng, n, everything)
     preds, _ = predict_halves(detector, images)
-    return {s: {c.name: round(float(np.mean([preds[s][i][c.name] == getattr(p.side(s), c.name)
-                                             for i, p in enumerate(pairs)])), 4) for c in world.CATEGORIES}
-            for s in SIDES}
+    return {
+        s: {
+            c.name: round(
+                float(np.mean([preds[s][i][c.name] == getattr(p.side(s), c.name) for i, p in enumerate(pairs)])), 4
+            )
+            for c in world.CATEGORIES
+        }
+        for s in SIDES
+    }
 
 
 def base_sanity(judge: Judge, prompts: int = 24, seed: int = 0, strategy: str = "merge") -> dict:
@@ -433,11 +496,16 @@ def base_sanity(judge: Judge, prompts: int = 24, seed: int = 0, strategy: str = 
                     rec[0] += hit
                     rec[1] += 1
                     good &= hit
-                swaps += preds[s][j]["shape"] == pair.side(other).shape and preds[s][j]["colour"] == pair.side(other).colour
+                swaps += (
+                    preds[s][j]["shape"] == pair.side(other).shape and preds[s][j]["colour"] == pair.side(other).colour
+                )
         ok += good
-    return {"images": n, "all_named_on_their_half": round(ok / n, 4),
-            "per_category": {c: round(h / t, 4) for c, (h, t) in per.items()},
-            "halves_showing_the_other_object": round(swaps / (2 * n), 4)}
+    return {
+        "images": n,
+        "all_named_on_their_half": round(ok / n, 4),
+        "per_category": {c: round(h / t, 4) for c, (h, t) in per.items()},
+        "halves_showing_the_other_object": round(swaps / (2 * n), 4),
+    }
 
 
 def lora_alone(judge: Judge | None = None, prompts: int = 4, seed: int = 0) -> dict:
@@ -457,8 +525,12 @@ def lora_alone(judge: Judge | None = None, prompts: int = 4, seed: int = 0) -> d
                 combo = ((side, spec),)
                 judge.run(t, pair_for(combo, rng), combo, "merge", seed + 100 + i)
         s = t.summary()
-        out[spec.name] = {"on_its_half": s["concepts"][spec.value], "bleeding": s["bleed"].get(spec.value),
-                          "images": s["images"], "base_confidence": s["base_confidence"]}
+        out[spec.name] = {
+            "on_its_half": s["concepts"][spec.value],
+            "bleeding": s["bleed"].get(spec.value),
+            "images": s["images"],
+            "base_confidence": s["base_confidence"],
+        }
     return out
 
 
@@ -480,7 +552,6 @@ def checks(seed: int = 0, prompts: int = 24) -> dict:
     return out
 
 
-
 # ------------------------------------------------------------------------------------------------- eval
 def _example(combo) -> str:
     """What a combination asks of each half, for the example grid (``"left: purple, star / right: blinky"``)."""
@@ -488,8 +559,15 @@ def _example(combo) -> str:
     return " / ".join(f"{s}: {', '.join(wanted[s].values()) or 'base'}" for s in SIDES)
 
 
-def evaluate(judge: Judge, strategies, per_kind: int = 4, seed: int = 0, checks_too: bool = False,
-             progress: bool = True, grid_path: Path | None = None) -> dict:
+def evaluate(
+    judge: Judge,
+    strategies,
+    per_kind: int = 4,
+    seed: int = 0,
+    checks_too: bool = False,
+    progress: bool = True,
+    grid_path: Path | None = None,
+) -> dict:
     """Every strategy on ``per_kind`` combinations of each kind (spread over :func:`combinations`), the same
     pictures and seeds for each; ``judge.seeds`` images per combination. ``grid_path``: also an example grid
     (strategies by rows, up to 6 combinations of both kinds by columns)."""
@@ -498,15 +576,28 @@ def evaluate(judge: Judge, strategies, per_kind: int = 4, seed: int = 0, checks_
     from lora_composer.miniworld.evaluate import save_grid
 
     combos = [(kind, c) for kind, items in combinations().items() for c in pick(items, per_kind)]
-    result: dict = {"protocol": {"world": "two-objects", "combinations": len(combos), "per_kind": per_kind,
-                                 "seeds": judge.seeds, "seed": seed, "steps": judge.steps, "guidance": judge.guidance,
-                                 "size": f"{WIDTH}x{HEIGHT}", "strategies": list(strategies), "base": judge.base,
-                                 "loras": "auto" if judge.auto else "by hand"}}
+    result: dict = {
+        "protocol": {
+            "world": "two-objects",
+            "combinations": len(combos),
+            "per_kind": per_kind,
+            "seeds": judge.seeds,
+            "seed": seed,
+            "steps": judge.steps,
+            "guidance": judge.guidance,
+            "size": f"{WIDTH}x{HEIGHT}",
+            "strategies": list(strategies),
+            "base": judge.base,
+            "loras": "auto" if judge.auto else "by hand",
+        }
+    }
     t_start = time.perf_counter()
     if checks_too:
         regional = next((s for s in strategies if s.partition(":")[0] == "regional"), "regional")
-        result["checks"] = {"base_sanity": base_sanity(judge, 12, seed),
-                            "base_sanity, regions": {**base_sanity(judge, 12, seed, regional), "strategy": regional}}
+        result["checks"] = {
+            "base_sanity": base_sanity(judge, 12, seed),
+            "base_sanity, regions": {**base_sanity(judge, 12, seed, regional), "strategy": regional},
+        }
     bar = tqdm(total=len(combos) * len(strategies), desc="eval two-objects", unit="render", disable=not progress)
     result["strategies"] = {}
     examples = set(np.linspace(0, len(combos) - 1, min(6, len(combos))).round().astype(int).tolist())
@@ -533,29 +624,47 @@ def markdown(result: dict, command: str) -> str:
     p = result["protocol"]
     kinds = sorted({k for s in result["strategies"].values() for k in s["by_kind"]})
     merge_rows = p["steps"] * (2 if p["guidance"] > 1 else 1)
-    lines = [f"Command: `{command}`", "",
-             f"{p['combinations']} combinations ({p['per_kind']} per kind), {p['seeds']} image(s) each, seed {p['seed']}, "
-             + (f"the {p['base']} base, " if p.get("base") else "") + ("LoRAs chosen by loras=auto, " if p.get("loras") == "auto" else "") +
-             f"{p['size']}, {p['steps']} steps, guidance {p['guidance']}; {result['seconds']:.0f} s in all.", "",
-             "| strategy | all concepts, no bleeding | " + " | ".join(f"all, {k}" for k in kinds)
-             + " | bleeding | per concept | base-concept confidence | rows vs merge | images/s |",
-             "|---|---|" + "---|" * (len(kinds) + 5)]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"{p['combinations']} combinations ({p['per_kind']} per kind), {p['seeds']} image(s) each, seed {p['seed']}, "
+        + (f"the {p['base']} base, " if p.get("base") else "")
+        + ("LoRAs chosen by loras=auto, " if p.get("loras") == "auto" else "")
+        + f"{p['size']}, {p['steps']} steps, guidance {p['guidance']}; {result['seconds']:.0f} s in all.",
+        "",
+        "| strategy | all concepts, no bleeding | "
+        + " | ".join(f"all, {k}" for k in kinds)
+        + " | bleeding | per concept | base-concept confidence | rows vs merge | images/s |",
+        "|---|---|" + "---|" * (len(kinds) + 5),
+    ]
     for name, s in result["strategies"].items():
         rows = s.get("rows_per_image")
-        lines.append(f"| {name} | {s['all_concepts']:.3f} | " + " | ".join(f"{s['by_kind'].get(k, 0):.3f}" for k in kinds)
-                     + f" | {s['bleeding']:.3f} | {s['per_concept']:.3f} | {s['base_confidence']:.3f} | "
-                     + (f"{rows / merge_rows:.2f}" if rows else "") + f" | {s['images_per_s']:.2f} |")
+        lines.append(
+            f"| {name} | {s['all_concepts']:.3f} | "
+            + " | ".join(f"{s['by_kind'].get(k, 0):.3f}" for k in kinds)
+            + f" | {s['bleeding']:.3f} | {s['per_concept']:.3f} | {s['base_confidence']:.3f} | "
+            + (f"{rows / merge_rows:.2f}" if rows else "")
+            + f" | {s['images_per_s']:.2f} |"
+        )
     for key, how in (("base_sanity", "one caption"), ("base_sanity, regions", "one region per object")):
         b = result.get("checks", {}).get(key)
         if b:
             how += f" ({b['strategy']})" if "strategy" in b else ""
-            lines += ["", f"Base check, {how} (no LoRA, {b['images']} pictures; goal >= 0.80): every named concept on "
-                      f"its half {b['all_named_on_their_half']:.3f}; "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in b["per_category"].items())
-                      + f"; halves showing the other object {b['halves_showing_the_other_object']:.2f}"]
+            lines += [
+                "",
+                f"Base check, {how} (no LoRA, {b['images']} pictures; goal >= 0.80): every named concept on "
+                f"its half {b['all_named_on_their_half']:.3f}; "
+                + ", ".join(f"{k} {v:.2f}" for k, v in b["per_category"].items())
+                + f"; halves showing the other object {b['halves_showing_the_other_object']:.2f}",
+            ]
     concepts = sorted({v for s in result["strategies"].values() for v in s["concepts"]})
-    lines += ["", "Per concept, on its half (and, for object concepts, found on the other half):", "",
-              "| strategy | " + " | ".join(concepts) + " |", "|---|" + "---|" * len(concepts)]
+    lines += [
+        "",
+        "Per concept, on its half (and, for object concepts, found on the other half):",
+        "",
+        "| strategy | " + " | ".join(concepts) + " |",
+        "|---|" + "---|" * len(concepts),
+    ]
     for name, s in result["strategies"].items():
         cells = []
         for v in concepts:
@@ -566,7 +675,9 @@ def markdown(result: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lora_composer.miniworld.two_objects", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m lora_composer.miniworld.two_objects", description=__doc__.splitlines()[0]
+    )
     p.add_argument("what", choices=["train", "check", "alone"])
     p.add_argument("--out", type=Path, default=None, help="train: the weights folder (default: the shipped one)")
     p.add_argument("--seconds", type=float, default=1150.0, help="train: training time budget")
@@ -576,15 +687,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pictures", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--text-layers", action="store_true", help="train: fine-tune the text encoder but its token embedding")
+    p.add_argument(
+        "--text-layers", action="store_true", help="train: fine-tune the text encoder but its token embedding"
+    )
     p.add_argument("--resume", type=Path, default=None, help="train: continue from this two-object weights folder")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "train":
-        print(json.dumps(train(args.out or weights_dir(), seconds=args.seconds, batch2=args.batch2, batch1=args.batch1,
-                               lr=args.lr, pictures=args.pictures, seed=args.seed,
-                               text_layers=args.text_layers, resume=args.resume), indent=2))
+        print(
+            json.dumps(
+                train(
+                    args.out or weights_dir(),
+                    seconds=args.seconds,
+                    batch2=args.batch2,
+                    batch1=args.batch1,
+                    lr=args.lr,
+                    pictures=args.pictures,
+                    seed=args.seed,
+                    text_layers=args.text_layers,
+                    resume=args.resume,
+                ),
+                indent=2,
+            )
+        )
     elif args.what == "check":
         print(json.dumps(checks(seed=args.seed), indent=2))
     else:

@@ -39,8 +39,12 @@ CATEGORY = {c.name: c for c in CATEGORIES}
 LORA_CONCEPTS: tuple[tuple[str, str], ...] = tuple((c.name, v) for c in CATEGORIES for v in c.lora)
 
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40),
-    "purple": (150, 50, 190), "orange": (245, 135, 20),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 40),
+    "purple": (150, 50, 190),
+    "orange": (245, 135, 20),
 }
 INK = (30, 30, 30)  # eyes, antennae
 
@@ -79,6 +83,7 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, drop: float = 
     With ``rng`` and ``drop`` > 0, each phrase other than the shape (and the ``keep`` category's) is left out
     with probability ``drop``, so the model also learns from partial prompts, as users write them.
     """
+
     def said(category: str) -> bool:
         return rng is None or drop <= 0 or category == keep or rng.random() >= drop
 
@@ -107,8 +112,20 @@ def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
 
 def _cross(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     w = r * 0.38
-    return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx + w, cy + w),
-            (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w)]
+    return [
+        (cx - w, cy - r),
+        (cx + w, cy - r),
+        (cx + w, cy - w),
+        (cx + r, cy - w),
+        (cx + r, cy + w),
+        (cx + w, cy + w),
+        (cx + w, cy + r),
+        (cx - w, cy + r),
+        (cx - w, cy + w),
+        (cx - r, cy + w),
+        (cx - r, cy - w),
+        (cx - w, cy - w),
+    ]
 
 
 def _background(draw: ImageDraw.ImageDraw, kind: str, rng: np.random.Generator) -> None:
@@ -187,8 +204,13 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def sample(rng: np.random.Generator, n: int, allowed: dict[str, tuple[str, ...]] | None = None,
-           drop: float = 0.0, keep: str | None = None) -> tuple[np.ndarray, list[str], list[Scene]]:
+def sample(
+    rng: np.random.Generator,
+    n: int,
+    allowed: dict[str, tuple[str, ...]] | None = None,
+    drop: float = 0.0,
+    keep: str | None = None,
+) -> tuple[np.ndarray, list[str], list[Scene]]:
     """``n`` random scenes: uint8 images ``(n, 64, 64, 3)``, captions and scenes."""
     scenes = [random_scene(rng, allowed) for _ in range(n)]
     images = np.stack([np.asarray(render(s, rng)) for s in scenes])

@@ -246,7 +246,9 @@ class PatchedLayer:
 
     # -- scales --------------------------------------------------------------------------------
     def _stack_changed(self) -> None:
-        self.slot_index = torch.cat([torch.full((b.rank,), b.slot, dtype=torch.long) for b in self.blocks] or [self.slot_index[:0]])
+        self.slot_index = torch.cat(
+            [torch.full((b.rank,), b.slot, dtype=torch.long) for b in self.blocks] or [self.slot_index[:0]]
+        )
         self.alpha = torch.cat([torch.full((b.rank,), b.scale) for b in self.blocks] or [self.alpha[:0]])
         self._spans, start = {}, 0
         for b in self.blocks:
@@ -312,7 +314,7 @@ class PatchedLayer:
         grouped = [(rows, r) for rows, r in grouped if r]
         if not grouped:
             return None
-        width = (lambda rs: sum(b - a for a, b in rs))  # noqa: E731
+        width = lambda rs: sum(b - a for a, b in rs)  # noqa: E731
         dense = int(self.mixer.weights_for(self.group).shape[0]) * width(runs)
         own = sum(len(rows) * width(r) for rows, r in grouped)
         return (grouped, dense - own) if own <= 0.5 * dense else None
@@ -404,8 +406,9 @@ class PatchedLayer:
         total = None
         for i, s in enumerate(live):
             if s in self.dense_at:  # not linear in its weight: each row with its own weight's delta
-                part = torch.cat([self.apply_dense(x[r : r + 1], *self.dense_for(s, float(w[r, i])))
-                                  for r in range(x.shape[0])])
+                part = torch.cat(
+                    [self.apply_dense(x[r : r + 1], *self.dense_for(s, float(w[r, i]))) for r in range(x.shape[0])]
+                )
             else:
                 col = w[:, i].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
                 part = self.apply_dense(x, *self.dense[s]) * col
@@ -426,8 +429,9 @@ class PatchedLayer:
             return output if dense is not None else None  # nothing acts: output is exactly the base layer's
         if active is not None:
             s, runs = active
-            output = stacked_delta(args[0], self.down, self.up, s, self.conv, runs, out=output,
-                                   row_runs=self._grouped(args[0]))
+            output = stacked_delta(
+                args[0], self.down, self.up, s, self.conv, runs, out=output, row_runs=self._grouped(args[0])
+            )
         if sparse is not None:
             idx, vals = sparse
             if self.conv is None:

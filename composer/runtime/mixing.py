@@ -53,7 +53,7 @@ class MixingState:
                 offset += layer.slot_index.numel()
                 slots.append(layer.slot_index)
                 alpha.append(layer.alpha)
-            cat = (lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt))
+            cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt)
             self._columns = (self.layout_version, cat(slots, torch.long), cat(alpha, torch.float32))
         return self._columns[1], self._columns[2]
 
@@ -99,8 +99,11 @@ class MixingState:
             if weights.shape[0] > 1:
                 support, inverse = torch.unique(weights != 0, dim=0, return_inverse=True)
                 if support.shape[0] > 1:
-                    hit = [(torch.nonzero(inverse == i).flatten(), frozenset(row.nonzero().flatten().tolist()))
-                           for i, row in enumerate(support) if bool(row.any())]
+                    hit = [
+                        (torch.nonzero(inverse == i).flatten(), frozenset(row.nonzero().flatten().tolist()))
+                        for i, row in enumerate(support)
+                        if bool(row.any())
+                    ]
             self._row_sets[key] = hit
         return hit
 

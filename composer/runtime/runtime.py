@@ -18,6 +18,7 @@ from lora_composer.runtime.layer import PatchedLayer
 from lora_composer.runtime.mixing import MixingState
 from lora_composer.vocab import DENOISERS, TEXT_ENCODERS, layer_group, pipeline_family  # noqa: F401 (re-exported)
 
+
 def _resolve(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
     """``root.get_submodule(path)``, also across transformers' optional ``text_model.`` level."""
     for candidate in (path, "text_model." + path, path.removeprefix("text_model.")):

@@ -35,7 +35,14 @@ from lora_composer.serving.batcher import Batcher, QueueFull, ShuttingDown
 from lora_composer.serving.job_store import JobRecord, JobStoreError, Recorder, open_store
 from lora_composer.serving.jobs import Job
 from lora_composer.serving.metrics import Metrics
-from lora_composer.serving.requests import GenerateBody, LibraryNames, Limits, RequestError, check_strategy_args, to_spec
+from lora_composer.serving.requests import (
+    GenerateBody,
+    LibraryNames,
+    Limits,
+    RequestError,
+    check_strategy_args,
+    to_spec,
+)
 from lora_composer.serving.residency import Residency
 
 log = logging.getLogger(__name__)
@@ -93,8 +100,14 @@ class Server:
         composer.adapter_loader = self.cache.load
         self.residency = Residency(composer, config.resident_mb << 20, config.max_resident)
         self.metrics = Metrics()
-        self.batcher = Batcher(composer, self.residency, self.metrics, max_queue=config.max_queue,
-                               max_batch=config.max_batch, batching=config.batching)
+        self.batcher = Batcher(
+            composer,
+            self.residency,
+            self.metrics,
+            max_queue=config.max_queue,
+            max_batch=config.max_batch,
+            batching=config.batching,
+        )
         self.store = open_store(config.jobs_url) if config.jobs_url else None
         self.reruns: dict[str, Job] = {}  # a stored job's id -> its rerun (the batcher gave it a new id)
         self.resumed = 0
@@ -192,9 +205,15 @@ class Server:
             with Catalog.for_library(self.names.library) as cat:
                 for row in cat.rows():
                     rows[Path(row.path).resolve()] = row
-        out = [{"name": rel, "size_mb": round(p.stat().st_size / 2**20, 3),
+        out = [
+            {
+                "name": rel,
+                "size_mb": round(p.stat().st_size / 2**20, 3),
                 "trigger_words": list(getattr(rows.get(p), "trigger_words", []) or []),
-                "description": getattr(rows.get(p), "description", "") or ""} for rel, p in files.items()]
+                "description": getattr(rows.get(p), "description", "") or "",
+            }
+            for rel, p in files.items()
+        ]
         if not query:
             return out
         from lora_composer.retriever import retriever_for
@@ -320,12 +339,17 @@ def create_app(server: Server) -> FastAPI:
     async def lifespan(app):
         yield
         await asyncio.get_running_loop().run_in_executor(
-            None, lambda: server.batcher.close(drain=True, timeout=server.config.drain_s))
+            None, lambda: server.batcher.close(drain=True, timeout=server.config.drain_s)
+        )
         if server.store is not None:  # jobs past the drain stay unfinished there: the next start runs them
             server.store.close()
 
-    app = FastAPI(title="lora-composer", version="0.1.0", lifespan=lifespan,
-                  description="Many users and many LoRAs on one text-to-image model.")
+    app = FastAPI(
+        title="lora-composer",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Many users and many LoRAs on one text-to-image model.",
+    )
     app.state.server = server
     guard(app, server.config.token, server.metrics)
 
@@ -349,8 +373,11 @@ def create_app(server: Server) -> FastAPI:
             return error(job.http_status, job.error or job.status)
         return error(409, f"job {job_id or job.id} is {job.status}: not done yet")
 
-    @app.post("/v1/generate", response_class=Response,
-              responses={200: {"content": {"image/png": {}}, "description": "the PNG, with its generation record"}})
+    @app.post(
+        "/v1/generate",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}, "description": "the PNG, with its generation record"}},
+    )
     async def generate(body: GenerateBody, request: Request):
         job = submit(body, keep=False)  # its client waits on this connection: a restart answers it with an error
         if isinstance(job, JSONResponse):
@@ -417,9 +444,14 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/health")
     async def health():
-        return {"status": "stopping" if server.batcher._closing else "ok", "model": server.composer.model,
-                "queue_depth": server.batcher.queue_depth, "running": server.batcher.running,
-                "adapters_attached": len(server.composer.runtime.adapters), "batching": server.batcher.batching}
+        return {
+            "status": "stopping" if server.batcher._closing else "ok",
+            "model": server.composer.model,
+            "queue_depth": server.batcher.queue_depth,
+            "running": server.batcher.running,
+            "adapters_attached": len(server.composer.runtime.adapters),
+            "batching": server.batcher.batching,
+        }
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():

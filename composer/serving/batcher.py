@@ -42,6 +42,7 @@ from lora_composer.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+
 class QueueFull(ComposerError):
     def __init__(self, retry_after: float):
         super().__init__(f"the queue is full; retry in about {retry_after:.0f} s")
@@ -55,8 +56,18 @@ class ShuttingDown(ComposerError):
 class _Active:
     """One request inside the running batch: its scheduler, generator, latents, per-row inputs and row groups."""
 
-    def __init__(self, job: Job, names: list[str], groups: RowGroups, scheduler, generator, latents, cond: dict,
-                 rows: int, extra: dict):
+    def __init__(
+        self,
+        job: Job,
+        names: list[str],
+        groups: RowGroups,
+        scheduler,
+        generator,
+        latents,
+        cond: dict,
+        rows: int,
+        extra: dict,
+    ):
         self.job = job
         self.names = names
         self.groups = groups
@@ -74,8 +85,16 @@ class Batcher:
     """The queue and the worker thread. ``submit(spec)`` returns a :class:`Job` (raising :class:`QueueFull`
     past ``max_queue`` waiting requests); ``close()`` stops accepting, then finishes or cancels the rest."""
 
-    def __init__(self, composer, residency, metrics: Metrics | None = None, max_queue: int = 32,
-                 max_batch: int = 8, batching: bool = True, keep_results: int = 256):
+    def __init__(
+        self,
+        composer,
+        residency,
+        metrics: Metrics | None = None,
+        max_queue: int = 32,
+        max_batch: int = 8,
+        batching: bool = True,
+        keep_results: int = 256,
+    ):
         self.composer = composer
         self.pipe = composer.pipe
         self.residency = residency
@@ -170,8 +189,12 @@ class Batcher:
             self._closing = True
             if not drain:
                 while self._queue:
-                    self._finish(self._queue.popleft(), "cancelled", error="the server shut down before it started",
-                                 http_status=503)
+                    self._finish(
+                        self._queue.popleft(),
+                        "cancelled",
+                        error="the server shut down before it started",
+                        http_status=503,
+                    )
             self._cond.notify_all()
         self._thread.join(timeout)
         with self._cond:  # past the timeout: nothing accepted is left without an answer
@@ -209,8 +232,7 @@ class Batcher:
             except Exception as exc:  # a fault of the loop itself: fail the batch, keep serving
                 log.exception("the batch loop failed: its %d requests fail, the server goes on", len(self._active))
                 for act in self._active:
-                    self._finish(act.job, "failed", error=f"internal error: {one_line(exc)}",
-                                 http_status=500)
+                    self._finish(act.job, "failed", error=f"internal error: {one_line(exc)}", http_status=500)
                     self.residency.release(act.names)
                 self._active = []
 
@@ -224,8 +246,7 @@ class Batcher:
             head = self._queue[0]
             if self._active:
                 key = self._active[0].job.spec.batch_key()
-                if (not self._batchable(head) or head.spec.batch_key() != key
-                        or len(self._active) >= self.max_batch):
+                if not self._batchable(head) or head.spec.batch_key() != key or len(self._active) >= self.max_batch:
                     return None
             return self._queue.popleft()
 
@@ -287,8 +308,9 @@ class Batcher:
             adapters = [runtime.adapters[n] for n in names]
             job.loras = [(a, te, w) for a, (_, w, te) in zip(adapters, loras)]
             strategy = get_strategy(spec.strategy, **spec.strategy_args)
-            strategy.begin(names, weights, spec.steps,
-                           StrategyContext.from_pipeline(self.pipe, runtime, adapters, spec.guidance))
+            strategy.begin(
+                names, weights, spec.steps, StrategyContext.from_pipeline(self.pipe, runtime, adapters, spec.guidance)
+            )
             text, mask = [te for _, _, te in loras], strategy.text_mask()
             if mask is not None:
                 text = [w * float(m) for w, m in zip(text, mask)]
@@ -304,8 +326,17 @@ class Batcher:
             raise
         if self._active:
             job.batched_with = max(job.batched_with, len(self._active))
-        return _Active(job, names, RowGroups(runtime, strategy, names), scheduler, generator, latents,
-                       {**cond, **own}, render.rows(spec.guidance), render.step_extra(scheduler, generator))
+        return _Active(
+            job,
+            names,
+            RowGroups(runtime, strategy, names),
+            scheduler,
+            generator,
+            latents,
+            {**cond, **own},
+            render.rows(spec.guidance),
+            render.step_extra(scheduler, generator),
+        )
 
     def _scheduler(self, name: str):
         base = self.base_scheduler
@@ -338,7 +369,9 @@ class Batcher:
             for key, value in per_layer.items():
                 layer_rows[key].append(value)
             if todo:
-                inputs.append(repeat_rows({k: v for k, v in kwargs.items() if k not in SHARED_INPUTS}, act.rows, len(todo)))
+                inputs.append(
+                    repeat_rows({k: v for k, v in kwargs.items() if k not in SHARED_INPUTS}, act.rows, len(todo))
+                )
             counts.append(act.rows * len(todo))
         runtime.set_denoiser_rows(torch.cat(rows), {k: torch.cat(v) for k, v in layer_rows.items()} or None)
         start = time.perf_counter()
@@ -364,8 +397,10 @@ class Batcher:
             act.latents = act.scheduler.step(pred, t, act.latents, **act.extra, return_dict=False)[0]
             act.index += 1
             if not bool(torch.isfinite(act.latents).all()):
-                self._fail(act, f"non-finite values (NaN/inf) at step {act.index} of {act.job.spec.steps}: "
-                                "lower the LoRA weights")
+                self._fail(
+                    act,
+                    f"non-finite values (NaN/inf) at step {act.index} of {act.job.spec.steps}: lower the LoRA weights",
+                )
                 continue
             act.job.emit("step", step=act.index, steps=act.job.spec.steps)
             if act.index >= len(act.timesteps):
@@ -391,10 +426,19 @@ class Batcher:
             image = self.render.decode(act.latents, act.generator, spec.height, spec.width)
             act.job.array, image = self.render.postprocess(image)  # the array: what output_type="np" gives
             record = generation_record(
-                self.composer.model, prompt=spec.prompt, negative_prompt=spec.negative_prompt, steps=spec.steps,
-                guidance=spec.guidance, seed=spec.seed, size=(image.height, image.width), strategy=spec.strategy,
-                strategy_args={**spec.strategy_args, **act.groups.strategy.describe()}, loras=act.job.loras,
-                scheduler=act.scheduler, elapsed_s=time.monotonic() - act.job.started)
+                self.composer.model,
+                prompt=spec.prompt,
+                negative_prompt=spec.negative_prompt,
+                steps=spec.steps,
+                guidance=spec.guidance,
+                seed=spec.seed,
+                size=(image.height, image.width),
+                strategy=spec.strategy,
+                strategy_args={**spec.strategy_args, **act.groups.strategy.describe()},
+                loras=act.job.loras,
+                scheduler=act.scheduler,
+                elapsed_s=time.monotonic() - act.job.started,
+            )
             self._finish(act.job, "done", png=_png(image, record), record=record)
         except Exception as exc:  # noqa: BLE001 (decoding one image fails that request only)
             log.exception("request %s failed", act.job.id)
@@ -421,10 +465,20 @@ class Batcher:
                 return kwargs
 
             images = self.composer(
-                spec.prompt, negative_prompt=spec.negative_prompt or None, loras=[(p, te, w) for p, w, te in loras],
-                strategy=spec.strategy, strategy_args=spec.strategy_args, num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance, seed=spec.seed, height=spec.height, width=spec.width,
-                progress=False, fuse="auto", callback_on_step_end=on_step, limits=False,
+                spec.prompt,
+                negative_prompt=spec.negative_prompt or None,
+                loras=[(p, te, w) for p, w, te in loras],
+                strategy=spec.strategy,
+                strategy_args=spec.strategy_args,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance,
+                seed=spec.seed,
+                height=spec.height,
+                width=spec.width,
+                progress=False,
+                fuse="auto",
+                callback_on_step_end=on_step,
+                limits=False,
             )
             record = self.composer.last_record
             self._finish(job, "done", png=_png(images[0], record), record=record)
@@ -444,5 +498,3 @@ def _png(image, record) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=png_info(record))
     return buf.getvalue()
-
-

@@ -117,7 +117,8 @@ class SQLiteJobStore(JobStore):
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, request TEXT NOT NULL, status TEXT NOT NULL, "
                 "steps INTEGER, step INTEGER, error TEXT, http_status INTEGER, replica TEXT, lora_set TEXT, "
-                "png BLOB, created REAL, updated REAL)")
+                "png BLOB, created REAL, updated REAL)"
+            )
             self._db.execute("CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created)")
         except (sqlite3.Error, OSError) as exc:
             raise JobStoreError(f"jobs-url {self.path}: cannot open the job store: {one_line(exc)}") from None
@@ -140,8 +141,9 @@ class SQLiteJobStore(JobStore):
     def put(self, record: JobRecord) -> None:
         values = [getattr(record, c) for c in COLUMNS]
         values[COLUMNS.index("request")] = json.dumps(record.request)
-        self._run(f"INSERT OR REPLACE INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                  values)
+        self._run(
+            f"INSERT OR REPLACE INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", values
+        )
 
     def get(self, job_id: str) -> JobRecord | None:
         rows = self._run(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
@@ -153,19 +155,23 @@ class SQLiteJobStore(JobStore):
             values["request"] = json.dumps(values["request"])
         with self._lock:
             try:
-                changed = self._db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?",
-                                           [*values.values(), job_id]).rowcount
+                changed = self._db.execute(
+                    f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?", [*values.values(), job_id]
+                ).rowcount
                 if changed and values.get("status") in FINAL:
                     self._db.execute(
                         "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE status IN ('done', 'failed', "
-                        "'cancelled') ORDER BY updated DESC LIMIT -1 OFFSET ?)", (self.keep,))
+                        "'cancelled') ORDER BY updated DESC LIMIT -1 OFFSET ?)",
+                        (self.keep,),
+                    )
             except sqlite3.Error as exc:
                 raise JobStoreError(f"jobs-url {self.path}: {one_line(exc)}") from None
         return bool(changed)
 
     def unfinished(self) -> list[JobRecord]:
-        rows = self._run(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE status IN ('queued', 'running') "
-                         "ORDER BY created, rowid")
+        rows = self._run(
+            f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE status IN ('queued', 'running') ORDER BY created, rowid"
+        )
         return [self._row(r) for r in rows]
 
     def close(self) -> None:
@@ -185,8 +191,9 @@ class RedisJobStore(JobStore):
             try:
                 import redis
             except ImportError:
-                raise JobStoreError(f"jobs-url {url}: a Redis job store needs the redis client: "
-                                    "pip install 'lora-composer[redis]'") from None
+                raise JobStoreError(
+                    f"jobs-url {url}: a Redis job store needs the redis client: pip install 'lora-composer[redis]'"
+                ) from None
             try:
                 client = redis.Redis.from_url(url)
                 client.ping()
@@ -215,11 +222,19 @@ class RedisJobStore(JobStore):
         values = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
         text = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in values.items() if k != "png"}
         return JobRecord(
-            id=job_id, request=json.loads(text["request"]), status=text["status"], steps=int(text.get("steps", 0)),
-            step=int(text.get("step", 0)), error=text.get("error"), http_status=int(text.get("http_status", 200)),
-            replica=text.get("replica"), lora_set=text.get("lora_set"),
+            id=job_id,
+            request=json.loads(text["request"]),
+            status=text["status"],
+            steps=int(text.get("steps", 0)),
+            step=int(text.get("step", 0)),
+            error=text.get("error"),
+            http_status=int(text.get("http_status", 200)),
+            replica=text.get("replica"),
+            lora_set=text.get("lora_set"),
             png=bytes(values["png"]) if values.get("png") is not None else None,
-            created=float(text.get("created", 0)), updated=float(text.get("updated", 0)))
+            created=float(text.get("created", 0)),
+            updated=float(text.get("updated", 0)),
+        )
 
     def _call(self, fn):
         try:
@@ -314,10 +329,11 @@ def resolve_url(url: str | None, port: int | None = None) -> str | None:
     if url.startswith(("redis://", "rediss://", "unix://")):
         return url
     if url.startswith("sqlite://"):
-        url = url[len("sqlite://"):]
+        url = url[len("sqlite://") :]
     if "://" in url:
-        raise JobStoreError(f"jobs-url {url}: not a store this server knows (a file path, sqlite:///PATH, "
-                            "redis://HOST:PORT/DB or none)")
+        raise JobStoreError(
+            f"jobs-url {url}: not a store this server knows (a file path, sqlite:///PATH, redis://HOST:PORT/DB or none)"
+        )
     return str(Path(url).expanduser().resolve())
 
 
@@ -326,10 +342,11 @@ def open_store(url: str, keep: int = KEEP) -> JobStore:
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisJobStore(url, keep=keep)
     if url.startswith("sqlite://"):
-        url = url[len("sqlite://"):]
+        url = url[len("sqlite://") :]
     if "://" in url:
-        raise JobStoreError(f"jobs-url {url}: not a store this server knows (a file path, sqlite:///PATH, "
-                            "redis://HOST:PORT/DB or none)")
+        raise JobStoreError(
+            f"jobs-url {url}: not a store this server knows (a file path, sqlite:///PATH, redis://HOST:PORT/DB or none)"
+        )
     return SQLiteJobStore(url, keep=keep)
 
 
@@ -365,8 +382,13 @@ class Recorder:
                 if status == "cancelled" and job.http_status == 503:  # the server stopped: run it again next time
                     job.unsubscribe(self)
                     return
-                values = {"status": status, "step": step, "error": job.error, "http_status": job.http_status,
-                          "png": job.png if status == "done" else None}
+                values = {
+                    "status": status,
+                    "step": step,
+                    "error": job.error,
+                    "http_status": job.http_status,
+                    "png": job.png if status == "done" else None,
+                }
             elif status != self._status:
                 values = {"status": status, "step": step}
             elif step != self._step and now - self._written >= self.STEP_EVERY_S:

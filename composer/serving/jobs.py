@@ -89,8 +89,9 @@ class Job:
         self.status, self.started = "running", time.monotonic()
         self.emit("started")
 
-    def finish(self, status: str, png: bytes | None = None, record=None, error: str | None = None,
-               http_status: int = 200) -> None:
+    def finish(
+        self, status: str, png: bytes | None = None, record=None, error: str | None = None, http_status: int = 200
+    ) -> None:
         if self.status in FINAL:
             return
         self.png, self.record, self.error, self.http_status = png, record, error, http_status
@@ -122,8 +123,12 @@ class Job:
             return list(self.events[index:])
 
     def summary(self) -> dict:
-        out = {"id": self.id, "status": self.status, "steps": self.spec.steps,
-               "step": max((e.get("step", 0) for e in self.events if e["event"] == "step"), default=0)}
+        out = {
+            "id": self.id,
+            "status": self.status,
+            "steps": self.spec.steps,
+            "step": max((e.get("step", 0) for e in self.events if e["event"] == "step"), default=0),
+        }
         if self.error:
             out["error"] = self.error
         if self.status == "done":

@@ -53,8 +53,12 @@ class Metrics:
             lines += [f'lora_composer_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
             lines.append("# TYPE lora_composer_rejected_total counter")
             lines += [f'lora_composer_rejected_total{{code="{c}"}} {n}' for c, n in sorted(self.rejected.items())]
-            for name, hist in (("batch_rows", self.batch_rows), ("batch_requests", self.batch_requests),
-                               ("step_seconds", self.step_seconds), ("request_seconds", self.request_seconds)):
+            for name, hist in (
+                ("batch_rows", self.batch_rows),
+                ("batch_requests", self.batch_requests),
+                ("step_seconds", self.step_seconds),
+                ("request_seconds", self.request_seconds),
+            ):
                 lines.append(f"# TYPE lora_composer_{name} histogram")
                 lines += hist.lines(f"lora_composer_{name}")
             return "\n".join(lines) + "\n"

@@ -27,8 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from lora_composer.errors import ComposerError, one_line
 from lora_composer.serving.adapter_cache import file_sha256
-from lora_composer.serving.app import (Server, ServerConfig, error, event_stream, guard, record_stream, summary,
-                                       woken_by)
+from lora_composer.serving.app import Server, ServerConfig, error, event_stream, guard, record_stream, summary, woken_by
 from lora_composer.serving.batcher import QueueFull, ShuttingDown
 from lora_composer.serving.job_store import JobRecord, JobStoreError, Recorder, open_store, resolve_url
 from lora_composer.serving.jobs import Job, RenderSpec
@@ -142,8 +141,13 @@ class Renderer:
 
     def health(self) -> dict:
         b = self.server.batcher
-        return {"replica": self.replica, "queue_depth": b.queue_depth, "running": b.running,
-                "adapters_attached": len(self.server.composer.runtime.adapters), "lora_sets_loaded": self.loads}
+        return {
+            "replica": self.replica,
+            "queue_depth": b.queue_depth,
+            "running": b.running,
+            "adapters_attached": len(self.server.composer.runtime.adapters),
+            "lora_sets_loaded": self.loads,
+        }
 
     def __del__(self):  # Serve's graceful shutdown: finish what was accepted
         with contextlib.suppress(Exception):
@@ -230,11 +234,13 @@ class Gateway:
                         job.emit("step", step=event["step"], steps=event["steps"])
                     else:
                         self.metrics.count(kind)
-                        return job.finish(kind, png=event.get("png"), error=event.get("error"),
-                                          http_status=event.get("status", 200))
+                        return job.finish(
+                            kind, png=event.get("png"), error=event.get("error"), http_status=event.get("status", 200)
+                        )
                 else:
-                    return job.finish("failed", error="internal error: the replica ended the stream early",
-                                      http_status=500)
+                    return job.finish(
+                        "failed", error="internal error: the replica ended the stream early", http_status=500
+                    )
                 continue  # a full queue, waited out: not a lost replica
             except asyncio.CancelledError:
                 stream.cancel()
@@ -245,8 +251,9 @@ class Gateway:
                 raise
             except (RayActorError, ActorUnavailableError) as exc:  # the replica died: send it again
                 if attempt == RETRIES:
-                    return job.finish("failed", error=f"replica lost {RETRIES + 1} times: {one_line(exc)}",
-                                      http_status=503)
+                    return job.finish(
+                        "failed", error=f"replica lost {RETRIES + 1} times: {one_line(exc)}", http_status=503
+                    )
                 self.retries += 1
                 attempt += 1
                 job.emit("retry", attempt=attempt)
@@ -285,9 +292,14 @@ class Gateway:
         return job
 
     def gauges(self) -> dict[str, float]:
-        return {"replicas": self.replicas, "ray_retries_total": self.retries, "lora_set_hits_total": self.set_hits,
-                "lora_set_loads_total": self.set_loads, "jobs_resumed_total": self.resumed,
-                "jobs_running": sum(not job.done for job, _ in self.jobs.values())}
+        return {
+            "replicas": self.replicas,
+            "ray_retries_total": self.retries,
+            "lora_set_hits_total": self.set_hits,
+            "lora_set_loads_total": self.set_loads,
+            "jobs_resumed_total": self.resumed,
+            "jobs_running": sum(not job.done for job, _ in self.jobs.values()),
+        }
 
 
 def result(job: Job | JobRecord) -> Response:
@@ -306,15 +318,23 @@ def build_app(config: ServerConfig, options: RayOptions):
     on every node (a shared disk or the same layout)."""
     from ray import serve
 
-    app = FastAPI(title="lora-composer (Ray Serve)", version="0.1.0",
-                  description="Many users and many LoRAs on text-to-image replicas.")
+    app = FastAPI(
+        title="lora-composer (Ray Serve)",
+        version="0.1.0",
+        description="Many users and many LoRAs on text-to-image replicas.",
+    )
     metrics = Metrics()
     guard(app, config.token, metrics)
 
-    renderer_cls = type("Renderer", (Renderer,), {
-        "_lora_set": serve.multiplexed(max_num_models_per_replica=options.sets_per_replica)(Renderer._lora_set)})
+    renderer_cls = type(
+        "Renderer",
+        (Renderer,),
+        {"_lora_set": serve.multiplexed(max_num_models_per_replica=options.sets_per_replica)(Renderer._lora_set)},
+    )
     renderer = serve.deployment(
-        renderer_cls, name="Renderer", num_replicas=options.replicas,
+        renderer_cls,
+        name="Renderer",
+        num_replicas=options.replicas,
         max_ongoing_requests=config.max_batch + config.max_queue,
         graceful_shutdown_timeout_s=config.drain_s + 5,
         ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
@@ -400,8 +420,14 @@ def build_app(config: ServerConfig, options: RayOptions):
         @app.get("/v1/health")
         async def health(self):
             replica = await self.renderer.health.remote()
-            return {"status": "ok", "ray": True, "replicas": self.replicas, "model": self.config.model,
-                    "by_replica": dict(self.by_replica), "one_replica": replica}
+            return {
+                "status": "ok",
+                "ray": True,
+                "replicas": self.replicas,
+                "model": self.config.model,
+                "by_replica": dict(self.by_replica),
+                "one_replica": replica,
+            }
 
         @app.get("/metrics", response_class=PlainTextResponse)
         async def prometheus(self):

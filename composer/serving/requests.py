@@ -33,8 +33,9 @@ class RequestError(ComposerError, ValueError):
 class LoraItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=512, description="a LoRA of the library: its name or relative path")
-    weight: float = Field(1.0, ge=-10, le=10, description="strength (the denoiser's, and the text encoder's unless "
-                          "te_weight is given)")
+    weight: float = Field(
+        1.0, ge=-10, le=10, description="strength (the denoiser's, and the text encoder's unless te_weight is given)"
+    )
     te_weight: float | None = Field(None, ge=-10, le=10, description="the text encoder's strength, if not weight")
 
 
@@ -45,9 +46,14 @@ class GenerateBody(BaseModel):
     prompt: str = Field(max_length=4000, description="the prompt; <lora:name:w> tags are read as in the CLI")
     negative_prompt: str = Field("", max_length=4000)
     loras: list[LoraItem] | Literal["auto"] = Field(
-        default_factory=list, description='[{"name", "weight"}] or "auto" (the retriever picks from the prompt)')
-    strategy: str = Field("merge", max_length=64, description="auto, merge, composite, switch...: all share denoiser batches "
-                          "but ties, dare, klora, tsv and activation-matched, which run alone")
+        default_factory=list, description='[{"name", "weight"}] or "auto" (the retriever picks from the prompt)'
+    )
+    strategy: str = Field(
+        "merge",
+        max_length=64,
+        description="auto, merge, composite, switch...: all share denoiser batches "
+        "but ties, dare, klora, tsv and activation-matched, which run alone",
+    )
     strategy_args: dict[str, float | int | str | bool] = Field(default_factory=dict)
     seed: int | None = Field(None, ge=0, lt=2**32, description="random (and returned in the PNG) when omitted")
     steps: int | None = Field(None, ge=1, description="denoising steps")
@@ -105,7 +111,9 @@ def to_spec(body: GenerateBody, names: LibraryNames, limits: Limits, composer, s
             raise RequestError("strategy_args", "auto takes no arguments (it picks a strategy with its defaults)")
         named = {item.name for item in body.loras} if not isinstance(body.loras, str) else set()
         try:
-            strategy, _ = resolve_auto(body.prompt, len(named | {tag.name for tag in tags}), getattr(composer, "world", ""))
+            strategy, _ = resolve_auto(
+                body.prompt, len(named | {tag.name for tag in tags}), getattr(composer, "world", "")
+            )
         except ComposerError as exc:
             raise RequestError("prompt", one_line(exc)) from None
     if strategy not in strategies:
@@ -156,10 +164,21 @@ def to_spec(body: GenerateBody, names: LibraryNames, limits: Limits, composer, s
     if text_weights:  # kept only where they differ from the denoiser's weight (the last one given wins)
         unet = {str(p): w for p, w in loras}
         text_weights = {path: w for path, w in text_weights.items() if w != unet[path]}
-    return RenderSpec(prompt=clean.strip(), negative_prompt=body.negative_prompt, loras=loras, text_weights=text_weights,
-                      strategy=strategy,
-                      strategy_args=dict(body.strategy_args), seed=seed, steps=steps, width=width, height=height,
-                      guidance=float(guidance), scheduler=body.scheduler, region_loras=region_loras)
+    return RenderSpec(
+        prompt=clean.strip(),
+        negative_prompt=body.negative_prompt,
+        loras=loras,
+        text_weights=text_weights,
+        strategy=strategy,
+        strategy_args=dict(body.strategy_args),
+        seed=seed,
+        steps=steps,
+        width=width,
+        height=height,
+        guidance=float(guidance),
+        scheduler=body.scheduler,
+        region_loras=region_loras,
+    )
 
 
 def check_strategy_args(strategy: str, args: dict) -> None:

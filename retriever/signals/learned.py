@@ -76,8 +76,14 @@ def features(adapter, dim: int, count: int = PROBES, max_layers: int = MAX_LAYER
 
 
 class WeightEncoder(nn.Module):
-    def __init__(self, dim: int, hidden: int = HIDDEN, layers: int = LAYERS, heads: int = HEADS,
-                 tokens: int = MAX_LAYERS * PROBES):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int = HIDDEN,
+        layers: int = LAYERS,
+        heads: int = HEADS,
+        tokens: int = MAX_LAYERS * PROBES,
+    ):
         super().__init__()
         self.config = {"dim": dim, "hidden": hidden, "layers": layers, "heads": heads, "tokens": tokens}
         self.proj = nn.Linear(dim, hidden)
@@ -120,8 +126,14 @@ def info_nce(z: torch.Tensor, t: torch.Tensor, tau: float = TAU) -> torch.Tensor
     return 0.5 * (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target))
 
 
-def train(feats: list[torch.Tensor], targets: torch.Tensor, epochs: int = 200, lr: float = 3e-3, seed: int = 0,
-          batch: int = 256) -> tuple[WeightEncoder, list[float]]:
+def train(
+    feats: list[torch.Tensor],
+    targets: torch.Tensor,
+    epochs: int = 200,
+    lr: float = 3e-3,
+    seed: int = 0,
+    batch: int = 256,
+) -> tuple[WeightEncoder, list[float]]:
     """A :class:`WeightEncoder` trained on ``feats`` (one ``[tokens, d]`` each) and unit ``targets [N, d]``;
     also the mean loss per epoch (the first entry: before any update)."""
     torch.manual_seed(seed)
@@ -199,8 +211,9 @@ def model_path(library) -> Path:
     return default_catalog_path(library).parent / FILE_NAME
 
 
-def train_for_library(catalog, library, encoder, family: str | None = None, epochs: int = 200,
-                      log=None) -> tuple[Path, dict]:
+def train_for_library(
+    catalog, library, encoder, family: str | None = None, epochs: int = 200, log=None
+) -> tuple[Path, dict]:
     """Train on ``catalog``'s described adapters of ``family`` (default: the encoder's), save the model in
     the library folder and embed every row. Returns the file and a summary."""
     fam = family or encoder.family
@@ -225,12 +238,27 @@ def train_for_library(catalog, library, encoder, family: str | None = None, epoc
     model, history = train(feats, torch.stack(targets), epochs=epochs)
     path = model_path(library)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": model.config, "state": model.state_dict(), "encoder": encoder.id, "family": fam,
-                "probes": PROBES, "loss": history}, path)
+    torch.save(
+        {
+            "config": model.config,
+            "state": model.state_dict(),
+            "encoder": encoder.id,
+            "family": fam,
+            "probes": PROBES,
+            "loss": history,
+        },
+        path,
+    )
     learned = load(path, encoder.id)
     n = learned.ensure_embeddings(catalog, fam)
-    summary = {"adapters": len(feats), "epochs": epochs, "loss_before": history[0], "loss_after": history[-1],
-               "embedded": n, "seconds": time.perf_counter() - t0}
+    summary = {
+        "adapters": len(feats),
+        "epochs": epochs,
+        "loss_before": history[0],
+        "loss_after": history[-1],
+        "embedded": n,
+        "seconds": time.perf_counter() - t0,
+    }
     if log:
         log(summary)
     return path, summary

@@ -67,7 +67,7 @@ def score_row(prompt_words: list[str], prompt_content: set[str], row) -> tuple[f
         found = [w for w in prompt_content if w in other]
         s = 0.5 * len(found) / len(prompt_content)
         if s > best:
-            best, why = s, f'tags/description mention {", ".join(found)}'
+            best, why = s, f"tags/description mention {', '.join(found)}"
     return best, why
 
 

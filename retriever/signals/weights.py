@@ -29,6 +29,7 @@ import numpy as np
 from lora_composer.adapters.kinds import has_factors
 from lora_composer.vocab import CROSS_ATTENTION_KV as KV_SUFFIXES
 from lora_composer.vocab import DENOISERS
+
 DIRECTIONS = 2
 
 
@@ -83,5 +84,3 @@ def calibrate(raw, dim: int):
     """Raw cosine -> [0, 1]: 0 at or below chance, 1 at perfect alignment."""
     c = chance(dim)
     return np.clip((np.asarray(raw, dtype=np.float32) - c) / (1.0 - c), 0.0, 1.0)
-
-

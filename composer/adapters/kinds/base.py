@@ -98,7 +98,9 @@ def need(name: str, parts: dict, suffix: str) -> torch.Tensor:
 def dims(name: str, parts: dict, suffix: str, allowed: tuple[int, ...]) -> torch.Tensor:
     t = need(name, parts, suffix)
     if t.dim() not in allowed:
-        raise KindError(f"key {name}.{suffix}: expected a {' or '.join(map(str, allowed))}-D tensor, got shape {tuple(t.shape)}")
+        raise KindError(
+            f"key {name}.{suffix}: expected a {' or '.join(map(str, allowed))}-D tensor, got shape {tuple(t.shape)}"
+        )
     return t
 
 

@@ -88,8 +88,10 @@ class DoRADelta(KindDelta):
     @classmethod
     def from_kohya(cls, name: str, parts: dict, alpha: float | None, inner=None) -> DoRADelta:
         if inner is None or not inner.additive:
-            raise KindError(f"key {name}.dora_scale: DoRA needs a LoCon, LoHa or LoKr layer, this one is "
-                            f"{'empty' if inner is None else inner.kind}")
+            raise KindError(
+                f"key {name}.dora_scale: DoRA needs a LoCon, LoHa or LoKr layer, this one is "
+                f"{'empty' if inner is None else inner.kind}"
+            )
         return cls(inner, parts["dora_scale"], eps=EPS32)
 
     @classmethod

@@ -55,8 +55,10 @@ class GLoRADelta(KindDelta):
         bm = parts.get("bm.weight")
         if bm is not None:
             if bm.dim() != 4 or b2.dim() != 4 or tuple(b2.shape[2:]) != (1, 1):
-                raise KindError(f"key {name}.bm.weight: expected a [r, r, kh, kw] core beside a 1x1 b2, got "
-                                f"{tuple(bm.shape)} and b2 {tuple(b2.shape)}")
+                raise KindError(
+                    f"key {name}.bm.weight: expected a [r, r, kh, kw] core beside a 1x1 b2, got "
+                    f"{tuple(bm.shape)} and b2 {tuple(b2.shape)}"
+                )
             match(name, "rank", bm.shape[1], b2.shape[0], "b2.weight", "bm.weight")
             match(name, "rank", b1.shape[1], bm.shape[0], "bm.weight", "b1.weight")
             b2 = torch.einsum("i j m n, j c -> i c m n", bm.float(), b2.reshape(b2.shape[0], -1).float())

@@ -63,7 +63,9 @@ class LoHaDelta(KindDelta):
             if tucker:
                 t = parts[f"hada_t{side}"]
                 if t.dim() < 3:
-                    raise KindError(f"key {name}.hada_t{side}: expected a Tucker core [r, r, kh, kw], got {tuple(t.shape)}")
+                    raise KindError(
+                        f"key {name}.hada_t{side}: expected a Tucker core [r, r, kh, kw], got {tuple(t.shape)}"
+                    )
                 match(name, "rank", t.shape[0], a.shape[0], f"hada_t{side}", f"hada_w{side}_a")
                 match(name, "rank", t.shape[1], b.shape[0], f"hada_t{side}", f"hada_w{side}_b")
             else:
@@ -73,7 +75,9 @@ class LoHaDelta(KindDelta):
         match(name, "output size", out1, out2, "hada_w1_a", "hada_w2_a")
         match(name, "input size", flat_cols(w["hada_w1_b"]), flat_cols(w["hada_w2_b"]), "hada_w1_b", "hada_w2_b")
         rank = int(w["hada_w1_b"].shape[0])
-        return cls(w["hada_w1_a"], w["hada_w1_b"], w["hada_w2_a"], w["hada_w2_b"], alpha_scale(name, alpha, rank), t1, t2)
+        return cls(
+            w["hada_w1_a"], w["hada_w1_b"], w["hada_w2_a"], w["hada_w2_b"], alpha_scale(name, alpha, rank), t1, t2
+        )
 
     @classmethod
     def from_peft(cls, name: str, parts: dict, layer: PeftLayer, inner=None) -> LoHaDelta:

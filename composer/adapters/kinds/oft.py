@@ -78,7 +78,7 @@ class OFTDelta(NoFactors):
         if self.butterfly:
             new, bs = w, r.shape[-1]
             for i, stage in enumerate(r):
-                k = 2 ** i * (bs // 2)
+                k = 2**i * (bs // 2)
                 new = new.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, bs))
                 new = torch.einsum("b i j, b j ... -> b i ...", stage, new)
                 new = new.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
@@ -111,8 +111,10 @@ class OFTDelta(NoFactors):
     def from_kohya(cls, name: str, parts: dict, alpha: float | None, inner=None) -> OFTDelta:
         blocks = parts["oft_blocks"]
         if blocks.dim() not in (3, 4) or blocks.shape[-1] != blocks.shape[-2]:
-            raise KindError(f"key {name}.oft_blocks: expected [blocks, b, b] (OFT) or [stages, blocks, b, b] (BOFT), "
-                            f"got shape {tuple(blocks.shape)}")
+            raise KindError(
+                f"key {name}.oft_blocks: expected [blocks, b, b] (OFT) or [stages, blocks, b, b] (BOFT), "
+                f"got shape {tuple(blocks.shape)}"
+            )
         return cls(blocks, parts.get("rescale"), 0.0 if alpha is None else float(alpha))
 
     @classmethod
