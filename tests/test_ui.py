@@ -494,3 +494,17 @@ def test_grid_of_the_pages_settings(ui):
         ui.grid("a star", y="seed=1,2")
     with pytest.raises(ComposerError, match="is not in the library"):  # confined to the library, as the rows are
         ui.grid("a star", x="weight:../evil=0,1")
+
+
+def test_grid_with_auto_runs_the_strategy_auto_picks(ui):
+    """The Generate tab's ``auto`` in the Grid tab: every cell runs (and records) the strategy a render would pick
+    (regional for a prompt with regions), not a failure."""
+    import json
+
+    from lora_composer.frontends.grid import GRID_KEY
+    from lora_composer.fusion.registry import resolve_auto
+
+    prompt = "a star <lora:star-shape:1> BREAK a purple thing <lora:purple-colour:1>"
+    res = ui.grid(prompt, strategy="auto", steps=1, seed=3, x="seed=3,4")
+    records = [c["record"] for row in json.loads(Image.open(res["pngs"][0]).text[GRID_KEY])["cells"] for c in row]
+    assert {r["strategy"] for r in records} == {resolve_auto(prompt, 0, ui.pipe.world)[0]} == {"regional"}

@@ -43,7 +43,7 @@ from lora_composer.frontends.args import (
     is_loopback,
 )
 from lora_composer.vocab import LORA_EXTENSIONS, MAX_SEED
-from lora_composer.fusion.registry import parse_strategy_args
+from lora_composer.fusion.registry import AUTO, parse_strategy_args, resolve_auto
 from lora_composer.frontends import grid as gridmod
 from lora_composer.frontends import ui_view
 
@@ -617,6 +617,8 @@ class ComposerUI:
         seed = -1 if seed is None or seed == "" else int(seed)
         if seed != -1 and not 0 <= seed <= MAX_SEED:
             raise ComposerError(f"seed {seed}: must be between 0 and {MAX_SEED} (or -1: random)")
+        if strategy == AUTO:  # the Generate tab's auto: chosen once for the grid, as a render would choose it
+            strategy = resolve_auto(prompt or "", len([n for n, _, _ in loras if n]), self.pipe.world)[0]
         base = {
             "prompt": prompt or "",
             "negative_prompt": negative_prompt or "",
