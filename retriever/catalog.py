@@ -445,6 +445,17 @@ class Catalog:
                 out[r[0]] = self._row(r)
         return out
 
+    def words_by_ids(self, ids) -> list[tuple]:
+        """``(id, name, trigger words JSON, tags JSON, description)`` of the given ids (one query per 900 ids):
+        what the lexical signal scores, without the rest of the row."""
+        ids = [int(i) for i in ids]
+        out = []
+        for a in range(0, len(ids), 900):
+            part = ids[a : a + 900]
+            sql = f"SELECT id, name, trigger_words, tags, description FROM files WHERE id IN ({','.join('?' * len(part))})"
+            out += self.db.execute(sql, part).fetchall()
+        return out
+
     def word_rows(self, family: str | None = None, min_id: int = 0):
         """Light rows (id, name, trigger words, description) of a family, in id order: what the selection
         vocabulary reads, without the weight blobs."""
@@ -500,11 +511,8 @@ class Catalog:
     def skipped(self) -> list[tuple[str, str]]:
         return list(self.db.execute("SELECT path, reason FROM skipped ORDER BY path"))
 
-    def fts_search(
-        self, words: list[str], family: str | None = None, limit: int = 500, with_words: bool = False
-    ) -> list[tuple]:
-        """``[(file id, bm25)]`` best first (bm25 here is positive: larger is better); ``with_words``: ``(file id,
-        bm25, name, trigger words JSON, tags JSON, description)``."""
+    def fts_search(self, words: list[str], family: str | None = None, limit: int = 500) -> list[tuple]:
+        """``[(file id, bm25)]`` best first (bm25 here is positive: larger is better)."""
         words = [w for w in words if w]
         if not words:
             return []
@@ -521,12 +529,6 @@ class Catalog:
             + " ORDER BY s DESC LIMIT ?"
         )
         args = (query, family, limit) if family else (query, limit)
-        if with_words:  # the hits' words in the same query: no second read of whole rows (weight blobs and all)
-            sql = (
-                f"SELECT h.rowid, h.s, f.name, f.trigger_words, f.tags, f.description FROM ({sql}) AS h "
-                "JOIN files AS f ON f.id = h.rowid ORDER BY h.s DESC"
-            )
-            return [(int(r[0]), float(r[1]), *r[2:]) for r in self.db.execute(sql, args)]
         return [(int(i), float(s)) for i, s in self.db.execute(sql, args)]
 
     def _families(self) -> list[str]:

@@ -21,7 +21,8 @@ Files (one folder per family and embedding space, ``<catalog dir>/vectors/<key>/
 - ``index.faiss``: the IVF-PQ index of the rows present at the last build or compaction, ids = slots;
 - ``seg-<k>.faiss``: the rows added since, in a few small indexes of the same trained quantizer and codebooks
   (``trained.faiss``: that index with no rows), searched beside ``index.faiss`` and their results merged;
-- ``vectors.f32``: every slot's exact float32 row, append-only, read with ``pread`` (only the candidates);
+- ``vectors.f32``: every slot's exact float32 row, append-only, memory-mapped and read by one numpy gather of
+  the candidates (:meth:`VectorIndex.gather`);
 - ``ids.i64``, ``stamps.f64``, ``present.u8``: per slot the catalog file id (-1 once removed), its
   ``indexed_at`` stamp, the per-block ``present`` flags; raw arrays, appended to;
 - ``meta.json``: width, blocks, catalog uid, slot count, the rows in ``index.faiss``, the segment files.
@@ -48,7 +49,8 @@ import numpy as np
 
 EXACT_ROWS = 20_000  # up to this many rows of a family, stage 1 is the exact in-memory scan
 SUBVECTOR = 8  # dims per PQ sub-quantizer (4-bit codes: 4 bits per 8 dims)
-NPROBE = 16  # lists searched per query (24 before: the same top-20 recall at 1M rows, bench.retrieval)
+NPROBE = 8  # lists searched per query (16 and 24 before: the same top-20 recall at 100K and 1M rows, bench.retrieval)
+GATHER_RESIDENT = 256 << 20  # bytes of vectors.f32 the candidate gathers may keep mapped before they are dropped
 CHUNK = 10_000  # rows fetched, encoded and added at a time (bounded memory for 1M-row builds)
 MAX_SEGMENTS = 4  # segment files of added rows before they are merged into one
 COMPACT_SHARE = 0.25  # segments holding this share of index.faiss's rows are folded into it
@@ -80,7 +82,8 @@ class VectorIndex:
         self.index = None  # index.faiss
         self.segments: list = []  # the seg-<k>.faiss indexes
         self.vectors = None
-        self._fd = None
+        self._mmap = None
+        self._touched = None
 
     # -- files -----------------------------------------------------------------------------------
     @property
@@ -132,14 +135,23 @@ class VectorIndex:
         return self
 
     def _map(self) -> None:
+        """Map ``vectors.f32`` read-only for :meth:`gather` (``MADV_RANDOM``: a fault maps only the page it
+        needs, no read-ahead or fault-around of its neighbours)."""
+        import mmap
+
         n, width = int(self.meta["slots"]), int(self.meta["width"])
         f = self.folder / "vectors.f32"
         if f.stat().st_size < n * width * 4:
             raise ValueError(f"{f}: {f.stat().st_size} bytes, {n} slots x {width} float32 need {n * width * 4}")
-        self.vectors = np.memmap(f, np.float32, "r", shape=(n, width)) if n else np.zeros((0, width), np.float32)
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd = os.open(f, os.O_RDONLY)
+        self._mmap = self._touched = None
+        if n:
+            self.vectors = np.memmap(f, np.float32, "r", shape=(n, width))
+            self._mmap = getattr(self.vectors, "_mmap", None)  # numpy's mapping, for madvise
+            if self._mmap is not None and hasattr(mmap, "MADV_RANDOM"):
+                self._mmap.madvise(mmap.MADV_RANDOM)
+            self._touched = 0
+        else:
+            self.vectors = np.zeros((0, width), np.float32)
 
     def _write_meta(self) -> None:
         self.meta["slots"] = int(len(self.ids))
@@ -364,25 +376,19 @@ class VectorIndex:
         return out
 
     def gather(self, slots) -> np.ndarray:
-        """The exact rows of ``slots`` (float32, sorted), read with ``pread`` into one buffer, one call per
-        run of consecutive slots: the process maps none of the file (its pages stay in the shared page
-        cache, not in this process's resident memory)."""
+        """The exact rows of ``slots`` (float32, in their order), one numpy gather from the mapped file: no
+        system call per row. The pages it touches count in this process's resident memory until they are
+        unmapped again (``MADV_DONTNEED``: they stay in the shared page cache) once
+        :data:`GATHER_RESIDENT` bytes have been read, which bounds what queries add to it."""
         slots = np.asarray(slots, np.int64)
-        width = self.width
-        out = np.empty((len(slots), width), np.float32)
-        if not len(slots):
-            return out
-        view = memoryview(out).cast("B")
-        row = width * 4
-        if np.all(slots[1:] > slots[:-1]):
-            cut = np.flatnonzero(np.diff(slots) != 1) + 1
-            starts = np.concatenate([[0], cut]).tolist()
-            ends = np.concatenate([cut, [len(slots)]]).tolist()
-            for a, b in zip(starts, ends):
-                os.preadv(self._fd, [view[a * row : b * row]], int(slots[a]) * row)
-        else:
-            for k, s in enumerate(slots.tolist()):
-                os.preadv(self._fd, [view[k * row : (k + 1) * row]], s * row)
+        out = np.asarray(self.vectors[slots])
+        if self._mmap is not None and len(slots):
+            self._touched += len(slots) * (out.shape[1] * 4 + 4096)
+            if self._touched > GATHER_RESIDENT and hasattr(self._mmap, "madvise"):
+                import mmap
+
+                self._mmap.madvise(mmap.MADV_DONTNEED)
+                self._touched = 0
         return out
 
     # -- searching -------------------------------------------------------------------------------

@@ -97,22 +97,26 @@ class _Words:
 
 
 def _search_light(catalog, pw, pc, family, limit, cache) -> dict:
-    """:func:`search` on the hits' words as FTS5 returns them (one query), each hit's tokenised words kept in
-    ``cache.lex_words`` (bounded) for the next query."""
+    """:func:`search` on the hits' words (one FTS5 query for the hits, one read of the words of those hits not
+    seen before), each hit's tokenised words kept in ``cache.lex_words`` (bounded) for the next query."""
     import json
 
     memo = cache.__dict__.setdefault("lex_words", {})
     if len(memo) > 200_000:
         memo.clear()
+    hits = catalog.fts_search(pc, family=family, limit=limit)
+    todo = [fid for fid, _ in hits if fid not in memo]
+    if todo:
+        for fid, name, trig, tags, desc in catalog.words_by_ids(todo):
+            memo[fid] = (name, _row_words(_Words(name, json.loads(trig), json.loads(tags), desc)))
     out = {}
     content = set(pc)
-    for fid, bm25, name, trig, tags, desc in catalog.fts_search(pc, family=family, limit=limit, with_words=True):
-        row = _Words(name, json.loads(trig), json.loads(tags), desc)
-        words = memo.get(fid)
-        if words is None:
-            words = memo[fid] = _row_words(row)
-        else:
-            row.__dict__["_lex_words"] = words
+    for fid, bm25 in hits:
+        got = memo.get(fid)
+        if got is None:  # no longer in the catalog
+            continue
+        row = _Words(got[0], None, None, None)
+        row.__dict__["_lex_words"] = got[1]
         s, why = score_row(pw, content, row)
         if s > 0:
             out[fid] = (s, why, bm25)
