@@ -18,7 +18,7 @@ NOT_USER_ERRORS = {"lora_composer.serving.jobs.Cancelled"}
 def _package_exceptions() -> dict[str, type]:
     found = {}
     for info in pkgutil.walk_packages(lora_composer.__path__, "lora_composer."):
-        if ".miniworld.probes" in info.name or info.name.endswith("__main__"):
+        if info.name.endswith("__main__"):
             continue
         module = importlib.import_module(info.name)
         for name, obj in vars(module).items():

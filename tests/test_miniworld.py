@@ -1,4 +1,5 @@
-"""The mini world: scenes, captions, LoRA specs and files, and the evaluation protocol's bookkeeping."""
+"""The mini world: scenes, captions, LoRA specs and files, the evaluation protocol's bookkeeping, and the
+development tools beside it (bench/miniworld/: training, LoRA files, docs/EVAL.md's tables)."""
 
 from __future__ import annotations
 
@@ -107,17 +108,36 @@ def test_tally_rates():
 
 
 def test_write_doc_replaces_only_its_section(tmp_path):
+    from bench.miniworld.eval_doc import write_doc
+
     doc = tmp_path / "EVAL.md"
     doc.write_text("# Eval\n\nintro\n")
-    evaluate.write_doc(doc, "table one\n")
-    evaluate.write_doc(doc, "table two\n")
+    write_doc(doc, "table one\n")
+    write_doc(doc, "table two\n")
     text = doc.read_text()
     assert text.startswith("# Eval\n\nintro\n") and "table two" in text and "table one" not in text
     assert text.count("<!-- eval:results -->") == 1
 
 
+def test_docs_tables_come_from_the_development_tool_not_compose_eval(tmp_path, capsys):
+    """``compose eval`` edits no file but its outputs; the tool refuses what it cannot record, before rendering."""
+    from bench.miniworld import eval_doc
+    from lora_composer.frontends.cli import main
+
+    doc = tmp_path / "EVAL.md"
+    assert main(["eval", "--write-doc", str(doc), "-q"]) == 2
+    assert "unrecognized arguments: --write-doc" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        eval_doc.main(["--doc", str(doc), "--world", "community", "-q"])
+    assert exc.value.code == 2 and "one-object tables only" in capsys.readouterr().err
+    assert eval_doc.main(["--doc", str(doc), "--no-such-option"]) == 2  # compose eval's own usage error
+    assert "compose eval: error: unrecognized arguments: --no-such-option" in capsys.readouterr().err
+    assert not doc.exists()
+
+
 def test_written_lora_loads_with_its_metadata(tmp_path, sd15_pipe):
     """Both formats round-trip the trained factors; trigger words come from kohya metadata and sidecars."""
+    from bench.miniworld.lora_files import write_lora
     from lora_composer import tiny
     from lora_composer.adapters import load_adapter
 
@@ -125,7 +145,7 @@ def test_written_lora_loads_with_its_metadata(tmp_path, sd15_pipe):
     sd15_pipe.save_pretrained(model)
     layers = tiny.random_lora_layers(sd15_pipe, rank=4, seed=1)
     for spec in (library.LORA_BY_NAME["star-shape"], library.LORA_BY_NAME["wavy-bg"]):
-        path = library.write_lora(model, tmp_path / "loras", spec, layers)
+        path = write_lora(model, tmp_path / "loras", spec, layers)
         adapter = load_adapter(path)
         assert adapter.metadata.source_format == ("kohya" if spec.kohya_keys else "diffusers")
         assert set(spec.triggers) <= set(adapter.metadata.trigger_words)
@@ -144,7 +164,7 @@ def test_written_lora_loads_with_its_metadata(tmp_path, sd15_pipe):
 
 def test_train_lora_steps_change_only_the_adapter(tmp_path, sd15_pipe):
     """A few training steps on a (tiny) base: LoRA factors come back for UNet and text encoder, base untouched."""
-    from lora_composer.miniworld import train
+    from bench.miniworld import train
 
     model = tmp_path / "model"
     sd15_pipe.unet.register_to_config(sample_size=16)
@@ -181,13 +201,16 @@ def test_shipped_model_keeps_the_mini_world_contract(shipped):
 
 
 def test_eval_command_writes_results_and_grid(tmp_path, capsys):
-    """``compose eval`` end to end on a narrow protocol: the table, results.json, the grid and the doc section."""
+    """``compose eval`` end to end on a narrow protocol: the table, results.json, the grid, and the doc section
+    written by ``python -m bench.miniworld.eval_doc`` (which runs it)."""
+    from bench.miniworld import eval_doc
     from lora_composer.frontends.cli import main
 
     doc = tmp_path / "EVAL.md"
-    code = main(
+    code = eval_doc.main(
         [
-            "eval",
+            "--doc",
+            str(doc),
             "--sizes",
             "2",
             "--seeds",
@@ -202,8 +225,6 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
             "1",
             "--out",
             str(tmp_path / "out"),
-            "--write-doc",
-            str(doc),
             "-q",
         ]
     )
@@ -216,6 +237,7 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     for rec in result["auto_vs_hand"]["sets"].values():  # one combination per size 1-4, both phrasings
         assert rec["prompts"] == 4 and rec["hand"]["images"] == rec["auto"]["images"] == 4
     assert (tmp_path / "out" / "grid.png").is_file() and "| merge |" in doc.read_text()
+    assert "Command: `compose eval --sizes 2 --seeds 1 --steps 2" in doc.read_text()  # what the doc's numbers ran
     assert result["strategies"]["merge"]["rows_per_image"] == 2 * 2  # 2 steps x both halves of guidance
     table = [line.split(" | ") for line in doc.read_text().splitlines() if line.startswith("| ")]
     col = table[0].index("rows vs merge")
@@ -267,7 +289,7 @@ def test_eval_command_writes_results_and_grid(tmp_path, capsys):
     ],
 )
 def test_training_a_stage_before_the_one_it_needs_is_a_usage_error(tmp_path, capsys, argv, missing):
-    from lora_composer.miniworld import train
+    from bench.miniworld import train
 
     with pytest.raises(SystemExit) as exc:
         train.main([*argv, "--out", str(tmp_path)])

@@ -85,9 +85,9 @@ shipped = pytest.mark.skipif(not community_eval.detector_path().is_file(), reaso
 
 @shipped
 def test_shipped_detector_reads_every_category_of_fresh_pictures():
-    from lora_composer.miniworld import detectors
+    from bench.miniworld.train_detectors import accuracy
 
-    acc = detectors.accuracy(community_eval.load_judge(), n=300, seed=11, w=community)
+    acc = accuracy(community_eval.load_judge(), n=300, seed=11, w=community)
     assert min(acc.values()) >= 0.95, acc
 
 

@@ -1,4 +1,5 @@
-"""Mini-world detectors: input forms, a short training run that must learn every category, safe files, CLI."""
+"""Mini-world detectors: input forms, safe files, and (bench/miniworld/train_detectors.py) a short training run
+that must learn every category and its CLI."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from bench.miniworld import train_detectors
 from lora_composer.miniworld import detectors, world
 
 
@@ -24,12 +26,12 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def trained():
-    return detectors.train_detector(steps=60, batch=32, seed=0, progress=False)
+    return train_detectors.train_detector(steps=60, batch=32, seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")
 def pictures():
-    images, _, scenes = world.sample(np.random.default_rng(123), 6, detectors.ALL_VALUES)
+    images, _, scenes = world.sample(np.random.default_rng(123), 6, train_detectors.ALL_VALUES)
     return images, scenes
 
 
@@ -46,29 +48,29 @@ def test_detector_is_small_with_one_head_per_category():
 
 
 def test_short_training_beats_twice_chance_on_fresh_images(trained):
-    acc = detectors.accuracy(trained, n=500, seed=7)
+    acc = train_detectors.accuracy(trained, n=500, seed=7)
     assert all(_beats_chance(acc).values()), acc
 
 
 def test_untrained_detector_fails_the_same_bar():
     torch.manual_seed(0)
-    acc = detectors.accuracy(detectors.Detector().eval(), n=500, seed=7)
+    acc = train_detectors.accuracy(detectors.Detector().eval(), n=500, seed=7)
     assert not all(_beats_chance(acc).values()), acc
 
 
 def test_accuracy_images_are_not_training_images(monkeypatch):
     """Records what training and accuracy() actually draw (same seed): no picture is shared."""
     drawn = []
-    real_draw = detectors.draw
+    real_draw = train_detectors.draw
 
     def recording_draw(rng, n):
         x, targets = real_draw(rng, n)
         drawn.append(x)
         return x, targets
 
-    monkeypatch.setattr(detectors, "draw", recording_draw)
-    detectors.train_detector(steps=1, batch=16, seed=0, progress=False)
-    detectors.accuracy(detectors.Detector().eval(), n=16, seed=0)
+    monkeypatch.setattr(train_detectors, "draw", recording_draw)
+    train_detectors.train_detector(steps=1, batch=16, seed=0, progress=False)
+    train_detectors.accuracy(detectors.Detector().eval(), n=16, seed=0)
     train_x, eval_x = drawn
     same = (train_x[:, None] == eval_x[None]).flatten(2).all(-1)  # [i, j]: training i is evaluation j
     assert not same.any()
@@ -112,8 +114,8 @@ def test_bad_inputs_are_refused(trained):
 
 
 def test_augmentation_degrades_but_keeps_range():
-    x, _ = detectors.draw(np.random.default_rng(0), 8)
-    y = detectors.augment(x, torch.Generator().manual_seed(0), p=1.0)
+    x, _ = train_detectors.draw(np.random.default_rng(0), 8)
+    y = train_detectors.augment(x, torch.Generator().manual_seed(0), p=1.0)
     assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
     assert (y - x).abs().mean() > 0.01
 
@@ -170,16 +172,16 @@ def test_missing_file_is_a_one_line_error_naming_the_file(tmp_path):
 def test_cli_writes_detector_and_report(tmp_path, capsys):
     """The file holds what train_detector gives for the same arguments, the report its accuracy."""
     out = tmp_path / "d" / "det.safetensors"
-    assert detectors.main(["--out", str(out), "--steps", "2", "--batch", "8", "--eval-images", "20"]) == 0
+    assert train_detectors.main(["--out", str(out), "--steps", "2", "--batch", "8", "--eval-images", "20"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "d" / "det.safetensors.json").read_text())
     seconds = report.pop("seconds")
     assert isinstance(seconds, float)
     loaded = detectors.load_detector(out)
-    reference = detectors.train_detector(steps=2, batch=8, seed=0, progress=False)
+    reference = train_detectors.train_detector(steps=2, batch=8, seed=0, progress=False)
     want = reference.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items()) and len(want)
-    accuracy = detectors.accuracy(reference, n=20, seed=0)
+    accuracy = train_detectors.accuracy(reference, n=20, seed=0)
     assert report == {"accuracy": accuracy, "steps": 2, "batch": 8, "seed": 0, "eval_images": 20, "threads": 1}
     for name, value in accuracy.items():
         assert f"{name:>10}: {value:.2%}" in printed

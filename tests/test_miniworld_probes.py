@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from bench.miniworld import probes
 from lora_composer.adapters.shira import dense_delta
-from lora_composer.miniworld import assets, probes
+from lora_composer.miniworld import assets
 from lora_composer.pipeline import ComposerPipeline
 
 PROMPT = "blinky, a purple star on a wavy background"
@@ -96,7 +97,7 @@ def test_uncond_factor_scales_the_first_half_of_rows(cp):
 
 
 def _render(cp, names, strategy="merge", n=None):
-    from lora_composer.miniworld.probes import OwnInputs, own_inputs
+    from bench.miniworld.probes import OwnInputs, own_inputs
 
     loras = [(name, 1.0) for name in names]
     call = dict(num_inference_steps=3, seed=1, progress=False, output_type="np")
@@ -120,7 +121,7 @@ def test_own_inputs_with_one_lora_is_merge_and_with_two_is_not(cp):
 def test_own_inputs_gives_the_composed_rows_each_solo_rows_delta(cp):
     """One layer, three row groups of one row (composed, star alone, purple alone): the composed row gets the
     base output of its own input plus each LoRA's delta on that LoRA's row; the solo rows are left as they are."""
-    from lora_composer.miniworld.probes import own_inputs
+    from bench.miniworld.probes import own_inputs
 
     rt, two = cp.runtime, NAMES[:2]
     key = next(
@@ -145,7 +146,7 @@ def test_own_inputs_gives_the_composed_rows_each_solo_rows_delta(cp):
 
 
 def _effects_render(cp, names):
-    from lora_composer.miniworld.probes import Effects, pushes
+    from bench.miniworld.probes import Effects, pushes
 
     energy = torch.zeros(len(names), 2, dtype=torch.float64)
     strategy = Effects(5.0)
@@ -188,7 +189,7 @@ def test_effects_with_one_lora_draw_merge_and_measure_one(cp):
 def test_effects_combine_is_the_guided_leave_one_out_ratio():
     """``|g_all - g_{all without i}| / |g_i - g_base|`` on ``g = u + s (c - u)``, written out per adapter."""
     from lora_composer.fusion.base import StrategyContext
-    from lora_composer.miniworld.probes import Effects
+    from bench.miniworld.probes import Effects
 
     n, scale = 2, 3.0
     strategy = Effects(scale)
@@ -207,7 +208,7 @@ def test_effects_combine_is_the_guided_leave_one_out_ratio():
 def test_pushes_measure_each_delta_on_the_stack_rows_and_on_its_solo_rows(cp):
     """One convolution, six row groups of one row (Effects' order for two LoRAs): each LoRA's delta energy on
     row 0 (the stack) and on its solo row (3 + i), from the dense deltas by hand; the output is untouched."""
-    from lora_composer.miniworld.probes import pushes
+    from bench.miniworld.probes import pushes
 
     rt, two = cp.runtime, NAMES[:2]
     key = next(

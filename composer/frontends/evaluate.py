@@ -2,7 +2,6 @@
 
     compose eval                          default protocol: 2, 3 and 4 LoRAs, 2 seeds, every strategy
     compose eval --sizes 2 --seeds 1 --strategies merge switch --out eval-out
-    compose eval --write-doc docs/EVAL.md
     compose eval --world two-objects      two objects per picture: bleeding between them counts as failure
     compose eval --world community        LoRAs that teach variants of what the base draws (community regime)
 
@@ -116,7 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="also add this run to a record file (the package's results/<world>.json is what --help, the "
         "web UI and --strategy auto quote)",
     )
-    p.add_argument("--write-doc", type=Path, metavar="MD", help="also write the tables into this Markdown file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p
 
@@ -126,7 +124,7 @@ def main(argv: list[str]) -> int:
     from lora_composer.fusion.registry import STRATEGIES, available, get_strategy, parse_strategy_args
     from lora_composer.miniworld import assets, world
     from lora_composer.miniworld.detectors import load_detector
-    from lora_composer.miniworld.evaluate import evaluate, markdown, write_doc
+    from lora_composer.miniworld.evaluate import evaluate, markdown
 
     args = build_parser().parse_args(argv)
     if args.combos is not None and (args.combos < 1 or args.world == "two-objects"):
@@ -176,8 +174,6 @@ def main(argv: list[str]) -> int:
     _save(args, argv, result)
     text = markdown(result, f"{PROG} {' '.join(argv)}".strip())
     print(text)
-    if args.write_doc:
-        write_doc(args.write_doc, text)
     return 0
 
 
@@ -209,8 +205,6 @@ def _two_objects(args, argv: list[str]) -> int:
     """``--world two-objects``: the two-object table (lora_composer.miniworld.two_objects)."""
     from lora_composer.miniworld import assets, two_objects
 
-    if args.write_doc:
-        raise UsageError("--write-doc writes the one-object tables only; docs/EVAL.md quotes the two-object ones")
     strategies = args.strategies or list(TWO_OBJECT_STRATEGIES)
     _check_strategies(strategies)
     if args.per_kind < 1:
@@ -237,8 +231,6 @@ def _community(args, argv: list[str]) -> int:
     """``--world community``: the community world's table (lora_composer.miniworld.community_eval)."""
     from lora_composer.miniworld import assets, community_eval
 
-    if args.write_doc:
-        raise UsageError("--write-doc writes the one-object tables only; docs/EVAL.md quotes the community ones")
     strategies = args.strategies or list(community_eval.STRATEGIES)
     _check_strategies(strategies)
     if any(k < 1 or k > len(community_eval.LORAS) for k in args.sizes):

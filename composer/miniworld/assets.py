@@ -1,8 +1,9 @@
 """Where the trained mini world ships: the model, its concept LoRA library and the detectors.
 
 They are committed with the project (``composer/miniworld/weights``, under 40 MB; ``weights/community``
-holds the community world's), so ``compose`` renders meaningful pictures offline on a fresh clone. ``python -m lora_composer.miniworld.train all --out DIR`` and
-``python -m lora_composer.miniworld.detectors --out DIR/detectors.safetensors`` rebuild them.
+holds the community world's), so ``compose`` renders meaningful pictures offline on a fresh clone. In a source
+checkout, ``python -m bench.miniworld.train all --out DIR`` and
+``python -m bench.miniworld.train_detectors --out DIR/detectors.safetensors`` rebuild them.
 """
 
 from __future__ import annotations

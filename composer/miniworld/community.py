@@ -11,8 +11,8 @@ checkered backgrounds, outlines, a two-eyed creature), and each LoRA teaches one
     style       outline         -> dashed    (a dashed outline)               "inko outline style"
     character   creature        -> cyclops   (one eye and an antenna)         "glorp creature"
 
-The categories, captions and drawing live here; :mod:`~lora_composer.miniworld.community_train` trains the
-base and the LoRAs, :mod:`~lora_composer.miniworld.community_eval` measures the strategies.
+The categories, captions and drawing live here; ``bench/miniworld/community_train.py`` (a source checkout's)
+trains the base and the LoRAs, :mod:`~lora_composer.miniworld.community_eval` measures the strategies.
 """
 
 from __future__ import annotations

@@ -51,8 +51,7 @@ def load_pipeline(library=None, device: str | None = None):
     """The shipped model with the community UNet (fp16 file, fp32 model) and text-encoder layers in place."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from lora_composer.miniworld.community_train import TEXT_LAYERS
-    from lora_composer.miniworld.two_objects import apply_text_layers
+    from lora_composer.miniworld.text_layers import TEXT_LAYERS, apply_text_layers
     from lora_composer.pipeline import ComposerPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(

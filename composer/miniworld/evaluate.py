@@ -713,15 +713,3 @@ def markdown(result: dict, command: str) -> str:
     if "auto_vs_hand" in result:
         lines += ["", auto_markdown(result["auto_vs_hand"])]
     return "\n".join(lines) + "\n"
-
-
-def write_doc(doc: Path, section: str) -> None:
-    """Replace the text between the eval markers in ``doc`` (or append it)."""
-    start, end = "<!-- eval:results -->", "<!-- /eval:results -->"
-    text = doc.read_text() if doc.exists() else "# Evaluation on the mini world\n\n"
-    block = f"{start}\n{section}{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(text)

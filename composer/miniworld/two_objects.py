@@ -4,17 +4,14 @@ Each 64x64 half is a one-object picture of :mod:`~lora_composer.miniworld.world`
 judge each half by cropping. Concepts named for one object must stay on it: a concept found on the other
 half is *bleeding*, the classic multi-subject failure, and it counts against a composition.
 
-    python -m lora_composer.miniworld.two_objects train --threads 1 --text-layers --lr 1e-3   # the shipped base
-    python -m lora_composer.miniworld.two_objects check --threads 1          # detectors on halves, base sanity
-    python -m lora_composer.miniworld.two_objects alone --threads 1          # each LoRA alone on one side
+``compose eval --world two-objects`` measures the strategies here; the base's fine-tune and the checks
+docs/EVAL.md quotes are development tools of a source checkout (``bench/miniworld/train_two_objects.py``,
+``bench/miniworld/two_object_checks.py``).
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import itertools
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,14 +20,12 @@ import numpy as np
 import torch
 
 from lora_composer.miniworld import assets, world
+from lora_composer.miniworld.text_layers import TEXT_LAYERS, apply_text_layers
 
 WIDTH, HEIGHT = 2 * world.SIZE, world.SIZE
 SIDES = ("left", "right")
 OBJECT_CATEGORIES = ("shape", "colour", "character")  # drawn per object; background and style are shared
 SHARED_CATEGORIES = ("background", "style")
-TOKEN_EMBEDDING = "token_embedding.weight"  # (name suffix) 9.5 MB: only the rows the captions use are shipped
-TEXT_LAYERS = "text_encoder_layers.safetensors"  # the rest of the text encoder, when fine-tuned
-ROW_IDS, ROWS = "token_rows.ids", "token_rows.weight"
 
 
 @dataclass(frozen=True)
@@ -140,140 +135,6 @@ def load_pipeline(library=None, device: str | None = None, unet_dir: Path | None
     if device:
         pipe.to(device)
     return ComposerPipeline(pipe, library=library, model=str(assets.model_dir()))
-
-
-def apply_text_layers(text_encoder, layers: Path) -> None:
-    """Put a :func:`text_layers_file` into the one-object model's text encoder (nothing if there is none)."""
-    if not layers.is_file():
-        return
-    from safetensors.torch import load_file
-
-    state = {k: v.float() for k, v in load_file(str(layers)).items()}
-    ids, rows = state.pop(ROW_IDS).long(), state.pop(ROWS)
-    missing, unexpected = text_encoder.load_state_dict(state, strict=False)
-    if unexpected or any(not k.endswith((TOKEN_EMBEDDING, "position_ids")) for k in missing):
-        raise ValueError(f"{layers}: not this text encoder's layers")
-    with torch.no_grad():
-        text_encoder.get_input_embeddings().weight[ids] = rows
-
-
-# --------------------------------------------------------------------------------------------- training
-def text_layers_file(trained, shipped, min_change: float = 0.05) -> dict[str, torch.Tensor]:
-    """fp16 tensors of a fine-tuned text encoder: every layer but the token embedding, and of that only the
-    rows that moved (the captions' tokens; the others only felt weight decay, under 1%, and stay shipped)."""
-    out = {
-        k: v.detach().to(torch.float16).contiguous()
-        for k, v in trained.state_dict().items()
-        if not k.endswith(TOKEN_EMBEDDING)
-    }
-    new, old = trained.get_input_embeddings().weight.detach(), shipped.get_input_embeddings().weight.detach()
-    ids = torch.nonzero((new - old).norm(dim=1) > min_change * old.norm(dim=1)).flatten()
-    out[ROW_IDS], out[ROWS] = ids.to(torch.int32), new[ids].to(torch.float16).contiguous()
-    return out
-
-
-def train(
-    out: Path,
-    seconds: float = 1200.0,
-    max_steps: int = 100000,
-    batch2: int = 16,
-    batch1: int = 8,
-    lr: float = 3e-4,
-    pictures: int = 4000,
-    seed: int = 0,
-    text_layers: bool = False,
-    resume: Path | None = None,
-) -> dict:
-    """Fine-tune the shipped UNet on two-object (128x64) and one-object (64x64) pictures of base concepts.
-
-    The text encoder stays frozen (the LoRAs' text layers keep the inputs they were trained on, and nothing
-    of it needs shipping), or with ``text_layers`` all of it but the 9.5 MB token embedding trains too (shipped
-    as a small fp16 file); each step is one two-object and one one-object batch. Stops after ``seconds``
-    of training (``max_steps`` at most): the budget, not a step count, is what the recipe fixes.
-    """
-    from diffusers import StableDiffusionPipeline
-
-    from lora_composer.miniworld import train as tr
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed + 7)
-    gen = torch.Generator().manual_seed(seed)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        assets.model_dir(), safety_checker=None, requires_safety_checker=False
-    )
-    shipped_text = copy.deepcopy(pipe.text_encoder)  # the embedding rows ship as changes against this one
-    if resume is not None:  # continue a two-object fine-tune (its UNet and text layers)
-        from diffusers import UNet2DConditionModel
-
-        pipe.unet = UNet2DConditionModel.from_pretrained(resume / "unet", torch_dtype=torch.float32)
-        apply_text_layers(pipe.text_encoder, resume / TEXT_LAYERS)
-    vae, text_encoder, unet, tokenizer = pipe.vae.eval(), pipe.text_encoder.eval(), pipe.unet.train(), pipe.tokenizer
-    text_encoder.requires_grad_(False)
-    if text_layers:
-        for name, p in text_encoder.named_parameters():
-            p.requires_grad_(not name.endswith(TOKEN_EMBEDDING))
-    t0 = time.perf_counter()
-    two_pics, _, pairs = sample(rng, pictures)
-    one_pics, _, scenes = world.sample(rng, pictures // 2)
-    lat2, lat1 = tr.encode(vae, two_pics, batch=64), tr.encode(vae, one_pics, batch=128)
-    del two_pics, one_pics
-    prep = time.perf_counter() - t0
-    params = list(unet.parameters()) + [p for p in text_encoder.parameters() if p.requires_grad]
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    sched = tr.noise_scheduler()
-    t0, step, losses = time.perf_counter(), 0, []
-    expected = max_steps
-    while step < max_steps and time.perf_counter() - t0 < seconds:
-        tr._cosine_lr(opt, step, expected, lr, warmup=50)
-        i2, i1 = rng.integers(0, len(pairs), batch2), rng.integers(0, len(scenes), batch1)
-        cap2 = ["" if rng.random() < 0.1 else caption(pairs[i], rng, 0.2) for i in i2]
-        cap1 = tr._scenes_captions([scenes[i] for i in i1], rng, drop=0.25)
-        l2 = tr._diffusion_loss(
-            unet, text_encoder, sched, lat2[torch.from_numpy(i2)], tr._tokenize(tokenizer, cap2, "cpu"), gen
-        )
-        l1 = tr._diffusion_loss(
-            unet, text_encoder, sched, lat1[torch.from_numpy(i1)], tr._tokenize(tokenizer, cap1, "cpu"), gen
-        )
-        loss = (batch2 * l2 + batch1 * l1) / (batch2 + batch1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(0.998, (1 + step) / (10 + step)))
-        losses.append(loss.item())
-        step += 1
-        if step == 50:  # the cosine schedule's length, from the measured speed and the budget
-            expected = min(max_steps, int(seconds / ((time.perf_counter() - t0) / step)))
-        if step % 100 == 0:
-            print(
-                f"step {step}/{expected} loss {np.mean(losses[-100:]):.4f} {time.perf_counter() - t0:.0f}s", flush=True
-            )
-    took = time.perf_counter() - t0
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
-    out.mkdir(parents=True, exist_ok=True)
-    unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
-    if text_layers:
-        from safetensors.torch import save_file
-
-        save_file(text_layers_file(text_encoder, shipped_text), str(out / TEXT_LAYERS))
-    figures = {
-        "steps": step,
-        "batch": f"{batch2} two-object (128x64) + {batch1} one-object (64x64)",
-        "lr": lr,
-        "pictures": f"{pictures} two-object + {pictures // 2} one-object, base concepts only",
-        "seconds_training": round(took, 1),
-        "seconds_drawing_and_encoding": round(prep, 1),
-        "threads": torch.get_num_threads(),
-        "text_encoder": "layers fine-tuned, token embedding shipped" if text_layers else "frozen (shipped)",
-        "unet_file": "fp16",
-        "final_loss_100": round(float(np.mean(losses[-100:])), 4),
-    }
-    (out / "train.json").write_text(json.dumps(figures, indent=2) + "\n")
-    return figures
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -508,48 +369,12 @@ def base_sanity(judge: Judge, prompts: int = 24, seed: int = 0, strategy: str = 
     }
 
 
-def lora_alone(judge: Judge | None = None, prompts: int = 4, seed: int = 0) -> dict:
-    """Each LoRA alone, its concept named on one side (both for backgrounds): rendered there? bleeding?"""
-    from lora_composer.miniworld.library import LORAS
-
-    judge = judge or default_judge()
-    rng = np.random.default_rng([seed, 4])
-    out = {}
-    for spec in LORAS:
-        if spec.category == "style":
-            continue
-        sides = ("both",) if spec.category == "background" else SIDES
-        t = Tally()
-        for side in sides:
-            for i in range(prompts):
-                combo = ((side, spec),)
-                judge.run(t, pair_for(combo, rng), combo, "merge", seed + 100 + i)
-        s = t.summary()
-        out[spec.name] = {
-            "on_its_half": s["concepts"][spec.value],
-            "bleeding": s["bleed"].get(spec.value),
-            "images": s["images"],
-            "base_confidence": s["base_confidence"],
-        }
-    return out
-
-
 def default_judge(seeds: int = 1, unet: str = "two-objects") -> Judge:
     """``unet``: ``"two-objects"`` (the base fine-tuned here) or ``"one-object"`` (the LoRAs' own base)."""
     from lora_composer.miniworld.detectors import load_detector
 
     pipe = load_pipeline(assets.library_dir(), unet_dir=assets.model_dir() / "unet" if unet == "one-object" else None)
     return Judge(pipe, load_detector(assets.detector_path()), seeds=seeds, base=unet)
-
-
-def checks(seed: int = 0, prompts: int = 24) -> dict:
-    from lora_composer.miniworld.detectors import load_detector
-
-    det = load_detector(assets.detector_path())
-    out = {"detectors_on_halves": detector_on_halves(det)}
-    for unet in ("one-object", "two-objects"):
-        out[f"base_sanity, {unet} unet"] = base_sanity(default_judge(2, unet), prompts, seed)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- eval
@@ -672,51 +497,3 @@ def markdown(result: dict, command: str) -> str:
             cells.append("" if hit is None else f"{hit:.2f}" + (f" ({bled:.2f})" if bled is not None else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m lora_composer.miniworld.two_objects", description=__doc__.splitlines()[0]
-    )
-    p.add_argument("what", choices=["train", "check", "alone"])
-    p.add_argument("--out", type=Path, default=None, help="train: the weights folder (default: the shipped one)")
-    p.add_argument("--seconds", type=float, default=1150.0, help="train: training time budget")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batch2", type=int, default=12)
-    p.add_argument("--batch1", type=int, default=6)
-    p.add_argument("--pictures", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument(
-        "--text-layers", action="store_true", help="train: fine-tune the text encoder but its token embedding"
-    )
-    p.add_argument("--resume", type=Path, default=None, help="train: continue from this two-object weights folder")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.what == "train":
-        print(
-            json.dumps(
-                train(
-                    args.out or weights_dir(),
-                    seconds=args.seconds,
-                    batch2=args.batch2,
-                    batch1=args.batch1,
-                    lr=args.lr,
-                    pictures=args.pictures,
-                    seed=args.seed,
-                    text_layers=args.text_layers,
-                    resume=args.resume,
-                ),
-                indent=2,
-            )
-        )
-    elif args.what == "check":
-        print(json.dumps(checks(seed=args.seed), indent=2))
-    else:
-        print(json.dumps(lora_alone(seed=args.seed), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,11 +1,11 @@
 """Train the mini world's text-to-image model from scratch, then its concept LoRAs.
 
-    python -m lora_composer.miniworld.train vae   --out DIR      # AutoencoderKL on base-world images
-    python -m lora_composer.miniworld.train base  --out DIR      # CLIP text encoder + UNet, jointly, on base captions
-                                                            # (then a refinement stage at a lower learning rate)
-    python -m lora_composer.miniworld.train loras --out DIR      # one LoRA per new concept (PEFT), into DIR/loras
-    python -m lora_composer.miniworld.train previews --out DIR   # preview images of some LoRAs (done by loras too)
-    python -m lora_composer.miniworld.train all   --out DIR      # all of the above in order
+    python -m bench.miniworld.train vae   --out DIR      # AutoencoderKL on base-world images
+    python -m bench.miniworld.train base  --out DIR      # CLIP text encoder + UNet, jointly, on base captions
+                                                         # (then a refinement stage at a lower learning rate)
+    python -m bench.miniworld.train loras --out DIR      # one LoRA per new concept (PEFT), into DIR/loras
+    python -m bench.miniworld.train previews --out DIR   # preview images of some LoRAs (done by loras too)
+    python -m bench.miniworld.train all   --out DIR      # all of the above in order
 
 ``DIR/model`` is a ``StableDiffusionPipeline`` folder (diffusers format). Everything is seeded; on this
 project's 2-core CPU the default recipe takes the times recorded in ``docs/EVAL.md``. A GPU is used when
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_composer.miniworld import world
+from lora_composer.miniworld.detectors import to_tensor
 
 TEXT_HIDDEN = 48
 # Attention and feed-forward projections plus the ResNet convolutions (LoCon): a new shape or pattern is
@@ -116,11 +117,6 @@ def noise_scheduler():
         clip_sample=False,
         steps_offset=1,
     )
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``(n, H, W, 3)`` -> float ``(n, 3, H, W)`` in [-1, 1], as the VAE expects."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def _cosine_lr(opt, step: int, total: int, base: float, warmup: int = 100) -> None:
@@ -350,7 +346,7 @@ def train_lora(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lora_composer.miniworld.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.miniworld.train", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["vae", "base", "loras", "previews", "all"])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -403,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
     if args.what in ("loras", "all"):
+        from bench.miniworld import lora_files
         from lora_composer.miniworld import library
 
         for i, spec in enumerate(library.LORAS):
@@ -411,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             # Each LoRA its own seed: its own initial factors and pictures, as independently trained files have.
             timed(
                 f"lora {spec.name}",
-                lambda spec=spec, i=i: library.write_lora(
+                lambda spec=spec, i=i: lora_files.write_lora(
                     args.out / "model",
                     args.out / "loras",
                     spec,
@@ -426,9 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
     if args.what in ("loras", "previews", "all"):
-        from lora_composer.miniworld import library
+        from bench.miniworld import lora_files
 
-        for path in library.write_previews(args.out / "model", args.out / "loras"):
+        for path in lora_files.write_previews(args.out / "model", args.out / "loras"):
             print(f"wrote {path}")
     return 0
 

@@ -23,7 +23,7 @@ One probe changes nothing and measures instead (merge's own pictures, with ``2 N
   e_{all without i}| / |e_i - e_base|``), for concepts drawn and concepts missed: is a missed concept's push
   weakened inside the stack, or cancelled after it?
 
-    python -m lora_composer.miniworld.probes [--sizes 3 4] [--seed 1000] [--threads 2] merge weight=0.8 kv-route
+    python -m bench.miniworld.probes [--sizes 3 4] [--seed 1000] [--threads 2] merge weight=0.8 kv-route
 """
 
 from __future__ import annotations
@@ -322,7 +322,7 @@ MEASURES = {
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lora_composer.miniworld.probes", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.miniworld.probes", description=__doc__.splitlines()[0])
     p.add_argument(
         "probes", nargs="+", help="merge, weight=W, guidance=G, uncond=F, text-splice, kv-route, own-inputs, effects"
     )

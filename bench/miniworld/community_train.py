@@ -1,8 +1,8 @@
 """Train the community world: its base model (fine-tuned from the shipped one) and its five variant LoRAs.
 
-    python -m lora_composer.miniworld.community_train base  --out build/community --threads 1 --seconds 1000
-    python -m lora_composer.miniworld.community_train loras --out build/community --threads 1
-    python -m lora_composer.miniworld.community_train ship  --out build/community   # into weights/community
+    python -m bench.miniworld.community_train base  --out build/community --threads 1 --seconds 1000
+    python -m bench.miniworld.community_train loras --out build/community --threads 1
+    python -m bench.miniworld.community_train ship  --out build/community   # into weights/community
 
 The shipped model's VAE, tokenizer and text-encoder structure serve as they are (the VAE saw stars, purple,
 outlines and checkerboards); the UNet and the text encoder are fine-tuned on pictures of every *base* value of
@@ -22,10 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.miniworld import train as tr
+from bench.miniworld.lora_files import write_community_lora
 from lora_composer.miniworld import assets, community
-from lora_composer.miniworld import train as tr
+from lora_composer.miniworld.community_library import LORAS, library_dir
+from lora_composer.miniworld.text_layers import TEXT_LAYERS, text_layers_file
 
-TEXT_LAYERS = "text_encoder_layers.safetensors"
+LORA_STEPS = 400  # per LoRA (loras --steps overrides)
 
 
 def train_base(
@@ -109,8 +112,6 @@ def ship(out: Path, dest: Path) -> list[Path]:
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
-    from lora_composer.miniworld.two_objects import text_layers_file
-
     dest.mkdir(parents=True, exist_ok=True)
     unet = UNet2DConditionModel.from_pretrained(out / "model" / "unet")
     unet.to(torch.float16).save_pretrained(dest / "unet", safe_serialization=True)
@@ -125,10 +126,41 @@ def ship(out: Path, dest: Path) -> list[Path]:
     return written
 
 
+def train_all(out: Path, steps: int | None = None, only=None, library: Path | None = None) -> list[Path]:
+    """Train every LoRA (or ``only`` these variants) on ``out/model``, write them to ``library`` (default: the
+    shipped folder), record each one's time in ``out/loras-train.json``."""
+    library = library or library_dir()
+    log = out / "loras-train.json"
+    written = []
+    for i, spec in enumerate(LORAS):
+        if only and spec.value not in only:
+            continue
+        t0 = time.perf_counter()
+        layers = tr.train_lora(
+            out / "model",
+            spec.category,
+            spec.value,
+            steps=steps or LORA_STEPS,
+            seed=101 + i,
+            w=community,
+            allowed=community.variant_allowed(spec.category, spec.value),
+            drop=0.0,
+        )
+        seconds = time.perf_counter() - t0
+        written.append(write_community_lora(out / "model", library, spec, layers))
+        times = json.loads(log.read_text()) if log.exists() else {}  # re-read: parallel runs write too
+        times[spec.name] = {
+            "seconds": round(seconds, 1),
+            "steps": steps or LORA_STEPS,
+            "batch": 32,
+            "threads": torch.get_num_threads(),
+        }
+        log.write_text(json.dumps(times, indent=2) + "\n")
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m lora_composer.miniworld.community_train", description=__doc__.splitlines()[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m bench.miniworld.community_train", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["base", "loras", "ship"])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seconds", type=float, default=1000.0, help="base: training time budget")
@@ -143,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "base":
         print(json.dumps(train_base(args.out, seconds=args.seconds, lr=args.lr, resume=args.resume), indent=2))
     elif args.what == "loras":
-        from lora_composer.miniworld import community_library
-
-        for path in community_library.train_all(args.out, steps=args.steps, only=args.only):
+        for path in train_all(args.out, steps=args.steps, only=args.only):
             print(f"wrote {path}")
     else:
         for path in ship(args.out, assets.WEIGHTS / "community"):
