@@ -21,8 +21,7 @@ Files (one folder per family and embedding space, ``<catalog dir>/vectors/<key>/
 - ``index.faiss``: the IVF-PQ index of the rows present at the last build or compaction, ids = slots;
 - ``seg-<k>.faiss``: the rows added since, in a few small indexes of the same trained quantizer and codebooks
   (``trained.faiss``: that index with no rows), searched beside ``index.faiss`` and their results merged;
-- ``vectors.f32``: every slot's exact float32 row, append-only, memory-mapped and read by one numpy gather of
-  the candidates (:meth:`VectorIndex.gather`);
+- ``vectors.f32``: every slot's exact float32 row, append-only, read with ``pread`` (only the candidates);
 - ``ids.i64``, ``stamps.f64``, ``present.u8``: per slot the catalog file id (-1 once removed), its
   ``indexed_at`` stamp, the per-block ``present`` flags; raw arrays, appended to;
 - ``meta.json``: width, blocks, catalog uid, slot count, the rows in ``index.faiss``, the segment files.
@@ -50,8 +49,8 @@ import numpy as np
 EXACT_ROWS = 20_000  # up to this many rows of a family, stage 1 is the exact in-memory scan
 SUBVECTOR = 8  # dims per PQ sub-quantizer (4-bit codes: 4 bits per 8 dims)
 NPROBE = 8  # lists searched per query (16 and 24 before: the same top-20 recall at 100K and 1M rows, bench.retrieval)
-GATHER_RESIDENT = 256 << 20  # bytes of vectors.f32 the candidate gathers may keep mapped before they are dropped
 CHUNK = 10_000  # rows fetched, encoded and added at a time (bounded memory for 1M-row builds)
+ROW_CACHE = 32_768  # rows gather keeps in memory (302 MB at SD1.5's width of 2,304 float32)
 MAX_SEGMENTS = 4  # segment files of added rows before they are merged into one
 COMPACT_SHARE = 0.25  # segments holding this share of index.faiss's rows are folded into it
 FORMAT = 2
@@ -82,8 +81,8 @@ class VectorIndex:
         self.index = None  # index.faiss
         self.segments: list = []  # the seg-<k>.faiss indexes
         self.vectors = None
-        self._mmap = None
-        self._touched = None
+        self._fd = None
+        self._cache = None  # gather's row cache: (slot per entry, rows)
 
     # -- files -----------------------------------------------------------------------------------
     @property
@@ -126,6 +125,7 @@ class VectorIndex:
                 raise ValueError(f"{self.folder / name}: {len(arr)} entries, meta.json's {n} slots need {count}")
             got[key] = arr
         self.ids, self.stamps = got["ids"], got["stamps"]
+        self._cache = None
         self.present = got["present"].reshape(n, nb).astype(bool)
         self.index = self._faiss("index.faiss", mmap)
         self.segments = [self._faiss(name, mmap) for name in self.meta["segments"]]
@@ -135,23 +135,14 @@ class VectorIndex:
         return self
 
     def _map(self) -> None:
-        """Map ``vectors.f32`` read-only for :meth:`gather` (``MADV_RANDOM``: a fault maps only the page it
-        needs, no read-ahead or fault-around of its neighbours)."""
-        import mmap
-
         n, width = int(self.meta["slots"]), int(self.meta["width"])
         f = self.folder / "vectors.f32"
         if f.stat().st_size < n * width * 4:
             raise ValueError(f"{f}: {f.stat().st_size} bytes, {n} slots x {width} float32 need {n * width * 4}")
-        self._mmap = self._touched = None
-        if n:
-            self.vectors = np.memmap(f, np.float32, "r", shape=(n, width))
-            self._mmap = getattr(self.vectors, "_mmap", None)  # numpy's mapping, for madvise
-            if self._mmap is not None and hasattr(mmap, "MADV_RANDOM"):
-                self._mmap.madvise(mmap.MADV_RANDOM)
-            self._touched = 0
-        else:
-            self.vectors = np.zeros((0, width), np.float32)
+        self.vectors = np.memmap(f, np.float32, "r", shape=(n, width)) if n else np.zeros((0, width), np.float32)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = os.open(f, os.O_RDONLY)
 
     def _write_meta(self) -> None:
         self.meta["slots"] = int(len(self.ids))
@@ -211,6 +202,7 @@ class VectorIndex:
         self.ids = np.zeros(0, np.int64)
         self.stamps = np.zeros(0, np.float64)
         self.present = np.zeros((0, len(blocks)), bool)
+        self._cache = None  # slots are numbered again
         dp = padded(width)
         index = faiss.index_factory(dp, f"IVF{self.meta['nlist']},PQ{dp // SUBVECTOR}x4fs", faiss.METRIC_INNER_PRODUCT)
         # train on a spread sample (every step-th row: the catalog's order mixes its clusters)
@@ -376,19 +368,41 @@ class VectorIndex:
         return out
 
     def gather(self, slots) -> np.ndarray:
-        """The exact rows of ``slots`` (float32, in their order), one numpy gather from the mapped file: no
-        system call per row. The pages it touches count in this process's resident memory until they are
-        unmapped again (``MADV_DONTNEED``: they stay in the shared page cache) once
-        :data:`GATHER_RESIDENT` bytes have been read, which bounds what queries add to it."""
-        slots = np.asarray(slots, np.int64)
-        out = np.asarray(self.vectors[slots])
-        if self._mmap is not None and len(slots):
-            self._touched += len(slots) * (out.shape[1] * 4 + 4096)
-            if self._touched > GATHER_RESIDENT and hasattr(self._mmap, "madvise"):
-                import mmap
+        """The exact rows of ``slots`` (float32, in their order): those in the row cache copied from it, the
+        others read with ``pread`` (one call per run of consecutive slots; the process maps none of the file,
+        and a row not in the page cache costs one read request, where a mapping faults its pages in one at a
+        time: twice the time, measured at 1M rows) and kept in the cache.
 
-                self._mmap.madvise(mmap.MADV_DONTNEED)
-                self._touched = 0
+        The cache (:data:`ROW_CACHE` rows, direct-mapped by slot: a slot's row never changes, rows added get
+        new slots) holds what queries read again: the rows a common prompt word names (several hundred per
+        word at 1M rows) and the lexical hits of common words recur across prompts, where a row read from a
+        file the page cache no longer holds costs a disk read."""
+        slots = np.asarray(slots, np.int64)
+        width = self.width
+        out = np.empty((len(slots), width), np.float32)
+        if not len(slots):
+            return out
+        if self._cache is None:
+            size = min(ROW_CACHE, max(len(self.ids), 1))
+            self._cache = (np.full(size, -1, np.int64), np.zeros((size, width), np.float32))
+        keys, rows = self._cache
+        pos = slots % len(keys)
+        hit = keys[pos] == slots
+        out[hit] = rows[pos[hit]]
+        miss = np.flatnonzero(~hit)
+        if len(miss):
+            want = slots[miss]
+            got = np.empty((len(miss), width), np.float32)
+            view = memoryview(got).cast("B")
+            row = width * 4
+            cut = np.flatnonzero(np.diff(want) != 1) + 1
+            starts = np.concatenate([[0], cut]).tolist()
+            ends = np.concatenate([cut, [len(want)]]).tolist()
+            for a, b, s in zip(starts, ends, want[starts].tolist()):
+                os.preadv(self._fd, [view[a * row : b * row]], s * row)
+            out[miss] = got
+            keys[pos[miss]] = want
+            rows[pos[miss]] = got
         return out
 
     # -- searching -------------------------------------------------------------------------------
