@@ -117,6 +117,22 @@ class SparseScores:
         return np.where(self.slots[at] == idx, self.values[at], np.float32(0))
 
 
+class _Scattered:
+    """Row ``j`` of the candidates, read from the part (gathered array) that holds it."""
+
+    def __init__(self, n: int, parts: list):
+        self.part = np.zeros(n, np.int64)
+        self.row = np.zeros(n, np.int64)
+        self.arrays = [rows for _, rows in parts]
+        for p, (at, _) in enumerate(parts):
+            self.part[at] = p
+            self.row[at] = np.arange(len(at))
+
+    def __getitem__(self, key):
+        j, cols = key
+        return self.arrays[int(self.part[j])][int(self.row[j]), cols]
+
+
 class Retriever:
     """Search one catalog for one pipeline family, with that pipeline's text encoder."""
 
@@ -320,14 +336,25 @@ class Retriever:
         def pick(sig: dict) -> dict:
             return {k: v for k, v in sig.items() if use is None or k.lstrip("_").replace("_raw", "") in use}
 
-        if self.index is not None:  # stage 1 on the vector index, the lexical hits added
+        groups = [np.asarray(g, np.int64) for g in include] if include and not np.isscalar(include[0]) else None
+        if groups is not None:
+            include = np.unique(np.concatenate(groups)) if groups else np.zeros(0, np.int64)
+        include = np.unique(np.asarray(include, np.int64).reshape(-1))
+        if self.index is not None:  # stage 1 on the vector index, then the lexical hits added
             dense = self._index_candidates(q, cols, use, k)
             lap("stage 1")
+            first = np.union1d(dense, include)
+            parts = [(first, self.index.gather(first))]  # read while FTS5 runs in its thread
+            lap("gather")
             if pending is not None:
                 lex, lex_all, ms = pending.result()
                 self.stages["lexical"] = self.stages.get("lexical", 0.0) + ms
                 lap("lexical wait")
-            cand = np.union1d(dense, lex_all.slots)
+            extra = np.setdiff1d(lex_all.slots, first)
+            if len(extra):
+                parts.append((extra, self.index.gather(extra)))
+            cand = np.union1d(first, extra)
+            lap("gather")
         elif c < n and q.shape[1]:
             cand = self._candidates((self.matrix @ q, {}), cols, lex_all, use, c)
         elif c < n:  # no dense column: the lexical hits are all there is
@@ -336,20 +363,20 @@ class Retriever:
             cand = np.arange(n)
         if self.index is None:
             lap("stage 1")
-        groups = [np.asarray(g, np.int64) for g in include] if include and not np.isscalar(include[0]) else None
-        if groups is not None:
-            include = np.unique(np.concatenate(groups)) if groups else np.zeros(0, np.int64)
-        include = np.unique(np.asarray(include, np.int64).reshape(-1))
-        if len(include) and (c < n or self.index is not None):
-            cand = np.union1d(cand, include)
-        rows_c = self.index.gather(cand) if self.index is not None else self.matrix[cand]
-        lap("gather")
-        if not q.shape[1]:
-            s_c = np.zeros((len(cand), 0), np.float32)
-        elif self.index is not None:
-            s_c = self._product(rows_c, q, cols)
-        else:
-            s_c = rows_c @ q
+            if len(include) and c < n:
+                cand = np.union1d(cand, include)
+            rows_c = self.matrix[cand]
+            lap("gather")
+            s_c = rows_c @ q if q.shape[1] else np.zeros((len(cand), 0), np.float32)
+        else:  # the products of each part, placed in candidate order (the rows themselves are not copied again)
+            s_c = np.zeros((len(cand), q.shape[1]), np.float32)
+            where = []
+            for slots, rows in parts:
+                at = np.searchsorted(cand, slots)
+                if q.shape[1]:
+                    s_c[at] = self._product(rows, q, cols)
+                where.append((at, rows))
+            rows_c = _Scattered(len(cand), where)
         sig_c, best_tok = self._signals(s_c, cols, cand)
         sig_c["lexical"] = lex_all[cand]
         fused_c = self._fuse(pick(sig_c), len(cand))
