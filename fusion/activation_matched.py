@@ -31,11 +31,10 @@ import dataclasses
 
 from lora_composer.adapters.types import LayerDelta
 from lora_composer.fusion import activation_stats as stats
-from lora_composer.fusion.base import StepPlan, Strategy
+from lora_composer.fusion.base import DerivedMerge
 from lora_composer.vocab import TEXT_ENCODERS
 
 SCOPES = ("all", "text", "kv", "unet")
-DERIVED_SUFFIX = "~matched"
 
 
 def _in_scope(key: str, scope: str) -> bool:
@@ -49,8 +48,9 @@ def _in_scope(key: str, scope: str) -> bool:
     return text or (".attn2." in key and key.endswith((".to_k", ".to_v")))  # kv
 
 
-class ActivationMatchedStrategy(Strategy):
+class ActivationMatchedStrategy(DerivedMerge):
     name = "activation-matched"
+    suffix = "~matched"
 
     def __init__(
         self,
@@ -79,11 +79,6 @@ class ActivationMatchedStrategy(Strategy):
         self.max_features = int(max_features)
         self.guidance = guidance
         self.cache = bool(cache)
-        self._derived: dict | None = None
-
-    @property
-    def static(self) -> bool:
-        return True
 
     def settings(self) -> dict:
         """The collection settings (part of the Gram cache key)."""
@@ -99,12 +94,10 @@ class ActivationMatchedStrategy(Strategy):
             "layers": "lora",
         }
 
-    def begin(self, adapters, weights, num_steps, context=None) -> None:
-        super().begin(adapters, weights, num_steps, context)
-        self._derived = None
+    def build_derived(self) -> dict | None:
         ctx = self.context
-        if ctx.runtime is None or ctx.pipe is None or not self.adapters:
-            return  # nothing to profile: plain merge
+        if ctx.runtime is None or ctx.pipe is None:
+            return None  # nothing to profile: plain merge
         runtime = ctx.runtime
         settings = self.settings()
         model = stats.model_fingerprint(ctx.pipe)
@@ -136,11 +129,5 @@ class ActivationMatchedStrategy(Strategy):
             deltas = dict(ad.deltas)
             for key, down in new.items():
                 deltas[key] = dataclasses.replace(deltas[key], down=down)
-            derived[name] = dataclasses.replace(ad, name=name + DERIVED_SUFFIX, deltas=deltas)
-        self._derived = derived
-
-    def derived_adapters(self) -> dict | None:
-        return self._derived or None
-
-    def plan(self, step: int, timestep: float | None) -> StepPlan:
-        return StepPlan(self.user_weights.unsqueeze(0))
+            derived[name] = dataclasses.replace(ad, name=name + self.suffix, deltas=deltas)
+        return derived

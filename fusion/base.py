@@ -245,3 +245,40 @@ class Strategy(ABC):
         """What this generation decided that its arguments do not say (an order it chose, a value it derived);
         recorded with the image, overriding the argument of the same name. Default: nothing."""
         return {}
+
+
+class DerivedMerge(Strategy):
+    """Base of the static strategies that rewrite their adapters once per generation and then run as merge
+    (TIES, DARE, TSV, K-LoRA, activation-matched, fit): :meth:`build_derived` returns the rewritten adapters,
+    the pipeline attaches them for the call in the originals' places (:meth:`Strategy.derived_adapters`), and
+    every step is one group at the user weights (one pass per step, fusable)."""
+
+    suffix = "~derived"  # appended to a derived adapter's name
+    _derived: dict | None = None
+
+    @property
+    def static(self) -> bool:
+        return True
+
+    def begin(self, adapters, weights, num_steps, context=None) -> None:
+        super().begin(adapters, weights, num_steps, context)
+        self._derived = self.build_derived() if self.adapters else None
+
+    def derived_adapters(self) -> dict | None:
+        return self._derived or None
+
+    def plan(self, step: int, timestep: float | None) -> StepPlan:
+        return StepPlan(self.user_weights.unsqueeze(0))
+
+    def source_adapters(self) -> list | None:
+        """The adapters of this generation, in order; ``None`` when the context holds none to read (a bare
+        ``StrategyContext``: then the strategy is plain merge)."""
+        ctx = self.context
+        if ctx.runtime is None and not ctx.adapters:
+            return None
+        return [ctx.adapter(n) for n in self.adapters]
+
+    @abstractmethod
+    def build_derived(self) -> dict | None:
+        """``{original name: derived Adapter}`` for this generation (named ``original + suffix``); ``None``:
+        the originals act (plain merge)."""

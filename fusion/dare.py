@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from lora_composer.fusion.base import Strategy
-from lora_composer.fusion.task_arithmetic import DerivedMerge, check_density, elect_and_share
+from lora_composer.fusion.task_arithmetic import RuleMerge, check_density, elect_and_share
 
 
-class DareStrategy(DerivedMerge, Strategy):
+class DareStrategy(RuleMerge):
     name = "dare"
     suffix = "~dare"
 

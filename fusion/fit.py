@@ -37,10 +37,9 @@ from lora_composer.adapters.types import LayerDelta
 from lora_composer.errors import ComposerError
 from lora_composer.fusion import activation_stats as stats
 from lora_composer.fusion import fit_cache
-from lora_composer.fusion.base import StepPlan, Strategy
+from lora_composer.fusion.base import DerivedMerge
 from lora_composer.vocab import TEXT_ENCODERS
 
-SUFFIX = "~fit"
 FIT_SEED = 20261  # latents and noise of the fit: no evaluation seed (0-135, 1000s, 3000s, 5000s) is this one
 FIT_LOG: list[dict] = []  # one entry per fit run in this process (adapters, iterations, CPU seconds, losses)
 
@@ -371,8 +370,9 @@ def scaled(adapter, index: int, coefficients: dict[str, torch.Tensor], name: str
     return dataclasses.replace(adapter, name=name, deltas=deltas)
 
 
-class FitStrategy(Strategy):
+class FitStrategy(DerivedMerge):
     name = "fit"
+    suffix = "~fit"
     fitted = True
 
     def __init__(
@@ -412,12 +412,7 @@ class FitStrategy(Strategy):
         self.iters, self.lr, self.ortho = int(iters), float(lr), float(ortho)
         self.images, self.sample_steps, self.guidance = int(images), int(sample_steps), guidance
         self.scope, self.seed, self.cache, self.progress = scope, int(seed), bool(cache), bool(progress)
-        self._derived: dict | None = None
         self.cache_hit: bool | None = None
-
-    @property
-    def static(self) -> bool:
-        return True
 
     def settings(self) -> dict:
         """The fit's parameters (part of the cache key)."""
@@ -439,12 +434,11 @@ class FitStrategy(Strategy):
             **({"ridge": self.ridge} if self.target == "layers" else {}),
         }
 
-    def begin(self, adapters, weights, num_steps, context=None) -> None:
-        super().begin(adapters, weights, num_steps, context)
-        self._derived, self.cache_hit = None, None
+    def build_derived(self) -> dict | None:
+        self.cache_hit = None
         ctx = self.context
-        if ctx.runtime is None or ctx.pipe is None or not self.adapters:
-            return  # nothing to fit against: plain merge
+        if ctx.runtime is None or ctx.pipe is None:
+            return None  # nothing to fit against: plain merge
         runtime = ctx.runtime
         text = runtime.text_mix.weights[0]
         ads, ws = [], []
@@ -464,13 +458,7 @@ class FitStrategy(Strategy):
                     coefs,
                     {"adapters": [a.name for a in ads], "settings": settings, "log": FIT_LOG[-1] if FIT_LOG else {}},
                 )
-        self._derived = {a.name: scaled(a, i, coefs, a.name + SUFFIX) for i, a in enumerate(ads)}
-
-    def derived_adapters(self) -> dict | None:
-        return self._derived or None
-
-    def plan(self, step: int, timestep: float | None) -> StepPlan:
-        return StepPlan(self.user_weights.unsqueeze(0))
+        return {a.name: scaled(a, i, coefs, a.name + self.suffix) for i, a in enumerate(ads)}
 
     def describe(self) -> dict:
         return {"iters": self.iters, "ortho": self.ortho, "lr": self.lr, "levels": json.dumps(list(self.levels))}

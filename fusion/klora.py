@@ -20,10 +20,8 @@ import dataclasses
 import torch
 
 from lora_composer.adapters.shira import dense_delta
-from lora_composer.fusion.base import StepPlan, Strategy
+from lora_composer.fusion.base import DerivedMerge
 from lora_composer.fusion.task_arithmetic import readable
-
-SUFFIX = "~klora"
 
 
 def top_sum(delta: torch.Tensor, k: int) -> float:
@@ -47,38 +45,25 @@ def layer_winners(adapters: list, weights: list[float], top_k: int, keep: int) -
     return winners
 
 
-class KLoraStrategy(Strategy):
+class KLoraStrategy(DerivedMerge):
     name = "klora"
+    suffix = "~klora"
 
     def __init__(self, top_k: int = 64, keep: int = 1):
         if int(top_k) < 1 or int(keep) < 1:
             raise ValueError(f"top_k and keep must be >= 1, got top_k={top_k}, keep={keep}")
         self.top_k, self.keep = int(top_k), int(keep)
-        self._derived = None
 
-    @property
-    def static(self) -> bool:
-        return True
-
-    def begin(self, adapters, weights, num_steps, context=None) -> None:
-        super().begin(adapters, weights, num_steps, context)
-        self._derived = None
-        ctx = self.context
-        if not self.adapters or (ctx.runtime is None and not ctx.adapters):
-            return
-        ads = [ctx.adapter(n) for n in self.adapters]
+    def build_derived(self) -> dict | None:
+        ads = self.source_adapters()
+        if not ads:
+            return None
         winners = layer_winners(ads, self.user_weights.tolist(), self.top_k, self.keep)
-        self._derived = {
+        return {
             ad.name: dataclasses.replace(
                 ad,
-                name=ad.name + SUFFIX,
+                name=ad.name + self.suffix,
                 deltas={k: d for k, d in ad.deltas.items() if k not in winners or i in winners[k]},
             )
             for i, ad in enumerate(ads)
         }
-
-    def derived_adapters(self) -> dict | None:
-        return self._derived or None
-
-    def plan(self, step: int, timestep: float | None) -> StepPlan:
-        return StepPlan(self.user_weights.unsqueeze(0))

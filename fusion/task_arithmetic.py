@@ -17,6 +17,7 @@ OFT, GLoRA's ``W0 A`` term), whose change depends on the base weight.
 from __future__ import annotations
 
 import dataclasses
+from abc import abstractmethod
 from typing import Callable
 
 import torch
@@ -24,7 +25,7 @@ import torch
 from lora_composer.adapters.kinds import FullDelta
 from lora_composer.adapters.shira import dense_delta
 from lora_composer.adapters.types import LayerDelta
-from lora_composer.fusion.base import StepPlan
+from lora_composer.fusion.base import DerivedMerge
 
 # ``rule(deltas [N, out, in], names) -> [N, out, in]``: one layer's rewritten deltas, in the names' order;
 # or a list of ``(up [out, r], down [r, in])`` factor pairs (``None``: no delta) for rules whose result is low-rank.
@@ -110,32 +111,15 @@ def check_density(density: float) -> float:
     return density
 
 
-class DerivedMerge:
-    """Mixin (before ``Strategy``) for static strategies whose adapters are rewritten once per generation by
-    :meth:`rule` and then merged at the user weights."""
+class RuleMerge(DerivedMerge):
+    """A derived merge whose adapters are rewritten layer by layer by :meth:`rule` (:func:`derive`)."""
 
-    suffix = "~derived"
-    _derived = None
+    rank = 0  # > 0: derived deltas stored as rank-``rank`` factors
 
-    @property
-    def static(self) -> bool:
-        return True
-
-    def begin(self, adapters, weights, num_steps, context=None) -> None:
-        super().begin(adapters, weights, num_steps, context)
-        self._derived = self.build_derived()
-
-    def derived_adapters(self) -> dict | None:
-        return self._derived or None
-
-    def plan(self, step: int, timestep: float | None) -> StepPlan:
-        return StepPlan(self.user_weights.unsqueeze(0))
-
-    def rule(self, stack: torch.Tensor, names: list) -> torch.Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def rule(self, stack: torch.Tensor, names: list) -> "torch.Tensor | list":
+        """One layer's rewritten deltas (see :data:`Rule`)."""
 
     def build_derived(self) -> dict | None:
-        ctx = self.context
-        if not self.adapters or (ctx.runtime is None and not ctx.adapters):
-            return None
-        return derive([ctx.adapter(n) for n in self.adapters], self.rule, self.suffix, getattr(self, "rank", 0))
+        adapters = self.source_adapters()
+        return derive(adapters, self.rule, self.suffix, self.rank) if adapters else None

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from lora_composer.fusion.base import Strategy
-from lora_composer.fusion.task_arithmetic import DerivedMerge, check_density, elect_and_share, top_magnitude_mask
+from lora_composer.fusion.task_arithmetic import RuleMerge, check_density, elect_and_share, top_magnitude_mask
 
 
-class TiesStrategy(DerivedMerge, Strategy):
+class TiesStrategy(RuleMerge):
     name = "ties"
     suffix = "~ties"
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_composer.fusion.base import Strategy
-from lora_composer.fusion.task_arithmetic import DerivedMerge
+from lora_composer.fusion.task_arithmetic import RuleMerge
 
 SIDES = ("both", "out", "in")
 
@@ -59,7 +58,7 @@ def tsv_layer(stack: torch.Tensor, side: str = "both") -> list:
     return out
 
 
-class TsvStrategy(DerivedMerge, Strategy):
+class TsvStrategy(RuleMerge):
     name = "tsv"
     suffix = "~tsv"
 

@@ -110,3 +110,18 @@ def test_every_strategy_module_is_found_and_a_broken_one_is_named(tmp_path, monk
         r"No module named 'no_such_dependency_xyz'",
     ):
         registry._discover()
+
+
+def test_every_strategy_that_attaches_derived_adapters_shares_one_base():
+    """Attach, drive and detach of derived adapters live in one base class: a strategy that rewrites its
+    adapters overrides ``build_derived`` only, never ``derived_adapters`` / ``begin`` / ``plan`` for it."""
+    from lora_composer.fusion.base import DerivedMerge, Strategy
+
+    derived = {n for n, cls in lora_composer.fusion.registry.STRATEGIES.items() if issubclass(cls, DerivedMerge)}
+    assert {"ties", "dare", "tsv", "klora", "activation-matched", "fit"} <= derived
+    for name, cls in lora_composer.fusion.registry.STRATEGIES.items():
+        if cls.derived_adapters is not Strategy.derived_adapters:
+            assert cls.derived_adapters is DerivedMerge.derived_adapters, name
+        if issubclass(cls, DerivedMerge):
+            assert cls.plan is DerivedMerge.plan and cls.static is DerivedMerge.static, name
+            assert cls.suffix != DerivedMerge.suffix, f"{name}: derived adapters need a name of their own"
