@@ -328,6 +328,7 @@ def scale_one(
         "--loras auto p95 (ms)": sel[min(len(sel) - 1, int(round(0.95 * (len(sel) - 1))))],
         "p50 per pass (ms)": " / ".join(f"{x:.1f}" for x in passes),
         "CPU p50 (ms)": statistics.median(times["cpu"]),
+        "CPU p95 (ms)": sorted(times["cpu"])[min(len(sel) - 1, int(round(0.95 * (len(sel) - 1))))],
         "stages p50 (ms)": ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in stages.items()),
         "load avg (queries)": load_q,
         "recall@20 vs exact": recall if recall is not None else "exact",
@@ -670,7 +671,7 @@ def main(argv: list[str] | None = None):
             f"undescribed; SQLite rows with FTS5 text), text width d = {d} (SD1.5's), row = text block + 2 weight "
             "directions; each size built in one fresh process and measured in another (with `--threads N`: "
             "OMP_NUM_THREADS / OPENBLAS_NUM_THREADS = N there, numpy's BLAS and FAISS). *stage 1*: up to 20,000 rows the exact in-memory scan, above "
-            "the FAISS IVF-PQ index on disk (`retriever/vector_index.py`). *build*: the first open (vectors written, "
+            "the FAISS IVF-PQ index on disk (`retriever/vector_index.py`, 8 lists probed per index query). *build*: the first open (vectors written, "
             "index trained and filled, vocabulary built and stored); *load*: opening the catalog again (index read, "
             "vectors memory-mapped, vocabulary read); *encode*: the stand-in prompt encoder, timed apart; *search "
             "top-20*: FTS5 + stage 1 + exact rescore + fusion; *--loras auto*: `Retriever.select` (top_k 4: the "
@@ -678,8 +679,12 @@ def main(argv: list[str] | None = None):
             f"{PASSES} passes of the queries (3 warm-up ones not counted), each prompt naming one cluster, each "
             "pass's p50 apart, *CPU p50* the query process's CPU time per query (all its threads: less sensitive "
             "to other jobs than wall time), *stages p50*: `Retriever.stages` (wall ms; on the vector-index path "
-            "*lexical* runs in a worker thread during *stage 1*, *lexical wait* is what stage 1 waited for it "
-            "after its own search, *vocabulary*: the rows the prompt's words name; *rows*: building the matches); "
+            "*lexical* (FTS5) runs in a worker thread during *stage 1* and the first *gather*, *lexical wait* is "
+            "what the query then waited for it; *gather*: the candidates' exact rows, read with `pread` through a "
+            "32,768-row cache (the rows common prompt words name recur across prompts; each prompt's dense "
+            "candidates are mostly rows no other prompt proposes), then the lexical hits not yet read; "
+            "*vocabulary*: the rows the prompt's words name; *rows*: building the matches; passes 2 and 3 "
+            "repeat pass 1's prompts, so *p50 per pass* shows what the cache adds); "
             "*recall@20 vs exact*: the search's "
             "top 20 against the exact fused score of every row (`Retriever.scan_all`), on 10 prompts, tie-aware "
             "(`search.recall_at`: an exact top-20 row counts as found when the found top 20 holds its score); "
@@ -689,7 +694,7 @@ def main(argv: list[str] | None = None):
             "beside the size of `index.faiss`, which an add no longer rewrites (rows added go to a segment file). "
             '*build* "kept": a catalog kept from an earlier run (`--catalogs`), its build not timed again.',
             f"Load average (1/5/15 min) before the scale runs {'/'.join(f'{x:.2f}' for x in load_before)}, after "
-            f"{'/'.join(f'{x:.2f}' for x in load_after)} ({os.cpu_count()} cores, shared with other jobs; "
+            f"{'/'.join(f'{x:.2f}' for x in load_after)} ({os.cpu_count()} cores of an AMD EPYC VM, no GPU, shared with other jobs; "
             "*load avg (queries)*: the 1-minute figure after each size's queries): with the machine shared, every "
             "time here is an upper bound.",
         ],

@@ -265,7 +265,7 @@ class Retriever:
     def _product(self, rows: np.ndarray, q: np.ndarray, cols: dict) -> np.ndarray:
         """``rows @ q`` one column block at a time: each column of ``q`` is zero outside its signal's block
         (:meth:`_query_matrix`), so the product reads only that block (the text column 768 of the 2,304 columns
-        of an SD1.5 row, each token column one weight direction's 768): a sixth of the full product's work."""
+        of an SD1.5 row, each token column one weight direction's 768): a third of the full product's work."""
         d = self.dim
         out = np.empty((len(rows), q.shape[1]), np.float32)
         for name, sl in cols.items():
