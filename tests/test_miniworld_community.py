@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from lora_composer.miniworld import community, community_eval, community_library
@@ -131,3 +132,21 @@ def test_cli_checks_sizes_before_loading():
     args = build_parser().parse_args(["--world", "community", "--sizes", "6"])
     with pytest.raises(UsageError, match="between 1 and 5"):
         _community(args, [])
+
+
+def test_unship_rebuilds_the_shipped_model_that_a_further_stage_resumes_from(tmp_path):
+    """``community_train unship`` writes a whole diffusers folder whose UNet and text encoder are what the
+    community world renders with (the fp16 UNet read back as fp32), so ``base --resume`` continues from it."""
+    from diffusers import StableDiffusionPipeline
+
+    from bench.miniworld.community_train import main
+    from lora_composer.miniworld import community_eval
+
+    assert main(["unship", "--out", str(tmp_path)]) == 0
+    rebuilt = StableDiffusionPipeline.from_pretrained(tmp_path / "model", safety_checker=None)
+    shipped = community_eval.load_pipeline().pipe
+    for mine, theirs in ((rebuilt.unet, shipped.unet), (rebuilt.text_encoder, shipped.text_encoder)):
+        a, b = mine.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "base-train.json").is_file()

@@ -3,6 +3,10 @@
     python -m bench.miniworld.community_train base  --out build/community --threads 1 --seconds 1000
     python -m bench.miniworld.community_train loras --out build/community --threads 1
     python -m bench.miniworld.community_train ship  --out build/community   # into weights/community
+    python -m bench.miniworld.community_train unship --out build/community  # DIR/model from weights/community
+
+``unship`` rebuilds ``DIR/model`` from what ships, so a further ``base --resume`` stage (or new LoRAs) starts
+from the shipped community model on a fresh clone.
 
 The shipped model's VAE, tokenizer and text-encoder structure serve as they are (the VAE saw stars, purple,
 outlines and checkerboards); the UNet and the text encoder are fine-tuned on pictures of every *base* value of
@@ -93,7 +97,7 @@ def train_base(
         "batch": batch,
         "lr": lr,
         "pictures": f"{pictures} community base pictures",
-        "init": "the first stage" if resume else "the shipped one-object model",
+        "init": "the previous stage" if resume else "the shipped one-object model",
         "seconds_training": round(took, 1),
         "seconds_drawing_and_encoding": round(prep, 1),
         "threads": torch.get_num_threads(),
@@ -119,10 +123,23 @@ def ship(out: Path, dest: Path) -> list[Path]:
     shipped = CLIPTextModel.from_pretrained(assets.model_dir() / "text_encoder")
     save_file(text_layers_file(trained, shipped), str(dest / TEXT_LAYERS))
     written = [dest / "unet", dest / TEXT_LAYERS]
-    for name in ("base-train.json",):
+    for name in ("base-train.json", "loras-train.json"):
         if (out / name).is_file():
             shutil.copy(out / name, dest / name)
             written.append(dest / name)
+    return written
+
+
+def unship(out: Path) -> Path:
+    """``out/model``: the shipped model with the community UNet and text layers in place (a whole diffusers
+    folder, fp32), with the shipped training logs beside it."""
+    from lora_composer.miniworld import community_eval
+
+    pipe = community_eval.load_pipeline().pipe
+    written = tr.save_pipeline(out, pipe.vae, pipe.text_encoder, pipe.unet, pipe.tokenizer)
+    for name in ("base-train.json", "loras-train.json"):
+        if (community_eval.weights_dir() / name).is_file():
+            shutil.copy(community_eval.weights_dir() / name, out / name)
     return written
 
 
@@ -161,7 +178,7 @@ def train_all(out: Path, steps: int | None = None, only=None, library: Path | No
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.miniworld.community_train", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["base", "loras", "ship"])
+    p.add_argument("what", choices=["base", "loras", "ship", "unship"])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seconds", type=float, default=1000.0, help="base: training time budget")
     p.add_argument("--lr", type=float, default=5e-4)
@@ -177,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "loras":
         for path in train_all(args.out, steps=args.steps, only=args.only):
             print(f"wrote {path}")
+    elif args.what == "unship":
+        print(f"wrote {unship(args.out)}")
     else:
         for path in ship(args.out, assets.WEIGHTS / "community"):
             print(f"wrote {path}")
