@@ -150,3 +150,20 @@ def test_unship_rebuilds_the_shipped_model_that_a_further_stage_resumes_from(tmp
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "base-train.json").is_file()
+
+
+def test_pooled_table_weighs_seeds_by_their_pictures():
+    from bench.miniworld.community_pooled import pooled
+
+    def run(combos: dict, per_concept: float, images: int) -> dict:
+        summary = {"by_combination": combos, "images": images, "per_concept": per_concept, "base_confidence": 1.0}
+        return {"protocol": {"sizes": [2, 3]}, "strategies": {"merge": summary}}
+
+    dev = run({"dashed+cyclops": [1, 1], "sparkle+duotone+tiled": [0, 1]}, 0.5, 2)
+    held = [
+        run({"dashed+cyclops": [1, 2], "sparkle+duotone": [2, 2], "sparkle+duotone+tiled": [0, 1]}, 1.0, 5),
+        run({"dashed+cyclops": [0, 1], "sparkle+dashed+cyclops": [1, 1]}, 0.4, 2),
+    ]
+    row = pooled(dev, held).splitlines()[2]
+    # size 2: (1 + 2 + 0) / (2 + 2 + 1); size 3: (0 + 1) / (1 + 1); per concept (1.0 * 5 + 0.4 * 2) / 7
+    assert row == "| merge | 0.60 | 0.50 | 0.83 | 1.000 | 1/1 | 2/4 |"
