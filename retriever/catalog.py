@@ -531,6 +531,24 @@ class Catalog:
         args = (query, family, limit) if family else (query, limit)
         return [(int(i), float(s)) for i, s in self.db.execute(sql, args)]
 
+    def fts_common(self, words: list[str], more_than: int) -> set[str]:
+        """The ``words`` that more than ``more_than`` rows contain (any FTS5 column), each counted with a
+        bounded match (``LIMIT more_than + 1``: rowid order, no ranking, so the cost is at most ``more_than``
+        rows per word whatever the word's frequency; an ``fts5vocab`` count reads the word's whole doclist,
+        70 ms for a word of every row at 1M rows), remembered per catalog version."""
+        version = self.version()
+        memo = getattr(self, "_fts_counts", None)
+        if memo is None or memo[0] != (version, more_than):
+            memo = self._fts_counts = ((version, more_than), {})
+        seen = memo[1]
+        if len(seen) > 100_000:  # bounded: a long-running server sees many prompts' words
+            seen.clear()
+        sql = "SELECT count(*) FROM (SELECT rowid FROM fts WHERE fts MATCH ? LIMIT ?)"
+        for w in words:
+            if w and w not in seen:
+                seen[w] = self.db.execute(sql, ('"' + w.replace('"', '""') + '"', more_than + 1)).fetchone()[0]
+        return {w for w in words if w and seen[w] > more_than}
+
     def _families(self) -> list[str]:
         """The catalog's base families (cached per catalog version)."""
         version = self.version()

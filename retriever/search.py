@@ -46,6 +46,21 @@ RESCORE = 512
 INDEX_K = 16  # rows each vector-index query proposes (the union is rescored exactly; 32 before, same recall)
 LEXICAL_HITS_INDEXED = 200  # FTS5 hits (best BM25 first) scored lexically on the vector-index path (500 below)
 INCLUDE_PER_WORD = 32  # a large catalog's rows named by one prompt word that selection sees (the best fused)
+COMMON_WORD_ROWS = LEXICAL_HITS_INDEXED
+"""On the vector-index path (a catalog above :data:`~.vector_index.EXACT_ROWS` rows), a prompt word more rows
+contain than this is left out of the FTS5 query, and a word naming more rows (trigger, name or description
+word: :meth:`.phrases.Vocabulary.rows_by_word`) adds none of them to the candidates.
+
+Why this bound: the lexical stage keeps :data:`LEXICAL_HITS_INDEXED` hits, so a word more rows contain cannot
+bring its rows in whole; which of them come would be decided by BM25's length normalisation among rows that
+match alike, not by the prompt. Such a word names a kind of adapter, not one adapter, and the dense signals,
+which rank every row, choose among its rows (the vector index proposes the best of them by fused score); yet
+it costs the most: BM25 of every match (four words each in ~2,800 of a million rows: 11,000 scores, most of a
+query's CPU) and one read of every row it names (~400 per trigger word there). The bound is that budget, not
+a share of the catalog, so a word is treated alike at 30,000 and 3,000,000 rows, and it keeps what a user
+expects: a name or trigger word at most this many files share is always matched, its rows always read and
+claimable, and a row the rare words find is scored against every prompt word, the common ones too
+(``lexical.score_row``). The in-memory path (small catalogs) scores every match and is unchanged."""
 DEFAULT_MIN_SCORE = 0.3  # the fused-score floor of a plain ``search`` listing (selection uses per-kind thresholds)
 DEFAULT_TOP_K = 4
 
@@ -452,7 +467,10 @@ class Retriever:
         """The lexical hits ``{file id: (score, reason, bm25)}`` and their scores by slot (0 elsewhere; ties
         broken by BM25)."""
         limit = LEXICAL_HITS_INDEXED if self.index is not None else 500
-        lex = lexical.search(catalog or self.catalog, prompt, self.rows_by_id, family=self.family, limit=limit)
+        common = COMMON_WORD_ROWS if self.index is not None else None
+        lex = lexical.search(
+            catalog or self.catalog, prompt, self.rows_by_id, family=self.family, limit=limit, common=common
+        )
         if hasattr(self.by_id, "lookup"):  # a vector-indexed catalog: the hits only, no array of every slot
             if not lex:
                 return lex, SparseScores(np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -602,8 +620,9 @@ class Retriever:
     def candidates(self, prompt: str, top_k: int = DEFAULT_TOP_K, thresholds: dict | None = None) -> list[Match]:
         """The search's best ``max(4 top_k, 20)`` matches, plus every row whose phrase or description word the
         prompt contains (:meth:`Vocabulary.rows_for`: also a plural or prefix the full-text index cannot see;
-        with ``thresholds``, a description word too common to reach its threshold is skipped), those rescored
-        with the rest. The work grows with these candidates, not with the catalog."""
+        with ``thresholds``, a description word too common to reach its threshold is skipped; on the
+        vector-index path, a word naming more than :data:`COMMON_WORD_ROWS` rows too), those rescored with the
+        rest. The work grows with these candidates, not with the catalog."""
         self.refresh()
         floor = (thresholds or {}).get("description", 0.0)
         self.stages.clear()
@@ -611,8 +630,12 @@ class Retriever:
         if self.index is None:
             named = self.vocab.rows_for(tokens(prompt), floor)
             include = [self.by_id[i] for i in named if i in self.by_id]
-        else:  # per prompt word: a word a thousand files share keeps its best INCLUDE_PER_WORD (by fused score)
-            include = [self.by_id.slots_of(rows) for rows in self.vocab.rows_by_word(tokens(prompt), floor).values()]
+        else:  # per prompt word: its best INCLUDE_PER_WORD rows (by fused score); none past COMMON_WORD_ROWS
+            include = [
+                self.by_id.slots_of(rows)
+                for rows in self.vocab.rows_by_word(tokens(prompt), floor).values()
+                if len(rows) <= COMMON_WORD_ROWS
+            ]
         lap("vocabulary")
         return self.search(prompt, limit=max(4 * top_k, 20), include=include)
 

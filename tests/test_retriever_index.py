@@ -308,3 +308,39 @@ def test_lexical_stage_in_a_worker_thread_or_in_line_gives_the_same_ranking(cata
     inline.refresh()
     assert [[(m.row.id, m.score, m.signals.get("lexical")) for m in _top(inline, p)] for p in prompts] == got
     assert inline._pool is False and "lexical wait" not in inline.stages
+
+
+def test_a_word_too_common_to_discriminate_is_left_out_and_a_rare_trigger_still_found(catalog, monkeypatch):
+    """Above the exact-scan threshold a prompt word more than ``COMMON_WORD_ROWS`` rows share is left out of
+    the FTS5 query and of the rows the prompt's words name; a trigger word few rows have is still matched,
+    read and picked, and the in-memory path (small catalogs) still matches every word."""
+    import importlib
+
+    search = importlib.import_module("lora_composer.retriever.search")
+    common, rare = list(range(1, search.COMMON_WORD_ROWS + 51)), 2777
+    for ids, word in ((common, "inkwash"), ([rare], "moonquill")):
+        catalog.db.executemany(
+            "UPDATE files SET trigger_words = ? WHERE id = ?", [(json.dumps([word]), i) for i in ids]
+        )
+        catalog.db.executemany("UPDATE fts SET trigger_words = ? WHERE rowid = ?", [(word, i) for i in ids])
+    catalog._bump()
+    catalog.db.commit()
+    vec = SyntheticVectors(D)
+    fast, exact = _retriever(catalog, vec), _retriever(catalog, vec, exact=True)
+    fast.refresh()
+    exact.refresh()
+    prompt = "moonquill inkwash"
+    lex, _ = fast._lexical(prompt)
+    assert set(lex) == {rare} and lex[rare][0] == 1.0  # scored against both words, matched by the rare one
+    assert set(common) <= set(exact._lexical(prompt)[0])  # the small-catalog path: every word matched
+    assert fast.catalog.fts_common(["inkwash", "moonquill", "nosuchword"], search.COMMON_WORD_ROWS) == {"inkwash"}
+
+    def named(r):
+        return len({m.row.id for m in r.candidates(prompt)} & set(common))
+
+    chosen = fast.select(prompt, 4)
+    assert [m.row.id for m in chosen] == [rare] and chosen[0].claim.kind == "trigger"
+    assert named(fast) < search.INCLUDE_PER_WORD  # the common word's rows were not read as named ones
+    monkeypatch.setattr(search, "COMMON_WORD_ROWS", 10**9)  # without the bound they are (the check can fail)
+    fast.catalog._fts_counts = None
+    assert named(fast) >= search.INCLUDE_PER_WORD

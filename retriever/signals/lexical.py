@@ -71,13 +71,17 @@ def score_row(prompt_words: list[str], prompt_content: set[str], row) -> tuple[f
     return best, why
 
 
-def search(catalog, prompt: str, rows_by_id: dict, family: str | None = None, limit: int = 500):
-    """``{file id: (score, reason, bm25)}`` for the rows FTS5 finds for ``prompt``."""
+def search(catalog, prompt: str, rows_by_id: dict, family: str | None = None, limit: int = 500, common=None):
+    """``{file id: (score, reason, bm25)}`` for the rows FTS5 finds for ``prompt``.
+
+    ``common`` (rows read on demand only, a vector-indexed catalog): a prompt word more than ``common`` rows
+    contain is left out of the FTS5 query (:meth:`Catalog.fts_common`); a row the other words find is still
+    scored against it. See ``search.COMMON_WORD_ROWS`` for why."""
     pw = words(prompt)
     pc = content_words(prompt)
     out = {}
     if hasattr(rows_by_id, "prefetch"):  # rows read on demand (a vector-indexed catalog): the words come with
-        return _search_light(catalog, pw, pc, family, limit, rows_by_id)  # the hits, never whole rows
+        return _search_light(catalog, pw, pc, family, limit, rows_by_id, common)  # the hits, never whole rows
     hits = catalog.fts_search(pc, family=family, limit=limit)
     for fid, bm25 in hits:
         row = rows_by_id.get(fid)
@@ -96,15 +100,17 @@ class _Words:
         self.name, self.trigger_words, self.tags, self.description = name, trigger_words, tags, description
 
 
-def _search_light(catalog, pw, pc, family, limit, cache) -> dict:
+def _search_light(catalog, pw, pc, family, limit, cache, common=None) -> dict:
     """:func:`search` on the hits' words (one FTS5 query for the hits, one read of the words of those hits not
-    seen before), each hit's tokenised words kept in ``cache.lex_words`` (bounded) for the next query."""
+    seen before), each hit's tokenised words kept in ``cache.lex_words`` (bounded) for the next query; the
+    words more than ``common`` rows contain are scored but not matched."""
     import json
 
     memo = cache.__dict__.setdefault("lex_words", {})
     if len(memo) > 200_000:
         memo.clear()
-    hits = catalog.fts_search(pc, family=family, limit=limit)
+    skip = catalog.fts_common(pc, common) if common is not None and pc else set()
+    hits = catalog.fts_search([w for w in pc if w not in skip], family=family, limit=limit)
     todo = [fid for fid, _ in hits if fid not in memo]
     if todo:
         for fid, name, trig, tags, desc in catalog.words_by_ids(todo):
