@@ -288,11 +288,16 @@ def test_stop_button_interrupts_at_the_next_step(app, browser):
         page.goto(url)
         page.locator("#prompt textarea").fill("a red circle")
         set_number(page, "steps", 100)
+        deadline = time.monotonic() + 60  # a render an earlier test started (its page closed) ends first
+        while ui._stops and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not ui._stops, "an earlier render is still running"
         ui.step, ui.last_stop = 0, None
         page.locator("#generate").click()
         deadline = time.monotonic() + 60
         while (ui.step < 3 or not ui._stops) and time.monotonic() < deadline:
             time.sleep(0.005)
+        assert ui._stops and ui.step >= 3, "the render did not reach its third step"
         page.locator("#stop").click()
         page.locator("#info").get_by_text("Stopped").first.wait_for(timeout=30_000)
         deadline = time.monotonic() + 30
